@@ -1,0 +1,26 @@
+"""gradsync's communication layer: the only package that imports torch.distributed.
+
+Start-up (:func:`init_process_group`), groups, the collective primitives with their
+``*_async`` twins, gradsync's own all-reduce algorithms and the cost model that picks one.
+"""
+
+from .check import verify_tensors
+from .collectives import (ALL_REDUCE_ALGORITHMS, Work, all_gather, all_gather_async, all_reduce,
+                          all_reduce_async, barrier, broadcast, broadcast_async, gather,
+                          gather_async, reduce, reduce_async, reduce_scatter,
+                          reduce_scatter_async, scatter, scatter_async)
+from .cost_model import CostModel, calibrate
+from .errors import CollectiveMismatchError, CommError, CommTimeoutError, PeerLostError
+from .group import (CommStats, Group, destroy_process_group, get_rank, get_world_size,
+                    init_process_group, is_initialized, new_group, world)
+from .ops import ReduceOp
+
+__all__ = [
+    "ALL_REDUCE_ALGORITHMS", "CollectiveMismatchError", "CommError", "CommStats",
+    "CommTimeoutError", "CostModel", "Group", "PeerLostError", "ReduceOp", "Work", "all_gather",
+    "all_gather_async", "all_reduce", "all_reduce_async", "barrier", "broadcast",
+    "broadcast_async", "calibrate", "destroy_process_group", "gather", "gather_async",
+    "get_rank", "get_world_size", "init_process_group", "is_initialized", "new_group", "reduce",
+    "reduce_async", "reduce_scatter", "reduce_scatter_async", "scatter", "scatter_async",
+    "verify_tensors", "world",
+]

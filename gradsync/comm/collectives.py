@@ -1,0 +1,333 @@
+"""The collective primitives, named as in torch.distributed, on a :class:`Group`.
+
+Every call takes ``group=None`` (the world) or a sub-group; roots (``src``, ``dst``) are ranks
+*within* that group. Tensors are reduced in place, as in torch.distributed. Each collective
+has an ``*_async`` twin returning a :class:`Work` whose ``wait()`` finishes it.
+
+``all_reduce`` runs either the engine's own algorithm (``native``) or one of gradsync's
+(``ring``, ``tree``, ``halving_doubling``, ``reduce_broadcast``) on the engine's
+point-to-point transfers; ``auto`` asks the cost model per call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from . import check
+from .algorithms import ALGORITHMS, ring_reduce_scatter
+from .cost_model import CostModel, reduction_op
+from .errors import translate
+from .group import Group, resolve
+from .ops import ReduceOp, as_op, check_op_dtype, finish_
+from .p2p import P2P
+
+ALL_REDUCE_ALGORITHMS = ("auto", "native", *ALGORITHMS)
+
+_ENGINE_OPS = {ReduceOp.SUM: dist.ReduceOp.SUM, ReduceOp.AVG: dist.ReduceOp.SUM,
+               ReduceOp.MAX: dist.ReduceOp.MAX, ReduceOp.MIN: dist.ReduceOp.MIN,
+               ReduceOp.PRODUCT: dist.ReduceOp.PRODUCT}
+
+DEFAULT_COST_MODEL = CostModel()
+
+
+class Work:
+    """Handle of an operation in flight; ``wait()`` blocks until it is done and returns its
+    result (the reduced tensor, the gathered list, ...)."""
+
+    def __init__(self, finish: Callable[[], object]):
+        self._finish = finish
+        self._done = False
+        self._result: object = None
+
+    def wait(self):
+        if not self._done:
+            self._result = self._finish()
+            self._done = True
+        return self._result
+
+    def is_completed(self) -> bool:
+        return self._done
+
+
+def _bus_bytes(op: str, nbytes: int, p: int) -> int:
+    """Bytes one rank sends, as nccl-tests counts bus traffic; used for the engine's own
+    algorithms, whose messages gradsync does not see."""
+    if op == "all_reduce":
+        return 2 * (p - 1) * nbytes // p
+    if op in ("all_gather", "reduce_scatter"):
+        return (p - 1) * nbytes // p
+    return nbytes if p > 1 else 0
+
+
+def _engine(group: Group, what: str, launch: Callable[[], object],
+            after: Callable[[], object] | None, nbytes: int, async_op: bool):
+    """Run an engine collective (launched with async_op=True) and translate its errors."""
+    group.stats.bytes_sent += _bus_bytes(what.split("(")[0], nbytes, group.size)
+    try:
+        handle = launch()
+    except RuntimeError as exc:
+        raise translate(exc, what=what, rank=group.rank) from exc
+
+    def finish():
+        try:
+            if handle is not None:
+                handle.wait()
+        except RuntimeError as exc:
+            raise translate(exc, what=what, rank=group.rank) from exc
+        return after() if after is not None else None
+
+    work = Work(finish)
+    return work if async_op else work.wait()
+
+
+def _own(group: Group, fn: Callable[[], object], async_op: bool):
+    """Run one of gradsync's algorithms on the group's comm thread, in issue order.
+
+    A blocking call with nothing queued runs inline: only the thread that issues calls can
+    add to the queue, so nothing can overtake it and the thread hop is saved.
+    """
+    with group._lock:
+        inline = not async_op and group._pending == 0
+        if not inline:
+            group._pending += 1
+    if inline:
+        return fn()
+
+    def job():
+        try:
+            return fn()
+        finally:
+            with group._lock:
+                group._pending -= 1
+
+    future = group.executor().submit(job)
+    work = Work(future.result)
+    return work if async_op else work.wait()
+
+
+def _prologue(group: Group, op: str, tensor: torch.Tensor | None, **meta) -> None:
+    group.stats.calls += 1
+    group.seq += 1
+    if group.check:
+        header = check.encode(group.seq, op, tensor, **meta)
+        check.verify_call(group, header, op)
+
+
+# --- all_reduce ------------------------------------------------------------------------------
+
+def all_reduce_async(tensor: torch.Tensor, op: ReduceOp | str = ReduceOp.SUM,
+                     group: Group | None = None, algorithm: str = "auto",
+                     cost_model: CostModel | None = None) -> Work:
+    """Start an all-reduce of ``tensor`` in place; see :func:`all_reduce`."""
+    return _all_reduce(tensor, op, group, algorithm, cost_model, async_op=True)
+
+
+def all_reduce(tensor: torch.Tensor, op: ReduceOp | str = ReduceOp.SUM,
+               group: Group | None = None, algorithm: str = "auto",
+               cost_model: CostModel | None = None) -> torch.Tensor:
+    """Reduce ``tensor`` across the group in place; every rank gets the bitwise-same result.
+
+    Args:
+        tensor: any shape; non-contiguous tensors are reduced through a contiguous copy.
+        op: sum, avg, max, min or prod.
+        algorithm: one of ALL_REDUCE_ALGORITHMS.
+        cost_model: for ``auto``; defaults to figures measured on loopback.
+    Returns:
+        ``tensor``.
+    Raises:
+        ValueError / TypeError: unknown algorithm or op; avg on an integer tensor.
+        CommError: a peer was lost or the timeout expired (the message names the rank).
+    """
+    return _all_reduce(tensor, op, group, algorithm, cost_model, async_op=False)
+
+
+def _all_reduce(tensor, op, group, algorithm, cost_model, async_op):
+    group, op = resolve(group), as_op(op)
+    check_op_dtype(op, tensor.dtype)
+    if algorithm not in ALL_REDUCE_ALGORITHMS:
+        raise ValueError(f"unknown all_reduce algorithm {algorithm!r}; expected one of "
+                         f"{', '.join(ALL_REDUCE_ALGORITHMS)}")
+    nbytes = tensor.numel() * tensor.element_size()
+    if algorithm == "auto":
+        algorithm = (cost_model or DEFAULT_COST_MODEL).choose(nbytes, group.size)
+    _prologue(group, "all_reduce", tensor, algorithm=algorithm, reduce_op=op.value)
+    what = f"all_reduce({algorithm})"
+    flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
+
+    def done():
+        finish_(flat, op, group.size)
+        if flat.data_ptr() != tensor.data_ptr() or not tensor.is_contiguous():
+            tensor.copy_(flat.view_as(tensor))
+        return tensor
+
+    if algorithm == "native":
+        return _engine(group, what, lambda: dist.all_reduce(
+            flat, op=_ENGINE_OPS[op], group=group.pg, async_op=True), done, nbytes, async_op)
+    fn = ALGORITHMS[algorithm]
+
+    def run():
+        fn(flat, reduction_op(op), P2P(group, what))
+        return done()
+
+    return _own(group, run, async_op)
+
+
+# --- the other collectives, on the engine -------------------------------------------------------
+
+def broadcast_async(tensor: torch.Tensor, src: int = 0, group: Group | None = None) -> Work:
+    group = resolve(group)
+    _prologue(group, "broadcast", tensor, root=src)
+    return _engine(group, "broadcast", lambda: dist.broadcast(
+        tensor, group.global_rank(src), group=group.pg, async_op=True),
+        lambda: tensor, tensor.numel() * tensor.element_size(), True)
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0, group: Group | None = None) -> torch.Tensor:
+    """Copy ``tensor`` of group rank ``src`` into ``tensor`` on every rank."""
+    return broadcast_async(tensor, src, group).wait()
+
+
+def reduce_async(tensor: torch.Tensor, dst: int = 0, op: ReduceOp | str = ReduceOp.SUM,
+                 group: Group | None = None) -> Work:
+    group, op = resolve(group), as_op(op)
+    check_op_dtype(op, tensor.dtype)
+    _prologue(group, "reduce", tensor, reduce_op=op.value, root=dst)
+
+    def after():
+        if group.rank == dst:
+            finish_(tensor, op, group.size)
+        return tensor
+
+    return _engine(group, "reduce", lambda: dist.reduce(
+        tensor, group.global_rank(dst), op=_ENGINE_OPS[op], group=group.pg, async_op=True),
+        after, tensor.numel() * tensor.element_size(), True)
+
+
+def reduce(tensor: torch.Tensor, dst: int = 0, op: ReduceOp | str = ReduceOp.SUM,
+           group: Group | None = None) -> torch.Tensor:
+    """Reduce into ``tensor`` on group rank ``dst``; other ranks' tensors are left undefined
+    (the engine may use them as scratch)."""
+    return reduce_async(tensor, dst, op, group).wait()
+
+
+def all_gather_async(tensor_list: list[torch.Tensor], tensor: torch.Tensor,
+                     group: Group | None = None) -> Work:
+    group = resolve(group)
+    _prologue(group, "all_gather", tensor)
+    _expect_list(tensor_list, group, tensor, "all_gather")
+    return _engine(group, "all_gather", lambda: dist.all_gather(
+        tensor_list, tensor, group=group.pg, async_op=True), lambda: tensor_list,
+        tensor.numel() * tensor.element_size() * group.size, True)
+
+
+def all_gather(tensor_list: list[torch.Tensor], tensor: torch.Tensor,
+               group: Group | None = None) -> list[torch.Tensor]:
+    """Fill ``tensor_list[i]`` with rank i's ``tensor`` on every rank."""
+    return all_gather_async(tensor_list, tensor, group).wait()
+
+
+def gather_async(tensor: torch.Tensor, gather_list: list[torch.Tensor] | None = None,
+                 dst: int = 0, group: Group | None = None) -> Work:
+    group = resolve(group)
+    _prologue(group, "gather", tensor, root=dst)
+    if group.rank == dst:
+        _expect_list(gather_list, group, tensor, "gather")
+    return _engine(group, "gather", lambda: dist.gather(
+        tensor, gather_list if group.rank == dst else None, group.global_rank(dst),
+        group=group.pg, async_op=True), lambda: gather_list,
+        tensor.numel() * tensor.element_size(), True)
+
+
+def gather(tensor: torch.Tensor, gather_list: list[torch.Tensor] | None = None, dst: int = 0,
+           group: Group | None = None) -> list[torch.Tensor] | None:
+    """Collect every rank's ``tensor`` into ``gather_list`` on group rank ``dst``."""
+    return gather_async(tensor, gather_list, dst, group).wait()
+
+
+def scatter_async(tensor: torch.Tensor, scatter_list: list[torch.Tensor] | None = None,
+                  src: int = 0, group: Group | None = None) -> Work:
+    group = resolve(group)
+    _prologue(group, "scatter", tensor, root=src)
+    if group.rank == src:
+        _expect_list(scatter_list, group, tensor, "scatter")
+    return _engine(group, "scatter", lambda: dist.scatter(
+        tensor, scatter_list if group.rank == src else None, group.global_rank(src),
+        group=group.pg, async_op=True), lambda: tensor,
+        tensor.numel() * tensor.element_size(), True)
+
+
+def scatter(tensor: torch.Tensor, scatter_list: list[torch.Tensor] | None = None, src: int = 0,
+            group: Group | None = None) -> torch.Tensor:
+    """Copy ``scatter_list[i]`` of group rank ``src`` into ``tensor`` on rank i."""
+    return scatter_async(tensor, scatter_list, src, group).wait()
+
+
+def reduce_scatter_async(output: torch.Tensor, input_list: list[torch.Tensor],
+                         op: ReduceOp | str = ReduceOp.SUM, group: Group | None = None,
+                         algorithm: str = "native") -> Work:
+    group, op = resolve(group), as_op(op)
+    check_op_dtype(op, output.dtype)
+    _prologue(group, "reduce_scatter", output, reduce_op=op.value, algorithm=algorithm)
+    _expect_list(input_list, group, output, "reduce_scatter")
+    if algorithm not in ("native", "ring"):
+        raise ValueError(f"reduce_scatter algorithm must be 'native' or 'ring', not {algorithm!r}")
+    what = f"reduce_scatter({algorithm})"
+    # (p * k,) staging buffer: the ring reduces it in place; the engine reads it.
+    stage = torch.cat([t.reshape(-1) for t in input_list])
+    k = output.numel()
+
+    def done():
+        finish_(output, op, group.size)
+        return output
+
+    if algorithm == "native":
+        out = output.view(-1) if output.is_contiguous() else torch.empty(k, dtype=output.dtype)
+
+        def after():
+            if out.data_ptr() != output.data_ptr():
+                output.copy_(out.view_as(output))
+            return done()
+
+        return _engine(group, what, lambda: dist.reduce_scatter_tensor(
+            out, stage, op=_ENGINE_OPS[op], group=group.pg, async_op=True), after,
+            stage.numel() * stage.element_size(), True)
+
+    def run():
+        # The ring leaves rank r owning chunk (r+1) mod p: shift the pieces by one so that
+        # chunk r+1 holds input_list[r].  stage: (p*k,) -> (p, k) rolled along dim 0.
+        p, r = group.size, group.rank
+        rotated = stage.view(p, k).roll(1, dims=0).reshape(-1)
+        ring_reduce_scatter(rotated, reduction_op(op), P2P(group, what))
+        mine = (r + 1) % p
+        output.copy_(rotated[mine * k:(mine + 1) * k].view_as(output))
+        return done()
+
+    return _own(group, run, True)
+
+
+def reduce_scatter(output: torch.Tensor, input_list: list[torch.Tensor],
+                   op: ReduceOp | str = ReduceOp.SUM, group: Group | None = None,
+                   algorithm: str = "native") -> torch.Tensor:
+    """Reduce ``input_list[i]`` across ranks into ``output`` on rank i."""
+    return reduce_scatter_async(output, input_list, op, group, algorithm).wait()
+
+
+def barrier(group: Group | None = None) -> None:
+    """Block until every rank of the group has arrived."""
+    group = resolve(group)
+    _prologue(group, "barrier", None)
+    _engine(group, "barrier", lambda: dist.barrier(group=group.pg, async_op=True), None, 0,
+            False)
+
+
+def _expect_list(tensors, group: Group, like: torch.Tensor, what: str) -> None:
+    if tensors is None or len(tensors) != group.size:
+        got = "None" if tensors is None else f"{len(tensors)} tensors"
+        raise ValueError(f"{what} needs a list of {group.size} tensors (one per rank), got {got}")
+    for i, t in enumerate(tensors):
+        if t.shape != like.shape or t.dtype != like.dtype:
+            raise ValueError(f"{what}: list entry {i} is {t.dtype}{list(t.shape)}, "
+                             f"expected {like.dtype}{list(like.shape)}")

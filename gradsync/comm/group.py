@@ -1,0 +1,243 @@
+"""Process start-up and the :class:`Group` handle every collective takes.
+
+Start-up reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT),
+which gradsync's own launcher sets too, or adopts a process group that the user's script already
+created with ``torch.distributed.init_process_group`` (as DDP scripts do).
+
+Rank 0 binds the rendezvous socket itself, on MASTER_ADDR only, and hands it to the TCPStore:
+the store then listens on the address it was given rather than on every interface, and a port
+in use is reported as such instead of as a rendezvous timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import os
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclass
+class CommStats:
+    """Counters a group keeps: calls made and bytes this rank sent."""
+
+    calls: int = 0
+    bytes_sent: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return {"calls": self.calls, "bytes_sent": self.bytes_sent}
+
+
+@dataclass(eq=False)
+class Group:
+    """A set of ranks that run collectives together.
+
+    Attributes:
+        pg: the engine's process group.
+        ranks: global ranks of the members, in group-rank order.
+        rank: this process's rank inside the group.
+        timeout_s: the limit for every blocking operation.
+        check: when true every collective first verifies that all ranks called the same
+            operation on the same shape and dtype (see ``check.py``).
+    """
+
+    pg: dist.ProcessGroup
+    ranks: tuple[int, ...]
+    rank: int
+    timeout_s: float
+    check: bool = False
+    stats: CommStats = field(default_factory=CommStats)
+    seq: int = 0
+    # Own algorithms run on one thread per group, so that async calls keep their issue
+    # order on every rank; point-to-point messages then always pair up.
+    _executor: ThreadPoolExecutor | None = None
+    _pending: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def global_rank(self, group_rank: int) -> int:
+        return self.ranks[group_rank]
+
+    def executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradsync-comm")
+        return self._executor
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+# The default group mirrors torch.distributed's own global default group: one per process.
+_world: dict[int, Group] = {}
+
+
+def _env_int(name: str, given: int | None) -> int:
+    if given is not None:
+        return given
+    value = os.environ.get(name)
+    if value is None:
+        raise RuntimeError(f"{name} is not set: run under torchrun or `gradsync train`, "
+                           f"or pass {name.lower()}= to init_process_group")
+    try:
+        return int(value)
+    except ValueError:
+        raise RuntimeError(f"{name}={value!r} is not an integer") from None
+
+
+def _default_backend() -> str:
+    # gloo carries CPU tensors, NCCL CUDA tensors; one group can hold both.
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _bind_listener(addr: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((addr, port))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {addr}:{port} ({exc.strerror}); "
+                           "is the port already in use?") from None
+    sock.listen(128)
+    return sock
+
+
+def _make_store(addr: str, port: int, rank: int, world_size: int, timeout: datetime.timedelta):
+    if rank == 0:
+        # The store takes over the bound descriptor and closes it with itself.
+        fd = _bind_listener(addr, port).detach()
+        try:
+            return dist.TCPStore(addr, port, world_size, True, timeout=timeout,
+                                 master_listen_fd=fd, use_libuv=True, wait_for_workers=False)
+        except BaseException:
+            os.close(fd)
+            raise
+    return dist.TCPStore(addr, port, world_size, False, timeout=timeout)
+
+
+def init_process_group(backend: str | None = None, *, rank: int | None = None,
+                       world_size: int | None = None, master_addr: str | None = None,
+                       master_port: int | None = None, timeout_s: float | None = None,
+                       check: bool | None = None) -> Group:
+    """Join (or adopt) the default process group and return its :class:`Group`.
+
+    Args:
+        backend: engine; default gloo for CPU tensors plus NCCL for CUDA tensors when present.
+        rank, world_size, master_addr, master_port: default to torchrun's environment.
+        timeout_s: limit for every blocking operation (default ``GRADSYNC_TIMEOUT`` or 300 s).
+        check: verify every collective across ranks (default ``GRADSYNC_CHECK=1``).
+
+    Raises:
+        RuntimeError: the environment is incomplete or the rendezvous port cannot be bound.
+    """
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("GRADSYNC_TIMEOUT", DEFAULT_TIMEOUT_S))
+    if check is None:
+        check = os.environ.get("GRADSYNC_CHECK", "0") not in ("", "0", "false")
+    if dist.is_initialized():
+        log.info("adopting the process group created by the script")
+        group = world()
+        group.check = group.check or check
+        return group
+    rank = _env_int("RANK", rank)
+    world_size = _env_int("WORLD_SIZE", world_size)
+    master_addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    master_port = _env_int("MASTER_PORT", master_port)
+    if not 0 <= rank < world_size:
+        raise RuntimeError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    if _is_loopback(master_addr):
+        # Gloo otherwise binds the address the host name resolves to; on one machine the
+        # peers only need loopback, and nothing should listen beyond it.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = _make_store(master_addr, master_port, rank, world_size, timeout)
+    dist.init_process_group(backend or _default_backend(), store=store, rank=rank,
+                            world_size=world_size, timeout=timeout)
+    group = world()
+    group.timeout_s = timeout_s
+    group.check = check
+    return group
+
+
+def world() -> Group:
+    """The :class:`Group` of all processes (the engine's default group)."""
+    if not dist.is_initialized():
+        raise RuntimeError("no process group: call gradsync.comm.init_process_group() first")
+    pg = dist.group.WORLD
+    group = _world.get(id(pg))
+    if group is None:
+        timeout = float(os.environ.get("GRADSYNC_TIMEOUT", DEFAULT_TIMEOUT_S))
+        group = Group(pg=pg, ranks=tuple(range(dist.get_world_size())), rank=dist.get_rank(),
+                      timeout_s=timeout)
+        _world.clear()
+        _world[id(pg)] = group
+    return group
+
+
+def new_group(ranks: list[int], *, timeout_s: float | None = None,
+              check: bool | None = None) -> Group | None:
+    """Create a sub-group. Every process of the world must call this with the same ranks.
+
+    Returns:
+        The group, or None in processes that are not members.
+    """
+    parent = world()
+    ranks = sorted(set(ranks))
+    if not ranks or ranks[0] < 0 or ranks[-1] >= parent.size:
+        raise ValueError(f"ranks {ranks} are not a subset of 0..{parent.size - 1}")
+    timeout_s = parent.timeout_s if timeout_s is None else timeout_s
+    pg = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
+    if parent.rank not in ranks:
+        return None
+    return Group(pg=pg, ranks=tuple(ranks), rank=ranks.index(parent.rank), timeout_s=timeout_s,
+                 check=parent.check if check is None else check)
+
+
+def resolve(group: Group | None) -> Group:
+    return world() if group is None else group
+
+
+def is_initialized() -> bool:
+    return dist.is_initialized()
+
+
+def get_rank(group: Group | None = None) -> int:
+    return resolve(group).rank
+
+
+def get_world_size(group: Group | None = None) -> int:
+    return resolve(group).size
+
+
+def destroy_process_group() -> None:
+    """Tear down the default group and its comm thread (idempotent)."""
+    for group in list(_world.values()):
+        group.shutdown()
+    _world.clear()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,61 @@
+"""Reduction operators and the element-wise combine step every algorithm shares."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+
+class ReduceOp(str, Enum):
+    """Reduction operators; plain strings ("sum", "avg", ...) are accepted wherever one is."""
+
+    SUM = "sum"
+    AVG = "avg"
+    MAX = "max"
+    MIN = "min"
+    PRODUCT = "prod"
+
+
+_ALIASES = {"product": "prod", "mean": "avg", "average": "avg"}
+
+
+def as_op(op: ReduceOp | str) -> ReduceOp:
+    """Normalise ``op`` to a :class:`ReduceOp`; raises ValueError naming the bad value."""
+    if isinstance(op, ReduceOp):
+        return op
+    name = str(op).lower()
+    name = _ALIASES.get(name, name)
+    try:
+        return ReduceOp(name)
+    except ValueError:
+        known = ", ".join(o.value for o in ReduceOp)
+        raise ValueError(f"unknown reduce op {op!r}; expected one of {known}") from None
+
+
+def check_op_dtype(op: ReduceOp, dtype: torch.dtype) -> None:
+    """AVG divides by the world size, which has no exact meaning for integers."""
+    if op is ReduceOp.AVG and not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(f"reduce op 'avg' needs a floating-point tensor, got {dtype}; "
+                        "use 'sum' and divide yourself")
+
+
+def combine_(acc: torch.Tensor, other: torch.Tensor, op: ReduceOp) -> None:
+    """``acc = acc (op) other`` in place. AVG combines as SUM; the division happens once at the end."""
+    if op is ReduceOp.SUM or op is ReduceOp.AVG:
+        acc.add_(other)
+    elif op is ReduceOp.MAX:
+        torch.maximum(acc, other, out=acc)
+    elif op is ReduceOp.MIN:
+        torch.minimum(acc, other, out=acc)
+    elif op is ReduceOp.PRODUCT:
+        acc.mul_(other)
+    else:  # pragma: no cover - exhaustive above
+        raise ValueError(op)
+
+
+def finish_(tensor: torch.Tensor, op: ReduceOp, world_size: int) -> None:
+    """Apply the division of AVG after the sum. Every rank divides identical bits, so results
+    stay bitwise equal across ranks."""
+    if op is ReduceOp.AVG and world_size > 1:
+        tensor.div_(world_size)

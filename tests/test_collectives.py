@@ -1,0 +1,224 @@
+"""Every collective against NumPy, at world sizes 1-8, for every all-reduce algorithm.
+
+Inputs are small integers stored in each dtype, so sums, maxima and products are exact in
+every dtype and the expectation can be computed in closed form with NumPy; a separate test
+uses random floats with per-dtype tolerances. Each worker returns a digest of its results so
+the parent can check they are bitwise identical across ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from tests.distributed import run_workers
+
+ALGOS = ["native", "reduce_broadcast", "ring", "tree", "halving_doubling", "auto"]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64]
+OPS = ["sum", "avg", "max", "min", "prod"]
+
+
+def lengths(n: int) -> list[int]:
+    return sorted({0, 1, max(n - 1, 0), 7 * n + 3, 1031})
+
+
+def rank_input(rank: int, length: int, op: str) -> np.ndarray:
+    rng = np.random.default_rng(1000 * rank + length)
+    if op == "prod":  # products of 8 values from {-1, 1, 2} stay exact in bfloat16
+        return rng.choice([-1, 1, 2], size=length).astype(np.float64)
+    return rng.integers(-8, 9, size=length).astype(np.float64)
+
+
+def expected(n: int, length: int, op: str) -> np.ndarray:
+    stack = np.stack([rank_input(r, length, op) for r in range(n)]) if length else np.zeros((n, 0))
+    return {"sum": stack.sum(0), "avg": stack.sum(0) / n, "max": stack.max(0),
+            "min": stack.min(0), "prod": stack.prod(0)}[op]
+
+
+def _digest(t: torch.Tensor) -> str:
+    raw = t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0)
+    return hashlib.sha1(raw.numpy().tobytes()).hexdigest()
+
+
+def _all_reduce_cases(rank, n):
+    from gradsync import comm
+
+    failures, digests = [], {}
+    for algo in ALGOS:
+        for dtype in DTYPES:
+            for length in lengths(n):
+                for op in OPS:
+                    if op == "avg" and not dtype.is_floating_point:
+                        continue
+                    t = torch.from_numpy(rank_input(rank, length, op)).to(dtype)
+                    comm.all_reduce(t, op=op, algorithm=algo)
+                    want = torch.from_numpy(expected(n, length, op)).to(dtype)
+                    if not torch.equal(t, want):
+                        failures.append(f"{algo} {dtype} len={length} {op}: got "
+                                        f"{t[:5].tolist()} want {want[:5].tolist()}")
+                    digests[(algo, str(dtype), length, op)] = _digest(t)
+    return failures, digests
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5, 8])
+def test_all_reduce_every_algorithm_dtype_length_op(world_size):
+    results = run_workers(_all_reduce_cases, world_size, timeout=170)
+    for rank, (failures, _) in enumerate(results):
+        assert not failures, f"rank {rank}:\n" + "\n".join(failures[:20])
+    digests = [d for _, d in results]
+    for key in digests[0]:
+        assert len({d[key] for d in digests}) == 1, f"results differ across ranks for {key}"
+
+
+def _random_floats(rank, n):
+    from gradsync import comm
+
+    out = {}
+    for algo in ALGOS:
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            g = torch.Generator().manual_seed(rank)
+            t = torch.randn(5003, generator=g, dtype=torch.float64).to(dtype)
+            comm.all_reduce(t, op="avg", algorithm=algo)
+            out[(algo, str(dtype))] = (t.double().numpy(), _digest(t))
+    return out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_all_reduce_random_floats_within_dtype_tolerance(world_size):
+    results = run_workers(_random_floats, world_size)
+    ref = np.mean([torch.randn(5003, generator=torch.Generator().manual_seed(r),
+                               dtype=torch.float64).numpy() for r in range(world_size)], axis=0)
+    tol = {"torch.float32": 1e-6, "torch.float64": 1e-14, "torch.float16": 4e-3,
+           "torch.bfloat16": 3e-2}
+    for key, (value, _) in results[0].items():
+        np.testing.assert_allclose(value, ref, atol=tol[key[1]] * 4, rtol=tol[key[1]],
+                                   err_msg=str(key))
+        assert len({r[key][1] for r in results}) == 1, f"ranks differ for {key}"
+
+
+def _ring_segments(rank, n):
+    from gradsync import comm
+    from gradsync.comm.algorithms import ring_all_reduce
+    from gradsync.comm.ops import ReduceOp
+    from gradsync.comm.p2p import P2P
+
+    t = torch.arange(1001, dtype=torch.float64) * (rank + 1)
+    # 64-byte segments: each chunk travels as many pipelined messages.
+    ring_all_reduce(t, ReduceOp.SUM, P2P(comm.world(), "test"), segment_bytes=64)
+    return t.numpy()
+
+
+@pytest.mark.timeout(60)
+def test_ring_pipelines_many_segments_per_chunk():
+    n = 3
+    results = run_workers(_ring_segments, n)
+    want = np.arange(1001, dtype=np.float64) * sum(range(1, n + 1))
+    for value in results:
+        np.testing.assert_array_equal(value, want)
+
+
+def _other_collectives(rank, n):
+    from gradsync import comm
+
+    checks = {}
+    t = torch.full((3, 2), float(rank))
+    checks["broadcast"] = comm.broadcast(t, src=n - 1).tolist() == [[n - 1.0] * 2] * 3
+
+    t = torch.full((4,), float(rank + 1))
+    comm.reduce(t, dst=0, op="sum")
+    if rank == 0:
+        checks["reduce"] = t.tolist() == [float(n * (n + 1) // 2)] * 4
+    t = torch.full((4,), float(rank + 1))
+    comm.reduce(t, dst=n - 1, op="avg")
+    if rank == n - 1:
+        checks["reduce_avg"] = t.tolist() == [(n + 1) / 2] * 4
+
+    mine = torch.tensor([rank, 10 * rank], dtype=torch.int64)
+    out = [torch.empty(2, dtype=torch.int64) for _ in range(n)]
+    comm.all_gather(out, mine)
+    checks["all_gather"] = [o.tolist() for o in out] == [[r, 10 * r] for r in range(n)]
+
+    glist = [torch.empty(2, dtype=torch.int64) for _ in range(n)] if rank == 0 else None
+    comm.gather(mine, glist, dst=0)
+    if rank == 0:
+        checks["gather"] = [o.tolist() for o in glist] == [[r, 10 * r] for r in range(n)]
+
+    slist = [torch.full((3,), float(r * r)) for r in range(n)] if rank == 0 else None
+    got = torch.empty(3)
+    comm.scatter(got, slist, src=0)
+    checks["scatter"] = got.tolist() == [float(rank * rank)] * 3
+
+    for algo in ("native", "ring"):
+        # rank j contributes j + i to piece i; piece r sums to sum_j (j + r)
+        inputs = [torch.full((5,), float(rank + i)) for i in range(n)]
+        out = torch.empty(5)
+        comm.reduce_scatter(out, inputs, op="sum", algorithm=algo)
+        checks[f"reduce_scatter_{algo}"] = out.tolist() == [float(n * (n - 1) // 2 + n * rank)] * 5
+
+    works = [comm.all_reduce_async(torch.full((100,), float(rank)), algorithm=a)
+             for a in ("ring", "native", "tree", "ring")]
+    checks["async"] = all(w.wait().tolist() == [float(n * (n - 1) // 2)] * 100 for w in works)
+    comm.barrier()
+    return checks
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_broadcast_reduce_gather_scatter_reduce_scatter_async(world_size):
+    for rank, checks in enumerate(run_workers(_other_collectives, world_size)):
+        failed = [k for k, ok in checks.items() if not ok]
+        assert not failed, f"rank {rank}: {failed}"
+
+
+def _subgroups(rank, n):
+    from gradsync import comm
+
+    evens = comm.new_group([r for r in range(n) if r % 2 == 0])
+    odds = comm.new_group([r for r in range(n) if r % 2 == 1])
+    selves = [comm.new_group([r]) for r in range(n)]
+    group = evens if rank % 2 == 0 else odds
+    members = [r for r in range(n) if r % 2 == rank % 2]
+    out = {}
+    for algo in ALGOS:
+        t = torch.tensor([float(rank)] * 7)
+        comm.all_reduce(t, group=group, algorithm=algo)
+        out[algo] = t.tolist() == [float(sum(members))] * 7
+        t = torch.tensor([float(rank)] * 7)
+        comm.all_reduce(t, group=selves[rank], algorithm=algo)
+        out[algo + "_self"] = t.tolist() == [float(rank)] * 7
+    t = torch.tensor([float(rank)])
+    comm.broadcast(t, src=group.size - 1, group=group)
+    out["broadcast_root_is_group_rank"] = t.item() == float(members[-1])
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_subgroups_and_self_groups():
+    for rank, checks in enumerate(run_workers(_subgroups, 4)):
+        failed = [k for k, ok in checks.items() if not ok]
+        assert not failed, f"rank {rank}: {failed}"
+
+
+def _bad_arguments(rank, n):
+    from gradsync import comm
+
+    caught = []
+    for call in (lambda: comm.all_reduce(torch.ones(2), algorithm="nope"),
+                 lambda: comm.all_reduce(torch.ones(2), op="median"),
+                 lambda: comm.all_reduce(torch.ones(2, dtype=torch.int32), op="avg")):
+        try:
+            call()
+        except (ValueError, TypeError) as exc:
+            caught.append(str(exc))
+    return caught
+
+
+@pytest.mark.timeout(60)
+def test_bad_arguments_are_named():
+    caught = run_workers(_bad_arguments, 2)[0]
+    assert "nope" in caught[0] and "median" in caught[1] and "int32" in caught[2]
