@@ -1,0 +1,9 @@
+"""The All-Reduce architecture: every process is a worker; gradients are averaged with
+collectives while backward runs."""
+
+from .buckets import Bucket, assign_buckets, build_buckets
+from .data_parallel import DataParallel, DataParallelStats
+from .naive import DataParallelNaive
+
+__all__ = ["Bucket", "DataParallel", "DataParallelNaive", "DataParallelStats",
+           "assign_buckets", "build_buckets"]
