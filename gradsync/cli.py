@@ -1,0 +1,135 @@
+"""The `gradsync` command line.
+
+    gradsync train                                  # digits-mlp on 2 local workers
+    gradsync train --workload stdlib-gpt --workers 2 --out runs/gpt
+    torchrun --nnodes 2 --nproc-per-node 1 --rdzv-endpoint HOST:29500 -m gradsync train
+
+Run directly, `gradsync train` starts its workers with gradsync's local launcher; under
+torchrun (or as one of the launcher's workers) it is a worker itself. User errors print one
+line and exit with status 2; a failed run exits non-zero naming the rank that failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .config import add_dataclass_arguments, dataclass_from_args, to_argv
+
+log = logging.getLogger("gradsync")
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported in one line, no traceback."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .train.config import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="gradsync", description="Data-parallel training "
+                                     "for PyTorch: all-reduce and parameter-server architectures.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser("train", help="train a workload on several worker processes",
+                           description="Train a workload data-parallel on several workers.")
+    add_dataclass_arguments(train, TrainConfig)
+    return parser
+
+
+def _check_writable(out: str) -> None:
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".gradsync-write-test"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+
+
+def _under_launcher() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _run_worker(config) -> int:
+    """One rank of the run: join the group, train, print the summary on rank 0."""
+    from . import comm
+    from .train.architecture import build_architecture
+    from .train.trainer import format_summary, train
+
+    rank = os.environ.get("RANK", "?")
+    try:
+        group = comm.init_process_group(timeout_s=config.timeout)
+        if group.rank == 0 and config.out:
+            _check_writable(config.out)
+        summary = train(config, build_architecture(config, group), group)
+        if group.rank == 0:
+            print(format_summary(summary), flush=True)
+        return 0
+    except UserError as exc:
+        print(f"gradsync: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line per failed rank; the launcher names the cause
+        log.debug("rank %s failed", rank, exc_info=True)
+        print(f"gradsync: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        try:
+            comm.destroy_process_group()
+        except Exception:  # noqa: BLE001 - the group may be broken by a lost peer
+            pass
+
+
+def _run_local(config) -> int:
+    """Start ``config.workers`` local processes with the launcher and supervise them."""
+    from .launch import LaunchError, launch
+
+    if config.out:
+        _check_writable(config.out)
+    # Share the cores between the workers instead of letting each start one thread per core.
+    threads = str(max(1, (os.cpu_count() or 1) // config.workers))
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    try:
+        result = launch(["train", *to_argv(config)], config.workers, master_addr=config.addr,
+                        master_port=config.port, env=env)
+    except LaunchError as exc:
+        raise UserError(str(exc)) from None
+    if result.returncode != 0 and result.failed_rank is not None:
+        print(f"gradsync: run failed: worker rank {result.failed_rank} {result.reason}",
+              file=sys.stderr, flush=True)
+    return result.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("GRADSYNC_LOG", "WARNING").upper(),
+                        format="%(asctime)s %(name)s: %(message)s")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        from .train.config import TrainConfig
+
+        try:
+            config = dataclass_from_args(TrainConfig, args)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if _under_launcher():
+            return _run_worker(config)
+        return _run_local(config)
+    except UserError as exc:
+        print(f"gradsync: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

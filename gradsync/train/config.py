@@ -1,0 +1,73 @@
+"""The typed configuration of `gradsync train`; its flags are derived from these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..comm import ALL_REDUCE_ALGORITHMS
+from .workloads import WORKLOADS
+
+ARCHITECTURES = ("allreduce",)  # "ps" arrives with the Parameter-Server architecture
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    """What to train, on how many workers, with which architecture."""
+
+    workload: str = field(default="digits-mlp", metadata=_help(
+        f"what to train: {', '.join(WORKLOADS)}"))
+    workers: int = field(default=2, metadata=_help("local worker processes (ignored under "
+                                                   "torchrun, which sets the world size)"))
+    arch: str = field(default="allreduce", metadata=_help(
+        f"architecture: {', '.join(ARCHITECTURES)}"))
+    algorithm: str = field(default="auto", metadata=_help(
+        f"all-reduce algorithm: {', '.join(ALL_REDUCE_ALGORITHMS)}"))
+    epochs: int | None = field(default=None, metadata=_help("passes over the training data "
+                                                            "(default: the workload's)"))
+    steps: int | None = field(default=None, metadata=_help("stop after this many steps "
+                                                           "(overrides --epochs)"))
+    batch_size: int | None = field(default=None, metadata=_help(
+        "samples per worker per step (default: the workload's)"))
+    lr: float | None = field(default=None, metadata=_help("learning rate (default: the "
+                                                          "workload's)"))
+    seed: int = field(default=0, metadata=_help("seed for the model and the data order"))
+    hidden: int = field(default=1024, metadata=_help("hidden width of synthetic-mlp"))
+    dtype: Literal["float32", "float64"] = field(default="float32", metadata=_help(
+        "parameter and data type"))
+    bucket_cap_mb: float = field(default=25.0, metadata=_help("gradient bucket size (MiB)"))
+    out: str | None = field(default=None, metadata=_help(
+        "directory for metrics.jsonl (per step) and summary.json"))
+    timeout: float = field(default=300.0, metadata=_help(
+        "seconds any blocking communication may wait before the run fails"))
+    addr: str = field(default="127.0.0.1", metadata=_help("rendezvous address of local runs"))
+    port: int | None = field(default=None, metadata=_help("rendezvous port (default: a free "
+                                                          "one)"))
+    progress: bool = field(default=True, metadata=_help("show a progress bar on rank 0"))
+
+    def __post_init__(self) -> None:
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"unknown workload {self.workload!r}; choose one of "
+                             f"{', '.join(WORKLOADS)}")
+        if self.arch not in ARCHITECTURES:
+            hint = " (the Parameter-Server architecture is not built yet)" if self.arch == "ps" \
+                else ""
+            raise ValueError(f"unknown --arch {self.arch!r}{hint}; choose one of "
+                             f"{', '.join(ARCHITECTURES)}")
+        if self.algorithm not in ALL_REDUCE_ALGORITHMS:
+            raise ValueError(f"unknown --algorithm {self.algorithm!r}; choose one of "
+                             f"{', '.join(ALL_REDUCE_ALGORITHMS)}")
+        for name in ("workers", "epochs", "steps", "batch_size", "hidden"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        for name in ("lr", "timeout", "bucket_cap_mb"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.port is not None and not 0 < self.port < 65536:
+            raise ValueError(f"--port must be between 1 and 65535, got {self.port}")

@@ -1,0 +1,180 @@
+"""The training loop of `gradsync train`, the same on every rank and for every architecture.
+
+Each rank trains on its shard of the data (:class:`~gradsync.data.ShardedSampler`); the
+architecture keeps the replicas in step. At the end the ranks evaluate disjoint shards of
+the held-out set and add up their sums, so the reported accuracy is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from .. import comm
+from ..data import ShardedSampler
+from .architecture import Architecture
+from .config import TrainConfig
+from .workloads import Workload, build_workload, summarize_eval
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+class MetricsWriter:
+    """metrics.jsonl (one line per step) and summary.json under ``out``, rank 0 only."""
+
+    def __init__(self, out: str | None, enabled: bool):
+        self.dir = Path(out) if (out and enabled) else None
+        self._file = None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.dir / "metrics.jsonl", "w", encoding="utf-8")
+
+    def step(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()  # readable while the run goes on
+
+    def summary(self, summary: dict) -> None:
+        if self.dir is not None:
+            tmp = self.dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            tmp.replace(self.dir / "summary.json")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", dynamic_ncols=True, leave=True)
+
+
+def evaluate(model: torch.nn.Module, workload: Workload, group: comm.Group,
+             batch_size: int) -> dict[str, float]:
+    """Exact evaluation: every held-out sample is seen once across ranks, sums are added."""
+    sampler = ShardedSampler(workload.eval_set, group.size, group.rank, eval_mode=True)
+    loader = DataLoader(workload.eval_set, batch_size=batch_size, sampler=sampler)
+    sums = torch.zeros(3, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for x, y in loader:
+            sums += workload.eval_sums(model(x), y)
+    model.train()
+    comm.all_reduce(sums, op="sum", group=group, algorithm="native")
+    return summarize_eval(workload, sums)
+
+
+def train(config: TrainConfig, architecture: Architecture, group: comm.Group) -> dict:
+    """Train ``config.workload`` on this rank; returns the summary (identical on all ranks)."""
+    rank0 = group.rank == 0
+    workload = build_workload(config.workload, seed=config.seed, hidden=config.hidden,
+                              dtype=DTYPES[config.dtype])
+    batch = config.batch_size or workload.default_batch_size
+    lr = config.lr or workload.default_lr
+    model, optimizer = architecture.prepare(
+        workload.model, lambda params: make_optimizer(workload.optimizer, params, lr))
+    sampler = ShardedSampler(workload.train_set, group.size, group.rank, shuffle=True,
+                             seed=config.seed)
+    loader = DataLoader(workload.train_set, batch_size=batch, sampler=sampler)
+    epochs = config.epochs or workload.default_epochs
+    total = config.steps if config.steps is not None else epochs * len(loader)
+    n_params = sum(p.numel() for p in workload.model.parameters())
+    log.info("%s: %d parameters, %d workers x batch %d, %d steps", config.workload, n_params,
+             group.size, batch, total)
+
+    writer = MetricsWriter(config.out, rank0)
+    bar = _progress(total, rank0 and config.progress)
+    step_times, losses = [], []
+    bytes_before = group.stats.bytes_sent
+    wait_before = architecture.comm_wait_s()
+    step, epoch = 0, 0
+    start = time.perf_counter()
+    try:
+        while step < total:
+            sampler.set_epoch(epoch)
+            for x, y in loader:
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                loss = workload.loss_fn(model(x), y)
+                loss.backward()
+                optimizer.step()
+                step_times.append(time.perf_counter() - t0)
+                losses.append(loss.item())
+                step += 1
+                writer.step({"step": step, "epoch": epoch, "loss": losses[-1],
+                             "step_time_s": step_times[-1],
+                             "comm_wait_s": architecture.comm_wait_s() - wait_before,
+                             "bytes_sent": group.stats.bytes_sent - bytes_before})
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", refresh=False)
+                if step >= total:
+                    break
+            epoch += 1
+        wall = time.perf_counter() - start
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+
+    comm_wait = architecture.comm_wait_s() - wait_before
+    bytes_per_step = (group.stats.bytes_sent - bytes_before) / max(step, 1)
+    tail = torch.tensor([statistics.fmean(losses[-20:]), comm_wait], dtype=torch.float64)
+    comm.all_reduce(tail, op="avg", group=group, algorithm="native")
+    evaluation = evaluate(model, workload, group, batch)
+    summary = {
+        "workload": config.workload, "arch": architecture.name, "algorithm": config.algorithm,
+        "workers": group.size, "parameters": n_params, "steps": step, "epochs": epoch,
+        "batch_per_worker": batch, "global_batch": batch * group.size, "lr": lr,
+        "train_loss": tail[0].item(), **{f"eval_{k}": v for k, v in evaluation.items()},
+        "wall_s": wall, "samples_per_s": step * batch * group.size / wall,
+        "step_time_ms_median": 1e3 * statistics.median(step_times),
+        "comm_wait_s": tail[1].item(), "compute_s": wall - tail[1].item(),
+        "bytes_per_step_per_worker": bytes_per_step,
+    }
+    writer.summary(summary)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    """The human-readable summary rank 0 prints at the end."""
+    lines = [f"gradsync train: {s['workload']} on {s['workers']} workers ({s['arch']}, "
+             f"algorithm {s['algorithm']})",
+             f"  steps              {s['steps']} ({s['epochs']} epochs, global batch "
+             f"{s['global_batch']}, {s['parameters']:,} parameters)"]
+    if "eval_perplexity" in s:
+        lines.append(f"  eval loss          {s['eval_loss']:.4f} (perplexity "
+                     f"{s['eval_perplexity']:.2f}, next-byte accuracy "
+                     f"{100 * s['eval_accuracy']:.1f} %)")
+    else:
+        lines.append(f"  eval accuracy      {100 * s['eval_accuracy']:.2f} % (loss "
+                     f"{s['eval_loss']:.4f})")
+    comm_pct = 100 * s["comm_wait_s"] / s["wall_s"] if s["wall_s"] else 0.0
+    lines += [f"  train loss         {s['train_loss']:.4f} (mean of the last 20 steps)",
+              f"  throughput         {s['samples_per_s']:,.0f} samples/s in {s['wall_s']:.1f} s "
+              f"(median step {s['step_time_ms_median']:.1f} ms)",
+              f"  time               compute {s['compute_s']:.2f} s, waiting on communication "
+              f"{s['comm_wait_s']:.2f} s ({comm_pct:.0f} %)",
+              f"  communicated       {s['bytes_per_step_per_worker'] / 1e6:.3f} MB per step "
+              f"per worker"]
+    return "\n".join(lines)
