@@ -175,9 +175,14 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
         # peers only need loopback, and nothing should listen beyond it.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = _make_store(master_addr, master_port, rank, world_size, timeout)
-    dist.init_process_group(backend or _default_backend(), store=store, rank=rank,
-                            world_size=world_size, timeout=timeout)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # Under torchrun the agent already serves the store on MASTER_PORT.
+        dist.init_process_group(backend or _default_backend(), init_method="env://",
+                                rank=rank, world_size=world_size, timeout=timeout)
+    else:
+        store = _make_store(master_addr, master_port, rank, world_size, timeout)
+        dist.init_process_group(backend or _default_backend(), store=store, rank=rank,
+                                world_size=world_size, timeout=timeout)
     group = world()
     group.timeout_s = timeout_s
     group.check = check

@@ -1,0 +1,147 @@
+"""`gradsync train` end to end, as a user runs it: the default job, bad input, a worker that
+dies mid-run, and scripts under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def gradsync(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gradsync", *args], capture_output=True,
+                          text=True, timeout=timeout, env=ENV, cwd=REPO)
+
+
+@pytest.mark.timeout(180)
+def test_default_job_reaches_95_percent(tmp_path):
+    run = gradsync("train", "--no-progress", "--out", str(tmp_path), timeout=170)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["workload"] == "digits-mlp" and summary["workers"] == 2
+    assert summary["eval_accuracy"] >= 0.95
+    assert "eval accuracy" in run.stdout and "samples/s" in run.stdout
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == summary["steps"]
+    assert json.loads(lines[-1])["step"] == summary["steps"]
+
+
+def _one_line_error(run: subprocess.CompletedProcess, *needles: str) -> None:
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    assert "Traceback" not in run.stderr
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gradsync: error:"), run.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_gets_one_clear_line(tmp_path):
+    _one_line_error(gradsync("train", "--workload", "mnist-resnet"), "mnist-resnet", "digits-mlp")
+    _one_line_error(gradsync("train", "--workers", "0"), "--workers", "0")
+    _one_line_error(gradsync("train", "--batch-size", "0"), "--batch-size")
+    _one_line_error(gradsync("train", "--batch-size", "-3"), "--batch-size")
+    _one_line_error(gradsync("train", "--algorithm", "butterfly"), "butterfly")
+    _one_line_error(gradsync("train", "--arch", "ps"), "ps")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    _one_line_error(gradsync("train", "--out", str(blocker / "sub")), str(blocker / "sub"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        _one_line_error(gradsync("train", "--port", str(port)), str(port))
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def _rank_of(pid: int) -> int | None:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    for item in env:
+        if item.startswith(b"RANK="):
+            return int(item[5:])
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead but not yet reaped by its parent.
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.timeout(90)
+def test_killed_worker_fails_the_run_quickly_and_cleanly(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "gradsync", "train", "--workers", "3",
+                             "--epochs", "500", "--no-progress", "--timeout", "60",
+                             "--out", str(tmp_path)], env=ENV, cwd=REPO,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.monotonic() + 60
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+            assert proc.poll() is None and time.monotonic() < deadline, "run did not start"
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        victim = next(pid for pid in workers if _rank_of(pid) == 1)
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "rank 1" in stderr and "SIGKILL" in stderr, stderr
+    # The peers notice the dropped connection: far sooner than the 60 s timeout.
+    assert elapsed < 20, elapsed
+    assert not [pid for pid in workers if _alive(pid)]
+
+
+def _torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                           "2", "--master-addr", "127.0.0.1", "--master-port",
+                           str(free_port()), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+
+
+@pytest.mark.timeout(240)
+def test_ddp_script_runs_with_only_the_wrapper_changed(tmp_path):
+    script = str(REPO / "tests" / "scripts" / "ddp_script.py")
+    for wrapper in ("gradsync", "ddp"):
+        run = _torchrun(script, "--wrapper", wrapper, "--out", str(tmp_path))
+        assert run.returncode == 0, run.stderr[-3000:]
+    ours = [torch.load(tmp_path / f"gradsync-{r}.pt") for r in range(2)]
+    ddp = torch.load(tmp_path / "ddp-0.pt")
+    for key in ddp:
+        assert torch.equal(ours[0][key], ours[1][key])
+        torch.testing.assert_close(ours[0][key], ddp[key], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.timeout(240)
+def test_gradsync_train_under_torchrun(tmp_path):
+    run = _torchrun("-m", "gradsync", "train", "--steps", "30", "--no-progress", "--out",
+                    str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["steps"] == 30
