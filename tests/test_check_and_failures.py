@@ -1,0 +1,123 @@
+"""Check mode turns mismatched collectives into errors with a per-rank table; a peer that is
+lost or silent gives an error that names it instead of a hang."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from tests.distributed import run_workers
+
+
+def _mismatch(rank, n, case):
+    from gradsync import comm
+
+    assert comm.world().check  # GRADSYNC_CHECK=1 from the environment
+    t = torch.zeros(4)
+    try:
+        if case == "shape":
+            comm.all_reduce(torch.zeros(4 if rank == 0 else 5))
+        elif case == "dtype":
+            comm.all_reduce(torch.zeros(4, dtype=torch.float32 if rank else torch.float64))
+        elif case == "op":
+            comm.all_reduce(t, op="sum" if rank == 0 else "max")
+        elif case == "order":
+            if rank == 0:
+                comm.broadcast(t)
+            else:
+                comm.all_reduce(t)
+        elif case == "algorithm":
+            comm.all_reduce(t, algorithm="ring" if rank == 0 else "tree")
+    except comm.CollectiveMismatchError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case,needles", [
+    ("shape", ["float32[4]", "float32[5]"]),
+    ("dtype", ["float64[4]", "float32[4]"]),
+    ("op", ["op=sum", "op=max"]),
+    ("order", ["broadcast", "all_reduce"]),
+    ("algorithm", ["algorithm=ring", "algorithm=tree"]),
+])
+def test_check_mode_names_ranks_and_differences(case, needles):
+    messages = run_workers(_mismatch, 3, case, env={"GRADSYNC_CHECK": "1"})
+    for message in messages:
+        assert "rank 0" in message and "rank 1" in message and "rank 2" in message, message
+        for needle in needles:
+            assert needle in message, message
+
+
+def _check_passes(rank, n):
+    from gradsync import comm
+
+    t = torch.full((3,), float(rank))
+    comm.all_reduce(t, algorithm="ring")
+    comm.broadcast(t, src=1)
+    return t.tolist()
+
+
+@pytest.mark.timeout(60)
+def test_check_mode_lets_matching_calls_through():
+    for value in run_workers(_check_passes, 3, env={"GRADSYNC_CHECK": "1"}):
+        assert value == [3.0, 3.0, 3.0]
+
+
+def _lost_peer(rank, n, algorithm):
+    from gradsync import comm
+
+    comm.all_reduce(torch.ones(8), algorithm=algorithm)  # connections are up
+    if rank == n - 1:
+        os._exit(0)  # vanish without a word, as a crashed process does
+    start = time.monotonic()
+    try:
+        comm.all_reduce(torch.ones(1 << 16), algorithm=algorithm)
+    except comm.CommError as exc:
+        return type(exc).__name__, str(exc), time.monotonic() - start
+    return "no error", "", 0.0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("algorithm", ["ring", "tree", "native"])
+def test_lost_peer_is_noticed_when_its_connection_drops(algorithm):
+    # The comm timeout is 20 s; the drop must be noticed well before it.
+    results = run_workers(_lost_peer, 3, algorithm, expect_failure=True)
+    for ok, value in results[:2]:
+        assert ok, value
+        kind, message, elapsed = value
+        assert kind in ("PeerLostError", "CommError"), (kind, message)
+        assert "rank" in message and elapsed < 10, (message, elapsed)
+    if algorithm == "ring":
+        # Rank 0 receives from its left neighbour, the lost rank 2, and names it.
+        assert "rank 2" in results[0][1][1], results[0][1][1]
+
+
+def _silent_peer(rank, n):
+    from gradsync import comm
+
+    comm.all_reduce(torch.ones(8), algorithm="ring")
+    start = time.monotonic()
+    try:
+        if rank == 0:
+            comm.all_reduce(torch.ones(8), algorithm="ring")
+        else:
+            # Rank 1 is alive but busy elsewhere: waiting for a message that never comes.
+            comm.world()  # noqa: B018
+            from gradsync.comm.p2p import P2P
+
+            P2P(comm.world(), "a stuck step").recv(torch.empty(1), 0, tag=77)
+    except comm.CommTimeoutError as exc:
+        return str(exc), time.monotonic() - start
+    return "no error", 0.0
+
+
+@pytest.mark.timeout(60)
+def test_silent_peer_times_out_with_a_named_error():
+    results = run_workers(_silent_peer, 2, comm_timeout=3.0)
+    message, elapsed = results[0]
+    assert "timed out" in message and "rank 1" in message, message
+    assert 2.5 < elapsed < 15, elapsed
