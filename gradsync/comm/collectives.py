@@ -113,7 +113,7 @@ def _prologue(group: Group, op: str, tensor: torch.Tensor | None, **meta) -> Non
     group.seq += 1
     if group.check:
         header = check.encode(group.seq, op, tensor, **meta)
-        check.verify_call(group, header, op)
+        check.verify_call(group, header, f"call #{group.seq}")
 
 
 # --- all_reduce ------------------------------------------------------------------------------

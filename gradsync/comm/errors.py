@@ -8,6 +8,8 @@ all_reduce(ring)" instead of "Connection closed by peer [127.0.0.1]:40213".
 
 from __future__ import annotations
 
+import re
+
 
 class CommError(RuntimeError):
     """Base class for failures of a collective or point-to-point operation."""
@@ -30,6 +32,13 @@ _LOST_MARKERS = ("connection closed", "connection reset", "broken pipe", "connec
 _TIMEOUT_MARKERS = ("timed out", "timeout")
 
 
+def _engine_text(exc: BaseException) -> str:
+    """The engine's message without its source location and boilerplate advice."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". This is typically")[0]
+
+
 def translate(exc: BaseException, *, what: str, rank: int, peer: int | None = None) -> CommError:
     """Turn an engine exception into a :class:`CommError` that names ranks.
 
@@ -41,7 +50,7 @@ def translate(exc: BaseException, *, what: str, rank: int, peer: int | None = No
     """
     if isinstance(exc, CommError):
         return exc
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = _engine_text(exc)
     low = str(exc).lower()
     who = f"rank {peer}" if peer is not None else "a peer"
     if any(m in low for m in _TIMEOUT_MARKERS):
