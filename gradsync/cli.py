@@ -64,10 +64,14 @@ def _run_worker(config) -> int:
     rank = os.environ.get("RANK", "?")
     try:
         group = comm.init_process_group(timeout_s=config.timeout)
-        if group.rank == 0 and config.out:
+        try:
+            architecture = build_architecture(config, group)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if architecture.is_worker and architecture.worker_rank == 0 and config.out:
             _check_writable(config.out)
-        summary = train(config, build_architecture(config, group), group)
-        if group.rank == 0:
+        summary = train(config, architecture)
+        if summary is not None and architecture.worker_rank == 0:
             print(format_summary(summary), flush=True)
         return 0
     except UserError as exc:
@@ -95,9 +99,12 @@ def _run_local(config) -> int:
     # Share the cores between the workers instead of letting each start one thread per core.
     threads = str(max(1, (os.cpu_count() or 1) // config.workers))
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    # The servers of an asynchronous parameter server drop a lost worker and go on.
+    tolerate = frozenset(range(config.servers, config.processes)) \
+        if config.arch == "ps" and config.consistency != "sync" else frozenset()
     try:
-        result = launch(["train", *to_argv(config)], config.workers, master_addr=config.addr,
-                        master_port=config.port, env=env)
+        result = launch(["train", *to_argv(config)], config.processes, master_addr=config.addr,
+                        master_port=config.port, env=env, tolerate=tolerate)
     except LaunchError as exc:
         raise UserError(str(exc)) from None
     if result.returncode != 0 and result.failed_rank is not None:

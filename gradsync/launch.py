@@ -277,16 +277,24 @@ def _root_cause(root: _Exit | None, exited: list[_Worker]) -> _Exit | None:
     return root
 
 
-def _supervise(workers: list[_Worker], grace_s: float) -> LaunchResult:
+def _supervise(workers: list[_Worker], grace_s: float, tolerate: frozenset[int]) -> LaunchResult:
+    def failures(exited: list[_Worker]) -> list[_Worker]:
+        """Exits that stop the run; a tolerated rank's failure is only reported."""
+        for w in exited:
+            if w.rank in tolerate and w.exit is not None and w.exit.failed:
+                print(f"gradsync: worker rank {w.rank} {w.exit.describe()}; the others go on",
+                      file=sys.stderr, flush=True)
+        return [w for w in exited if w.rank not in tolerate]
+
     root = None
     while root is None and _running(workers):
-        root = _root_cause(None, _poll_exits(workers, None))
+        root = _root_cause(None, failures(_poll_exits(workers, None)))
     if root is None:
         return LaunchResult(returncode=0)
     failed_at = time.monotonic()
     window_end = failed_at + _ROOT_CAUSE_WINDOW_S
     while not root.signalled and _running(workers) and time.monotonic() < window_end:
-        root = _root_cause(root, _poll_exits(workers, window_end - time.monotonic()))
+        root = _root_cause(root, failures(_poll_exits(workers, window_end - time.monotonic())))
         assert root is not None
     line = f"worker rank {root.rank} {root.describe()}; stopping the other workers"
     logger.info(line)
@@ -320,6 +328,7 @@ def launch(
     env: dict[str, str] | None = None,
     grace_s: float = 5.0,
     module: str = "gradsync",
+    tolerate: frozenset[int] = frozenset(),
 ) -> LaunchResult:
     """Run ``python -m module *argv`` in ``nprocs`` worker processes and supervise them.
 
@@ -337,6 +346,8 @@ def launch(
         env: extra environment variables for the workers (the rendezvous ones win).
         grace_s: seconds the surviving workers get to exit after the first failure.
         module: the module the workers run.
+        tolerate: ranks whose failure is reported but does not stop the others (the
+            workers of an asynchronous parameter server, which the servers drop).
 
     Returns:
         A LaunchResult naming the root-cause rank and reason when a worker failed.
@@ -375,7 +386,7 @@ def launch(
         finally:
             if mask is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending Ctrl-C fires here
-        return _supervise(workers, grace_s)
+        return _supervise(workers, grace_s, frozenset(tolerate))
     except (KeyboardInterrupt, _LauncherTerminated) as exc:
         sig = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
         logger.info("launcher got %s; forwarding it to the workers", sig.name)

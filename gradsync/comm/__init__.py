@@ -14,13 +14,15 @@ from .errors import CollectiveMismatchError, CommError, CommTimeoutError, PeerLo
 from .group import (CommStats, Group, destroy_process_group, get_rank, get_world_size,
                     init_process_group, is_initialized, new_group, world)
 from .ops import ReduceOp
+from .p2p import irecv, isend, recv, send
 
 __all__ = [
     "ALL_REDUCE_ALGORITHMS", "CollectiveMismatchError", "CommError", "CommStats",
     "CommTimeoutError", "CostModel", "Group", "PeerLostError", "ReduceOp", "Work", "all_gather",
     "all_gather_async", "all_reduce", "all_reduce_async", "barrier", "broadcast",
     "broadcast_async", "calibrate", "destroy_process_group", "gather", "gather_async",
-    "get_rank", "get_world_size", "init_process_group", "is_initialized", "new_group", "reduce",
-    "reduce_async", "reduce_scatter", "reduce_scatter_async", "scatter", "scatter_async",
+    "get_rank", "get_world_size", "init_process_group", "irecv", "is_initialized", "isend",
+    "new_group", "recv", "reduce",
+    "reduce_async", "reduce_scatter", "reduce_scatter_async", "scatter", "scatter_async", "send",
     "verify_tensors", "world",
 ]

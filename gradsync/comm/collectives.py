@@ -37,8 +37,9 @@ class Work:
     """Handle of an operation in flight; ``wait()`` blocks until it is done and returns its
     result (the reduced tensor, the gathered list, ...)."""
 
-    def __init__(self, finish: Callable[[], object]):
+    def __init__(self, finish: Callable[[], object], poll: Callable[[], bool] | None = None):
         self._finish = finish
+        self._poll = poll
         self._done = False
         self._result: object = None
 
@@ -49,7 +50,8 @@ class Work:
         return self._result
 
     def is_completed(self) -> bool:
-        return self._done
+        """True once the operation has finished (without waiting for it)."""
+        return self._done or (self._poll is not None and self._poll())
 
 
 def _bus_bytes(op: str, nbytes: int, p: int) -> int:

@@ -21,6 +21,9 @@ class _Done:
     def wait(self) -> bool:
         return True
 
+    def is_completed(self) -> bool:
+        return True
+
 
 _DONE = _Done()
 
@@ -86,3 +89,40 @@ def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
         bounds.append((start, end))
         start = end
     return bounds
+
+
+# --- public point-to-point API (the Parameter Server's transport) ------------------------------
+
+def send(tensor: torch.Tensor, dst: int, group: Group | None = None, tag: int = 0) -> None:
+    """Blocking send of ``tensor`` to group rank ``dst``; errors name the peer."""
+    from .group import resolve
+
+    P2P(resolve(group), "send").send(tensor, dst, tag)
+
+
+def recv(tensor: torch.Tensor, src: int, group: Group | None = None, tag: int = 0) -> None:
+    """Blocking receive into ``tensor`` from group rank ``src``; errors name the peer."""
+    from .group import resolve
+
+    P2P(resolve(group), "recv").recv(tensor, src, tag)
+
+
+def isend(tensor: torch.Tensor, dst: int, group: Group | None = None, tag: int = 0):
+    """Start a send; the returned handle's ``wait()`` finishes it (keep ``tensor`` unchanged
+    until then)."""
+    from .collectives import Work
+    from .group import resolve
+
+    p2p = P2P(resolve(group), "send")
+    handle = p2p.isend(tensor, dst, tag)
+    return Work(lambda: p2p.wait(handle, dst), poll=handle.is_completed)
+
+
+def irecv(tensor: torch.Tensor, src: int, group: Group | None = None, tag: int = 0):
+    """Start a receive into ``tensor``; ``wait()`` returns when it has arrived."""
+    from .collectives import Work
+    from .group import resolve
+
+    p2p = P2P(resolve(group), "recv")
+    handle = p2p.irecv(tensor, src, tag)
+    return Work(lambda: p2p.wait(handle, src), poll=handle.is_completed)

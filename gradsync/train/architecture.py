@@ -1,8 +1,8 @@
 """What the trainer asks of an architecture, and the registry that maps ``--arch`` to one.
 
 The trainer never learns which architecture runs it: it hands over the model and a way to
-build the optimizer, then trains what it gets back. All-Reduce wraps the model so that
-backward averages gradients; the Parameter Server will move the optimizer to its servers.
+build the optimizer, then trains what it gets back. Ranks that are not workers (the servers
+of the Parameter Server) are handed the model to ``serve`` instead.
 """
 
 from __future__ import annotations
@@ -20,23 +20,40 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 class Architecture(Protocol):
     name: str
+    is_worker: bool                 # False: this rank serves instead of training
+    worker_rank: int                # position among the workers (data shard index)
+    num_workers: int
+    eval_group: comm.Group | None   # workers that evaluate together; None: worker 0 alone
 
     def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory
                 ) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Return the model to train and the optimizer whose ``step()`` updates it."""
 
+    def serve(self, model: nn.Module, make_optimizer: OptimizerFactory) -> object:
+        """Non-worker ranks: serve until the workers are done."""
+
     def comm_wait_s(self) -> float:
         """Seconds spent waiting on communication that did not overlap computation."""
+
+    def bytes_sent(self) -> int:
+        """Bytes this rank has sent so far."""
+
+    def finish(self) -> dict:
+        """After the last step: architecture-specific figures for the summary."""
 
 
 class AllReduceArchitecture:
     """Every process is a worker; gradients are averaged by :class:`gradsync.DataParallel`."""
 
     name = "allreduce"
+    is_worker = True
 
     def __init__(self, config: TrainConfig, group: comm.Group):
         self.config = config
         self.group = group
+        self.worker_rank = group.rank
+        self.num_workers = group.size
+        self.eval_group = group
         self.model = None
 
     def prepare(self, model, make_optimizer):
@@ -46,11 +63,24 @@ class AllReduceArchitecture:
                                   bucket_cap_mb=self.config.bucket_cap_mb)
         return self.model, make_optimizer(self.model.parameters())
 
+    def serve(self, model, make_optimizer):
+        raise RuntimeError("every rank of the All-Reduce architecture is a worker")
+
     def comm_wait_s(self) -> float:
         return self.model.stats.comm_wait_s if self.model is not None else 0.0
+
+    def bytes_sent(self) -> int:
+        return self.group.stats.bytes_sent
+
+    def finish(self) -> dict:
+        return {}
 
 
 def build_architecture(config: TrainConfig, group: comm.Group) -> Architecture:
     if config.arch == "allreduce":
         return AllReduceArchitecture(config, group)
+    if config.arch == "ps":
+        from ..ps import PSArchitecture
+
+        return PSArchitecture(config.servers, config.consistency, config.staleness, group)
     raise ValueError(f"unknown architecture {config.arch!r}")

@@ -8,7 +8,7 @@ from typing import Literal
 from ..comm import ALL_REDUCE_ALGORITHMS
 from .workloads import WORKLOADS
 
-ARCHITECTURES = ("allreduce",)  # "ps" arrives with the Parameter-Server architecture
+ARCHITECTURES = ("allreduce", "ps")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -25,6 +25,12 @@ class TrainConfig:
                                                    "torchrun, which sets the world size)"))
     arch: str = field(default="allreduce", metadata=_help(
         f"architecture: {', '.join(ARCHITECTURES)}"))
+    servers: int = field(default=1, metadata=_help("parameter servers (--arch ps); the first "
+                                                   "ranks of the world serve"))
+    consistency: Literal["sync", "async", "ssp"] = field(default="sync", metadata=_help(
+        "parameter-server consistency: sync, async, or ssp (bounded staleness)"))
+    staleness: int = field(default=2, metadata=_help("ssp: how many steps a worker may run "
+                                                     "ahead of the slowest"))
     algorithm: str = field(default="auto", metadata=_help(
         f"all-reduce algorithm: {', '.join(ALL_REDUCE_ALGORITHMS)}"))
     epochs: int | None = field(default=None, metadata=_help("passes over the training data "
@@ -49,19 +55,24 @@ class TrainConfig:
                                                           "one)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar on rank 0"))
 
+    @property
+    def processes(self) -> int:
+        """Local processes to start: the workers, plus the servers of the Parameter Server."""
+        return self.workers + (self.servers if self.arch == "ps" else 0)
+
     def __post_init__(self) -> None:
         if self.workload not in WORKLOADS:
             raise ValueError(f"unknown workload {self.workload!r}; choose one of "
                              f"{', '.join(WORKLOADS)}")
         if self.arch not in ARCHITECTURES:
-            hint = " (the Parameter-Server architecture is not built yet)" if self.arch == "ps" \
-                else ""
-            raise ValueError(f"unknown --arch {self.arch!r}{hint}; choose one of "
+            raise ValueError(f"unknown --arch {self.arch!r}; choose one of "
                              f"{', '.join(ARCHITECTURES)}")
         if self.algorithm not in ALL_REDUCE_ALGORITHMS:
             raise ValueError(f"unknown --algorithm {self.algorithm!r}; choose one of "
                              f"{', '.join(ALL_REDUCE_ALGORITHMS)}")
-        for name in ("workers", "epochs", "steps", "batch_size", "hidden"):
+        if self.staleness < 0:
+            raise ValueError(f"--staleness must be at least 0, got {self.staleness}")
+        for name in ("workers", "servers", "epochs", "steps", "batch_size", "hidden"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

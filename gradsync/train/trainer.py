@@ -69,10 +69,12 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="step", dynamic_ncols=True, leave=True)
 
 
-def evaluate(model: torch.nn.Module, workload: Workload, group: comm.Group,
+def evaluate(model: torch.nn.Module, workload: Workload, group: comm.Group | None,
              batch_size: int) -> dict[str, float]:
-    """Exact evaluation: every held-out sample is seen once across ranks, sums are added."""
-    sampler = ShardedSampler(workload.eval_set, group.size, group.rank, eval_mode=True)
+    """Exact evaluation: every held-out sample is seen once across the ranks of ``group``
+    (or by this rank alone when ``group`` is None), and their sums are added."""
+    replicas, rank = (group.size, group.rank) if group is not None else (1, 0)
+    sampler = ShardedSampler(workload.eval_set, replicas, rank, eval_mode=True)
     loader = DataLoader(workload.eval_set, batch_size=batch_size, sampler=sampler)
     sums = torch.zeros(3, dtype=torch.float64)
     model.eval()
@@ -80,32 +82,44 @@ def evaluate(model: torch.nn.Module, workload: Workload, group: comm.Group,
         for x, y in loader:
             sums += workload.eval_sums(model(x), y)
     model.train()
-    comm.all_reduce(sums, op="sum", group=group, algorithm="native")
+    if group is not None:
+        comm.all_reduce(sums, op="sum", group=group, algorithm="native")
     return summarize_eval(workload, sums)
 
 
-def train(config: TrainConfig, architecture: Architecture, group: comm.Group) -> dict:
-    """Train ``config.workload`` on this rank; returns the summary (identical on all ranks)."""
-    rank0 = group.rank == 0
+def train(config: TrainConfig, architecture: Architecture) -> dict | None:
+    """Train ``config.workload`` on this rank.
+
+    Returns:
+        The summary on worker ranks (the same figures on each), None on serving ranks.
+    """
     workload = build_workload(config.workload, seed=config.seed, hidden=config.hidden,
                               dtype=DTYPES[config.dtype])
     batch = config.batch_size or workload.default_batch_size
     lr = config.lr or workload.default_lr
-    model, optimizer = architecture.prepare(
-        workload.model, lambda params: make_optimizer(workload.optimizer, params, lr))
-    sampler = ShardedSampler(workload.train_set, group.size, group.rank, shuffle=True,
-                             seed=config.seed)
+
+    def optimizer_for(params):
+        return make_optimizer(workload.optimizer, params, lr)
+
+    if not architecture.is_worker:
+        architecture.serve(workload.model, optimizer_for)
+        return None
+    rank0 = architecture.worker_rank == 0
+    workers = architecture.num_workers
+    model, optimizer = architecture.prepare(workload.model, optimizer_for)
+    sampler = ShardedSampler(workload.train_set, workers, architecture.worker_rank,
+                             shuffle=True, seed=config.seed)
     loader = DataLoader(workload.train_set, batch_size=batch, sampler=sampler)
     epochs = config.epochs or workload.default_epochs
     total = config.steps if config.steps is not None else epochs * len(loader)
     n_params = sum(p.numel() for p in workload.model.parameters())
     log.info("%s: %d parameters, %d workers x batch %d, %d steps", config.workload, n_params,
-             group.size, batch, total)
+             workers, batch, total)
 
     writer = MetricsWriter(config.out, rank0)
     bar = _progress(total, rank0 and config.progress)
     step_times, losses = [], []
-    bytes_before = group.stats.bytes_sent
+    bytes_before = architecture.bytes_sent()
     wait_before = architecture.comm_wait_s()
     step, epoch = 0, 0
     start = time.perf_counter()
@@ -124,7 +138,7 @@ def train(config: TrainConfig, architecture: Architecture, group: comm.Group) ->
                 writer.step({"step": step, "epoch": epoch, "loss": losses[-1],
                              "step_time_s": step_times[-1],
                              "comm_wait_s": architecture.comm_wait_s() - wait_before,
-                             "bytes_sent": group.stats.bytes_sent - bytes_before})
+                             "bytes_sent": architecture.bytes_sent() - bytes_before})
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", refresh=False)
@@ -138,19 +152,22 @@ def train(config: TrainConfig, architecture: Architecture, group: comm.Group) ->
         writer.close()
 
     comm_wait = architecture.comm_wait_s() - wait_before
-    bytes_per_step = (group.stats.bytes_sent - bytes_before) / max(step, 1)
+    bytes_per_step = (architecture.bytes_sent() - bytes_before) / max(step, 1)
+    extra = architecture.finish()
     tail = torch.tensor([statistics.fmean(losses[-20:]), comm_wait], dtype=torch.float64)
-    comm.all_reduce(tail, op="avg", group=group, algorithm="native")
-    evaluation = evaluate(model, workload, group, batch)
+    group = architecture.eval_group
+    if group is not None:
+        comm.all_reduce(tail, op="avg", group=group, algorithm="native")
+    evaluation = evaluate(model, workload, group, batch) if (group is not None or rank0) else {}
     summary = {
         "workload": config.workload, "arch": architecture.name, "algorithm": config.algorithm,
-        "workers": group.size, "parameters": n_params, "steps": step, "epochs": epoch,
-        "batch_per_worker": batch, "global_batch": batch * group.size, "lr": lr,
+        "workers": workers, "parameters": n_params, "steps": step, "epochs": epoch,
+        "batch_per_worker": batch, "global_batch": batch * workers, "lr": lr,
         "train_loss": tail[0].item(), **{f"eval_{k}": v for k, v in evaluation.items()},
-        "wall_s": wall, "samples_per_s": step * batch * group.size / wall,
+        "wall_s": wall, "samples_per_s": step * batch * workers / wall,
         "step_time_ms_median": 1e3 * statistics.median(step_times),
         "comm_wait_s": tail[1].item(), "compute_s": wall - tail[1].item(),
-        "bytes_per_step_per_worker": bytes_per_step,
+        "bytes_per_step_per_worker": bytes_per_step, **extra,
     }
     writer.summary(summary)
     return summary
@@ -158,8 +175,9 @@ def train(config: TrainConfig, architecture: Architecture, group: comm.Group) ->
 
 def format_summary(s: dict) -> str:
     """The human-readable summary rank 0 prints at the end."""
-    lines = [f"gradsync train: {s['workload']} on {s['workers']} workers ({s['arch']}, "
-             f"algorithm {s['algorithm']})",
+    how = (f"ps, {s['servers']} servers, {s['consistency']}" if s["arch"] == "ps"
+           else f"allreduce, algorithm {s['algorithm']}")
+    lines = [f"gradsync train: {s['workload']} on {s['workers']} workers ({how})",
              f"  steps              {s['steps']} ({s['epochs']} epochs, global batch "
              f"{s['global_batch']}, {s['parameters']:,} parameters)"]
     if "eval_perplexity" in s:
@@ -175,6 +193,19 @@ def format_summary(s: dict) -> str:
               f"(median step {s['step_time_ms_median']:.1f} ms)",
               f"  time               compute {s['compute_s']:.2f} s, waiting on communication "
               f"{s['comm_wait_s']:.2f} s ({comm_pct:.0f} %)",
-              f"  communicated       {s['bytes_per_step_per_worker'] / 1e6:.3f} MB per step "
+              f"  communicated       {s['bytes_per_step_per_worker'] / 1e6:.3f} MB sent per step "
               f"per worker"]
+    if s["arch"] == "ps":
+        lines += [f"  servers            received {_mb(s['bytes_received_per_step_per_server'])} "
+                  f"MB and sent {_mb(s['bytes_sent_per_step_per_server'])} MB per step; busy "
+                  f"{', '.join(f'{b:.2f}' for b in s['server_busy_s'])} s",
+                  f"  staleness          max {s['max_staleness']}, histogram "
+                  f"{s['staleness_histogram']}, max lead {s['max_lead']} steps"]
+        if s["dropped_workers"]:
+            lines.append(f"  dropped workers    ranks {s['dropped_workers']} (lost during the "
+                         f"run; the others went on)")
     return "\n".join(lines)
+
+
+def _mb(values: list[float]) -> str:
+    return "/".join(f"{v / 1e6:.3f}" for v in values)

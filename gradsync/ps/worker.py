@@ -1,0 +1,186 @@
+"""The worker side of the Parameter Server: push gradients, pull parameters.
+
+A hook on every parameter counts down the pieces of each shard; the moment a shard's
+gradients are all there (late layers first, as backward produces them) it is pushed to its
+server while backward goes on, and the receive of that server's reply is posted at once.
+``optimizer.step()`` (a :class:`RemoteOptimizer`) waits for the replies and writes the fresh
+parameters into the model: the update itself happens on the servers.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import torch
+from torch import nn
+
+from .. import comm
+from .protocol import (STATUS_TEXT, TAG, Header, Kind, PSProtocolError, Status, empty_header)
+from .server import ServerStats
+from .sharding import ShardLayout, gather_shard, scatter_shard
+
+
+class PSWorker(nn.Module):
+    """Wrap ``module`` so that backward pushes its gradients to the servers.
+
+    Args:
+        module: the model (same architecture on every worker and server).
+        layout: which server holds which range of the flat parameters.
+        servers: global ranks of the servers, server k holding shard k.
+        rank: this worker's global rank (sent in headers).
+    """
+
+    def __init__(self, module: nn.Module, layout: ShardLayout, servers: list[int], rank: int,
+                 group: comm.Group | None = None):
+        super().__init__()
+        self.module = module
+        self.layout = layout
+        self.servers = servers
+        self.rank = rank
+        self.group = group
+        self._params = [p for p in module.parameters() if p.requires_grad]
+        dtype = self._params[0].dtype
+        self._push_bufs = [torch.empty(layout.shard_numel(k), dtype=dtype)
+                           for k in range(len(servers))]
+        self._pull_bufs = [torch.empty(layout.shard_numel(k), dtype=dtype)
+                           for k in range(len(servers))]
+        self._pieces_per_shard = [len(layout.pieces(k)) for k in range(len(servers))]
+        self.versions = [0] * len(servers)
+        self.step_count = 0
+        self.comm_wait_s = 0.0
+        self.bytes_pushed = 0
+        self.bytes_pulled = 0
+        self._works: list[comm.Work] = []
+        self._replies: dict[int, tuple[torch.Tensor, comm.Work, comm.Work]] = {}
+        self._reset()
+        self._pull_all()  # the servers' initial values, so every replica starts equal
+        for i, p in enumerate(self._params):
+            p.register_post_accumulate_grad_hook(partial(self._on_grad, i))
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # --- push ---------------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._remaining = list(self._pieces_per_shard)
+        self._pushed = [False] * len(self.servers)
+        self._seen: set[int] = set()
+        self._callback_queued = False
+
+    def _on_grad(self, i: int, param: torch.Tensor) -> None:
+        if not self._callback_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+            self._callback_queued = True
+        if i in self._seen:
+            return
+        self._seen.add(i)
+        for k in self.layout.shards_of(i):
+            self._remaining[k] -= 1
+            if self._remaining[k] == 0:
+                self._push(k)
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+
+    def _push(self, k: int) -> None:
+        payload = gather_shard(self._grads(), self.layout, k, self._push_bufs[k])
+        header = Header(Kind.PUSH, step=self.step_count, shard=k, numel=payload.numel(),
+                        version=self.versions[k], sender=self.rank).encode()
+        self._send(k, header, payload)
+        self.bytes_pushed += payload.numel() * payload.element_size()
+        self._post_reply(k)
+        self._pushed[k] = True
+
+    def _send(self, k: int, header: torch.Tensor, payload: torch.Tensor | None) -> None:
+        for t in (header, payload) if payload is not None else (header,):
+            work = comm.isend(t, self.servers[k], self.group, TAG)
+            work.keep = t
+            self._works.append(work)
+
+    def _post_reply(self, k: int) -> None:
+        header = empty_header()
+        hw = comm.irecv(header, self.servers[k], self.group, TAG)
+        pw = comm.irecv(self._pull_bufs[k], self.servers[k], self.group, TAG)
+        self._replies[k] = (header, hw, pw)
+
+    def _finish_backward(self) -> None:
+        # Shards whose parameters got no gradient this step still go out (as zeros), so
+        # every server hears from every worker at every step.
+        for k in range(len(self.servers)):
+            if not self._pushed[k]:
+                self._push(k)
+
+    # --- pull ---------------------------------------------------------------------------------
+
+    def _pull_all(self) -> None:
+        for k in range(len(self.servers)):
+            if k not in self._replies:
+                self._post_reply(k)
+        start = time.perf_counter()
+        for k in range(len(self.servers)):
+            header, hw, pw = self._replies.pop(k)
+            hw.wait()
+            pw.wait()
+            h = Header.decode(header)
+            if h.kind == Kind.ERROR:
+                raise PSProtocolError(f"server {k} (rank {self.servers[k]}) rejected rank "
+                                      f"{self.rank}'s message: {STATUS_TEXT[Status(h.status)]}")
+            if h.kind != Kind.PARAMS or h.shard != k:
+                raise PSProtocolError(f"unexpected reply from server {k}: kind {h.kind}, "
+                                      f"shard {h.shard}")
+            scatter_shard(self._pull_bufs[k], self.layout, k, self._params)
+            self.versions[k] = h.version
+            self.bytes_pulled += self._pull_bufs[k].numel() * self._pull_bufs[k].element_size()
+        for work in self._works:
+            work.wait()
+        self._works.clear()
+        self.comm_wait_s += time.perf_counter() - start
+
+    def step(self) -> None:
+        """Finish the step: wait for every server's parameters and load them."""
+        if not all(self._pushed):
+            raise RuntimeError("optimizer.step() before backward(): nothing was pushed")
+        self._pull_all()
+        self.step_count += 1
+        self._reset()
+
+    def finish(self) -> list[ServerStats]:
+        """Tell the servers this worker is done and collect their statistics."""
+        stats = []
+        for k, server in enumerate(self.servers):
+            self._send(k, Header(Kind.DONE, step=self.step_count, sender=self.rank).encode(),
+                       None)
+        for k, server in enumerate(self.servers):
+            header, buf = empty_header(), torch.empty(ServerStats.size(), dtype=torch.float64)
+            comm.recv(header, server, self.group, TAG)
+            comm.recv(buf, server, self.group, TAG)
+            stats.append(ServerStats.from_tensor(buf))
+        for work in self._works:
+            work.wait()
+        self._works.clear()
+        return stats
+
+
+class RemoteOptimizer:
+    """The optimizer a PS worker trains with: ``step()`` pulls what the servers computed."""
+
+    def __init__(self, worker: PSWorker):
+        self.worker = worker
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.worker._params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    def step(self) -> None:
+        self.worker.step()

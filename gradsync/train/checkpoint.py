@@ -1,0 +1,526 @@
+"""Atomic, verified checkpoints: a crash at any moment leaves the last committed one loadable.
+
+Layout of a checkpoint directory::
+
+    step-00000120/          a committed checkpoint
+        state.pt            rank 0: the replicated state (model, optimizer, sampler, ...)
+        rank-0.pt ...       each rank's own state (RNG streams), when the caller passes any
+        COMMITTED           JSON, written last: format, meta, sha256 and size of every file
+    step-00000140.tmp/      a save in progress, or one a crash interrupted
+
+A save writes every file into `step-N.tmp/` (flush + fsync each file, fsync the directory),
+rank 0 renames it to `step-N/` (fsync the parent), then writes `COMMITTED` through a
+temporary name (fsync, rename, fsync). Only a directory whose marker parses and whose files
+have the recorded sizes counts; `load` also checks every file it reads against its sha256.
+The staging name carries no pid because all ranks of one save write into it; one job per
+directory, and one save in flight at a time.
+
+With several ranks the caller separates the two halves by a barrier, so rank 0 never commits
+before every rank's file is on disk::
+
+    mgr.save_rank_files(step, state if rank == 0 else None, per_rank=capture_rng_state())
+    barrier()
+    if rank == 0:
+        mgr.commit(step, meta)
+
+Nothing here communicates; choosing one step for all ranks is the caller's broadcast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .rng import capture_rng_state, restore_rng_state
+
+__all__ = ["CheckpointError", "IncompatibleCheckpointError", "CheckpointMeta",
+           "CheckpointManager", "model_fingerprint", "capture_rng_state", "restore_rng_state"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MARKER = "COMMITTED"
+STATE_FILE = "state.pt"
+_NAME = re.compile(r"^step-(\d{8,})(\.tmp)?$")
+_META_TYPES = {"step": int, "epoch": int, "workload": str, "world_size": int, "arch": str,
+               "param_fingerprint": str}
+# Types that torch.load(weights_only=True) rebuilds; checked at save time so that a state
+# which would only fail to load at resume (the worst moment) fails when it is written.
+_LEAVES = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the one-line message names the file and the fault."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """An intact checkpoint of another workload, model, architecture or world size."""
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What identifies a checkpoint and decides whether a run may resume from it.
+
+    Args:
+        step: optimizer steps taken when the checkpoint was written.
+        epoch: epoch in progress at that step.
+        workload: workload name, e.g. "digits-mlp".
+        world_size: number of ranks that wrote it.
+        arch: architecture name, e.g. "allreduce".
+        param_fingerprint: `model_fingerprint` of the model.
+    """
+
+    step: int
+    epoch: int
+    workload: str
+    world_size: int
+    arch: str
+    param_fingerprint: str
+
+    def __post_init__(self) -> None:
+        if self.step < 0 or self.epoch < 0:
+            raise ValueError(f"step and epoch must be >= 0, got {self.step}, {self.epoch}")
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Return a sha1 over the (name, shape, dtype) of every entry of `model.state_dict()`.
+
+    Pass the bare model, not a wrapper that prefixes names (`module.`), so that the same
+    model gives the same fingerprint however it is parallelised.
+
+    Args:
+        model: the module whose parameters and persistent buffers are checkpointed.
+
+    Returns:
+        40 hex digits; equal for models whose state dicts load into each other.
+    """
+    digest = hashlib.sha1()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
+    return digest.hexdigest()
+
+
+class CheckpointManager:
+    """Write, find, verify and load the checkpoints of one run in one directory.
+
+    Args:
+        directory: where the `step-*` directories live; created if missing. Every rank
+            must see the same directory (a local disk for one node, a shared one otherwise).
+        keep: committed checkpoints to keep; older ones are removed after each commit.
+        rank: this process's rank; rank 0 writes the replicated state and commits.
+
+    Raises:
+        ValueError: if `keep < 1` or `rank < 0`.
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 3, rank: int = 0):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        self.directory = Path(directory)
+        self.keep = keep
+        self.rank = rank
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # (step, {file: {"sha256", "bytes"}} of rank 0's own files, per-rank files written?)
+        self._pending: tuple[int, dict[str, dict[str, Any]], bool] | None = None
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def save(self, step: int, state: dict[str, Any], meta: CheckpointMeta, *,
+             per_rank: dict[str, Any] | None = None) -> Path:
+        """Write and commit a checkpoint from a single process (`save_rank_files` + `commit`).
+
+        Args:
+            step: the step being saved; must equal `meta.step`.
+            state: the replicated state; tensors, dicts, lists, tuples, str, int, float,
+                bool and None only.
+            meta: identification written into the marker.
+            per_rank: this rank's own state (e.g. `capture_rng_state()`), or None.
+
+        Returns:
+            The committed `step-N` directory.
+
+        Raises:
+            TypeError: if the state holds an object weights-only loading cannot rebuild.
+            ValueError: if called on a rank other than 0, or `step != meta.step`.
+        """
+        self.save_rank_files(step, state, per_rank=per_rank)
+        return self.commit(step, meta)
+
+    def save_rank_files(self, step: int, state: dict[str, Any] | None = None, *,
+                        per_rank: dict[str, Any] | None = None) -> None:
+        """Write this rank's files of checkpoint `step` into its staging directory.
+
+        Args:
+            step: the step being saved.
+            state: the replicated state on rank 0; ignored on other ranks.
+            per_rank: this rank's own state, or None; all ranks pass one or none do.
+
+        Raises:
+            TypeError: if a state holds an object weights-only loading cannot rebuild.
+            ValueError: if rank 0 passes no `state`.
+        """
+        staging = self.directory / f"{_name(step)}.tmp"
+        staging.mkdir(exist_ok=True)  # every rank may create it; exist_ok makes that race-free
+        written: dict[str, dict[str, Any]] = {}
+        if self.rank == 0:
+            if state is None:
+                raise ValueError("rank 0 must pass the state to save_rank_files")
+            _check_loadable(state, "state")
+            written[STATE_FILE] = _write_fsynced(staging / STATE_FILE, state)
+        if per_rank is not None:
+            _check_loadable(per_rank, "per_rank")
+            written[f"rank-{self.rank}.pt"] = _write_fsynced(
+                staging / f"rank-{self.rank}.pt", per_rank)
+        _fsync_dir(staging)  # the new directory entries, not only the file contents
+        if self.rank == 0:
+            self._pending = (step, written, per_rank is not None)
+
+    def commit(self, step: int, meta: CheckpointMeta) -> Path:
+        """On rank 0, after every rank's `save_rank_files(step)`: make checkpoint `step` count.
+
+        Then removes what is no longer needed: committed checkpoints beyond `keep`, any
+        newer than `step` (left by a run that resumed from an older one, so a later resume
+        cannot jump back onto the abandoned run), uncommitted `step-*` directories and
+        staging directories of steps up to `step`. Directories with an unreadable marker
+        are left for inspection.
+
+        Args:
+            step: the step saved; must equal `meta.step`.
+            meta: identification written into the marker; `meta.world_size` ranks'
+                per-rank files are expected when rank 0 wrote one.
+
+        Returns:
+            The committed `step-N` directory.
+
+        Raises:
+            ValueError: on a rank other than 0, without a matching `save_rank_files`, or
+                when `step != meta.step`.
+            CheckpointError: if a rank's file is missing from the staging directory.
+        """
+        if self.rank != 0:
+            raise ValueError(f"only rank 0 commits checkpoints (this is rank {self.rank})")
+        if meta.step != step:
+            raise ValueError(f"meta.step is {meta.step} but the checkpoint is step {step}")
+        if self._pending is None or self._pending[0] != step:
+            raise ValueError(f"commit({step}) without save_rank_files({step}) on rank 0")
+        _, files, with_rank_files = self._pending
+        staging = self.directory / f"{_name(step)}.tmp"
+        expected = {STATE_FILE}
+        if with_rank_files:
+            expected |= {f"rank-{r}.pt" for r in range(meta.world_size)}
+        for entry in staging.iterdir():
+            if entry.name not in expected:  # left by an interrupted earlier attempt
+                _remove(entry)
+        for name in sorted(expected - set(files)):  # the other ranks' files
+            path = staging / name
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing; every rank must finish "
+                                      "save_rank_files before rank 0 commits")
+            files[name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        final = self.directory / _name(step)
+        if final.exists() or final.is_symlink():  # an earlier attempt at the same step
+            _remove(final)
+        os.rename(staging, final)
+        _fsync_dir(self.directory)
+        marker = {"format": FORMAT_VERSION, "meta": asdict(meta), "files": files}
+        tmp = final / f"{MARKER}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(marker, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final / MARKER)
+        _fsync_dir(final)
+        _fsync_dir(self.directory)
+        self._pending = None
+        log.info("committed checkpoint %s (%.1f MB)", final,
+                 sum(e["bytes"] for e in files.values()) / 2**20)
+        self._prune(step)
+        return final
+
+    def _prune(self, step: int) -> None:
+        kept = [s for s in self.committed_steps() if s <= step][-self.keep:]
+        for entry in sorted(self.directory.iterdir()):
+            match = _NAME.match(entry.name)
+            if match is None or not entry.is_dir() or entry.is_symlink():
+                continue
+            s = int(match.group(1))
+            if match.group(2):  # staging; later steps may be in flight on other ranks
+                if s <= step:
+                    _remove(entry)
+            elif not (entry / MARKER).exists():
+                _remove(entry)  # a crash between the rename and the marker
+            elif s not in kept and s in self.committed_steps():
+                if s > step:
+                    log.warning("removing %s: newer than the checkpoint just committed, "
+                                "left by a run that resumed from an older step", entry)
+                _remove(entry)
+
+    # -- finding ---------------------------------------------------------------------------
+
+    def committed_steps(self) -> list[int]:
+        """Return the steps with a valid marker and files of the recorded sizes, ascending.
+
+        Cheap: reads the markers and stats the files, hashes nothing.
+        """
+        steps = []
+        for step, path in self._entries():
+            try:
+                _read_marker(path, step, check_sizes=True)
+            except CheckpointError as exc:
+                log.debug("not a committed checkpoint: %s", exc)
+                continue
+            steps.append(step)
+        return steps
+
+    def latest(self) -> int | None:
+        """Return the newest committed step, or None; see `committed_steps`."""
+        steps = self.committed_steps()
+        return steps[-1] if steps else None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def load(self, step: int, *, expect: CheckpointMeta | None = None,
+             allow_reshard: bool = False) -> tuple[dict, dict | None, CheckpointMeta]:
+        """Load checkpoint `step`, verifying the checksum of every file read.
+
+        Args:
+            step: the step to load.
+            expect: this run's meta (its step and epoch are ignored), or None to skip the
+                compatibility check.
+            allow_reshard: accept a different `world_size`; the replicated state loads,
+                the per-rank states (which belong to other ranks' streams) do not.
+
+        Returns:
+            `(state, per_rank, meta)`; `per_rank` is this rank's dict, or None when the
+            checkpoint has none for this rank or the world size changed.
+
+        Raises:
+            IncompatibleCheckpointError: if the meta does not match `expect`.
+            CheckpointError: if the directory or marker is missing or unreadable, or a
+                file is missing, truncated, fails its checksum or cannot be unpickled.
+        """
+        return self._load(step, expect, allow_reshard, verify_all=False)
+
+    def load_latest_valid(self, expect: CheckpointMeta | None = None, *,
+                          allow_reshard: bool = False
+                          ) -> tuple[int, dict, dict | None, CheckpointMeta] | None:
+        """Load the newest checkpoint that passes every check, skipping damaged ones.
+
+        Every file of a candidate is verified, other ranks' included, so the step chosen
+        here (on rank 0, then broadcast) is one every rank can load. A damaged checkpoint
+        is skipped with a warning naming it; an incompatible one raises, because falling
+        back would silently resume some other run.
+
+        Args:
+            expect, allow_reshard: as for `load`.
+
+        Returns:
+            `(step, state, per_rank, meta)`, or None when no checkpoint is usable.
+
+        Raises:
+            IncompatibleCheckpointError: if the newest intact checkpoint does not match.
+        """
+        for step, _ in reversed(self._entries()):
+            try:
+                return (step, *self._load(step, expect, allow_reshard, verify_all=True))
+            except IncompatibleCheckpointError:
+                raise
+            except CheckpointError as exc:
+                log.warning("skipping damaged checkpoint: %s", exc)
+        return None
+
+    def _load(self, step: int, expect: CheckpointMeta | None, allow_reshard: bool,
+              verify_all: bool) -> tuple[dict, dict | None, CheckpointMeta]:
+        path = self.directory / _name(step)
+        meta, files = _read_marker(path, step, check_sizes=False)
+        if expect is not None:
+            _check_compatible(meta, expect, path, allow_reshard)
+        resharded = expect is not None and expect.world_size != meta.world_size
+        mine = f"rank-{self.rank}.pt" if not resharded else None
+        if verify_all:
+            for name in sorted(set(files) - {STATE_FILE, mine}):
+                _verify(path / name, files[name])
+        state = _read(path / STATE_FILE, files[STATE_FILE])
+        per_rank = _read(path / mine, files[mine]) if mine in files else None
+        return state, per_rank, meta
+
+    def _entries(self) -> list[tuple[int, Path]]:
+        """`(step, path)` of every name like a checkpoint (not staging), ascending."""
+        found = []
+        for entry in self.directory.iterdir():
+            match = _NAME.match(entry.name)
+            if match is not None and not match.group(2):
+                found.append((int(match.group(1)), entry))
+        return sorted(found)
+
+
+def _name(step: int) -> str:
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"step-{step:08d}"
+
+
+def _check_compatible(found: CheckpointMeta, expect: CheckpointMeta, path: Path,
+                      allow_reshard: bool) -> None:
+    diffs = [f"{name} {getattr(found, name)!r} (this run: {getattr(expect, name)!r})"
+             for name in ("workload", "arch", "param_fingerprint")
+             if getattr(found, name) != getattr(expect, name)]
+    if diffs:
+        raise IncompatibleCheckpointError(f"{path}: checkpoint of another run: "
+                                          + ", ".join(diffs))
+    if found.world_size != expect.world_size and not allow_reshard:
+        raise IncompatibleCheckpointError(
+            f"{path}: written by {found.world_size} ranks, this run has "
+            f"{expect.world_size}; allow resharding to resume the replicated state "
+            "without the per-rank RNG states")
+
+
+def _read_marker(path: Path, step: int, *, check_sizes: bool
+                 ) -> tuple[CheckpointMeta, dict[str, dict[str, Any]]]:
+    """Parse and validate `path/COMMITTED`; with `check_sizes`, stat the listed files."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    marker = path / MARKER
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{marker}: missing (the save never committed)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{marker}: unreadable: {exc}") from None
+    try:
+        if data["format"] != FORMAT_VERSION:
+            raise CheckpointError(f"{marker}: format {data['format']!r}, this gradsync "
+                                  f"reads format {FORMAT_VERSION}")
+        fields = data["meta"]
+        for name, typ in _META_TYPES.items():
+            if type(fields[name]) is not typ:
+                raise TypeError(f"meta.{name} is {fields[name]!r}")
+        meta = CheckpointMeta(**{name: fields[name] for name in _META_TYPES})
+        files = data["files"]
+        for name, entry in files.items():
+            if "/" in name or name.startswith(".") or type(entry["bytes"]) is not int \
+                    or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+                raise ValueError(f"bad file entry {name!r}")
+        if STATE_FILE not in files:
+            raise ValueError(f"no {STATE_FILE} listed")
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{marker}: malformed ({type(exc).__name__}: {exc})") from None
+    if meta.step != step:
+        raise CheckpointError(f"{marker}: records step {meta.step}, not {step}")
+    if check_sizes:
+        for name, entry in files.items():
+            _check_size(path / name, entry["bytes"])
+    return meta, files
+
+
+def _check_size(path: Path, expected: int) -> None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (listed in {MARKER})") from None
+    if size != expected:
+        what = "truncated" if size < expected else "wrong size"
+        raise CheckpointError(f"{path}: {what}: {size} bytes, {MARKER} records {expected}")
+
+
+def _verify(path: Path, entry: dict[str, Any]) -> None:
+    _check_size(path, entry["bytes"])
+    digest = _sha256(path)
+    if digest != entry["sha256"]:
+        raise CheckpointError(f"{path}: checksum mismatch: sha256 {digest[:16]}..., "
+                              f"{MARKER} records {entry['sha256'][:16]}...")
+
+
+def _read(path: Path, entry: dict[str, Any]) -> Any:
+    _verify(path, entry)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path}: cannot be loaded ({type(exc).__name__}: {first})") \
+            from exc
+
+
+def _check_loadable(obj: Any, where: str) -> None:
+    """Raise TypeError naming the first object `torch.load(weights_only=True)` would refuse."""
+    if isinstance(obj, torch.Tensor) or type(obj) in _LEAVES:
+        return
+    if type(obj) in (dict, OrderedDict):
+        for key, value in obj.items():
+            if type(key) not in (str, int):
+                raise TypeError(f"{where} has a key of type {type(key).__name__}")
+            _check_loadable(value, f"{where}[{key!r}]")
+    elif type(obj) in (list, tuple):
+        for i, value in enumerate(obj):
+            _check_loadable(value, f"{where}[{i}]")
+    else:
+        raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; a "
+                        "checkpoint holds only tensors, dicts, lists, tuples, str, int, "
+                        "float, bool and None, so that it loads with weights_only=True")
+
+
+class _HashingWriter:
+    """File wrapper that hashes what `torch.save` writes, so nothing is read back."""
+
+    def __init__(self, file: Any):
+        self.file, self.digest, self.size = file, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_fsynced(path: Path, obj: Any) -> dict[str, Any]:
+    with open(path, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": writer.digest.hexdigest(), "bytes": writer.size}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or directory; a marker goes first so a half-removed one never counts."""
+    if path.is_dir() and not path.is_symlink():
+        if (path / MARKER).exists():
+            (path / MARKER).unlink()
+            _fsync_dir(path)
+        shutil.rmtree(path)
+    else:
+        path.unlink()
