@@ -90,32 +90,42 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
 
 
-@pytest.mark.timeout(90)
-def test_killed_worker_fails_the_run_quickly_and_cleanly(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "gradsync", "train", "--workers", "3",
-                             "--epochs", "500", "--no-progress", "--timeout", "60",
-                             "--out", str(tmp_path)], env=ENV, cwd=REPO,
-                            stderr=subprocess.PIPE, text=True)
+def run_and_kill(args: list[str], victim: int, out: Path, timeout: float = 60):
+    """Start `gradsync train ARGS --out OUT`, SIGKILL global rank ``victim`` once rank 0 of
+    the workers has logged 5 steps; returns (returncode, stderr, seconds from the kill to the
+    end, the worker pids, the summary or None)."""
+    proc = subprocess.Popen([sys.executable, "-m", "gradsync", "train", *args, "--no-progress",
+                             "--out", str(out)], env=ENV, cwd=REPO, stderr=subprocess.PIPE,
+                            text=True)
     try:
-        metrics = tmp_path / "metrics.jsonl"
-        deadline = time.monotonic() + 60
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + timeout
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
             assert proc.poll() is None and time.monotonic() < deadline, "run did not start"
             time.sleep(0.1)
         workers = _children(proc.pid)
-        victim = next(pid for pid in workers if _rank_of(pid) == 1)
+        pid = next(pid for pid in workers if _rank_of(pid) == victim)
         killed_at = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=30)
+        os.kill(pid, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=timeout)
         elapsed = time.monotonic() - killed_at
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0
+    assert not [pid for pid in workers if _alive(pid)], "processes left behind"
+    summary = out / "summary.json"
+    return proc.returncode, stderr, elapsed, json.loads(summary.read_text()) \
+        if summary.exists() else None
+
+
+@pytest.mark.timeout(90)
+def test_killed_worker_fails_the_run_quickly_and_cleanly(tmp_path):
+    code, stderr, elapsed, _ = run_and_kill(["--workers", "3", "--epochs", "500", "--timeout",
+                                             "60"], 1, tmp_path)
+    assert code != 0
     assert "rank 1" in stderr and "SIGKILL" in stderr, stderr
     # The peers notice the dropped connection: far sooner than the 60 s timeout.
     assert elapsed < 20, elapsed
-    assert not [pid for pid in workers if _alive(pid)]
 
 
 def _torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -69,3 +69,120 @@ def test_sync_matches_single_process_for_every_k_and_n(optimizer):
                     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13,
                                                err_msg=f"K={servers} N={workers}")
             assert results[servers][2]["max_staleness"] == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("consistency,bounded", [("ssp", True), ("async", False)])
+def test_ssp_bound_holds_with_a_slow_worker(consistency, bounded):
+    staleness = 2
+    results = run_workers(_ps_train, 4, 1, "sgd", consistency, staleness, None, 30, 0)
+    stats = results[0][1]
+    assert stats.updates == 3 * 30
+    if bounded:
+        # The slow worker drags the others: the lead reaches the bound and never passes it.
+        assert stats.max_lead == staleness, stats
+    else:
+        assert stats.max_lead > staleness, stats  # without the bound the fast ones run away
+
+
+class Uneven(nn.Module):
+    """One large matrix, many tiny tensors, and a parameter that never gets a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.big = nn.Linear(12, 200)
+        self.tiny = nn.ParameterList([nn.Parameter(torch.randn(1)) for _ in range(5)])
+        self.head = nn.Linear(200, 3)
+        self.unused = nn.Parameter(torch.randn(4))
+        self.double()
+
+    def forward(self, x):
+        h = torch.tanh(self.big(x))
+        for t in self.tiny:
+            h = h * (1 + 0.1 * t)
+        return self.head(h)
+
+
+def _uneven_reference(workers):
+    model = Uneven()
+    opt = OPTIMIZERS["sgd"](model.parameters())
+    for step in range(STEPS):
+        x, y = global_batch(step, workers * BATCH)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return [p.detach().numpy().copy() for p in model.parameters()]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("servers", [3, 11])  # 11 servers > 9 parameter tensors
+def test_uneven_shards_and_more_servers_than_tensors(servers):
+    results = run_workers(_ps_train, servers + 2, servers, "sgd", "sync", 0, Uneven)
+    want = _uneven_reference(2)
+    for result in results[servers:]:
+        for got, ref in zip(result[1], want):
+            np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_sharding_is_balanced_by_bytes():
+    from gradsync.ps.sharding import shard_layout
+
+    params = [torch.empty(1000), *[torch.empty(1) for _ in range(10)]]
+    layout = shard_layout(params, 4)
+    sizes = [layout.shard_numel(k) for k in range(4)]
+    assert sum(sizes) == 1010 and max(sizes) - min(sizes) <= 1
+    assert layout.shards_of(0) == [0, 1, 2, 3]  # the big tensor is split over every server
+    with pytest.raises(ValueError, match="one dtype"):
+        shard_layout([torch.empty(2), torch.empty(2, dtype=torch.float64)], 2)
+
+
+def _malformed(rank, world, consistency):
+    from gradsync import comm
+    from gradsync.ps import PSArchitecture, PSProtocolError
+    from gradsync.ps.protocol import Header, Kind
+
+    arch = PSArchitecture(1, consistency, 0, comm.world())
+    model = make_model()
+    if rank == 0:
+        try:
+            return ("server", arch.serve(model, OPTIMIZERS["sgd"]).rejected)
+        except PSProtocolError as exc:
+            return ("server-error", str(exc))
+    ps_model, opt = arch.prepare(model, OPTIMIZERS["sgd"])
+    if rank == 2:
+        # A message claiming 7 elements for a shard that has many more.
+        comm.send(Header(Kind.PUSH, step=0, shard=0, numel=7, sender=rank).encode(), 0)
+        comm.send(torch.zeros(7, dtype=torch.float64), 0)
+        try:
+            ps_model._pushed = [True]  # noqa: SLF001 - no backward ran; wait for the answer
+            opt.step()
+        except PSProtocolError as exc:
+            return ("rejected", str(exc))
+        return ("accepted", "")
+    try:
+        for step in range(5):
+            x, y = global_batch(step, BATCH)
+            opt.zero_grad()
+            nn.functional.mse_loss(ps_model(x), y).backward()
+            opt.step()
+        return ("worker", arch.finish()["dropped_workers"])
+    except comm.CommError as exc:
+        return ("worker-error", str(exc))
+
+
+@pytest.mark.timeout(60)
+def test_malformed_message_is_rejected_and_others_keep_going():
+    results = run_workers(_malformed, 3, "async")
+    assert results[0] == ("server", 1)
+    assert results[2][0] == "rejected" and "payload size" in results[2][1], results[2]
+    assert results[1] == ("worker", [2])
+
+
+@pytest.mark.timeout(60)
+def test_malformed_message_stops_a_sync_server_naming_the_sender():
+    results = run_workers(_malformed, 3, "sync", expect_failure=True)
+    ok, (kind, message) = results[0]
+    assert kind == "server-error" and "rank 2" in message, message
+    assert results[2][1][0] == "rejected"
+    assert results[1][1][0] == "worker-error" and "rank 0" in results[1][1][1], results[1]

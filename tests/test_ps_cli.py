@@ -1,0 +1,48 @@
+"""`gradsync train --arch ps` end to end: async training quality, and lost workers and
+servers in each consistency mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_cli import gradsync, run_and_kill
+
+
+@pytest.mark.timeout(180)
+def test_async_digits_reaches_93_percent(tmp_path):
+    run = gradsync("train", "--arch", "ps", "--consistency", "async", "--servers", "2",
+                   "--workers", "2", "--no-progress", "--out", str(tmp_path), timeout=170)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["eval_accuracy"] >= 0.93, summary
+    assert "staleness" in run.stdout and summary["staleness_histogram"]
+
+
+LONG = ["--arch", "ps", "--servers", "1", "--workers", "3", "--epochs", "300", "--timeout", "60"]
+
+
+@pytest.mark.timeout(120)
+def test_sync_worker_killed_stops_the_run_naming_it(tmp_path):
+    code, stderr, elapsed, _ = run_and_kill([*LONG, "--consistency", "sync"], 2, tmp_path)
+    assert code != 0 and "rank 2" in stderr and "SIGKILL" in stderr, stderr
+    assert elapsed < 20, elapsed
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("consistency", ["async", "ssp"])
+def test_async_worker_killed_is_dropped_and_the_others_finish(tmp_path, consistency):
+    args = [*LONG[:-4], "--steps", "600", "--timeout", "60", "--consistency", consistency]
+    code, stderr, _, summary = run_and_kill(args, 3, tmp_path, timeout=150)
+    assert code == 0, stderr
+    assert "rank 3" in stderr and "the others go on" in stderr, stderr
+    assert summary["dropped_workers"] == [3] and summary["steps"] == 600
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("consistency", ["sync", "async"])
+def test_server_killed_stops_the_workers_naming_it(tmp_path, consistency):
+    code, stderr, elapsed, _ = run_and_kill([*LONG, "--consistency", consistency], 0, tmp_path)
+    assert code != 0 and "rank 0" in stderr and "SIGKILL" in stderr, stderr
+    assert elapsed < 20, elapsed
