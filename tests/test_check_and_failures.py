@@ -91,9 +91,11 @@ def test_lost_peer_is_noticed_when_its_connection_drops(algorithm):
         kind, message, elapsed = value
         assert kind in ("PeerLostError", "CommError"), (kind, message)
         assert "rank" in message and elapsed < 10, (message, elapsed)
-    if algorithm == "ring":
-        # Rank 0 receives from its left neighbour, the lost rank 2, and names it.
-        assert "rank 2" in results[0][1][1], results[0][1][1]
+    if algorithm in ("ring", "native"):
+        # ring: rank 0 receives from its left neighbour, the lost rank 2, and names it;
+        # native: the engine names an address, the heartbeats name the rank.
+        assert "lost rank 2" in results[0][1][1] or "rank 2 stopped responding" in \
+            results[0][1][1], results[0][1][1]
 
 
 def _silent_peer(rank, n):
@@ -121,3 +123,33 @@ def test_silent_peer_times_out_with_a_named_error():
     message, elapsed = results[0]
     assert "timed out" in message and "rank 1" in message, message
     assert 2.5 < elapsed < 15, elapsed
+
+
+def _stalled(rank, n):
+    import logging
+
+    from gradsync import comm
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("gradsync.comm.monitor").addHandler(handler)
+    comm.set_step(7)
+    comm.all_reduce(torch.ones(4), algorithm="native")
+    if rank == 1:
+        # Rank 1 is stuck in a long computation (not a sleep: it is busy) before it joins.
+        end = time.monotonic() + 3.0
+        a = torch.randn(64, 64)
+        while time.monotonic() < end:
+            a = torch.tanh(a @ a)
+    comm.all_reduce(torch.ones(4), algorithm="native")
+    return [r.getMessage() for r in records]
+
+
+@pytest.mark.timeout(60)
+def test_stall_report_names_the_ranks_that_have_not_arrived():
+    env = {"GRADSYNC_STALL_S": "1", "GRADSYNC_HEARTBEAT_S": "0.2"}
+    logs = run_workers(_stalled, 3, comm_timeout=20.0, env=env)
+    assert logs[1] == [] and logs[2] == []  # only rank 0 reports
+    assert any("not arrived: rank 1 (step 7, between collectives (last #1))" in m
+               for m in logs[0]), logs[0]

@@ -12,7 +12,7 @@ from .collectives import (ALL_REDUCE_ALGORITHMS, Work, all_gather, all_gather_as
 from .cost_model import CostModel, calibrate
 from .errors import CollectiveMismatchError, CommError, CommTimeoutError, PeerLostError
 from .group import (CommStats, Group, destroy_process_group, get_rank, get_world_size,
-                    init_process_group, is_initialized, new_group, world)
+                    init_process_group, is_initialized, new_group, set_step, world)
 from .ops import ReduceOp
 from .p2p import irecv, isend, recv, send
 
@@ -22,7 +22,7 @@ __all__ = [
     "all_gather_async", "all_reduce", "all_reduce_async", "barrier", "broadcast",
     "broadcast_async", "calibrate", "destroy_process_group", "gather", "gather_async",
     "get_rank", "get_world_size", "init_process_group", "irecv", "is_initialized", "isend",
-    "new_group", "recv", "reduce",
+    "new_group", "recv", "reduce", "set_step",
     "reduce_async", "reduce_scatter", "reduce_scatter_async", "scatter", "scatter_async", "send",
     "verify_tensors", "world",
 ]

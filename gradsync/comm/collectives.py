@@ -11,6 +11,7 @@ point-to-point transfers; ``auto`` asks the cost model per call.
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -37,16 +38,20 @@ class Work:
     """Handle of an operation in flight; ``wait()`` blocks until it is done and returns its
     result (the reduced tensor, the gathered list, ...)."""
 
-    def __init__(self, finish: Callable[[], object], poll: Callable[[], bool] | None = None):
+    def __init__(self, finish: Callable[[], object], poll: Callable[[], bool] | None = None,
+                 group: Group | None = None, seq: int = 0):
         self._finish = finish
         self._poll = poll
         self._done = False
         self._result: object = None
+        self._group, self._seq = group, seq
 
     def wait(self):
         if not self._done:
             self._result = self._finish()
             self._done = True
+            if self._group is not None and self._seq > self._group.finished_seq:
+                self._group.finished_seq = self._seq
         return self._result
 
     def is_completed(self) -> bool:
@@ -64,6 +69,16 @@ def _bus_bytes(op: str, nbytes: int, p: int) -> int:
     return nbytes if p > 1 else 0
 
 
+def _failure(group: Group, exc: RuntimeError, what: str) -> Exception:
+    """The engine's error, naming what failed and, from the heartbeats, which rank was lost."""
+    error = translate(exc, what=f"{what} #{group.seq}{group.where()}", rank=group.rank)
+    if group.monitor is not None:
+        culprit = group.monitor.diagnose()
+        if culprit:
+            error = type(error)(f"{error}; {culprit}")
+    return error
+
+
 def _engine(group: Group, what: str, launch: Callable[[], object],
             after: Callable[[], object] | None, nbytes: int, async_op: bool):
     """Run an engine collective (launched with async_op=True) and translate its errors."""
@@ -71,17 +86,17 @@ def _engine(group: Group, what: str, launch: Callable[[], object],
     try:
         handle = launch()
     except RuntimeError as exc:
-        raise translate(exc, what=what, rank=group.rank) from exc
+        raise _failure(group, exc, what) from exc
 
     def finish():
         try:
             if handle is not None:
                 handle.wait()
         except RuntimeError as exc:
-            raise translate(exc, what=what, rank=group.rank) from exc
+            raise _failure(group, exc, what) from exc
         return after() if after is not None else None
 
-    work = Work(finish)
+    work = Work(finish, group=group, seq=group.seq)
     return work if async_op else work.wait()
 
 
@@ -95,8 +110,11 @@ def _own(group: Group, fn: Callable[[], object], async_op: bool):
         inline = not async_op and group._pending == 0
         if not inline:
             group._pending += 1
+    seq = group.seq
     if inline:
-        return fn()
+        result = fn()
+        group.finished_seq = max(group.finished_seq, seq)
+        return result
 
     def job():
         try:
@@ -106,13 +124,15 @@ def _own(group: Group, fn: Callable[[], object], async_op: bool):
                 group._pending -= 1
 
     future = group.executor().submit(job)
-    work = Work(future.result)
+    work = Work(future.result, group=group, seq=seq)
     return work if async_op else work.wait()
 
 
 def _prologue(group: Group, op: str, tensor: torch.Tensor | None, **meta) -> None:
     group.stats.calls += 1
     group.seq += 1
+    group.current_op = op
+    group.op_started = time.monotonic()
     if group.check:
         header = check.encode(group.seq, op, tensor, **meta)
         check.verify_call(group, header, f"call #{group.seq}")
@@ -169,9 +189,10 @@ def _all_reduce(tensor, op, group, algorithm, cost_model, async_op):
         return _engine(group, what, lambda: dist.all_reduce(
             flat, op=_ENGINE_OPS[op], group=group.pg, async_op=True), done, nbytes, async_op)
     fn = ALGORITHMS[algorithm]
+    seq = group.seq
 
     def run():
-        fn(flat, reduction_op(op), P2P(group, what))
+        fn(flat, reduction_op(op), P2P(group, f"{what} #{seq}{group.where()}"))
         return done()
 
     return _own(group, run, async_op)
@@ -302,7 +323,7 @@ def reduce_scatter_async(output: torch.Tensor, input_list: list[torch.Tensor],
         # chunk r+1 holds input_list[r].  stage: (p*k,) -> (p, k) rolled along dim 0.
         p, r = group.size, group.rank
         rotated = stage.view(p, k).roll(1, dims=0).reshape(-1)
-        ring_reduce_scatter(rotated, reduction_op(op), P2P(group, what))
+        ring_reduce_scatter(rotated, reduction_op(op), P2P(group, f"{what} #{group.seq}"))
         mine = (r + 1) % p
         output.copy_(rotated[mine * k:(mine + 1) * k].view_as(output))
         return done()

@@ -58,7 +58,12 @@ class Group:
     timeout_s: float
     check: bool = False
     stats: CommStats = field(default_factory=CommStats)
-    seq: int = 0
+    seq: int = 0                      # collectives started on this group
+    finished_seq: int = 0             # ... and completed
+    current_op: str = "-"
+    op_started: float | None = None   # time.monotonic() when collective #seq started
+    step: int = -1                    # the training step, for error messages and heartbeats
+    monitor: object | None = None     # the world group's heartbeat Monitor
     # Own algorithms run on one thread per group, so that async calls keep their issue
     # order on every rank; point-to-point messages then always pair up.
     _executor: ThreadPoolExecutor | None = None
@@ -77,7 +82,14 @@ class Group:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradsync-comm")
         return self._executor
 
+    def where(self) -> str:
+        """' at step N' when a trainer has said which step it is in."""
+        return f" at step {self.step}" if self.step >= 0 else ""
+
     def shutdown(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
+            self.monitor = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -163,6 +175,7 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
         log.info("adopting the process group created by the script")
         group = world()
         group.check = group.check or check
+        _start_monitor(group, _default_store())
         return group
     rank = _env_int("RANK", rank)
     world_size = _env_int("WORLD_SIZE", world_size)
@@ -179,6 +192,7 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
         # Under torchrun the agent already serves the store on MASTER_PORT.
         dist.init_process_group(backend or _default_backend(), init_method="env://",
                                 rank=rank, world_size=world_size, timeout=timeout)
+        store = _default_store()
     else:
         store = _make_store(master_addr, master_port, rank, world_size, timeout)
         dist.init_process_group(backend or _default_backend(), store=store, rank=rank,
@@ -186,7 +200,26 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
     group = world()
     group.timeout_s = timeout_s
     group.check = check
+    _start_monitor(group, store)
     return group
+
+
+def _default_store():
+    """The store torch.distributed rendezvoused with (no public accessor exists)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - diagnostics are optional
+        return None
+
+
+def _start_monitor(group: Group, store) -> None:
+    from .monitor import Monitor
+
+    if store is None or group.size == 1 or group.monitor is not None:
+        return
+    interval = float(os.environ.get("GRADSYNC_HEARTBEAT_S", "1.0"))
+    stall = float(os.environ.get("GRADSYNC_STALL_S", max(5.0, group.timeout_s / 4)))
+    group.monitor = Monitor(store, group, interval, stall).start()
 
 
 def world() -> Group:
@@ -246,3 +279,8 @@ def destroy_process_group() -> None:
     _world.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def set_step(step: int, group: Group | None = None) -> None:
+    """Tell the communication layer which training step runs, for errors and heartbeats."""
+    resolve(group).step = step

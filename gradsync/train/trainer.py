@@ -127,6 +127,7 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
         while step < total:
             sampler.set_epoch(epoch)
             for x, y in loader:
+                comm.set_step(step)
                 t0 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 loss = workload.loss_fn(model(x), y)
