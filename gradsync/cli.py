@@ -29,10 +29,18 @@ class UserError(Exception):
     """A problem with what the user asked for: reported in one line, no traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``--help`` still shows the usage)."""
+
+    def error(self, message: str):
+        print(f"gradsync: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
 def _parser() -> argparse.ArgumentParser:
     from .train.config import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="gradsync", description="Data-parallel training "
+    parser = _Parser(prog="gradsync", description="Data-parallel training "
                                      "for PyTorch: all-reduce and parameter-server architectures.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser("train", help="train a workload on several worker processes",

@@ -55,7 +55,9 @@ def test_bad_input_gets_one_clear_line(tmp_path):
     _one_line_error(gradsync("train", "--batch-size", "0"), "--batch-size")
     _one_line_error(gradsync("train", "--batch-size", "-3"), "--batch-size")
     _one_line_error(gradsync("train", "--algorithm", "butterfly"), "butterfly")
-    _one_line_error(gradsync("train", "--arch", "ps"), "ps")
+    _one_line_error(gradsync("train", "--arch", "gossip"), "gossip")
+    _one_line_error(gradsync("train", "--arch", "ps", "--servers", "0"), "--servers")
+    _one_line_error(gradsync("train", "--consistency", "eventual"), "eventual")
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     _one_line_error(gradsync("train", "--out", str(blocker / "sub")), str(blocker / "sub"))
