@@ -252,7 +252,8 @@ class CheckpointManager:
         return final
 
     def _prune(self, step: int) -> None:
-        kept = [s for s in self.committed_steps() if s <= step][-self.keep:]
+        committed = set(self.committed_steps())
+        kept = sorted(s for s in committed if s <= step)[-self.keep:]
         for entry in sorted(self.directory.iterdir()):
             match = _NAME.match(entry.name)
             if match is None or not entry.is_dir() or entry.is_symlink():
@@ -263,7 +264,7 @@ class CheckpointManager:
                     _remove(entry)
             elif not (entry / MARKER).exists():
                 _remove(entry)  # a crash between the rename and the marker
-            elif s not in kept and s in self.committed_steps():
+            elif s in committed and s not in kept:
                 if s > step:
                     log.warning("removing %s: newer than the checkpoint just committed, "
                                 "left by a run that resumed from an older step", entry)
@@ -334,7 +335,10 @@ class CheckpointManager:
         Raises:
             IncompatibleCheckpointError: if the newest intact checkpoint does not match.
         """
-        for step, _ in reversed(self._entries()):
+        for step, path in reversed(self._entries()):
+            if path.is_dir() and not (path / MARKER).exists():
+                log.info("ignoring %s: its save never committed", path)
+                continue
             try:
                 return (step, *self._load(step, expect, allow_reshard, verify_all=True))
             except IncompatibleCheckpointError:
@@ -351,7 +355,7 @@ class CheckpointManager:
             _check_compatible(meta, expect, path, allow_reshard)
         resharded = expect is not None and expect.world_size != meta.world_size
         mine = f"rank-{self.rank}.pt" if not resharded else None
-        if verify_all:
+        if verify_all and not resharded:  # a resharded resume reads no rank file
             for name in sorted(set(files) - {STATE_FILE, mine}):
                 _verify(path / name, files[name])
         state = _read(path / STATE_FILE, files[STATE_FILE])
@@ -385,13 +389,15 @@ def _check_compatible(found: CheckpointMeta, expect: CheckpointMeta, path: Path,
     if found.world_size != expect.world_size and not allow_reshard:
         raise IncompatibleCheckpointError(
             f"{path}: written by {found.world_size} ranks, this run has "
-            f"{expect.world_size}; allow resharding to resume the replicated state "
+            f"{expect.world_size}; allow_reshard=True resumes the replicated state "
             "without the per-rank RNG states")
 
 
 def _read_marker(path: Path, step: int, *, check_sizes: bool
                  ) -> tuple[CheckpointMeta, dict[str, dict[str, Any]]]:
     """Parse and validate `path/COMMITTED`; with `check_sizes`, stat the listed files."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     marker = path / MARKER
@@ -452,9 +458,11 @@ def _read(path: Path, entry: dict[str, Any]) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"{path}: cannot be loaded ({type(exc).__name__}: {first})") \
-            from exc
+        # torch's text is a page of advice to load with weights_only=False; keep the cause.
+        text = str(exc).split("WeightsUnpickler error:")[-1].strip().split("\n\n")[0]
+        cause = " ".join(text.split()).split(". ")[0][:160]
+        raise CheckpointError(f"{path}: cannot be unpickled with weights_only=True "
+                              f"({type(exc).__name__}: {cause})") from exc
 
 
 def _check_loadable(obj: Any, where: str) -> None:

@@ -13,12 +13,14 @@ objects and would otherwise need an unrestricted unpickler.
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
 
 def capture_rng_state() -> dict[str, Any]:
     """Return the state of torch's, numpy's and python's global generators.
@@ -62,7 +64,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
     Raises:
         KeyError: if `state` lacks the torch, numpy or python part.
-        ValueError: if the CUDA part names more devices than this process sees.
     """
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
@@ -75,6 +76,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state:
         cuda_states = state["cuda"]
         if len(cuda_states) > torch.cuda.device_count():
-            raise ValueError(f"the RNG state holds {len(cuda_states)} CUDA generators but "
-                             f"this process sees {torch.cuda.device_count()} devices")
-        torch.cuda.set_rng_state_all(cuda_states)
+            # Resuming a GPU run elsewhere (on CPU, say) is useful even though it cannot
+            # continue the CUDA streams exactly; say so instead of refusing.
+            log.warning("not restoring %d CUDA RNG states: this process sees %d devices",
+                        len(cuda_states), torch.cuda.device_count())
+        else:
+            torch.cuda.set_rng_state_all(cuda_states)
