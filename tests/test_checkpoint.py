@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-import gradsync.train.checkpoint as ckpt
+import gradsync.train.checkpoint_format as ckpt_format
 from gradsync.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -142,7 +142,7 @@ def damage(path: Path, kind: str) -> Path:
         junk = np.random.default_rng(0).bytes(state.stat().st_size)
         state.write_bytes(junk)
         record = json.loads(marker.read_text())
-        record["files"]["state.pt"]["sha256"] = ckpt._sha256(state)
+        record["files"]["state.pt"]["sha256"] = ckpt_format.sha256_of(state)
         marker.write_text(json.dumps(record))
         return state
     if kind == "bad JSON marker":
@@ -282,7 +282,7 @@ def test_crash_at_every_durability_point(tmp_path: Path,
     for step in (1, 2):
         save_filled(mgr, step, model)
     originals = {name: getattr(os, name) for name in ("fsync", "rename", "replace")}
-    originals["rmtree"] = ckpt.shutil.rmtree
+    originals["rmtree"] = ckpt_format.shutil.rmtree
     crash_at, step = 1, 3
     while True:
         calls = [0]
@@ -297,7 +297,7 @@ def test_crash_at_every_durability_point(tmp_path: Path,
 
         for name in ("fsync", "rename", "replace"):
             monkeypatch.setattr(os, name, hook(name))
-        monkeypatch.setattr(ckpt.shutil, "rmtree", hook("rmtree"))
+        monkeypatch.setattr(ckpt_format.shutil, "rmtree", hook("rmtree"))
         try:
             save_filled(CheckpointManager(tmp_path, keep=2), step, model)
             crashed = False

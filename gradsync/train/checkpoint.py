@@ -28,18 +28,13 @@ Nothing here communicates; choosing one step for all ranks is the caller's broad
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
-import shutil
-from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from .rng import capture_rng_state, restore_rng_state
 
@@ -48,69 +43,11 @@ __all__ = ["CheckpointError", "IncompatibleCheckpointError", "CheckpointMeta",
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MARKER = "COMMITTED"
-STATE_FILE = "state.pt"
-_NAME = re.compile(r"^step-(\d{8,})(\.tmp)?$")
-_META_TYPES = {"step": int, "epoch": int, "workload": str, "world_size": int, "arch": str,
-               "param_fingerprint": str}
-# Types that torch.load(weights_only=True) rebuilds; checked at save time so that a state
-# which would only fail to load at resume (the worst moment) fails when it is written.
-_LEAVES = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the one-line message names the file and the fault."""
-
-
-class IncompatibleCheckpointError(CheckpointError):
-    """An intact checkpoint of another workload, model, architecture or world size."""
-
-
-@dataclass(frozen=True)
-class CheckpointMeta:
-    """What identifies a checkpoint and decides whether a run may resume from it.
-
-    Args:
-        step: optimizer steps taken when the checkpoint was written.
-        epoch: epoch in progress at that step.
-        workload: workload name, e.g. "digits-mlp".
-        world_size: number of ranks that wrote it.
-        arch: architecture name, e.g. "allreduce".
-        param_fingerprint: `model_fingerprint` of the model.
-    """
-
-    step: int
-    epoch: int
-    workload: str
-    world_size: int
-    arch: str
-    param_fingerprint: str
-
-    def __post_init__(self) -> None:
-        if self.step < 0 or self.epoch < 0:
-            raise ValueError(f"step and epoch must be >= 0, got {self.step}, {self.epoch}")
-        if self.world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Return a sha1 over the (name, shape, dtype) of every entry of `model.state_dict()`.
-
-    Pass the bare model, not a wrapper that prefixes names (`module.`), so that the same
-    model gives the same fingerprint however it is parallelised.
-
-    Args:
-        model: the module whose parameters and persistent buffers are checkpointed.
-
-    Returns:
-        40 hex digits; equal for models whose state dicts load into each other.
-    """
-    digest = hashlib.sha1()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
-    return digest.hexdigest()
-
+from .checkpoint_format import (FORMAT_VERSION, MARKER, STATE_FILE, STEP_DIR_RE,
+                                CheckpointError, CheckpointMeta, IncompatibleCheckpointError,
+                                check_compatible, check_loadable, fsync_dir, model_fingerprint,
+                                sha256_of, verify_file,
+                                read_file, read_marker, remove_path, step_dirname, write_fsynced)
 
 class CheckpointManager:
     """Write, find, verify and load the checkpoints of one run in one directory.
@@ -173,19 +110,19 @@ class CheckpointManager:
             TypeError: if a state holds an object weights-only loading cannot rebuild.
             ValueError: if rank 0 passes no `state`.
         """
-        staging = self.directory / f"{_name(step)}.tmp"
+        staging = self.directory / f"{step_dirname(step)}.tmp"
         staging.mkdir(exist_ok=True)  # every rank may create it; exist_ok makes that race-free
         written: dict[str, dict[str, Any]] = {}
         if self.rank == 0:
             if state is None:
                 raise ValueError("rank 0 must pass the state to save_rank_files")
-            _check_loadable(state, "state")
-            written[STATE_FILE] = _write_fsynced(staging / STATE_FILE, state)
+            check_loadable(state, "state")
+            written[STATE_FILE] = write_fsynced(staging / STATE_FILE, state)
         if per_rank is not None:
-            _check_loadable(per_rank, "per_rank")
-            written[f"rank-{self.rank}.pt"] = _write_fsynced(
+            check_loadable(per_rank, "per_rank")
+            written[f"rank-{self.rank}.pt"] = write_fsynced(
                 staging / f"rank-{self.rank}.pt", per_rank)
-        _fsync_dir(staging)  # the new directory entries, not only the file contents
+        fsync_dir(staging)  # the new directory entries, not only the file contents
         if self.rank == 0:
             self._pending = (step, written, per_rank is not None)
 
@@ -218,24 +155,24 @@ class CheckpointManager:
         if self._pending is None or self._pending[0] != step:
             raise ValueError(f"commit({step}) without save_rank_files({step}) on rank 0")
         _, files, with_rank_files = self._pending
-        staging = self.directory / f"{_name(step)}.tmp"
+        staging = self.directory / f"{step_dirname(step)}.tmp"
         expected = {STATE_FILE}
         if with_rank_files:
             expected |= {f"rank-{r}.pt" for r in range(meta.world_size)}
         for entry in staging.iterdir():
             if entry.name not in expected:  # left by an interrupted earlier attempt
-                _remove(entry)
+                remove_path(entry)
         for name in sorted(expected - set(files)):  # the other ranks' files
             path = staging / name
             if not path.is_file():
                 raise CheckpointError(f"{path}: missing; every rank must finish "
                                       "save_rank_files before rank 0 commits")
-            files[name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
-        final = self.directory / _name(step)
+            files[name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+        final = self.directory / step_dirname(step)
         if final.exists() or final.is_symlink():  # an earlier attempt at the same step
-            _remove(final)
+            remove_path(final)
         os.rename(staging, final)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         marker = {"format": FORMAT_VERSION, "meta": asdict(meta), "files": files}
         tmp = final / f"{MARKER}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -243,8 +180,8 @@ class CheckpointManager:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final / MARKER)
-        _fsync_dir(final)
-        _fsync_dir(self.directory)
+        fsync_dir(final)
+        fsync_dir(self.directory)
         self._pending = None
         log.info("committed checkpoint %s (%.1f MB)", final,
                  sum(e["bytes"] for e in files.values()) / 2**20)
@@ -255,20 +192,20 @@ class CheckpointManager:
         committed = set(self.committed_steps())
         kept = sorted(s for s in committed if s <= step)[-self.keep:]
         for entry in sorted(self.directory.iterdir()):
-            match = _NAME.match(entry.name)
+            match = STEP_DIR_RE.match(entry.name)
             if match is None or not entry.is_dir() or entry.is_symlink():
                 continue
             s = int(match.group(1))
             if match.group(2):  # staging; later steps may be in flight on other ranks
                 if s <= step:
-                    _remove(entry)
+                    remove_path(entry)
             elif not (entry / MARKER).exists():
-                _remove(entry)  # a crash between the rename and the marker
+                remove_path(entry)  # a crash between the rename and the marker
             elif s in committed and s not in kept:
                 if s > step:
                     log.warning("removing %s: newer than the checkpoint just committed, "
                                 "left by a run that resumed from an older step", entry)
-                _remove(entry)
+                remove_path(entry)
 
     # -- finding ---------------------------------------------------------------------------
 
@@ -280,7 +217,7 @@ class CheckpointManager:
         steps = []
         for step, path in self._entries():
             try:
-                _read_marker(path, step, check_sizes=True)
+                read_marker(path, step, check_sizes=True)
             except CheckpointError as exc:
                 log.debug("not a committed checkpoint: %s", exc)
                 continue
@@ -349,186 +286,26 @@ class CheckpointManager:
 
     def _load(self, step: int, expect: CheckpointMeta | None, allow_reshard: bool,
               verify_all: bool) -> tuple[dict, dict | None, CheckpointMeta]:
-        path = self.directory / _name(step)
-        meta, files = _read_marker(path, step, check_sizes=False)
+        path = self.directory / step_dirname(step)
+        meta, files = read_marker(path, step, check_sizes=False)
         if expect is not None:
-            _check_compatible(meta, expect, path, allow_reshard)
+            check_compatible(meta, expect, path, allow_reshard)
         resharded = expect is not None and expect.world_size != meta.world_size
         mine = f"rank-{self.rank}.pt" if not resharded else None
         if verify_all and not resharded:  # a resharded resume reads no rank file
             for name in sorted(set(files) - {STATE_FILE, mine}):
-                _verify(path / name, files[name])
-        state = _read(path / STATE_FILE, files[STATE_FILE])
-        per_rank = _read(path / mine, files[mine]) if mine in files else None
+                verify_file(path / name, files[name])
+        state = read_file(path / STATE_FILE, files[STATE_FILE])
+        per_rank = read_file(path / mine, files[mine]) if mine in files else None
         return state, per_rank, meta
 
     def _entries(self) -> list[tuple[int, Path]]:
         """`(step, path)` of every name like a checkpoint (not staging), ascending."""
         found = []
         for entry in self.directory.iterdir():
-            match = _NAME.match(entry.name)
+            match = STEP_DIR_RE.match(entry.name)
             if match is not None and not match.group(2):
                 found.append((int(match.group(1)), entry))
         return sorted(found)
 
 
-def _name(step: int) -> str:
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return f"step-{step:08d}"
-
-
-def _check_compatible(found: CheckpointMeta, expect: CheckpointMeta, path: Path,
-                      allow_reshard: bool) -> None:
-    diffs = [f"{name} {getattr(found, name)!r} (this run: {getattr(expect, name)!r})"
-             for name in ("workload", "arch", "param_fingerprint")
-             if getattr(found, name) != getattr(expect, name)]
-    if diffs:
-        raise IncompatibleCheckpointError(f"{path}: checkpoint of another run: "
-                                          + ", ".join(diffs))
-    if found.world_size != expect.world_size and not allow_reshard:
-        raise IncompatibleCheckpointError(
-            f"{path}: written by {found.world_size} ranks, this run has "
-            f"{expect.world_size}; allow_reshard=True resumes the replicated state "
-            "without the per-rank RNG states")
-
-
-def _read_marker(path: Path, step: int, *, check_sizes: bool
-                 ) -> tuple[CheckpointMeta, dict[str, dict[str, Any]]]:
-    """Parse and validate `path/COMMITTED`; with `check_sizes`, stat the listed files."""
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    marker = path / MARKER
-    try:
-        data = json.loads(marker.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{marker}: missing (the save never committed)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{marker}: unreadable: {exc}") from None
-    try:
-        if data["format"] != FORMAT_VERSION:
-            raise CheckpointError(f"{marker}: format {data['format']!r}, this gradsync "
-                                  f"reads format {FORMAT_VERSION}")
-        fields = data["meta"]
-        for name, typ in _META_TYPES.items():
-            if type(fields[name]) is not typ:
-                raise TypeError(f"meta.{name} is {fields[name]!r}")
-        meta = CheckpointMeta(**{name: fields[name] for name in _META_TYPES})
-        files = data["files"]
-        for name, entry in files.items():
-            if "/" in name or name.startswith(".") or type(entry["bytes"]) is not int \
-                    or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
-                raise ValueError(f"bad file entry {name!r}")
-        if STATE_FILE not in files:
-            raise ValueError(f"no {STATE_FILE} listed")
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{marker}: malformed ({type(exc).__name__}: {exc})") from None
-    if meta.step != step:
-        raise CheckpointError(f"{marker}: records step {meta.step}, not {step}")
-    if check_sizes:
-        for name, entry in files.items():
-            _check_size(path / name, entry["bytes"])
-    return meta, files
-
-
-def _check_size(path: Path, expected: int) -> None:
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (listed in {MARKER})") from None
-    if size != expected:
-        what = "truncated" if size < expected else "wrong size"
-        raise CheckpointError(f"{path}: {what}: {size} bytes, {MARKER} records {expected}")
-
-
-def _verify(path: Path, entry: dict[str, Any]) -> None:
-    _check_size(path, entry["bytes"])
-    digest = _sha256(path)
-    if digest != entry["sha256"]:
-        raise CheckpointError(f"{path}: checksum mismatch: sha256 {digest[:16]}..., "
-                              f"{MARKER} records {entry['sha256'][:16]}...")
-
-
-def _read(path: Path, entry: dict[str, Any]) -> Any:
-    _verify(path, entry)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        # torch's text is a page of advice to load with weights_only=False; keep the cause.
-        text = str(exc).split("WeightsUnpickler error:")[-1].strip().split("\n\n")[0]
-        cause = " ".join(text.split()).split(". ")[0][:160]
-        raise CheckpointError(f"{path}: cannot be unpickled with weights_only=True "
-                              f"({type(exc).__name__}: {cause})") from exc
-
-
-def _check_loadable(obj: Any, where: str) -> None:
-    """Raise TypeError naming the first object `torch.load(weights_only=True)` would refuse."""
-    if isinstance(obj, torch.Tensor) or type(obj) in _LEAVES:
-        return
-    if type(obj) in (dict, OrderedDict):
-        for key, value in obj.items():
-            if type(key) not in (str, int):
-                raise TypeError(f"{where} has a key of type {type(key).__name__}")
-            _check_loadable(value, f"{where}[{key!r}]")
-    elif type(obj) in (list, tuple):
-        for i, value in enumerate(obj):
-            _check_loadable(value, f"{where}[{i}]")
-    else:
-        raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; a "
-                        "checkpoint holds only tensors, dicts, lists, tuples, str, int, "
-                        "float, bool and None, so that it loads with weights_only=True")
-
-
-class _HashingWriter:
-    """File wrapper that hashes what `torch.save` writes, so nothing is read back."""
-
-    def __init__(self, file: Any):
-        self.file, self.digest, self.size = file, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        self.size += len(data)
-        return self.file.write(data)
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-def _write_fsynced(path: Path, obj: Any) -> dict[str, Any]:
-    with open(path, "wb") as f:
-        writer = _HashingWriter(f)
-        torch.save(obj, writer)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"sha256": writer.digest.hexdigest(), "bytes": writer.size}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    """Remove a file or directory; a marker goes first so a half-removed one never counts."""
-    if path.is_dir() and not path.is_symlink():
-        if (path / MARKER).exists():
-            (path / MARKER).unlink()
-            _fsync_dir(path)
-        shutil.rmtree(path)
-    else:
-        path.unlink()

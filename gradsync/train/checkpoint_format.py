@@ -1,0 +1,247 @@
+"""The on-disk format of a checkpoint: its errors, its meta data, and the file-level
+steps (fsynced writes, checksums, the COMMITTED marker) that checkpoint.py composes."""
+
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MARKER = "COMMITTED"
+STATE_FILE = "state.pt"
+STEP_DIR_RE = re.compile(r"^step-(\d{8,})(\.tmp)?$")
+META_TYPES = {"step": int, "epoch": int, "workload": str, "world_size": int, "arch": str,
+               "param_fingerprint": str}
+# Types that torch.load(weights_only=True) rebuilds; checked at save time so that a state
+# which would only fail to load at resume (the worst moment) fails when it is written.
+LEAVES = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the one-line message names the file and the fault."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """An intact checkpoint of another workload, model, architecture or world size."""
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What identifies a checkpoint and decides whether a run may resume from it.
+
+    Args:
+        step: optimizer steps taken when the checkpoint was written.
+        epoch: epoch in progress at that step.
+        workload: workload name, e.g. "digits-mlp".
+        world_size: number of ranks that wrote it.
+        arch: architecture name, e.g. "allreduce".
+        param_fingerprint: `model_fingerprint` of the model.
+    """
+
+    step: int
+    epoch: int
+    workload: str
+    world_size: int
+    arch: str
+    param_fingerprint: str
+
+    def __post_init__(self) -> None:
+        if self.step < 0 or self.epoch < 0:
+            raise ValueError(f"step and epoch must be >= 0, got {self.step}, {self.epoch}")
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Return a sha1 over the (name, shape, dtype) of every entry of `model.state_dict()`.
+
+    Pass the bare model, not a wrapper that prefixes names (`module.`), so that the same
+    model gives the same fingerprint however it is parallelised.
+
+    Args:
+        model: the module whose parameters and persistent buffers are checkpointed.
+
+    Returns:
+        40 hex digits; equal for models whose state dicts load into each other.
+    """
+    digest = hashlib.sha1()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
+    return digest.hexdigest()
+
+
+def step_dirname(step: int) -> str:
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"step-{step:08d}"
+
+
+def check_compatible(found: CheckpointMeta, expect: CheckpointMeta, path: Path,
+                      allow_reshard: bool) -> None:
+    diffs = [f"{name} {getattr(found, name)!r} (this run: {getattr(expect, name)!r})"
+             for name in ("workload", "arch", "param_fingerprint")
+             if getattr(found, name) != getattr(expect, name)]
+    if diffs:
+        raise IncompatibleCheckpointError(f"{path}: checkpoint of another run: "
+                                          + ", ".join(diffs))
+    if found.world_size != expect.world_size and not allow_reshard:
+        raise IncompatibleCheckpointError(
+            f"{path}: written by {found.world_size} ranks, this run has "
+            f"{expect.world_size}; allow_reshard=True resumes the replicated state "
+            "without the per-rank RNG states")
+
+
+def read_marker(path: Path, step: int, *, check_sizes: bool
+                 ) -> tuple[CheckpointMeta, dict[str, dict[str, Any]]]:
+    """Parse and validate `path/COMMITTED`; with `check_sizes`, stat the listed files."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    marker = path / MARKER
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{marker}: missing (the save never committed)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{marker}: unreadable: {exc}") from None
+    try:
+        if data["format"] != FORMAT_VERSION:
+            raise CheckpointError(f"{marker}: format {data['format']!r}, this gradsync "
+                                  f"reads format {FORMAT_VERSION}")
+        fields = data["meta"]
+        for name, typ in META_TYPES.items():
+            if type(fields[name]) is not typ:
+                raise TypeError(f"meta.{name} is {fields[name]!r}")
+        meta = CheckpointMeta(**{name: fields[name] for name in META_TYPES})
+        files = data["files"]
+        for name, entry in files.items():
+            if "/" in name or name.startswith(".") or type(entry["bytes"]) is not int \
+                    or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+                raise ValueError(f"bad file entry {name!r}")
+        if STATE_FILE not in files:
+            raise ValueError(f"no {STATE_FILE} listed")
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{marker}: malformed ({type(exc).__name__}: {exc})") from None
+    if meta.step != step:
+        raise CheckpointError(f"{marker}: records step {meta.step}, not {step}")
+    if check_sizes:
+        for name, entry in files.items():
+            check_size(path / name, entry["bytes"])
+    return meta, files
+
+
+def check_size(path: Path, expected: int) -> None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (listed in {MARKER})") from None
+    if size != expected:
+        what = "truncated" if size < expected else "wrong size"
+        raise CheckpointError(f"{path}: {what}: {size} bytes, {MARKER} records {expected}")
+
+
+def verify_file(path: Path, entry: dict[str, Any]) -> None:
+    check_size(path, entry["bytes"])
+    digest = sha256_of(path)
+    if digest != entry["sha256"]:
+        raise CheckpointError(f"{path}: checksum mismatch: sha256 {digest[:16]}..., "
+                              f"{MARKER} records {entry['sha256'][:16]}...")
+
+
+def read_file(path: Path, entry: dict[str, Any]) -> Any:
+    verify_file(path, entry)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        # torch's text is a page of advice to load with weights_only=False; keep the cause.
+        text = str(exc).split("WeightsUnpickler error:")[-1].strip().split("\n\n")[0]
+        cause = " ".join(text.split()).split(". ")[0][:160]
+        raise CheckpointError(f"{path}: cannot be unpickled with weights_only=True "
+                              f"({type(exc).__name__}: {cause})") from exc
+
+
+def check_loadable(obj: Any, where: str) -> None:
+    """Raise TypeError naming the first object `torch.load(weights_only=True)` would refuse."""
+    if isinstance(obj, torch.Tensor) or type(obj) in LEAVES:
+        return
+    if type(obj) in (dict, OrderedDict):
+        for key, value in obj.items():
+            if type(key) not in (str, int):
+                raise TypeError(f"{where} has a key of type {type(key).__name__}")
+            check_loadable(value, f"{where}[{key!r}]")
+    elif type(obj) in (list, tuple):
+        for i, value in enumerate(obj):
+            check_loadable(value, f"{where}[{i}]")
+    else:
+        raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; a "
+                        "checkpoint holds only tensors, dicts, lists, tuples, str, int, "
+                        "float, bool and None, so that it loads with weights_only=True")
+
+
+class HashingWriter:
+    """File wrapper that hashes what `torch.save` writes, so nothing is read back."""
+
+    def __init__(self, file: Any):
+        self.file, self.digest, self.size = file, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def write_fsynced(path: Path, obj: Any) -> dict[str, Any]:
+    with open(path, "wb") as f:
+        writer = HashingWriter(f)
+        torch.save(obj, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": writer.digest.hexdigest(), "bytes": writer.size}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or directory; a marker goes first so a half-removed one never counts."""
+    if path.is_dir() and not path.is_symlink():
+        if (path / MARKER).exists():
+            (path / MARKER).unlink()
+            fsync_dir(path)
+        shutil.rmtree(path)
+    else:
+        path.unlink()
