@@ -67,6 +67,7 @@ def _run_worker(config) -> int:
     """One rank of the run: join the group, train, print the summary on rank 0."""
     from . import comm
     from .train.architecture import build_architecture
+    from .train.checkpoint import CheckpointError
     from .train.trainer import format_summary, train
 
     rank = os.environ.get("RANK", "?")
@@ -82,7 +83,7 @@ def _run_worker(config) -> int:
         if summary is not None and architecture.worker_rank == 0:
             print(format_summary(summary), flush=True)
         return 0
-    except UserError as exc:
+    except (UserError, CheckpointError) as exc:
         print(f"gradsync: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -46,6 +46,13 @@ class TrainConfig:
     dtype: Literal["float32", "float64"] = field(default="float32", metadata=_help(
         "parameter and data type"))
     bucket_cap_mb: float = field(default=25.0, metadata=_help("gradient bucket size (MiB)"))
+    checkpoint_dir: str | None = field(default=None, metadata=_help(
+        "directory for checkpoints (atomic; see docs/reliability.md)"))
+    checkpoint_every: int | None = field(default=None, metadata=_help(
+        "save a checkpoint every this many steps"))
+    keep: int = field(default=3, metadata=_help("committed checkpoints to keep"))
+    resume: bool = field(default=False, metadata=_help(
+        "continue from the newest valid checkpoint in --checkpoint-dir"))
     out: str | None = field(default=None, metadata=_help(
         "directory for metrics.jsonl (per step) and summary.json"))
     timeout: float = field(default=300.0, metadata=_help(
@@ -72,7 +79,13 @@ class TrainConfig:
                              f"{', '.join(ALL_REDUCE_ALGORITHMS)}")
         if self.staleness < 0:
             raise ValueError(f"--staleness must be at least 0, got {self.staleness}")
-        for name in ("workers", "servers", "epochs", "steps", "batch_size", "hidden"):
+        if (self.checkpoint_every is not None or self.resume) and not self.checkpoint_dir:
+            raise ValueError("--checkpoint-every and --resume need --checkpoint-dir")
+        if self.checkpoint_dir and self.arch == "ps":
+            raise ValueError("checkpoints of the parameter server (its shards and optimizer "
+                             "state) are not supported yet; use --arch allreduce")
+        for name in ("workers", "servers", "epochs", "steps", "batch_size", "hidden",
+                     "checkpoint_every", "keep"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -20,6 +20,7 @@ from .. import comm
 from ..data import ShardedSampler
 from .architecture import Architecture
 from .config import TrainConfig
+from .resume import Checkpointer, Position
 from .workloads import Workload, build_workload, summarize_eval
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,14 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 class MetricsWriter:
     """metrics.jsonl (one line per step) and summary.json under ``out``, rank 0 only."""
 
-    def __init__(self, out: str | None, enabled: bool):
+    def __init__(self, out: str | None, enabled: bool, append: bool = False):
         self.dir = Path(out) if (out and enabled) else None
         self._file = None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.dir / "metrics.jsonl", "w", encoding="utf-8")
+            # A resumed run continues the metrics of the run it resumes.
+            self._file = open(self.dir / "metrics.jsonl", "a" if append else "w",
+                              encoding="utf-8")
 
     def step(self, record: dict) -> None:
         if self._file is not None:
@@ -112,20 +115,33 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
     loader = DataLoader(workload.train_set, batch_size=batch, sampler=sampler)
     epochs = config.epochs or workload.default_epochs
     total = config.steps if config.steps is not None else epochs * len(loader)
+    pos, checkpointer = Position(), None
+    if config.checkpoint_dir:
+        checkpointer = Checkpointer(config.checkpoint_dir, config.checkpoint_every,
+                                    config.keep, architecture.eval_group, config.workload,
+                                    architecture.name, workload.model)
+        if config.resume:
+            pos = checkpointer.restore(workload.model, optimizer)
     n_params = sum(p.numel() for p in workload.model.parameters())
     log.info("%s: %d parameters, %d workers x batch %d, %d steps", config.workload, n_params,
              workers, batch, total)
 
-    writer = MetricsWriter(config.out, rank0)
+    writer = MetricsWriter(config.out, rank0, append=pos.step > 0)
     bar = _progress(total, rank0 and config.progress)
     step_times, losses = [], []
     bytes_before = architecture.bytes_sent()
     wait_before = architecture.comm_wait_s()
-    step, epoch = 0, 0
+    step, epoch, first_step = pos.step, pos.epoch, pos.step
+    if bar is not None:
+        bar.update(step)
     start = time.perf_counter()
     try:
         while step < total:
             sampler.set_epoch(epoch)
+            consumed = 0
+            if epoch == pos.epoch and pos.consumed:
+                sampler.set_position(pos.consumed)  # resume mid-epoch
+                consumed = pos.consumed
             for x, y in loader:
                 comm.set_step(step)
                 t0 = time.perf_counter()
@@ -136,6 +152,10 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
                 step_times.append(time.perf_counter() - t0)
                 losses.append(loss.item())
                 step += 1
+                consumed += len(x)
+                if checkpointer is not None:
+                    checkpointer.maybe_save(Position(step, epoch, consumed), workload.model,
+                                            optimizer)
                 writer.step({"step": step, "epoch": epoch, "loss": losses[-1],
                              "step_time_s": step_times[-1],
                              "comm_wait_s": architecture.comm_wait_s() - wait_before,
@@ -153,9 +173,11 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
         writer.close()
 
     comm_wait = architecture.comm_wait_s() - wait_before
-    bytes_per_step = (architecture.bytes_sent() - bytes_before) / max(step, 1)
+    done = max(step - first_step, 1)  # steps run by this process (after a resume: since it)
+    bytes_per_step = (architecture.bytes_sent() - bytes_before) / done
     extra = architecture.finish()
-    tail = torch.tensor([statistics.fmean(losses[-20:]), comm_wait], dtype=torch.float64)
+    recent = statistics.fmean(losses[-20:]) if losses else float("nan")
+    tail = torch.tensor([recent, comm_wait], dtype=torch.float64)
     group = architecture.eval_group
     if group is not None:
         comm.all_reduce(tail, op="avg", group=group, algorithm="native")
@@ -165,8 +187,8 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
         "workers": workers, "parameters": n_params, "steps": step, "epochs": epoch,
         "batch_per_worker": batch, "global_batch": batch * workers, "lr": lr,
         "train_loss": tail[0].item(), **{f"eval_{k}": v for k, v in evaluation.items()},
-        "wall_s": wall, "samples_per_s": step * batch * workers / wall,
-        "step_time_ms_median": 1e3 * statistics.median(step_times),
+        "wall_s": wall, "samples_per_s": (step - first_step) * batch * workers / wall,
+        "step_time_ms_median": 1e3 * statistics.median(step_times or [0.0]),
         "comm_wait_s": tail[1].item(), "compute_s": wall - tail[1].item(),
         "bytes_per_step_per_worker": bytes_per_step, **extra,
     }

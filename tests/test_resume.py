@@ -1,0 +1,86 @@
+"""Checkpoints in `gradsync train`: exact resume, agreement on the checkpoint, a new worker
+count, a foreign checkpoint, and runs killed while they write checkpoints."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.test_cli import ENV, REPO, gradsync
+
+
+def final_model(directory, step):
+    return torch.load(directory / f"step-{step:08d}" / "state.pt")["model"]
+
+
+def train(*args, timeout=120):
+    run = gradsync("train", "--dtype", "float64", "--no-progress", "--checkpoint-every", "10",
+                   *args, timeout=timeout)
+    assert run.returncode == 0, run.stderr
+    return run
+
+
+@pytest.mark.timeout(180)
+def test_resume_is_bitwise_exact(tmp_path):
+    # 23 steps per epoch at 2 workers x 32: step 20 is mid-epoch, 40 is in the next one.
+    train("--steps", "40", "--checkpoint-dir", str(tmp_path / "straight"))
+    train("--steps", "25", "--checkpoint-dir", str(tmp_path / "cut"))
+    train("--steps", "40", "--checkpoint-dir", str(tmp_path / "cut"), "--resume")
+    a, b = final_model(tmp_path / "straight", 40), final_model(tmp_path / "cut", 40)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.timeout(180)
+def test_corrupt_newest_falls_back_and_new_worker_count_resumes(tmp_path):
+    ck = tmp_path / "ck"
+    train("--steps", "30", "--checkpoint-dir", str(ck))
+    state = ck / "step-00000030" / "state.pt"
+    raw = bytearray(state.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    state.write_bytes(bytes(raw))
+    run = train("--steps", "35", "--workers", "3", "--checkpoint-dir", str(ck), "--resume",
+                "--checkpoint-every", "5")
+    assert "checksum" in run.stderr  # the warning names the damaged file
+    assert torch.load(ck / "step-00000035" / "state.pt")["position"][0] == 35
+
+
+@pytest.mark.timeout(120)
+def test_foreign_checkpoint_is_a_clear_error(tmp_path):
+    train("--steps", "10", "--checkpoint-dir", str(tmp_path))
+    run = gradsync("train", "--workload", "digits-cnn", "--steps", "20", "--no-progress",
+                   "--checkpoint-dir", str(tmp_path), "--resume")
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "digits-mlp" in run.stderr and "digits-cnn" in run.stderr, run.stderr
+
+
+@pytest.mark.timeout(240)
+def test_runs_killed_while_checkpointing_resume(tmp_path):
+    rng = random.Random(5)
+    ck = tmp_path / "ck"
+    for trial in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "gradsync", "train", "--dtype",
+                                 "float64", "--steps", "100000", "--no-progress",
+                                 "--checkpoint-dir", str(ck), "--checkpoint-every", "1",
+                                 "--keep", "2", "--resume"], cwd=REPO, env=ENV,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not list(ck.glob("step-*")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.2, 1.5))  # a random moment of a run that saves every step
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker at once
+        proc.wait()
+    before = max(int(p.name[5:13]) for p in ck.glob("step-*")
+                 if (p / "COMMITTED").exists())
+    run = train("--steps", str(before + 3), "--checkpoint-dir", str(ck), "--resume",
+                "--checkpoint-every", "1", "--out", str(tmp_path / "out"))
+    assert (ck / f"step-{before + 3:08d}" / "COMMITTED").exists(), run.stderr
+    # It resumed from the newest committed checkpoint: exactly 3 more steps ran.
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 3
