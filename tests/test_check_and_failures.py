@@ -67,12 +67,21 @@ def test_check_mode_lets_matching_calls_through():
         assert value == [3.0, 3.0, 3.0]
 
 
-def _lost_peer(rank, n, algorithm):
+def _lost_peer(rank, n, algorithm, how="exit"):
+    import signal
+    import sys
+
     from gradsync import comm
 
     comm.all_reduce(torch.ones(8), algorithm=algorithm)  # connections are up
     if rank == n - 1:
-        os._exit(0)  # vanish without a word, as a crashed process does
+        if how == "exit":
+            os._exit(0)  # vanish without a word, as a crashed process does
+        if how == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "sys.exit":
+            sys.exit(3)
+        raise RuntimeError("a bug in rank 2's training step")
     start = time.monotonic()
     try:
         comm.all_reduce(torch.ones(1 << 16), algorithm=algorithm)
@@ -82,10 +91,12 @@ def _lost_peer(rank, n, algorithm):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("algorithm", ["ring", "tree", "native"])
-def test_lost_peer_is_noticed_when_its_connection_drops(algorithm):
+@pytest.mark.parametrize("algorithm,how", [("ring", "exit"), ("tree", "exit"),
+                                           ("native", "exit"), ("native", "sigkill"),
+                                           ("ring", "sys.exit"), ("native", "exception")])
+def test_lost_peer_is_noticed_when_its_connection_drops(algorithm, how):
     # The comm timeout is 20 s; the drop must be noticed well before it.
-    results = run_workers(_lost_peer, 3, algorithm, expect_failure=True)
+    results = run_workers(_lost_peer, 3, algorithm, how, expect_failure=True)
     for ok, value in results[:2]:
         assert ok, value
         kind, message, elapsed = value
