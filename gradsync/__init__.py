@@ -3,11 +3,24 @@
     import gradsync
     model = gradsync.DataParallel(model)      # All-Reduce architecture
     sampler = gradsync.data.ShardedSampler(dataset)
+
+Attributes are imported on first use, so that tools which need no torch (`gradsync lab`,
+the launcher) start quickly.
 """
 
-from . import comm
-from .allreduce import DataParallel, DataParallelNaive
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["DataParallel", "DataParallelNaive", "comm", "__version__"]
+_LAZY = {"DataParallel": "gradsync.allreduce", "DataParallelNaive": "gradsync.allreduce"}
+_SUBMODULES = ("comm", "allreduce", "ps", "data", "models", "train", "lab")
+
+__all__ = ["DataParallel", "DataParallelNaive", "__version__", *_SUBMODULES]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"gradsync.{name}")
+    raise AttributeError(f"module 'gradsync' has no attribute {name!r}")

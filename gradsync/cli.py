@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a workload on several worker processes",
                            description="Train a workload data-parallel on several workers.")
     add_dataclass_arguments(train, TrainConfig)
+    from .lab.cli import add_parser as add_lab_parser
+
+    add_lab_parser(sub)
     return parser
 
 
@@ -108,6 +111,8 @@ def _run_local(config) -> int:
     # Share the cores between the workers instead of letting each start one thread per core.
     threads = str(max(1, (os.cpu_count() or 1) // config.workers))
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    if config.lab:
+        return _run_in_lab(config, env)
     # The servers of an asynchronous parameter server drop a lost worker and go on.
     tolerate = frozenset(range(config.servers, config.processes)) \
         if config.arch == "ps" and config.consistency != "sync" else frozenset()
@@ -122,6 +127,20 @@ def _run_local(config) -> int:
     return result.returncode
 
 
+def _run_in_lab(config, env: dict[str, str]) -> int:
+    """`--lab N`: bring an emulated cluster up, run one rank per host, take it down."""
+    from .lab import LabError, train_in_lab
+
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.lab))
+    # Lab addresses have no reverse DNS entry; c10d would warn about it on every rank.
+    env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    rates = config.rates.split(",") if config.rates else None
+    try:
+        return train_in_lab(config.lab, config.rate, rates, to_argv(config), env)
+    except LabError as exc:
+        raise UserError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("GRADSYNC_LOG", "WARNING").upper(),
                         format="%(asctime)s %(name)s: %(message)s")
@@ -130,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if args.command == "lab":
+        from .lab.cli import main as lab_main
+
+        return lab_main(args)
     try:
         from .train.config import TrainConfig
 

@@ -61,6 +61,12 @@ class TrainConfig:
     port: int | None = field(default=None, metadata=_help("rendezvous port (default: a free "
                                                           "one)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar on rank 0"))
+    lab: int | None = field(default=None, metadata=_help(
+        "run on N emulated hosts with shaped links, one rank each (root; docs/lab.md); "
+        "--workers is then N, or N minus the servers"))
+    rate: str = field(default="1gbit", metadata=_help("--lab: every link's rate (tc units)"))
+    rates: str | None = field(default=None, metadata=_help(
+        "--lab: one rate per host, e.g. 1gbit,1gbit,250mbit"))
 
     @property
     def processes(self) -> int:
@@ -79,6 +85,12 @@ class TrainConfig:
                              f"{', '.join(ALL_REDUCE_ALGORITHMS)}")
         if self.staleness < 0:
             raise ValueError(f"--staleness must be at least 0, got {self.staleness}")
+        if self.lab is not None and self.lab < 1:
+            raise ValueError(f"--lab must be at least 1 host, got {self.lab}")
+        if self.rates is not None and self.lab is not None \
+                and len(self.rates.split(",")) != self.lab:
+            raise ValueError(f"--rates lists {len(self.rates.split(','))} rates for "
+                             f"{self.lab} hosts")
         if (self.checkpoint_every is not None or self.resume) and not self.checkpoint_dir:
             raise ValueError("--checkpoint-every and --resume need --checkpoint-dir")
         if self.checkpoint_dir and self.arch == "ps":
