@@ -46,3 +46,42 @@ def test_lab_training_matches_local_training(tmp_path, arch, workers):
     if allreduce:
         x, y = _final(tmp_path / "ck-lab", 12), _final(tmp_path / "ck-local", 12)
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+@needs_netns
+@pytest.mark.timeout(120)
+def test_cut_link_fails_the_run_naming_the_host(tmp_path):
+    """A host whose link goes down sends no FIN or RST: only the timeout and the
+    heartbeats can tell. The run must still stop, naming that rank."""
+    import subprocess as sp
+    import sys
+    import time
+
+    from gradsync import lab as lab_mod
+    from tests.test_cli import ENV, REPO
+
+    before_labs = {lab.name for lab in lab_mod.status()}
+    proc = sp.Popen([sys.executable, "-m", "gradsync", "train", "--lab", "3", "--rate", "1gbit",
+                     "--steps", "100000", "--timeout", "8", "--algorithm", "native",
+                     "--no-progress", "--out", str(tmp_path)], cwd=REPO, env=ENV,
+                    stdout=sp.PIPE, stderr=sp.STDOUT, text=True)
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.monotonic() + 60
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+            assert proc.poll() is None and time.monotonic() < deadline, "run did not start"
+            time.sleep(0.1)
+        (lab,) = [lab for lab in lab_mod.status() if lab.name not in before_labs]
+        cut_at = time.monotonic()
+        sp.run(["ip", "-n", lab.switch_ns, "link", "set", lab.hosts[2].port, "down"], check=True)
+        output, _ = proc.communicate(timeout=90)
+        elapsed = time.monotonic() - cut_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    # Not the "[rank 2]" prefix of its own lines: the others' diagnosis must name it.
+    assert "rank 2 stopped responding" in output and "not arrived: rank 2" in output, \
+        output[-3000:]
+    assert elapsed < 45, elapsed  # the 8 s timeout, the diagnosis, the grace period
+    assert not [other for other in lab_mod.status() if other.name not in before_labs]
