@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     from .lab.cli import add_parser as add_lab_parser
 
     add_lab_parser(sub)
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -153,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         from .lab.cli import main as lab_main
 
         return lab_main(args)
+    if args.command == "bench":
+        return args.bench(args)
     try:
         from .train.config import TrainConfig
 

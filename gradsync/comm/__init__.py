@@ -13,6 +13,7 @@ from .cost_model import CostModel, calibrate
 from .errors import CollectiveMismatchError, CommError, CommTimeoutError, PeerLostError
 from .group import (CommStats, Group, destroy_process_group, get_rank, get_world_size,
                     init_process_group, is_initialized, new_group, set_step, world)
+from . import reference
 from .ops import ReduceOp
 from .p2p import irecv, isend, recv, send
 

@@ -35,8 +35,8 @@ class Architecture(Protocol):
     def comm_wait_s(self) -> float:
         """Seconds spent waiting on communication that did not overlap computation."""
 
-    def bytes_sent(self) -> int:
-        """Bytes this rank has sent so far."""
+    def bytes_sent(self) -> int | None:
+        """Bytes this rank has sent so far (None: not known)."""
 
     def finish(self) -> dict:
         """After the last step: architecture-specific figures for the summary."""
@@ -76,9 +76,33 @@ class AllReduceArchitecture:
         return {}
 
 
+class BaselineArchitecture(AllReduceArchitecture):
+    """Baselines for benchmarks: torch's own DDP (``ddp``), or no wrapper at all on a single
+    process (``local``)."""
+
+    def __init__(self, config: TrainConfig, group: comm.Group):
+        super().__init__(config, group)
+        self.name = config.arch
+        if self.name == "local" and group.size != 1:
+            raise ValueError(f"--arch local trains one process alone; the world has {group.size}")
+
+    def prepare(self, model, make_optimizer):
+        if self.name == "ddp":
+            model = comm.reference.torch_ddp(model, self.group, self.config.bucket_cap_mb)
+        return model, make_optimizer(model.parameters())
+
+    def comm_wait_s(self) -> float:
+        return 0.0  # DDP's waits happen inside backward, out of sight
+
+    def bytes_sent(self) -> int | None:
+        return None if self.name == "ddp" else 0  # DDP's traffic is not visible to gradsync
+
+
 def build_architecture(config: TrainConfig, group: comm.Group) -> Architecture:
     if config.arch == "allreduce":
         return AllReduceArchitecture(config, group)
+    if config.arch in ("ddp", "local"):
+        return BaselineArchitecture(config, group)
     if config.arch == "ps":
         from ..ps import PSArchitecture
 

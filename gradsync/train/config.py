@@ -8,7 +8,7 @@ from typing import Literal
 from ..comm import ALL_REDUCE_ALGORITHMS
 from .workloads import WORKLOADS
 
-ARCHITECTURES = ("allreduce", "ps")
+ARCHITECTURES = ("allreduce", "ps", "ddp", "local")  # the last two: baselines
 
 
 def _help(text: str) -> dict[str, str]:
@@ -24,7 +24,8 @@ class TrainConfig:
     workers: int = field(default=2, metadata=_help("local worker processes (ignored under "
                                                    "torchrun, which sets the world size)"))
     arch: str = field(default="allreduce", metadata=_help(
-        f"architecture: {', '.join(ARCHITECTURES)}"))
+        "architecture: allreduce, ps; baselines for comparison: ddp (torch's "
+        "DistributedDataParallel), local (one process, no wrapper)"))
     servers: int = field(default=1, metadata=_help("parameter servers (--arch ps); the first "
                                                    "ranks of the world serve"))
     consistency: Literal["sync", "async", "ssp"] = field(default="sync", metadata=_help(
@@ -83,6 +84,9 @@ class TrainConfig:
         if self.algorithm not in ALL_REDUCE_ALGORITHMS:
             raise ValueError(f"unknown --algorithm {self.algorithm!r}; choose one of "
                              f"{', '.join(ALL_REDUCE_ALGORITHMS)}")
+        if self.arch == "local" and self.workers != 1:
+            raise ValueError(f"--arch local trains one process alone; use --workers 1, "
+                             f"not {self.workers}")
         if self.staleness < 0:
             raise ValueError(f"--staleness must be at least 0, got {self.staleness}")
         if self.lab is not None and self.lab < 1:

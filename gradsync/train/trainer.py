@@ -129,7 +129,7 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
     writer = MetricsWriter(config.out, rank0, append=pos.step > 0)
     bar = _progress(total, rank0 and config.progress)
     step_times, losses = [], []
-    bytes_before = architecture.bytes_sent()
+    bytes_before = architecture.bytes_sent() or 0
     wait_before = architecture.comm_wait_s()
     step, epoch, first_step = pos.step, pos.epoch, pos.step
     if bar is not None:
@@ -159,7 +159,7 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
                 writer.step({"step": step, "epoch": epoch, "loss": losses[-1],
                              "step_time_s": step_times[-1],
                              "comm_wait_s": architecture.comm_wait_s() - wait_before,
-                             "bytes_sent": architecture.bytes_sent() - bytes_before})
+                             "bytes_sent": (architecture.bytes_sent() or 0) - bytes_before})
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", refresh=False)
@@ -174,7 +174,8 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
 
     comm_wait = architecture.comm_wait_s() - wait_before
     done = max(step - first_step, 1)  # steps run by this process (after a resume: since it)
-    bytes_per_step = (architecture.bytes_sent() - bytes_before) / done
+    sent = architecture.bytes_sent()
+    bytes_per_step = None if sent is None else (sent - bytes_before) / done
     extra = architecture.finish()
     recent = statistics.fmean(losses[-20:]) if losses else float("nan")
     tail = torch.tensor([recent, comm_wait], dtype=torch.float64)
@@ -189,6 +190,9 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
         "train_loss": tail[0].item(), **{f"eval_{k}": v for k, v in evaluation.items()},
         "wall_s": wall, "samples_per_s": (step - first_step) * batch * workers / wall,
         "step_time_ms_median": 1e3 * statistics.median(step_times or [0.0]),
+        # Throughput of a typical step: free of start-up and of the first, slow steps.
+        "samples_per_s_median_step": batch * workers / statistics.median(step_times)
+        if step_times else 0.0,
         "comm_wait_s": tail[1].item(), "compute_s": wall - tail[1].item(),
         "bytes_per_step_per_worker": bytes_per_step, **extra,
     }
@@ -216,8 +220,9 @@ def format_summary(s: dict) -> str:
               f"(median step {s['step_time_ms_median']:.1f} ms)",
               f"  time               compute {s['compute_s']:.2f} s, waiting on communication "
               f"{s['comm_wait_s']:.2f} s ({comm_pct:.0f} %)",
-              f"  communicated       {s['bytes_per_step_per_worker'] / 1e6:.3f} MB sent per step "
-              f"per worker"]
+              f"  communicated       " + (
+                  f"{s['bytes_per_step_per_worker'] / 1e6:.3f} MB sent per step per worker"
+                  if s["bytes_per_step_per_worker"] is not None else "not measured (torch DDP)")]
     if s["arch"] == "ps":
         lines += [f"  servers            received {_mb(s['bytes_received_per_step_per_server'])} "
                   f"MB and sent {_mb(s['bytes_sent_per_step_per_server'])} MB per step; busy "

@@ -1,0 +1,168 @@
+"""`gradsync bench train`: training throughput across architectures and worker counts.
+
+Every configuration is a real `gradsync train` run (its own processes, its own summary), so
+what is measured is what users get. Throughput is the global batch over the median step
+time, free of start-up and of the first slow steps. Baselines come from the same run: one
+process alone (``local``, for scaling efficiency) and torch's DistributedDataParallel
+(``ddp``). Rounds interleave the configurations, so a noisy neighbour slows all of them alike.
+
+In a lab (``--lab-rate``) each configuration gets its own emulated cluster, one host per
+process, and the table adds the communication lower bound of the configuration and the
+measured step time as a multiple of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .report import bound_allreduce_s, bound_ps_s, machine_line, write_plot
+
+
+@dataclass(frozen=True)
+class Config:
+    """One measured configuration: an architecture spec and a worker count."""
+
+    spec: str       # "allreduce[:ALGO]", "ps:K", "ddp" or "local"
+    workers: int
+
+    @property
+    def arch(self) -> str:
+        return self.spec.split(":")[0]
+
+    def flags(self) -> list[str]:
+        kind, _, arg = self.spec.partition(":")
+        if kind == "allreduce":
+            return ["--arch", "allreduce", "--algorithm", arg or "auto"]
+        if kind == "ps":
+            return ["--arch", "ps", "--servers", arg or "1"]
+        return ["--arch", kind]
+
+    @property
+    def processes(self) -> int:
+        return self.workers + (int(self.spec.partition(":")[2] or 1) if self.arch == "ps" else 0)
+
+
+def run_config(config: Config, args, out: Path) -> dict:
+    """One `gradsync train` run; returns its summary."""
+    cmd = [sys.executable, "-m", "gradsync", "train", "--workload", args.workload, "--hidden",
+           str(args.hidden), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+           "--no-progress", "--out", str(out), *config.flags()]
+    if args.lab_rate:
+        cmd += ["--lab", str(config.processes), "--rate", args.lab_rate]
+    else:
+        cmd += ["--workers", str(config.workers)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"gradsync bench: {config.spec} x{config.workers} failed:\n"
+                         f"{done.stderr[-2000:]}")
+    return json.loads((out / "summary.json").read_text())
+
+
+def measure(configs: list[Config], args) -> dict[Config, list[dict]]:
+    results: dict[Config, list[dict]] = {c: [] for c in configs}
+    with tempfile.TemporaryDirectory(prefix="gradsync-bench-train-") as tmp:
+        for r in range(args.rounds):
+            for i, config in enumerate(configs):
+                out = Path(tmp) / f"{r}-{i}"
+                results[config].append(run_config(config, args, out))
+                print(f"# round {r + 1}/{args.rounds}: {config.spec} x{config.workers} "
+                      f"{results[config][-1]['samples_per_s_median_step']:,.0f} samples/s",
+                      file=sys.stderr, flush=True)
+    return results
+
+
+def table(results: dict[Config, list[dict]], args) -> list[dict]:
+    """One row per configuration: medians over rounds, efficiency and ratios."""
+    def median(config, key):
+        return statistics.median(s[key] for s in results[config])
+
+    local = [c for c in results if c.arch == "local"]
+    base = median(local[0], "samples_per_s_median_step") if local else None
+    rows = []
+    for config, runs in results.items():
+        thr = median(config, "samples_per_s_median_step")
+        spread = [s["samples_per_s_median_step"] for s in runs]
+        ddp = [c for c in results if c.arch == "ddp" and c.workers == config.workers]
+        step_s = median(config, "step_time_ms_median") / 1e3
+        row = {"arch": config.spec, "workers": config.workers, "samples_per_s": thr,
+               "min": min(spread), "max": max(spread), "step_ms": 1e3 * step_s,
+               "efficiency": thr / (config.workers * base) if base else None,
+               "vs_ddp": thr / median(ddp[0], "samples_per_s_median_step") if ddp else None,
+               "bytes_per_step": runs[0]["bytes_per_step_per_worker"],
+               "parameters": runs[0]["parameters"]}
+        if args.lab_rate and config.arch != "local":
+            nbytes = 4 * runs[0]["parameters"]
+            bound = (bound_ps_s(nbytes, config.workers, int(config.spec.partition(":")[2] or 1),
+                                args.lab_rate) if config.arch == "ps"
+                     else bound_allreduce_s(nbytes, config.workers, args.lab_rate))
+            row["bound_ms"], row["vs_bound"] = 1e3 * bound, step_s / bound
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict], lab: bool) -> None:
+    head = (f"{'arch':>16} {'workers':>7} {'samples/s':>10} {'(min-max)':>17} {'step ms':>8} "
+            f"{'eff.':>6} {'vs ddp':>7}")
+    print(head + (f" {'bound ms':>9} {'x bound':>8}" if lab else ""))
+    for r in rows:
+        line = (f"{r['arch']:>16} {r['workers']:>7} {r['samples_per_s']:>10,.0f} "
+                f"{r['min']:>8,.0f}-{r['max']:<8,.0f} {r['step_ms']:>8.1f} "
+                f"{_opt(r['efficiency'], '.2f'):>6} {_opt(r['vs_ddp'], '.2f'):>7}")
+        if lab:
+            line += f" {_opt(r.get('bound_ms'), '.1f'):>9} {_opt(r.get('vs_bound'), '.2f'):>8}"
+        print(line)
+
+
+def _opt(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="training throughput across architectures",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", default="synthetic-mlp")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=64, help="per worker")
+    p.add_argument("--steps", type=int, default=40, help="steps per run")
+    p.add_argument("--workers", default="2", help="worker counts, e.g. 1,2,3")
+    p.add_argument("--archs", default="allreduce,ddp",
+                   help="comma-separated: allreduce[:ALGO], ps:K, ddp (local is always added)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="OMP threads per process")
+    p.add_argument("--lab-rate", metavar="RATE",
+                   help="run each configuration in an emulated cluster with links of RATE")
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--plot", metavar="FILE.png")
+    p.set_defaults(bench=main)
+
+
+def main(args) -> int:
+    try:
+        counts = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        raise SystemExit(f"gradsync: error: --workers {args.workers!r}: expected numbers like "
+                         "1,2,3") from None
+    if min(counts) < 1 or args.rounds < 1 or args.steps < 2:
+        raise SystemExit("gradsync: error: --workers, --rounds must be >= 1 and --steps >= 2")
+    specs = [s for s in args.archs.split(",") if s and s != "local"]
+    configs = [Config("local", 1)] + [Config(s, n) for n in counts for s in specs]
+    print(f"# gradsync bench train {' '.join(sys.argv[3:])}")
+    print(f"# {machine_line()}")
+    results = measure(configs, args)
+    rows = table(results, args)
+    print_table(rows, bool(args.lab_rate))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args) | {"bench": None},
+                                               "machine": machine_line()}, indent=2) + "\n")
+    if args.plot:
+        write_plot(args.plot, rows)
+    return 0
