@@ -65,7 +65,10 @@ def write_plot(path: str, rows: list[dict]) -> None:
     left.set(xlabel="workers", ylabel="samples/s", title="throughput")
     right.set(xlabel="workers", ylabel="throughput / (workers x one process)",
               title="scaling efficiency")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
