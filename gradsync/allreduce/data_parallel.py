@@ -49,7 +49,8 @@ class DataParallel(nn.Module):
         group: the ranks to average over (default: all; the process group is created from
             torchrun's environment if the script has not done so).
         bucket_cap_mb: size of a gradient bucket in MiB (the first bucket is at most 1 MiB).
-        algorithm: all-reduce algorithm, one of ``gradsync.comm.ALL_REDUCE_ALGORITHMS``.
+        algorithm: all-reduce algorithm for the buckets, one of
+            ``gradsync.comm.ALL_REDUCE_ALGORITHMS``; ``auto`` means the engine's (see below).
         find_unused_parameters: treat parameters without a gradient in a step as contributing
             zero, instead of raising an error that names them.
         broadcast_buffers: copy rank 0's buffers (e.g. BatchNorm statistics) before each forward.
@@ -61,7 +62,7 @@ class DataParallel(nn.Module):
     def __init__(self, module: nn.Module, *, group: comm.Group | None = None,
                  bucket_cap_mb: float = 25.0, algorithm: str = "auto",
                  find_unused_parameters: bool = False, broadcast_buffers: bool = True,
-                 cost_model: comm.CostModel | None = None, device_ids=None, output_device=None):
+                 device_ids=None, output_device=None):
         super().__init__()
         if device_ids not in (None, []) or output_device is not None:
             raise ValueError("device_ids/output_device are for CUDA modules; leave them None")
@@ -75,7 +76,11 @@ class DataParallel(nn.Module):
         self.module = module
         self.group = group
         self.algorithm = algorithm
-        self.cost_model = cost_model
+        # gradsync's own algorithms drive every message from Python and so compete with
+        # backward for the GIL; measured on synthetic-mlp, the engine's ring trains fastest
+        # (tree 0.94x, ring 0.81x of it; docs/benchmarks.md). "auto" therefore means the
+        # engine for gradient buckets; the cost model still decides for plain collectives.
+        self._bucket_algorithm = "native" if algorithm == "auto" else algorithm
         self.find_unused_parameters = find_unused_parameters
         self.broadcast_buffers = broadcast_buffers
         self.stats = DataParallelStats()
@@ -165,22 +170,32 @@ class DataParallel(nn.Module):
             self._launch_ready()
 
     def _adopt_grad(self, bucket: Bucket, i: int, grad: torch.Tensor | None) -> None:
-        """Move a gradient into its bucket slot and make ``param.grad`` that slot, so the
-        averaged result needs no copy back."""
+        """Move a gradient, divided by the world size, into its bucket slot and make
+        ``param.grad`` that slot, so the summed result is the average with no copy back.
+
+        Dividing on the way in costs nothing extra (it is the copy) where dividing after the
+        all-reduce would be one more pass over every bucket at the end of backward, and it
+        keeps float16 sums from overflowing.
+        """
         view = bucket.view(i)
+        n = self.group.size
         if grad is None:
             view.zero_()
         elif grad.data_ptr() != view.data_ptr():
-            view.copy_(grad)
+            if n > 1:
+                torch.div(grad, n, out=view)
+            else:
+                view.copy_(grad)
+        elif n > 1:
+            view.div_(n)  # accumulated in place under no_sync()
         bucket.params[i].grad = view
 
     def _launch_ready(self) -> None:
         # Strict index order: bucket k+1 never starts before bucket k on any rank.
         while self._next < len(self._buckets) and self._buckets[self._next].is_full():
             flat = self._buckets[self._next].flat
-            self._works.append(comm.all_reduce_async(flat, op="avg", group=self.group,
-                                                     algorithm=self.algorithm,
-                                                     cost_model=self.cost_model))
+            self._works.append(comm.all_reduce_async(flat, op="sum", group=self.group,
+                                                     algorithm=self._bucket_algorithm))
             self._next += 1
 
     def _finish_backward(self) -> None:
