@@ -160,25 +160,20 @@ def fit_line(xs: list[float], ts: list[float]) -> tuple[float, float]:
 
 
 def fitted_model(raw: dict) -> tuple[dict, dict]:
-    """CostModel constants that reproduce this sweep's ring and native lines.
+    """CostModel constants that reproduce this sweep: each algorithm's line t = A + S b,
+    inverted through the model's shape formulas (messages m, wire fraction w, reduced
+    fraction r at p ranks): alpha = A / m, beta = (b - r gamma) / w."""
+    from gradsync.comm.cost_model import shape
 
-    With p ranks the model predicts ring = 2(p-1) alpha + S (p-1)/p (2 beta + gamma) and
-    native = (p-1) native_alpha + S (p-1)/p (2 native_beta + gamma): invert the fitted
-    intercepts and slopes.
-    """
     p, gamma = raw["world"], raw["gamma"]
-    share = (p - 1) / p
-    lines = {}
+    lines, links = {}, {}
     for algo in ALGOS[:-1]:
         xs = [row["bytes"] for row in raw["rows"]]
         ts = [row["algos"][algo]["time_us"]["median"] * 1e-6 for row in raw["rows"]]
-        lines[algo] = fit_line(xs, ts)
-    (ra, rb), (na, nb) = lines["ring"], lines["native"]
-    model = {"alpha": max(1e-7, ra / (2 * (p - 1))),
-             "beta": max(1e-12, (rb / share - gamma) / 2), "gamma": gamma,
-             "native_alpha": max(1e-7, na / (p - 1)),
-             "native_beta": max(1e-12, (nb / share - gamma) / 2)}
-    return model, lines
+        a, b = lines[algo] = fit_line(xs, ts)
+        m, w, r = shape(algo, 1.0, p)
+        links[algo] = (max(1e-7, a / m), max(1e-13, (b - r * gamma) / w))
+    return {"links": links, "gamma": gamma}, lines
 
 
 def fmt_size(n: int) -> str:
@@ -189,9 +184,9 @@ def fmt_size(n: int) -> str:
 
 
 def fmt_model(m: dict) -> str:
-    return (f"alpha={m['alpha'] * 1e6:.1f}us beta=1/{1 / m['beta'] / 1e9:.2f}GB/s "
-            f"gamma=1/{1 / m['gamma'] / 1e9:.2f}GB/s native_alpha={m['native_alpha'] * 1e6:.1f}us "
-            f"native_beta=1/{1 / m['native_beta'] / 1e9:.2f}GB/s")
+    links = "  ".join(f"{algo} {alpha * 1e6:.0f}us 1/{1 / beta / 1e9:.2f}GB/s"
+                      for algo, (alpha, beta) in m["links"].items())
+    return f"gamma=1/{1 / m['gamma'] / 1e9:.2f}GB/s  per algorithm (alpha, beta): {links}"
 
 
 def report(args: argparse.Namespace, raw: dict, cmd: str, mach: dict) -> dict:
