@@ -3,7 +3,6 @@ ssp train and keep their bounds; malformed messages and lost peers give named er
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest

@@ -13,7 +13,6 @@ measured step time as a multiple of it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics

@@ -18,7 +18,7 @@ from .ops import ReduceOp
 from .p2p import irecv, isend, recv, send
 
 __all__ = [
-    "ALL_REDUCE_ALGORITHMS", "CollectiveMismatchError", "CommError", "CommStats",
+    "ALL_REDUCE_ALGORITHMS", "CollectiveMismatchError", "reference", "CommError", "CommStats",
     "CommTimeoutError", "CostModel", "Group", "PeerLostError", "ReduceOp", "Work", "all_gather",
     "all_gather_async", "all_reduce", "all_reduce_async", "barrier", "broadcast",
     "broadcast_async", "calibrate", "destroy_process_group", "gather", "gather_async",

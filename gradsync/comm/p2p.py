@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import translate
-from .group import Group
+from .group import Group, resolve
 
 
 class _Done:
@@ -95,23 +95,18 @@ def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
 
 def send(tensor: torch.Tensor, dst: int, group: Group | None = None, tag: int = 0) -> None:
     """Blocking send of ``tensor`` to group rank ``dst``; errors name the peer."""
-    from .group import resolve
-
     P2P(resolve(group), "send").send(tensor, dst, tag)
 
 
 def recv(tensor: torch.Tensor, src: int, group: Group | None = None, tag: int = 0) -> None:
     """Blocking receive into ``tensor`` from group rank ``src``; errors name the peer."""
-    from .group import resolve
-
     P2P(resolve(group), "recv").recv(tensor, src, tag)
 
 
 def isend(tensor: torch.Tensor, dst: int, group: Group | None = None, tag: int = 0):
     """Start a send; the returned handle's ``wait()`` finishes it (keep ``tensor`` unchanged
     until then)."""
-    from .collectives import Work
-    from .group import resolve
+    from .collectives import Work  # late: collectives imports this module
 
     p2p = P2P(resolve(group), "send")
     handle = p2p.isend(tensor, dst, tag)
@@ -120,8 +115,7 @@ def isend(tensor: torch.Tensor, dst: int, group: Group | None = None, tag: int =
 
 def irecv(tensor: torch.Tensor, src: int, group: Group | None = None, tag: int = 0):
     """Start a receive into ``tensor``; ``wait()`` returns when it has arrived."""
-    from .collectives import Work
-    from .group import resolve
+    from .collectives import Work  # late: collectives imports this module
 
     p2p = P2P(resolve(group), "recv")
     handle = p2p.irecv(tensor, src, tag)

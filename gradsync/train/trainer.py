@@ -220,7 +220,7 @@ def format_summary(s: dict) -> str:
               f"(median step {s['step_time_ms_median']:.1f} ms)",
               f"  time               compute {s['compute_s']:.2f} s, waiting on communication "
               f"{s['comm_wait_s']:.2f} s ({comm_pct:.0f} %)",
-              f"  communicated       " + (
+              "  communicated       " + (
                   f"{s['bytes_per_step_per_worker'] / 1e6:.3f} MB sent per step per worker"
                   if s["bytes_per_step_per_worker"] is not None else "not measured (torch DDP)")]
     if s["arch"] == "ps":
