@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import gradsync.launch
+import gradsync.supervise
 from gradsync.launch import LaunchError, LaunchResult, check_port_free, find_free_port, launch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,8 +29,8 @@ WORKER_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.getenv("
 @pytest.fixture(autouse=True)
 def fast_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shorter waits than a real job needs, so the failure tests take well under a second."""
-    monkeypatch.setattr(gradsync.launch, "_ROOT_CAUSE_WINDOW_S", 0.2)
-    monkeypatch.setattr(gradsync.launch, "_TERM_WAIT_S", 0.5)
+    monkeypatch.setattr(gradsync.supervise, "_ROOT_CAUSE_WINDOW_S", 0.2)
+    monkeypatch.setattr(gradsync.supervise, "_TERM_WAIT_S", 0.5)
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
@@ -134,7 +134,7 @@ def test_signalled_rank_beats_earlier_exit_code(
     # Rank 0 exits 1 first, rank 3 is SIGKILLed right after: rank 3 is the root cause. The
     # exit-code rank has the lower rank, so rank order alone would name the wrong one.
     # A wide window keeps a loaded machine from flaking; it closes as soon as rank 3 dies.
-    monkeypatch.setattr(gradsync.launch, "_ROOT_CAUSE_WINDOW_S", 30.0)
+    monkeypatch.setattr(gradsync.supervise, "_ROOT_CAUSE_WINDOW_S", 30.0)
     result = run("fail_then_sigkill", tmp_path, 4, k=3)
     assert result == LaunchResult(128 + signal.SIGKILL, 3, "killed by SIGKILL")
     assert_all_dead(tmp_path, 4)

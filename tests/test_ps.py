@@ -30,11 +30,11 @@ def reference(workers: int, optimizer: str):
 
 
 def _ps_train(rank, world, servers, optimizer, consistency, staleness, model_fn=None,
-              steps=STEPS, slow_worker=None):
+              steps=STEPS, slow_worker=None, group=None):
     from gradsync import comm
     from gradsync.ps import PSArchitecture
 
-    arch = PSArchitecture(servers, consistency, staleness, comm.world())
+    arch = PSArchitecture(servers, consistency, staleness, group or comm.world())
     model = (model_fn or make_model)()
     if not arch.is_worker:
         stats = arch.serve(model, OPTIMIZERS[optimizer])
@@ -56,18 +56,35 @@ def _ps_train(rank, world, servers, optimizer, consistency, staleness, model_fn=
     return ("worker", [p.detach().numpy().copy() for p in model.parameters()], summary)
 
 
+def _sync_matrix(rank, world, optimizer):
+    """Every (K servers, N workers) with K, N in 1..3, each on a sub-group of this world of 6:
+    one start-up instead of nine."""
+    from gradsync import comm
+
+    out = {}
+    for servers in (1, 2, 3):
+        for workers in (1, 2, 3):
+            group = comm.new_group(list(range(servers + workers)))
+            if group is not None:
+                out[(servers, workers)] = _ps_train(rank, world, servers, optimizer, "sync", 0,
+                                                    group=group)
+    return out
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_sync_matches_single_process_for_every_k_and_n(optimizer):
+    results = run_workers(_sync_matrix, 6, optimizer, timeout=170)
     for servers in (1, 2, 3):
         for workers in (1, 2, 3):
-            results = run_workers(_ps_train, servers + workers, servers, optimizer, "sync", 0)
             want = reference(workers, optimizer)
-            for result in results[servers:]:
-                for got, ref in zip(result[1], want):
+            for rank in range(servers, servers + workers):
+                role, params, summary = results[rank][(servers, workers)]
+                assert role == "worker"
+                for got, ref in zip(params, want):
                     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13,
                                                err_msg=f"K={servers} N={workers}")
-            assert results[servers][2]["max_staleness"] == 0
+                assert summary["max_staleness"] == 0
 
 
 @pytest.mark.timeout(120)
