@@ -1,0 +1,237 @@
+"""`gradsync bench collectives`: bus bandwidth of collectives per algorithm, nccl-tests style.
+
+    gradsync bench collectives                                  # all_reduce, 1K..64M, 2 workers
+    gradsync bench collectives -b 1M -e 64M -f 2 --algorithm ring,native --json ar.json
+    gradsync bench collectives --op reduce_scatter --dtype bfloat16 --redop max --check
+    gradsync bench collectives --lab 4 --rates 1gbit,1gbit,1gbit,250mbit -b 1M -e 64M \\
+        --plot slow.png                                         # an emulated cluster (root)
+    torchrun --nproc-per-node 4 -m gradsync bench collectives   # each process is a rank
+
+The measuring is gradsync.bench.sweep's, on every rank. Started directly, the command is a
+controller: it runs the ranks (locally with gradsync.launch, or across a lab's hosts with
+gradsync.lab), reads rank 0's results from a file and reports them. Under a launcher
+(RANK and WORLD_SIZE set: torchrun, `gradsync lab run`) the process is a rank and rank 0
+reports. busbw = S/t * factor (shared/ANCHORS.md); in a lab every busbw is also given as a
+fraction of the slowest link, which bounds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from . import busbw
+from .report import machine_line
+from .sweep import ALGORITHMS, DTYPES, REDOPS, SweepConfig, format_size, parse_size
+
+EXIT_USAGE = 2
+
+
+def _lab_from_env() -> dict | None:
+    """Under `gradsync lab run`: the lab's link rates, when each host runs one rank."""
+    name = os.environ.get("GRADSYNC_LAB")
+    if not name:
+        return None
+    from ..lab import LabError, get
+
+    try:
+        lab = get(name)
+    except LabError:
+        return None
+    if lab.procs_per_host != 1:
+        return None
+    return {"name": lab.name, "prefix": lab.prefix, "rates_bits": [h.rate for h in lab.hosts]}
+
+
+def finish(cfg: SweepConfig, args: argparse.Namespace, raw: dict, lab: dict | None,
+           machine: str) -> dict:
+    """Print the table and write --json / --plot; returns the report.
+
+    Args:
+        raw: what :func:`~gradsync.bench.sweep.run_sweep` returned on rank 0.
+        lab: ``{"name", "prefix", "rates_bits"}`` (a link rate per rank's host), or None.
+        machine: :func:`~gradsync.bench.report.machine_line` from the start of the run.
+    """
+    from .costfit import cost_model_report
+
+    if lab is not None:
+        lab = {**lab, **busbw.lab_bounds(cfg.op, lab["rates_bits"])}
+    rows = busbw.rows(cfg, raw, lab)
+    avg = {a: sum(r["busbw_gbs"] for r in rows if r["algorithm"] == a)
+           / sum(r["algorithm"] == a for r in rows) for a in cfg.algorithms}
+    report = {"benchmark": "collectives", "command": command(cfg, args),
+              "machine": f"{machine} at the start, {os.getloadavg()[0]:.2f} at the end",
+              "op": cfg.op, "dtype": cfg.dtype, "redop": cfg.shown_redop, "root": cfg.root,
+              "world": raw["world"], "config": vars(cfg), "lab": lab, "rows": rows,
+              "avg_busbw_gbs": avg}
+    busbw.print_table(cfg, report)
+    if cfg.op == "all_reduce":
+        report["cost_model"] = cost_model_report(raw, rows)
+    busbw.print_averages(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        busbw.write_plot(args.plot, report)
+    return report
+
+
+# --- command line and the ways to run ----------------------------------------------------------
+
+def rank_flags(cfg: SweepConfig) -> list[str]:
+    """The flags that give a rank the same sweep."""
+    flags = ["-b", format_size(cfg.minbytes), "-e", format_size(cfg.maxbytes),
+             "-f", str(cfg.stepfactor), "-n", str(cfg.iters), "-w", str(cfg.warmup_iters),
+             "--op", cfg.op, "--dtype", cfg.dtype, "--redop", cfg.redop,
+             "--algorithm", ",".join(cfg.algorithms)]
+    return flags + ["--check"] * cfg.check + ["--calibrate"] * cfg.calibrate
+
+
+def command(cfg: SweepConfig, args: argparse.Namespace) -> str:
+    """The command that reproduces this run, every setting spelled out."""
+    under = _under_launcher()
+    if under:
+        where = []
+    elif args.lab:
+        where = ["--lab", str(args.lab)] + (["--rates", args.rates] if args.rates
+                                            else ["--rate", args.rate])
+    else:
+        where = ["--workers", str(args.workers)]
+    out = [f for flag in ("json", "plot") if getattr(args, flag)
+           for f in (f"--{flag}", getattr(args, flag))]
+    line = shlex.join(["gradsync", "bench", "collectives", *rank_flags(cfg), *where, *out])
+    return f"{line}   (run by each of {os.environ['WORLD_SIZE']} ranks)" if under else line
+
+
+def _under_launcher() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _usage(message: str) -> int:
+    print(f"gradsync: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+def _as_rank(cfg: SweepConfig, args: argparse.Namespace, machine: str) -> int:
+    from .. import comm
+    from .sweep import run_sweep
+
+    group = comm.init_process_group()
+    try:
+        raw = run_sweep(cfg, group)
+    finally:
+        comm.destroy_process_group()
+    if group.rank == 0:
+        if args.result_file:
+            Path(args.result_file).write_text(json.dumps(raw))
+        else:
+            finish(cfg, args, raw, _lab_from_env(), machine)
+    return 0
+
+
+def _run_ranks(cfg: SweepConfig, args: argparse.Namespace,
+               result: Path) -> tuple[int, dict | None]:
+    """Run the ranks locally or in a lab; returns (exit status, the lab's rates or None)."""
+    argv = ["bench", "collectives", *rank_flags(cfg), "--result-file", str(result)]
+    env = {"OMP_NUM_THREADS": "1"}  # the sweep runs one compute thread per rank
+    if not args.lab:
+        from ..launch import LaunchError, launch
+
+        try:
+            done = launch(argv, args.workers, env=env)
+        except LaunchError as exc:
+            return _usage(str(exc)), None
+        if done.returncode != 0 and done.failed_rank is not None:
+            print(f"gradsync: bench failed: worker rank {done.failed_rank} {done.reason}",
+                  file=sys.stderr, flush=True)
+        return done.returncode, None
+    from ..lab import lab_launch, up
+
+    env["TORCH_CPP_LOG_LEVEL"] = "ERROR"  # lab addresses have no reverse DNS: c10d warns
+    rates = [r.strip() for r in args.rates.split(",")] if args.rates else None
+    with up(args.lab, args.rate, rates) as lab:  # down on any exit, Ctrl-C included
+        info = {"name": lab.name, "prefix": lab.prefix, "rates_bits": [h.rate for h in lab.hosts]}
+        return lab_launch(lab, argv, env=env), info
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `gradsync bench collectives`; returns the exit status."""
+    from ..lab import LabError
+
+    try:
+        cfg = SweepConfig(args.minbytes, args.maxbytes, args.stepfactor, args.iters,
+                          args.warmup_iters, args.op, args.dtype, args.redop,
+                          tuple(a.strip() for a in args.algorithm.split(",")), args.check,
+                          args.calibrate)
+    except ValueError as exc:
+        return _usage(str(exc))
+    if args.calibrate and cfg.op != "all_reduce":
+        return _usage("--calibrate fits the all_reduce cost model; it needs --op all_reduce")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        return _usage("--plot needs matplotlib (pip install 'gradsync[plot]')")
+    machine = machine_line()
+    if _under_launcher():
+        if args.lab:
+            return _usage("--lab starts its own ranks; run it directly, not under a launcher")
+        return _as_rank(cfg, args, machine)
+    if (args.lab if args.lab is not None else args.workers) < 2:
+        return _usage("need at least 2 ranks: --workers N or --lab N with N >= 2")
+    if (args.rates or args.rate) and not args.lab:
+        return _usage("--rate and --rates need --lab N")
+    args.rate = args.rate or "1gbit"
+    with tempfile.TemporaryDirectory(prefix="gradsync-bench-") as tmp:
+        result = Path(tmp) / "result.json"
+        try:
+            rc, lab = _run_ranks(cfg, args, result)
+        except LabError as exc:
+            return _usage(str(exc))
+        if rc != 0:
+            return rc
+        raw = json.loads(result.read_text())
+    finish(cfg, args, raw, lab, machine)
+    return 0
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "collectives", help="bus bandwidth of collectives per algorithm (nccl-tests style)",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-b", "--minbytes", type=_size, default="1K", help="smallest size S")
+    p.add_argument("-e", "--maxbytes", type=_size, default="64M", help="largest size S")
+    p.add_argument("-f", "--stepfactor", type=int, default=4, help="size multiplier")
+    p.add_argument("-n", "--iters", type=int, default=30,
+                   help="timed iterations per size (scaled down above 16 MiB, at least 10)")
+    p.add_argument("-w", "--warmup_iters", type=int, default=5, help="untimed iterations")
+    p.add_argument("--op", choices=tuple(ALGORITHMS), default="all_reduce")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--redop", choices=REDOPS, default="sum")
+    p.add_argument("--algorithm", default="all",
+                   help="one, several (comma-separated) or all; all_reduce: "
+                        f"{','.join(ALGORITHMS['all_reduce'])}; reduce_scatter: native,ring; "
+                        "others: native")
+    p.add_argument("-c", "--check", action="store_true",
+                   help="check every iteration's result, not only the first")
+    p.add_argument("--workers", type=int, default=2, help="local ranks")
+    p.add_argument("--lab", type=int, metavar="N",
+                   help="run across an emulated cluster of N hosts (needs root)")
+    p.add_argument("--rate", help="every lab link's rate, e.g. 1gbit (default 1gbit)")
+    p.add_argument("--rates", metavar="R1,R2,...", help="one rate per lab host instead")
+    p.add_argument("--calibrate", action="store_true",
+                   help="all_reduce: also fit gradsync.comm.calibrate()'s cost model")
+    p.add_argument("--json", metavar="FILE", help="write the report to FILE")
+    p.add_argument("--plot", metavar="FILE.png", help="busbw against size")
+    p.add_argument("--result-file", help=argparse.SUPPRESS)  # a rank's results, for the controller
+    p.set_defaults(bench=main)

@@ -1,0 +1,283 @@
+"""What every rank of `gradsync bench collectives` runs: one nccl-tests-style sweep.
+
+For each size from ``minbytes`` to ``maxbytes`` (times ``stepfactor``), every algorithm runs
+the collective once per iteration, in an order that rotates from one iteration to the next,
+so that drift and a noisy neighbour hit every algorithm alike. Before a call the buffers are
+refilled and the ranks meet in a barrier; a call's time is the slowest rank's, and a size's
+figure is the median over its iterations (fewer above 16 MiB, so that large sizes do not
+dominate the run).
+
+Inputs are small integers, so every result is exact in every dtype and is compared bit for
+bit with its closed form: rank r holds v(r, i) = (i + r) mod P + 1 at global index i, with
+P = 2 for prod (products are then powers of two, exact in float16) and P = 4 otherwise
+(sums stay below 4n, exact in bfloat16 up to 64 ranks). Zero is never a valid result, so
+outputs are zeroed before each call to catch an element a collective forgot to write.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+# busbw = algbw * factor(n) (nccl-tests, shared/ANCHORS.md). For reduce_scatter and
+# all_gather S is the whole array, count * n elements; every rank holds or gets count of them.
+FACTORS = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
+           "all_gather": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0,
+           "reduce": lambda n: 1.0}
+# The order of gradsync.comm.ALL_REDUCE_ALGORITHMS, native first (tests hold them equal).
+ALGORITHMS = {"all_reduce": ("native", "ring", "tree", "halving_doubling", "reduce_broadcast",
+                             "auto"),
+              "reduce_scatter": ("native", "ring"), "all_gather": ("native",),
+              "broadcast": ("native",), "reduce": ("native",)}
+PER_RANK = ("reduce_scatter", "all_gather")  # S = count * n
+ROOTED = ("broadcast", "reduce")              # root is rank 0
+REDUCING = ("all_reduce", "reduce_scatter", "reduce")
+DTYPES = ("float32", "float64", "float16", "bfloat16", "int32", "int64")
+REDOPS = ("sum", "max", "min", "prod", "avg")
+FULL_ITERS_UP_TO = 16 << 20  # above this, iterations shrink in proportion to the size
+MIN_ITERS = 10
+
+
+def parse_size(text: str) -> int:
+    """'1K', '64M', '1G' or plain bytes, powers of 1024 as in nccl-tests."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    body = text.strip().upper().removesuffix("B")
+    try:
+        value = float(body[:-1]) * units[body[-1]] if body and body[-1] in units else int(body)
+    except ValueError:
+        raise ValueError(f"cannot parse size {text!r}; use bytes or a K/M/G suffix, "
+                         "e.g. 1K, 64M") from None
+    if value < 1 or value != int(value):
+        raise ValueError(f"size {text!r} must be a whole number of bytes >= 1")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """The inverse of :func:`parse_size` where it is exact: 1048576 -> '1M'."""
+    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n % div == 0:
+            return f"{n // div}{unit}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One sweep: sizes, iterations, the collective and the algorithms to compare."""
+
+    minbytes: int = 1 << 10
+    """Smallest size S in bytes (-b)."""
+    maxbytes: int = 64 << 20
+    """Largest size (-e)."""
+    stepfactor: int = 4
+    """Each size is the previous one times this (-f)."""
+    iters: int = 30
+    """Timed iterations per size, fewer above FULL_ITERS_UP_TO (-n)."""
+    warmup_iters: int = 5
+    """Untimed iterations per size before the timed ones (-w)."""
+    op: str = "all_reduce"
+    dtype: str = "float32"
+    redop: str = "sum"
+    """Ignored by all_gather and broadcast, which reduce nothing."""
+    algorithms: tuple[str, ...] = ("all",)
+    """Algorithms of ``op`` to compare; "all" stands for every one."""
+    check: bool = False
+    """Check every iteration's result; otherwise only the first iteration's."""
+    calibrate: bool = False
+    """Also run gradsync.comm.calibrate() (all_reduce only)."""
+
+    def __post_init__(self) -> None:
+        if self.op not in ALGORITHMS:
+            raise ValueError(f"--op {self.op!r}: expected one of {', '.join(ALGORITHMS)}")
+        if self.dtype not in DTYPES or self.redop not in REDOPS:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)} and --redop one of "
+                             f"{', '.join(REDOPS)}")
+        if not 1 <= self.minbytes <= self.maxbytes:
+            raise ValueError(f"need 1 <= -b <= -e, got -b {self.minbytes} -e {self.maxbytes}")
+        if self.stepfactor < 2 or self.iters < 1 or self.warmup_iters < 0:
+            raise ValueError("need -f >= 2, -n >= 1 and -w >= 0")
+        if self.redop == "avg" and self.dtype.startswith("int") and self.op in REDUCING:
+            raise ValueError(f"--redop avg needs a floating-point --dtype, not {self.dtype}")
+        known = ALGORITHMS[self.op]
+        algos = known if "all" in self.algorithms else tuple(dict.fromkeys(self.algorithms))
+        bad = [a for a in algos if a not in known]
+        if bad or not algos:
+            raise ValueError(f"--algorithm {','.join(bad) or '(none)'}: {self.op} offers "
+                             f"{', '.join(known)} (or all)")
+        object.__setattr__(self, "algorithms", algos)
+
+    @property
+    def root(self) -> int:
+        return 0 if self.op in ROOTED else -1
+
+    @property
+    def shown_redop(self) -> str:
+        return self.redop if self.op in REDUCING else "none"
+
+    def sizes(self, world: int) -> list[tuple[int, int]]:
+        """(bytes S, count per rank) for each size, rounded down to whole elements."""
+        elsize = {"float64": 8, "int64": 8, "float16": 2, "bfloat16": 2}.get(self.dtype, 4)
+        pieces = world if self.op in PER_RANK else 1
+        out, s = [], self.minbytes
+        while s <= self.maxbytes:
+            count = max(1, s // (elsize * pieces))
+            if not out or out[-1][1] != count:
+                out.append((count * elsize * pieces, count))
+            s *= self.stepfactor
+        return out
+
+    def iterations(self, nbytes: int) -> int:
+        if nbytes <= FULL_ITERS_UP_TO:
+            return self.iters
+        return min(self.iters, max(MIN_ITERS, self.iters * FULL_ITERS_UP_TO // nbytes))
+
+
+def spread(values: list[float]) -> dict:
+    """Median and spread of repeated measurements: min, max and the quartiles."""
+    xs = sorted(values)
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else xs * 3
+    return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "q1": q1, "q3": q3,
+            "n": len(xs)}
+
+
+# --- one (op, size) on this rank -------------------------------------------------------------
+
+def _values(r: int, start: int, count: int, period: int, dtype):
+    """v(r, i) = (i + r) mod P + 1 for i in [start, start + count)."""
+    import torch
+
+    return ((torch.arange(start, start + count) + r) % period + 1).to(dtype)
+
+
+def _reduced(start: int, count: int, n: int, period: int, redop: str, dtype):
+    """reduce over r of v(r, i), in closed form: v depends on (i + r) mod P only."""
+    import torch
+
+    fold = {"sum": sum, "avg": sum, "max": max, "min": min, "prod": math.prod}[redop]
+    table = [fold((j + r) % period + 1 for r in range(n)) for j in range(period)]
+    exact = torch.tensor(table, dtype=torch.float64 if dtype.is_floating_point else torch.int64)
+    out = exact[torch.arange(start, start + count) % period].to(dtype)
+    return out.div_(n) if redop == "avg" else out  # gradsync divides once, in the dtype
+
+
+class Case:
+    """The buffers of one collective and size on this rank: ``reset()`` refills them,
+    ``run(algorithm)`` calls the collective, ``wrong()`` counts wrong elements."""
+
+    def __init__(self, cfg: SweepConfig, count: int, rank: int, n: int):
+        import torch
+
+        from .. import comm
+
+        dtype, period = getattr(torch, cfg.dtype), 2 if cfg.redop == "prod" else 4
+        op, redop = cfg.op, cfg.redop
+        self.outputs: list = []    # what the collective writes, zeroed by reset() by default
+        self.expected: list = []   # ... and what it must hold afterwards
+        self._fill = self._zero
+        if op == "all_reduce":
+            src = _values(rank, 0, count, period, dtype)
+            buf = torch.empty_like(src)
+            self._fill = lambda: buf.copy_(src)
+            self._call = lambda a: comm.all_reduce(buf, op=redop, algorithm=a)
+            self.outputs, self.expected = [buf], [_reduced(0, count, n, period, redop, dtype)]
+        elif op == "reduce_scatter":  # rank r gets the reduction of everyone's chunk r
+            chunks = [_values(rank, c * count, count, period, dtype) for c in range(n)]
+            out = torch.empty(count, dtype=dtype)
+            self._call = lambda a: comm.reduce_scatter(out, chunks, op=redop, algorithm=a)
+            self.outputs = [out]
+            self.expected = [_reduced(rank * count, count, n, period, redop, dtype)]
+        elif op == "all_gather":
+            mine = _values(rank, 0, count, period, dtype)
+            self.outputs = [torch.empty(count, dtype=dtype) for _ in range(n)]
+            self._call = lambda a: comm.all_gather(self.outputs, mine)
+            self.expected = [_values(r, 0, count, period, dtype) for r in range(n)]
+        elif op == "broadcast":
+            src = _values(0, 0, count, period, dtype)
+            buf = torch.empty_like(src)
+            if rank == 0:
+                self._fill = lambda: buf.copy_(src)
+            self._call = lambda a: comm.broadcast(buf, src=0)
+            self.outputs, self.expected = [buf], [src]
+        else:  # reduce: only the root's result is defined
+            src = _values(rank, 0, count, period, dtype)
+            buf = torch.empty_like(src)
+            self._fill = lambda: buf.copy_(src)
+            self._call = lambda a: comm.reduce(buf, dst=0, op=redop)
+            if rank == 0:
+                self.outputs = [buf]
+                self.expected = [_reduced(0, count, n, period, redop, dtype)]
+
+    def _zero(self) -> None:
+        for out in self.outputs:
+            out.zero_()
+
+    def reset(self) -> None:
+        self._fill()
+
+    def run(self, algorithm: str) -> None:
+        self._call(algorithm)
+
+    def wrong(self) -> int:
+        return sum(int((o != e).sum()) for o, e in zip(self.outputs, self.expected))
+
+
+# --- the sweep ---------------------------------------------------------------------------------
+
+def run_sweep(cfg: SweepConfig, group=None) -> dict:
+    """Measure ``cfg`` on ``group`` (collective: every rank calls it with the same config).
+
+    Returns:
+        ``{"world", "rows", "gamma", "calibrated", "auto_chose"}``: one row per size and
+        algorithm with the slowest rank's time per iteration summarised by :func:`spread`
+        (in us), and #wrong summed over the ranks and the checked iterations. Every rank
+        returns the same figures.
+    """
+    import torch
+
+    from .. import comm
+    from ..comm.collectives import DEFAULT_COST_MODEL
+
+    torch.set_num_threads(1)
+    group = comm.world() if group is None else group
+    rank, n = group.rank, group.size
+    gamma = calibrated = None
+    if cfg.op == "all_reduce":
+        # gamma, the time per byte reduced, on all ranks at once (as in an all-reduce): the
+        # cost-model fit needs it to split a slope into wire time and add time.
+        x, y = torch.ones(2 << 20), torch.ones(2 << 20)
+        x.add_(y)
+        start = time.perf_counter()
+        for _ in range(20):
+            x.add_(y)
+        gamma = (time.perf_counter() - start) / 20 / (8 << 20)
+        if cfg.calibrate:
+            calibrated = vars(comm.calibrate(group))
+    algos = cfg.algorithms
+    rows, auto_chose = [], {}
+    for nbytes, count in cfg.sizes(n):
+        case = Case(cfg, count, rank, n)
+        n_iter = cfg.iterations(nbytes)
+        total = cfg.warmup_iters + n_iter
+        times = torch.zeros(len(algos), total, dtype=torch.float64)
+        wrong = torch.zeros(len(algos), dtype=torch.float64)
+        for it in range(total):
+            for k in range(len(algos)):
+                j = (it + k) % len(algos)
+                case.reset()
+                comm.barrier(group)
+                start = time.perf_counter()
+                case.run(algos[j])
+                times[j, it] = time.perf_counter() - start
+                if cfg.check or it == 0:
+                    wrong[j] += case.wrong()
+        comm.all_reduce(times, op="max", group=group, algorithm="native")
+        comm.all_reduce(wrong, op="sum", group=group, algorithm="native")
+        if cfg.op == "all_reduce":
+            auto_chose[nbytes] = DEFAULT_COST_MODEL.choose(nbytes, n)
+        for j, algo in enumerate(algos):
+            rows.append({"bytes": nbytes, "count": count, "algorithm": algo, "iters": n_iter,
+                         "time_us": spread((1e6 * times[j, cfg.warmup_iters:]).tolist()),
+                         "wrong": int(wrong[j].item())})
+    return {"world": n, "rows": rows, "gamma": gamma, "calibrated": calibrated,
+            "auto_chose": auto_chose}

@@ -1,0 +1,211 @@
+"""`gradsync bench`: the collectives sweep and the training benchmark, as a user runs them.
+
+A run's table, JSON and plot must agree: the same sizes and algorithms, busbw = S/t * factor
+within the table's rounding, #wrong 0. Every collective, dtype and redop of the sweep is
+checked against its closed form on 3 ranks, and a corrupted element is counted. The lab test
+needs root and network namespaces, and skips otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gradsync.bench.busbw import aware_bound, lab_bounds
+from gradsync.bench.sweep import ALGORITHMS, Case, SweepConfig, _reduced, run_sweep
+from gradsync.cli import main
+from tests.distributed import run_workers
+from tests.test_cli import gradsync
+from tests.test_lab import needs_netns
+
+
+def _table(stdout: str) -> list[list[str]]:
+    """The data rows: every other line starts with '#' (bench train: but its header)."""
+    return [line.split() for line in stdout.splitlines() if line.strip()
+            and not line.startswith("#") and line.split()[0] != "arch"]
+
+
+def _averages(stdout: str) -> dict[str, float]:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("# Avg bus bandwidth : ")]
+    return {ln.split()[6]: float(ln.split()[5]) for ln in lines}
+
+
+def _plotted(path) -> dict:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return json.loads(image.text["Description"])
+
+
+@pytest.mark.timeout(60)
+def test_local_sweep_table_json_and_plot_agree(tmp_path):
+    js, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    run = gradsync("bench", "collectives", "--workers", "2", "-b", "1K", "-e", "64K", "-n", "3",
+                   "-w", "1", "--check", "--json", str(js), "--plot", str(png), timeout=55)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(js.read_text())
+    rows, table = report["rows"], _table(run.stdout)
+    algos = list(ALGORITHMS["all_reduce"])
+    expected = [(s, a) for s in (1024, 4096, 16384, 65536) for a in algos]
+    assert [(int(c[0]), c[5]) for c in table] == expected
+    assert [(r["bytes"], r["algorithm"]) for r in rows] == expected
+    n = report["world"]
+    assert n == 2
+    for cells, row in zip(table, rows):
+        _, count, dtype, redop, root, _, t_us, algbw, busbw, wrong = cells[:10]
+        assert (int(count), dtype, redop, root) == (row["bytes"] // 4, "float32", "sum", "-1")
+        t = row["time_us"]["median"]
+        assert row["algbw_gbs"] == pytest.approx(row["bytes"] / (t * 1e-6) / 1e9, rel=1e-9)
+        assert row["busbw_gbs"] == pytest.approx(row["algbw_gbs"] * 2 * (n - 1) / n, rel=1e-9)
+        assert float(t_us) == pytest.approx(t, abs=0.051)
+        assert float(algbw) == pytest.approx(row["algbw_gbs"], abs=5.1e-5)
+        assert float(busbw) == pytest.approx(row["busbw_gbs"], abs=5.1e-5)
+        assert int(wrong) == row["wrong"] == 0
+    averages = _averages(run.stdout)
+    assert list(averages) == algos == list(report["avg_busbw_gbs"])
+    for algo, avg in report["avg_busbw_gbs"].items():
+        mine = [r["busbw_gbs"] for r in rows if r["algorithm"] == algo]
+        assert avg == pytest.approx(sum(mine) / len(mine)) and averages[algo] == round(avg, 4)
+    assert run.stdout.strip().splitlines()[-1].startswith("# Avg bus bandwidth : ")
+    assert _plotted(png) == {a: [[r["bytes"], r["busbw_gbs"]] for r in rows
+                                 if r["algorithm"] == a] for a in algos}
+
+
+@pytest.mark.timeout(10)
+def test_algorithm_names_are_gradsyncs():
+    from gradsync.comm import ALL_REDUCE_ALGORITHMS
+
+    assert set(ALGORITHMS["all_reduce"]) == set(ALL_REDUCE_ALGORITHMS)
+
+
+@pytest.mark.timeout(10)
+def test_closed_form():
+    # 3 ranks, v(r, i) = (i + r) mod 4 + 1: i = 0 holds 1, 2, 3 across the ranks, i = 1 holds
+    # 2, 3, 4, i = 2 holds 3, 4, 1, i = 3 holds 4, 1, 2.
+    assert _reduced(0, 5, 3, 4, "sum", torch.float32).tolist() == [6, 9, 8, 7, 6]
+    assert _reduced(1, 3, 3, 4, "max", torch.int32).tolist() == [4, 4, 4]
+    assert _reduced(0, 4, 3, 4, "min", torch.int64).tolist() == [1, 2, 1, 1]
+    assert _reduced(0, 2, 3, 2, "prod", torch.float16).tolist() == [2, 4]  # 1*2*1, 2*1*2
+    assert _reduced(0, 2, 3, 4, "avg", torch.float64).tolist() == [2, 3]
+
+
+@pytest.mark.timeout(10)
+def test_bandwidth_aware_bound():
+    # Equal links: the ring's bound, the link itself. One link 4x slower on 4 hosts: the slow
+    # host owns no shard and moves S each way, 1.5x better than a ring at the slow link.
+    assert aware_bound([10.0] * 3) == pytest.approx(10.0)
+    assert aware_bound([4.0, 4.0, 4.0, 1.0]) == pytest.approx(1.5)
+    assert aware_bound([4.0, 1.0]) == pytest.approx(1.0)
+    bounds = lab_bounds("all_reduce", [8_000_000_000, 2_000_000_000, 2_000_000_000])
+    assert bounds["bound_busbw_gbs"] == pytest.approx(0.25)
+    assert bounds["aware_busbw_gbs"] > bounds["bound_busbw_gbs"]
+
+
+_CASES = [("all_reduce", "float32", "sum"), ("all_reduce", "bfloat16", "avg"),
+          ("all_reduce", "int64", "prod"), ("reduce_scatter", "float16", "max"),
+          ("reduce_scatter", "int32", "min"), ("all_gather", "float64", "sum"),
+          ("broadcast", "int32", "sum"), ("reduce", "bfloat16", "prod")]
+
+
+def _every_case(rank: int, world: int) -> list[int]:
+    wrong = []
+    for op, dtype, redop in _CASES:
+        cfg = SweepConfig(minbytes=1000, maxbytes=1000, iters=2, warmup_iters=0, op=op,
+                          dtype=dtype, redop=redop, check=True)
+        raw = run_sweep(cfg)
+        assert [r["algorithm"] for r in raw["rows"]] == list(ALGORITHMS[op])
+        wrong += [r["wrong"] for r in raw["rows"]]
+        # The check sees a wrong element: corrupt one on every rank that holds a result.
+        case = Case(cfg, 7, rank, world)
+        case.reset()
+        case.run("native")
+        assert case.wrong() == 0
+        for out in case.outputs[:1]:
+            out[3] += 1
+        assert case.wrong() == (1 if case.outputs else 0)
+    return wrong
+
+
+@pytest.mark.timeout(60)
+def test_every_collective_dtype_and_redop_is_exact():
+    for wrong in run_workers(_every_case, 3, timeout=50):
+        assert wrong and set(wrong) == {0}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("argv,needle", [
+    (["-b", "huge"], "cannot parse size 'huge'"),
+    (["-b", "64M", "-e", "1K"], "-b <= -e"),
+    (["-f", "1"], "-f >= 2"),
+    (["--op", "gather"], "invalid choice: 'gather'"),
+    (["--dtype", "int8"], "invalid choice: 'int8'"),
+    (["--algorithm", "butterfly"], "butterfly"),
+    (["--op", "all_gather", "--algorithm", "ring"], "all_gather offers native"),
+    (["--dtype", "int32", "--redop", "avg"], "floating-point"),
+    (["--workers", "1"], "at least 2 ranks"),
+    (["--rate", "1gbit"], "need --lab"),
+    (["--lab", "3", "--rates", "1gbit,1gbit"], "one per host"),
+    (["--lab", "2", "--rate", "fast"], "cannot parse rate 'fast'"),
+    (["--op", "broadcast", "--calibrate"], "--calibrate"),
+])
+def test_bad_flags_are_one_line_with_exit_2(argv, needle, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    try:
+        rc = main(["bench", "collectives", *argv])
+    except SystemExit as exc:  # argparse's own errors
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("gradsync: error: ") and needle in err, err
+
+
+@pytest.mark.timeout(60)
+def test_bench_train_table_json_and_plot_agree(tmp_path):
+    js, png = tmp_path / "train.json", tmp_path / "train.png"
+    run = gradsync("bench", "train", "--rounds", "1", "--steps", "4", "--workers", "2",
+                   "--archs", "allreduce", "--json", str(js), "--plot", str(png), timeout=55)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(js.read_text())["rows"]
+    table = _table(run.stdout)
+    assert [(c[0], int(c[1])) for c in table] == [(r["arch"], r["workers"]) for r in rows] \
+        == [("local", 1), ("allreduce", 2)]
+    local = rows[0]["samples_per_s"]
+    for cells, row in zip(table, rows):
+        assert float(cells[2].replace(",", "")) == pytest.approx(row["samples_per_s"], abs=0.51)
+        assert float(cells[4]) == pytest.approx(row["step_ms"], abs=0.051)
+        # samples/s is the global batch over the median step time
+        assert row["samples_per_s"] == pytest.approx(64 * row["workers"] / row["step_ms"] * 1e3)
+        assert row["efficiency"] == pytest.approx(row["samples_per_s"] / (row["workers"] * local))
+        assert float(cells[5]) == pytest.approx(row["efficiency"], abs=0.0051)
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_netns
+@pytest.mark.timeout(120)
+def test_lab_busbw_against_the_link(tmp_path):
+    """3 hosts at 200 Mbit/s, 16 MiB: ring and native reach >= 0.9 of the link in busbw, the
+    single root of reduce_broadcast is the bottleneck (its bound is 1/n of the link)."""
+    js = tmp_path / "lab.json"
+    env = {**os.environ, "GRADSYNC_LAB_DIR": str(tmp_path / "labs")}
+    run = subprocess.run([sys.executable, "-m", "gradsync", "bench", "collectives", "--lab", "3",
+                          "--rate", "200mbit", "-b", "16M", "-e", "16M", "-n", "3", "-w", "0",
+                          "--algorithm", "ring,native,reduce_broadcast", "--check",
+                          "--json", str(js)], capture_output=True, text=True, timeout=110,
+                         env=env, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(js.read_text())
+    frac = {r["algorithm"]: round(r["of_link"], 3) for r in report["rows"]}
+    assert frac["ring"] >= 0.9 and frac["native"] >= 0.9, frac
+    assert frac["reduce_broadcast"] < 0.75, frac
+    assert {r["wrong"] for r in report["rows"]} == {0}
+    assert report["lab"]["bound_busbw_gbs"] == pytest.approx(200e6 / 8 / 1e9)
+    prefix = report["lab"]["prefix"] + "-"
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                          check=True).stdout
+    assert not [ln for ln in left.splitlines() if ln.startswith(prefix)]
+    assert not list((tmp_path / "labs").glob("*.json"))
