@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -85,3 +86,21 @@ def test_cut_link_fails_the_run_naming_the_host(tmp_path):
         output[-3000:]
     assert elapsed < 45, elapsed  # the 8 s timeout, the diagnosis, the grace period
     assert not [other for other in lab_mod.status() if other.name not in before_labs]
+
+
+@needs_netns
+@pytest.mark.timeout(60)
+def test_lab_commands_through_the_cli():
+    """up, run, status, down as a user types them (the top-level parser included)."""
+    name = "cli-test"
+    before = _namespaces()
+    try:
+        assert gradsync("lab", "up", "--hosts", "2", "--rate", "1gbit", "--name", name).returncode == 0
+        run = gradsync("lab", "run", "--name", name, "--", sys.executable, "-c",
+                       "import os; print('rank', os.environ['RANK'], os.environ['WORLD_SIZE'])")
+        assert run.returncode == 0, run.stderr
+        assert "[rank 0] rank 0 2" in run.stdout and "[rank 1] rank 1 2" in run.stdout
+        assert name in gradsync("lab", "status").stdout
+    finally:
+        gradsync("lab", "down", "--name", name)
+    assert _namespaces() == before

@@ -54,10 +54,9 @@ def run_config(config: Config, args, out: Path) -> dict:
     cmd = [sys.executable, "-m", "gradsync", "train", "--workload", args.workload, "--hidden",
            str(args.hidden), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
            "--no-progress", "--out", str(out), *config.flags()]
-    if args.lab_rate:
+    cmd += ["--workers", str(config.workers)]
+    if args.lab_rate:  # one emulated host per process
         cmd += ["--lab", str(config.processes), "--rate", args.lab_rate]
-    else:
-        cmd += ["--workers", str(config.workers)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -125,6 +124,11 @@ def _opt(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _usage(message: str) -> int:
+    print(f"gradsync: error: {message}", file=sys.stderr)
+    return 2
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="training throughput across architectures",
                               description=__doc__.split("\n\n")[0])
@@ -148,13 +152,12 @@ def main(args) -> int:
     try:
         counts = [int(w) for w in args.workers.split(",")]
     except ValueError:
-        raise SystemExit(f"gradsync: error: --workers {args.workers!r}: expected numbers like "
-                         "1,2,3") from None
+        return _usage(f"--workers {args.workers!r}: expected numbers like 1,2,3")
     if min(counts) < 1 or args.rounds < 1 or args.steps < 2:
-        raise SystemExit("gradsync: error: --workers, --rounds must be >= 1 and --steps >= 2")
+        return _usage("--workers and --rounds must be >= 1 and --steps >= 2")
     specs = [s for s in args.archs.split(",") if s and s != "local"]
     configs = [Config("local", 1)] + [Config(s, n) for n in counts for s in specs]
-    print(f"# gradsync bench train {' '.join(sys.argv[3:])}")
+    print(f"# {' '.join(['gradsync', *sys.argv[1:]])}")
     print(f"# {machine_line()}")
     results = measure(configs, args)
     rows = table(results, args)

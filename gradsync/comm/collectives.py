@@ -314,7 +314,7 @@ def reduce_scatter_async(output: torch.Tensor, input_list: list[torch.Tensor],
                 output.copy_(out.view_as(output))
             return done()
 
-        return _engine(group, what, lambda: dist.reduce_scatter_tensor(
+        return _engine(group, what, lambda: _reduce_scatter_engine(
             out, stage, op=_ENGINE_OPS[op], group=group.pg, async_op=True), after,
             stage.numel() * stage.element_size(), True)
 
@@ -329,6 +329,10 @@ def reduce_scatter_async(output: torch.Tensor, input_list: list[torch.Tensor],
         return done()
 
     return _own(group, run, True)
+
+
+# torch 2.13 renamed reduce_scatter_tensor (now deprecated); older releases lack the new name.
+_reduce_scatter_engine = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def reduce_scatter(output: torch.Tensor, input_list: list[torch.Tensor],

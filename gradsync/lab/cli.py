@@ -1,7 +1,7 @@
 """`gradsync lab`: the argparse wiring of up / down / status / run.
 
     gradsync lab up --hosts 3 --rate 200mbit [--rates 1gbit,1gbit,250mbit] [--name NAME]
-    gradsync lab run [--name NAME] -- python -m tests._lab_allreduce
+    gradsync lab run [--name NAME] -- python -m gradsync bench collectives -b 16M -e 16M
     gradsync lab status
     gradsync lab down [--name NAME] [--all]
 
@@ -56,7 +56,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=29500, help="MASTER_PORT (default 29500)")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="stop every rank after this long (exit 124)")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    # dest "argv": "command" is the top-level sub-command's attribute (gradsync lab ...).
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     return lab
 
 
@@ -109,7 +110,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not command:
         raise LabError("no command to run; usage: gradsync lab run [--name NAME] -- COMMAND")
     lab = get(args.name)

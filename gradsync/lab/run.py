@@ -1,7 +1,7 @@
 """Run a command once per process slot of a lab, inside the hosts' namespaces.
 
     rc = lab_launch(lab, ["train", "--arch", "allreduce"])    # python -m gradsync train ...
-    rc = run_command(lab, ["python", "-m", "tests._lab_allreduce"])
+    rc = run_command(lab, ["python", "-m", "gradsync", "bench", "collectives"])
 
 Rank r runs on host r // procs_per_host through ``ip netns exec``, with RANK, WORLD_SIZE,
 LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (host 0's lab address), MASTER_PORT and
