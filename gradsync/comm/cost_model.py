@@ -11,8 +11,8 @@ the same for every algorithm, but gradsync's own algorithms drive each message f
 while the engine's ``native`` ring runs in C++, and on loopback the "wire" is memory copies.
 So every algorithm gets its own alpha and beta, fitted to measurements, and gamma is shared.
 
-The defaults were fitted to `benchmarks/bench_allreduce.py` on a 2-core machine over loopback
-(p = 2, 1 KiB and 16 MiB; docs/benchmarks.md). :func:`calibrate` fits them on the cluster at
+The defaults were fitted to `gradsync bench collectives` sweeps on a 2-core machine over
+loopback (p = 2; docs/benchmarks.md). :func:`calibrate` fits them on the cluster at
 hand: in an emulated lab with shaped links the betas of all algorithms come out alike.
 """
 
@@ -31,10 +31,11 @@ ALGORITHMS = ("native", "reduce_broadcast", "ring", "tree", "halving_doubling")
 
 
 def _loopback_defaults() -> dict[str, tuple[float, float]]:
-    # (alpha s/message, beta s/byte) per algorithm; see the module docstring.
-    return {"native": (252e-6, 1 / 1.14e9), "ring": (304e-6, 1 / 1.18e9),
-            "tree": (181e-6, 1 / 2.38e9), "halving_doubling": (265e-6, 1 / 1.15e9),
-            "reduce_broadcast": (168e-6, 1 / 2.34e9)}
+    # (alpha s/message, beta s/byte) per algorithm: the mean of two sweeps' fits by
+    # `gradsync bench collectives` (relative least squares, 1 KiB-64 MiB, docs/benchmarks.md).
+    return {"native": (188e-6, 1 / 1.23e9), "ring": (292e-6, 1 / 1.03e9),
+            "tree": (130e-6, 1 / 2.20e9), "halving_doubling": (260e-6, 1 / 1.09e9),
+            "reduce_broadcast": (125e-6, 1 / 2.18e9)}
 
 
 def shape(algorithm: str, n: float, p: int) -> tuple[float, float, float]:
