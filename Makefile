@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dataparallel.py
 	$(PY) benchmarks/bench_allreduce.py
+	$(PY) -m benchmarks.bench_check
 
 clean:
 	rm -rf $(VENV) *.egg-info
