@@ -31,14 +31,9 @@ def machine() -> dict:
     """What the figures were measured on: cores, CPU model, load, torch and Python versions."""
     import torch  # late: the launcher itself needs no torch until it reports
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from gradsync.bench.report import cpu_model
+
+    cpu = cpu_model()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:

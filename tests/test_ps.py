@@ -18,8 +18,9 @@ OPTIMIZERS = {
 }
 
 
-def reference(workers: int, optimizer: str):
-    model = make_model()
+def reference(workers: int, optimizer: str, model_fn=make_model):
+    """One process on the global batch of ``workers`` x BATCH."""
+    model = model_fn()
     opt = OPTIMIZERS[optimizer](model.parameters())
     for step in range(STEPS):
         x, y = global_batch(step, workers * BATCH)
@@ -120,22 +121,11 @@ class Uneven(nn.Module):
         return self.head(h)
 
 
-def _uneven_reference(workers):
-    model = Uneven()
-    opt = OPTIMIZERS["sgd"](model.parameters())
-    for step in range(STEPS):
-        x, y = global_batch(step, workers * BATCH)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    return [p.detach().numpy().copy() for p in model.parameters()]
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("servers", [3, 11])  # 11 servers > 9 parameter tensors
 def test_uneven_shards_and_more_servers_than_tensors(servers):
     results = run_workers(_ps_train, servers + 2, servers, "sgd", "sync", 0, Uneven)
-    want = _uneven_reference(2)
+    want = reference(2, "sgd", Uneven)
     for result in results[servers:]:
         for got, ref in zip(result[1], want):
             np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13)

@@ -7,18 +7,22 @@ import platform
 from pathlib import Path
 
 
+def cpu_model() -> str:
+    """The processor's model name, from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def machine_line() -> str:
     """Cores, CPU model, torch and Python versions: what a figure was measured on."""
     import torch
 
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return (f"{len(os.sched_getaffinity(0))} cores ({cpu}), torch {torch.__version__}, "
             f"Python {platform.python_version()}, load {os.getloadavg()[0]:.2f}")
 
