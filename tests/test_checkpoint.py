@@ -1,7 +1,6 @@
 """Checkpoints: round trip, pruning, damaged and foreign files, several ranks, crashes.
 
-The kill trials print their outcome and the measured save time; show them with
-``pytest tests/test_checkpoint.py -k kill -rP``.
+The SIGKILL trials during writes are in tests/test_checkpoint_kills.py.
 """
 
 from __future__ import annotations
@@ -10,12 +9,6 @@ import json
 import logging
 import os
 import random
-import signal
-import statistics
-import subprocess
-import sys
-import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,7 +27,6 @@ from gradsync.train.checkpoint import (
     restore_rng_state,
 )
 
-from ._checkpoint_writer import KEEP, make_model, meta_for
 
 WRITER = Path(__file__).with_name("_checkpoint_writer.py")
 
@@ -315,112 +307,3 @@ def test_crash_at_every_durability_point(tmp_path: Path,
     assert crash_at >= 8  # the protocol really has that many points to interrupt
     save_filled(CheckpointManager(tmp_path, keep=2), step + 1, model)
     assert len(list(tmp_path.iterdir())) == 2  # all leftovers of the crashes are gone
-
-
-class _Writer:
-    """Client of the fork server in _checkpoint_writer.py."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-u", str(WRITER)], text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.child: int | None = None
-
-    def run(self, directory: Path, first: int, count: int) -> int:
-        self.proc.stdin.write(f"run {directory} {first} {count}\n")
-        self.proc.stdin.flush()
-        kind, pid = self.line().split()
-        assert kind == "child", kind
-        self.child = int(pid)
-        return self.child
-
-    def line(self) -> str:
-        line = self.proc.stdout.readline()
-        assert line, "the writer server died"
-        assert not line.startswith("error"), line
-        return line.strip()
-
-    def until_exit(self, pid: int) -> list[str]:
-        lines = []
-        while not (line := self.line()).startswith(f"exit {pid} "):
-            lines.append(line)
-        self.child = None
-        return lines
-
-    def close(self) -> None:
-        if self.child is not None:  # a failed assertion left a writer running
-            os.kill(self.child, signal.SIGKILL)
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def kill_phase(directory: Path, step: int | None, latest: int | None) -> str:
-    """Where a save of `step` (None: no save was running) was when the kill came."""
-    if step is None:
-        return "between saves"
-    name = f"step-{step:08d}"
-    if (directory / f"{name}.tmp").exists():  # also a stale one a new attempt reuses
-        return "writing files"
-    if latest == step:
-        return "after the marker"
-    if (directory / name).exists():
-        return "renamed, before the marker"
-    return "before the first file"
-
-
-@pytest.mark.timeout(90)
-def test_kill_during_checkpoint_writes(tmp_path: Path) -> None:
-    """SIGKILL the writer at random moments spread over its saves, 30 times in one directory.
-
-    Each trial resumes where the last one left off (from `latest() + 1`), so later trials
-    also meet the leftovers of earlier kills: staging directories, uncommitted renames.
-    """
-    rng = random.Random(20240607)
-    writer = _Writer()
-    try:
-        calibration = tmp_path / "calibration"
-        pid = writer.run(calibration, 1, 12)
-        seconds = [float(line.split()[2]) for line in writer.until_exit(pid)
-                   if line.startswith("end")]
-        save_s = statistics.median(seconds)
-
-        directory = tmp_path / "trials"
-        mgr = CheckpointManager(directory, keep=KEEP)
-        expect = meta_for(make_model(), 0)
-        trials, phases, newest_ended = 30, Counter[str](), None
-        for _ in range(trials):
-            pid = writer.run(directory, (mgr.latest() or 0) + 1, 1000)
-            target = rng.randint(1, 3)  # which save of this run the kill aims at
-            lines: list[str] = []
-            while sum(x.startswith("begin") for x in lines) < target:
-                lines.append(writer.line())
-            # Uniform over 1.3 save times after a "begin" line: mostly mid-save, some
-            # after it, between saves or early in the next one.
-            time.sleep(rng.uniform(0.0, 1.3 * save_s))
-            os.kill(pid, signal.SIGKILL)
-            lines += writer.until_exit(pid)
-            began = [int(x.split()[1]) for x in lines if x.startswith("begin")]
-            ended = [int(x.split()[1]) for x in lines if x.startswith("end")]
-            newest_ended = max(ended, default=newest_ended)
-
-            latest = mgr.latest()
-            if newest_ended is not None:  # every finished save survives, none is invented
-                assert latest is not None and newest_ended <= latest <= max(began)
-            if latest is not None:
-                state, _, found = mgr.load(latest, expect=expect)
-                assert found.step == latest and filled_with(state, latest)
-                assert mgr.load_latest_valid()[0] == latest
-                # A kill after the marker but before pruning leaves one extra; the next
-                # commit removes it.
-                assert len(mgr.committed_steps()) <= KEEP + 1
-            in_flight = began[-1] if lines[-1].startswith("begin") else None
-            phases[kill_phase(directory, in_flight, latest)] += 1
-    finally:
-        writer.close()
-    print(f"{trials}/{trials} kills, newest committed checkpoint loaded every time; "
-          f"the kill landed: {dict(phases)}; "
-          f"save of a 7.0 MiB model: median {save_s * 1e3:.1f} ms, "
-          f"min {min(seconds) * 1e3:.1f}, max {max(seconds) * 1e3:.1f} over {len(seconds)}")

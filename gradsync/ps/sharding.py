@@ -73,12 +73,18 @@ def shard_layout(params: list[torch.Tensor], servers: int) -> ShardLayout:
     return ShardLayout(tuple(offsets), tuple(numels), tuple(chunk_bounds(total, servers)))
 
 
-def gather_shard(tensors: list[torch.Tensor], layout: ShardLayout, k: int,
+def gather_shard(tensors: list[torch.Tensor | None], layout: ShardLayout, k: int,
                  out: torch.Tensor) -> torch.Tensor:
-    """Copy shard k of the flat view of ``tensors`` into ``out`` (shape (shard numel,))."""
+    """Copy shard k of the flat view of ``tensors`` into ``out`` (shape (shard numel,)).
+
+    A None entry (a parameter without a gradient) contributes zeros, without allocating.
+    """
     pos = 0
     for i, lo, hi in layout.pieces(k):
-        out[pos:pos + hi - lo].copy_(tensors[i].reshape(-1)[lo:hi])
+        if tensors[i] is None:
+            out[pos:pos + hi - lo].zero_()
+        else:
+            out[pos:pos + hi - lo].copy_(tensors[i].reshape(-1)[lo:hi])
         pos += hi - lo
     return out
 

@@ -87,11 +87,10 @@ class PSWorker(nn.Module):
             if self._remaining[k] == 0:
                 self._push(k)
 
-    def _grads(self) -> list[torch.Tensor]:
-        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-
     def _push(self, k: int) -> None:
-        payload = gather_shard(self._grads(), self.layout, k, self._push_bufs[k])
+        # Gradients not there yet (None) are parameters without one this step: zeros.
+        payload = gather_shard([p.grad for p in self._params], self.layout, k,
+                               self._push_bufs[k])
         header = Header(Kind.PUSH, step=self.step_count, shard=k, numel=payload.numel(),
                         version=self.versions[k], sender=self.rank).encode()
         self._send(k, header, payload)
