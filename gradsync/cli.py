@@ -73,7 +73,7 @@ def _run_worker(config) -> int:
     """One rank of the run: join the group, train, print the summary on rank 0."""
     from . import comm
     from .train.architecture import build_architecture
-    from .train.checkpoint import CheckpointError
+    from .train.checkpoint import CheckpointError, CheckpointRefusedError
     from .train.trainer import format_summary, train
 
     rank = os.environ.get("RANK", "?")
@@ -89,6 +89,8 @@ def _run_worker(config) -> int:
         if summary is not None and architecture.worker_rank == 0:
             print(format_summary(summary), flush=True)
         return 0
+    except CheckpointRefusedError:
+        return EXIT_USAGE  # rank 0 prints the reason
     except (UserError, CheckpointError) as exc:
         print(f"gradsync: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
@@ -103,6 +105,19 @@ def _run_worker(config) -> int:
             comm.destroy_process_group()
         except Exception:  # noqa: BLE001 - the group may be broken by a lost peer
             pass
+
+
+def _exit_rank(code: int) -> None:
+    """End a rank whose process group is destroyed and whose output is written.
+
+    It leaves without the interpreter's finalization: an engine thread still alive then (a
+    store client, a gloo worker) can abort the process ("terminate called without an active
+    exception", SIGABRT) and turn a finished run into a failed one.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run_local(config) -> int:
@@ -166,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             raise UserError(str(exc)) from None
         if _under_launcher():
-            return _run_worker(config)
+            _exit_rank(_run_worker(config))
         return _run_local(config)
     except UserError as exc:
         print(f"gradsync: error: {exc}", file=sys.stderr, flush=True)

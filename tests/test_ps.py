@@ -192,3 +192,55 @@ def test_malformed_message_stops_a_sync_server_naming_the_sender():
     assert kind == "server-error" and "rank 2" in message, message
     assert results[2][1][0] == "rejected"
     assert results[1][1][0] == "worker-error" and "rank 0" in results[1][1][1], results[1]
+
+
+def _checkpoint_and_resume(rank, world, optimizer, cut):
+    """Sync PS with Adam/SGD: train STEPS steps taking a checkpoint at ``cut``, then start a
+    fresh server from that checkpoint and run the steps after ``cut`` again."""
+    from gradsync import comm
+    from gradsync.ps import PSArchitecture
+
+    saved = {}
+
+    def run(start, restored, save):
+        arch = PSArchitecture(1, "sync", 0, comm.world())
+        model = make_model()
+        if not arch.is_worker:
+            arch.serve(model, OPTIMIZERS[optimizer], save=save, restored=restored)
+            return None
+        ps_model, opt = arch.prepare(model, OPTIMIZERS[optimizer], start_step=start)
+        n, w = arch.num_workers, arch.worker_rank
+        for step in range(start, STEPS):
+            x, y = global_batch(step, n * BATCH)
+            opt.zero_grad()
+            nn.functional.mse_loss(ps_model(x[w * BATCH:(w + 1) * BATCH]),
+                                   y[w * BATCH:(w + 1) * BATCH]).backward()
+            opt.step()
+            if step + 1 == cut and save is not None:
+                assert ps_model.checkpoint(cut)
+        arch.finish()
+        return [p.detach().clone() for p in model.parameters()]
+
+    straight = run(0, None, lambda step, state: saved.update({step: state}))
+    resumed = run(cut, saved.get(cut), None)
+    if rank == 0:
+        return saved[cut]["step"], saved[cut]["version"], len(saved)
+    return all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_sync_resume_from_a_server_checkpoint_is_bitwise_exact(optimizer):
+    results = run_workers(_checkpoint_and_resume, 3, optimizer, 4)
+    assert results[0] == (4, 4, 1)  # saved once, at step 4, after 4 updates
+    assert results[1] is True and results[2] is True
+
+
+def test_checkpoint_requests_are_validated():
+    from gradsync.ps.protocol import Header, Kind, Status, validate_push
+
+    ask = Header(Kind.CHECKPOINT, step=5, shard=1)
+    assert validate_push(ask, 1, 10, 4, None, checkpoints=True) == Status.OK
+    assert validate_push(ask, 1, 10, 4, None) == Status.BAD_KIND  # this run saves nothing
+    assert validate_push(ask, 1, 10, 3, None, checkpoints=True) == Status.STEP_OUT_OF_RANGE
+    assert validate_push(ask, 0, 10, 4, None, checkpoints=True) == Status.WRONG_SHARD

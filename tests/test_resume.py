@@ -1,5 +1,6 @@
-"""Checkpoints in `gradsync train`: exact resume, agreement on the checkpoint, a new worker
-count, a foreign checkpoint, and runs killed while they write checkpoints."""
+"""Checkpoints in `gradsync train`: exact resume (All-Reduce and sync Parameter Server),
+agreement on the checkpoint, a new worker count, a foreign checkpoint, runs killed while they
+write checkpoints, and an async PS that drops a worker."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import time
 import pytest
 import torch
 
-from tests.test_cli import ENV, REPO, gradsync
+from tests.test_cli import ENV, REPO, gradsync, run_and_kill
+
+PS = ["--arch", "ps", "--servers", "2", "--workers", "2"]
 
 
 def final_model(directory, step):
@@ -28,13 +31,23 @@ def train(*args, timeout=120):
 
 
 @pytest.mark.timeout(180)
-def test_resume_is_bitwise_exact(tmp_path):
+@pytest.mark.parametrize("arch", [[], PS], ids=["allreduce", "ps-sync"])
+def test_resume_is_bitwise_exact(tmp_path, arch):
     # 23 steps per epoch at 2 workers x 32: step 20 is mid-epoch, 40 is in the next one.
-    train("--steps", "40", "--checkpoint-dir", str(tmp_path / "straight"))
-    train("--steps", "25", "--checkpoint-dir", str(tmp_path / "cut"))
-    train("--steps", "40", "--checkpoint-dir", str(tmp_path / "cut"), "--resume")
+    train(*arch, "--steps", "40", "--checkpoint-dir", str(tmp_path / "straight"))
+    train(*arch, "--steps", "25", "--checkpoint-dir", str(tmp_path / "cut"))
+    run = train(*arch, "--steps", "40", "--checkpoint-dir", str(tmp_path / "cut"), "--resume",
+                "--out", str(tmp_path / "out"))
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 20, run.stderr
     a, b = final_model(tmp_path / "straight", 40), final_model(tmp_path / "cut", 40)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if arch:  # each server's shard and its momentum too
+        for server in (0, 1):
+            a, b = (torch.load(d / "step-00000040" / f"rank-{server}.pt")["state"]
+                    for d in (tmp_path / "straight", tmp_path / "cut"))
+            assert torch.equal(a["shard"], b["shard"]) and a["version"] == b["version"] == 40
+            assert torch.equal(a["optimizer"]["state"][0]["momentum_buffer"],
+                               b["optimizer"]["state"][0]["momentum_buffer"])
 
 
 @pytest.mark.timeout(180)
@@ -60,12 +73,40 @@ def test_foreign_checkpoint_is_a_clear_error(tmp_path):
     assert "digits-mlp" in run.stderr and "digits-cnn" in run.stderr, run.stderr
 
 
+@pytest.mark.timeout(120)
+def test_ps_checkpoint_resumes_only_the_same_servers(tmp_path):
+    train(*PS, "--steps", "10", "--checkpoint-dir", str(tmp_path))
+    run = gradsync("train", *PS[:-3], "3", "--workers", "2", "--steps", "20", "--no-progress",
+                   "--checkpoint-dir", str(tmp_path), "--resume")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "ps (2 servers)" in run.stderr and "ps (3 servers)" in run.stderr, run.stderr
+    # One rank chose the checkpoint and says why; the others stop without a second story.
+    assert run.stderr.count("gradsync: error:") == 1, run.stderr
+    assert "PeerLostError" not in run.stderr, run.stderr
+
+
+@pytest.mark.timeout(180)
+def test_async_ps_stops_committing_once_a_worker_is_dropped(tmp_path):
+    ck = tmp_path / "ck"
+    args = ["--arch", "ps", "--servers", "1", "--workers", "3", "--consistency", "async",
+            "--steps", "400", "--timeout", "60", "--checkpoint-dir", str(ck),
+            "--checkpoint-every", "2"]
+    code, stderr, _, summary = run_and_kill(args, 3, tmp_path / "out", timeout=150)
+    assert code == 0 and summary["dropped_workers"] == [3], stderr
+    assert "not committed" in stderr, stderr
+    committed = sorted(int(p.name[5:13]) for p in ck.glob("step-*") if (p / "COMMITTED").exists())
+    assert committed and committed[-1] < 400, committed
+    state = torch.load(ck / f"step-{committed[-1]:08d}" / "rank-0.pt")["state"]
+    assert state["step"] == committed[-1] and state["shard"].dtype == torch.float32
+
+
 @pytest.mark.timeout(240)
-def test_runs_killed_while_checkpointing_resume(tmp_path):
+@pytest.mark.parametrize("arch", [[], PS], ids=["allreduce", "ps-sync"])
+def test_runs_killed_while_checkpointing_resume(tmp_path, arch):
     rng = random.Random(5)
     ck = tmp_path / "ck"
     for trial in range(3):
-        proc = subprocess.Popen([sys.executable, "-m", "gradsync", "train", "--dtype",
+        proc = subprocess.Popen([sys.executable, "-m", "gradsync", "train", *arch, "--dtype",
                                  "float64", "--steps", "100000", "--no-progress",
                                  "--checkpoint-dir", str(ck), "--checkpoint-every", "1",
                                  "--keep", "2", "--resume"], cwd=REPO, env=ENV,
@@ -79,7 +120,7 @@ def test_runs_killed_while_checkpointing_resume(tmp_path):
         proc.wait()
     before = max(int(p.name[5:13]) for p in ck.glob("step-*")
                  if (p / "COMMITTED").exists())
-    run = train("--steps", str(before + 3), "--checkpoint-dir", str(ck), "--resume",
+    run = train(*arch, "--steps", str(before + 3), "--checkpoint-dir", str(ck), "--resume",
                 "--checkpoint-every", "1", "--out", str(tmp_path / "out"))
     assert (ck / f"step-{before + 3:08d}" / "COMMITTED").exists(), run.stderr
     # It resumed from the newest committed checkpoint: exactly 3 more steps ran.

@@ -5,6 +5,9 @@ the workers (same seed), keeps its shard of the parameters and the optimizer for
 serves until the workers are done; a worker trains with a :class:`PSWorker` and a
 :class:`RemoteOptimizer`. Evaluation runs on the first worker alone: in async and ssp mode the
 workers hold slightly different parameters, and a dropped worker must not stall a collective.
+
+A checkpoint holds each server's shard and optimizer state in that server's own file; the
+first worker writes the model it pulled and commits once every server has saved.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class PSArchitecture:
         self.worker_rank = group.rank - servers if self.is_worker else -1
         self.num_workers = len(self.workers)
         self.eval_group = None
+        self.committer = servers  # the first worker
+        self.checkpoint_tag = f"ps ({servers} servers)"  # a checkpoint resumes this layout only
+        self.replicated = False
         self.worker: PSWorker | None = None
         self.server_stats: ServerStats | None = None
 
@@ -42,19 +48,32 @@ class PSArchitecture:
         return shard_layout([p for p in model.parameters() if p.requires_grad],
                             len(self.servers))
 
-    def prepare(self, model, make_optimizer):
+    def prepare(self, model, make_optimizer, start_step=0):
         self.worker = PSWorker(model, self._layout(model), self.servers, self.group.rank,
-                               self.group)
+                               self.group, start_step=start_step)
         return self.worker, RemoteOptimizer(self.worker)
 
-    def serve(self, model, make_optimizer) -> ServerStats:
+    def serve(self, model, make_optimizer, save=None, restored=None) -> ServerStats:
         layout = self._layout(model)
         k = self.group.rank
         params = [p.detach() for p in model.parameters() if p.requires_grad]
         shard = gather_shard(params, layout, k, params[0].new_empty(layout.shard_numel(k)))
-        server = ParameterServer(shard, k, self.workers, make_optimizer, self.config, self.group)
+        server = ParameterServer(shard, k, self.workers, make_optimizer, self.config, self.group,
+                                 save=save)
+        if restored is not None:
+            server.load_state_dict(restored)
         self.server_stats = server.serve()
         return self.server_stats
+
+    def commit_checkpoint(self, step: int, commit) -> None:
+        complete = self.worker.checkpoint(step)
+        if self.group.rank != self.committer:
+            return
+        if complete:
+            commit()
+        else:
+            log.warning("checkpoint of step %d not committed: a dropped worker's state is "
+                        "missing from it; the previous checkpoint stays the newest", step)
 
     def comm_wait_s(self) -> float:
         return self.worker.comm_wait_s if self.worker is not None else 0.0
@@ -65,7 +84,7 @@ class PSArchitecture:
     def finish(self) -> dict:
         """After training: collect the servers' statistics for the summary."""
         stats = self.worker.finish()
-        steps = max(self.worker.step_count, 1)
+        steps = max(self.worker.step_count - self.worker.start_step, 1)  # run by this process
         hist = [sum(s.staleness_hist[i] for s in stats) for i in range(len(stats[0].staleness_hist))]
         while len(hist) > 1 and hist[-1] == 0:
             hist.pop()

@@ -4,7 +4,8 @@ Nothing else crosses the network, and nothing is unpickled. Every message from a
 server, and every reply, is
 
     header: int64[8] = [MAGIC, kind, step, shard, numel, version, sender, status]
-    payload: numel elements of the shard's dtype (PUSH: gradients, PARAMS: parameters)
+    payload: numel elements of the shard's dtype (PUSH: gradients, PARAMS: parameters);
+             CHECKPOINT, SAVED and DONE have none
 
 on tag 0 of the pair, so the two parts of a message arrive in order. A server validates every
 header (magic, kind, shard, size, step) before it reads the payload and answers a bad one with
@@ -29,6 +30,8 @@ class Kind(IntEnum):
     DONE = 3      # worker -> server: no more pushes from this worker
     ERROR = 4     # server -> worker: the last message was rejected (payload: zeros)
     STATS = 5     # server -> worker, at the end: ServerStats as float64
+    CHECKPOINT = 6  # worker -> server: at step ``step``, save your shard once all workers ask
+    SAVED = 7     # server -> worker: the shard of that step is on disk (status: complete?)
 
 
 class Status(IntEnum):
@@ -38,6 +41,7 @@ class Status(IntEnum):
     WRONG_SHARD = 3
     WRONG_SIZE = 4
     STEP_OUT_OF_RANGE = 5
+    INCOMPLETE = 6  # SAVED, but a dropped worker's state is missing from the checkpoint
 
 
 STATUS_TEXT = {
@@ -46,6 +50,7 @@ STATUS_TEXT = {
     Status.WRONG_SHARD: "the message names a shard this server does not hold",
     Status.WRONG_SIZE: "the payload size does not match the shard",
     Status.STEP_OUT_OF_RANGE: "the step is out of range",
+    Status.INCOMPLETE: "a worker was dropped, so the checkpoint lacks its state",
 }
 
 
@@ -79,16 +84,24 @@ def empty_header() -> torch.Tensor:
 
 
 def validate_push(header: Header, shard: int, numel: int, last_step: int,
-                  max_step: int | None) -> Status:
-    """Check a worker's message against what this server expects from that worker."""
+                  max_step: int | None, checkpoints: bool = False) -> Status:
+    """Check a worker's message against what this server expects from that worker.
+
+    ``last_step`` is the step of the worker's last push; ``checkpoints``: whether this server
+    saves checkpoints (else a CHECKPOINT request is a kind it does not take).
+    """
     if header.magic != MAGIC:
         return Status.BAD_MAGIC
-    if header.kind not in (Kind.PUSH, Kind.DONE):
+    if header.kind not in (Kind.PUSH, Kind.DONE) and not (
+            checkpoints and header.kind == Kind.CHECKPOINT):
         return Status.BAD_KIND
     if header.kind == Kind.DONE:
         return Status.OK
     if header.shard != shard:
         return Status.WRONG_SHARD
+    if header.kind == Kind.CHECKPOINT:
+        # Asked between steps: after the push of step s comes the checkpoint of step s + 1.
+        return Status.OK if header.step == last_step + 1 else Status.STEP_OUT_OF_RANGE
     if header.numel != numel:
         return Status.WRONG_SIZE
     # A worker's steps count up by one; anything else is a stray or replayed message.

@@ -12,16 +12,23 @@ updates under the chosen consistency:
   moves the parameters as far as one sync step) and answer that worker at once.
 - ``ssp``: as async, but the answer to a worker's step t is held back until the slowest live
   worker has finished step t - s, so nobody runs more than s steps ahead (Ho et al., 2013).
+
+Checkpoints need no clock of their own: a worker asks (CHECKPOINT, step t) between two steps,
+after its own files are on disk, and pushes nothing more until answered. Once every live worker
+has asked, no gradient is in flight, so the shard and its optimizer state are a consistent cut
+in every mode; the server writes them, then answers SAVED, and the first worker commits when
+every server has answered.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -82,48 +89,79 @@ class ParameterServer:
         index: this server's shard number.
         workers: global ranks of the workers.
         make_optimizer: builds the optimizer for one flat Parameter.
+        save: writes ``(step, state_dict())`` into checkpoint ``step`` (None: this run takes
+            no checkpoints, and a CHECKPOINT request is rejected).
     """
 
     def __init__(self, shard: torch.Tensor, index: int, workers: list[int],
                  make_optimizer: Callable, config: ServerConfig,
-                 group: comm.Group | None = None):
+                 group: comm.Group | None = None,
+                 save: Callable[[int, dict[str, Any]], None] | None = None):
         self.param = torch.nn.Parameter(shard.clone())
         self.optimizer = make_optimizer([self.param])
         self.index = index
         self.workers = list(workers)
         self.config = config
         self.group = group
+        self.save = save
         self.version = 0
+        self.step = 0  # the workers' step when this state was taken: at start, at checkpoints
         self.stats = ServerStats()
         self._inbox: queue.Queue = queue.Queue()
         self._sends: list[comm.Work] = []
 
+    # --- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shard (numel,), its optimizer state, the version and the workers' step; a copy,
+        which later updates leave alone."""
+        return {"shard": self.param.detach().clone(),
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "version": self.version, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()`` of a checkpoint (same shard layout)."""
+        shard = state["shard"]
+        if shard.shape != self.param.shape or shard.dtype != self.param.dtype:
+            raise ValueError(f"server {self.index}: the checkpoint's shard is "
+                             f"{tuple(shard.shape)} {shard.dtype}, this run's "
+                             f"{tuple(self.param.shape)} {self.param.dtype}")
+        with torch.no_grad():
+            self.param.copy_(shard)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version, self.step = int(state["version"]), int(state["step"])
+
     # --- transport --------------------------------------------------------------------------
 
-    def _reply(self, worker: int, kind: Kind, payload: torch.Tensor, status: int = 0,
-               step: int = 0) -> None:
-        header = Header(kind, step=step, shard=self.index, numel=payload.numel(),
+    def _reply(self, worker: int, kind: Kind, payload: torch.Tensor | None = None,
+               status: int = 0, step: int = 0) -> None:
+        numel = 0 if payload is None else payload.numel()
+        header = Header(kind, step=step, shard=self.index, numel=numel,
                         version=self.version, sender=self.index, status=status).encode()
         self._sends = [w for w in self._sends if not w.is_completed()]
         # header and payload must stay untouched until sent: the Work keeps them alive.
-        for t in (header, payload):
+        for t in (header,) if payload is None else (header, payload):
             work = comm.isend(t, worker, self.group, TAG)
             work.keep = t
             self._sends.append(work)
-        self.stats.bytes_sent += payload.numel() * payload.element_size()
+        self.stats.bytes_sent += numel * self.param.element_size()
 
     def _receive(self, worker: int) -> None:
         """Receiver thread: validate and enqueue one worker's messages until DONE or loss."""
         numel = self.param.numel()
-        header, last_step = empty_header(), -1
+        header, last_step = empty_header(), self.step - 1
         while True:
             try:
                 comm.recv(header, worker, self.group, TAG)
                 h = Header.decode(header)
-                status = validate_push(h, self.index, numel, last_step, self.config.max_steps)
+                status = validate_push(h, self.index, numel, last_step, self.config.max_steps,
+                                       checkpoints=self.save is not None)
                 if status == Status.OK and h.kind == Kind.DONE:
                     self._inbox.put(("done", worker, None))
                     return
+                if status == Status.OK and h.kind == Kind.CHECKPOINT:
+                    self._inbox.put(("checkpoint", worker, h))
+                    continue
                 if status != Status.OK:
                     # Drain a payload of believable size so the pair stays in step, then stop
                     # listening: this worker's stream is no longer trusted.
@@ -172,7 +210,24 @@ class ParameterServer:
         clock = {w: 0 for w in self.workers}
         pending: dict[int, int] = {}      # worker -> step whose reply is held back (ssp)
         grads: dict[int, torch.Tensor] = {}  # sync: this step's gradients so far
+        asked: dict[int, int] = {}        # worker -> step of its checkpoint request
         sync = self.config.consistency == "sync"
+
+        def checkpoint() -> None:
+            # Every live worker that has not finished must ask: then nothing is in flight.
+            if not asked or not (live - done) <= asked.keys():
+                return
+            steps = sorted(set(asked.values()))
+            if len(steps) > 1:
+                raise PSProtocolError(f"server {self.index}: workers asked for checkpoints of "
+                                      f"different steps {asked}; is --checkpoint-every the "
+                                      "same everywhere?")
+            self.step = steps[0]
+            self.save(self.step, self.state_dict())
+            status = Status.INCOMPLETE if self.stats.dropped else Status.OK
+            for v in sorted(asked):
+                self._reply(v, Kind.SAVED, status=status, step=self.step)
+            asked.clear()
 
         def release() -> None:
             if not live:
@@ -215,10 +270,14 @@ class ParameterServer:
                 else:
                     pending[w] = h.step
                     release()
+            elif kind == "checkpoint":
+                asked[w] = data.step
+                checkpoint()
             elif kind == "done":
                 done.add(w)
                 clock[w] = 1 << 60  # finished workers hold nobody back
                 release()
+                checkpoint()
             else:
                 if kind == "bad":
                     h, status = data
@@ -236,8 +295,10 @@ class ParameterServer:
                 live.discard(w)
                 pending.pop(w, None)
                 grads.pop(w, None)
+                asked.pop(w, None)
                 self.stats.dropped.append(w)
                 release()
+                checkpoint()
         for w in sorted(done & live):
             self._reply(w, Kind.STATS, self.stats.to_tensor())
         self._drain_sends()

@@ -29,10 +29,11 @@ class PSWorker(nn.Module):
         layout: which server holds which range of the flat parameters.
         servers: global ranks of the servers, server k holding shard k.
         rank: this worker's global rank (sent in headers).
+        start_step: steps already taken (a resumed run); pushes are numbered from it.
     """
 
     def __init__(self, module: nn.Module, layout: ShardLayout, servers: list[int], rank: int,
-                 group: comm.Group | None = None):
+                 group: comm.Group | None = None, start_step: int = 0):
         super().__init__()
         self.module = module
         self.layout = layout
@@ -47,7 +48,8 @@ class PSWorker(nn.Module):
                            for k in range(len(servers))]
         self._pieces_per_shard = [len(layout.pieces(k)) for k in range(len(servers))]
         self.versions = [0] * len(servers)
-        self.step_count = 0
+        self.start_step = start_step
+        self.step_count = start_step
         self.comm_wait_s = 0.0
         self.bytes_pushed = 0
         self.bytes_pulled = 0
@@ -151,6 +153,37 @@ class PSWorker(nn.Module):
         self.step_count += 1
         self._reset()
 
+    def checkpoint(self, step: int) -> bool:
+        """Between steps, after this worker's checkpoint files are on disk: ask every server
+        to save its shard of ``step`` and wait until all have.
+
+        Returns:
+            True when every server saved with every worker present; False when a worker was
+            dropped (async/ssp), so the checkpoint lacks that worker's state.
+        """
+        if step != self.step_count:
+            raise ValueError(f"checkpoint of step {step} asked at step {self.step_count}")
+        for k in range(len(self.servers)):
+            self._send(k, Header(Kind.CHECKPOINT, step=step, shard=k, sender=self.rank).encode(),
+                       None)
+        complete = True
+        for k, server in enumerate(self.servers):
+            header = empty_header()
+            comm.recv(header, server, self.group, TAG)
+            h = Header.decode(header)
+            if h.kind == Kind.ERROR:
+                raise PSProtocolError(f"server {k} (rank {server}) rejected the checkpoint "
+                                      f"request of step {step}: "
+                                      f"{STATUS_TEXT[Status(h.status)]}")
+            if h.kind != Kind.SAVED or h.shard != k or h.step != step:
+                raise PSProtocolError(f"server {k} (rank {server}) did not save step {step}: "
+                                      f"it answered kind {h.kind}, status {h.status}")
+            complete &= h.status == Status.OK
+        for work in self._works:
+            work.wait()
+        self._works.clear()
+        return complete
+
     def finish(self) -> list[ServerStats]:
         """Tell the servers this worker is done and collect their statistics."""
         stats = []
@@ -173,6 +206,14 @@ class RemoteOptimizer:
 
     def __init__(self, worker: PSWorker):
         self.worker = worker
+
+    def state_dict(self) -> dict:
+        return {}  # the optimizer state lives on the servers, in their checkpoint files
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            raise ValueError("a parameter-server worker holds no optimizer state; the "
+                             "servers restore theirs")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.worker._params:

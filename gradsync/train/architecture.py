@@ -20,17 +20,29 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 class Architecture(Protocol):
     name: str
+    group: comm.Group               # every rank of the run; each writes its checkpoint file
     is_worker: bool                 # False: this rank serves instead of training
     worker_rank: int                # position among the workers (data shard index)
     num_workers: int
     eval_group: comm.Group | None   # workers that evaluate together; None: worker 0 alone
+    committer: int                  # the rank that writes the replicated state and commits
+    checkpoint_tag: str             # what a checkpoint must have been written by to resume
+    replicated: bool                # every worker holds all state: resumable on another count
 
-    def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory
+    def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory, start_step: int = 0
                 ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Return the model to train and the optimizer whose ``step()`` updates it."""
+        """Return the model to train and the optimizer whose ``step()`` updates it;
+        ``start_step`` steps were taken before (a resumed run)."""
 
-    def serve(self, model: nn.Module, make_optimizer: OptimizerFactory) -> object:
-        """Non-worker ranks: serve until the workers are done."""
+    def serve(self, model: nn.Module, make_optimizer: OptimizerFactory,
+              save: Callable[[int, dict], None] | None = None,
+              restored: dict | None = None) -> object:
+        """Non-worker ranks: serve until the workers are done. ``save(step, state)`` writes
+        this rank's state into checkpoint ``step``; ``restored`` is the state to resume."""
+
+    def commit_checkpoint(self, step: int, commit: Callable[[], None]) -> None:
+        """On every worker, after its files of checkpoint ``step`` are written: once every
+        rank's files are on disk, call ``commit`` on the committer."""
 
     def comm_wait_s(self) -> float:
         """Seconds spent waiting on communication that did not overlap computation."""
@@ -47,6 +59,8 @@ class AllReduceArchitecture:
 
     name = "allreduce"
     is_worker = True
+    committer = 0
+    replicated = True
 
     def __init__(self, config: TrainConfig, group: comm.Group):
         self.config = config
@@ -54,17 +68,24 @@ class AllReduceArchitecture:
         self.worker_rank = group.rank
         self.num_workers = group.size
         self.eval_group = group
+        self.checkpoint_tag = config.arch
         self.model = None
 
-    def prepare(self, model, make_optimizer):
+    def prepare(self, model, make_optimizer, start_step=0):
         from ..allreduce import DataParallel
 
         self.model = DataParallel(model, group=self.group, algorithm=self.config.algorithm,
                                   bucket_cap_mb=self.config.bucket_cap_mb)
         return self.model, make_optimizer(self.model.parameters())
 
-    def serve(self, model, make_optimizer):
+    def serve(self, model, make_optimizer, save=None, restored=None):
         raise RuntimeError("every rank of the All-Reduce architecture is a worker")
+
+    def commit_checkpoint(self, step, commit):
+        comm.barrier(self.group)  # every rank's files are on disk before rank 0 commits
+        if self.group.rank == 0:
+            commit()
+        comm.barrier(self.group)  # nobody races ahead to a step that might need the commit
 
     def comm_wait_s(self) -> float:
         return self.model.stats.comm_wait_s if self.model is not None else 0.0
@@ -86,7 +107,7 @@ class BaselineArchitecture(AllReduceArchitecture):
         if self.name == "local" and group.size != 1:
             raise ValueError(f"--arch local trains one process alone; the world has {group.size}")
 
-    def prepare(self, model, make_optimizer):
+    def prepare(self, model, make_optimizer, start_step=0):
         if self.name == "ddp":
             model = comm.reference.torch_ddp(model, self.group, self.config.bucket_cap_mb)
         return model, make_optimizer(model.parameters())

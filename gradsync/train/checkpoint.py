@@ -3,20 +3,22 @@
 Layout of a checkpoint directory::
 
     step-00000120/          a committed checkpoint
-        state.pt            rank 0: the replicated state (model, optimizer, sampler, ...)
+        state.pt            the committer: the replicated state (model, optimizer, sampler, ...)
         rank-0.pt ...       each rank's own state (RNG streams), when the caller passes any
         COMMITTED           JSON, written last: format, meta, sha256 and size of every file
     step-00000140.tmp/      a save in progress, or one a crash interrupted
 
 A save writes every file into `step-N.tmp/` (flush + fsync each file, fsync the directory),
-rank 0 renames it to `step-N/` (fsync the parent), then writes `COMMITTED` through a
+the committer (rank 0 unless told otherwise) renames it to `step-N/` (fsync the parent), then
+writes `COMMITTED` through a
 temporary name (fsync, rename, fsync). Only a directory whose marker parses and whose files
 have the recorded sizes counts; `load` also checks every file it reads against its sha256.
 The staging name carries no pid because all ranks of one save write into it; one job per
 directory, and one save in flight at a time.
 
-With several ranks the caller separates the two halves by a barrier, so rank 0 never commits
-before every rank's file is on disk::
+With several ranks the caller separates the two halves by a barrier (or another proof that
+every rank's file is on disk, such as the Parameter Server's acknowledgements), so the
+committer never commits before every rank's file is there::
 
     mgr.save_rank_files(step, state if rank == 0 else None, per_rank=capture_rng_state())
     barrier()
@@ -38,13 +40,13 @@ from typing import Any
 
 from .rng import capture_rng_state, restore_rng_state
 
-__all__ = ["CheckpointError", "IncompatibleCheckpointError", "CheckpointMeta",
+__all__ = ["CheckpointError", "CheckpointRefusedError", "IncompatibleCheckpointError", "CheckpointMeta",
            "CheckpointManager", "model_fingerprint", "capture_rng_state", "restore_rng_state"]
 
 log = logging.getLogger(__name__)
 
 from .checkpoint_format import (FORMAT_VERSION, MARKER, STATE_FILE, STEP_DIR_RE,
-                                CheckpointError, CheckpointMeta, IncompatibleCheckpointError,
+                                CheckpointError, CheckpointRefusedError, CheckpointMeta, IncompatibleCheckpointError,
                                 check_compatible, check_loadable, fsync_dir, model_fingerprint,
                                 sha256_of, verify_file,
                                 read_file, read_marker, remove_path, step_dirname, write_fsynced)
@@ -56,13 +58,16 @@ class CheckpointManager:
         directory: where the `step-*` directories live; created if missing. Every rank
             must see the same directory (a local disk for one node, a shared one otherwise).
         keep: committed checkpoints to keep; older ones are removed after each commit.
-        rank: this process's rank; rank 0 writes the replicated state and commits.
+        rank: this process's rank; names its per-rank file.
+        committer: whether this rank writes the replicated state and commits (default:
+            rank 0 does).
 
     Raises:
         ValueError: if `keep < 1` or `rank < 0`.
     """
 
-    def __init__(self, directory: str | Path, keep: int = 3, rank: int = 0):
+    def __init__(self, directory: str | Path, keep: int = 3, rank: int = 0,
+                 committer: bool | None = None):
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
         if rank < 0:
@@ -70,8 +75,9 @@ class CheckpointManager:
         self.directory = Path(directory)
         self.keep = keep
         self.rank = rank
+        self.committer = rank == 0 if committer is None else committer
         self.directory.mkdir(parents=True, exist_ok=True)
-        # (step, {file: {"sha256", "bytes"}} of rank 0's own files, per-rank files written?)
+        # (step, {file: {"sha256", "bytes"}} of the committer's own files, per-rank files written?)
         self._pending: tuple[int, dict[str, dict[str, Any]], bool] | None = None
 
     # -- writing ---------------------------------------------------------------------------
@@ -92,7 +98,7 @@ class CheckpointManager:
 
         Raises:
             TypeError: if the state holds an object weights-only loading cannot rebuild.
-            ValueError: if called on a rank other than 0, or `step != meta.step`.
+            ValueError: if called on another rank than the committer, or `step != meta.step`.
         """
         self.save_rank_files(step, state, per_rank=per_rank)
         return self.commit(step, meta)
@@ -103,19 +109,19 @@ class CheckpointManager:
 
         Args:
             step: the step being saved.
-            state: the replicated state on rank 0; ignored on other ranks.
+            state: the replicated state on the committer; ignored on other ranks.
             per_rank: this rank's own state, or None; all ranks pass one or none do.
 
         Raises:
             TypeError: if a state holds an object weights-only loading cannot rebuild.
-            ValueError: if rank 0 passes no `state`.
+            ValueError: if the committer passes no `state`.
         """
         staging = self.directory / f"{step_dirname(step)}.tmp"
         staging.mkdir(exist_ok=True)  # every rank may create it; exist_ok makes that race-free
         written: dict[str, dict[str, Any]] = {}
-        if self.rank == 0:
+        if self.committer:
             if state is None:
-                raise ValueError("rank 0 must pass the state to save_rank_files")
+                raise ValueError("the committer must pass the state to save_rank_files")
             check_loadable(state, "state")
             written[STATE_FILE] = write_fsynced(staging / STATE_FILE, state)
         if per_rank is not None:
@@ -123,11 +129,11 @@ class CheckpointManager:
             written[f"rank-{self.rank}.pt"] = write_fsynced(
                 staging / f"rank-{self.rank}.pt", per_rank)
         fsync_dir(staging)  # the new directory entries, not only the file contents
-        if self.rank == 0:
+        if self.committer:
             self._pending = (step, written, per_rank is not None)
 
     def commit(self, step: int, meta: CheckpointMeta) -> Path:
-        """On rank 0, after every rank's `save_rank_files(step)`: make checkpoint `step` count.
+        """On the committer, after every rank's `save_rank_files(step)`: make checkpoint `step` count.
 
         Then removes what is no longer needed: committed checkpoints beyond `keep`, any
         newer than `step` (left by a run that resumed from an older one, so a later resume
@@ -138,22 +144,22 @@ class CheckpointManager:
         Args:
             step: the step saved; must equal `meta.step`.
             meta: identification written into the marker; `meta.world_size` ranks'
-                per-rank files are expected when rank 0 wrote one.
+                per-rank files are expected when the committer wrote one.
 
         Returns:
             The committed `step-N` directory.
 
         Raises:
-            ValueError: on a rank other than 0, without a matching `save_rank_files`, or
+            ValueError: on another rank than the committer, without a matching `save_rank_files`, or
                 when `step != meta.step`.
             CheckpointError: if a rank's file is missing from the staging directory.
         """
-        if self.rank != 0:
-            raise ValueError(f"only rank 0 commits checkpoints (this is rank {self.rank})")
+        if not self.committer:
+            raise ValueError(f"rank {self.rank} is not the committer of checkpoints")
         if meta.step != step:
             raise ValueError(f"meta.step is {meta.step} but the checkpoint is step {step}")
         if self._pending is None or self._pending[0] != step:
-            raise ValueError(f"commit({step}) without save_rank_files({step}) on rank 0")
+            raise ValueError(f"commit({step}) without save_rank_files({step}) on the committer")
         _, files, with_rank_files = self._pending
         staging = self.directory / f"{step_dirname(step)}.tmp"
         expected = {STATE_FILE}
@@ -166,7 +172,7 @@ class CheckpointManager:
             path = staging / name
             if not path.is_file():
                 raise CheckpointError(f"{path}: missing; every rank must finish "
-                                      "save_rank_files before rank 0 commits")
+                                      "save_rank_files before the committer commits")
             files[name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
         final = self.directory / step_dirname(step)
         if final.exists() or final.is_symlink():  # an earlier attempt at the same step
@@ -259,7 +265,7 @@ class CheckpointManager:
         """Load the newest checkpoint that passes every check, skipping damaged ones.
 
         Every file of a candidate is verified, other ranks' included, so the step chosen
-        here (on rank 0, then broadcast) is one every rank can load. A damaged checkpoint
+        here (on one rank, then broadcast) is one every rank can load. A damaged checkpoint
         is skipped with a warning naming it; an incompatible one raises, because falling
         back would silently resume some other run.
 

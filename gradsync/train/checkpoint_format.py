@@ -36,6 +36,11 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the one-line message names the file and the fault."""
 
 
+class CheckpointRefusedError(CheckpointError):
+    """On the ranks that did not choose: the rank that chose the checkpoint found it unusable
+    and says why in its own error (so the run prints the reason once)."""
+
+
 class IncompatibleCheckpointError(CheckpointError):
     """An intact checkpoint of another workload, model, architecture or world size."""
 

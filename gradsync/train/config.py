@@ -97,9 +97,6 @@ class TrainConfig:
                              f"{self.lab} hosts")
         if (self.checkpoint_every is not None or self.resume) and not self.checkpoint_dir:
             raise ValueError("--checkpoint-every and --resume need --checkpoint-dir")
-        if self.checkpoint_dir and self.arch == "ps":
-            raise ValueError("checkpoints of the parameter server (its shards and optimizer "
-                             "state) are not supported yet; use --arch allreduce")
         for name in ("workers", "servers", "epochs", "steps", "batch_size", "hidden",
                      "checkpoint_every", "keep"):
             value = getattr(self, name)

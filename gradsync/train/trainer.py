@@ -104,24 +104,30 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
     def optimizer_for(params):
         return make_optimizer(workload.optimizer, params, lr)
 
+    checkpointer, resumed = None, None
+    if config.checkpoint_dir:
+        checkpointer = Checkpointer(config.checkpoint_dir, config.checkpoint_every,
+                                    config.keep, architecture, config.workload, workload.model)
+        if config.resume:
+            resumed = checkpointer.load()  # every rank, the same checkpoint
     if not architecture.is_worker:
-        architecture.serve(workload.model, optimizer_for)
+        architecture.serve(workload.model, optimizer_for,
+                           save=checkpointer.save_rank_state if checkpointer else None,
+                           restored=resumed.rank_state if resumed else None)
         return None
+    pos = resumed.position if resumed else Position()
+    if resumed:  # (a PS worker then pulls the servers' restored shards over it)
+        workload.model.load_state_dict(resumed.state["model"])
     rank0 = architecture.worker_rank == 0
     workers = architecture.num_workers
-    model, optimizer = architecture.prepare(workload.model, optimizer_for)
+    model, optimizer = architecture.prepare(workload.model, optimizer_for, start_step=pos.step)
+    if resumed:
+        optimizer.load_state_dict(resumed.state["optimizer"])
     sampler = ShardedSampler(workload.train_set, workers, architecture.worker_rank,
                              shuffle=True, seed=config.seed)
     loader = DataLoader(workload.train_set, batch_size=batch, sampler=sampler)
     epochs = config.epochs or workload.default_epochs
     total = config.steps if config.steps is not None else epochs * len(loader)
-    pos, checkpointer = Position(), None
-    if config.checkpoint_dir:
-        checkpointer = Checkpointer(config.checkpoint_dir, config.checkpoint_every,
-                                    config.keep, architecture.eval_group, config.workload,
-                                    architecture.name, workload.model)
-        if config.resume:
-            pos = checkpointer.restore(workload.model, optimizer)
     n_params = sum(p.numel() for p in workload.model.parameters())
     log.info("%s: %d parameters, %d workers x batch %d, %d steps", config.workload, n_params,
              workers, batch, total)
