@@ -61,16 +61,24 @@ def kill_once(args: list[str], ck: Path, rng: random.Random) -> tuple[int | None
 
 
 def final_state(ck: Path, step: int) -> dict[str, torch.Tensor]:
+    """Every tensor of checkpoint ``step``: the model, the optimizer state, and each server's
+    shard and optimizer state."""
     directory = ck / f"step-{step:08d}"
-    out = dict(torch.load(directory / "state.pt")["model"])
+    replicated = torch.load(directory / "state.pt")
+    out = dict(replicated["model"])
+    out.update(_optimizer_tensors("optimizer", replicated["optimizer"]))
     for path in sorted(directory.glob("rank-*.pt")):
         state = torch.load(path).get("state")
-        if state is not None:  # a parameter server's shard and optimizer
+        if state is not None:  # a parameter server's
             out[f"{path.stem}.shard"] = state["shard"]
-            for i, buf in enumerate(state["optimizer"]["state"].values()):
-                for name, t in buf.items():
-                    out[f"{path.stem}.opt{i}.{name}"] = t
+            out.update(_optimizer_tensors(path.stem, state["optimizer"]))
     return out
+
+
+def _optimizer_tensors(prefix: str, state_dict: dict) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{i}.{name}": t
+            for i, buf in state_dict.get("state", {}).items()
+            for name, t in buf.items() if isinstance(t, torch.Tensor)}
 
 
 def main() -> None:

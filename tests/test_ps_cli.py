@@ -4,6 +4,7 @@ servers in each consistency mode."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -27,6 +28,8 @@ LONG = ["--arch", "ps", "--servers", "1", "--workers", "3", "--epochs", "300", "
 def test_sync_worker_killed_stops_the_run_naming_it(tmp_path):
     code, stderr, elapsed, _ = run_and_kill([*LONG, "--consistency", "sync"], 2, tmp_path)
     assert code != 0 and "rank 2" in stderr and "SIGKILL" in stderr, stderr
+    # The server says what it was waiting for: "lost rank 2 during wait for the push of step 7"
+    assert re.search(r"lost rank 2 during wait for the push of step \d+", stderr), stderr
     assert elapsed < 20, elapsed
 
 
@@ -45,4 +48,5 @@ def test_async_worker_killed_is_dropped_and_the_others_finish(tmp_path, consiste
 def test_server_killed_stops_the_workers_naming_it(tmp_path, consistency):
     code, stderr, elapsed, _ = run_and_kill([*LONG, "--consistency", consistency], 0, tmp_path)
     assert code != 0 and "rank 0" in stderr and "SIGKILL" in stderr, stderr
+    assert re.search(r"lost rank 0 during (pull|push) of shard 0 at step \d+", stderr), stderr
     assert elapsed < 20, elapsed

@@ -93,30 +93,35 @@ def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
 
 # --- public point-to-point API (the Parameter Server's transport) ------------------------------
 
-def send(tensor: torch.Tensor, dst: int, group: Group | None = None, tag: int = 0) -> None:
-    """Blocking send of ``tensor`` to group rank ``dst``; errors name the peer."""
-    P2P(resolve(group), "send").send(tensor, dst, tag)
+def send(tensor: torch.Tensor, dst: int, group: Group | None = None, tag: int = 0,
+         what: str = "send") -> None:
+    """Blocking send of ``tensor`` to group rank ``dst``; errors name the peer and ``what``
+    (e.g. "push of shard 1 at step 40")."""
+    P2P(resolve(group), what).send(tensor, dst, tag)
 
 
-def recv(tensor: torch.Tensor, src: int, group: Group | None = None, tag: int = 0) -> None:
+def recv(tensor: torch.Tensor, src: int, group: Group | None = None, tag: int = 0,
+         what: str = "recv") -> None:
     """Blocking receive into ``tensor`` from group rank ``src``; errors name the peer."""
-    P2P(resolve(group), "recv").recv(tensor, src, tag)
+    P2P(resolve(group), what).recv(tensor, src, tag)
 
 
-def isend(tensor: torch.Tensor, dst: int, group: Group | None = None, tag: int = 0):
+def isend(tensor: torch.Tensor, dst: int, group: Group | None = None, tag: int = 0,
+          what: str = "send"):
     """Start a send; the returned handle's ``wait()`` finishes it (keep ``tensor`` unchanged
     until then)."""
     from .collectives import Work  # late: collectives imports this module
 
-    p2p = P2P(resolve(group), "send")
+    p2p = P2P(resolve(group), what)
     handle = p2p.isend(tensor, dst, tag)
     return Work(lambda: p2p.wait(handle, dst), poll=handle.is_completed)
 
 
-def irecv(tensor: torch.Tensor, src: int, group: Group | None = None, tag: int = 0):
+def irecv(tensor: torch.Tensor, src: int, group: Group | None = None, tag: int = 0,
+          what: str = "recv"):
     """Start a receive into ``tensor``; ``wait()`` returns when it has arrived."""
     from .collectives import Work  # late: collectives imports this module
 
-    p2p = P2P(resolve(group), "recv")
+    p2p = P2P(resolve(group), what)
     handle = p2p.irecv(tensor, src, tag)
     return Work(lambda: p2p.wait(handle, src), poll=handle.is_completed)

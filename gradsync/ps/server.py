@@ -152,7 +152,8 @@ class ParameterServer:
         header, last_step = empty_header(), self.step - 1
         while True:
             try:
-                comm.recv(header, worker, self.group, TAG)
+                comm.recv(header, worker, self.group, TAG,
+                          what=f"wait for the push of step {last_step + 1}")
                 h = Header.decode(header)
                 status = validate_push(h, self.index, numel, last_step, self.config.max_steps,
                                        checkpoints=self.save is not None)
@@ -171,7 +172,7 @@ class ParameterServer:
                     self._inbox.put(("bad", worker, (h, status)))
                     return
                 grad = torch.empty(numel, dtype=self.param.dtype)
-                comm.recv(grad, worker, self.group, TAG)
+                comm.recv(grad, worker, self.group, TAG, what=f"push of step {h.step}")
                 last_step = h.step
                 self.stats.bytes_received += grad.numel() * grad.element_size()
                 self._inbox.put(("push", worker, (h, grad)))

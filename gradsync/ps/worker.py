@@ -95,21 +95,22 @@ class PSWorker(nn.Module):
                                self._push_bufs[k])
         header = Header(Kind.PUSH, step=self.step_count, shard=k, numel=payload.numel(),
                         version=self.versions[k], sender=self.rank).encode()
-        self._send(k, header, payload)
+        self._send(k, header, payload, f"push of shard {k} at step {self.step_count}")
         self.bytes_pushed += payload.numel() * payload.element_size()
         self._post_reply(k)
         self._pushed[k] = True
 
-    def _send(self, k: int, header: torch.Tensor, payload: torch.Tensor | None) -> None:
+    def _send(self, k: int, header: torch.Tensor, payload: torch.Tensor | None,
+              what: str) -> None:
         for t in (header, payload) if payload is not None else (header,):
-            work = comm.isend(t, self.servers[k], self.group, TAG)
+            work = comm.isend(t, self.servers[k], self.group, TAG, what=what)
             work.keep = t
             self._works.append(work)
 
     def _post_reply(self, k: int) -> None:
-        header = empty_header()
-        hw = comm.irecv(header, self.servers[k], self.group, TAG)
-        pw = comm.irecv(self._pull_bufs[k], self.servers[k], self.group, TAG)
+        header, what = empty_header(), f"pull of shard {k} at step {self.step_count}"
+        hw = comm.irecv(header, self.servers[k], self.group, TAG, what=what)
+        pw = comm.irecv(self._pull_bufs[k], self.servers[k], self.group, TAG, what=what)
         self._replies[k] = (header, hw, pw)
 
     def _finish_backward(self) -> None:
@@ -165,11 +166,11 @@ class PSWorker(nn.Module):
             raise ValueError(f"checkpoint of step {step} asked at step {self.step_count}")
         for k in range(len(self.servers)):
             self._send(k, Header(Kind.CHECKPOINT, step=step, shard=k, sender=self.rank).encode(),
-                       None)
+                       None, f"checkpoint of step {step}")
         complete = True
         for k, server in enumerate(self.servers):
             header = empty_header()
-            comm.recv(header, server, self.group, TAG)
+            comm.recv(header, server, self.group, TAG, what=f"checkpoint of step {step}")
             h = Header.decode(header)
             if h.kind == Kind.ERROR:
                 raise PSProtocolError(f"server {k} (rank {server}) rejected the checkpoint "
@@ -189,11 +190,11 @@ class PSWorker(nn.Module):
         stats = []
         for k, server in enumerate(self.servers):
             self._send(k, Header(Kind.DONE, step=self.step_count, sender=self.rank).encode(),
-                       None)
+                       None, "end of training")
         for k, server in enumerate(self.servers):
             header, buf = empty_header(), torch.empty(ServerStats.size(), dtype=torch.float64)
-            comm.recv(header, server, self.group, TAG)
-            comm.recv(buf, server, self.group, TAG)
+            comm.recv(header, server, self.group, TAG, what="end of training")
+            comm.recv(buf, server, self.group, TAG, what="end of training")
             stats.append(ServerStats.from_tensor(buf))
         for work in self._works:
             work.wait()
