@@ -128,7 +128,10 @@ def _run_local(config) -> int:
         _check_writable(config.out)
     # Share the cores between the workers instead of letting each start one thread per core.
     threads = str(max(1, (os.cpu_count() or 1) // config.workers))
-    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
+           # c10d's warnings (with C++ stack traces) when a peer's store connection breaks
+           # repeat what gradsync's own one-line errors say, naming the rank.
+           "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
     if config.lab:
         return _run_in_lab(config, env)
     # The servers of an asynchronous parameter server drop a lost worker and go on.
@@ -150,8 +153,8 @@ def _run_in_lab(config, env: dict[str, str]) -> int:
     from .lab import LabError, train_in_lab
 
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.lab))
-    # Lab addresses have no reverse DNS entry; c10d would warn about it on every rank.
-    env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    # (TORCH_CPP_LOG_LEVEL=ERROR also hides c10d's warning that lab addresses have no
+    # reverse DNS entry.)
     rates = config.rates.split(",") if config.rates else None
     try:
         return train_in_lab(config.lab, config.rate, rates, to_argv(config), env)

@@ -136,6 +136,33 @@ def test_silent_peer_times_out_with_a_named_error():
     assert 2.5 < elapsed < 15, elapsed
 
 
+def _hung_peer(rank, n):
+    from gradsync import comm
+
+    comm.set_step(3)
+    comm.all_reduce(torch.ones(4), algorithm="native")
+    if rank == 1:
+        # Alive (its heartbeat goes on) but stuck in a computation past the others' timeout.
+        end = time.monotonic() + 6.0
+        a = torch.randn(64, 64)
+        while time.monotonic() < end:
+            a = torch.tanh(a @ a)
+    try:
+        comm.all_reduce(torch.ones(4), algorithm="native")
+    except comm.CommError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.timeout(60)
+def test_hung_peer_is_named_by_the_timeout_error():
+    results = run_workers(_hung_peer, 3, comm_timeout=3.0, env={"GRADSYNC_HEARTBEAT_S": "0.2"})
+    for rank in (0, 2):
+        assert "timed out" in results[rank], results[rank]
+        assert "rank 1 has not arrived (step 3, between collectives (last #1))" in \
+            results[rank], results[rank]
+
+
 def _stalled(rank, n):
     import logging
 

@@ -125,12 +125,13 @@ class Monitor:
                         "; ".join(f"rank {r} ({b.doing() if b else 'no heartbeat'})"
                                   for r, b in sorted(late.items())))
 
-    def diagnose(self) -> str:
-        """Name the ranks whose heartbeat has stopped, after watching for 1.5 periods.
+    def diagnose(self, seq: int | None = None) -> str:
+        """Name the ranks whose heartbeat has stopped, after watching for 1.5 periods; when
+        all still beat, name those that never entered collective ``seq`` (alive but hung).
 
         Returns:
-            e.g. "rank 2 stopped responding (last seen: step 41, in all_reduce #87)", or ""
-            when every rank is still beating.
+            e.g. "rank 2 stopped responding (last seen: step 41, in all_reduce #87)", or
+            "rank 1 has not arrived (step 7, between collectives (last #1))", or "".
         """
         try:
             before = self.read()
@@ -140,5 +141,9 @@ class Monitor:
             return "rank 0, which serves the rendezvous store, is unreachable"
         lost = [r for r in after if r != self.group.rank and after[r] is not None
                 and before[r] is not None and after[r].time_ms == before[r].time_ms]
-        return "; ".join(f"rank {r} stopped responding (last seen: {after[r].doing()})"
-                         for r in lost)
+        if lost or seq is None:
+            return "; ".join(f"rank {r} stopped responding (last seen: {after[r].doing()})"
+                             for r in lost)
+        late = [r for r, b in sorted(after.items())
+                if r != self.group.rank and b is not None and b.started < seq]
+        return "; ".join(f"rank {r} has not arrived ({after[r].doing()})" for r in late)
