@@ -136,17 +136,21 @@ def test_silent_peer_times_out_with_a_named_error():
     assert 2.5 < elapsed < 15, elapsed
 
 
+def busy(seconds: float) -> None:
+    """Compute for ``seconds`` (a stuck rank is busy, not asleep)."""
+    end = time.monotonic() + seconds
+    a = torch.randn(64, 64)
+    while time.monotonic() < end:
+        a = torch.tanh(a @ a)
+
+
 def _hung_peer(rank, n):
     from gradsync import comm
 
     comm.set_step(3)
     comm.all_reduce(torch.ones(4), algorithm="native")
     if rank == 1:
-        # Alive (its heartbeat goes on) but stuck in a computation past the others' timeout.
-        end = time.monotonic() + 6.0
-        a = torch.randn(64, 64)
-        while time.monotonic() < end:
-            a = torch.tanh(a @ a)
+        busy(6.0)  # alive (its heartbeat goes on) but stuck past the others' timeout
     try:
         comm.all_reduce(torch.ones(4), algorithm="native")
     except comm.CommError as exc:
@@ -175,11 +179,7 @@ def _stalled(rank, n):
     comm.set_step(7)
     comm.all_reduce(torch.ones(4), algorithm="native")
     if rank == 1:
-        # Rank 1 is stuck in a long computation (not a sleep: it is busy) before it joins.
-        end = time.monotonic() + 3.0
-        a = torch.randn(64, 64)
-        while time.monotonic() < end:
-            a = torch.tanh(a @ a)
+        busy(3.0)  # rank 1 is stuck in a long computation before it joins
     comm.all_reduce(torch.ones(4), algorithm="native")
     return [r.getMessage() for r in records]
 
