@@ -161,10 +161,12 @@ def _hung_peer(rank, n):
 @pytest.mark.timeout(60)
 def test_hung_peer_is_named_by_the_timeout_error():
     results = run_workers(_hung_peer, 3, comm_timeout=3.0, env={"GRADSYNC_HEARTBEAT_S": "0.2"})
-    for rank in (0, 2):
-        assert "timed out" in results[rank], results[rank]
-        assert "rank 1 has not arrived (step 3, between collectives (last #1))" in \
-            results[rank], results[rank]
+    assert "timed out" in results[2], results[2]
+    # Rank 0 serves the store, so its diagnosis always completes (rank 2's may find rank 0
+    # already gone once it has returned).
+    assert "timed out" in results[0], results[0]
+    assert "rank 1 has not arrived (step 3, between collectives (last #1))" in results[0], \
+        results[0]
 
 
 def _stalled(rank, n):
