@@ -130,11 +130,22 @@ def test_killed_worker_fails_the_run_quickly_and_cleanly(tmp_path):
     assert elapsed < 20, elapsed
 
 
+# torch 2.13's gloo can abort a finished process while the interpreter finalizes: seen once
+# in 62 runs of tests/scripts/ddp_script.py with torch's own DDP (gradsync not involved) on
+# this 2-core machine under load, as "terminate called without an active exception" and
+# exit code -6 with no Python frame. Such a run is retried once; any other failure counts.
+FINALIZE_ABORT = "terminate called without an active exception"
+
+
 def _torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                           "2", "--master-addr", "127.0.0.1", "--master-port",
-                           str(free_port()), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+    for attempt in range(2):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                              "2", "--master-addr", "127.0.0.1", "--master-port",
+                              str(free_port()), *args], capture_output=True, text=True,
+                             timeout=timeout, env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+        if run.returncode == 0 or FINALIZE_ABORT not in run.stderr:
+            break
+    return run
 
 
 @pytest.mark.timeout(240)
