@@ -73,7 +73,7 @@ def _failure(group: Group, exc: RuntimeError, what: str) -> Exception:
     """The engine's error, naming what failed and, from the heartbeats, which rank was lost."""
     error = translate(exc, what=f"{what} #{group.seq}{group.where()}", rank=group.rank)
     if group.monitor is not None:
-        culprit = group.monitor.diagnose(seq=group.seq if group.monitor.group is group else None)
+        culprit = group.monitor.diagnose(group.seq)
         if culprit:
             error = type(error)(f"{error}; {culprit}")
     return error

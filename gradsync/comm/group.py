@@ -221,20 +221,14 @@ def _start_monitor(group: Group, store) -> None:
     interval = float(os.environ.get("GRADSYNC_HEARTBEAT_S", "1.0"))
     stall = float(os.environ.get("GRADSYNC_STALL_S", max(5.0, group.timeout_s / 4)))
     group.monitor = Monitor(store, group, interval, stall).start()
-    global _stop_at_exit
-    if not _stop_at_exit:
-        # Stop our threads while the interpreter is whole. A daemon thread still inside a
-        # store call at finalization is unwound by the interpreter, which aborts the
-        # process ("terminate called without an active exception", SIGABRT), e.g. in a
-        # script that ends with dist.destroy_process_group() rather than ours.
-        atexit.register(_shutdown_threads)
-        _stop_at_exit = True
 
 
-_stop_at_exit = False
-
-
+@atexit.register
 def _shutdown_threads() -> None:
+    # Stop our threads while the interpreter is whole. A daemon thread still inside a store
+    # call at finalization is unwound by the interpreter, which aborts the process
+    # ("terminate called without an active exception", SIGABRT), e.g. in a script that ends
+    # with dist.destroy_process_group() rather than ours.
     for group in list(_world.values()):
         group.shutdown()
 

@@ -117,15 +117,19 @@ class Monitor:
         waited = time.monotonic() - g.op_started
         if waited < self.stall_s:
             return
-        beats = self.read()
-        late = {r: b for r, b in beats.items() if b is None or b.started < g.seq}
+        late = self._not_arrived(self.read(), g.seq)
         if late:
             self._reported = g.seq
             log.warning("%s #%d has waited %.0f s; not arrived: %s", g.current_op, g.seq, waited,
                         "; ".join(f"rank {r} ({b.doing() if b else 'no heartbeat'})"
-                                  for r, b in sorted(late.items())))
+                                  for r, b in late.items()))
 
-    def diagnose(self, seq: int | None = None) -> str:
+    def _not_arrived(self, beats: dict[int, Beat | None], seq: int) -> dict[int, Beat | None]:
+        """The other ranks that have not entered collective ``seq`` (None: no heartbeat)."""
+        return {r: b for r, b in sorted(beats.items())
+                if r != self.group.rank and (b is None or b.started < seq)}
+
+    def diagnose(self, seq: int) -> str:
         """Name the ranks whose heartbeat has stopped, after watching for 1.5 periods; when
         all still beat, name those that never entered collective ``seq`` (alive but hung).
 
@@ -141,9 +145,8 @@ class Monitor:
             return "rank 0, which serves the rendezvous store, is unreachable"
         lost = [r for r in after if r != self.group.rank and after[r] is not None
                 and before[r] is not None and after[r].time_ms == before[r].time_ms]
-        if lost or seq is None:
+        if lost:
             return "; ".join(f"rank {r} stopped responding (last seen: {after[r].doing()})"
                              for r in lost)
-        late = [r for r, b in sorted(after.items())
-                if r != self.group.rank and b is not None and b.started < seq]
-        return "; ".join(f"rank {r} has not arrived ({after[r].doing()})" for r in late)
+        return "; ".join(f"rank {r} has not arrived ({b.doing() if b else 'no heartbeat'})"
+                         for r, b in self._not_arrived(after, seq).items())

@@ -107,6 +107,11 @@ class PSWorker(nn.Module):
             work.keep = t
             self._works.append(work)
 
+    def _wait_sends(self) -> None:
+        for work in self._works:
+            work.wait()
+        self._works.clear()
+
     def _post_reply(self, k: int) -> None:
         header, what = empty_header(), f"pull of shard {k} at step {self.step_count}"
         hw = comm.irecv(header, self.servers[k], self.group, TAG, what=what)
@@ -141,9 +146,7 @@ class PSWorker(nn.Module):
             scatter_shard(self._pull_bufs[k], self.layout, k, self._params)
             self.versions[k] = h.version
             self.bytes_pulled += self._pull_bufs[k].numel() * self._pull_bufs[k].element_size()
-        for work in self._works:
-            work.wait()
-        self._works.clear()
+        self._wait_sends()
         self.comm_wait_s += time.perf_counter() - start
 
     def step(self) -> None:
@@ -180,9 +183,7 @@ class PSWorker(nn.Module):
                 raise PSProtocolError(f"server {k} (rank {server}) did not save step {step}: "
                                       f"it answered kind {h.kind}, status {h.status}")
             complete &= h.status == Status.OK
-        for work in self._works:
-            work.wait()
-        self._works.clear()
+        self._wait_sends()
         return complete
 
     def finish(self) -> list[ServerStats]:
@@ -196,9 +197,7 @@ class PSWorker(nn.Module):
             comm.recv(header, server, self.group, TAG, what="end of training")
             comm.recv(buf, server, self.group, TAG, what="end of training")
             stats.append(ServerStats.from_tensor(buf))
-        for work in self._works:
-            work.wait()
-        self._works.clear()
+        self._wait_sends()
         return stats
 
 
