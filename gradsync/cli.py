@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from .config import add_dataclass_arguments, dataclass_from_args, to_argv
@@ -23,6 +25,7 @@ from .config import add_dataclass_arguments, dataclass_from_args, to_argv
 log = logging.getLogger("gradsync")
 
 EXIT_USAGE = 2
+EXIT_AGREED = 3  # every rank stopped for one reason, which rank 0 printed
 
 
 class UserError(Exception):
@@ -65,6 +68,12 @@ def _check_writable(out: str) -> None:
         raise UserError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write, so that the lines of several ranks never interleave."""
+    sys.stderr.flush()
+    os.write(2, (line + "\n").encode(errors="replace"))
+
+
 def _under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -73,12 +82,14 @@ def _run_worker(config) -> int:
     """One rank of the run: join the group, train, print the summary on rank 0."""
     from . import comm
     from .train.architecture import build_architecture
+    from .allreduce import NonFiniteGradientError
     from .train.checkpoint import CheckpointError, CheckpointRefusedError
     from .train.trainer import format_summary, train
 
     rank = os.environ.get("RANK", "?")
     try:
         group = comm.init_process_group(timeout_s=config.timeout)
+        _interrupts_raise()
         try:
             architecture = build_architecture(config, group)
         except ValueError as exc:
@@ -91,14 +102,18 @@ def _run_worker(config) -> int:
         return 0
     except CheckpointRefusedError:
         return EXIT_USAGE  # rank 0 prints the reason
+    except NonFiniteGradientError as exc:  # raised by every worker at the same step
+        if architecture.worker_rank == 0:
+            _say(f"gradsync: error: {exc}")
+        return EXIT_AGREED
     except (UserError, CheckpointError) as exc:
-        print(f"gradsync: error: {exc}", file=sys.stderr, flush=True)
+        _say(f"gradsync: error: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - one line per failed rank; the launcher names the cause
         log.debug("rank %s failed", rank, exc_info=True)
-        print(f"gradsync: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        _say(f"gradsync: rank {rank}: {type(exc).__name__}: {exc}")
         return 1
     finally:
         try:
@@ -126,6 +141,9 @@ def _run_local(config) -> int:
 
     if config.out:
         _check_writable(config.out)
+    if config.checkpoint_dir and Path(config.checkpoint_dir).exists() \
+            and not Path(config.checkpoint_dir).is_dir():
+        raise UserError(f"--checkpoint-dir {config.checkpoint_dir} is a file, not a directory")
     # Share the cores between the workers instead of letting each start one thread per core.
     threads = str(max(1, (os.cpu_count() or 1) // config.workers))
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
@@ -137,12 +155,16 @@ def _run_local(config) -> int:
     # The servers of an asynchronous parameter server drop a lost worker and go on.
     tolerate = frozenset(range(config.servers, config.processes)) \
         if config.arch == "ps" and config.consistency != "sync" else frozenset()
+    _interrupts_raise()  # the launcher forwards an interrupt to the workers it started
     try:
         result = launch(["train", *to_argv(config)], config.processes, master_addr=config.addr,
                         master_port=config.port, env=env, tolerate=tolerate)
     except LaunchError as exc:
         raise UserError(str(exc)) from None
-    if result.returncode != 0 and result.failed_rank is not None:
+    if result.returncode == 130:
+        print("gradsync: interrupted", file=sys.stderr, flush=True)
+    elif result.returncode not in (0, EXIT_USAGE, EXIT_AGREED) \
+            and result.failed_rank is not None:
         print(f"gradsync: run failed: worker rank {result.failed_rank} {result.reason}",
               file=sys.stderr, flush=True)
     return result.returncode
@@ -153,6 +175,7 @@ def _run_in_lab(config, env: dict[str, str]) -> int:
     from .lab import LabError, train_in_lab
 
     env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.lab))
+    _interrupts_raise()
     # (TORCH_CPP_LOG_LEVEL=ERROR also hides c10d's warning that lab addresses have no
     # reverse DNS entry.)
     rates = config.rates.split(",") if config.rates else None
@@ -162,7 +185,36 @@ def _run_in_lab(config, env: dict[str, str]) -> int:
         raise UserError(str(exc)) from None
 
 
+def _exit_interrupted(signum: int, frame: object) -> None:
+    # Start-up (importing torch, parsing, joining the group) holds nothing to clean up, and a
+    # KeyboardInterrupt raised inside torch's import can abort the process from C++.
+    if not _under_launcher():  # the launcher speaks for its workers
+        os.write(2, b"gradsync: interrupted\n")
+    os._exit(130)
+
+
+def _interrupts_raise() -> None:
+    """Start-up is over: Ctrl-C raises KeyboardInterrupt again, so that cleanup runs."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `gradsync` command; returns the exit status. Ctrl-C at any moment (even while
+    torch is being imported) ends it with status 130 and no traceback."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _exit_interrupted)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if not _under_launcher():
+            print("gradsync: interrupted", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        _interrupts_raise()
+
+
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=os.environ.get("GRADSYNC_LOG", "WARNING").upper(),
                         format="%(asctime)s %(name)s: %(message)s")
     parser = _parser()
@@ -170,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if args.command != "train":
+        _interrupts_raise()  # the lab and benchmarks clean up after an interrupt
     if args.command == "lab":
         from .lab.cli import main as lab_main
 
@@ -187,10 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             _exit_rank(_run_worker(config))
         return _run_local(config)
     except UserError as exc:
-        print(f"gradsync: error: {exc}", file=sys.stderr, flush=True)
+        _say(f"gradsync: error: {exc}")
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

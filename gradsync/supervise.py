@@ -37,6 +37,9 @@ _TERM_WAIT_S = 3.0  # after SIGTERM, before SIGKILL
 _PUMP_JOIN_S = 5.0  # after the last reap, for the reader threads to reach the pipes' end
 _INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 EXIT_TIMEOUT = 124  # as timeout(1)
+# Exit codes whose rank has already said why in one line (a user error, an interrupt): the
+# supervisor adds no story of its own.
+_SELF_EXPLAINED = {2, 3, 130}
 
 OnLine = Callable[[int, str, str], None]
 """``on_line(rank, stream, line)``, stream "stdout" or "stderr", line without its newline;
@@ -91,7 +94,8 @@ def _supervise(workers: list[Worker], grace_s: float, tolerate: frozenset[int]) 
         assert root is not None
     line = f"worker rank {root.rank} {root.describe()}; stopping the other workers"
     logger.info(line)
-    print(f"gradsync: {line}", file=sys.stderr, flush=True)
+    if root.returncode not in _SELF_EXPLAINED:
+        print(f"gradsync: {line}", file=sys.stderr, flush=True)
     # Peers usually fail on their own once their connection to the dead rank drops.
     if not procs.wait_all(workers, failed_at + grace_s - time.monotonic()):
         procs.signal_groups(workers, signal.SIGTERM)

@@ -4,6 +4,7 @@ collectives while backward runs."""
 from .buckets import Bucket, assign_buckets, build_buckets
 from .data_parallel import DataParallel, DataParallelStats
 from .naive import DataParallelNaive
+from .nonfinite import NonFiniteGradientError
 
 __all__ = ["Bucket", "DataParallel", "DataParallelNaive", "DataParallelStats",
-           "assign_buckets", "build_buckets"]
+           "NonFiniteGradientError", "assign_buckets", "build_buckets"]

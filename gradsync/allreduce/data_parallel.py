@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -31,6 +32,10 @@ from torch import nn
 
 from .. import comm
 from .buckets import Bucket, build_buckets
+from .nonfinite import (NONFINITE_POLICIES, NonFiniteGradientError, describe, find_culprits,
+                        is_finite)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +44,7 @@ class DataParallelStats:
 
     sync_steps: int = 0
     comm_wait_s: float = 0.0  # time backward's end spent waiting for all-reduces (not overlapped)
+    skipped_steps: int = 0    # steps whose averaged gradient was not finite (nonfinite="skip")
 
 
 class DataParallel(nn.Module):
@@ -54,6 +60,10 @@ class DataParallel(nn.Module):
         find_unused_parameters: treat parameters without a gradient in a step as contributing
             zero, instead of raising an error that names them.
         broadcast_buffers: copy rank 0's buffers (e.g. BatchNorm statistics) before each forward.
+        nonfinite: what a NaN or Inf in the averaged gradients does: ``"error"`` raises
+            :class:`NonFiniteGradientError` from ``backward()`` naming the ranks that sent it
+            and the step; ``"skip"`` sets every ``.grad`` to None, so ``optimizer.step()``
+            leaves the parameters and optimizer state as they were, and logs a warning.
         device_ids, output_device: accepted for DDP compatibility; must be None on CPU.
     Raises:
         CollectiveMismatchError: ranks hold different parameters.
@@ -62,13 +72,16 @@ class DataParallel(nn.Module):
     def __init__(self, module: nn.Module, *, group: comm.Group | None = None,
                  bucket_cap_mb: float = 25.0, algorithm: str = "auto",
                  find_unused_parameters: bool = False, broadcast_buffers: bool = True,
-                 device_ids=None, output_device=None):
+                 nonfinite: str = "error", device_ids=None, output_device=None):
         super().__init__()
         if device_ids not in (None, []) or output_device is not None:
             raise ValueError("device_ids/output_device are for CUDA modules; leave them None")
         if algorithm not in comm.ALL_REDUCE_ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; expected one of "
                              f"{', '.join(comm.ALL_REDUCE_ALGORITHMS)}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"unknown nonfinite policy {nonfinite!r}; expected one of "
+                             f"{', '.join(NONFINITE_POLICIES)}")
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
         if group is None:
@@ -83,6 +96,7 @@ class DataParallel(nn.Module):
         self._bucket_algorithm = "native" if algorithm == "auto" else algorithm
         self.find_unused_parameters = find_unused_parameters
         self.broadcast_buffers = broadcast_buffers
+        self.nonfinite = nonfinite
         self.stats = DataParallelStats()
 
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -151,6 +165,7 @@ class DataParallel(nn.Module):
         for bucket in self._buckets:
             bucket.ready.clear()
         self._works: list[comm.Work] = []
+        self._local_finite = True  # this rank's own gradients, before averaging
         self._next = 0
         self._callback_queued = False
 
@@ -194,6 +209,7 @@ class DataParallel(nn.Module):
         # Strict index order: bucket k+1 never starts before bucket k on any rank.
         while self._next < len(self._buckets) and self._buckets[self._next].is_full():
             flat = self._buckets[self._next].flat
+            self._local_finite &= is_finite(flat)
             self._works.append(comm.all_reduce_async(flat, op="sum", group=self.group,
                                                      algorithm=self._bucket_algorithm))
             self._next += 1
@@ -213,8 +229,28 @@ class DataParallel(nn.Module):
             bucket.ready.add(i)
         self._launch_ready()
         self._wait_all()
-        self.stats.sync_steps += 1
+        local_finite = self._local_finite
         self._reset_step()
+        self.stats.sync_steps += 1
+        bad = [b for b in self._buckets if not is_finite(b.flat)]  # the same on every rank
+        if bad:
+            self._on_nonfinite(bad, local_finite)
+
+    def _on_nonfinite(self, bad: list[Bucket], local_finite: bool) -> None:
+        step = self.group.step if self.group.step >= 0 else self.stats.sync_steps - 1
+        params = [self._names[id(p)] for b in bad for i, p in enumerate(b.params)
+                  if not is_finite(b.view(i))]
+        text = describe(find_culprits(self.group, local_finite), step, params)
+        if self.nonfinite == "error":
+            raise NonFiniteGradientError(f"{text}; lower the learning rate, or pass "
+                                         "nonfinite='skip' (--on-nonfinite skip) to skip "
+                                         "such steps")
+        for bucket in self._buckets:
+            for p in bucket.params:
+                p.grad = None
+        self.stats.skipped_steps += 1
+        if self.group.rank == 0:
+            log.warning("skipping the update of step %d: %s", step, text)
 
     def _wait_all(self) -> None:
         start = time.perf_counter()

@@ -122,13 +122,14 @@ def _default_backend() -> str:
 
 def _is_loopback(addr: str) -> bool:
     try:
-        return ipaddress.ip_address(socket.gethostbyname(addr)).is_loopback
+        infos = socket.getaddrinfo(addr, None, proto=socket.IPPROTO_TCP)
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
     except (OSError, ValueError):
         return False
 
 
 def _bind_listener(addr: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((addr, port))

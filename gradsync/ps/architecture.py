@@ -23,17 +23,20 @@ log = logging.getLogger(__name__)
 
 
 class PSArchitecture:
+    """``nonfinite``: what a server does with a pushed gradient holding NaN or Inf, "error"
+    or "skip" (see :class:`ServerConfig`)."""
+
     name = "ps"
 
     def __init__(self, servers: int, consistency: str, staleness: int, group: comm.Group,
-                 max_steps: int | None = None):
+                 max_steps: int | None = None, nonfinite: str = "error"):
         if group.size <= servers:
             raise ValueError(f"--servers {servers} leaves no worker in a world of {group.size}")
         self.group = group
         self.servers = list(range(servers))
         self.workers = list(range(servers, group.size))
         self.config = ServerConfig(consistency, staleness if consistency == "ssp" else 0,
-                                   max_steps)
+                                   max_steps, nonfinite)
         self.is_worker = group.rank >= servers
         self.worker_rank = group.rank - servers if self.is_worker else -1
         self.num_workers = len(self.workers)
@@ -65,7 +68,9 @@ class PSArchitecture:
         self.server_stats = server.serve()
         return self.server_stats
 
-    def commit_checkpoint(self, step: int, commit) -> None:
+    def commit_checkpoint(self, step: int, commit, written: bool = True) -> None:
+        if not written:
+            return  # the caller raises this worker's own error; the servers see it leave
         complete = self.worker.checkpoint(step)
         if self.group.rank != self.committer:
             return
@@ -100,5 +105,6 @@ class PSArchitecture:
             "staleness_histogram": hist,
             "max_lead": max(s.max_lead for s in stats),
             "rejected_messages": sum(s.rejected for s in stats),
+            "nonfinite_skipped": [s.skipped for s in stats],  # per server: updates left out
             "dropped_workers": sorted({w for s in stats for w in s.dropped}),
         }

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import comm
+from .checkpoint_format import CheckpointRefusedError
 from .config import TrainConfig
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -40,9 +41,12 @@ class Architecture(Protocol):
         """Non-worker ranks: serve until the workers are done. ``save(step, state)`` writes
         this rank's state into checkpoint ``step``; ``restored`` is the state to resume."""
 
-    def commit_checkpoint(self, step: int, commit: Callable[[], None]) -> None:
-        """On every worker, after its files of checkpoint ``step`` are written: once every
-        rank's files are on disk, call ``commit`` on the committer."""
+    def commit_checkpoint(self, step: int, commit: Callable[[], None], written: bool = True
+                          ) -> None:
+        """On every worker, after it wrote its files of checkpoint ``step`` (``written``
+        False: writing failed, and the caller raises that error next): once every rank's
+        files are on disk, call ``commit`` on the committer. Raises CheckpointRefusedError
+        on a rank whose files were written when another rank's were not."""
 
     def comm_wait_s(self) -> float:
         """Seconds spent waiting on communication that did not overlap computation."""
@@ -75,17 +79,34 @@ class AllReduceArchitecture:
         from ..allreduce import DataParallel
 
         self.model = DataParallel(model, group=self.group, algorithm=self.config.algorithm,
-                                  bucket_cap_mb=self.config.bucket_cap_mb)
+                                  bucket_cap_mb=self.config.bucket_cap_mb,
+                                  nonfinite=self.config.on_nonfinite)
         return self.model, make_optimizer(self.model.parameters())
 
     def serve(self, model, make_optimizer, save=None, restored=None):
         raise RuntimeError("every rank of the All-Reduce architecture is a worker")
 
-    def commit_checkpoint(self, step, commit):
-        comm.barrier(self.group)  # every rank's files are on disk before rank 0 commits
-        if self.group.rank == 0:
-            commit()
-        comm.barrier(self.group)  # nobody races ahead to a step that might need the commit
+    def commit_checkpoint(self, step, commit, written=True):
+        # Every rank's files are on disk before rank 0 commits, and the commit is done before
+        # anyone goes on. A rank whose write failed (a full disk) says so in these two
+        # exchanges instead of leaving, so that all stop together and it alone tells why.
+        self._agree(written, f"could not write checkpoint step {step}")
+        if written:
+            committed = True
+            if self.group.rank == 0:
+                try:
+                    commit()
+                except Exception:
+                    committed = False
+                    self._agree(False, "")
+                    raise
+            self._agree(committed, f"could not commit checkpoint step {step}")
+
+    def _agree(self, ok: bool, what: str) -> None:
+        failed = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        comm.all_reduce(failed, op="sum", group=self.group, algorithm="native")
+        if failed.item() and ok:
+            raise CheckpointRefusedError(f"{failed.item()} rank(s) {what} (their error says why)")
 
     def comm_wait_s(self) -> float:
         return self.model.stats.comm_wait_s if self.model is not None else 0.0

@@ -47,17 +47,18 @@ log = logging.getLogger(__name__)
 
 from .checkpoint_format import (FORMAT_VERSION, MARKER, STATE_FILE, STEP_DIR_RE,
                                 CheckpointError, CheckpointRefusedError, CheckpointMeta, IncompatibleCheckpointError,
-                                check_compatible, check_loadable, fsync_dir, model_fingerprint,
-                                sha256_of, verify_file,
+                                check_compatible, check_loadable, describe_os_error, fsync_dir,
+                                model_fingerprint, same_run, sha256_of, verify_file,
                                 read_file, read_marker, remove_path, step_dirname, write_fsynced)
 
 class CheckpointManager:
     """Write, find, verify and load the checkpoints of one run in one directory.
 
     Args:
-        directory: where the `step-*` directories live; created if missing. Every rank
+        directory: where the `step-*` directories live. Every rank
             must see the same directory (a local disk for one node, a shared one otherwise).
         keep: committed checkpoints to keep; older ones are removed after each commit.
+            The directory is created by `create` or by the first save, not here.
         rank: this process's rank; names its per-rank file.
         committer: whether this rank writes the replicated state and commits (default:
             rank 0 does).
@@ -76,7 +77,9 @@ class CheckpointManager:
         self.keep = keep
         self.rank = rank
         self.committer = rank == 0 if committer is None else committer
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CheckpointError(f"checkpoint directory {self.directory} is a file, "
+                                  "not a directory")
         # (step, {file: {"sha256", "bytes"}} of the committer's own files, per-rank files written?)
         self._pending: tuple[int, dict[str, dict[str, Any]], bool] | None = None
 
@@ -117,20 +120,51 @@ class CheckpointManager:
             ValueError: if the committer passes no `state`.
         """
         staging = self.directory / f"{step_dirname(step)}.tmp"
-        staging.mkdir(exist_ok=True)  # every rank may create it; exist_ok makes that race-free
         written: dict[str, dict[str, Any]] = {}
         if self.committer:
             if state is None:
                 raise ValueError("the committer must pass the state to save_rank_files")
             check_loadable(state, "state")
-            written[STATE_FILE] = write_fsynced(staging / STATE_FILE, state)
         if per_rank is not None:
             check_loadable(per_rank, "per_rank")
-            written[f"rank-{self.rank}.pt"] = write_fsynced(
-                staging / f"rank-{self.rank}.pt", per_rank)
-        fsync_dir(staging)  # the new directory entries, not only the file contents
+        try:
+            staging.mkdir(parents=True, exist_ok=True)  # every rank may; exist_ok: race-free
+            if self.committer:
+                written[STATE_FILE] = write_fsynced(staging / STATE_FILE, state)
+            if per_rank is not None:
+                written[f"rank-{self.rank}.pt"] = write_fsynced(
+                    staging / f"rank-{self.rank}.pt", per_rank)
+            fsync_dir(staging)  # the new directory entries, not only the file contents
+        except FileNotFoundError:
+            # Only a failed save removes a staging directory under our feet: the rank that
+            # failed says why, in one line.
+            raise CheckpointRefusedError(f"checkpoint step {step} was abandoned by another "
+                                         "rank (its error says why)") from None
+        except OSError as exc:
+            raise self._write_failed(exc, staging) from None
         if self.committer:
             self._pending = (step, written, per_rank is not None)
+
+    def discard(self, step: int) -> None:
+        """Remove the staging directory of an abandoned save of ``step``, if it is there."""
+        try:
+            remove_path(self.directory / f"{step_dirname(step)}.tmp")
+        except FileNotFoundError:  # another rank of the same save removed it first
+            pass
+
+    def _write_failed(self, exc: OSError, *partial: Path) -> CheckpointError:
+        """Remove a failed save's partial directories; the error says the newest is intact."""
+        for path in partial:
+            try:
+                if path.exists():
+                    remove_path(path)
+            except OSError:  # another rank of the same save may be removing it too
+                pass
+        latest = self.latest()
+        kept = (f"the newest committed checkpoint (step {latest}) is intact" if latest is not None
+                else "no committed checkpoint existed")
+        return CheckpointError(f"{describe_os_error(exc, self.directory)}; the partial save "
+                               f"was removed and {kept}")
 
     def commit(self, step: int, meta: CheckpointMeta) -> Path:
         """On the committer, after every rank's `save_rank_files(step)`: make checkpoint `step` count.
@@ -175,43 +209,58 @@ class CheckpointManager:
                                       "save_rank_files before the committer commits")
             files[name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
         final = self.directory / step_dirname(step)
-        if final.exists() or final.is_symlink():  # an earlier attempt at the same step
-            remove_path(final)
-        os.rename(staging, final)
-        fsync_dir(self.directory)
-        marker = {"format": FORMAT_VERSION, "meta": asdict(meta), "files": files}
-        tmp = final / f"{MARKER}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(marker, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final / MARKER)
-        fsync_dir(final)
-        fsync_dir(self.directory)
+        try:
+            if final.exists() or final.is_symlink():  # an earlier attempt at the same step
+                remove_path(final)
+            os.rename(staging, final)
+            fsync_dir(self.directory)
+            marker = {"format": FORMAT_VERSION, "meta": asdict(meta), "files": files}
+            tmp = final / f"{MARKER}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(marker, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final / MARKER)
+            fsync_dir(final)
+            fsync_dir(self.directory)
+        except OSError as exc:
+            self._pending = None
+            raise self._write_failed(exc, staging, final) from None
         self._pending = None
         log.info("committed checkpoint %s (%.1f MB)", final,
                  sum(e["bytes"] for e in files.values()) / 2**20)
-        self._prune(step)
+        self._prune(meta)
         return final
 
-    def _prune(self, step: int) -> None:
-        committed = set(self.committed_steps())
-        kept = sorted(s for s in committed if s <= step)[-self.keep:]
+    def _prune(self, meta: CheckpointMeta) -> None:
+        """Only ever removes checkpoints of this run (same workload, model, architecture)."""
+        ours = {s for s, m in self._committed() if same_run(m, meta)}
+        kept = sorted(s for s in ours if s <= meta.step)[-self.keep:]
         for entry in sorted(self.directory.iterdir()):
             match = STEP_DIR_RE.match(entry.name)
             if match is None or not entry.is_dir() or entry.is_symlink():
                 continue
             s = int(match.group(1))
             if match.group(2):  # staging; later steps may be in flight on other ranks
-                if s <= step:
+                if s <= meta.step:
                     remove_path(entry)
             elif not (entry / MARKER).exists():
                 remove_path(entry)  # a crash between the rename and the marker
-            elif s in committed and s not in kept:
-                if s > step:
+            elif s in ours and s not in kept:
+                if s > meta.step:
                     log.warning("removing %s: newer than the checkpoint just committed, "
                                 "left by a run that resumed from an older step", entry)
                 remove_path(entry)
+
+    def clear(self) -> list[int]:
+        """Remove every checkpoint and staging directory (``--overwrite``); return the
+        committed steps removed."""
+        removed = self.committed_steps()
+        for entry in sorted(self.directory.iterdir()):
+            if STEP_DIR_RE.match(entry.name) and entry.is_dir() and not entry.is_symlink():
+                remove_path(entry)
+        fsync_dir(self.directory)
+        return removed
 
     # -- finding ---------------------------------------------------------------------------
 
@@ -220,15 +269,18 @@ class CheckpointManager:
 
         Cheap: reads the markers and stats the files, hashes nothing.
         """
-        steps = []
+        return [step for step, _ in self._committed()]
+
+    def _committed(self) -> list[tuple[int, CheckpointMeta]]:
+        found = []
         for step, path in self._entries():
             try:
-                read_marker(path, step, check_sizes=True)
+                meta, _ = read_marker(path, step, check_sizes=True)
             except CheckpointError as exc:
                 log.debug("not a committed checkpoint: %s", exc)
                 continue
-            steps.append(step)
-        return steps
+            found.append((step, meta))
+        return found
 
     def latest(self) -> int | None:
         """Return the newest committed step, or None; see `committed_steps`."""
@@ -260,7 +312,7 @@ class CheckpointManager:
         return self._load(step, expect, allow_reshard, verify_all=False)
 
     def load_latest_valid(self, expect: CheckpointMeta | None = None, *,
-                          allow_reshard: bool = False
+                          allow_reshard: bool = False, below: int | None = None
                           ) -> tuple[int, dict, dict | None, CheckpointMeta] | None:
         """Load the newest checkpoint that passes every check, skipping damaged ones.
 
@@ -271,6 +323,7 @@ class CheckpointManager:
 
         Args:
             expect, allow_reshard: as for `load`.
+            below: only consider steps before this one (a fall-back after a rank failed).
 
         Returns:
             `(step, state, per_rank, meta)`, or None when no checkpoint is usable.
@@ -279,6 +332,8 @@ class CheckpointManager:
             IncompatibleCheckpointError: if the newest intact checkpoint does not match.
         """
         for step, path in reversed(self._entries()):
+            if below is not None and step >= below:
+                continue
             if path.is_dir() and not (path / MARKER).exists():
                 log.info("ignoring %s: its save never committed", path)
                 continue
@@ -305,8 +360,24 @@ class CheckpointManager:
         per_rank = read_file(path / mine, files[mine]) if mine in files else None
         return state, per_rank, meta
 
+    def has_entries(self) -> bool:
+        """Whether anything named like a checkpoint is here (committed or not)."""
+        return bool(self._entries())
+
+    def create(self) -> bool:
+        """Create the directory if missing (saving does too); return whether it was."""
+        existed = self.directory.is_dir()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot create checkpoint directory {self.directory}: "
+                                  f"{exc.strerror or exc}") from None
+        return not existed
+
     def _entries(self) -> list[tuple[int, Path]]:
         """`(step, path)` of every name like a checkpoint (not staging), ascending."""
+        if not self.directory.is_dir():
+            return []
         found = []
         for entry in self.directory.iterdir():
             match = STEP_DIR_RE.match(entry.name)

@@ -4,6 +4,7 @@ steps (fsynced writes, checksums, the COMMITTED marker) that checkpoint.py compo
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -16,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +93,11 @@ def step_dirname(step: int) -> str:
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     return f"step-{step:08d}"
+
+
+def same_run(a: CheckpointMeta, b: CheckpointMeta) -> bool:
+    """Whether two checkpoints belong to one run: same workload, architecture and model."""
+    return (a.workload, a.arch, a.param_fingerprint) == (b.workload, b.arch, b.param_fingerprint)
 
 
 def check_compatible(found: CheckpointMeta, expect: CheckpointMeta, path: Path,
@@ -202,27 +206,60 @@ def check_loadable(obj: Any, where: str) -> None:
 
 
 class HashingWriter:
-    """File wrapper that hashes what `torch.save` writes, so nothing is read back."""
+    """File wrapper that hashes what `torch.save` writes, so nothing is read back.
+
+    An OSError of the file (a full disk) is kept: torch's zip writer reports a failed write
+    only as "unexpected pos ...", so `write_fsynced` re-raises the real cause.
+    """
 
     def __init__(self, file: Any):
         self.file, self.digest, self.size = file, hashlib.sha256(), 0
+        self.error: OSError | None = None
 
     def write(self, data: bytes) -> int:
+        try:
+            written = self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
         self.digest.update(data)
         self.size += len(data)
-        return self.file.write(data)
+        return written
 
     def flush(self) -> None:
-        self.file.flush()
+        try:
+            self.file.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
 
 
 def write_fsynced(path: Path, obj: Any) -> dict[str, Any]:
+    """Write `obj` with torch.save, flush and fsync it; return its sha256 and size.
+
+    Raises:
+        OSError: the file system refused (ENOSPC for a full disk), whatever torch made of it.
+    """
     with open(path, "wb") as f:
         writer = HashingWriter(f)
-        torch.save(obj, writer)
+        try:
+            torch.save(obj, writer)
+        except Exception as exc:
+            if writer.error is not None:
+                raise writer.error from exc
+            raise
         f.flush()
         os.fsync(f.fileno())
     return {"sha256": writer.digest.hexdigest(), "bytes": writer.size}
+
+
+def describe_os_error(exc: OSError, directory: Path) -> str:
+    """One line for a failed checkpoint write; a full disk is named as such."""
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on device while writing a checkpoint into {directory}"
+    if exc.errno == errno.EDQUOT:
+        return f"disk quota exceeded while writing a checkpoint into {directory}"
+    return f"cannot write a checkpoint into {directory}: {exc.strerror or exc}"
 
 
 def sha256_of(path: Path) -> str:

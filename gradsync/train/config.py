@@ -9,6 +9,10 @@ from ..comm import ALL_REDUCE_ALGORITHMS
 from .workloads import WORKLOADS
 
 ARCHITECTURES = ("allreduce", "ps", "ddp", "local")  # the last two: baselines
+# Upper bounds of the positive float flags: beyond them a value is a typo, not a setting
+# (a learning rate of 1e300 turns the first update into Inf; a timeout beyond a week
+# overflows the engine's timedelta long before it helps anyone).
+LIMITS = {"lr": 1e3, "timeout": 7 * 24 * 3600.0, "bucket_cap_mb": 1 << 20}
 
 
 def _help(text: str) -> dict[str, str]:
@@ -54,6 +58,11 @@ class TrainConfig:
     keep: int = field(default=3, metadata=_help("committed checkpoints to keep"))
     resume: bool = field(default=False, metadata=_help(
         "continue from the newest valid checkpoint in --checkpoint-dir"))
+    overwrite: bool = field(default=False, metadata=_help(
+        "start afresh in a --checkpoint-dir that holds checkpoints, removing them"))
+    on_nonfinite: Literal["error", "skip"] = field(default="error", metadata=_help(
+        "a NaN or Inf gradient: stop the run naming the rank and step (error), or skip "
+        "that step's update (skip)"))
     out: str | None = field(default=None, metadata=_help(
         "directory for metrics.jsonl (per step) and summary.json"))
     timeout: float = field(default=300.0, metadata=_help(
@@ -95,16 +104,21 @@ class TrainConfig:
                 and len(self.rates.split(",")) != self.lab:
             raise ValueError(f"--rates lists {len(self.rates.split(','))} rates for "
                              f"{self.lab} hosts")
-        if (self.checkpoint_every is not None or self.resume) and not self.checkpoint_dir:
-            raise ValueError("--checkpoint-every and --resume need --checkpoint-dir")
+        if (self.checkpoint_every is not None or self.resume or self.overwrite) \
+                and not self.checkpoint_dir:
+            raise ValueError("--checkpoint-every, --resume and --overwrite need --checkpoint-dir")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the checkpoints that --overwrite would "
+                             "remove; pass one of them")
         for name in ("workers", "servers", "epochs", "steps", "batch_size", "hidden",
                      "checkpoint_every", "keep"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        for name in ("lr", "timeout", "bucket_cap_mb"):
+        for name, most in LIMITS.items():
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            if value is not None and not 0 < value <= most:  # (also false for NaN)
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number up to "
+                                 f"{most:g}, got {value}")
         if self.port is not None and not 0 < self.port < 65536:
             raise ValueError(f"--port must be between 1 and 65535, got {self.port}")

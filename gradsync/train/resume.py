@@ -5,8 +5,10 @@ this rank's samples of that epoch were consumed (written once, by the architectu
 committer), and every rank's RNG streams plus whatever state the rank holds alone (a
 parameter server's shard and optimizer state). Saving is collective: every rank writes its
 files, the architecture makes sure all are on disk (a barrier, or the servers' answers), then
-the committer commits. Loading is agreed once: rank 0 picks the newest checkpoint that
-verifies and broadcasts its step, so no rank can resume from a different one. A checkpoint
+the committer commits. Loading is agreed: rank 0 picks the newest checkpoint that verifies
+and broadcasts its step, so no rank can resume from a different one; if any rank cannot read
+its files, all fall back together. One job at a time: rank 0 holds the directory's lock, and a
+fresh run refuses a directory with committed checkpoints unless told to overwrite them. A checkpoint
 written with another number of workers resumes a replicated architecture (All-Reduce) too,
 continuing at the same fraction of the epoch, but then without the per-rank RNG streams.
 """
@@ -23,6 +25,7 @@ from .. import comm
 from .architecture import Architecture
 from .checkpoint import (CheckpointError, CheckpointManager, CheckpointMeta,
                          CheckpointRefusedError, model_fingerprint)
+from .dir_lock import DirectoryLock, DirectoryLockedError
 from .rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,8 @@ class Checkpointer:
                                          committer=self.group.rank == architecture.committer)
         self.workload = workload
         self.fingerprint = model_fingerprint(model)
+        self._lock: DirectoryLock | None = None  # rank 0 holds it for the whole run
+        self._created = False  # rank 0: the directory did not exist before this run
 
     def _meta(self, pos: Position) -> CheckpointMeta:
         return CheckpointMeta(pos.step, pos.epoch, self.workload, self.group.size,
@@ -82,42 +87,72 @@ class Checkpointer:
         if self.manager.committer:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "position": [pos.step, pos.epoch, pos.consumed]}
-        self.manager.save_rank_files(pos.step, state, per_rank={"rng": capture_rng_state()})
-        self.architecture.commit_checkpoint(
-            pos.step, lambda: self.manager.commit(pos.step, self._meta(pos)))
+        error = None
+        try:
+            self.manager.save_rank_files(pos.step, state, per_rank={"rng": capture_rng_state()})
+        except CheckpointError as exc:  # a full disk: the others must stop with this rank
+            error = exc
+        try:
+            self.architecture.commit_checkpoint(
+                pos.step, lambda: self.manager.commit(pos.step, self._meta(pos)),
+                written=error is None)
+        except CheckpointRefusedError:
+            self.manager.discard(pos.step)  # this rank may have written after it was removed
+            raise
+        if error is not None:
+            raise error
 
     def save_rank_state(self, step: int, rank_state: dict[str, Any]) -> None:
         """On a rank that does not train (a server): write its own state into ``step``."""
         self.manager.save_rank_files(step, per_rank={"rng": capture_rng_state(),
                                                      "state": rank_state})
 
-    def load(self) -> Resumed | None:
-        """On every rank: load the newest valid checkpoint and this rank's RNG streams.
+    def start(self, resume: bool, overwrite: bool = False) -> Resumed | None:
+        """On every rank, before training: take the directory and agree on where to start.
+
+        Rank 0 locks the directory (one job at a time), then decides: a fresh run refuses a
+        directory that holds committed checkpoints unless ``overwrite`` (which removes them);
+        ``resume`` picks the newest checkpoint that verifies. Rank 0 broadcasts the step,
+        every rank loads it, and if any rank cannot read its files all fall back together to
+        the next older one.
 
         Returns:
-            What to continue from, or None when there is no checkpoint.
+            What to continue from, or None to start at step 0.
         Raises:
-            CheckpointError: the chosen checkpoint is of another run, or cannot be read.
+            CheckpointError: the directory is locked or holds another run's checkpoints, or a
+                fresh run would overwrite checkpoints (one line, on rank 0; the other ranks
+                raise CheckpointRefusedError).
         """
         expect = self._meta(Position())
         reshard = self.architecture.replicated
-        chosen = torch.tensor([NONE], dtype=torch.int64)
-        refusal = None
-        if self.group.rank == 0:
+        below: int | None = None
+        while True:
+            chosen = torch.tensor([NONE], dtype=torch.int64)
+            refusal = None
+            if self.group.rank == 0:
+                try:
+                    chosen[0] = self._choose(resume, overwrite, expect, below)
+                except CheckpointError as exc:
+                    chosen[0], refusal = REFUSED, exc
+            comm.broadcast(chosen, src=0, group=self.group)  # every rank stops, or none does
+            step = int(chosen.item())
+            if step == REFUSED:
+                raise refusal or CheckpointRefusedError("rank 0 refused the checkpoint "
+                                                        "directory (its error says why)")
+            if step == NONE:
+                return None
+            failed = torch.zeros(1, dtype=torch.int64)
             try:
-                found = self.manager.load_latest_valid(expect, allow_reshard=reshard)
-                chosen[0] = NONE if found is None else found[0]
+                state, per_rank, meta = self.manager.load(step, expect=expect,
+                                                          allow_reshard=reshard)
             except CheckpointError as exc:
-                chosen[0], refusal = REFUSED, exc
-        comm.broadcast(chosen, src=0, group=self.group)  # every rank stops, or none does
-        step = int(chosen.item())
-        if step == REFUSED:
-            raise refusal or CheckpointRefusedError("rank 0 found no checkpoint to resume "
-                                                    "from (its error says why)")
-        if step == NONE:
-            log.info("no checkpoint to resume from; starting afresh")
-            return None
-        state, per_rank, meta = self.manager.load(step, expect=expect, allow_reshard=reshard)
+                log.warning("rank %d cannot use checkpoint step %d: %s", self.group.rank,
+                            step, exc)
+                failed[0] = 1
+            comm.all_reduce(failed, op="sum", group=self.group, algorithm="native")
+            if not failed.item():
+                break
+            below = step  # all ranks fall back to an older checkpoint together
         pos = Position(*state["position"])
         if meta.world_size == self.group.size and per_rank is not None:
             restore_rng_state(per_rank["rng"])
@@ -126,3 +161,46 @@ class Checkpointer:
             pos.consumed = pos.consumed * meta.world_size // self.group.size
         log.info("resumed from step %d (epoch %d)", pos.step, pos.epoch)
         return Resumed(pos, state, None if per_rank is None else per_rank.get("state"))
+
+    def _choose(self, resume: bool, overwrite: bool, expect: CheckpointMeta,
+                below: int | None) -> int:
+        """Rank 0: lock the directory and return the step to start from, or NONE."""
+        if self._lock is None:
+            self._created = self.manager.create()
+            try:
+                self._lock = DirectoryLock(self.manager.directory)
+            except DirectoryLockedError as exc:
+                raise CheckpointError(str(exc)) from None
+        directory = self.manager.directory
+        if not resume:
+            committed = self.manager.committed_steps()
+            if committed and not overwrite:
+                raise CheckpointError(
+                    f"{directory} already holds committed checkpoints (steps "
+                    f"{_steps(committed)}); pass --resume to continue from the newest, or "
+                    "--overwrite to replace them")
+            if committed:
+                self.manager.clear()
+                log.warning("--overwrite: removed the checkpoints of steps %s from %s",
+                            _steps(committed), directory)
+            return NONE
+        found = self.manager.load_latest_valid(expect, allow_reshard=self.architecture.replicated,
+                                               below=below)
+        if found is not None:
+            return found[0]
+        if self._created:
+            why = "the directory did not exist"
+        elif below is not None:
+            why = f"no readable checkpoint older than step {below} (see the warnings above)"
+        elif self.manager.has_entries():
+            why = "every checkpoint in it is damaged or was never committed"
+        else:
+            why = "it holds no checkpoint"
+        log.warning("--resume: nothing to resume in %s (%s); starting from step 0",
+                    directory, why)
+        return NONE
+
+
+def _steps(steps: list[int]) -> str:
+    shown = ", ".join(map(str, steps[-5:]))
+    return shown if len(steps) <= 5 else f"..., {shown}"

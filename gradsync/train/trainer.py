@@ -108,8 +108,8 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
     if config.checkpoint_dir:
         checkpointer = Checkpointer(config.checkpoint_dir, config.checkpoint_every,
                                     config.keep, architecture, config.workload, workload.model)
-        if config.resume:
-            resumed = checkpointer.load()  # every rank, the same checkpoint
+        # Every rank: rank 0 locks the directory and decides; all load the same checkpoint.
+        resumed = checkpointer.start(config.resume, config.overwrite)
     if not architecture.is_worker:
         architecture.serve(workload.model, optimizer_for,
                            save=checkpointer.save_rank_state if checkpointer else None,
@@ -131,6 +131,9 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
     n_params = sum(p.numel() for p in workload.model.parameters())
     log.info("%s: %d parameters, %d workers x batch %d, %d steps", config.workload, n_params,
              workers, batch, total)
+    if pos.step >= total and rank0:
+        log.warning("the checkpoint resumed is at step %d and the run has %d steps: nothing "
+                    "left to train (raise --steps or --epochs)", pos.step, total)
 
     writer = MetricsWriter(config.out, rank0, append=pos.step > 0)
     bar = _progress(total, rank0 and config.progress)
@@ -178,13 +181,16 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
             bar.close()
         writer.close()
 
-    comm_wait = architecture.comm_wait_s() - wait_before
+    # This rank's share of the loop spent waiting; shares (not seconds) are averaged over the
+    # ranks, so the split of the summary adds up to its wall time on every rank.
+    comm_share = min(max(architecture.comm_wait_s() - wait_before, 0.0) / wall, 1.0) \
+        if wall > 0 else 0.0
     done = max(step - first_step, 1)  # steps run by this process (after a resume: since it)
     sent = architecture.bytes_sent()
     bytes_per_step = None if sent is None else (sent - bytes_before) / done
     extra = architecture.finish()
     recent = statistics.fmean(losses[-20:]) if losses else float("nan")
-    tail = torch.tensor([recent, comm_wait], dtype=torch.float64)
+    tail = torch.tensor([recent, comm_share], dtype=torch.float64)
     group = architecture.eval_group
     if group is not None:
         comm.all_reduce(tail, op="avg", group=group, algorithm="native")
@@ -199,7 +205,7 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
         # Throughput of a typical step: free of start-up and of the first, slow steps.
         "samples_per_s_median_step": batch * workers / statistics.median(step_times)
         if step_times else 0.0,
-        "comm_wait_s": tail[1].item(), "compute_s": wall - tail[1].item(),
+        "comm_wait_s": tail[1].item() * wall, "compute_s": (1 - tail[1].item()) * wall,
         "bytes_per_step_per_worker": bytes_per_step, **extra,
     }
     writer.summary(summary)

@@ -1,0 +1,68 @@
+"""NaN and Inf gradients in DataParallel: found, attributed to the rank that sent them, and
+stopped on (the default) or skipped; the skipped step leaves parameters and optimizer alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import run_workers
+
+
+def _step_with_poison(rank: int, world_size: int, nonfinite: str, poison_rank: int,
+                      value: float):
+    """Two steps; at step 1 ``poison_rank`` feeds ``value`` into its input. Returns the
+    error text (or None), the parameters after the poisoned step, and the skip count."""
+    import gradsync
+    from gradsync import comm
+    from gradsync.allreduce import NonFiniteGradientError
+
+    torch.manual_seed(0)
+    model = gradsync.DataParallel(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(),
+                                                      torch.nn.Linear(3, 2)),
+                                  nonfinite=nonfinite, bucket_cap_mb=1e-5)  # several buckets
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    error, before = None, None
+    for step in range(2):
+        comm.set_step(step)
+        x = torch.full((5, 4), float(rank + 1))
+        if step == 1:
+            before = [p.detach().clone() for p in model.parameters()]
+            if rank == poison_rank:
+                x[2, 1] = value
+        opt.zero_grad()
+        try:
+            model(x).sum().backward()
+        except NonFiniteGradientError as exc:
+            error = str(exc)
+            break
+        opt.step()
+    after = [p.detach().clone() for p in model.parameters()]
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, after))
+    return error, unchanged, model.stats.skipped_steps
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_gradient_names_rank_and_step(value):
+    results = run_workers(_step_with_poison, 3, "error", 2, value)
+    for error, _, _ in results:  # every rank stops at the same step with the same story
+        assert error is not None and "from rank 2 at step 1" in error, error
+        assert "0.weight" in error and "--on-nonfinite skip" in error, error
+
+
+@pytest.mark.timeout(120)
+def test_skip_leaves_the_parameters_and_counts_the_step():
+    results = run_workers(_step_with_poison, 2, "skip", 0, float("nan"))
+    for error, unchanged, skipped in results:
+        assert error is None and unchanged and skipped == 1
+
+
+def test_unknown_policy_is_refused():
+    from gradsync.allreduce.nonfinite import NONFINITE_POLICIES
+
+    assert NONFINITE_POLICIES == ("error", "skip")
+    with pytest.raises(ValueError, match="nonfinite policy 'warn'"):
+        import gradsync
+
+        gradsync.DataParallel(torch.nn.Linear(2, 2), nonfinite="warn")
