@@ -3,25 +3,51 @@
 Nothing else crosses the network, and nothing is unpickled. Every message from a worker to a
 server, and every reply, is
 
-    header: int64[8] = [MAGIC, kind, step, shard, numel, version, sender, status]
-    payload: numel elements of the shard's dtype (PUSH: gradients, PARAMS: parameters);
+    header: int64[10] = [MAGIC, kind, step, shard, numel, version, sender, status, dtype, END]
+    payload: PUSH (worker -> server): numel elements of the shard's dtype (code ``dtype``), then
+             the 8 bytes of END again, so that a payload shorter than declared is seen;
+             PARAMS, ERROR, STATS (server -> worker): the tensor alone;
              CHECKPOINT, SAVED and DONE have none
 
-on tag 0 of the pair, so the two parts of a message arrive in order. A server validates every
-header (magic, kind, shard, size, step) before it reads the payload and answers a bad one with
-an ERROR reply whose ``status`` says what was wrong.
+on tag 0 of the pair, so the two parts of a message arrive in order.
+
+A server trusts nothing a worker sends (``receive.py``). Gloo takes a message shorter than the
+posted buffer silently and aborts the whole process (``EnforceNotMet``, uncatchable) on one
+that is longer, so the server receives into buffers with slack beyond the expected end, armed
+before every receive: random canary bytes right after the expected end (changed: the message
+was longer) and the complement of END where END must land (still there: it was shorter).
+:func:`validate` then checks the header's fields (magic, sender, kind, shard, step, version,
+size, dtype) before the payload is received, and the payload's end marker, canary and values
+(NaN or Inf) after. A bad message is answered with an ERROR reply whose ``status`` says what
+was wrong; the server's own error names the sender and the fault.
+
+Limits, honestly: a message longer than the buffer plus its slack (``receive.SLACK_BYTES``
+beyond a whole shard, for headers too) still aborts inside gloo, as no receive can be posted
+without a size; a sender that declares a payload and never sends it is noticed only at the
+timeout, as a lost worker; extra bytes that happen to equal the random canary pass unseen
+(probability 256^-n for n bytes, and the expected fields are intact then). Replies from
+servers to workers are not armed this way: a worker trusts its servers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 import torch
 
 MAGIC = 0x6753_5053  # "gSPS"
-HEADER_LEN = 8
+END = 0x454E_4421_6753_5053  # "END!gSPS": the last header field, and a PUSH payload's trailer
+HEADER_LEN = 10
+HEADER_BYTES = HEADER_LEN * 8
+END_BYTES = END.to_bytes(8, sys.byteorder)  # as an int64 tensor holds it
+NOT_END_BYTES = bytes(b ^ 0xFF for b in END_BYTES)  # differs from END in every byte
 TAG = 0
+
+# Payload dtypes on the wire; 0 is "no payload".
+DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 class Kind(IntEnum):
@@ -42,16 +68,36 @@ class Status(IntEnum):
     WRONG_SIZE = 4
     STEP_OUT_OF_RANGE = 5
     INCOMPLETE = 6  # SAVED, but a dropped worker's state is missing from the checkpoint
+    TOO_LONG = 7
+    TOO_SHORT = 8
+    VERSION_OUT_OF_RANGE = 9
+    WRONG_DTYPE = 10
+    NON_FINITE = 11
+    WRONG_SENDER = 12
 
 
 STATUS_TEXT = {
-    Status.BAD_MAGIC: "the header's magic number is wrong",
-    Status.BAD_KIND: "unknown message kind",
+    Status.BAD_MAGIC: "the header's magic number or end marker is wrong",
+    Status.BAD_KIND: "the message kind is unknown, or not one this server takes",
     Status.WRONG_SHARD: "the message names a shard this server does not hold",
     Status.WRONG_SIZE: "the payload size does not match the shard",
     Status.STEP_OUT_OF_RANGE: "the step is out of range",
     Status.INCOMPLETE: "a worker was dropped, so the checkpoint lacks its state",
+    Status.TOO_LONG: "the message is longer than the protocol's",
+    Status.TOO_SHORT: "the message is shorter than the protocol's",
+    Status.VERSION_OUT_OF_RANGE: "the parameter version is out of range",
+    Status.WRONG_DTYPE: "the payload's dtype does not match the shard",
+    Status.NON_FINITE: "the gradient holds NaN or Inf values",
+    Status.WRONG_SENDER: "the header names another sender",
 }
+
+
+def status_text(code: int) -> str:
+    """What a status code in an ERROR reply means (also for codes this version lacks)."""
+    try:
+        return STATUS_TEXT[Status(code)]
+    except (ValueError, KeyError):
+        return f"status {code}"
 
 
 class PSProtocolError(RuntimeError):
@@ -67,44 +113,133 @@ class Header:
     version: int = 0
     sender: int = 0
     status: int = 0
+    dtype: int = 0  # DTYPE_CODES of the payload; 0: none
     magic: int = MAGIC
+    end: int = END
 
     def encode(self) -> torch.Tensor:
         return torch.tensor([self.magic, self.kind, self.step, self.shard, self.numel,
-                             self.version, self.sender, self.status], dtype=torch.int64)
+                             self.version, self.sender, self.status, self.dtype, self.end],
+                            dtype=torch.int64)
 
     @classmethod
     def decode(cls, buf: torch.Tensor) -> "Header":
-        magic, kind, step, shard, numel, version, sender, status = buf.tolist()
-        return cls(kind, step, shard, numel, version, sender, status, magic)
+        magic, kind, step, shard, numel, version, sender, status, dtype, end = buf.tolist()
+        return cls(kind, step, shard, numel, version, sender, status, dtype, magic, end)
+
+    def kind_name(self) -> str:
+        """``PUSH``, ``DONE``, ...; "message" when the header is not this protocol's."""
+        if self.magic == MAGIC and self.kind in Kind._value2member_map_:
+            return Kind(self.kind).name
+        return "message"
 
 
 def empty_header() -> torch.Tensor:
     return torch.zeros(HEADER_LEN, dtype=torch.int64)
 
 
+def dtype_name(code: int) -> str:
+    dtype = CODE_DTYPES.get(code)
+    return str(dtype).removeprefix("torch.") if dtype is not None else f"unknown dtype code {code}"
+
+
+def validate(h: Header, *, shard: int, numel: int, step: int, dtype: torch.dtype | None = None,
+             version: int | None = None, peer: int | None = None, max_steps: int | None = None,
+             checkpoints: bool = False) -> tuple[Status, str]:
+    """Check the fields of a worker's header against what this server expects from it.
+
+    Args:
+        h: the decoded header (its length and end marker are checked by the receiver).
+        shard, numel, dtype: this server's shard number, element count and dtype.
+        step: the step this worker must send next (its last push's step + 1).
+        version: the newest version of the shard the server has produced; a push computed on
+            a newer one cannot exist. None: not checked.
+        peer: the group rank the message came from; None: the sender field is not checked.
+        max_steps: pushes of steps >= this are out of range (None: no limit).
+        checkpoints: whether this server saves checkpoints (else CHECKPOINT is a kind it
+            does not take).
+
+    Returns:
+        (Status.OK, "") or the first fault and a sentence saying what exactly was wrong.
+    """
+    if h.magic != MAGIC:
+        return Status.BAD_MAGIC, f"the header's magic number is {h.magic:#x}, not {MAGIC:#x}"
+    if h.end != END:
+        return Status.BAD_MAGIC, f"the header's end marker is {h.end:#x}, not {END:#x}"
+    if peer is not None and h.sender != peer:
+        return Status.WRONG_SENDER, f"the header names sender {h.sender}, not rank {peer}"
+    if h.kind not in Kind._value2member_map_:
+        return Status.BAD_KIND, f"unknown message kind {h.kind}"
+    if h.kind not in (Kind.PUSH, Kind.DONE, Kind.CHECKPOINT):
+        return Status.BAD_KIND, f"a worker does not send {Kind(h.kind).name} messages"
+    if h.kind == Kind.CHECKPOINT and not checkpoints:
+        return Status.BAD_KIND, "a CHECKPOINT request, but this run takes no checkpoints"
+    if h.kind != Kind.PUSH and h.numel != 0:
+        return Status.WRONG_SIZE, (f"a {Kind(h.kind).name} message declares a payload of "
+                                   f"{h.numel} elements; it has none")
+    if h.kind == Kind.DONE:
+        return Status.OK, ""
+    if h.shard != shard:
+        return Status.WRONG_SHARD, f"it names shard {h.shard}; this server holds shard {shard}"
+    # A worker's steps count up by one; anything else is a stray or replayed message.
+    # Asked between steps: after the push of step s comes the checkpoint of step s + 1.
+    if h.step != step:
+        return Status.STEP_OUT_OF_RANGE, f"step {h.step}, expected step {step}"
+    if h.kind == Kind.CHECKPOINT:
+        return Status.OK, ""
+    if max_steps is not None and h.step >= max_steps:
+        return Status.STEP_OUT_OF_RANGE, f"step {h.step} is past the run's {max_steps} steps"
+    if version is not None and not 0 <= h.version <= version:
+        return Status.VERSION_OUT_OF_RANGE, (f"it was computed on version {h.version} of the "
+                                             f"shard; the server's versions are 0..{version}")
+    if h.numel != numel:
+        return Status.WRONG_SIZE, f"its payload has {h.numel} elements; the shard has {numel}"
+    if dtype is not None and CODE_DTYPES.get(h.dtype) != dtype:
+        return Status.WRONG_DTYPE, (f"its payload is {dtype_name(h.dtype)}; the shard is "
+                                    f"{str(dtype).removeprefix('torch.')}")
+    return Status.OK, ""
+
+
 def validate_push(header: Header, shard: int, numel: int, last_step: int,
                   max_step: int | None, checkpoints: bool = False) -> Status:
-    """Check a worker's message against what this server expects from that worker.
+    """The status of :func:`validate` for a worker whose last push was ``last_step``."""
+    return validate(header, shard=shard, numel=numel, step=last_step + 1, max_steps=max_step,
+                    checkpoints=checkpoints)[0]
 
-    ``last_step`` is the step of the worker's last push; ``checkpoints``: whether this server
-    saves checkpoints (else a CHECKPOINT request is a kind it does not take).
-    """
-    if header.magic != MAGIC:
-        return Status.BAD_MAGIC
-    if header.kind not in (Kind.PUSH, Kind.DONE) and not (
-            checkpoints and header.kind == Kind.CHECKPOINT):
-        return Status.BAD_KIND
-    if header.kind == Kind.DONE:
-        return Status.OK
-    if header.shard != shard:
-        return Status.WRONG_SHARD
-    if header.kind == Kind.CHECKPOINT:
-        # Asked between steps: after the push of step s comes the checkpoint of step s + 1.
-        return Status.OK if header.step == last_step + 1 else Status.STEP_OUT_OF_RANGE
-    if header.numel != numel:
-        return Status.WRONG_SIZE
-    # A worker's steps count up by one; anything else is a stray or replayed message.
-    if header.step != last_step + 1 or (max_step is not None and header.step >= max_step):
-        return Status.STEP_OUT_OF_RANGE
-    return Status.OK
+
+HIST_BINS = 16  # staleness histogram: 0..14 and ">= 15"
+
+
+@dataclass
+class ServerStats:
+    """What one server measured; the payload of STATS (float64), sent to each worker at the end."""
+
+    updates: int = 0
+    pushes: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    busy_s: float = 0.0
+    max_staleness: int = 0
+    max_lead: int = 0
+    rejected: int = 0
+    skipped: int = 0  # updates not applied for a non-finite gradient (nonfinite="skip")
+    staleness_hist: list[int] = field(default_factory=lambda: [0] * HIST_BINS)
+    dropped: list[int] = field(default_factory=list)  # group ranks of dropped workers
+
+    def to_tensor(self) -> torch.Tensor:
+        dropped_mask = sum(1 << w for w in self.dropped if w < 52)  # exact in float64
+        head = [self.updates, self.pushes, self.bytes_received, self.bytes_sent, self.busy_s,
+                self.max_staleness, self.max_lead, self.rejected, self.skipped, dropped_mask]
+        return torch.tensor(head + self.staleness_hist, dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "ServerStats":
+        v = t.tolist()
+        mask = int(v[9])
+        return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), v[4], int(v[5]), int(v[6]),
+                   int(v[7]), int(v[8]), [int(x) for x in v[10:]],
+                   [w for w in range(52) if mask >> w & 1])
+
+    @staticmethod
+    def size() -> int:
+        return 10 + HIST_BINS

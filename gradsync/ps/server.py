@@ -18,6 +18,11 @@ after its own files are on disk, and pushes nothing more until answered. Once ev
 has asked, no gradient is in flight, so the shard and its optimizer state are a consistent cut
 in every mode; the server writes them, then answers SAVED, and the first worker commits when
 every server has answered.
+
+A receiver thread trusts nothing its worker sends (``receive.py``): a malformed message, or a
+gradient with NaN or Inf, is answered with ERROR and ends that thread. Under sync the run then
+stops with an error that names the sender, the step and the fault; under async and ssp the
+sender is dropped like a lost worker and the others train on. No message kills the server.
 """
 
 from __future__ import annotations
@@ -27,58 +32,43 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from .. import comm
-from .protocol import (MAGIC, STATUS_TEXT, TAG, Header, Kind, PSProtocolError, Status, empty_header,
-                       validate_push)
+from .protocol import HIST_BINS, TAG, Header, Kind, PSProtocolError, ServerStats, Status
+from .receive import Receiver
 
 log = logging.getLogger(__name__)
 
-HIST_BINS = 16  # staleness histogram: 0..14 and ">= 15"
-
-
-@dataclass
-class ServerStats:
-    """What one server measured; travels to the workers as float64 at the end."""
-
-    updates: int = 0
-    pushes: int = 0
-    bytes_received: int = 0
-    bytes_sent: int = 0
-    busy_s: float = 0.0
-    max_staleness: int = 0
-    max_lead: int = 0
-    rejected: int = 0
-    staleness_hist: list[int] = field(default_factory=lambda: [0] * HIST_BINS)
-    dropped: list[int] = field(default_factory=list)  # global ranks of dropped workers
-
-    def to_tensor(self) -> torch.Tensor:
-        dropped_mask = sum(1 << w for w in self.dropped if w < 52)  # exact in float64
-        head = [self.updates, self.pushes, self.bytes_received, self.bytes_sent, self.busy_s,
-                self.max_staleness, self.max_lead, self.rejected, dropped_mask]
-        return torch.tensor(head + self.staleness_hist, dtype=torch.float64)
-
-    @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> "ServerStats":
-        v = t.tolist()
-        mask = int(v[8])
-        return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), v[4], int(v[5]), int(v[6]),
-                   int(v[7]), [int(x) for x in v[9:]], [w for w in range(52) if mask >> w & 1])
-
-    @staticmethod
-    def size() -> int:
-        return 9 + HIST_BINS
+NONFINITE_HINT = ("; lower the learning rate, or pass nonfinite='skip' (--on-nonfinite skip) to "
+                  "skip such updates")
 
 
 @dataclass
 class ServerConfig:
-    consistency: str = "sync"  # sync | async | ssp
-    staleness: int = 0         # the s of ssp
+    consistency: str = "sync"
+    """sync | async | ssp."""
+    staleness: int = 0
+    """The s of ssp: no worker runs more than s steps ahead of the slowest."""
     max_steps: int | None = None
+    """Pushes of steps >= this are rejected (None: no limit)."""
+    nonfinite: str = "error"
+    """A pushed gradient with NaN or Inf: "error" rejects it like a malformed message (sync:
+    the run stops naming rank and step; async/ssp: the sender is dropped, the others train
+    on); "skip" leaves it out (async/ssp: that push updates nothing; sync: the shard skips
+    the whole step's update, for every worker; each server decides for its own shard, so
+    the other shards of that step may still be updated) and logs a warning."""
+
+    def __post_init__(self):
+        if self.consistency not in ("sync", "async", "ssp"):
+            raise ValueError(f"consistency must be sync, async or ssp, not {self.consistency!r}")
+        if self.staleness < 0:
+            raise ValueError(f"staleness must be >= 0, not {self.staleness}")
+        if self.nonfinite not in ("error", "skip"):
+            raise ValueError(f"nonfinite must be 'error' or 'skip', not {self.nonfinite!r}")
 
 
 class ParameterServer:
@@ -87,7 +77,7 @@ class ParameterServer:
     Args:
         shard: initial parameters of this shard.
         index: this server's shard number.
-        workers: global ranks of the workers.
+        workers: ranks of the workers in ``group``.
         make_optimizer: builds the optimizer for one flat Parameter.
         save: writes ``(step, state_dict())`` into checkpoint ``step`` (None: this run takes
             no checkpoints, and a CHECKPOINT request is rejected).
@@ -108,6 +98,7 @@ class ParameterServer:
         self.step = 0  # the workers' step when this state was taken: at start, at checkpoints
         self.stats = ServerStats()
         self._inbox: queue.Queue = queue.Queue()
+        self._closed = threading.Event()  # serve() has returned or raised
         self._sends: list[comm.Work] = []
 
     # --- state --------------------------------------------------------------------------------
@@ -147,38 +138,40 @@ class ParameterServer:
         self.stats.bytes_sent += numel * self.param.element_size()
 
     def _receive(self, worker: int) -> None:
-        """Receiver thread: validate and enqueue one worker's messages until DONE or loss."""
-        numel = self.param.numel()
-        header, last_step = empty_header(), self.step - 1
+        """Receiver thread: enqueue one worker's messages until DONE, a bad message or loss.
+
+        A rejected message ends the thread: that worker's stream is no longer trusted.
+        """
+        rx = Receiver(worker, self.group, self.index, self.param.numel(), self.param.dtype,
+                      self.config.max_steps, checkpoints=self.save is not None)
+        step, skip = self.step, self.config.nonfinite == "skip"
         while True:
             try:
-                comm.recv(header, worker, self.group, TAG,
-                          what=f"wait for the push of step {last_step + 1}")
-                h = Header.decode(header)
-                status = validate_push(h, self.index, numel, last_step, self.config.max_steps,
-                                       checkpoints=self.save is not None)
-                if status == Status.OK and h.kind == Kind.DONE:
-                    self._inbox.put(("done", worker, None))
-                    return
-                if status == Status.OK and h.kind == Kind.CHECKPOINT:
-                    self._inbox.put(("checkpoint", worker, h))
-                    continue
-                if status != Status.OK:
-                    # Drain a payload of believable size so the pair stays in step, then stop
-                    # listening: this worker's stream is no longer trusted.
-                    if h.magic == MAGIC and h.kind == Kind.PUSH and 0 < h.numel <= 4 * numel:
-                        comm.recv(torch.empty(h.numel, dtype=self.param.dtype), worker,
-                                  self.group, TAG)
-                    self._inbox.put(("bad", worker, (h, status)))
-                    return
-                grad = torch.empty(numel, dtype=self.param.dtype)
-                comm.recv(grad, worker, self.group, TAG, what=f"push of step {h.step}")
-                last_step = h.step
-                self.stats.bytes_received += grad.numel() * grad.element_size()
-                self._inbox.put(("push", worker, (h, grad)))
+                # self.version only grows: a push valid against it stays valid.
+                msg = rx.receive(step, lambda: self.version)
             except comm.CommError as exc:
                 self._inbox.put(("lost", worker, str(exc)))
                 return
+            except Exception as exc:  # noqa: BLE001 - never leave the main loop waiting
+                if not self._closed.is_set():  # (else: the group was torn down under us)
+                    log.exception("server %d: reading rank %d's messages failed", self.index,
+                                  worker)
+                self._inbox.put(("lost", worker, f"its messages could not be read: {exc!r}"))
+                return
+            kind = msg.header.kind
+            if msg.status == Status.OK and kind == Kind.DONE:
+                self._inbox.put(("done", worker, None))
+                return
+            if msg.status == Status.OK and kind == Kind.CHECKPOINT:
+                self._inbox.put(("checkpoint", worker, msg.header))
+                continue
+            if msg.status == Status.OK or (msg.status == Status.NON_FINITE and skip):
+                step = msg.header.step + 1
+                self.stats.bytes_received += msg.payload.numel() * msg.payload.element_size()
+                self._inbox.put(("push", worker, msg))
+                continue
+            self._inbox.put(("bad", worker, msg))
+            return
 
     # --- updates ------------------------------------------------------------------------------
 
@@ -193,6 +186,22 @@ class ParameterServer:
     def _snapshot(self) -> torch.Tensor:
         return self.param.detach().clone()
 
+    def _update_sync(self, grads: dict[int, torch.Tensor | None], step: int) -> None:
+        """Every live worker's gradient of ``step`` is in: average them in worker order,
+        update once, send the same parameters to all. A None (a non-finite gradient under
+        nonfinite="skip") skips this shard's update of the step for every worker alike."""
+        if any(g is None for g in grads.values()):
+            self.stats.skipped += 1
+        else:
+            total = grads[min(grads)].clone()
+            for v in sorted(grads)[1:]:
+                total.add_(grads[v])
+            self._apply(total.div_(len(grads)))
+        snapshot = self._snapshot()
+        for v in sorted(grads):
+            self._reply(v, Kind.PARAMS, snapshot, step=step)
+        grads.clear()
+
     def serve(self) -> ServerStats:
         """Run until every live worker has said DONE; returns this server's statistics.
 
@@ -200,6 +209,12 @@ class ParameterServer:
             PSProtocolError / CommError: in sync mode, a worker was lost or sent a bad message
                 (the message names it).
         """
+        try:
+            return self._serve()
+        finally:
+            self._closed.set()
+
+    def _serve(self) -> ServerStats:
         snapshot = self._snapshot()
         for w in self.workers:
             self._reply(w, Kind.PARAMS, snapshot)
@@ -210,7 +225,7 @@ class ParameterServer:
         live, done = set(self.workers), set()
         clock = {w: 0 for w in self.workers}
         pending: dict[int, int] = {}      # worker -> step whose reply is held back (ssp)
-        grads: dict[int, torch.Tensor] = {}  # sync: this step's gradients so far
+        grads: dict[int, torch.Tensor | None] = {}  # sync: this step's gradients so far
         asked: dict[int, int] = {}        # worker -> step of its checkpoint request
         sync = self.config.consistency == "sync"
 
@@ -243,27 +258,28 @@ class ParameterServer:
         while live - done:
             kind, w, data = self._inbox.get()
             if kind == "push":
-                h, grad = data
+                h = data.header
+                grad = data.payload if data.status == Status.OK else None  # None: skip it
                 self.stats.pushes += 1
                 clock[w] = h.step + 1
+                if grad is None:
+                    log.warning("server %d: %s; %s (nonfinite='skip')", self.index, data.text,
+                                "the step's update of this shard is skipped for every worker"
+                                if sync else "this push updates nothing")
                 if sync:
                     grads[w] = grad
                     if len(grads) == len(live):
-                        total = grads[min(grads)].clone()
-                        for v in sorted(grads)[1:]:
-                            total.add_(grads[v])
-                        self._apply(total.div_(len(grads)))
-                        snapshot = self._snapshot()
-                        for v in sorted(grads):
-                            self._reply(v, Kind.PARAMS, snapshot, step=h.step)
-                        grads.clear()
+                        self._update_sync(grads, h.step)
                     continue
-                staleness = self.version - h.version
-                self.stats.max_staleness = max(self.stats.max_staleness, staleness)
-                self.stats.staleness_hist[min(staleness, HIST_BINS - 1)] += 1
-                # Each push is 1/N of a synchronous step, so that the learning rate that
-                # suits sync training (gradient averaged over N workers) suits async too.
-                self._apply(grad.div_(len(live)))
+                if grad is None:
+                    self.stats.skipped += 1
+                else:
+                    staleness = self.version - h.version  # >= 0: the receiver checked it
+                    self.stats.max_staleness = max(self.stats.max_staleness, staleness)
+                    self.stats.staleness_hist[min(staleness, HIST_BINS - 1)] += 1
+                    # Each push is 1/N of a synchronous step, so that the learning rate that
+                    # suits sync training (gradient averaged over N workers) suits async too.
+                    self._apply(grad.div_(len(live)))
                 if self.config.consistency == "async":
                     self.stats.max_lead = max(self.stats.max_lead,
                                               clock[w] - min(clock[v] for v in live))
@@ -281,18 +297,21 @@ class ParameterServer:
                 checkpoint()
             else:
                 if kind == "bad":
-                    h, status = data
+                    # The zeros fill the parameters receive the worker posted with its push.
                     self.stats.rejected += 1
                     self._reply(w, Kind.ERROR, torch.zeros(self.param.numel(),
-                                                           dtype=self.param.dtype), status=status)
-                    reason = f"rejected a message from rank {w}: {STATUS_TEXT[Status(status)]}"
+                                                           dtype=self.param.dtype),
+                                status=data.status)
+                    reason = data.text
+                    hint = NONFINITE_HINT if data.status == Status.NON_FINITE else ""
                 else:
-                    reason = f"lost worker rank {w} ({data})"
+                    reason, hint = f"lost worker rank {w} ({data})", ""
                 if sync:
                     self._drain_sends()
                     raise PSProtocolError(f"server {self.index}: {reason}; a sync step cannot "
-                                          "complete without it")
-                log.warning("server %d: %s; dropping it", self.index, reason)
+                                          f"complete without rank {w}{hint}")
+                log.warning("server %d: %s; dropping rank %d, the others train on%s",
+                            self.index, reason, w, hint)
                 live.discard(w)
                 pending.pop(w, None)
                 grads.pop(w, None)

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .. import comm
-from .protocol import (STATUS_TEXT, TAG, Header, Kind, PSProtocolError, Status, empty_header)
-from .server import ServerStats
+from .protocol import (DTYPE_CODES, END_BYTES, TAG, Header, Kind, PSProtocolError, ServerStats,
+                       Status, empty_header, status_text)
 from .sharding import ShardLayout, gather_shard, scatter_shard
 
 
@@ -27,8 +27,8 @@ class PSWorker(nn.Module):
     Args:
         module: the model (same architecture on every worker and server).
         layout: which server holds which range of the flat parameters.
-        servers: global ranks of the servers, server k holding shard k.
-        rank: this worker's global rank (sent in headers).
+        servers: ranks of the servers in ``group``, server k holding shard k.
+        rank: this worker's rank in ``group`` (sent in headers; the servers check it).
         start_step: steps already taken (a resumed run); pushes are numbered from it.
     """
 
@@ -42,8 +42,16 @@ class PSWorker(nn.Module):
         self.group = group
         self._params = [p for p in module.parameters() if p.requires_grad]
         dtype = self._params[0].dtype
-        self._push_bufs = [torch.empty(layout.shard_numel(k), dtype=dtype)
-                           for k in range(len(servers))]
+        if dtype not in DTYPE_CODES:
+            raise ValueError(f"the parameter server does not carry {dtype} parameters")
+        self._dtype_code = DTYPE_CODES[dtype]
+        # A push's payload is the shard's gradient, then END: bytes (shard bytes + 8,). The
+        # gradient is gathered into a typed view of it; the trailer is written once.
+        self._push_wire = [torch.empty(layout.shard_numel(k) * dtype.itemsize + len(END_BYTES),
+                                       dtype=torch.uint8) for k in range(len(servers))]
+        for wire in self._push_wire:
+            wire[-len(END_BYTES):].copy_(torch.frombuffer(bytearray(END_BYTES), dtype=torch.uint8))
+        self._push_bufs = [wire[:-len(END_BYTES)].view(dtype) for wire in self._push_wire]
         self._pull_bufs = [torch.empty(layout.shard_numel(k), dtype=dtype)
                            for k in range(len(servers))]
         self._pieces_per_shard = [len(layout.pieces(k)) for k in range(len(servers))]
@@ -94,8 +102,9 @@ class PSWorker(nn.Module):
         payload = gather_shard([p.grad for p in self._params], self.layout, k,
                                self._push_bufs[k])
         header = Header(Kind.PUSH, step=self.step_count, shard=k, numel=payload.numel(),
-                        version=self.versions[k], sender=self.rank).encode()
-        self._send(k, header, payload, f"push of shard {k} at step {self.step_count}")
+                        version=self.versions[k], sender=self.rank,
+                        dtype=self._dtype_code).encode()
+        self._send(k, header, self._push_wire[k], f"push of shard {k} at step {self.step_count}")
         self.bytes_pushed += payload.numel() * payload.element_size()
         self._post_reply(k)
         self._pushed[k] = True
@@ -139,7 +148,7 @@ class PSWorker(nn.Module):
             h = Header.decode(header)
             if h.kind == Kind.ERROR:
                 raise PSProtocolError(f"server {k} (rank {self.servers[k]}) rejected rank "
-                                      f"{self.rank}'s message: {STATUS_TEXT[Status(h.status)]}")
+                                      f"{self.rank}'s message: {status_text(h.status)}")
             if h.kind != Kind.PARAMS or h.shard != k:
                 raise PSProtocolError(f"unexpected reply from server {k}: kind {h.kind}, "
                                       f"shard {h.shard}")
@@ -178,7 +187,7 @@ class PSWorker(nn.Module):
             if h.kind == Kind.ERROR:
                 raise PSProtocolError(f"server {k} (rank {server}) rejected the checkpoint "
                                       f"request of step {step}: "
-                                      f"{STATUS_TEXT[Status(h.status)]}")
+                                      f"{status_text(h.status)}")
             if h.kind != Kind.SAVED or h.shard != k or h.step != step:
                 raise PSProtocolError(f"server {k} (rank {server}) did not save step {step}: "
                                       f"it answered kind {h.kind}, status {h.status}")
