@@ -13,12 +13,11 @@ Linux only. No torch import: the launcher must start fast, and only
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import os
-import socket
 import sys
 
+from .net import bind_listener, is_loopback
 from .supervise import LaunchResult, run_processes
 
 __all__ = ["LaunchError", "LaunchResult", "check_port_free", "find_free_port", "launch"]
@@ -28,29 +27,6 @@ logger = logging.getLogger(__name__)
 
 class LaunchError(Exception):
     """A problem the user can fix (bad nprocs, port in use); the message is one line."""
-
-
-def _is_loopback(addr: str) -> bool:
-    if addr == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(addr).is_loopback
-    except ValueError:  # a host name: let the engine resolve it
-        return False
-
-
-def _bind(addr: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    # Mirror the rendezvous store, which sets SO_REUSEADDR: a port left in TIME_WAIT by the
-    # previous run is usable, only a live listener makes bind fail.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((addr, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def find_free_port(addr: str = "127.0.0.1") -> int:
@@ -69,7 +45,7 @@ def find_free_port(addr: str = "127.0.0.1") -> int:
         LaunchError: if ``addr`` cannot be bound (not an address of this machine).
     """
     try:
-        with _bind(addr, 0) as sock:
+        with bind_listener(addr, 0) as sock:
             return int(sock.getsockname()[1])
     except OSError as exc:
         raise LaunchError(f"cannot bind a port on {addr}: {exc.strerror}") from exc
@@ -88,7 +64,7 @@ def check_port_free(addr: str, port: int) -> None:
     if not 1 <= port <= 65535:
         raise LaunchError(f"port {port} is out of range; choose one in 1-65535 with --port")
     try:
-        _bind(addr, port).close()
+        bind_listener(addr, port).close()
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise LaunchError(
@@ -112,7 +88,7 @@ def _worker_env(
     )
     # Without this gloo binds the interface its host name resolves to, which exposes the
     # workers' sockets on the network even though the job is purely local.
-    if _is_loopback(addr) and "GLOO_SOCKET_IFNAME" not in env:
+    if is_loopback(addr) and "GLOO_SOCKET_IFNAME" not in env:
         env["GLOO_SOCKET_IFNAME"] = "lo"
     return env
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import ipaddress
 import logging
 import os
 import socket
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from ..net import bind_listener, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -120,21 +121,10 @@ def _default_backend() -> str:
     return "gloo"
 
 
-def _is_loopback(addr: str) -> bool:
-    try:
-        infos = socket.getaddrinfo(addr, None, proto=socket.IPPROTO_TCP)
-        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
-    except (OSError, ValueError):
-        return False
-
-
 def _bind_listener(addr: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((addr, port))
+        sock = bind_listener(addr, port)
     except OSError as exc:
-        sock.close()
         raise RuntimeError(f"cannot listen on {addr}:{port} ({exc.strerror}); "
                            "is the port already in use?") from None
     sock.listen(128)
@@ -185,7 +175,7 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
     master_port = _env_int("MASTER_PORT", master_port)
     if not 0 <= rank < world_size:
         raise RuntimeError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
-    if _is_loopback(master_addr):
+    if is_loopback(master_addr):
         # Gloo otherwise binds the address the host name resolves to; on one machine the
         # peers only need loopback, and nothing should listen beyond it.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

@@ -115,7 +115,7 @@ class AllReduceArchitecture:
         return self.group.stats.bytes_sent
 
     def finish(self) -> dict:
-        return {}
+        return {"nonfinite_skipped": self.model.stats.skipped_steps if self.model else 0}
 
 
 class BaselineArchitecture(AllReduceArchitecture):
@@ -148,5 +148,6 @@ def build_architecture(config: TrainConfig, group: comm.Group) -> Architecture:
     if config.arch == "ps":
         from ..ps import PSArchitecture
 
-        return PSArchitecture(config.servers, config.consistency, config.staleness, group)
+        return PSArchitecture(config.servers, config.consistency, config.staleness, group,
+                              nonfinite=config.on_nonfinite)
     raise ValueError(f"unknown architecture {config.arch!r}")

@@ -235,6 +235,10 @@ def format_summary(s: dict) -> str:
               "  communicated       " + (
                   f"{s['bytes_per_step_per_worker'] / 1e6:.3f} MB sent per step per worker"
                   if s["bytes_per_step_per_worker"] is not None else "not measured (torch DDP)")]
+    skipped = s.get("nonfinite_skipped", 0)
+    skipped = sum(skipped) if isinstance(skipped, list) else skipped
+    if skipped:
+        lines.append(f"  skipped updates    {skipped} (NaN or Inf gradients, --on-nonfinite skip)")
     if s["arch"] == "ps":
         lines += [f"  servers            received {_mb(s['bytes_received_per_step_per_server'])} "
                   f"MB and sent {_mb(s['bytes_sent_per_step_per_server'])} MB per step; busy "
