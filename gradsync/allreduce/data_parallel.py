@@ -76,9 +76,7 @@ class DataParallel(nn.Module):
         super().__init__()
         if device_ids not in (None, []) or output_device is not None:
             raise ValueError("device_ids/output_device are for CUDA modules; leave them None")
-        if algorithm not in comm.ALL_REDUCE_ALGORITHMS:
-            raise ValueError(f"unknown algorithm {algorithm!r}; expected one of "
-                             f"{', '.join(comm.ALL_REDUCE_ALGORITHMS)}")
+        comm.check_algorithm(algorithm)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"unknown nonfinite policy {nonfinite!r}; expected one of "
                              f"{', '.join(NONFINITE_POLICIES)}")

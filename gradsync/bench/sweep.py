@@ -21,14 +21,15 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from ..comm.algorithms import registry as comm_algorithms
+
 # busbw = algbw * factor(n) (nccl-tests, shared/ANCHORS.md). For reduce_scatter and
 # all_gather S is the whole array, count * n elements; every rank holds or gets count of them.
 FACTORS = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
            "all_gather": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0,
            "reduce": lambda n: 1.0}
-# The order of gradsync.comm.ALL_REDUCE_ALGORITHMS, native first (tests hold them equal).
-ALGORITHMS = {"all_reduce": ("native", "ring", "tree", "halving_doubling", "reduce_broadcast",
-                             "auto"),
+# All-reduce: every algorithm of the registry (native first), then "auto".
+ALGORITHMS = {"all_reduce": (*comm_algorithms.ALGORITHMS, "auto"),
               "reduce_scatter": ("native", "ring"), "all_gather": ("native",),
               "broadcast": ("native",), "reduce": ("native",)}
 PER_RANK = ("reduce_scatter", "all_gather")  # S = count * n

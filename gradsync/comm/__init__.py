@@ -2,14 +2,29 @@
 
 Start-up (:func:`init_process_group`), groups, the collective primitives with their
 ``*_async`` twins, gradsync's own all-reduce algorithms and the cost model that picks one.
+
+The modules read downhill, without import circles (a test walks them):
+
+    ops, work, errors          leaves: reduce ops and operation codes, the Work handle
+    engine                     the seam: start-up, point-to-point, native collectives
+    monitor, group             heartbeats; the Group every call takes, and start-up
+    p2p, algorithms/           point-to-point in a group; gradsync's own all-reduces and
+                               registry.py, the one table of them
+    cost_model, check          the alpha-beta-gamma choice; check mode
+    collectives                the primitives, on the engine or on an own algorithm
+    calibrate, reference       fitting the cost model; torch's DDP as a baseline
 """
 
+from .algorithms.registry import (ALL_REDUCE_ALGORITHMS, REGISTRY, AllReduceAlgorithm,
+                                  check_algorithm)
+from .calibrate import calibrate
 from .check import verify_tensors
-from .collectives import (ALL_REDUCE_ALGORITHMS, Work, all_gather, all_gather_async, all_reduce,
+from .collectives import (Work, all_gather, all_gather_async, all_reduce,
                           all_reduce_async, barrier, broadcast, broadcast_async, gather,
                           gather_async, reduce, reduce_async, reduce_scatter,
                           reduce_scatter_async, scatter, scatter_async)
-from .cost_model import CostModel, calibrate
+from .cost_model import CostModel
+from .engine import Engine
 from .errors import CollectiveMismatchError, CommError, CommTimeoutError, PeerLostError
 from .group import (CommStats, Group, destroy_process_group, get_rank, get_world_size,
                     init_process_group, is_initialized, new_group, set_step, world)
@@ -18,7 +33,8 @@ from .ops import ReduceOp
 from .p2p import irecv, isend, recv, send
 
 __all__ = [
-    "ALL_REDUCE_ALGORITHMS", "CollectiveMismatchError", "reference", "CommError", "CommStats",
+    "ALL_REDUCE_ALGORITHMS", "AllReduceAlgorithm", "CollectiveMismatchError", "Engine",
+    "REGISTRY", "check_algorithm", "reference", "CommError", "CommStats",
     "CommTimeoutError", "CostModel", "Group", "PeerLostError", "ReduceOp", "Work", "all_gather",
     "all_gather_async", "all_reduce", "all_reduce_async", "barrier", "broadcast",
     "broadcast_async", "calibrate", "destroy_process_group", "gather", "gather_async",

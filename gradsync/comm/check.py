@@ -11,17 +11,16 @@ Only integers cross the wire. It costs one small all-gather per call, so it is o
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from .algorithms.registry import ALL_REDUCE_ALGORITHMS
 from .errors import CollectiveMismatchError, translate
 from .group import Group
+from .ops import OPERATIONS
 
 MAX_DIMS = 8
 HEADER_LEN = 7 + MAX_DIMS  # seq, op, algorithm, reduce op, root, dtype, ndim, shape...
 
-OPERATIONS = ("broadcast", "reduce", "all_reduce", "gather", "all_gather", "reduce_scatter",
-              "scatter", "barrier", "tensors")
-ALGORITHM_CODES = ("", "native", "reduce_broadcast", "ring", "tree", "halving_doubling", "auto")
+ALGORITHM_CODES = ("", *ALL_REDUCE_ALGORITHMS)
 REDUCE_CODES = ("", "sum", "avg", "max", "min", "prod")
 DTYPES = (None, torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8,
           torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64,
@@ -71,7 +70,7 @@ def describe(header: list[int]) -> str:
 def _all_gather_rows(group: Group, row: torch.Tensor, what: str) -> list[list[int]]:
     rows = [torch.empty_like(row) for _ in range(group.size)]
     try:
-        dist.all_gather(rows, row, group=group.pg)
+        group.engine.all_gather(rows, row, group.pg).wait()
     except RuntimeError as exc:
         raise translate(exc, what=f"check of {what}", rank=group.rank) from exc
     return [r.tolist() for r in rows]

@@ -15,48 +15,21 @@ import time
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from . import check
-from .algorithms import ALGORITHMS, ring_reduce_scatter
-from .cost_model import CostModel, reduction_op
+from .algorithms import REGISTRY, ring_reduce_scatter
+from .algorithms.registry import ALL_REDUCE_ALGORITHMS, check_algorithm
+from .cost_model import DEFAULT_COST_MODEL, CostModel
 from .errors import translate
 from .group import Group, resolve
-from .ops import ReduceOp, as_op, check_op_dtype, finish_
+from .ops import ReduceOp, as_op, check_op_dtype, finish_, wire_op
 from .p2p import P2P
+from .work import Work
 
-ALL_REDUCE_ALGORITHMS = ("auto", "native", *ALGORITHMS)
-
-_ENGINE_OPS = {ReduceOp.SUM: dist.ReduceOp.SUM, ReduceOp.AVG: dist.ReduceOp.SUM,
-               ReduceOp.MAX: dist.ReduceOp.MAX, ReduceOp.MIN: dist.ReduceOp.MIN,
-               ReduceOp.PRODUCT: dist.ReduceOp.PRODUCT}
-
-DEFAULT_COST_MODEL = CostModel()
-
-
-class Work:
-    """Handle of an operation in flight; ``wait()`` blocks until it is done and returns its
-    result (the reduced tensor, the gathered list, ...)."""
-
-    def __init__(self, finish: Callable[[], object], poll: Callable[[], bool] | None = None,
-                 group: Group | None = None, seq: int = 0):
-        self._finish = finish
-        self._poll = poll
-        self._done = False
-        self._result: object = None
-        self._group, self._seq = group, seq
-
-    def wait(self):
-        if not self._done:
-            self._result = self._finish()
-            self._done = True
-            if self._group is not None and self._seq > self._group.finished_seq:
-                self._group.finished_seq = self._seq
-        return self._result
-
-    def is_completed(self) -> bool:
-        """True once the operation has finished (without waiting for it)."""
-        return self._done or (self._poll is not None and self._poll())
+__all__ = ["ALL_REDUCE_ALGORITHMS", "DEFAULT_COST_MODEL", "Work", "all_gather",
+           "all_gather_async", "all_reduce", "all_reduce_async", "barrier", "broadcast",
+           "broadcast_async", "gather", "gather_async", "reduce", "reduce_async",
+           "reduce_scatter", "reduce_scatter_async", "scatter", "scatter_async"]
 
 
 def _bus_bytes(op: str, nbytes: int, p: int) -> int:
@@ -79,10 +52,13 @@ def _failure(group: Group, exc: RuntimeError, what: str) -> Exception:
     return error
 
 
-def _engine(group: Group, what: str, launch: Callable[[], object],
-            after: Callable[[], object] | None, nbytes: int, async_op: bool):
-    """Run an engine collective (launched with async_op=True) and translate its errors."""
-    group.stats.bytes_sent += _bus_bytes(what.split("(")[0], nbytes, group.size)
+def _engine(group: Group, op: str, launch: Callable[[], object],
+            after: Callable[[], object] | None, nbytes: int, async_op: bool,
+            what: str | None = None):
+    """Run the engine's own collective ``op`` (``launch`` starts it and returns its handle)
+    and translate its errors; ``what`` names it in them (default: ``op``)."""
+    what = what or op
+    group.stats.bytes_sent += _bus_bytes(op, nbytes, group.size)
     try:
         handle = launch()
     except RuntimeError as exc:
@@ -169,9 +145,7 @@ def all_reduce(tensor: torch.Tensor, op: ReduceOp | str = ReduceOp.SUM,
 def _all_reduce(tensor, op, group, algorithm, cost_model, async_op):
     group, op = resolve(group), as_op(op)
     check_op_dtype(op, tensor.dtype)
-    if algorithm not in ALL_REDUCE_ALGORITHMS:
-        raise ValueError(f"unknown all_reduce algorithm {algorithm!r}; expected one of "
-                         f"{', '.join(ALL_REDUCE_ALGORITHMS)}")
+    check_algorithm(algorithm)
     nbytes = tensor.numel() * tensor.element_size()
     if algorithm == "auto":
         algorithm = (cost_model or DEFAULT_COST_MODEL).choose(nbytes, group.size)
@@ -185,14 +159,14 @@ def _all_reduce(tensor, op, group, algorithm, cost_model, async_op):
             tensor.copy_(flat.view_as(tensor))
         return tensor
 
-    if algorithm == "native":
-        return _engine(group, what, lambda: dist.all_reduce(
-            flat, op=_ENGINE_OPS[op], group=group.pg, async_op=True), done, nbytes, async_op)
-    fn = ALGORITHMS[algorithm]
+    fn = REGISTRY[algorithm].run
+    if fn is None:  # the engine's own
+        return _engine(group, "all_reduce", lambda: group.engine.all_reduce(flat, op, group.pg),
+                       done, nbytes, async_op, what)
     seq = group.seq
 
     def run():
-        fn(flat, reduction_op(op), P2P(group, f"{what} #{seq}{group.where()}"))
+        fn(flat, wire_op(op), P2P(group, f"{what} #{seq}{group.where()}"))
         return done()
 
     return _own(group, run, async_op)
@@ -203,8 +177,8 @@ def _all_reduce(tensor, op, group, algorithm, cost_model, async_op):
 def broadcast_async(tensor: torch.Tensor, src: int = 0, group: Group | None = None) -> Work:
     group = resolve(group)
     _prologue(group, "broadcast", tensor, root=src)
-    return _engine(group, "broadcast", lambda: dist.broadcast(
-        tensor, group.global_rank(src), group=group.pg, async_op=True),
+    return _engine(group, "broadcast", lambda: group.engine.broadcast(
+        tensor, group.global_rank(src), group.pg),
         lambda: tensor, tensor.numel() * tensor.element_size(), True)
 
 
@@ -224,8 +198,8 @@ def reduce_async(tensor: torch.Tensor, dst: int = 0, op: ReduceOp | str = Reduce
             finish_(tensor, op, group.size)
         return tensor
 
-    return _engine(group, "reduce", lambda: dist.reduce(
-        tensor, group.global_rank(dst), op=_ENGINE_OPS[op], group=group.pg, async_op=True),
+    return _engine(group, "reduce", lambda: group.engine.reduce(
+        tensor, group.global_rank(dst), op, group.pg),
         after, tensor.numel() * tensor.element_size(), True)
 
 
@@ -241,8 +215,8 @@ def all_gather_async(tensor_list: list[torch.Tensor], tensor: torch.Tensor,
     group = resolve(group)
     _prologue(group, "all_gather", tensor)
     _expect_list(tensor_list, group, tensor, "all_gather")
-    return _engine(group, "all_gather", lambda: dist.all_gather(
-        tensor_list, tensor, group=group.pg, async_op=True), lambda: tensor_list,
+    return _engine(group, "all_gather", lambda: group.engine.all_gather(
+        tensor_list, tensor, group.pg), lambda: tensor_list,
         tensor.numel() * tensor.element_size() * group.size, True)
 
 
@@ -258,9 +232,9 @@ def gather_async(tensor: torch.Tensor, gather_list: list[torch.Tensor] | None = 
     _prologue(group, "gather", tensor, root=dst)
     if group.rank == dst:
         _expect_list(gather_list, group, tensor, "gather")
-    return _engine(group, "gather", lambda: dist.gather(
+    return _engine(group, "gather", lambda: group.engine.gather(
         tensor, gather_list if group.rank == dst else None, group.global_rank(dst),
-        group=group.pg, async_op=True), lambda: gather_list,
+        group.pg), lambda: gather_list,
         tensor.numel() * tensor.element_size(), True)
 
 
@@ -276,9 +250,9 @@ def scatter_async(tensor: torch.Tensor, scatter_list: list[torch.Tensor] | None 
     _prologue(group, "scatter", tensor, root=src)
     if group.rank == src:
         _expect_list(scatter_list, group, tensor, "scatter")
-    return _engine(group, "scatter", lambda: dist.scatter(
+    return _engine(group, "scatter", lambda: group.engine.scatter(
         tensor, scatter_list if group.rank == src else None, group.global_rank(src),
-        group=group.pg, async_op=True), lambda: tensor,
+        group.pg), lambda: tensor,
         tensor.numel() * tensor.element_size(), True)
 
 
@@ -314,25 +288,20 @@ def reduce_scatter_async(output: torch.Tensor, input_list: list[torch.Tensor],
                 output.copy_(out.view_as(output))
             return done()
 
-        return _engine(group, what, lambda: _reduce_scatter_engine(
-            out, stage, op=_ENGINE_OPS[op], group=group.pg, async_op=True), after,
-            stage.numel() * stage.element_size(), True)
+        return _engine(group, "reduce_scatter", lambda: group.engine.reduce_scatter(
+            out, stage, op, group.pg), after, stage.numel() * stage.element_size(), True, what)
 
     def run():
         # The ring leaves rank r owning chunk (r+1) mod p: shift the pieces by one so that
         # chunk r+1 holds input_list[r].  stage: (p*k,) -> (p, k) rolled along dim 0.
         p, r = group.size, group.rank
         rotated = stage.view(p, k).roll(1, dims=0).reshape(-1)
-        ring_reduce_scatter(rotated, reduction_op(op), P2P(group, f"{what} #{group.seq}"))
+        ring_reduce_scatter(rotated, wire_op(op), P2P(group, f"{what} #{group.seq}"))
         mine = (r + 1) % p
         output.copy_(rotated[mine * k:(mine + 1) * k].view_as(output))
         return done()
 
     return _own(group, run, True)
-
-
-# torch 2.13 renamed reduce_scatter_tensor (now deprecated); older releases lack the new name.
-_reduce_scatter_engine = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def reduce_scatter(output: torch.Tensor, input_list: list[torch.Tensor],
@@ -346,8 +315,7 @@ def barrier(group: Group | None = None) -> None:
     """Block until every rank of the group has arrived."""
     group = resolve(group)
     _prologue(group, "barrier", None)
-    _engine(group, "barrier", lambda: dist.barrier(group=group.pg, async_op=True), None, 0,
-            False)
+    _engine(group, "barrier", lambda: group.engine.barrier(group.pg), None, 0, False)
 
 
 def _expect_list(tensors, group: Group, like: torch.Tensor, what: str) -> None:

@@ -4,26 +4,23 @@ Start-up reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
 which gradsync's own launcher sets too, or adopts a process group that the user's script already
 created with ``torch.distributed.init_process_group`` (as DDP scripts do).
 
-Rank 0 binds the rendezvous socket itself, on MASTER_ADDR only, and hands it to the TCPStore:
-the store then listens on the address it was given rather than on every interface, and a port
-in use is reported as such instead of as a rendezvous timeout.
+The engine does the joining (engine.py): with torch.distributed, rank 0 binds the rendezvous
+socket itself, on MASTER_ADDR only, so the store listens nowhere else.
 """
 
 from __future__ import annotations
 
 import atexit
-import datetime
 import logging
 import os
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from ..net import bind_listener, is_loopback
+from ..net import is_loopback
+from .engine import TORCH, Engine
+from .monitor import Monitor
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +43,7 @@ class Group:
     """A set of ranks that run collectives together.
 
     Attributes:
-        pg: the engine's process group.
+        pg: the engine's handle of the group.
         ranks: global ranks of the members, in group-rank order.
         rank: this process's rank inside the group.
         timeout_s: the limit for every blocking operation.
@@ -54,7 +51,7 @@ class Group:
             operation on the same shape and dtype (see ``check.py``).
     """
 
-    pg: dist.ProcessGroup
+    pg: Any                           # the engine's handle of this group
     ranks: tuple[int, ...]
     rank: int
     timeout_s: float
@@ -65,7 +62,8 @@ class Group:
     current_op: str = "-"
     op_started: float | None = None   # time.monotonic() when collective #seq started
     step: int = -1                    # the training step, for error messages and heartbeats
-    monitor: object | None = None     # the world group's heartbeat Monitor
+    monitor: Monitor | None = None    # the world group's heartbeat Monitor
+    engine: Engine = TORCH            # start-up, point-to-point, native collectives
     # Own algorithms run on one thread per group, so that async calls keep their issue
     # order on every rank; point-to-point messages then always pair up.
     _executor: ThreadPoolExecutor | None = None
@@ -97,7 +95,11 @@ class Group:
             self._executor = None
 
 
-# The default group mirrors torch.distributed's own global default group: one per process.
+# The engine that starts the world; the seam where MPI or shared memory will plug in
+# (engine.py).
+_ENGINE: Engine = TORCH
+
+# The default group mirrors the engine's own global default group: one per process.
 _world: dict[int, Group] = {}
 
 
@@ -112,36 +114,6 @@ def _env_int(name: str, given: int | None) -> int:
         return int(value)
     except ValueError:
         raise RuntimeError(f"{name}={value!r} is not an integer") from None
-
-
-def _default_backend() -> str:
-    # gloo carries CPU tensors, NCCL CUDA tensors; one group can hold both.
-    if torch.cuda.is_available() and dist.is_nccl_available():
-        return "cpu:gloo,cuda:nccl"
-    return "gloo"
-
-
-def _bind_listener(addr: str, port: int) -> socket.socket:
-    try:
-        sock = bind_listener(addr, port)
-    except OSError as exc:
-        raise RuntimeError(f"cannot listen on {addr}:{port} ({exc.strerror}); "
-                           "is the port already in use?") from None
-    sock.listen(128)
-    return sock
-
-
-def _make_store(addr: str, port: int, rank: int, world_size: int, timeout: datetime.timedelta):
-    if rank == 0:
-        # The store takes over the bound descriptor and closes it with itself.
-        fd = _bind_listener(addr, port).detach()
-        try:
-            return dist.TCPStore(addr, port, world_size, True, timeout=timeout,
-                                 master_listen_fd=fd, use_libuv=True, wait_for_workers=False)
-        except BaseException:
-            os.close(fd)
-            raise
-    return dist.TCPStore(addr, port, world_size, False, timeout=timeout)
 
 
 def init_process_group(backend: str | None = None, *, rank: int | None = None,
@@ -163,11 +135,11 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
         timeout_s = float(os.environ.get("GRADSYNC_TIMEOUT", DEFAULT_TIMEOUT_S))
     if check is None:
         check = os.environ.get("GRADSYNC_CHECK", "0") not in ("", "0", "false")
-    if dist.is_initialized():
+    if _ENGINE.is_initialized():
         log.info("adopting the process group created by the script")
         group = world()
         group.check = group.check or check
-        _start_monitor(group, _default_store())
+        _start_monitor(group, _ENGINE.adopt())
         return group
     rank = _env_int("RANK", rank)
     world_size = _env_int("WORLD_SIZE", world_size)
@@ -179,16 +151,7 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
         # Gloo otherwise binds the address the host name resolves to; on one machine the
         # peers only need loopback, and nothing should listen beyond it.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    timeout = datetime.timedelta(seconds=timeout_s)
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # Under torchrun the agent already serves the store on MASTER_PORT.
-        dist.init_process_group(backend or _default_backend(), init_method="env://",
-                                rank=rank, world_size=world_size, timeout=timeout)
-        store = _default_store()
-    else:
-        store = _make_store(master_addr, master_port, rank, world_size, timeout)
-        dist.init_process_group(backend or _default_backend(), store=store, rank=rank,
-                                world_size=world_size, timeout=timeout)
+    store = _ENGINE.rendezvous(master_addr, master_port, rank, world_size, timeout_s, backend)
     group = world()
     group.timeout_s = timeout_s
     group.check = check
@@ -196,17 +159,7 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
     return group
 
 
-def _default_store():
-    """The store torch.distributed rendezvoused with (no public accessor exists)."""
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:  # noqa: BLE001 - diagnostics are optional
-        return None
-
-
 def _start_monitor(group: Group, store) -> None:
-    from .monitor import Monitor
-
     if store is None or group.size == 1 or group.monitor is not None:
         return
     interval = float(os.environ.get("GRADSYNC_HEARTBEAT_S", "1.0"))
@@ -226,14 +179,13 @@ def _shutdown_threads() -> None:
 
 def world() -> Group:
     """The :class:`Group` of all processes (the engine's default group)."""
-    if not dist.is_initialized():
+    if not _ENGINE.is_initialized():
         raise RuntimeError("no process group: call gradsync.comm.init_process_group() first")
-    pg = dist.group.WORLD
+    pg, rank, size = _ENGINE.world()
     group = _world.get(id(pg))
     if group is None:
         timeout = float(os.environ.get("GRADSYNC_TIMEOUT", DEFAULT_TIMEOUT_S))
-        group = Group(pg=pg, ranks=tuple(range(dist.get_world_size())), rank=dist.get_rank(),
-                      timeout_s=timeout)
+        group = Group(pg=pg, ranks=tuple(range(size)), rank=rank, timeout_s=timeout)
         _world.clear()
         _world[id(pg)] = group
     return group
@@ -251,11 +203,11 @@ def new_group(ranks: list[int], *, timeout_s: float | None = None,
     if not ranks or ranks[0] < 0 or ranks[-1] >= parent.size:
         raise ValueError(f"ranks {ranks} are not a subset of 0..{parent.size - 1}")
     timeout_s = parent.timeout_s if timeout_s is None else timeout_s
-    pg = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
+    pg = parent.engine.new_group(ranks, timeout_s)
     if parent.rank not in ranks:
         return None
     return Group(pg=pg, ranks=tuple(ranks), rank=ranks.index(parent.rank), timeout_s=timeout_s,
-                 check=parent.check if check is None else check)
+                 check=parent.check if check is None else check, engine=parent.engine)
 
 
 def resolve(group: Group | None) -> Group:
@@ -263,7 +215,7 @@ def resolve(group: Group | None) -> Group:
 
 
 def is_initialized() -> bool:
-    return dist.is_initialized()
+    return _ENGINE.is_initialized()
 
 
 def get_rank(group: Group | None = None) -> int:
@@ -279,8 +231,7 @@ def destroy_process_group() -> None:
     for group in list(_world.values()):
         group.shutdown()
     _world.clear()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    _ENGINE.destroy()
 
 
 def set_step(step: int, group: Group | None = None) -> None:

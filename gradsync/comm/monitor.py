@@ -20,6 +20,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .ops import OPERATIONS
+
 log = logging.getLogger(__name__)
 
 KEY = "gradsync/hb/{}"
@@ -36,15 +38,11 @@ class Beat:
     op: str
 
     def encode(self) -> str:
-        from .check import OPERATIONS
-
         code = OPERATIONS.index(self.op) if self.op in OPERATIONS else -1
         return f"{self.time_ms} {self.started} {self.finished} {self.step} {code}"
 
     @classmethod
     def decode(cls, raw: bytes) -> "Beat":
-        from .check import OPERATIONS
-
         fields = [int(x) for x in raw.decode("ascii").split()]
         if len(fields) != 5:
             raise ValueError("malformed heartbeat")

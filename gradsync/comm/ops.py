@@ -1,4 +1,5 @@
-"""Reduction operators and the element-wise combine step every algorithm shares."""
+"""Reduction operators, the element-wise combine step every algorithm shares, and the codes
+of the operations (for check mode and the heartbeats)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ class ReduceOp(str, Enum):
     MIN = "min"
     PRODUCT = "prod"
 
+
+# The collective operations, in the order of their codes in check-mode headers and heartbeats.
+OPERATIONS = ("broadcast", "reduce", "all_reduce", "gather", "all_gather", "reduce_scatter",
+              "scatter", "barrier", "tensors")
 
 _ALIASES = {"product": "prod", "mean": "avg", "average": "avg"}
 
@@ -38,6 +43,12 @@ def check_op_dtype(op: ReduceOp, dtype: torch.dtype) -> None:
     if op is ReduceOp.AVG and not (dtype.is_floating_point or dtype.is_complex):
         raise TypeError(f"reduce op 'avg' needs a floating-point tensor, got {dtype}; "
                         "use 'sum' and divide yourself")
+
+
+def wire_op(op: ReduceOp) -> ReduceOp:
+    """What travels: AVG is summed by every algorithm and engine, then :func:`finish_`
+    divides once at the end (the only place AVG's division happens)."""
+    return ReduceOp.SUM if op is ReduceOp.AVG else op
 
 
 def combine_(acc: torch.Tensor, other: torch.Tensor, op: ReduceOp) -> None:

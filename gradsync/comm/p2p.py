@@ -9,10 +9,10 @@ errors into ones that name the peer and the operation.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from .errors import translate
 from .group import Group, resolve
+from .work import Work
 
 
 class _Done:
@@ -42,7 +42,8 @@ class P2P:
             return _DONE
         self.group.stats.bytes_sent += tensor.numel() * tensor.element_size()
         try:
-            return dist.isend(tensor, self.group.global_rank(peer), group=self.group.pg, tag=tag)
+            return self.group.engine.isend(tensor, self.group.global_rank(peer), self.group.pg,
+                                           tag)
         except RuntimeError as exc:
             raise translate(exc, what=self.what, rank=self.rank, peer=peer) from exc
 
@@ -50,7 +51,8 @@ class P2P:
         if tensor.numel() == 0:
             return _DONE
         try:
-            return dist.irecv(tensor, self.group.global_rank(peer), group=self.group.pg, tag=tag)
+            return self.group.engine.irecv(tensor, self.group.global_rank(peer), self.group.pg,
+                                           tag)
         except RuntimeError as exc:
             raise translate(exc, what=self.what, rank=self.rank, peer=peer) from exc
 
@@ -107,21 +109,17 @@ def recv(tensor: torch.Tensor, src: int, group: Group | None = None, tag: int = 
 
 
 def isend(tensor: torch.Tensor, dst: int, group: Group | None = None, tag: int = 0,
-          what: str = "send"):
-    """Start a send; the returned handle's ``wait()`` finishes it (keep ``tensor`` unchanged
-    until then)."""
-    from .collectives import Work  # late: collectives imports this module
-
+          what: str = "send") -> Work:
+    """Start a send; the returned handle's ``wait()`` finishes it. The handle keeps
+    ``tensor`` alive until then; do not change it before."""
     p2p = P2P(resolve(group), what)
     handle = p2p.isend(tensor, dst, tag)
-    return Work(lambda: p2p.wait(handle, dst), poll=handle.is_completed)
+    return Work(lambda: p2p.wait(handle, dst), poll=handle.is_completed, keep=tensor)
 
 
 def irecv(tensor: torch.Tensor, src: int, group: Group | None = None, tag: int = 0,
-          what: str = "recv"):
+          what: str = "recv") -> Work:
     """Start a receive into ``tensor``; ``wait()`` returns when it has arrived."""
-    from .collectives import Work  # late: collectives imports this module
-
     p2p = P2P(resolve(group), what)
     handle = p2p.irecv(tensor, src, tag)
     return Work(lambda: p2p.wait(handle, src), poll=handle.is_completed)

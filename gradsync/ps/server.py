@@ -130,10 +130,9 @@ class ParameterServer:
         header = Header(kind, step=step, shard=self.index, numel=numel,
                         version=self.version, sender=self.index, status=status).encode()
         self._sends = [w for w in self._sends if not w.is_completed()]
-        # header and payload must stay untouched until sent: the Work keeps them alive.
+        # header and payload stay untouched until sent: each Work keeps its tensor alive.
         for t in (header,) if payload is None else (header, payload):
             work = comm.isend(t, worker, self.group, TAG)
-            work.keep = t
             self._sends.append(work)
         self.stats.bytes_sent += numel * self.param.element_size()
 

@@ -113,7 +113,6 @@ class PSWorker(nn.Module):
               what: str) -> None:
         for t in (header, payload) if payload is not None else (header,):
             work = comm.isend(t, self.servers[k], self.group, TAG, what=what)
-            work.keep = t
             self._works.append(work)
 
     def _wait_sends(self) -> None:

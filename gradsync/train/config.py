@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..comm import ALL_REDUCE_ALGORITHMS
+from ..comm import ALL_REDUCE_ALGORITHMS, check_algorithm
 from .workloads import WORKLOADS
 
 ARCHITECTURES = ("allreduce", "ps", "ddp", "local")  # the last two: baselines
@@ -90,9 +90,7 @@ class TrainConfig:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown --arch {self.arch!r}; choose one of "
                              f"{', '.join(ARCHITECTURES)}")
-        if self.algorithm not in ALL_REDUCE_ALGORITHMS:
-            raise ValueError(f"unknown --algorithm {self.algorithm!r}; choose one of "
-                             f"{', '.join(ALL_REDUCE_ALGORITHMS)}")
+        check_algorithm(self.algorithm)
         if self.arch == "local" and self.workers != 1:
             raise ValueError(f"--arch local trains one process alone; use --workers 1, "
                              f"not {self.workers}")

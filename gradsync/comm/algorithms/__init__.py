@@ -2,23 +2,20 @@
 
 Each is a function ``fn(buf, op, p2p)`` that reduces the 1-D contiguous tensor ``buf`` in place
 across ``p2p.size`` ranks with ``op`` in {SUM, MAX, MIN, PRODUCT} (AVG arrives as SUM; the caller
-divides). Every element of the result is computed on exactly one rank and then copied to the
-others, which is what makes the results bitwise identical across ranks.
+divides), and a ``shape(n, p)`` giving its cost formula. Every element of the result is
+computed on exactly one rank and then copied to the others, which is what makes the results
+bitwise identical across ranks. ``registry.py`` is the one table of them.
 
 ``reduce_broadcast`` is the naive version and the oracle the tests hold the others to.
 """
 
 from .halving_doubling import halving_doubling_all_reduce
 from .reduce_broadcast import reduce_broadcast_all_reduce
+from .registry import (ALGORITHMS, ALL_REDUCE_ALGORITHMS, REGISTRY, AllReduceAlgorithm,
+                       check_algorithm)
 from .ring import ring_all_reduce, ring_reduce_scatter
 from .tree import tree_all_reduce
 
-ALGORITHMS = {
-    "reduce_broadcast": reduce_broadcast_all_reduce,
-    "ring": ring_all_reduce,
-    "tree": tree_all_reduce,
-    "halving_doubling": halving_doubling_all_reduce,
-}
-
-__all__ = ["ALGORITHMS", "halving_doubling_all_reduce", "reduce_broadcast_all_reduce",
+__all__ = ["ALGORITHMS", "ALL_REDUCE_ALGORITHMS", "AllReduceAlgorithm", "REGISTRY",
+           "check_algorithm", "halving_doubling_all_reduce", "reduce_broadcast_all_reduce",
            "ring_all_reduce", "ring_reduce_scatter", "tree_all_reduce"]

@@ -12,6 +12,8 @@ odd ranks hand the result back at the end.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..ops import ReduceOp, combine_
@@ -77,3 +79,12 @@ def halving_doubling_all_reduce(buf: torch.Tensor, op: ReduceOp, p2p: P2P) -> No
     # Hand the result back to the rank that sat out.
     if r < 2 * extra:
         p2p.send(buf, r - 1)
+
+
+def halving_doubling_shape(n: float, p: int) -> tuple[float, float, float]:
+    """(messages, wire bytes, reduced bytes) on the largest power of two q <= p, plus one
+    fold in and out for the p - q extra ranks."""
+    q = 1 << (p.bit_length() - 1)
+    fold = (2, 2 * n, n) if q != p else (0, 0, 0)
+    return (2 * math.log2(q) + fold[0], 2 * (q - 1) / q * n + fold[1],
+            (q - 1) / q * n + fold[2])

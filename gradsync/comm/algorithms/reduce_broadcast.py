@@ -28,3 +28,8 @@ def reduce_broadcast_all_reduce(buf: torch.Tensor, op: ReduceOp, p2p: P2P) -> No
     else:
         p2p.send(buf, 0)
         p2p.recv(buf, 0)
+
+
+def reduce_broadcast_shape(n: float, p: int) -> tuple[float, float, float]:
+    """(messages, wire bytes, reduced bytes): rank 0 receives and sends p - 1 whole tensors."""
+    return 2 * (p - 1), 2 * (p - 1) * n, (p - 1) * n

@@ -85,3 +85,10 @@ def ring_reduce_scatter(buf: torch.Tensor, op: ReduceOp, p2p: P2P,
         seg = max(1, segment_bytes // buf.element_size())
         _reduce_scatter_phase(buf, op, p2p, bounds, seg)
     return bounds[(r + 1) % n]
+
+
+def ring_shape(n: float, p: int) -> tuple[float, float, float]:
+    """(messages on the critical path, bytes on the wire, bytes reduced) for ``n`` bytes on
+    ``p`` ranks: p - 1 steps each way, every rank sends and reduces (p - 1)/p of the data."""
+    share = (p - 1) / p
+    return 2 * (p - 1), 2 * share * n, share * n

@@ -6,6 +6,8 @@ over the two phases): the choice for small tensors, where latency dominates.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..ops import ReduceOp, combine_
@@ -46,3 +48,9 @@ def tree_all_reduce(buf: torch.Tensor, op: ReduceOp, p2p: P2P) -> None:
         if r + mask < n:
             p2p.send(buf, r + mask)
         mask >>= 1
+
+
+def tree_shape(n: float, p: int) -> tuple[float, float, float]:
+    """(messages, wire bytes, reduced bytes): ceil(log2 p) rounds down and up, whole tensor."""
+    lg = math.ceil(math.log2(p))
+    return 2 * lg, 2 * lg * n, lg * n
