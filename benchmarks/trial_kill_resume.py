@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from gradsync.train.checkpoint import CheckpointManager
+from gradsync.checkpoint import CheckpointManager
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -83,7 +83,7 @@ def _run_worker(config) -> int:
     from . import comm
     from .train.architecture import build_architecture
     from .allreduce import NonFiniteGradientError
-    from .train.checkpoint import CheckpointError, CheckpointRefusedError
+    from .checkpoint import CheckpointError, CheckpointRefusedError
     from .train.trainer import format_summary, train
 
     rank = os.environ.get("RANK", "?")

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from gradsync.train.checkpoint import (  # noqa: E402
+from gradsync.checkpoint import (  # noqa: E402
     CheckpointManager,
     CheckpointMeta,
     capture_rng_state,

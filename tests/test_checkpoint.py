@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-import gradsync.train.checkpoint_format as ckpt_format
-from gradsync.train.checkpoint import (
+import gradsync.checkpoint.format as ckpt_format
+from gradsync.checkpoint import (
     CheckpointError,
     CheckpointManager,
     CheckpointMeta,
@@ -162,7 +162,7 @@ def test_damaged_newest_fails_clearly_and_older_still_load(
     assert "\n" not in str(info.value)
     if kind in ("truncated", "bad JSON marker", "missing rank file"):
         assert mgr.latest() == 2  # the cheap scan already rejects these
-    with caplog.at_level(logging.WARNING, logger="gradsync.train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="gradsync.checkpoint"):
         step, state, _, found = mgr.load_latest_valid(expect=meta(0, model))
     assert (step, found.step) == (2, 2) and filled_with(state, 2)
     assert str(bad) in caplog.text

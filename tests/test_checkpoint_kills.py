@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from gradsync.train.checkpoint import CheckpointManager
+from gradsync.checkpoint import CheckpointManager
 
 from ._checkpoint_writer import KEEP, make_model, meta_for
+from .distributed import scaled
 from .test_checkpoint import WRITER, filled_with
 
 
@@ -59,7 +60,7 @@ class _Writer:
             os.kill(self.child, signal.SIGKILL)
         self.proc.stdin.close()
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=scaled(10))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

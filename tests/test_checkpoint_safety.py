@@ -12,8 +12,8 @@ import subprocess
 import pytest
 import torch
 
-from gradsync.train.checkpoint import CheckpointError, CheckpointManager, CheckpointMeta
-from gradsync.train.dir_lock import DirectoryLock, DirectoryLockedError
+from gradsync.checkpoint import CheckpointError, CheckpointManager, CheckpointMeta
+from gradsync.checkpoint import DirectoryLock, DirectoryLockedError
 from tests.distributed import run_workers
 from tests.test_cli import gradsync
 
@@ -87,7 +87,7 @@ def test_full_disk_keeps_the_newest_and_removes_the_partial_save(tmp_path, monke
         path.write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("gradsync.train.checkpoint.write_fsynced", full)
+    monkeypatch.setattr("gradsync.checkpoint.manager.write_fsynced", full)
     with pytest.raises(CheckpointError, match="no space left on device") as info:
         mgr.save(2, {"w": torch.ones(4)}, _meta(2, "digits-mlp"))
     assert str(tmp_path) in str(info.value) and "(step 1) is intact" in str(info.value)
@@ -122,7 +122,7 @@ def _fall_back_when_one_rank_cannot_read(rank, world_size, directory):
     from gradsync import comm
     from gradsync.train.architecture import AllReduceArchitecture
     from gradsync.train.config import TrainConfig
-    from gradsync.train.resume import Checkpointer, Position
+    from gradsync.checkpoint import Checkpointer, Position
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import comm
-from .checkpoint_format import CheckpointRefusedError
+from ..checkpoint import CheckpointRefusedError
 from .config import TrainConfig
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]

@@ -20,7 +20,7 @@ from .. import comm
 from ..data import ShardedSampler
 from .architecture import Architecture
 from .config import TrainConfig
-from .resume import Checkpointer, Position
+from ..checkpoint import Checkpointer, Position
 from .workloads import Workload, build_workload, summarize_eval
 
 log = logging.getLogger(__name__)

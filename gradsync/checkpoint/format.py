@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,20 @@ def check_compatible(found: CheckpointMeta, expect: CheckpointMeta, path: Path,
             f"{path}: written by {found.world_size} ranks, this run has "
             f"{expect.world_size}; allow_reshard=True resumes the replicated state "
             "without the per-rank RNG states")
+
+
+def write_marker(path: Path, meta: CheckpointMeta, files: dict[str, dict[str, Any]]) -> None:
+    """Write ``path/COMMITTED`` through a temporary name (fsync, rename, fsync): the moment
+    it exists, the checkpoint counts."""
+    marker = {"format": FORMAT_VERSION, "meta": asdict(meta), "files": files}
+    tmp = path / f"{MARKER}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(marker, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / MARKER)
+    fsync_dir(path)
+    fsync_dir(path.parent)
 
 
 def read_marker(path: Path, step: int, *, check_sizes: bool

@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import comm
-from .architecture import Architecture
-from .checkpoint import (CheckpointError, CheckpointManager, CheckpointMeta,
-                         CheckpointRefusedError, model_fingerprint)
-from .dir_lock import DirectoryLock, DirectoryLockedError
+from .format import CheckpointError, CheckpointMeta, CheckpointRefusedError, model_fingerprint
+from .lock import DirectoryLock, DirectoryLockedError
+from .manager import CheckpointManager
 from .rng import capture_rng_state, restore_rng_state
+
+if TYPE_CHECKING:  # the trainer's interface; checkpoints only ask it who commits and when
+    from ..train.architecture import Architecture
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, every: int | None, keep: int,
-                 architecture: Architecture, workload: str, model: torch.nn.Module):
+                 architecture: "Architecture", workload: str, model: torch.nn.Module):
         self.every = every
         self.architecture = architecture
         self.group = architecture.group

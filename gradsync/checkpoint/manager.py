@@ -30,28 +30,23 @@ Nothing here communicates; choosing one step for all ranks is the caller's broad
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .format import (MARKER, STATE_FILE, STEP_DIR_RE, CheckpointError, CheckpointMeta,
+                     CheckpointRefusedError, check_loadable, describe_os_error, fsync_dir,
+                     remove_path, same_run, sha256_of, step_dirname, write_fsynced,
+                     write_marker)
+from .reader import CheckpointReader
 
-from .rng import capture_rng_state, restore_rng_state
-
-__all__ = ["CheckpointError", "CheckpointRefusedError", "IncompatibleCheckpointError", "CheckpointMeta",
-           "CheckpointManager", "model_fingerprint", "capture_rng_state", "restore_rng_state"]
+__all__ = ["CheckpointManager"]
 
 log = logging.getLogger(__name__)
 
-from .checkpoint_format import (FORMAT_VERSION, MARKER, STATE_FILE, STEP_DIR_RE,
-                                CheckpointError, CheckpointRefusedError, CheckpointMeta, IncompatibleCheckpointError,
-                                check_compatible, check_loadable, describe_os_error, fsync_dir,
-                                model_fingerprint, same_run, sha256_of, verify_file,
-                                read_file, read_marker, remove_path, step_dirname, write_fsynced)
 
-class CheckpointManager:
+class CheckpointManager(CheckpointReader):
     """Write, find, verify and load the checkpoints of one run in one directory.
 
     Args:
@@ -73,9 +68,8 @@ class CheckpointManager:
             raise ValueError(f"keep must be at least 1, got {keep}")
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
-        self.directory = Path(directory)
+        super().__init__(directory, rank)
         self.keep = keep
-        self.rank = rank
         self.committer = rank == 0 if committer is None else committer
         if self.directory.exists() and not self.directory.is_dir():
             raise CheckpointError(f"checkpoint directory {self.directory} is a file, "
@@ -214,15 +208,7 @@ class CheckpointManager:
                 remove_path(final)
             os.rename(staging, final)
             fsync_dir(self.directory)
-            marker = {"format": FORMAT_VERSION, "meta": asdict(meta), "files": files}
-            tmp = final / f"{MARKER}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(marker, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final / MARKER)
-            fsync_dir(final)
-            fsync_dir(self.directory)
+            write_marker(final, meta, files)
         except OSError as exc:
             self._pending = None
             raise self._write_failed(exc, staging, final) from None
@@ -262,108 +248,6 @@ class CheckpointManager:
         fsync_dir(self.directory)
         return removed
 
-    # -- finding ---------------------------------------------------------------------------
-
-    def committed_steps(self) -> list[int]:
-        """Return the steps with a valid marker and files of the recorded sizes, ascending.
-
-        Cheap: reads the markers and stats the files, hashes nothing.
-        """
-        return [step for step, _ in self._committed()]
-
-    def _committed(self) -> list[tuple[int, CheckpointMeta]]:
-        found = []
-        for step, path in self._entries():
-            try:
-                meta, _ = read_marker(path, step, check_sizes=True)
-            except CheckpointError as exc:
-                log.debug("not a committed checkpoint: %s", exc)
-                continue
-            found.append((step, meta))
-        return found
-
-    def latest(self) -> int | None:
-        """Return the newest committed step, or None; see `committed_steps`."""
-        steps = self.committed_steps()
-        return steps[-1] if steps else None
-
-    # -- reading ---------------------------------------------------------------------------
-
-    def load(self, step: int, *, expect: CheckpointMeta | None = None,
-             allow_reshard: bool = False) -> tuple[dict, dict | None, CheckpointMeta]:
-        """Load checkpoint `step`, verifying the checksum of every file read.
-
-        Args:
-            step: the step to load.
-            expect: this run's meta (its step and epoch are ignored), or None to skip the
-                compatibility check.
-            allow_reshard: accept a different `world_size`; the replicated state loads,
-                the per-rank states (which belong to other ranks' streams) do not.
-
-        Returns:
-            `(state, per_rank, meta)`; `per_rank` is this rank's dict, or None when the
-            checkpoint has none for this rank or the world size changed.
-
-        Raises:
-            IncompatibleCheckpointError: if the meta does not match `expect`.
-            CheckpointError: if the directory or marker is missing or unreadable, or a
-                file is missing, truncated, fails its checksum or cannot be unpickled.
-        """
-        return self._load(step, expect, allow_reshard, verify_all=False)
-
-    def load_latest_valid(self, expect: CheckpointMeta | None = None, *,
-                          allow_reshard: bool = False, below: int | None = None
-                          ) -> tuple[int, dict, dict | None, CheckpointMeta] | None:
-        """Load the newest checkpoint that passes every check, skipping damaged ones.
-
-        Every file of a candidate is verified, other ranks' included, so the step chosen
-        here (on one rank, then broadcast) is one every rank can load. A damaged checkpoint
-        is skipped with a warning naming it; an incompatible one raises, because falling
-        back would silently resume some other run.
-
-        Args:
-            expect, allow_reshard: as for `load`.
-            below: only consider steps before this one (a fall-back after a rank failed).
-
-        Returns:
-            `(step, state, per_rank, meta)`, or None when no checkpoint is usable.
-
-        Raises:
-            IncompatibleCheckpointError: if the newest intact checkpoint does not match.
-        """
-        for step, path in reversed(self._entries()):
-            if below is not None and step >= below:
-                continue
-            if path.is_dir() and not (path / MARKER).exists():
-                log.info("ignoring %s: its save never committed", path)
-                continue
-            try:
-                return (step, *self._load(step, expect, allow_reshard, verify_all=True))
-            except IncompatibleCheckpointError:
-                raise
-            except CheckpointError as exc:
-                log.warning("skipping damaged checkpoint: %s", exc)
-        return None
-
-    def _load(self, step: int, expect: CheckpointMeta | None, allow_reshard: bool,
-              verify_all: bool) -> tuple[dict, dict | None, CheckpointMeta]:
-        path = self.directory / step_dirname(step)
-        meta, files = read_marker(path, step, check_sizes=False)
-        if expect is not None:
-            check_compatible(meta, expect, path, allow_reshard)
-        resharded = expect is not None and expect.world_size != meta.world_size
-        mine = f"rank-{self.rank}.pt" if not resharded else None
-        if verify_all and not resharded:  # a resharded resume reads no rank file
-            for name in sorted(set(files) - {STATE_FILE, mine}):
-                verify_file(path / name, files[name])
-        state = read_file(path / STATE_FILE, files[STATE_FILE])
-        per_rank = read_file(path / mine, files[mine]) if mine in files else None
-        return state, per_rank, meta
-
-    def has_entries(self) -> bool:
-        """Whether anything named like a checkpoint is here (committed or not)."""
-        return bool(self._entries())
-
     def create(self) -> bool:
         """Create the directory if missing (saving does too); return whether it was."""
         existed = self.directory.is_dir()
@@ -373,16 +257,3 @@ class CheckpointManager:
             raise CheckpointError(f"cannot create checkpoint directory {self.directory}: "
                                   f"{exc.strerror or exc}") from None
         return not existed
-
-    def _entries(self) -> list[tuple[int, Path]]:
-        """`(step, path)` of every name like a checkpoint (not staging), ascending."""
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for entry in self.directory.iterdir():
-            match = STEP_DIR_RE.match(entry.name)
-            if match is not None and not match.group(2):
-                found.append((int(match.group(1)), entry))
-        return sorted(found)
-
-

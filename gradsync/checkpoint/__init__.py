@@ -1,0 +1,23 @@
+"""Checkpoints: atomic, verified, resumable exactly; nothing a user saved is lost.
+
+    format.py    the on-disk format: meta, fsynced writes, checksums, the COMMITTED marker
+    reader.py    which steps are committed; loading one, verified
+    manager.py   writing: staging, the atomic commit, pruning (only the same run's)
+    lock.py      one job per directory (an advisory flock)
+    rng.py       every random stream a rank draws from, saved and restored
+    run.py       the trainer's one entry point: :class:`Checkpointer` (when to save, what a
+                 run saves and restores, agreeing on the step to resume from)
+"""
+
+from .format import (CheckpointError, CheckpointMeta, CheckpointRefusedError,
+                     IncompatibleCheckpointError, model_fingerprint)
+from .lock import DirectoryLock, DirectoryLockedError
+from .manager import CheckpointManager
+from .reader import CheckpointReader
+from .rng import capture_rng_state, restore_rng_state
+from .run import Checkpointer, Position, Resumed
+
+__all__ = ["CheckpointError", "CheckpointManager", "CheckpointMeta", "CheckpointReader",
+           "CheckpointRefusedError", "Checkpointer", "DirectoryLock", "DirectoryLockedError",
+           "IncompatibleCheckpointError", "Position", "Resumed", "capture_rng_state",
+           "model_fingerprint", "restore_rng_state"]
