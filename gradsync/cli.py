@@ -20,7 +20,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .config import add_dataclass_arguments, dataclass_from_args, to_argv
+from .flags import add_dataclass_arguments, dataclass_from_args, to_argv
 
 log = logging.getLogger("gradsync")
 
@@ -88,14 +88,14 @@ def _run_worker(config) -> int:
 
     rank = os.environ.get("RANK", "?")
     try:
-        group = comm.init_process_group(timeout_s=config.timeout)
+        group = comm.init_process_group(timeout_s=config.launch.timeout)
         _interrupts_raise()
         try:
             architecture = build_architecture(config, group)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        if architecture.is_worker and architecture.worker_rank == 0 and config.out:
-            _check_writable(config.out)
+        if architecture.is_worker and architecture.worker_rank == 0 and config.output.out:
+            _check_writable(config.output.out)
         summary = train(config, architecture)
         if summary is not None and architecture.worker_rank == 0:
             print(format_summary(summary), flush=True)
@@ -111,7 +111,7 @@ def _run_worker(config) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - one line per failed rank; the launcher names the cause
+    except Exception as exc:  # noqa: BLE001 - one line per failed rank; launcher names the cause
         log.debug("rank %s failed", rank, exc_info=True)
         _say(f"gradsync: rank {rank}: {type(exc).__name__}: {exc}")
         return 1
@@ -136,29 +136,30 @@ def _exit_rank(code: int) -> None:
 
 
 def _run_local(config) -> int:
-    """Start ``config.workers`` local processes with the launcher and supervise them."""
+    """Start ``config.launch.workers`` local processes with the launcher and supervise them."""
     from .launch import LaunchError, launch
 
-    if config.out:
-        _check_writable(config.out)
-    if config.checkpoint_dir and Path(config.checkpoint_dir).exists() \
-            and not Path(config.checkpoint_dir).is_dir():
-        raise UserError(f"--checkpoint-dir {config.checkpoint_dir} is a file, not a directory")
+    if config.output.out:
+        _check_writable(config.output.out)
+    if config.checkpoint.dir and Path(config.checkpoint.dir).exists() \
+            and not Path(config.checkpoint.dir).is_dir():
+        raise UserError(f"--checkpoint-dir {config.checkpoint.dir} is a file, not a directory")
     # Share the cores between the workers instead of letting each start one thread per core.
-    threads = str(max(1, (os.cpu_count() or 1) // config.workers))
+    threads = str(max(1, (os.cpu_count() or 1) // config.launch.workers))
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
            # c10d's warnings (with C++ stack traces) when a peer's store connection breaks
            # repeat what gradsync's own one-line errors say, naming the rank.
            "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
-    if config.lab:
+    if config.lab.hosts:
         return _run_in_lab(config, env)
     # The servers of an asynchronous parameter server drop a lost worker and go on.
-    tolerate = frozenset(range(config.servers, config.processes)) \
-        if config.arch == "ps" and config.consistency != "sync" else frozenset()
+    tolerate = frozenset(range(config.ps.servers, config.processes)) \
+        if config.arch == "ps" and config.ps.consistency != "sync" else frozenset()
     _interrupts_raise()  # the launcher forwards an interrupt to the workers it started
     try:
-        result = launch(["train", *to_argv(config)], config.processes, master_addr=config.addr,
-                        master_port=config.port, env=env, tolerate=tolerate)
+        result = launch(["train", *to_argv(config)], config.processes,
+                        master_addr=config.launch.addr, master_port=config.launch.port, env=env,
+                        tolerate=tolerate)
     except LaunchError as exc:
         raise UserError(str(exc)) from None
     if result.returncode == 130:
@@ -174,13 +175,13 @@ def _run_in_lab(config, env: dict[str, str]) -> int:
     """`--lab N`: bring an emulated cluster up, run one rank per host, take it down."""
     from .lab import LabError, train_in_lab
 
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.lab))
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.lab.hosts))
     _interrupts_raise()
     # (TORCH_CPP_LOG_LEVEL=ERROR also hides c10d's warning that lab addresses have no
     # reverse DNS entry.)
-    rates = config.rates.split(",") if config.rates else None
+    rates = config.lab.rates.split(",") if config.lab.rates else None
     try:
-        return train_in_lab(config.lab, config.rate, rates, to_argv(config), env)
+        return train_in_lab(config.lab.hosts, config.lab.rate, rates, to_argv(config), env)
     except LabError as exc:
         raise UserError(str(exc)) from None
 

@@ -1,7 +1,7 @@
-"""Tests for gradsync.config: flags derived from dataclasses, and their round trip.
+"""Tests for gradsync.flags: flags derived from dataclasses, and their round trip.
 
 This module uses ``from __future__ import annotations`` on purpose: every annotation below
-is a string that gradsync.config has to resolve.
+is a string that gradsync.flags has to resolve.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from gradsync.config import add_dataclass_arguments, dataclass_from_args, to_argv
+from gradsync.flags import add_dataclass_arguments, dataclass_from_args, to_argv
 
 
 @dataclass

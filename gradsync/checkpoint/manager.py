@@ -161,7 +161,7 @@ class CheckpointManager(CheckpointReader):
                                f"was removed and {kept}")
 
     def commit(self, step: int, meta: CheckpointMeta) -> Path:
-        """On the committer, after every rank's `save_rank_files(step)`: make checkpoint `step` count.
+        """On the committer, after every rank's `save_rank_files(step)`: make `step` count.
 
         Then removes what is no longer needed: committed checkpoints beyond `keep`, any
         newer than `step` (left by a run that resumed from an older one, so a later resume
@@ -178,8 +178,8 @@ class CheckpointManager(CheckpointReader):
             The committed `step-N` directory.
 
         Raises:
-            ValueError: on another rank than the committer, without a matching `save_rank_files`, or
-                when `step != meta.step`.
+            ValueError: on another rank than the committer, without a matching
+                `save_rank_files`, or when `step != meta.step`.
             CheckpointError: if a rank's file is missing from the staging directory.
         """
         if not self.committer:

@@ -7,10 +7,11 @@ parameter server's shard and optimizer state). Saving is collective: every rank 
 files, the architecture makes sure all are on disk (a barrier, or the servers' answers), then
 the committer commits. Loading is agreed: rank 0 picks the newest checkpoint that verifies
 and broadcasts its step, so no rank can resume from a different one; if any rank cannot read
-its files, all fall back together. One job at a time: rank 0 holds the directory's lock, and a
-fresh run refuses a directory with committed checkpoints unless told to overwrite them. A checkpoint
-written with another number of workers resumes a replicated architecture (All-Reduce) too,
-continuing at the same fraction of the epoch, but then without the per-rank RNG streams.
+its files, all fall back together. One job at a time: rank 0 holds the directory's lock, and
+a fresh run refuses a directory with committed checkpoints unless told to overwrite them. A
+checkpoint written with another number of workers resumes a replicated architecture
+(All-Reduce) too, continuing at the same fraction of the epoch, but without the per-rank RNG
+streams.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def wire_op(op: ReduceOp) -> ReduceOp:
 
 
 def combine_(acc: torch.Tensor, other: torch.Tensor, op: ReduceOp) -> None:
-    """``acc = acc (op) other`` in place. AVG combines as SUM; the division happens once at the end."""
+    """``acc = acc (op) other`` in place. AVG combines as SUM; :func:`finish_` divides."""
     if op is ReduceOp.SUM or op is ReduceOp.AVG:
         acc.add_(other)
     elif op is ReduceOp.MAX:

@@ -78,9 +78,10 @@ class AllReduceArchitecture:
     def prepare(self, model, make_optimizer, start_step=0):
         from ..allreduce import DataParallel
 
-        self.model = DataParallel(model, group=self.group, algorithm=self.config.algorithm,
-                                  bucket_cap_mb=self.config.bucket_cap_mb,
-                                  nonfinite=self.config.on_nonfinite)
+        ar = self.config.allreduce
+        self.model = DataParallel(model, group=self.group, algorithm=ar.algorithm,
+                                  bucket_cap_mb=ar.bucket_cap_mb,
+                                  nonfinite=self.config.optim.on_nonfinite)
         return self.model, make_optimizer(self.model.parameters())
 
     def serve(self, model, make_optimizer, save=None, restored=None):
@@ -130,7 +131,8 @@ class BaselineArchitecture(AllReduceArchitecture):
 
     def prepare(self, model, make_optimizer, start_step=0):
         if self.name == "ddp":
-            model = comm.reference.torch_ddp(model, self.group, self.config.bucket_cap_mb)
+            model = comm.reference.torch_ddp(model, self.group,
+                                             self.config.allreduce.bucket_cap_mb)
         return model, make_optimizer(model.parameters())
 
     def comm_wait_s(self) -> float:
@@ -148,6 +150,6 @@ def build_architecture(config: TrainConfig, group: comm.Group) -> Architecture:
     if config.arch == "ps":
         from ..ps import PSArchitecture
 
-        return PSArchitecture(config.servers, config.consistency, config.staleness, group,
-                              nonfinite=config.on_nonfinite)
+        return PSArchitecture(config.ps.servers, config.ps.consistency, config.ps.staleness, group,
+                              nonfinite=config.optim.on_nonfinite)
     raise ValueError(f"unknown architecture {config.arch!r}")

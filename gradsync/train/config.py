@@ -1,4 +1,10 @@
-"""The typed configuration of `gradsync train`; its flags are derived from these fields."""
+"""The typed configuration of `gradsync train`, one small dataclass per concern.
+
+Each section validates its own fields in ``__post_init__``; :class:`TrainConfig` holds the
+sections and checks what spans them. The flags are derived from the fields (flat:
+``--servers``, ``--checkpoint-dir``; grouped by section in ``--help``), so a new concern
+(compression, an engine, elastic training, serving) is one new section here.
+"""
 
 from __future__ import annotations
 
@@ -12,32 +18,45 @@ ARCHITECTURES = ("allreduce", "ps", "ddp", "local")  # the last two: baselines
 # Upper bounds of the positive float flags: beyond them a value is a typo, not a setting
 # (a learning rate of 1e300 turns the first update into Inf; a timeout beyond a week
 # overflows the engine's timedelta long before it helps anyone).
-LIMITS = {"lr": 1e3, "timeout": 7 * 24 * 3600.0, "bucket_cap_mb": 1 << 20}
+LR_MAX, TIMEOUT_MAX_S, BUCKET_MAX_MB = 1e3, 7 * 24 * 3600.0, float(1 << 20)
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+def _help(text: str, flag: str | None = None) -> dict[str, str]:
+    return {"help": text} if flag is None else {"help": text, "flag": flag}
+
+
+def _at_least(value: int | None, least: int, flag: str) -> None:
+    if value is not None and value < least:
+        raise ValueError(f"--{flag} must be at least {least}, got {value}")
+
+
+def _positive(value: float | None, most: float, flag: str) -> None:
+    if value is not None and not 0 < value <= most:  # (also false for NaN)
+        raise ValueError(f"--{flag} must be a positive number up to {most:g}, got {value}")
 
 
 @dataclass
-class TrainConfig:
-    """What to train, on how many workers, with which architecture."""
+class WorkloadConfig:
+    """What to train."""
 
     workload: str = field(default="digits-mlp", metadata=_help(
         f"what to train: {', '.join(WORKLOADS)}"))
-    workers: int = field(default=2, metadata=_help("local worker processes (ignored under "
-                                                   "torchrun, which sets the world size)"))
-    arch: str = field(default="allreduce", metadata=_help(
-        "architecture: allreduce, ps; baselines for comparison: ddp (torch's "
-        "DistributedDataParallel), local (one process, no wrapper)"))
-    servers: int = field(default=1, metadata=_help("parameter servers (--arch ps); the first "
-                                                   "ranks of the world serve"))
-    consistency: Literal["sync", "async", "ssp"] = field(default="sync", metadata=_help(
-        "parameter-server consistency: sync, async, or ssp (bounded staleness)"))
-    staleness: int = field(default=2, metadata=_help("ssp: how many steps a worker may run "
-                                                     "ahead of the slowest"))
-    algorithm: str = field(default="auto", metadata=_help(
-        f"all-reduce algorithm: {', '.join(ALL_REDUCE_ALGORITHMS)}"))
+    hidden: int = field(default=1024, metadata=_help("hidden width of synthetic-mlp"))
+    dtype: Literal["float32", "float64"] = field(default="float32", metadata=_help(
+        "parameter and data type"))
+    seed: int = field(default=0, metadata=_help("seed for the model and the data order"))
+
+    def __post_init__(self) -> None:
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"unknown workload {self.workload!r}; choose one of "
+                             f"{', '.join(WORKLOADS)}")
+        _at_least(self.hidden, 1, "hidden")
+
+
+@dataclass
+class OptimConfig:
+    """How long and how fast: steps, batch, learning rate."""
+
     epochs: int | None = field(default=None, metadata=_help("passes over the training data "
                                                             "(default: the workload's)"))
     steps: int | None = field(default=None, metadata=_help("stop after this many steps "
@@ -46,77 +65,142 @@ class TrainConfig:
         "samples per worker per step (default: the workload's)"))
     lr: float | None = field(default=None, metadata=_help("learning rate (default: the "
                                                           "workload's)"))
-    seed: int = field(default=0, metadata=_help("seed for the model and the data order"))
-    hidden: int = field(default=1024, metadata=_help("hidden width of synthetic-mlp"))
-    dtype: Literal["float32", "float64"] = field(default="float32", metadata=_help(
-        "parameter and data type"))
+    on_nonfinite: Literal["error", "skip"] = field(default="error", metadata=_help(
+        "a NaN or Inf gradient: stop the run naming the rank and step (error), or skip "
+        "that step's update (skip)"))
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "steps", "batch_size"):
+            _at_least(getattr(self, name), 1, name.replace("_", "-"))
+        _positive(self.lr, LR_MAX, "lr")
+
+
+@dataclass
+class AllReduceConfig:
+    """All-Reduce architecture."""
+
+    algorithm: str = field(default="auto", metadata=_help(
+        f"all-reduce algorithm: {', '.join(ALL_REDUCE_ALGORITHMS)}"))
     bucket_cap_mb: float = field(default=25.0, metadata=_help("gradient bucket size (MiB)"))
-    checkpoint_dir: str | None = field(default=None, metadata=_help(
-        "directory for checkpoints (atomic; see docs/reliability.md)"))
-    checkpoint_every: int | None = field(default=None, metadata=_help(
-        "save a checkpoint every this many steps"))
+
+    def __post_init__(self) -> None:
+        check_algorithm(self.algorithm)
+        _positive(self.bucket_cap_mb, BUCKET_MAX_MB, "bucket-cap-mb")
+
+
+@dataclass
+class PSConfig:
+    """Parameter-Server architecture."""
+
+    servers: int = field(default=1, metadata=_help("parameter servers (--arch ps); the first "
+                                                   "ranks of the world serve"))
+    consistency: Literal["sync", "async", "ssp"] = field(default="sync", metadata=_help(
+        "parameter-server consistency: sync, async, or ssp (bounded staleness)"))
+    staleness: int = field(default=2, metadata=_help("ssp: how many steps a worker may run "
+                                                     "ahead of the slowest"))
+
+    def __post_init__(self) -> None:
+        _at_least(self.servers, 1, "servers")
+        _at_least(self.staleness, 0, "staleness")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints."""
+
+    dir: str | None = field(default=None, metadata=_help(
+        "directory for checkpoints (atomic; see docs/reliability.md)", flag="checkpoint-dir"))
+    every: int | None = field(default=None, metadata=_help(
+        "save a checkpoint every this many steps", flag="checkpoint-every"))
     keep: int = field(default=3, metadata=_help("committed checkpoints to keep"))
     resume: bool = field(default=False, metadata=_help(
         "continue from the newest valid checkpoint in --checkpoint-dir"))
     overwrite: bool = field(default=False, metadata=_help(
         "start afresh in a --checkpoint-dir that holds checkpoints, removing them"))
-    on_nonfinite: Literal["error", "skip"] = field(default="error", metadata=_help(
-        "a NaN or Inf gradient: stop the run naming the rank and step (error), or skip "
-        "that step's update (skip)"))
-    out: str | None = field(default=None, metadata=_help(
-        "directory for metrics.jsonl (per step) and summary.json"))
-    timeout: float = field(default=300.0, metadata=_help(
-        "seconds any blocking communication may wait before the run fails"))
-    addr: str = field(default="127.0.0.1", metadata=_help("rendezvous address of local runs"))
-    port: int | None = field(default=None, metadata=_help("rendezvous port (default: a free "
-                                                          "one)"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar on rank 0"))
-    lab: int | None = field(default=None, metadata=_help(
-        "run on N emulated hosts with shaped links, one rank each (root; docs/lab.md); "
-        "--workers is then N, or N minus the servers"))
-    rate: str = field(default="1gbit", metadata=_help("--lab: every link's rate (tc units)"))
-    rates: str | None = field(default=None, metadata=_help(
-        "--lab: one rate per host, e.g. 1gbit,1gbit,250mbit"))
-
-    @property
-    def processes(self) -> int:
-        """Local processes to start: the workers, plus the servers of the Parameter Server."""
-        return self.workers + (self.servers if self.arch == "ps" else 0)
 
     def __post_init__(self) -> None:
-        if self.workload not in WORKLOADS:
-            raise ValueError(f"unknown workload {self.workload!r}; choose one of "
-                             f"{', '.join(WORKLOADS)}")
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown --arch {self.arch!r}; choose one of "
-                             f"{', '.join(ARCHITECTURES)}")
-        check_algorithm(self.algorithm)
-        if self.arch == "local" and self.workers != 1:
-            raise ValueError(f"--arch local trains one process alone; use --workers 1, "
-                             f"not {self.workers}")
-        if self.staleness < 0:
-            raise ValueError(f"--staleness must be at least 0, got {self.staleness}")
-        if self.lab is not None and self.lab < 1:
-            raise ValueError(f"--lab must be at least 1 host, got {self.lab}")
-        if self.rates is not None and self.lab is not None \
-                and len(self.rates.split(",")) != self.lab:
-            raise ValueError(f"--rates lists {len(self.rates.split(','))} rates for "
-                             f"{self.lab} hosts")
-        if (self.checkpoint_every is not None or self.resume or self.overwrite) \
-                and not self.checkpoint_dir:
+        _at_least(self.every, 1, "checkpoint-every")
+        _at_least(self.keep, 1, "keep")
+        if (self.every is not None or self.resume or self.overwrite) and not self.dir:
             raise ValueError("--checkpoint-every, --resume and --overwrite need --checkpoint-dir")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the checkpoints that --overwrite would "
                              "remove; pass one of them")
-        for name in ("workers", "servers", "epochs", "steps", "batch_size", "hidden",
-                     "checkpoint_every", "keep"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        for name, most in LIMITS.items():
-            value = getattr(self, name)
-            if value is not None and not 0 < value <= most:  # (also false for NaN)
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive number up to "
-                                 f"{most:g}, got {value}")
+
+
+@dataclass
+class LaunchConfig:
+    """Processes and rendezvous."""
+
+    workers: int = field(default=2, metadata=_help("local worker processes (ignored under "
+                                                   "torchrun, which sets the world size)"))
+    addr: str = field(default="127.0.0.1", metadata=_help("rendezvous address of local runs "
+                                                          "(IPv4 or IPv6)"))
+    port: int | None = field(default=None, metadata=_help("rendezvous port (default: a free "
+                                                          "one)"))
+    timeout: float = field(default=300.0, metadata=_help(
+        "seconds any blocking communication may wait before the run fails"))
+
+    def __post_init__(self) -> None:
+        _at_least(self.workers, 1, "workers")
+        _positive(self.timeout, TIMEOUT_MAX_S, "timeout")
         if self.port is not None and not 0 < self.port < 65536:
             raise ValueError(f"--port must be between 1 and 65535, got {self.port}")
+
+
+@dataclass
+class LabConfig:
+    """Emulated cluster (root; docs/lab.md)."""
+
+    hosts: int | None = field(default=None, metadata=_help(
+        "run on N emulated hosts with shaped links, one rank each; --workers is then N, or N "
+        "minus the servers", flag="lab"))
+    rate: str = field(default="1gbit", metadata=_help("--lab: every link's rate (tc units)"))
+    rates: str | None = field(default=None, metadata=_help(
+        "--lab: one rate per host, e.g. 1gbit,1gbit,250mbit"))
+
+    def __post_init__(self) -> None:
+        _at_least(self.hosts, 1, "lab")
+        if self.rates is not None and self.hosts is not None \
+                and len(self.rates.split(",")) != self.hosts:
+            raise ValueError(f"--rates lists {len(self.rates.split(','))} rates for "
+                             f"{self.hosts} hosts")
+
+
+@dataclass
+class OutputConfig:
+    """Output."""
+
+    out: str | None = field(default=None, metadata=_help(
+        "directory for metrics.jsonl (per step) and summary.json"))
+    progress: bool = field(default=True, metadata=_help("show a progress bar on rank 0"))
+
+
+@dataclass
+class TrainConfig:
+    """What to train, on how many workers, with which architecture."""
+
+    arch: str = field(default="allreduce", metadata=_help(
+        "architecture: allreduce, ps; baselines for comparison: ddp (torch's "
+        "DistributedDataParallel), local (one process, no wrapper)"))
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    allreduce: AllReduceConfig = field(default_factory=AllReduceConfig)
+    ps: PSConfig = field(default_factory=PSConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    lab: LabConfig = field(default_factory=LabConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def processes(self) -> int:
+        """Local processes to start: the workers, plus the servers of the Parameter Server."""
+        return self.launch.workers + (self.ps.servers if self.arch == "ps" else 0)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown --arch {self.arch!r}; choose one of "
+                             f"{', '.join(ARCHITECTURES)}")
+        if self.arch == "local" and self.launch.workers != 1:
+            raise ValueError(f"--arch local trains one process alone; use --workers 1, "
+                             f"not {self.launch.workers}")

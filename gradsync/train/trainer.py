@@ -96,20 +96,22 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
     Returns:
         The summary on worker ranks (the same figures on each), None on serving ranks.
     """
-    workload = build_workload(config.workload, seed=config.seed, hidden=config.hidden,
-                              dtype=DTYPES[config.dtype])
-    batch = config.batch_size or workload.default_batch_size
-    lr = config.lr or workload.default_lr
+    spec = config.workload
+    workload = build_workload(spec.workload, seed=spec.seed, hidden=spec.hidden,
+                              dtype=DTYPES[spec.dtype])
+    batch = config.optim.batch_size or workload.default_batch_size
+    lr = config.optim.lr or workload.default_lr
 
     def optimizer_for(params):
         return make_optimizer(workload.optimizer, params, lr)
 
     checkpointer, resumed = None, None
-    if config.checkpoint_dir:
-        checkpointer = Checkpointer(config.checkpoint_dir, config.checkpoint_every,
-                                    config.keep, architecture, config.workload, workload.model)
+    if config.checkpoint.dir:
+        checkpointer = Checkpointer(config.checkpoint.dir, config.checkpoint.every,
+                                    config.checkpoint.keep, architecture, spec.workload,
+                                    workload.model)
         # Every rank: rank 0 locks the directory and decides; all load the same checkpoint.
-        resumed = checkpointer.start(config.resume, config.overwrite)
+        resumed = checkpointer.start(config.checkpoint.resume, config.checkpoint.overwrite)
     if not architecture.is_worker:
         architecture.serve(workload.model, optimizer_for,
                            save=checkpointer.save_rank_state if checkpointer else None,
@@ -124,19 +126,19 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
     if resumed:
         optimizer.load_state_dict(resumed.state["optimizer"])
     sampler = ShardedSampler(workload.train_set, workers, architecture.worker_rank,
-                             shuffle=True, seed=config.seed)
+                             shuffle=True, seed=config.workload.seed)
     loader = DataLoader(workload.train_set, batch_size=batch, sampler=sampler)
-    epochs = config.epochs or workload.default_epochs
-    total = config.steps if config.steps is not None else epochs * len(loader)
+    epochs = config.optim.epochs or workload.default_epochs
+    total = config.optim.steps if config.optim.steps is not None else epochs * len(loader)
     n_params = sum(p.numel() for p in workload.model.parameters())
-    log.info("%s: %d parameters, %d workers x batch %d, %d steps", config.workload, n_params,
+    log.info("%s: %d parameters, %d workers x batch %d, %d steps", spec.workload, n_params,
              workers, batch, total)
     if pos.step >= total and rank0:
         log.warning("the checkpoint resumed is at step %d and the run has %d steps: nothing "
                     "left to train (raise --steps or --epochs)", pos.step, total)
 
-    writer = MetricsWriter(config.out, rank0, append=pos.step > 0)
-    bar = _progress(total, rank0 and config.progress)
+    writer = MetricsWriter(config.output.out, rank0, append=pos.step > 0)
+    bar = _progress(total, rank0 and config.output.progress)
     step_times, losses = [], []
     bytes_before = architecture.bytes_sent() or 0
     wait_before = architecture.comm_wait_s()
@@ -196,7 +198,8 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
         comm.all_reduce(tail, op="avg", group=group, algorithm="native")
     evaluation = evaluate(model, workload, group, batch) if (group is not None or rank0) else {}
     summary = {
-        "workload": config.workload, "arch": architecture.name, "algorithm": config.algorithm,
+        "workload": spec.workload, "arch": architecture.name,
+        "algorithm": config.allreduce.algorithm,
         "workers": workers, "parameters": n_params, "steps": step, "epochs": epoch,
         "batch_per_worker": batch, "global_batch": batch * workers, "lr": lr,
         "train_loss": tail[0].item(), **{f"eval_{k}": v for k, v in evaluation.items()},

@@ -1,5 +1,11 @@
 """Derive command-line flags from typed config dataclasses, so a flag and a field never disagree.
 
+A field whose type is itself a dataclass is a section: its fields become flags too (flat:
+``--servers``, not ``--ps.servers``), listed under the section's title in ``--help`` (the
+first line of its docstring). ``field(metadata={"flag": "checkpoint-dir"})`` names a field's
+flag when its name alone would be ambiguous (``CheckpointConfig.dir``). Flag names must be
+unique across sections; a clash is a TypeError when the parser is built.
+
     @dataclass
     class TrainConfig:
         lr: float = field(default=0.1, metadata={"help": "learning rate"})
@@ -65,18 +71,44 @@ def _spec(cls: type, name: str, hint: Any) -> _FlagSpec:
     return _FlagSpec(hint, choices, optional)
 
 
+def _is_section(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
 def _specs(
     cls: type, exclude: typing.AbstractSet[str]
 ) -> dict[str, tuple[dataclasses.Field[Any], _FlagSpec]]:
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+    """The leaf fields of ``cls`` (not sections), by flag name without the dashes."""
+    if not _is_section(cls):
         raise TypeError(f"expected a dataclass type, got {cls!r}")
     # get_type_hints resolves string annotations (from __future__ import annotations).
     hints = typing.get_type_hints(cls)
     return {
-        f.name: (f, _spec(cls, f.name, hints[f.name]))
+        _dest(f): (f, _spec(cls, f.name, hints[f.name]))
         for f in dataclasses.fields(cls)
-        if f.init and f.name not in exclude
+        if f.init and f.name not in exclude and not _is_section(hints[f.name])
     }
+
+
+def _sections(cls: type) -> dict[str, type]:
+    """The fields of ``cls`` whose type is a dataclass: name -> that type."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)
+            if f.init and _is_section(hints[f.name])}
+
+
+def _dest(f: dataclasses.Field[Any]) -> str:
+    return str(f.metadata.get("flag", f.name)).replace("-", "_")
+
+
+def _all_dests(cls: type, exclude: typing.AbstractSet[str], seen: dict[str, str],
+               where: str) -> None:
+    for dest in _specs(cls, exclude):
+        if dest in seen:
+            raise TypeError(f"flag {_flag(dest)} is defined twice: in {seen[dest]} and {where}")
+        seen[dest] = where
+    for name, sub in _sections(cls).items():
+        _all_dests(sub, exclude, seen, f"{where}.{name}")
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:
@@ -103,8 +135,14 @@ def add_dataclass_arguments(
         exclude: field names that get no flag (they keep their dataclass default).
 
     Raises:
-        TypeError: if ``cls`` is not a dataclass or a field has an unsupported type.
+        TypeError: if ``cls`` is not a dataclass, a field has an unsupported type, or two
+            fields (in any sections) would make the same flag.
     """
+    _all_dests(cls, exclude, {}, cls.__name__ if isinstance(cls, type) else repr(cls))
+    _add_arguments(parser, cls, exclude)
+
+
+def _add_arguments(parser: Any, cls: type, exclude: typing.AbstractSet[str]) -> None:
     for name, (f, spec) in _specs(cls, exclude).items():
         default = _default(f)
         kwargs: dict[str, Any] = {"dest": name}
@@ -128,6 +166,10 @@ def add_dataclass_arguments(
         action = parser.add_argument(_flag(name), **kwargs)
         # Set after creation: BooleanOptionalAction (Python < 3.14) appends its own default.
         action.help = help_text
+    for sub in _sections(cls).values():
+        doc = (sub.__doc__ or sub.__name__).strip().splitlines()[0]
+        group = parser.add_argument_group(doc.rstrip("."))
+        _add_arguments(group, sub, exclude)
 
 
 def dataclass_from_args(cls: type[T], namespace: argparse.Namespace) -> T:
@@ -146,13 +188,14 @@ def dataclass_from_args(cls: type[T], namespace: argparse.Namespace) -> T:
     Raises:
         ValueError: whatever ``cls.__post_init__`` raises, unchanged.
     """
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+    if not _is_section(cls):
         raise TypeError(f"expected a dataclass type, got {cls!r}")
-    kwargs = {
-        f.name: getattr(namespace, f.name)
-        for f in dataclasses.fields(cls)
-        if f.init and hasattr(namespace, f.name)
-    }
+    sections = _sections(cls)
+    kwargs: dict[str, Any] = {name: dataclass_from_args(sub, namespace)
+                              for name, sub in sections.items()}
+    for f in dataclasses.fields(cls):
+        if f.init and f.name not in sections and hasattr(namespace, _dest(f)):
+            kwargs[f.name] = getattr(namespace, _dest(f))
     return cls(**kwargs)
 
 
@@ -177,7 +220,7 @@ def to_argv(obj: Any, *, exclude: typing.AbstractSet[str] = frozenset()) -> list
         raise TypeError(f"expected a dataclass instance, got {obj!r}")
     argv: list[str] = []
     for name, (f, spec) in _specs(type(obj), exclude).items():
-        value = getattr(obj, name)
+        value = getattr(obj, f.name)
         flag = _flag(name)
         if value is None:
             if not spec.optional or _default(f) is not None:
@@ -189,4 +232,6 @@ def to_argv(obj: Any, *, exclude: typing.AbstractSet[str] = frozenset()) -> list
             argv.append(f"{flag}={float(value)!r}")  # repr: the shortest exact round trip
         else:
             argv.append(f"{flag}={value}")
+    for name in _sections(type(obj)):
+        argv += to_argv(getattr(obj, name), exclude=exclude)
     return argv
