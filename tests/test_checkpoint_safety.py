@@ -120,13 +120,12 @@ def test_full_disk_end_to_end(tmp_path):
 
 def _fall_back_when_one_rank_cannot_read(rank, world_size, directory):
     from gradsync import comm
-    from gradsync.train.architecture import AllReduceArchitecture
-    from gradsync.train.config import TrainConfig
+    from gradsync.allreduce.architecture import AllReduceArchitecture
     from gradsync.checkpoint import Checkpointer, Position
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    arch = AllReduceArchitecture(TrainConfig(), comm.world())
+    arch = AllReduceArchitecture(comm.world())
     saver = Checkpointer(directory, 1, 3, arch, "digits-mlp", model)
     assert saver.start(resume=False) is None
     for step in (1, 2):

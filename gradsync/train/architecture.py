@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from .. import comm
-from ..checkpoint import CheckpointRefusedError
 from .config import TrainConfig
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -58,98 +57,33 @@ class Architecture(Protocol):
         """After the last step: architecture-specific figures for the summary."""
 
 
-class AllReduceArchitecture:
-    """Every process is a worker; gradients are averaged by :class:`gradsync.DataParallel`."""
+def _allreduce(config: TrainConfig, group: comm.Group) -> Architecture:
+    from ..allreduce.architecture import AllReduceArchitecture
 
-    name = "allreduce"
-    is_worker = True
-    committer = 0
-    replicated = True
-
-    def __init__(self, config: TrainConfig, group: comm.Group):
-        self.config = config
-        self.group = group
-        self.worker_rank = group.rank
-        self.num_workers = group.size
-        self.eval_group = group
-        self.checkpoint_tag = config.arch
-        self.model = None
-
-    def prepare(self, model, make_optimizer, start_step=0):
-        from ..allreduce import DataParallel
-
-        ar = self.config.allreduce
-        self.model = DataParallel(model, group=self.group, algorithm=ar.algorithm,
-                                  bucket_cap_mb=ar.bucket_cap_mb,
-                                  nonfinite=self.config.optim.on_nonfinite)
-        return self.model, make_optimizer(self.model.parameters())
-
-    def serve(self, model, make_optimizer, save=None, restored=None):
-        raise RuntimeError("every rank of the All-Reduce architecture is a worker")
-
-    def commit_checkpoint(self, step, commit, written=True):
-        # Every rank's files are on disk before rank 0 commits, and the commit is done before
-        # anyone goes on. A rank whose write failed (a full disk) says so in these two
-        # exchanges instead of leaving, so that all stop together and it alone tells why.
-        self._agree(written, f"could not write checkpoint step {step}")
-        if written:
-            committed = True
-            if self.group.rank == 0:
-                try:
-                    commit()
-                except Exception:
-                    committed = False
-                    self._agree(False, "")
-                    raise
-            self._agree(committed, f"could not commit checkpoint step {step}")
-
-    def _agree(self, ok: bool, what: str) -> None:
-        failed = torch.tensor([0 if ok else 1], dtype=torch.int64)
-        comm.all_reduce(failed, op="sum", group=self.group, algorithm="native")
-        if failed.item() and ok:
-            raise CheckpointRefusedError(f"{failed.item()} rank(s) {what} (their error says why)")
-
-    def comm_wait_s(self) -> float:
-        return self.model.stats.comm_wait_s if self.model is not None else 0.0
-
-    def bytes_sent(self) -> int:
-        return self.group.stats.bytes_sent
-
-    def finish(self) -> dict:
-        return {"nonfinite_skipped": self.model.stats.skipped_steps if self.model else 0}
+    return AllReduceArchitecture(group, algorithm=config.allreduce.algorithm,
+                                 bucket_cap_mb=config.allreduce.bucket_cap_mb,
+                                 nonfinite=config.optim.on_nonfinite)
 
 
-class BaselineArchitecture(AllReduceArchitecture):
-    """Baselines for benchmarks: torch's own DDP (``ddp``), or no wrapper at all on a single
-    process (``local``)."""
+def _baseline(config: TrainConfig, group: comm.Group) -> Architecture:
+    from ..allreduce.architecture import BaselineArchitecture
 
-    def __init__(self, config: TrainConfig, group: comm.Group):
-        super().__init__(config, group)
-        self.name = config.arch
-        if self.name == "local" and group.size != 1:
-            raise ValueError(f"--arch local trains one process alone; the world has {group.size}")
+    return BaselineArchitecture(config.arch, group, bucket_cap_mb=config.allreduce.bucket_cap_mb)
 
-    def prepare(self, model, make_optimizer, start_step=0):
-        if self.name == "ddp":
-            model = comm.reference.torch_ddp(model, self.group,
-                                             self.config.allreduce.bucket_cap_mb)
-        return model, make_optimizer(model.parameters())
 
-    def comm_wait_s(self) -> float:
-        return 0.0  # DDP's waits happen inside backward, out of sight
+def _ps(config: TrainConfig, group: comm.Group) -> Architecture:
+    from ..ps import PSArchitecture
 
-    def bytes_sent(self) -> int | None:
-        return None if self.name == "ddp" else 0  # DDP's traffic is not visible to gradsync
+    return PSArchitecture(config.ps.servers, config.ps.consistency, config.ps.staleness, group,
+                          nonfinite=config.optim.on_nonfinite)
+
+
+# --arch name -> builder; the architectures import lazily, so a run loads only its own.
+REGISTRY: dict[str, Callable[[TrainConfig, comm.Group], Architecture]] = {
+    "allreduce": _allreduce, "ps": _ps, "ddp": _baseline, "local": _baseline}
 
 
 def build_architecture(config: TrainConfig, group: comm.Group) -> Architecture:
-    if config.arch == "allreduce":
-        return AllReduceArchitecture(config, group)
-    if config.arch in ("ddp", "local"):
-        return BaselineArchitecture(config, group)
-    if config.arch == "ps":
-        from ..ps import PSArchitecture
-
-        return PSArchitecture(config.ps.servers, config.ps.consistency, config.ps.staleness, group,
-                              nonfinite=config.optim.on_nonfinite)
-    raise ValueError(f"unknown architecture {config.arch!r}")
+    if config.arch not in REGISTRY:
+        raise ValueError(f"unknown architecture {config.arch!r}")
+    return REGISTRY[config.arch](config, group)

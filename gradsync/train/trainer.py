@@ -217,8 +217,10 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
 
 def format_summary(s: dict) -> str:
     """The human-readable summary rank 0 prints at the end."""
-    how = (f"ps, {s['servers']} servers, {s['consistency']}" if s["arch"] == "ps"
-           else f"allreduce, algorithm {s['algorithm']}")
+    how = {"ps": f"ps, {s.get('servers')} servers, {s.get('consistency')}",
+           "allreduce": f"allreduce, algorithm {s['algorithm']}",
+           "ddp": "baseline: torch DistributedDataParallel",
+           "local": "baseline: one process, no wrapper"}.get(s["arch"], s["arch"])
     lines = [f"gradsync train: {s['workload']} on {s['workers']} workers ({how})",
              f"  steps              {s['steps']} ({s['epochs']} epochs, global batch "
              f"{s['global_batch']}, {s['parameters']:,} parameters)"]

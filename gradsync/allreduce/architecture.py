@@ -1,0 +1,91 @@
+"""The All-Reduce architecture behind the trainer's interface: every rank is a worker, and
+:class:`~gradsync.allreduce.DataParallel` averages the gradients while backward runs. The
+baselines that benchmarks compare it with (torch's DDP, one process alone) live here too."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import comm
+from ..checkpoint import CheckpointRefusedError
+from .data_parallel import DataParallel
+
+
+class AllReduceArchitecture:
+    """Every process is a worker; gradients are averaged by :class:`gradsync.DataParallel`."""
+
+    name = "allreduce"
+    is_worker = True
+    committer = 0
+    replicated = True
+
+    def __init__(self, group: comm.Group, *, algorithm: str = "auto",
+                 bucket_cap_mb: float = 25.0, nonfinite: str = "error"):
+        self.group = group
+        self.worker_rank = group.rank
+        self.num_workers = group.size
+        self.eval_group = group
+        self.checkpoint_tag = self.name
+        self.algorithm, self.bucket_cap_mb, self.nonfinite = algorithm, bucket_cap_mb, nonfinite
+        self.model: DataParallel | None = None
+
+    def prepare(self, model, make_optimizer, start_step=0):
+        self.model = DataParallel(model, group=self.group, algorithm=self.algorithm,
+                                  bucket_cap_mb=self.bucket_cap_mb, nonfinite=self.nonfinite)
+        return self.model, make_optimizer(self.model.parameters())
+
+    def serve(self, model, make_optimizer, save=None, restored=None):
+        raise RuntimeError("every rank of the All-Reduce architecture is a worker")
+
+    def commit_checkpoint(self, step, commit, written=True):
+        # Every rank's files are on disk before rank 0 commits, and the commit is done before
+        # anyone goes on. A rank whose write failed (a full disk) says so in these two
+        # exchanges instead of leaving, so that all stop together and it alone tells why.
+        self._agree(written, f"could not write checkpoint step {step}")
+        if written:
+            committed = True
+            if self.group.rank == 0:
+                try:
+                    commit()
+                except Exception:
+                    committed = False
+                    self._agree(False, "")
+                    raise
+            self._agree(committed, f"could not commit checkpoint step {step}")
+
+    def _agree(self, ok: bool, what: str) -> None:
+        failed = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        comm.all_reduce(failed, op="sum", group=self.group, algorithm="native")
+        if failed.item() and ok:
+            raise CheckpointRefusedError(f"{failed.item()} rank(s) {what} (their error says why)")
+
+    def comm_wait_s(self) -> float:
+        return self.model.stats.comm_wait_s if self.model is not None else 0.0
+
+    def bytes_sent(self) -> int:
+        return self.group.stats.bytes_sent
+
+    def finish(self) -> dict:
+        return {"nonfinite_skipped": self.model.stats.skipped_steps if self.model else 0}
+
+
+class BaselineArchitecture(AllReduceArchitecture):
+    """Baselines for benchmarks: torch's own DDP (``ddp``), or no wrapper at all on a single
+    process (``local``)."""
+
+    def __init__(self, name: str, group: comm.Group, *, bucket_cap_mb: float = 25.0):
+        self.name = name  # (before the base class reads it as the checkpoint tag)
+        super().__init__(group, bucket_cap_mb=bucket_cap_mb)
+        if name == "local" and group.size != 1:
+            raise ValueError(f"--arch local trains one process alone; the world has {group.size}")
+
+    def prepare(self, model, make_optimizer, start_step=0):
+        if self.name == "ddp":
+            model = comm.reference.torch_ddp(model, self.group, self.bucket_cap_mb)
+        return model, make_optimizer(model.parameters())
+
+    def comm_wait_s(self) -> float:
+        return 0.0  # DDP's waits happen inside backward, out of sight
+
+    def bytes_sent(self) -> int | None:
+        return None if self.name == "ddp" else 0  # DDP's traffic is not visible to gradsync
