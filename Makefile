@@ -22,7 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dataparallel.py
-	$(PY) benchmarks/bench_allreduce.py
+	$(PY) -m gradsync bench collectives
 	$(PY) -m benchmarks.bench_check
 
 clean:

@@ -6,7 +6,7 @@ Each benchmark is a module that runs from the repository root in two ways::
     python -m benchmarks.bench_allreduce
 
 The process you start is a launcher: it runs the benchmark's workers with
-:func:`gradsync.launch.launch` (``python -m benchmarks.<name> --worker ...`` per rank), and
+:func:`gradsync.launcher.launch` (``python -m benchmarks.<name> --worker ...`` per rank), and
 rank 0 hands its measurements back through a JSON file, which the launcher prints as a table
 together with the machine and the command that reproduces it.
 """
@@ -125,7 +125,7 @@ def run_workers(module: str, argv: list[str], nprocs: int) -> dict:
     Raises:
         SystemExit: with the failing worker's exit code, if a worker failed.
     """
-    from gradsync.launch import launch
+    from gradsync.launcher import launch
 
     env = {"OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.getenv("PYTHONPATH")]))}

@@ -137,7 +137,7 @@ def _exit_rank(code: int) -> None:
 
 def _run_local(config) -> int:
     """Start ``config.launch.workers`` local processes with the launcher and supervise them."""
-    from .launch import LaunchError, launch
+    from .launcher import LaunchError, launch
 
     if config.output.out:
         _check_writable(config.output.out)

@@ -1,4 +1,4 @@
-"""Tests for gradsync.launch: exit codes, root-cause ranks, no process left behind.
+"""Tests for gradsync.launcher: exit codes, root-cause ranks, no process left behind.
 
 The workers are tests/_launch_worker.py; see its docstring for the modes.
 """
@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-import gradsync.supervise
-from gradsync.launch import LaunchError, LaunchResult, check_port_free, find_free_port, launch
+import gradsync.launcher.supervise
+from gradsync.launcher import (LaunchError, LaunchResult, check_port_free, find_free_port,
+                               launch)
+from tests.distributed import scaled
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = "tests._launch_worker"
@@ -29,11 +31,12 @@ WORKER_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.getenv("
 @pytest.fixture(autouse=True)
 def fast_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shorter waits than a real job needs, so the failure tests take well under a second."""
-    monkeypatch.setattr(gradsync.supervise, "_ROOT_CAUSE_WINDOW_S", 0.2)
-    monkeypatch.setattr(gradsync.supervise, "_TERM_WAIT_S", 0.5)
+    monkeypatch.setattr(gradsync.launcher.supervise, "_ROOT_CAUSE_WINDOW_S", 0.2)
+    monkeypatch.setattr(gradsync.launcher.supervise, "_TERM_WAIT_S", 0.5)
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+def wait_until(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
@@ -134,7 +137,7 @@ def test_signalled_rank_beats_earlier_exit_code(
     # Rank 0 exits 1 first, rank 3 is SIGKILLed right after: rank 3 is the root cause. The
     # exit-code rank has the lower rank, so rank order alone would name the wrong one.
     # A wide window keeps a loaded machine from flaking; it closes as soon as rank 3 dies.
-    monkeypatch.setattr(gradsync.supervise, "_ROOT_CAUSE_WINDOW_S", 30.0)
+    monkeypatch.setattr(gradsync.launcher.supervise, "_ROOT_CAUSE_WINDOW_S", 30.0)
     result = run("fail_then_sigkill", tmp_path, 4, k=3)
     assert result == LaunchResult(128 + signal.SIGKILL, 3, "killed by SIGKILL")
     assert_all_dead(tmp_path, 4)
@@ -158,7 +161,7 @@ def start_launcher(out: Path, nprocs: int) -> subprocess.Popen[bytes]:
     """Run launch() in its own process so that the test can signal or kill it."""
     code = (
         "import sys\n"
-        "from gradsync.launch import launch\n"
+        "from gradsync.launcher import launch\n"
         f"r = launch(['block', {str(out)!r}, '0'], {nprocs}, module={WORKER!r},"
         " grace_s=10.0)\n"
         "sys.exit(r.returncode)\n"
@@ -174,7 +177,7 @@ def test_launcher_signal_is_forwarded(tmp_path: Path, sig: signal.Signals, code:
     launcher = start_launcher(tmp_path, 2)
     try:
         launcher.send_signal(sig)
-        assert launcher.wait(timeout=30) == code
+        assert launcher.wait(timeout=scaled(30)) == code
     finally:
         launcher.kill()
     for rank in range(2):
@@ -186,7 +189,7 @@ def test_launcher_signal_is_forwarded(tmp_path: Path, sig: signal.Signals, code:
 def test_workers_die_with_sigkilled_launcher(tmp_path: Path) -> None:
     launcher = start_launcher(tmp_path, 2)
     launcher.kill()
-    launcher.wait(timeout=30)
+    launcher.wait(timeout=scaled(30))
     for pid in pids(tmp_path, "pid").values():  # PR_SET_PDEATHSIG at work
         wait_until(lambda: is_dead(pid), what=f"worker {pid} to die")
 

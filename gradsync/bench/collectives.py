@@ -8,7 +8,7 @@
     torchrun --nproc-per-node 4 -m gradsync bench collectives   # each process is a rank
 
 The measuring is gradsync.bench.sweep's, on every rank. Started directly, the command is a
-controller: it runs the ranks (locally with gradsync.launch, or across a lab's hosts with
+controller: it runs the ranks (locally with gradsync.launcher, or across a lab's hosts with
 gradsync.lab), reads rank 0's results from a file and reports them. Under a launcher
 (RANK and WORLD_SIZE set: torchrun, `gradsync lab run`) the process is a rank and rank 0
 reports. busbw = S/t * factor (shared/ANCHORS.md); in a lab every busbw is also given as a
@@ -140,7 +140,7 @@ def _run_ranks(cfg: SweepConfig, args: argparse.Namespace,
     argv = ["bench", "collectives", *rank_flags(cfg), "--result-file", str(result)]
     env = {"OMP_NUM_THREADS": "1"}  # the sweep runs one compute thread per rank
     if not args.lab:
-        from ..launch import LaunchError, launch
+        from ..launcher import LaunchError, launch
 
         try:
             done = launch(argv, args.workers, env=env)

@@ -6,8 +6,8 @@
 Rank r runs on host r // procs_per_host through ``ip netns exec``, with RANK, WORLD_SIZE,
 LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (host 0's lab address), MASTER_PORT and
 GLOO_SOCKET_IFNAME (the host's lab interface) set. Output is streamed line by line as
-``[rank N] ...``. Supervision is :func:`gradsync.supervise.run_processes`, as for
-gradsync.launch: when a rank fails the others get a grace period, then SIGTERM, then SIGKILL;
+``[rank N] ...``. Supervision is :func:`gradsync.launcher.run_processes`, as for
+gradsync.launcher.launch: when a rank fails the others get a grace period, then SIGTERM, then SIGKILL;
 each rank has its own process group and dies with the launcher (PR_SET_PDEATHSIG); every
 group is killed before returning.
 """
@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 
-from ..supervise import EXIT_TIMEOUT, OnLine, run_processes
+from ..launcher import EXIT_TIMEOUT, OnLine, run_processes
 from .cluster import Lab, up
 from .netns import LabError
 

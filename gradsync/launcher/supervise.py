@@ -2,12 +2,12 @@
 
     result = run_processes([cmd] * 4, [env_of(rank) for rank in range(4)])
 
-The supervision behind :func:`gradsync.launch.launch` (ranks on this machine) and
+The supervision behind :func:`gradsync.launcher.launch` (ranks on this machine) and
 :func:`gradsync.lab.run.run_command` (ranks inside a lab's namespaces). Each rank has its own
 session and process group and dies with this process (PR_SET_PDEATHSIG). When a rank fails,
 the rank that caused it is named, the others get a grace period, then SIGTERM, then SIGKILL;
 SIGINT / SIGTERM sent to this process are forwarded; no rank or grandchild outlives
-:func:`run_processes`. Linux only; the primitives are in :mod:`gradsync.procs`. No torch
+:func:`run_processes`. Linux only; the primitives are in :mod:`gradsync.launcher.procs`. No torch
 import: launchers must start fast, and only ``gradsync.comm`` talks to torch.distributed.
 """
 
@@ -52,7 +52,7 @@ class _LauncherTerminated(Exception):
 
 @dataclass
 class LaunchResult:
-    """Outcome of :func:`run_processes` (and so of :func:`gradsync.launch.launch`).
+    """Outcome of :func:`run_processes` (and so of :func:`gradsync.launcher.launch`).
 
     ``returncode`` is 0 when every rank exited 0; otherwise the root-cause rank's exit
     code, 128 + signal number if it was killed by a signal (the shell's convention), 124

@@ -5,7 +5,7 @@
 Each worker gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT and
 GRADSYNC_LAUNCHED=1. When a worker fails the launcher names the rank that caused it, gives the
 others a grace period, then stops them; no worker or grandchild outlives ``launch``. This
-module sets up the workers; :func:`gradsync.supervise.run_processes` supervises them.
+module sets up the workers; :func:`gradsync.launcher.supervise.run_processes` supervises them.
 Linux only. No torch import: the launcher must start fast, and only
 ``gradsync.comm`` talks to torch.distributed.
 """
@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from .net import bind_listener, is_loopback
+from ..net import bind_listener, is_loopback
 from .supervise import LaunchResult, run_processes
 
 __all__ = ["LaunchError", "LaunchResult", "check_port_free", "find_free_port", "launch"]
