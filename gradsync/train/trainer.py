@@ -201,6 +201,7 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
         "workload": spec.workload, "arch": architecture.name,
         "algorithm": config.allreduce.algorithm,
         "workers": workers, "parameters": n_params, "steps": step, "epochs": epoch,
+        "steps_run": step - first_step,
         "batch_per_worker": batch, "global_batch": batch * workers, "lr": lr,
         "train_loss": tail[0].item(), **{f"eval_{k}": v for k, v in evaluation.items()},
         "wall_s": wall, "samples_per_s": (step - first_step) * batch * workers / wall,
@@ -231,6 +232,10 @@ def format_summary(s: dict) -> str:
     else:
         lines.append(f"  eval accuracy      {100 * s['eval_accuracy']:.2f} % (loss "
                      f"{s['eval_loss']:.4f})")
+    if s.get("steps_run", 1) == 0:
+        lines.append(f"  no step run        the checkpoint resumed was at step {s['steps']} "
+                     "already")
+        return "\n".join(lines)
     comm_pct = 100 * s["comm_wait_s"] / s["wall_s"] if s["wall_s"] else 0.0
     lines += [f"  train loss         {s['train_loss']:.4f} (mean of the last 20 steps)",
               f"  throughput         {s['samples_per_s']:,.0f} samples/s in {s['wall_s']:.1f} s "
