@@ -9,7 +9,8 @@ server, and every reply, is
              PARAMS, ERROR, STATS (server -> worker): the tensor alone;
              CHECKPOINT, SAVED and DONE have none
 
-on tag 0 of the pair, so the two parts of a message arrive in order.
+on tag 0 of the pair, so the two parts of a message arrive in order; :func:`send_message`
+frames both for the workers' sends and the servers' replies.
 
 A server trusts nothing a worker sends (``receive.py``). Gloo takes a message shorter than the
 posted buffer silently and aborts the whole process (``EnforceNotMet``, uncatchable) on one
@@ -36,6 +37,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 import torch
+
+from .. import comm
 
 MAGIC = 0x6753_5053  # "gSPS"
 END = 0x454E_4421_6753_5053  # "END!gSPS": the last header field, and a PUSH payload's trailer
@@ -136,6 +139,20 @@ class Header:
 
 def empty_header() -> torch.Tensor:
     return torch.zeros(HEADER_LEN, dtype=torch.int64)
+
+
+def send_message(header: Header, payload: torch.Tensor | None, dst: int,
+                 group: comm.Group | None, what: str = "send") -> list[comm.Work]:
+    """Start sending one message to group rank ``dst``: the header, then the payload if any.
+
+    Returns:
+        the sends' handles. Each keeps its tensor alive until it is done; ``payload`` must
+        not change before then.
+    """
+    works = [comm.isend(header.encode(), dst, group, TAG, what=what)]
+    if payload is not None:
+        works.append(comm.isend(payload, dst, group, TAG, what=what))
+    return works
 
 
 def dtype_name(code: int) -> str:

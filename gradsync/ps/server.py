@@ -3,15 +3,16 @@ the workers' gradients and sends parameters back.
 
 One receiver thread per worker blocks on that worker's messages and hands them to the main
 loop through a queue, so a silent or lost worker is noticed by its own thread (the engine's
-timeout or the dropped connection) without stalling the others. The main loop applies
-updates under the chosen consistency:
+timeout or the dropped connection) without stalling the others. The main loop takes one event
+at a time (a push, a checkpoint request, DONE, a rejected message, a lost worker) and hands it
+to its handler; the chosen consistency (``consistency.py``) decides when a push is applied and
+answered:
 
-- ``sync``: wait for every worker's gradient of step t, average them in worker order, update
-  once, send the same parameters to all. Equal to SGD on the global batch.
-- ``async``: apply each gradient as it arrives (scaled by 1/N, so one round of N pushes
-  moves the parameters as far as one sync step) and answer that worker at once.
-- ``ssp``: as async, but the answer to a worker's step t is held back until the slowest live
-  worker has finished step t - s, so nobody runs more than s steps ahead (Ho et al., 2013).
+- ``sync``: average every worker's gradient of step t, update once, answer all. Equal to SGD
+  on the global batch.
+- ``async``: apply each gradient as it arrives (scaled by 1/N) and answer at once.
+- ``ssp``: as async, but hold the answer to step t until the slowest live worker has finished
+  step t - s (Ho et al., 2013).
 
 Checkpoints need no clock of their own: a worker asks (CHECKPOINT, step t) between two steps,
 after its own files are on disk, and pushes nothing more until answered. Once every live worker
@@ -38,8 +39,9 @@ from typing import Any, Callable
 import torch
 
 from .. import comm
-from .protocol import HIST_BINS, TAG, Header, Kind, PSProtocolError, ServerStats, Status
-from .receive import Receiver
+from .consistency import MODES
+from .protocol import Header, Kind, PSProtocolError, ServerStats, Status, send_message
+from .receive import Message, Receiver
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,9 @@ class ParameterServer:
         self._inbox: queue.Queue = queue.Queue()
         self._closed = threading.Event()  # serve() has returned or raised
         self._sends: list[comm.Work] = []
+        self.live, self.done = set(self.workers), set()  # done: workers that said DONE
+        self._asked: dict[int, int] = {}  # worker -> step of its checkpoint request
+        self.mode = MODES[config.consistency](self)
 
     # --- state --------------------------------------------------------------------------------
 
@@ -122,19 +127,32 @@ class ParameterServer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.version, self.step = int(state["version"]), int(state["step"])
 
-    # --- transport --------------------------------------------------------------------------
+    # --- what the consistency modes use -------------------------------------------------------
 
-    def _reply(self, worker: int, kind: Kind, payload: torch.Tensor | None = None,
-               status: int = 0, step: int = 0) -> None:
+    def reply(self, worker: int, kind: Kind, payload: torch.Tensor | None = None,
+              status: int = 0, step: int = 0) -> None:
+        """Start sending ``worker`` a reply; ``payload`` must not change afterwards."""
         numel = 0 if payload is None else payload.numel()
         header = Header(kind, step=step, shard=self.index, numel=numel,
-                        version=self.version, sender=self.index, status=status).encode()
+                        version=self.version, sender=self.index, status=status)
         self._sends = [w for w in self._sends if not w.is_completed()]
-        # header and payload stay untouched until sent: each Work keeps its tensor alive.
-        for t in (header,) if payload is None else (header, payload):
-            work = comm.isend(t, worker, self.group, TAG)
-            self._sends.append(work)
+        self._sends += send_message(header, payload, worker, self.group)
         self.stats.bytes_sent += numel * self.param.element_size()
+
+    def apply(self, grad: torch.Tensor) -> None:
+        """One optimizer step of the shard with ``grad`` (numel,)."""
+        start = time.perf_counter()
+        self.param.grad = grad
+        self.optimizer.step()
+        self.version += 1
+        self.stats.updates += 1
+        self.stats.busy_s += time.perf_counter() - start
+
+    def snapshot(self) -> torch.Tensor:
+        """A copy of the shard (numel,) to send, which later updates leave alone."""
+        return self.param.detach().clone()
+
+    # --- the receiver threads -----------------------------------------------------------------
 
     def _receive(self, worker: int) -> None:
         """Receiver thread: enqueue one worker's messages until DONE, a bad message or loss.
@@ -172,34 +190,7 @@ class ParameterServer:
             self._inbox.put(("bad", worker, msg))
             return
 
-    # --- updates ------------------------------------------------------------------------------
-
-    def _apply(self, grad: torch.Tensor) -> None:
-        start = time.perf_counter()
-        self.param.grad = grad
-        self.optimizer.step()
-        self.version += 1
-        self.stats.updates += 1
-        self.stats.busy_s += time.perf_counter() - start
-
-    def _snapshot(self) -> torch.Tensor:
-        return self.param.detach().clone()
-
-    def _update_sync(self, grads: dict[int, torch.Tensor | None], step: int) -> None:
-        """Every live worker's gradient of ``step`` is in: average them in worker order,
-        update once, send the same parameters to all. A None (a non-finite gradient under
-        nonfinite="skip") skips this shard's update of the step for every worker alike."""
-        if any(g is None for g in grads.values()):
-            self.stats.skipped += 1
-        else:
-            total = grads[min(grads)].clone()
-            for v in sorted(grads)[1:]:
-                total.add_(grads[v])
-            self._apply(total.div_(len(grads)))
-        snapshot = self._snapshot()
-        for v in sorted(grads):
-            self._reply(v, Kind.PARAMS, snapshot, step=step)
-        grads.clear()
+    # --- the main loop: one handler per event -------------------------------------------------
 
     def serve(self) -> ServerStats:
         """Run until every live worker has said DONE; returns this server's statistics.
@@ -214,114 +205,80 @@ class ParameterServer:
             self._closed.set()
 
     def _serve(self) -> ServerStats:
-        snapshot = self._snapshot()
+        snapshot = self.snapshot()
         for w in self.workers:
-            self._reply(w, Kind.PARAMS, snapshot)
-        threads = [threading.Thread(target=self._receive, args=(w,), daemon=True,
-                                    name=f"ps-recv-{w}") for w in self.workers]
-        for t in threads:
-            t.start()
-        live, done = set(self.workers), set()
-        clock = {w: 0 for w in self.workers}
-        pending: dict[int, int] = {}      # worker -> step whose reply is held back (ssp)
-        grads: dict[int, torch.Tensor | None] = {}  # sync: this step's gradients so far
-        asked: dict[int, int] = {}        # worker -> step of its checkpoint request
-        sync = self.config.consistency == "sync"
-
-        def checkpoint() -> None:
-            # Every live worker that has not finished must ask: then nothing is in flight.
-            if not asked or not (live - done) <= asked.keys():
-                return
-            steps = sorted(set(asked.values()))
-            if len(steps) > 1:
-                raise PSProtocolError(f"server {self.index}: workers asked for checkpoints of "
-                                      f"different steps {asked}; is --checkpoint-every the "
-                                      "same everywhere?")
-            self.step = steps[0]
-            self.save(self.step, self.state_dict())
-            status = Status.INCOMPLETE if self.stats.dropped else Status.OK
-            for v in sorted(asked):
-                self._reply(v, Kind.SAVED, status=status, step=self.step)
-            asked.clear()
-
-        def release() -> None:
-            if not live:
-                return
-            slowest = min(clock[w] for w in live)
-            for w, step in sorted(pending.items()):
-                if slowest >= step + 1 - self.config.staleness:
-                    self.stats.max_lead = max(self.stats.max_lead, clock[w] - slowest)
-                    self._reply(w, Kind.PARAMS, self._snapshot(), step=step)
-                    del pending[w]
-
-        while live - done:
-            kind, w, data = self._inbox.get()
-            if kind == "push":
-                h = data.header
-                grad = data.payload if data.status == Status.OK else None  # None: skip it
-                self.stats.pushes += 1
-                clock[w] = h.step + 1
-                if grad is None:
-                    log.warning("server %d: %s; %s (nonfinite='skip')", self.index, data.text,
-                                "the step's update of this shard is skipped for every worker"
-                                if sync else "this push updates nothing")
-                if sync:
-                    grads[w] = grad
-                    if len(grads) == len(live):
-                        self._update_sync(grads, h.step)
-                    continue
-                if grad is None:
-                    self.stats.skipped += 1
-                else:
-                    staleness = self.version - h.version  # >= 0: the receiver checked it
-                    self.stats.max_staleness = max(self.stats.max_staleness, staleness)
-                    self.stats.staleness_hist[min(staleness, HIST_BINS - 1)] += 1
-                    # Each push is 1/N of a synchronous step, so that the learning rate that
-                    # suits sync training (gradient averaged over N workers) suits async too.
-                    self._apply(grad.div_(len(live)))
-                if self.config.consistency == "async":
-                    self.stats.max_lead = max(self.stats.max_lead,
-                                              clock[w] - min(clock[v] for v in live))
-                    self._reply(w, Kind.PARAMS, self._snapshot(), step=h.step)
-                else:
-                    pending[w] = h.step
-                    release()
-            elif kind == "checkpoint":
-                asked[w] = data.step
-                checkpoint()
-            elif kind == "done":
-                done.add(w)
-                clock[w] = 1 << 60  # finished workers hold nobody back
-                release()
-                checkpoint()
-            else:
-                if kind == "bad":
-                    # The zeros fill the parameters receive the worker posted with its push.
-                    self.stats.rejected += 1
-                    self._reply(w, Kind.ERROR, torch.zeros(self.param.numel(),
-                                                           dtype=self.param.dtype),
-                                status=data.status)
-                    reason = data.text
-                    hint = NONFINITE_HINT if data.status == Status.NON_FINITE else ""
-                else:
-                    reason, hint = f"lost worker rank {w} ({data})", ""
-                if sync:
-                    self._drain_sends()
-                    raise PSProtocolError(f"server {self.index}: {reason}; a sync step cannot "
-                                          f"complete without rank {w}{hint}")
-                log.warning("server %d: %s; dropping rank %d, the others train on%s",
-                            self.index, reason, w, hint)
-                live.discard(w)
-                pending.pop(w, None)
-                grads.pop(w, None)
-                asked.pop(w, None)
-                self.stats.dropped.append(w)
-                release()
-                checkpoint()
-        for w in sorted(done & live):
-            self._reply(w, Kind.STATS, self.stats.to_tensor())
+            self.reply(w, Kind.PARAMS, snapshot)
+        for w in self.workers:
+            threading.Thread(target=self._receive, args=(w,), daemon=True,
+                             name=f"ps-recv-{w}").start()
+        handlers = {"push": self._on_push, "checkpoint": self._on_checkpoint,
+                    "done": self._on_done, "bad": self._on_bad, "lost": self._on_lost}
+        while self.live - self.done:
+            event, worker, data = self._inbox.get()
+            handlers[event](worker, data)
+        for w in sorted(self.done & self.live):
+            self.reply(w, Kind.STATS, self.stats.to_tensor())
         self._drain_sends()
         return self.stats
+
+    def _on_push(self, worker: int, msg: Message) -> None:
+        grad = msg.payload if msg.status == Status.OK else None  # None: skip it
+        self.stats.pushes += 1
+        if grad is None:
+            log.warning("server %d: %s; %s (nonfinite='skip')", self.index, msg.text,
+                        self.mode.skip_text)
+        self.mode.push(worker, msg.header.step, msg.header.version, grad)
+
+    def _on_checkpoint(self, worker: int, header: Header) -> None:
+        self._asked[worker] = header.step
+        self._checkpoint()
+
+    def _on_done(self, worker: int, _: None) -> None:
+        self.done.add(worker)
+        self.mode.finished(worker)
+        self._checkpoint()
+
+    def _on_bad(self, worker: int, msg: Message) -> None:
+        # The zeros fill the parameters receive the worker posted with its push.
+        self.stats.rejected += 1
+        self.reply(worker, Kind.ERROR, torch.zeros(self.param.numel(), dtype=self.param.dtype),
+                   status=msg.status)
+        self._drop(worker, msg.text, NONFINITE_HINT if msg.status == Status.NON_FINITE else "")
+
+    def _on_lost(self, worker: int, text: str) -> None:
+        self._drop(worker, f"lost worker rank {worker} ({text})")
+
+    def _drop(self, worker: int, reason: str, hint: str = "") -> None:
+        """Go on without ``worker`` (async, ssp), or stop the run naming it (sync)."""
+        if not self.mode.drops:
+            self._drain_sends()
+            raise PSProtocolError(f"server {self.index}: {reason}; a sync step cannot "
+                                  f"complete without rank {worker}{hint}")
+        log.warning("server %d: %s; dropping rank %d, the others train on%s",
+                    self.index, reason, worker, hint)
+        self.live.discard(worker)
+        self._asked.pop(worker, None)
+        self.stats.dropped.append(worker)
+        self.mode.dropped(worker)
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Save once every live worker that has not finished has asked: then nothing is in
+        flight."""
+        asked = self._asked
+        if not asked or not (self.live - self.done) <= asked.keys():
+            return
+        steps = sorted(set(asked.values()))
+        if len(steps) > 1:
+            raise PSProtocolError(f"server {self.index}: workers asked for checkpoints of "
+                                  f"different steps {asked}; is --checkpoint-every the "
+                                  "same everywhere?")
+        self.step = steps[0]
+        self.save(self.step, self.state_dict())
+        status = Status.INCOMPLETE if self.stats.dropped else Status.OK
+        for v in sorted(asked):
+            self.reply(v, Kind.SAVED, status=status, step=self.step)
+        asked.clear()
 
     def _drain_sends(self) -> None:
         for work in self._sends:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import comm
 from .protocol import (DTYPE_CODES, END_BYTES, TAG, Header, Kind, PSProtocolError, ServerStats,
-                       Status, empty_header, status_text)
+                       Status, empty_header, send_message, status_text)
 from .sharding import ShardLayout, gather_shard, scatter_shard
 
 
@@ -103,17 +103,14 @@ class PSWorker(nn.Module):
                                self._push_bufs[k])
         header = Header(Kind.PUSH, step=self.step_count, shard=k, numel=payload.numel(),
                         version=self.versions[k], sender=self.rank,
-                        dtype=self._dtype_code).encode()
+                        dtype=self._dtype_code)
         self._send(k, header, self._push_wire[k], f"push of shard {k} at step {self.step_count}")
         self.bytes_pushed += payload.numel() * payload.element_size()
         self._post_reply(k)
         self._pushed[k] = True
 
-    def _send(self, k: int, header: torch.Tensor, payload: torch.Tensor | None,
-              what: str) -> None:
-        for t in (header, payload) if payload is not None else (header,):
-            work = comm.isend(t, self.servers[k], self.group, TAG, what=what)
-            self._works.append(work)
+    def _send(self, k: int, header: Header, payload: torch.Tensor | None, what: str) -> None:
+        self._works += send_message(header, payload, self.servers[k], self.group, what)
 
     def _wait_sends(self) -> None:
         for work in self._works:
@@ -176,8 +173,8 @@ class PSWorker(nn.Module):
         if step != self.step_count:
             raise ValueError(f"checkpoint of step {step} asked at step {self.step_count}")
         for k in range(len(self.servers)):
-            self._send(k, Header(Kind.CHECKPOINT, step=step, shard=k, sender=self.rank).encode(),
-                       None, f"checkpoint of step {step}")
+            self._send(k, Header(Kind.CHECKPOINT, step=step, shard=k, sender=self.rank), None,
+                       f"checkpoint of step {step}")
         complete = True
         for k, server in enumerate(self.servers):
             header = empty_header()
@@ -198,8 +195,8 @@ class PSWorker(nn.Module):
         """Tell the servers this worker is done and collect their statistics."""
         stats = []
         for k, server in enumerate(self.servers):
-            self._send(k, Header(Kind.DONE, step=self.step_count, sender=self.rank).encode(),
-                       None, "end of training")
+            self._send(k, Header(Kind.DONE, step=self.step_count, sender=self.rank), None,
+                       "end of training")
         for k, server in enumerate(self.servers):
             header, buf = empty_header(), torch.empty(ServerStats.size(), dtype=torch.float64)
             comm.recv(header, server, self.group, TAG, what="end of training")
