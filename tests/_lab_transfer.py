@@ -14,13 +14,15 @@ import socket
 import sys
 import time
 
+from tests.distributed import scaled
+
 CHUNK = 1 << 16
 
 
 def recv(addr: str, port: int, nbytes: int) -> None:
     with socket.create_server((addr, port)) as server:
         print("ready", flush=True)
-        server.settimeout(30)
+        server.settimeout(scaled(30))
         conn, _ = server.accept()
         with conn:
             t0 = time.perf_counter()
@@ -37,10 +39,10 @@ def recv(addr: str, port: int, nbytes: int) -> None:
 
 def send(addr: str, port: int, nbytes: int) -> None:
     payload = b"\0" * CHUNK
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + scaled(10)
     while True:
         try:
-            conn = socket.create_connection((addr, port), timeout=30)
+            conn = socket.create_connection((addr, port), timeout=scaled(30))
             break
         except ConnectionRefusedError:
             if time.monotonic() > deadline:

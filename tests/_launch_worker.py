@@ -28,7 +28,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-_DEADLINE_S = 30.0
+from tests.distributed import scaled
+
+_DEADLINE_S = scaled(30.0)
 
 
 def _write(path: Path, text: str) -> None:

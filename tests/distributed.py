@@ -5,6 +5,10 @@ about a second instead of importing torch eight times. Each worker returns a pic
 result (this is the test harness's own pipe, not data from a network peer); an exception in
 any worker fails the test with that worker's traceback, and a worker that does not finish
 within ``timeout`` fails it too. Workers are always reaped.
+
+Every timeout in the tests goes through :func:`scaled`: ``GRADSYNC_TEST_TIMEOUT_SCALE=3``
+triples them all (run_workers' limits, subprocess timeouts, pytest-timeout's per-test limit
+through tests/conftest.py) for a machine much slower or busier than the defaults allow for.
 """
 
 from __future__ import annotations
@@ -15,8 +19,30 @@ import socket
 import traceback
 from typing import Any, Callable
 
+
+def _timeout_scale() -> float:
+    raw = os.environ.get("GRADSYNC_TEST_TIMEOUT_SCALE", "1")
+    try:
+        scale = float(raw)
+    except ValueError:
+        scale = -1.0
+    if not scale > 0:
+        raise ValueError(f"GRADSYNC_TEST_TIMEOUT_SCALE must be a number > 0, got {raw!r}")
+    return scale
+
+
+TIMEOUT_SCALE = _timeout_scale()
+
+
+def scaled(seconds: float) -> float:
+    """``seconds`` times GRADSYNC_TEST_TIMEOUT_SCALE (default 1)."""
+    return seconds * TIMEOUT_SCALE
+
+
 _CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["torch", "numpy", "gradsync.comm"])
+# pytest too: each worker imports the test module its function lives in, which imports
+# pytest (0.2 s of CPU per process, more than a small test's own work).
+_CTX.set_forkserver_preload(["torch", "numpy", "gradsync.comm", "pytest"])
 
 
 def free_port() -> int:
@@ -49,14 +75,20 @@ class WorkerFailed(AssertionError):
     pass
 
 
-def run_workers(fn: Callable[..., Any], world_size: int, *args, timeout: float = 60.0,
-                comm_timeout: float = 20.0, env: dict[str, str] | None = None,
+def run_workers(fn: Callable[..., Any], world_size: int, *args, timeout: float = 120.0,
+                comm_timeout: float = 60.0, env: dict[str, str] | None = None,
                 expect_failure: bool = False) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes.
+
+    ``timeout`` bounds the whole run, ``comm_timeout`` every blocking communication in it;
+    both are multiplied by GRADSYNC_TEST_TIMEOUT_SCALE here, so a test that relates another
+    duration to them scales that one with :func:`scaled`. The defaults are hang guards with
+    room for a busy machine; error-path tests pass short ones.
 
     Returns the per-rank results; with ``expect_failure`` returns per-rank ``(ok, value)``
     pairs instead of raising, for tests of error paths.
     """
+    timeout, comm_timeout = scaled(timeout), scaled(comm_timeout)
     queue = _CTX.Queue()
     port = free_port()
     procs = [_CTX.Process(target=_entry, args=(fn, r, world_size, port, comm_timeout,

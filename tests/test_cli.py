@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed import free_port
+from tests.distributed import free_port, scaled
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -23,7 +23,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 def gradsync(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gradsync", *args], capture_output=True,
-                          text=True, timeout=timeout, env=ENV, cwd=REPO)
+                          text=True, timeout=scaled(timeout), env=ENV, cwd=REPO)
 
 
 @pytest.mark.timeout(180)
@@ -48,7 +48,7 @@ def _one_line_error(run: subprocess.CompletedProcess, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_bad_input_gets_one_clear_line(tmp_path):
     _one_line_error(gradsync("train", "--workload", "mnist-resnet"), "mnist-resnet", "digits-mlp")
     _one_line_error(gradsync("train", "--workers", "0"), "--workers", "0")
@@ -101,7 +101,7 @@ def run_and_kill(args: list[str], victim: int, out: Path, timeout: float = 60):
                             text=True)
     try:
         metrics = out / "metrics.jsonl"
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
             assert proc.poll() is None and time.monotonic() < deadline, "run did not start"
             time.sleep(0.1)
@@ -109,7 +109,7 @@ def run_and_kill(args: list[str], victim: int, out: Path, timeout: float = 60):
         pid = next(pid for pid in workers if _rank_of(pid) == victim)
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=timeout)
+        _, stderr = proc.communicate(timeout=scaled(timeout))
         elapsed = time.monotonic() - killed_at
     finally:
         if proc.poll() is None:
@@ -120,14 +120,15 @@ def run_and_kill(args: list[str], victim: int, out: Path, timeout: float = 60):
         if summary.exists() else None
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(180)
 def test_killed_worker_fails_the_run_quickly_and_cleanly(tmp_path):
+    timeout = scaled(60)
     code, stderr, elapsed, _ = run_and_kill(["--workers", "3", "--epochs", "500", "--timeout",
-                                             "60"], 1, tmp_path)
+                                             str(timeout)], 1, tmp_path)
     assert code != 0
     assert "rank 1" in stderr and "SIGKILL" in stderr, stderr
-    # The peers notice the dropped connection: far sooner than the 60 s timeout.
-    assert elapsed < 20, elapsed
+    # The peers notice the dropped connection: far sooner than the timeout.
+    assert elapsed < timeout / 2, elapsed
 
 
 # torch 2.13's gloo can abort a finished process while the interpreter finalizes: seen once
@@ -142,7 +143,8 @@ def _torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
                               "2", "--master-addr", "127.0.0.1", "--master-port",
                               str(free_port()), *args], capture_output=True, text=True,
-                             timeout=timeout, env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+                             timeout=scaled(timeout), env={**ENV, "OMP_NUM_THREADS": "1"},
+                             cwd=REPO)
         if run.returncode == 0 or FINALIZE_ABORT not in run.stderr:
             break
     return run

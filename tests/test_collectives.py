@@ -1,4 +1,4 @@
-"""Every collective against NumPy, at world sizes 1-8, for every all-reduce algorithm.
+"""Every collective against NumPy, at world sizes 1-4 and 6, for every all-reduce algorithm.
 
 Inputs are small integers stored in each dtype, so sums, maxima and products are exact in
 every dtype and the expectation can be computed in closed form with NumPy; a separate test
@@ -64,7 +64,10 @@ def _all_reduce_cases(rank, n):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5, 8])
+# 6 is the smallest world that is not a power of two and folds more than one rank into
+# halving-doubling's power of two; it also gives the binomial tree a third round. Worlds of
+# 5 and 8 added nothing to that and were the file's slowest cases.
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 6])
 def test_all_reduce_every_algorithm_dtype_length_op(world_size):
     results = run_workers(_all_reduce_cases, world_size, timeout=170)
     for rank, (failures, _) in enumerate(results):
@@ -87,7 +90,7 @@ def _random_floats(rank, n):
     return out
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("world_size", [3, 4])
 def test_all_reduce_random_floats_within_dtype_tolerance(world_size):
     results = run_workers(_random_floats, world_size)
@@ -113,7 +116,7 @@ def _ring_segments(rank, n):
     return t.numpy()
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_ring_pipelines_many_segments_per_chunk():
     n = 3
     results = run_workers(_ring_segments, n)
@@ -167,7 +170,7 @@ def _other_collectives(rank, n):
     return checks
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_broadcast_reduce_gather_scatter_reduce_scatter_async(world_size):
     for rank, checks in enumerate(run_workers(_other_collectives, world_size)):
@@ -197,7 +200,7 @@ def _subgroups(rank, n):
     return out
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_subgroups_and_self_groups():
     for rank, checks in enumerate(run_workers(_subgroups, 4)):
         failed = [k for k, ok in checks.items() if not ok]
@@ -218,7 +221,7 @@ def _bad_arguments(rank, n):
     return caught
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_bad_arguments_are_named():
     caught = run_workers(_bad_arguments, 2)[0]
     assert "nope" in caught[0] and "median" in caught[1] and "int32" in caught[2]

@@ -11,7 +11,9 @@ from torch import nn
 
 from tests.distributed import run_workers
 
-STEPS, BATCH, IN, OUT = 20, 4, 12, 3
+# 10 steps carry momentum and accumulation through several updates, with half the
+# collectives of 20 (each one waits on the scheduler when the machine is busy).
+STEPS, BATCH, IN, OUT = 10, 4, 12, 3
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -71,7 +73,7 @@ class _null:
         return False
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("algorithm", ["auto", "native", "ring", "tree", "halving_doubling",
                                        "reduce_broadcast"])
@@ -87,7 +89,7 @@ def test_matches_single_process_on_global_batch(world_size, algorithm):
             assert np.array_equal(a, b)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_no_sync_accumulation_matches_larger_global_batch(world_size):
     results = run_workers(_train, world_size, "ring", 3, 25.0, False, 0.0)
@@ -97,7 +99,7 @@ def test_no_sync_accumulation_matches_larger_global_batch(world_size):
             np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_bucketed_matches_naive_oracle():
     bucketed = run_workers(_train, 3, "ring", 1, 0.0005, False, 0.9)
     naive = run_workers(_train, 3, "ring", 1, 0.0005, True, 0.9)
@@ -132,7 +134,7 @@ def _unused(rank, n, find_unused):
     return ("ok", grads)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_unused_parameters_are_named_or_handled():
     for kind, message in run_workers(_unused, 2, False):
         assert kind == "error" and "unused.weight" in message and "unused.bias" in message
@@ -155,7 +157,7 @@ def _mismatched(rank, n):
     return "no error"
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_mismatched_models_name_ranks_and_shapes():
     for message in run_workers(_mismatched, 2):
         assert "weight" in message and "rank 0" in message and "rank 1" in message
@@ -169,6 +171,6 @@ def _state_dict(rank, n):
     return sorted(dp.state_dict())
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_state_dict_has_no_wrapper_prefix():
     assert run_workers(_state_dict, 2)[0] == ["bias", "weight"]

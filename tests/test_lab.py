@@ -21,11 +21,13 @@ import pytest
 
 from gradsync.lab import (LabError, down, format_rate, lab_launch, netns, parse_rate,
                           run_command, status, train_in_lab, up)
+from tests.distributed import scaled
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.getenv("PYTHONPATH")]))}
 LINK_200 = 200e6 / 8  # bytes/s of a 200 Mbit/s link
+LINK_50 = 50e6 / 8
 
 
 def _netns_unavailable() -> str | None:
@@ -76,7 +78,7 @@ def _transfer(lab, src: int, dst: int, nbytes: int, port: int = 5001) -> float:
         assert recv.stdout.readline().strip() == "ready"
         subprocess.run(lab.exec_argv(src, [PY, "-m", "tests._lab_transfer", "send", addr,
                                            str(port), str(nbytes)]), check=True, env=env,
-                       timeout=30)
+                       timeout=scaled(30))
         result = json.loads(recv.stdout.readline())
     finally:
         recv.kill()
@@ -140,7 +142,7 @@ def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
               "cli.add_parser(p.add_subparsers(dest='command')); "
               "sys.exit(cli.main(p.parse_args(sys.argv[1:])))")
     return subprocess.run([PY, "-c", driver, "lab", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **ENV}, check=False)
+                          timeout=scaled(timeout), env={**os.environ, **ENV}, check=False)
 
 
 @pytest.mark.timeout(30)
@@ -202,8 +204,10 @@ def test_cli_up_run_status_down(capfd: pytest.CaptureFixture, leaves_nothing) ->
         assert rc == 0, err
         master = status()[0].master_addr
         assert sorted(out.splitlines()) == [f"[rank {r}] {r} {master}" for r in (0, 1)]
-        rc, _, err = _cli_in_process(capfd, "run", "--name", "t-cli", "--", PY, "-c", "exit(5)")
-        assert rc == 5 and "rank 0 exited with code 5" in err
+        # Only rank 0 fails: were both to exit 5, which one is named would be a race.
+        fail = "import os, sys; sys.exit(5 if os.environ['RANK'] == '0' else 0)"
+        rc, _, err = _cli_in_process(capfd, "run", "--name", "t-cli", "--", PY, "-c", fail)
+        assert rc == 5 and "rank 0 exited with code 5" in err, err
     finally:
         assert _cli_in_process(capfd, "down", "--name", "t-cli")[0] == 0
     assert _cli_in_process(capfd, "down", "--name", "t-cli")[0] == 0  # gone: not an error
@@ -237,12 +241,13 @@ def test_every_slot_runs_in_its_host(leaves_nothing) -> None:
 @needs_netns
 @pytest.mark.timeout(60)
 def test_failing_rank_stops_the_others_and_the_lab_goes(leaves_nothing) -> None:
+    # The others would sleep for an hour: returning at all shows they were stopped.
     code = ("import os, sys, time; r = int(os.environ['RANK']); "
-            "sys.exit(3) if r == 1 else time.sleep(60)")
+            "sys.exit(3) if r == 1 else time.sleep(3600)")
     with up(3, "1gbit") as lab:
         start = time.monotonic()
         assert run_command(lab, [PY, "-c", code], grace_s=0.5) == 3
-        assert time.monotonic() - start < 20
+        assert time.monotonic() - start < scaled(30)
         for ns in lab.namespaces():
             assert netns.netns_pids(ns) == []
         assert lab_launch(lab, [], module="tests.no_such_module", env=ENV) != 0
@@ -274,7 +279,7 @@ def test_interrupted_run_removes_the_lab(sig: signal.Signals, lab_dir: Path,
         ready = [proc.stdout.readline() for _ in range(2)]
         assert sorted(ready) == ["[rank 0] ready\n", "[rank 1] ready\n"]
         proc.send_signal(sig)
-        assert proc.wait(timeout=30) == 128 + sig
+        assert proc.wait(timeout=scaled(30)) == 128 + sig
     finally:
         proc.kill()
         proc.wait()
@@ -300,18 +305,29 @@ def test_failed_creation_rolls_back(monkeypatch: pytest.MonkeyPatch, leaves_noth
 @needs_netns
 @pytest.mark.timeout(60)
 def test_links_are_shaped_to_their_rate(leaves_nothing) -> None:
-    """8 MB between two 200 Mbit/s hosts takes ~8 MB / 200 Mbit/s; a 50 Mbit/s link ~4x more.
+    """8 MB between two 200 Mbit/s hosts, and into and out of a host at 50 Mbit/s.
 
-    Goodput tops out at about 0.95 of the rate: tbf counts Ethernet frames, 1514 bytes on
-    the wire for 1448 bytes of TCP payload.
+    No transfer beats its link: goodput tops out at about 0.95 of the rate (tbf counts
+    Ethernet frames, 1514 bytes on the wire for 1448 bytes of TCP payload), plus tbf's
+    128 KiB burst. How close a transfer comes to its link depends on the machine's load, so
+    the speeds are only compared: the 50 Mbit/s link, about 4x slower on a quiet machine,
+    must be clearly slower both ways. The figures are printed (``pytest -rP``) for the target
+    in docs/benchmarks.md.
     """
     with up(3, rates=["200mbit", "200mbit", "50mbit"]) as lab:
+        for h, rate in zip(lab.hosts, ["200Mbit", "200Mbit", "50Mbit"]):
+            for dev, ns in ((h.ifname, h.ns), (h.port, lab.switch_ns)):
+                assert f" rate {rate} " in netns.tc("qdisc", "show", "dev", dev, ns=ns)
         fast = _transfer(lab, 0, 1, 8_000_000)
-        assert 0.8 * LINK_200 <= fast <= 1.1 * LINK_200, f"{fast * 8 / 1e6:.1f} Mbit/s"
         slow_in = _transfer(lab, 0, 2, 8_000_000)   # limited at the switch's port to host 2
         slow_out = _transfer(lab, 2, 1, 8_000_000)  # limited at host 2's own interface
+    print(f"200 Mbit/s link: {fast / LINK_200:.3f} of the rate; 50 Mbit/s link: "
+          f"{slow_in / LINK_50:.3f} in, {slow_out / LINK_50:.3f} out; fast/slow "
+          f"{fast / slow_in:.2f} in, {fast / slow_out:.2f} out")
+    assert fast <= 1.1 * LINK_200, f"{fast * 8 / 1e6:.1f} Mbit/s"
     for slow in (slow_in, slow_out):
-        assert 3.4 <= fast / slow <= 4.6, f"fast/slow = {fast / slow:.2f}"
+        assert slow <= 1.1 * LINK_50, f"{slow * 8 / 1e6:.1f} Mbit/s"
+        assert fast / slow >= 2, f"fast/slow = {fast / slow:.2f}"
 
 
 @needs_netns

@@ -137,7 +137,7 @@ def test_signalled_rank_beats_earlier_exit_code(
     # Rank 0 exits 1 first, rank 3 is SIGKILLed right after: rank 3 is the root cause. The
     # exit-code rank has the lower rank, so rank order alone would name the wrong one.
     # A wide window keeps a loaded machine from flaking; it closes as soon as rank 3 dies.
-    monkeypatch.setattr(gradsync.launcher.supervise, "_ROOT_CAUSE_WINDOW_S", 30.0)
+    monkeypatch.setattr(gradsync.launcher.supervise, "_ROOT_CAUSE_WINDOW_S", scaled(30.0))
     result = run("fail_then_sigkill", tmp_path, 4, k=3)
     assert result == LaunchResult(128 + signal.SIGKILL, 3, "killed by SIGKILL")
     assert_all_dead(tmp_path, 4)

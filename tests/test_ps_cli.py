@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from tests.distributed import scaled
 from tests.test_cli import gradsync, run_and_kill
 
 
@@ -21,32 +22,36 @@ def test_async_digits_reaches_93_percent(tmp_path):
     assert "staleness" in run.stdout and summary["staleness_histogram"]
 
 
-LONG = ["--arch", "ps", "--servers", "1", "--workers", "3", "--epochs", "300", "--timeout", "60"]
+# The runs' communication timeout; a killed peer must be noticed far sooner, through its
+# dropped connection.
+TIMEOUT = scaled(60)
+LONG = ["--arch", "ps", "--servers", "1", "--workers", "3", "--epochs", "300", "--timeout",
+        str(TIMEOUT)]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_sync_worker_killed_stops_the_run_naming_it(tmp_path):
     code, stderr, elapsed, _ = run_and_kill([*LONG, "--consistency", "sync"], 2, tmp_path)
     assert code != 0 and "rank 2" in stderr and "SIGKILL" in stderr, stderr
     # The server says what it was waiting for: "lost rank 2 during wait for the push of step 7"
     assert re.search(r"lost rank 2 during wait for the push of step \d+", stderr), stderr
-    assert elapsed < 20, elapsed
+    assert elapsed < TIMEOUT / 2, elapsed
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("consistency", ["async", "ssp"])
 def test_async_worker_killed_is_dropped_and_the_others_finish(tmp_path, consistency):
-    args = [*LONG[:-4], "--steps", "600", "--timeout", "60", "--consistency", consistency]
+    args = [*LONG[:-4], "--steps", "600", "--timeout", str(TIMEOUT), "--consistency", consistency]
     code, stderr, _, summary = run_and_kill(args, 3, tmp_path, timeout=150)
     assert code == 0, stderr
     assert "rank 3" in stderr and "the others go on" in stderr, stderr
     assert summary["dropped_workers"] == [3] and summary["steps"] == 600
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("consistency", ["sync", "async"])
 def test_server_killed_stops_the_workers_naming_it(tmp_path, consistency):
     code, stderr, elapsed, _ = run_and_kill([*LONG, "--consistency", consistency], 0, tmp_path)
     assert code != 0 and "rank 0" in stderr and "SIGKILL" in stderr, stderr
     assert re.search(r"lost rank 0 during (pull|push) of shard 0 at step \d+", stderr), stderr
-    assert elapsed < 20, elapsed
+    assert elapsed < TIMEOUT / 2, elapsed

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from tests.distributed import scaled
 from tests.test_cli import ENV, REPO, gradsync, run_and_kill
 
 PS = ["--arch", "ps", "--servers", "2", "--workers", "2"]
@@ -89,7 +90,7 @@ def test_ps_checkpoint_resumes_only_the_same_servers(tmp_path):
 def test_async_ps_stops_committing_once_a_worker_is_dropped(tmp_path):
     ck = tmp_path / "ck"
     args = ["--arch", "ps", "--servers", "1", "--workers", "3", "--consistency", "async",
-            "--steps", "400", "--timeout", "60", "--checkpoint-dir", str(ck),
+            "--steps", "400", "--timeout", str(scaled(60)), "--checkpoint-dir", str(ck),
             "--checkpoint-every", "2"]
     code, stderr, _, summary = run_and_kill(args, 3, tmp_path / "out", timeout=150)
     assert code == 0 and summary["dropped_workers"] == [3], stderr
@@ -111,7 +112,7 @@ def test_runs_killed_while_checkpointing_resume(tmp_path, arch):
                                  "--checkpoint-dir", str(ck), "--checkpoint-every", "1",
                                  "--keep", "2", "--resume"], cwd=REPO, env=ENV,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + scaled(60)
         while not list(ck.glob("step-*")):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
