@@ -48,24 +48,47 @@ def _one_line_error(run: subprocess.CompletedProcess, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
+def _in_process(capfd, *args: str) -> subprocess.CompletedProcess:
+    """`gradsync ARGS` run by calling the CLI's main() here: a refusal that needs no worker
+    costs no interpreter start-up (a torch import each)."""
+    from gradsync.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 @pytest.mark.timeout(120)
-def test_bad_input_gets_one_clear_line(tmp_path):
-    _one_line_error(gradsync("train", "--workload", "mnist-resnet"), "mnist-resnet", "digits-mlp")
-    _one_line_error(gradsync("train", "--workers", "0"), "--workers", "0")
-    _one_line_error(gradsync("train", "--batch-size", "0"), "--batch-size")
-    _one_line_error(gradsync("train", "--batch-size", "-3"), "--batch-size")
-    _one_line_error(gradsync("train", "--algorithm", "butterfly"), "butterfly")
-    _one_line_error(gradsync("train", "--arch", "gossip"), "gossip")
-    _one_line_error(gradsync("train", "--arch", "ps", "--servers", "0"), "--servers")
-    _one_line_error(gradsync("train", "--consistency", "eventual"), "eventual")
+def test_bad_input_gets_one_clear_line(tmp_path, capfd):
+    def refused(args, *needles):
+        _one_line_error(_in_process(capfd, "train", *args), *needles)
+
+    refused(["--workload", "mnist-resnet"], "mnist-resnet", "digits-mlp")
+    refused(["--workers", "0"], "--workers", "0")
+    refused(["--batch-size", "0"], "--batch-size")
+    refused(["--batch-size", "-3"], "--batch-size")
+    refused(["--algorithm", "butterfly"], "butterfly")
+    refused(["--arch", "gossip"], "gossip")
+    refused(["--arch", "ps", "--servers", "0"], "--servers")
+    refused(["--consistency", "eventual"], "eventual")
+    for lr in ("inf", "1e300", "nan", "-1"):
+        refused(["--lr", lr], "--lr", "positive")
+    refused(["--timeout", "inf"], "--timeout")
+    refused(["--resume", "--overwrite", "--checkpoint-dir", str(tmp_path)], "--overwrite")
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    _one_line_error(gradsync("train", "--out", str(blocker / "sub")), str(blocker / "sub"))
+    refused(["--out", str(blocker / "sub")], str(blocker / "sub"))
+    refused(["--checkpoint-dir", str(blocker)], str(blocker), "is a file")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        _one_line_error(gradsync("train", "--port", str(port)), str(port))
+        refused(["--port", str(port)], str(port))
+    # And once through a real process, as a user meets it.
+    _one_line_error(gradsync("train", "--workers", "0"), "--workers", "0")
 
 
 def _children(pid: int) -> list[int]:

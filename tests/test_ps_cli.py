@@ -34,7 +34,8 @@ def test_sync_worker_killed_stops_the_run_naming_it(tmp_path):
     code, stderr, elapsed, _ = run_and_kill([*LONG, "--consistency", "sync"], 2, tmp_path)
     assert code != 0 and "rank 2" in stderr and "SIGKILL" in stderr, stderr
     # The server says what it was waiting for: "lost rank 2 during wait for the push of step 7"
-    assert re.search(r"lost rank 2 during wait for the push of step \d+", stderr), stderr
+    # (or "during push of step 7" when the kill lands while the gradient is on the wire)
+    assert re.search(r"lost rank 2 during (wait for the )?push of step \d+", stderr), stderr
     assert elapsed < TIMEOUT / 2, elapsed
 
 
