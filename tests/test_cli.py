@@ -37,6 +37,9 @@ def test_default_job_reaches_95_percent(tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == summary["steps"]
     assert json.loads(lines[-1])["step"] == summary["steps"]
+    # The split of the time adds up to the measured time, neither part negative.
+    assert summary["compute_s"] >= 0 and summary["comm_wait_s"] >= 0
+    assert summary["compute_s"] + summary["comm_wait_s"] == pytest.approx(summary["wall_s"])
 
 
 def _one_line_error(run: subprocess.CompletedProcess, *needles: str) -> None:
@@ -89,6 +92,49 @@ def test_bad_input_gets_one_clear_line(tmp_path, capfd):
         refused(["--port", str(port)], str(port))
     # And once through a real process, as a user meets it.
     _one_line_error(gradsync("train", "--workers", "0"), "--workers", "0")
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_at_start_up_and_while_training_exits_quietly(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while torch is still being imported,
+    and again once training runs: status 130, no traceback from any process."""
+    for moment in ("start-up", "training"):
+        out = tmp_path / moment
+        proc = subprocess.Popen([sys.executable, "-m", "gradsync", "train", "--steps", "100000",
+                                 "--no-progress", "--out", str(out)], cwd=REPO, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            if moment == "start-up":
+                time.sleep(0.2)  # the launcher is importing torch
+            else:
+                deadline = time.monotonic() + scaled(60)
+                while not ((out / "metrics.jsonl").exists()
+                           and (out / "metrics.jsonl").read_text()):
+                    assert proc.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGINT)
+            _, stderr = proc.communicate(timeout=scaled(60))
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert proc.returncode == 130, (moment, proc.returncode, stderr)
+        for noise in ("Traceback", "KeyboardInterrupt", "terminate called"):
+            assert noise not in stderr, (moment, stderr)
+        assert "gradsync: interrupted" in stderr, (moment, stderr)
+
+
+@pytest.mark.timeout(120)
+def test_ipv6_rendezvous_address(tmp_path):
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    run = gradsync("train", "--addr", "::1", "--workload", "synthetic-mlp", "--hidden", "16",
+                   "--steps", "2", "--no-progress")
+    assert run.returncode == 0, run.stderr
 
 
 def _children(pid: int) -> list[int]:
