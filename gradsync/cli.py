@@ -24,8 +24,10 @@ from .flags import add_dataclass_arguments, dataclass_from_args, to_argv
 
 log = logging.getLogger("gradsync")
 
+# (launcher.SELF_EXPLAINED lists these: a rank exiting with one has said why itself)
 EXIT_USAGE = 2
 EXIT_AGREED = 3  # every rank stopped for one reason, which rank 0 printed
+EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):
@@ -110,7 +112,7 @@ def _run_worker(config) -> int:
         _say(f"gradsync: error: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - one line per failed rank; launcher names the cause
         log.debug("rank %s failed", rank, exc_info=True)
         _say(f"gradsync: rank {rank}: {type(exc).__name__}: {exc}")
@@ -137,7 +139,7 @@ def _exit_rank(code: int) -> None:
 
 def _run_local(config) -> int:
     """Start ``config.launch.workers`` local processes with the launcher and supervise them."""
-    from .launcher import LaunchError, launch
+    from .launcher import SELF_EXPLAINED, LaunchError, launch
 
     if config.output.out:
         _check_writable(config.output.out)
@@ -162,10 +164,9 @@ def _run_local(config) -> int:
                         tolerate=tolerate)
     except LaunchError as exc:
         raise UserError(str(exc)) from None
-    if result.returncode == 130:
-        print("gradsync: interrupted", file=sys.stderr, flush=True)
-    elif result.returncode not in (0, EXIT_USAGE, EXIT_AGREED) \
-            and result.failed_rank is not None:
+    if result.returncode == EXIT_INTERRUPTED:
+        _say("gradsync: interrupted")
+    elif result.returncode not in SELF_EXPLAINED and result.failed_rank is not None:
         print(f"gradsync: run failed: worker rank {result.failed_rank} {result.reason}",
               file=sys.stderr, flush=True)
     return result.returncode
@@ -190,8 +191,8 @@ def _exit_interrupted(signum: int, frame: object) -> None:
     # Start-up (importing torch, parsing, joining the group) holds nothing to clean up, and a
     # KeyboardInterrupt raised inside torch's import can abort the process from C++.
     if not _under_launcher():  # the launcher speaks for its workers
-        os.write(2, b"gradsync: interrupted\n")
-    os._exit(130)
+        _say("gradsync: interrupted")
+    os._exit(EXIT_INTERRUPTED)
 
 
 def _interrupts_raise() -> None:
@@ -209,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except KeyboardInterrupt:
         if not _under_launcher():
-            print("gradsync: interrupted", file=sys.stderr, flush=True)
-        return 130
+            _say("gradsync: interrupted")
+        return EXIT_INTERRUPTED
     finally:
         _interrupts_raise()
 

@@ -4,8 +4,6 @@ baselines that benchmarks compare it with (torch's DDP, one process alone) live 
 
 from __future__ import annotations
 
-import torch
-
 from .. import comm
 from ..checkpoint import CheckpointRefusedError
 from .data_parallel import DataParallel
@@ -42,22 +40,24 @@ class AllReduceArchitecture:
         # anyone goes on. A rank whose write failed (a full disk) says so in these two
         # exchanges instead of leaving, so that all stop together and it alone tells why.
         self._agree(written, f"could not write checkpoint step {step}")
-        if written:
-            committed = True
-            if self.group.rank == 0:
-                try:
-                    commit()
-                except Exception:
-                    committed = False
-                    self._agree(False, "")
-                    raise
-            self._agree(committed, f"could not commit checkpoint step {step}")
+        if not written:
+            return  # the caller raises this rank's own error
+        error = None
+        if self.group.rank == 0:
+            try:
+                commit()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the others know
+                error = exc
+        self._agree(error is None, f"could not commit checkpoint step {step}")
+        if error is not None:
+            raise error
 
     def _agree(self, ok: bool, what: str) -> None:
-        failed = torch.tensor([0 if ok else 1], dtype=torch.int64)
-        comm.all_reduce(failed, op="sum", group=self.group, algorithm="native")
-        if failed.item() and ok:
-            raise CheckpointRefusedError(f"{failed.item()} rank(s) {what} (their error says why)")
+        """Collective: raise CheckpointRefusedError on this rank if it is fine but another
+        rank is not (a rank that is not fine raises its own error)."""
+        failed = comm.dist_sum(0 if ok else 1, self.group)
+        if failed and ok:
+            raise CheckpointRefusedError(f"{failed} rank(s) {what} (their error says why)")
 
     def comm_wait_s(self) -> float:
         return self.model.stats.comm_wait_s if self.model is not None else 0.0

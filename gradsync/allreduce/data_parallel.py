@@ -32,8 +32,7 @@ from torch import nn
 
 from .. import comm
 from .buckets import Bucket, build_buckets
-from .nonfinite import (NONFINITE_POLICIES, NonFiniteGradientError, describe, find_culprits,
-                        is_finite)
+from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, describe, find_culprits
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +206,7 @@ class DataParallel(nn.Module):
         # Strict index order: bucket k+1 never starts before bucket k on any rank.
         while self._next < len(self._buckets) and self._buckets[self._next].is_full():
             flat = self._buckets[self._next].flat
-            self._local_finite &= is_finite(flat)
+            self._local_finite &= comm.all_finite(flat)
             self._works.append(comm.all_reduce_async(flat, op="sum", group=self.group,
                                                      algorithm=self._bucket_algorithm))
             self._next += 1
@@ -230,14 +229,14 @@ class DataParallel(nn.Module):
         local_finite = self._local_finite
         self._reset_step()
         self.stats.sync_steps += 1
-        bad = [b for b in self._buckets if not is_finite(b.flat)]  # the same on every rank
+        bad = [b for b in self._buckets if not comm.all_finite(b.flat)]  # the same on every rank
         if bad:
             self._on_nonfinite(bad, local_finite)
 
     def _on_nonfinite(self, bad: list[Bucket], local_finite: bool) -> None:
         step = self.group.step if self.group.step >= 0 else self.stats.sync_steps - 1
         params = [self._names[id(p)] for b in bad for i, p in enumerate(b.params)
-                  if not is_finite(b.view(i))]
+                  if not comm.all_finite(b.view(i))]
         text = describe(find_culprits(self.group, local_finite), step, params)
         if self.nonfinite == "error":
             raise NonFiniteGradientError(f"{text}; lower the learning rate, or pass "

@@ -238,15 +238,12 @@ class CheckpointManager(CheckpointReader):
                                 "left by a run that resumed from an older step", entry)
                 remove_path(entry)
 
-    def clear(self) -> list[int]:
-        """Remove every checkpoint and staging directory (``--overwrite``); return the
-        committed steps removed."""
-        removed = self.committed_steps()
+    def clear(self) -> None:
+        """Remove every checkpoint and staging directory (``--overwrite``)."""
         for entry in sorted(self.directory.iterdir()):
             if STEP_DIR_RE.match(entry.name) and entry.is_dir() and not entry.is_symlink():
                 remove_path(entry)
         fsync_dir(self.directory)
-        return removed
 
     def create(self) -> bool:
         """Create the directory if missing (saving does too); return whether it was."""

@@ -131,10 +131,11 @@ class Checkpointer:
         below: int | None = None
         while True:
             chosen = torch.tensor([NONE], dtype=torch.int64)
-            refusal = None
+            refusal, verified = None, None
             if self.group.rank == 0:
                 try:
-                    chosen[0] = self._choose(resume, overwrite, expect, below)
+                    verified = self._choose(resume, overwrite, expect, below)
+                    chosen[0] = NONE if verified is None else verified[0]
                 except CheckpointError as exc:
                     chosen[0], refusal = REFUSED, exc
             comm.broadcast(chosen, src=0, group=self.group)  # every rank stops, or none does
@@ -144,16 +145,16 @@ class Checkpointer:
                                                         "directory (its error says why)")
             if step == NONE:
                 return None
-            failed = torch.zeros(1, dtype=torch.int64)
+            failed = 0
             try:
-                state, per_rank, meta = self.manager.load(step, expect=expect,
-                                                          allow_reshard=reshard)
+                # Rank 0 has read and verified it already; the others read it now.
+                state, per_rank, meta = verified[1:] if verified else self.manager.load(
+                    step, expect=expect, allow_reshard=reshard)
             except CheckpointError as exc:
                 log.warning("rank %d cannot use checkpoint step %d: %s", self.group.rank,
                             step, exc)
-                failed[0] = 1
-            comm.all_reduce(failed, op="sum", group=self.group, algorithm="native")
-            if not failed.item():
+                failed = 1
+            if not comm.dist_sum(failed, self.group):
                 break
             below = step  # all ranks fall back to an older checkpoint together
         pos = Position(*state["position"])
@@ -166,8 +167,9 @@ class Checkpointer:
         return Resumed(pos, state, None if per_rank is None else per_rank.get("state"))
 
     def _choose(self, resume: bool, overwrite: bool, expect: CheckpointMeta,
-                below: int | None) -> int:
-        """Rank 0: lock the directory and return the step to start from, or NONE."""
+                below: int | None) -> tuple[int, dict, dict | None, CheckpointMeta] | None:
+        """Rank 0: lock the directory and return the checkpoint to start from, as
+        ``load_latest_valid`` read and verified it, or None to start afresh."""
         if self._lock is None:
             self._created = self.manager.create()
             try:
@@ -186,11 +188,11 @@ class Checkpointer:
                 self.manager.clear()
                 log.warning("--overwrite: removed the checkpoints of steps %s from %s",
                             _steps(committed), directory)
-            return NONE
+            return None
         found = self.manager.load_latest_valid(expect, allow_reshard=self.architecture.replicated,
                                                below=below)
         if found is not None:
-            return found[0]
+            return found
         if self._created:
             why = "the directory did not exist"
         elif below is not None:
@@ -201,7 +203,7 @@ class Checkpointer:
             why = "it holds no checkpoint"
         log.warning("--resume: nothing to resume in %s (%s); starting from step 0",
                     directory, why)
-        return NONE
+        return None
 
 
 def _steps(steps: list[int]) -> str:

@@ -20,7 +20,7 @@ from .algorithms.registry import (ALL_REDUCE_ALGORITHMS, REGISTRY, AllReduceAlgo
 from .calibrate import calibrate
 from .check import verify_tensors
 from .collectives import (Work, all_gather, all_gather_async, all_reduce,
-                          all_reduce_async, barrier, broadcast, broadcast_async, gather,
+                          all_reduce_async, barrier, broadcast, broadcast_async, dist_sum, gather,
                           gather_async, reduce, reduce_async, reduce_scatter,
                           reduce_scatter_async, scatter, scatter_async)
 from .cost_model import CostModel
@@ -29,15 +29,16 @@ from .errors import CollectiveMismatchError, CommError, CommTimeoutError, PeerLo
 from .group import (CommStats, Group, destroy_process_group, get_rank, get_world_size,
                     init_process_group, is_initialized, new_group, set_step, world)
 from . import reference
-from .ops import ReduceOp
+from .ops import ReduceOp, all_finite
 from .p2p import irecv, isend, recv, send
 
 __all__ = [
     "ALL_REDUCE_ALGORITHMS", "AllReduceAlgorithm", "CollectiveMismatchError", "Engine",
     "REGISTRY", "check_algorithm", "reference", "CommError", "CommStats",
-    "CommTimeoutError", "CostModel", "Group", "PeerLostError", "ReduceOp", "Work", "all_gather",
+    "CommTimeoutError", "CostModel", "Group", "PeerLostError", "ReduceOp", "Work",
+    "all_finite", "all_gather",
     "all_gather_async", "all_reduce", "all_reduce_async", "barrier", "broadcast",
-    "broadcast_async", "calibrate", "destroy_process_group", "gather", "gather_async",
+    "broadcast_async", "calibrate", "dist_sum", "destroy_process_group", "gather", "gather_async",
     "get_rank", "get_world_size", "init_process_group", "irecv", "is_initialized", "isend",
     "new_group", "recv", "reduce", "set_step",
     "reduce_async", "reduce_scatter", "reduce_scatter_async", "scatter", "scatter_async", "send",

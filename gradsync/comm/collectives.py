@@ -28,7 +28,7 @@ from .work import Work
 
 __all__ = ["ALL_REDUCE_ALGORITHMS", "DEFAULT_COST_MODEL", "Work", "all_gather",
            "all_gather_async", "all_reduce", "all_reduce_async", "barrier", "broadcast",
-           "broadcast_async", "gather", "gather_async", "reduce", "reduce_async",
+           "broadcast_async", "dist_sum", "gather", "gather_async", "reduce", "reduce_async",
            "reduce_scatter", "reduce_scatter_async", "scatter", "scatter_async"]
 
 
@@ -309,6 +309,14 @@ def reduce_scatter(output: torch.Tensor, input_list: list[torch.Tensor],
                    algorithm: str = "native") -> torch.Tensor:
     """Reduce ``input_list[i]`` across ranks into ``output`` on rank i."""
     return reduce_scatter_async(output, input_list, op, group, algorithm).wait()
+
+
+def dist_sum(value: int, group: Group | None = None) -> int:
+    """The sum of one integer over the group's ranks (collective): e.g. how many ranks failed,
+    so that all of them take the same branch."""
+    t = torch.tensor([value], dtype=torch.int64)
+    all_reduce(t, op=ReduceOp.SUM, group=group, algorithm="native")
+    return int(t.item())
 
 
 def barrier(group: Group | None = None) -> None:

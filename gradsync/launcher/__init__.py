@@ -8,7 +8,7 @@ No torch import anywhere here: a launcher must start fast.
 """
 
 from .launch import LaunchError, check_port_free, find_free_port, launch
-from .supervise import EXIT_TIMEOUT, LaunchResult, OnLine, run_processes
+from .supervise import EXIT_TIMEOUT, SELF_EXPLAINED, LaunchResult, OnLine, run_processes
 
-__all__ = ["EXIT_TIMEOUT", "LaunchError", "LaunchResult", "OnLine", "check_port_free",
-           "find_free_port", "launch", "run_processes"]
+__all__ = ["EXIT_TIMEOUT", "LaunchError", "LaunchResult", "OnLine", "SELF_EXPLAINED",
+           "check_port_free", "find_free_port", "launch", "run_processes"]

@@ -1,5 +1,5 @@
-"""The primitives under :mod:`gradsync.launcher.supervise`: start a rank's process in its own process
-group, see it exit without reaping it, signal its group, and reap it at the very end.
+"""The primitives under :mod:`gradsync.launcher.supervise`: start a rank's process in its own
+process group, see it exit without reaping it, signal its group, and reap it at the very end.
 
 Linux only (prctl, pidfd, waitid).
 """

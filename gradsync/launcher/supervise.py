@@ -7,8 +7,8 @@ The supervision behind :func:`gradsync.launcher.launch` (ranks on this machine) 
 session and process group and dies with this process (PR_SET_PDEATHSIG). When a rank fails,
 the rank that caused it is named, the others get a grace period, then SIGTERM, then SIGKILL;
 SIGINT / SIGTERM sent to this process are forwarded; no rank or grandchild outlives
-:func:`run_processes`. Linux only; the primitives are in :mod:`gradsync.launcher.procs`. No torch
-import: launchers must start fast, and only ``gradsync.comm`` talks to torch.distributed.
+:func:`run_processes`. Linux only; the primitives are in :mod:`gradsync.launcher.procs`. No
+torch import: launchers must start fast, and only ``gradsync.comm`` talks to torch.distributed.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ _TERM_WAIT_S = 3.0  # after SIGTERM, before SIGKILL
 _PUMP_JOIN_S = 5.0  # after the last reap, for the reader threads to reach the pipes' end
 _INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 EXIT_TIMEOUT = 124  # as timeout(1)
-# Exit codes whose rank has already said why in one line (a user error, an interrupt): the
-# supervisor adds no story of its own.
-_SELF_EXPLAINED = {2, 3, 130}
+# Exit codes of a rank that has already said why in one line, by the convention of `gradsync`
+# ranks (2: a user error, 3: a stop all ranks agreed on, 130: an interrupt): the supervisor
+# and the CLI add no story of their own.
+SELF_EXPLAINED = frozenset({2, 3, 130})
 
 OnLine = Callable[[int, str, str], None]
 """``on_line(rank, stream, line)``, stream "stdout" or "stderr", line without its newline;
@@ -94,7 +95,7 @@ def _supervise(workers: list[Worker], grace_s: float, tolerate: frozenset[int]) 
         assert root is not None
     line = f"worker rank {root.rank} {root.describe()}; stopping the other workers"
     logger.info(line)
-    if root.returncode not in _SELF_EXPLAINED:
+    if root.returncode not in SELF_EXPLAINED:
         print(f"gradsync: {line}", file=sys.stderr, flush=True)
     # Peers usually fail on their own once their connection to the dead rank drops.
     if not procs.wait_all(workers, failed_at + grace_s - time.monotonic()):

@@ -108,9 +108,7 @@ class Receiver:
         if status != Status.OK:
             return self._verdict(h, status, detail, step)
         grad = buf[:nbytes].view(self.dtype)  # (numel,); the slack stays attached, unwritten
-        # 0 * x is 0 for every finite x and NaN for NaN and Inf, so the sum is NaN exactly when
-        # a value is not finite (no overflow, unlike a plain sum); 4x faster than isfinite().
-        if not bool(torch.isfinite((grad * 0).sum())):
+        if not comm.all_finite(grad):
             bad = self.numel - int(torch.isfinite(grad).sum())
             return Message(h, Status.NON_FINITE,
                            f"rank {self.peer} pushed a non-finite gradient at step {h.step}: "
