@@ -18,18 +18,22 @@ class AllReduceArchitecture:
     replicated = True
 
     def __init__(self, group: comm.Group, *, algorithm: str = "auto",
-                 bucket_cap_mb: float = 25.0, nonfinite: str = "error"):
+                 bucket_cap_mb: float = 25.0, nonfinite: str = "error",
+                 topology: str | None = "probe"):
         self.group = group
         self.worker_rank = group.rank
         self.num_workers = group.size
         self.eval_group = group
         self.checkpoint_tag = self.name
         self.algorithm, self.bucket_cap_mb, self.nonfinite = algorithm, bucket_cap_mb, nonfinite
+        # "off" ignores the network; "probe" measures it; else a topology file.
+        self.topology = None if topology == "off" else topology
         self.model: DataParallel | None = None
 
     def prepare(self, model, make_optimizer, start_step=0):
         self.model = DataParallel(model, group=self.group, algorithm=self.algorithm,
-                                  bucket_cap_mb=self.bucket_cap_mb, nonfinite=self.nonfinite)
+                                  bucket_cap_mb=self.bucket_cap_mb, nonfinite=self.nonfinite,
+                                  topology=self.topology)
         return self.model, make_optimizer(self.model.parameters())
 
     def serve(self, model, make_optimizer, save=None, restored=None):

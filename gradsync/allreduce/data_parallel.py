@@ -46,6 +46,19 @@ class DataParallelStats:
     skipped_steps: int = 0    # steps whose averaged gradient was not finite (nonfinite="skip")
 
 
+def _attach_topology(group: comm.Group, topology) -> None:
+    """Give ``group`` the topology DataParallel was asked for (collective)."""
+    if topology is None or (topology == "probe" and group.topology is not None):
+        return
+    if topology == "probe":
+        topology = comm.probe_topology(group)
+    elif not isinstance(topology, comm.Topology):
+        topology = comm.Topology.load(topology)
+    comm.set_topology(topology, group)
+    if topology.measured:
+        log.info("topology: %d hosts\n%s", len(topology.hosts), topology.describe())
+
+
 class DataParallel(nn.Module):
     """Average gradients across the ranks of ``group`` during backward.
 
@@ -59,6 +72,12 @@ class DataParallel(nn.Module):
         find_unused_parameters: treat parameters without a gradient in a step as contributing
             zero, instead of raising an error that names them.
         broadcast_buffers: copy rank 0's buffers (e.g. BatchNorm statistics) before each forward.
+        topology: the hosts and links that ``auto`` takes into account: ``"probe"`` (default)
+            measures them when the group spans several hosts (bounded, about a second; one
+            small all-gather on a single host), a :class:`gradsync.comm.Topology` or the path
+            of its JSON file uses that, ``None`` ignores the network. With unequal links or
+            several ranks per host, ``auto`` then lets the cost model pick ``aware`` or
+            ``hierarchical`` for the buckets.
         nonfinite: what a NaN or Inf in the averaged gradients does: ``"error"`` raises
             :class:`NonFiniteGradientError` from ``backward()`` naming the ranks that sent it
             and the step; ``"skip"`` sets every ``.grad`` to None, so ``optimizer.step()``
@@ -71,7 +90,8 @@ class DataParallel(nn.Module):
     def __init__(self, module: nn.Module, *, group: comm.Group | None = None,
                  bucket_cap_mb: float = 25.0, algorithm: str = "auto",
                  find_unused_parameters: bool = False, broadcast_buffers: bool = True,
-                 nonfinite: str = "error", device_ids=None, output_device=None):
+                 nonfinite: str = "error", topology: "comm.Topology | str | None" = "probe",
+                 device_ids=None, output_device=None):
         super().__init__()
         if device_ids not in (None, []) or output_device is not None:
             raise ValueError("device_ids/output_device are for CUDA modules; leave them None")
@@ -86,11 +106,15 @@ class DataParallel(nn.Module):
         self.module = module
         self.group = group
         self.algorithm = algorithm
+        _attach_topology(group, topology)
         # gradsync's own algorithms drive every message from Python and so compete with
         # backward for the GIL; measured on synthetic-mlp, the engine's ring trains fastest
         # (tree 0.94x, ring 0.81x of it; docs/benchmarks.md). "auto" therefore means the
-        # engine for gradient buckets; the cost model still decides for plain collectives.
-        self._bucket_algorithm = "native" if algorithm == "auto" else algorithm
+        # engine for gradient buckets, unless the network calls for aware or hierarchical
+        # (unequal links, several ranks per host): then the cost model picks per bucket.
+        self._bucket_algorithm = algorithm
+        if algorithm == "auto" and not comm.network_candidates(group.topology):
+            self._bucket_algorithm = "native"
         self.find_unused_parameters = find_unused_parameters
         self.broadcast_buffers = broadcast_buffers
         self.nonfinite = nonfinite

@@ -15,3 +15,6 @@ def add_parser(subparsers) -> None:
     except ImportError:  # pragma: no cover - collectives arrive with their own module
         return
     collectives.add_parser(sub)
+    from . import topology
+
+    topology.add_parser(sub)

@@ -34,7 +34,7 @@ EXIT_USAGE = 2
 
 
 def _lab_from_env() -> dict | None:
-    """Under `gradsync lab run`: the lab's link rates, when each host runs one rank."""
+    """Under `gradsync lab run`: the lab's link rates and ranks per host."""
     name = os.environ.get("GRADSYNC_LAB")
     if not name:
         return None
@@ -44,9 +44,7 @@ def _lab_from_env() -> dict | None:
         lab = get(name)
     except LabError:
         return None
-    if lab.procs_per_host != 1:
-        return None
-    return {"name": lab.name, "prefix": lab.prefix, "rates_bits": [h.rate for h in lab.hosts]}
+    return _describe_lab(lab)
 
 
 def finish(cfg: SweepConfig, args: argparse.Namespace, raw: dict, lab: dict | None,
@@ -100,6 +98,7 @@ def command(cfg: SweepConfig, args: argparse.Namespace) -> str:
     elif args.lab:
         where = ["--lab", str(args.lab)] + (["--rates", args.rates] if args.rates
                                             else ["--rate", args.rate])
+        where += ["--procs-per-host", str(args.procs_per_host)] * (args.procs_per_host > 1)
     else:
         where = ["--workers", str(args.workers)]
     out = [f for flag in ("json", "plot") if getattr(args, flag)
@@ -123,7 +122,11 @@ def _as_rank(cfg: SweepConfig, args: argparse.Namespace, machine: str) -> int:
 
     group = comm.init_process_group()
     try:
+        # Across hosts, measure the links so that aware, hierarchical and auto know them.
+        topology = comm.probe_topology(group)
+        comm.set_topology(topology, group)
         raw = run_sweep(cfg, group)
+        raw["topology"] = json.loads(topology.to_json())
     finally:
         comm.destroy_process_group()
     if group.rank == 0:
@@ -134,10 +137,10 @@ def _as_rank(cfg: SweepConfig, args: argparse.Namespace, machine: str) -> int:
     return 0
 
 
-def _run_ranks(cfg: SweepConfig, args: argparse.Namespace,
-               result: Path) -> tuple[int, dict | None]:
-    """Run the ranks locally or in a lab; returns (exit status, the lab's rates or None)."""
-    argv = ["bench", "collectives", *rank_flags(cfg), "--result-file", str(result)]
+def run_ranks(argv: list[str], args: argparse.Namespace) -> tuple[int, dict | None]:
+    """Run ``gradsync *argv`` as the ranks, locally (``args.workers``) or across a lab of
+    ``args.lab`` hosts (``args.rate``/``args.rates``, ``args.procs_per_host``); returns
+    (exit status, the lab's description or None)."""
     env = {"OMP_NUM_THREADS": "1"}  # the sweep runs one compute thread per rank
     if not args.lab:
         from ..launcher import LaunchError, launch
@@ -154,9 +157,14 @@ def _run_ranks(cfg: SweepConfig, args: argparse.Namespace,
 
     env["TORCH_CPP_LOG_LEVEL"] = "ERROR"  # lab addresses have no reverse DNS: c10d warns
     rates = [r.strip() for r in args.rates.split(",")] if args.rates else None
-    with up(args.lab, args.rate, rates) as lab:  # down on any exit, Ctrl-C included
-        info = {"name": lab.name, "prefix": lab.prefix, "rates_bits": [h.rate for h in lab.hosts]}
-        return lab_launch(lab, argv, env=env), info
+    # down on any exit, Ctrl-C included
+    with up(args.lab, args.rate, rates, args.procs_per_host) as lab:
+        return lab_launch(lab, argv, env=env), _describe_lab(lab)
+
+
+def _describe_lab(lab) -> dict:
+    return {"name": lab.name, "prefix": lab.prefix, "rates_bits": [h.rate for h in lab.hosts],
+            "procs_per_host": lab.procs_per_host}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -181,13 +189,16 @@ def main(args: argparse.Namespace) -> int:
         return _as_rank(cfg, args, machine)
     if (args.lab if args.lab is not None else args.workers) < 2:
         return _usage("need at least 2 ranks: --workers N or --lab N with N >= 2")
-    if (args.rates or args.rate) and not args.lab:
-        return _usage("--rate and --rates need --lab N")
+    if (args.rates or args.rate or args.procs_per_host != 1) and not args.lab:
+        return _usage("--rate, --rates and --procs-per-host need --lab N")
+    if args.procs_per_host < 1:
+        return _usage(f"--procs-per-host must be at least 1, got {args.procs_per_host}")
     args.rate = args.rate or "1gbit"
     with tempfile.TemporaryDirectory(prefix="gradsync-bench-") as tmp:
         result = Path(tmp) / "result.json"
         try:
-            rc, lab = _run_ranks(cfg, args, result)
+            argv = ["bench", "collectives", *rank_flags(cfg), "--result-file", str(result)]
+            rc, lab = run_ranks(argv, args)
         except LabError as exc:
             return _usage(str(exc))
         if rc != 0:
@@ -229,6 +240,8 @@ def add_parser(subparsers) -> None:
                    help="run across an emulated cluster of N hosts (needs root)")
     p.add_argument("--rate", help="every lab link's rate, e.g. 1gbit (default 1gbit)")
     p.add_argument("--rates", metavar="R1,R2,...", help="one rate per lab host instead")
+    p.add_argument("--procs-per-host", type=int, default=1, metavar="L",
+                   help="ranks on each lab host")
     p.add_argument("--calibrate", action="store_true",
                    help="all_reduce: also fit gradsync.comm.calibrate()'s cost model")
     p.add_argument("--json", metavar="FILE", help="write the report to FILE")

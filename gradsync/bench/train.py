@@ -55,7 +55,9 @@ def run_config(config: Config, args, out: Path) -> dict:
            str(args.hidden), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
            "--no-progress", "--out", str(out), *config.flags()]
     cmd += ["--workers", str(config.workers)]
-    if args.lab_rate:  # one emulated host per process
+    if args.lab_rates:  # one emulated host per process, each with its own link
+        cmd += ["--lab", str(config.processes), "--rates", args.lab_rates]
+    elif args.lab_rate:  # one emulated host per process
         cmd += ["--lab", str(config.processes), "--rate", args.lab_rate]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -97,7 +99,7 @@ def table(results: dict[Config, list[dict]], args) -> list[dict]:
                "vs_ddp": thr / median(ddp[0], "samples_per_s_median_step") if ddp else None,
                "bytes_per_step": runs[0]["bytes_per_step_per_worker"],
                "parameters": runs[0]["parameters"]}
-        if args.lab_rate and config.arch != "local":
+        if args.lab_rate and not args.lab_rates and config.arch != "local":
             nbytes = 4 * runs[0]["parameters"]
             bound = (bound_ps_s(nbytes, config.workers, int(config.spec.partition(":")[2] or 1),
                                 args.lab_rate) if config.arch == "ps"
@@ -143,6 +145,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=1, help="OMP threads per process")
     p.add_argument("--lab-rate", metavar="RATE",
                    help="run each configuration in an emulated cluster with links of RATE")
+    p.add_argument("--lab-rates", metavar="R1,R2,...",
+                   help="one rate per emulated host instead (unequal links); every "
+                        "configuration then needs that many processes")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
     p.set_defaults(bench=main)
@@ -157,11 +162,17 @@ def main(args) -> int:
         return _usage("--workers and --rounds must be >= 1 and --steps >= 2")
     specs = [s for s in args.archs.split(",") if s and s != "local"]
     configs = [Config("local", 1)] + [Config(s, n) for n in counts for s in specs]
+    if args.lab_rates:  # local runs alone, outside the lab; the others need one host each
+        hosts = len(args.lab_rates.split(","))
+        wrong = [f"{c.spec} x{c.workers}" for c in configs[1:] if c.processes != hosts]
+        if wrong:
+            return _usage(f"--lab-rates gives {hosts} hosts but {', '.join(wrong)} "
+                          f"need(s) another number of processes")
     print(f"# {' '.join(['gradsync', *sys.argv[1:]])}")
     print(f"# {machine_line()}")
     results = measure(configs, args)
     rows = table(results, args)
-    print_table(rows, bool(args.lab_rate))
+    print_table(rows, bool(args.lab_rate and not args.lab_rates))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args) | {"bench": None},
                                                "machine": machine_line()}, indent=2) + "\n")

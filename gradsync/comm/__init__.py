@@ -6,12 +6,14 @@ Start-up (:func:`init_process_group`), groups, the collective primitives with th
 The modules read downhill, without import circles (a test walks them):
 
     ops, work, errors          leaves: reduce ops and operation codes, the Work handle
+    topology                   leaf: which ranks share a host, each host's link (data only)
     engine                     the seam: start-up, point-to-point, native collectives
     monitor, group             heartbeats; the Group every call takes, and start-up
     p2p, algorithms/           point-to-point in a group; gradsync's own all-reduces and
                                registry.py, the one table of them
     cost_model, check          the alpha-beta-gamma choice; check mode
     collectives                the primitives, on the engine or on an own algorithm
+    probe                      measuring the topology on the live group; agreeing on it
     calibrate, reference       fitting the cost model; torch's DDP as a baseline
 """
 
@@ -23,17 +25,21 @@ from .collectives import (Work, all_gather, all_gather_async, all_reduce,
                           all_reduce_async, barrier, broadcast, broadcast_async, dist_sum, gather,
                           gather_async, reduce, reduce_async, reduce_scatter,
                           reduce_scatter_async, scatter, scatter_async)
-from .cost_model import CostModel
+from .cost_model import CostModel, network_candidates
 from .engine import Engine
 from .errors import CollectiveMismatchError, CommError, CommTimeoutError, PeerLostError
 from .group import (CommStats, Group, destroy_process_group, get_rank, get_world_size,
                     init_process_group, is_initialized, new_group, set_step, world)
 from . import reference
+from .probe import detect_topology, probe_topology, set_topology
+from .topology import HostLink, Topology, TopologyError
 from .ops import ReduceOp, all_finite
 from .p2p import irecv, isend, recv, send
 
 __all__ = [
     "ALL_REDUCE_ALGORITHMS", "AllReduceAlgorithm", "CollectiveMismatchError", "Engine",
+    "HostLink", "Topology", "TopologyError", "detect_topology", "probe_topology",
+    "set_topology", "network_candidates",
     "REGISTRY", "check_algorithm", "reference", "CommError", "CommStats",
     "CommTimeoutError", "CostModel", "Group", "PeerLostError", "ReduceOp", "Work",
     "all_finite", "all_gather",

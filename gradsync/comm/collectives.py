@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import check
-from .algorithms import REGISTRY, ring_reduce_scatter
+from .algorithms import REGISTRY, aware_broadcast, ring_reduce_scatter
 from .algorithms.registry import ALL_REDUCE_ALGORITHMS, check_algorithm
 from .cost_model import DEFAULT_COST_MODEL, CostModel
 from .errors import translate
@@ -148,7 +148,8 @@ def _all_reduce(tensor, op, group, algorithm, cost_model, async_op):
     check_algorithm(algorithm)
     nbytes = tensor.numel() * tensor.element_size()
     if algorithm == "auto":
-        algorithm = (cost_model or DEFAULT_COST_MODEL).choose(nbytes, group.size)
+        algorithm = (cost_model or DEFAULT_COST_MODEL).choose(nbytes, group.size,
+                                                              topology=group.topology)
     _prologue(group, "all_reduce", tensor, algorithm=algorithm, reduce_op=op.value)
     what = f"all_reduce({algorithm})"
     flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
@@ -174,17 +175,50 @@ def _all_reduce(tensor, op, group, algorithm, cost_model, async_op):
 
 # --- the other collectives, on the engine -------------------------------------------------------
 
-def broadcast_async(tensor: torch.Tensor, src: int = 0, group: Group | None = None) -> Work:
+BROADCAST_ALGORITHMS = ("native", "aware")
+
+
+def broadcast_async(tensor: torch.Tensor, src: int = 0, group: Group | None = None,
+                    algorithm: str = "native") -> Work:
+    """Start a broadcast of ``tensor`` from group rank ``src``; see :func:`broadcast`."""
+    return _broadcast(tensor, src, group, algorithm, async_op=True)
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0, group: Group | None = None,
+              algorithm: str = "native") -> torch.Tensor:
+    """Copy ``tensor`` of group rank ``src`` into ``tensor`` on every rank.
+
+    Args:
+        algorithm: ``native`` (the engine's) or ``aware`` (pieces sized to the links of the
+            group's topology, relayed by every rank: algorithms/aware.py).
+    Raises:
+        ValueError: unknown algorithm, or ``src`` is not a rank of the group.
+    """
+    return _broadcast(tensor, src, group, algorithm, async_op=False)
+
+
+def _broadcast(tensor, src, group, algorithm, async_op):
     group = resolve(group)
-    _prologue(group, "broadcast", tensor, root=src)
-    return _engine(group, "broadcast", lambda: group.engine.broadcast(
-        tensor, group.global_rank(src), group.pg),
-        lambda: tensor, tensor.numel() * tensor.element_size(), True)
+    if algorithm not in BROADCAST_ALGORITHMS:
+        raise ValueError(f"unknown broadcast algorithm {algorithm!r}; choose one of "
+                         f"{', '.join(BROADCAST_ALGORITHMS)}")
+    if not 0 <= src < group.size:
+        raise ValueError(f"broadcast src {src} is not a rank of this group of {group.size}")
+    _prologue(group, "broadcast", tensor, root=src, algorithm=algorithm)
+    if algorithm == "native":
+        return _engine(group, "broadcast", lambda: group.engine.broadcast(
+            tensor, group.global_rank(src), group.pg),
+            lambda: tensor, tensor.numel() * tensor.element_size(), async_op)
+    what = f"broadcast({algorithm}) #{group.seq}{group.where()}"
+    flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
 
+    def run():
+        aware_broadcast(flat, src, P2P(group, what))
+        if flat.data_ptr() != tensor.data_ptr() or not tensor.is_contiguous():
+            tensor.copy_(flat.view_as(tensor))
+        return tensor
 
-def broadcast(tensor: torch.Tensor, src: int = 0, group: Group | None = None) -> torch.Tensor:
-    """Copy ``tensor`` of group rank ``src`` into ``tensor`` on every rank."""
-    return broadcast_async(tensor, src, group).wait()
+    return _own(group, run, async_op)
 
 
 def reduce_async(tensor: torch.Tensor, dst: int = 0, op: ReduceOp | str = ReduceOp.SUM,

@@ -22,7 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .algorithms.aware import aware_bound
 from .algorithms.registry import ALGORITHMS, REGISTRY
+from .topology import Topology
+
+# Chosen only when the topology calls for them (unequal links, several ranks per host).
+NETWORK_ALGORITHMS = ("aware", "hierarchical")
 
 
 def _loopback_defaults() -> dict[str, tuple[float, float]]:
@@ -51,9 +56,61 @@ class CostModel:
         alpha, beta = self.links[algorithm]
         return messages * alpha + wire * beta + reduced * self.gamma
 
-    def choose(self, nbytes: int, p: int, candidates: tuple[str, ...] = ALGORITHMS) -> str:
-        """The candidate with the lowest predicted time."""
-        return min(candidates, key=lambda algo: self.predict(algo, nbytes, p))
+    def choose(self, nbytes: int, p: int, candidates: tuple[str, ...] | None = None,
+               topology: Topology | None = None) -> str:
+        """The candidate with the lowest predicted time.
+
+        Without a measured topology that calls for them (:func:`network_candidates`), the
+        network-aware algorithms are not candidates, so equal links keep today's choices.
+        """
+        extra = network_candidates(topology)
+        if candidates is None:
+            candidates = tuple(a for a in ALGORITHMS if a not in NETWORK_ALGORITHMS) + extra
+        if not extra:
+            return min(candidates, key=lambda algo: self.predict(algo, nbytes, p))
+        return min(candidates, key=lambda algo: self.predict_on(topology, algo, nbytes))
+
+    def predict_on(self, topology: Topology, algorithm: str, nbytes: int) -> float:
+        """Predicted seconds on ``topology``: the loopback model's per-message and
+        per-byte costs (the ranks' CPU work) or the time the bytes need on the host
+        links, whichever is longer, since the two overlap."""
+        p = topology.world_size
+        local = self.predict(algorithm, nbytes, p)
+        return max(local, network_time(topology, algorithm, nbytes))
+
+
+def network_candidates(topology: Topology | None) -> tuple[str, ...]:
+    """The network-aware algorithms worth predicting on ``topology``: ``aware`` for unequal
+    links, ``hierarchical`` for several ranks per host (several hosts, measured links)."""
+    if topology is None or not topology.measured or len(topology.hosts) < 2:
+        return ()
+    extra = []
+    if topology.unequal():
+        extra.append("aware")
+    if (topology.ranks_per_host or 0) > 1:
+        extra.append("hierarchical")
+    return tuple(extra)
+
+
+def network_time(topology: Topology, algorithm: str, nbytes: int) -> float:
+    """Seconds the busiest host link needs for one all-reduce of ``nbytes`` (a lower bound
+    for that algorithm on that network).
+
+    ``aware``: the bandwidth-aware bound over the ranks' shares of their links.
+    ``hierarchical``: the inter-host all-reduce of every local shard, 2(h-1)/h * S over the
+    slowest host link (aware's bound over the hosts when links are unequal). The flat
+    algorithms: each rank's wire bytes, paced by the slowest link on the ring.
+    """
+    hosts = [h.rate for h in topology.hosts]
+    if algorithm == "aware":
+        return aware_bound(nbytes, topology.rank_rates())
+    if algorithm == "hierarchical":
+        h = len(hosts)
+        if topology.unequal():
+            return aware_bound(nbytes, hosts)
+        return 2 * (h - 1) / h * nbytes / min(hosts)
+    _, wire, _ = shape(algorithm, float(nbytes), topology.world_size)
+    return wire / min(hosts)
 
 
 DEFAULT_COST_MODEL = CostModel()

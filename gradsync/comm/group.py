@@ -21,6 +21,7 @@ from typing import Any
 from ..net import is_loopback
 from .engine import TORCH, Engine
 from .monitor import Monitor
+from .topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Group:
     step: int = -1                    # the training step, for error messages and heartbeats
     monitor: Monitor | None = None    # the world group's heartbeat Monitor
     engine: Engine = TORCH            # start-up, point-to-point, native collectives
+    topology: Topology | None = None  # hosts and links, for aware/hierarchical (topology.py)
     # Own algorithms run on one thread per group, so that async calls keep their issue
     # order on every rank; point-to-point messages then always pair up.
     _executor: ThreadPoolExecutor | None = None

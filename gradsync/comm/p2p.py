@@ -8,6 +8,8 @@ errors into ones that name the peer and the operation.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from .errors import translate
@@ -29,38 +31,62 @@ _DONE = _Done()
 
 
 class P2P:
-    """Send and receive within ``group`` on behalf of the operation named ``what``."""
+    """Send and receive within ``group`` on behalf of the operation named ``what``.
 
-    def __init__(self, group: Group, what: str):
+    ``members`` (group ranks, default all of them) makes a view: ``rank``, ``size`` and every
+    peer are then positions in ``members``, so an algorithm written for a whole group runs
+    unchanged on a subset, e.g. the ranks of one host (hierarchical all-reduce). Errors name
+    the peer's group rank.
+    """
+
+    def __init__(self, group: Group, what: str, members: Sequence[int] | None = None):
         self.group = group
         self.what = what
-        self.rank = group.rank
-        self.size = group.size
+        self.members = tuple(range(group.size)) if members is None else tuple(members)
+        self.rank = self.members.index(group.rank)
+        self.size = len(self.members)
+
+    def view(self, members: Sequence[int]) -> "P2P":
+        """The same transfers among ``members`` (positions in this view), which must include
+        this rank."""
+        return P2P(self.group, self.what, [self.members[m] for m in members])
+
+    def rates(self) -> list[float] | None:
+        """Each member's share of its host's link in bytes/s, from the group's topology
+        (None without one, or when it was not measured)."""
+        topology = self.group.topology
+        if topology is None or not topology.measured:
+            return None
+        per_rank = topology.rank_rates()
+        return [per_rank[m] for m in self.members]
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int = 0):
         if tensor.numel() == 0:
             return _DONE
         self.group.stats.bytes_sent += tensor.numel() * tensor.element_size()
+        peer = self.members[peer]
         try:
             return self.group.engine.isend(tensor, self.group.global_rank(peer), self.group.pg,
                                            tag)
         except RuntimeError as exc:
-            raise translate(exc, what=self.what, rank=self.rank, peer=peer) from exc
+            raise translate(exc, what=self.what, rank=self.group.rank, peer=peer) from exc
 
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int = 0):
         if tensor.numel() == 0:
             return _DONE
+        peer = self.members[peer]
         try:
             return self.group.engine.irecv(tensor, self.group.global_rank(peer), self.group.pg,
                                            tag)
         except RuntimeError as exc:
-            raise translate(exc, what=self.what, rank=self.rank, peer=peer) from exc
+            raise translate(exc, what=self.what, rank=self.group.rank, peer=peer) from exc
 
     def wait(self, work, peer: int) -> None:
         try:
             work.wait()
         except RuntimeError as exc:
-            raise translate(exc, what=self.what, rank=self.rank, peer=peer) from exc
+            raise translate(exc, what=self.what, rank=self.group.rank,
+                            peer=self.members[peer]) from exc
 
     def send(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> None:
         self.wait(self.isend(tensor, peer, tag), peer)
@@ -90,6 +116,28 @@ def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
         end = start + base + (1 if i < extra else 0)
         bounds.append((start, end))
         start = end
+    return bounds
+
+
+def weighted_bounds(numel: int, weights: Sequence[float]) -> list[tuple[int, int]]:
+    """Split ``range(numel)`` into contiguous pieces proportional to ``weights`` (>= 0, not
+    all zero). Sizes are floors plus one for the largest remainders (ties to the lower index),
+    so every rank computing this from the same weights gets the same bounds; a weight of 0
+    gives an empty piece.
+    """
+    total = float(sum(weights))
+    if total <= 0 or any(w < 0 for w in weights):
+        raise ValueError(f"weights must be >= 0 and not all zero, got {list(weights)}")
+    exact = [numel * w / total for w in weights]
+    sizes = [int(x) for x in exact]
+    order = sorted((i for i in range(len(weights)) if weights[i] > 0),
+                   key=lambda i: (-(exact[i] - sizes[i]), i))
+    for i in order[:numel - sum(sizes)]:
+        sizes[i] += 1
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
     return bounds
 
 

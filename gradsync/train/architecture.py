@@ -62,7 +62,8 @@ def _allreduce(config: TrainConfig, group: comm.Group) -> Architecture:
 
     return AllReduceArchitecture(group, algorithm=config.allreduce.algorithm,
                                  bucket_cap_mb=config.allreduce.bucket_cap_mb,
-                                 nonfinite=config.optim.on_nonfinite)
+                                 nonfinite=config.optim.on_nonfinite,
+                                 topology=config.allreduce.topology)
 
 
 def _baseline(config: TrainConfig, group: comm.Group) -> Architecture:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..comm import ALL_REDUCE_ALGORITHMS, check_algorithm
+from ..comm import ALL_REDUCE_ALGORITHMS, Topology, check_algorithm
 from .workloads import WORKLOADS
 
 ARCHITECTURES = ("allreduce", "ps", "ddp", "local")  # the last two: baselines
@@ -82,10 +82,15 @@ class AllReduceConfig:
     algorithm: str = field(default="auto", metadata=_help(
         f"all-reduce algorithm: {', '.join(ALL_REDUCE_ALGORITHMS)}"))
     bucket_cap_mb: float = field(default=25.0, metadata=_help("gradient bucket size (MiB)"))
+    topology: str = field(default="probe", metadata=_help(
+        "the hosts and links auto takes into account: probe (measure them when the ranks "
+        "span several hosts), off, or a JSON file from `gradsync bench topology --save`"))
 
     def __post_init__(self) -> None:
         check_algorithm(self.algorithm)
         _positive(self.bucket_cap_mb, BUCKET_MAX_MB, "bucket-cap-mb")
+        if self.topology not in ("probe", "off"):
+            Topology.load(self.topology)  # a TopologyError (a ValueError) names the problem
 
 
 @dataclass

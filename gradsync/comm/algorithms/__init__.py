@@ -9,7 +9,10 @@ bitwise identical across ranks. ``registry.py`` is the one table of them.
 ``reduce_broadcast`` is the naive version and the oracle the tests hold the others to.
 """
 
+from .aware import (aware_all_reduce, aware_bound, aware_broadcast, aware_broadcast_bound,
+                    aware_weights)
 from .halving_doubling import halving_doubling_all_reduce
+from .hierarchical import hierarchical_all_reduce
 from .reduce_broadcast import reduce_broadcast_all_reduce
 from .registry import (ALGORITHMS, ALL_REDUCE_ALGORITHMS, REGISTRY, AllReduceAlgorithm,
                        check_algorithm)
@@ -17,5 +20,8 @@ from .ring import ring_all_reduce, ring_reduce_scatter
 from .tree import tree_all_reduce
 
 __all__ = ["ALGORITHMS", "ALL_REDUCE_ALGORITHMS", "AllReduceAlgorithm", "REGISTRY",
-           "check_algorithm", "halving_doubling_all_reduce", "reduce_broadcast_all_reduce",
-           "ring_all_reduce", "ring_reduce_scatter", "tree_all_reduce"]
+           "aware_all_reduce", "aware_bound", "aware_broadcast", "aware_broadcast_bound",
+           "aware_weights",
+           "check_algorithm", "halving_doubling_all_reduce", "hierarchical_all_reduce",
+           "reduce_broadcast_all_reduce", "ring_all_reduce", "ring_reduce_scatter",
+           "tree_all_reduce"]
