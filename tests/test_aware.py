@@ -26,8 +26,9 @@ RATES = {1: [G], 2: [G, G / 4], 3: [2 * G, G, G], 4: [G, 0.8 * G, G, 0.9 * G],
 
 
 def test_weights_and_bounds_in_closed_form():
-    from gradsync.comm.algorithms.aware import (CHUNK_BYTES, aware_bound, aware_broadcast_bound,
-                                                aware_shape, aware_weights)
+    from gradsync.comm.algorithms.aware import (MAX_CHUNKS, MIN_CHUNK_BYTES, aware_bound,
+                                                aware_broadcast_bound, aware_shape,
+                                                aware_weights, chunk_count)
 
     # ANCHORS.md: three 1 Gbit hosts and one at 250 Mbit -> S/3 each, none for the slow one;
     # the bound is the slow host's own S / B_slow (16 MiB: 537 ms).
@@ -58,7 +59,9 @@ def test_weights_and_bounds_in_closed_form():
     assert aware_broadcast_bound(8e6, [G, G / 4, G]) == pytest.approx(8e6 / (G / 4))
     assert aware_broadcast_bound(8e6, [G]) == 0.0
     # Two message latencies per chunk; a ring's bytes.
-    assert aware_shape(4 * CHUNK_BYTES, 4) == (8, 1.5 * 4 * CHUNK_BYTES, 0.75 * 4 * CHUNK_BYTES)
+    S = 4 * MIN_CHUNK_BYTES
+    assert aware_shape(S, 4) == (8, 1.5 * S, 0.75 * S)
+    assert chunk_count(1 << 30) == MAX_CHUNKS and chunk_count(1) == 1
     assert aware_shape(1, 4)[0] == 2 and aware_shape(1e6, 1) == (0, 0.0, 0.0)
     with pytest.raises(ValueError):
         aware_weights([G, 0.0])

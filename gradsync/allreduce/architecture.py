@@ -70,7 +70,10 @@ class AllReduceArchitecture:
         return self.group.stats.bytes_sent
 
     def finish(self) -> dict:
-        return {"nonfinite_skipped": self.model.stats.skipped_steps if self.model else 0}
+        if self.model is None:
+            return {"nonfinite_skipped": 0}
+        return {"nonfinite_skipped": self.model.stats.skipped_steps,
+                "bucket_algorithms": self.model.bucket_algorithms}
 
 
 class BaselineArchitecture(AllReduceArchitecture):

@@ -129,6 +129,13 @@ class DataParallel(nn.Module):
 
         self._buckets: list[Bucket] = build_buckets([p for _, p in named],
                                                     int(bucket_cap_mb * (1 << 20)))
+        # "auto" on a network that calls for it: the cost model's choice for each bucket's size,
+        # fixed here, so every step runs the same algorithms (and reports them).
+        self.bucket_algorithms = [
+            comm.DEFAULT_COST_MODEL.choose(b.flat.numel() * b.flat.element_size(), group.size,
+                                           topology=group.topology)
+            if self._bucket_algorithm == "auto" else self._bucket_algorithm
+            for b in self._buckets]
         self._handles = []
         for b, bucket in enumerate(self._buckets):
             for i, p in enumerate(bucket.params):
@@ -231,8 +238,9 @@ class DataParallel(nn.Module):
         while self._next < len(self._buckets) and self._buckets[self._next].is_full():
             flat = self._buckets[self._next].flat
             self._local_finite &= comm.all_finite(flat)
-            self._works.append(comm.all_reduce_async(flat, op="sum", group=self.group,
-                                                     algorithm=self._bucket_algorithm))
+            self._works.append(comm.all_reduce_async(
+                flat, op="sum", group=self.group,
+                algorithm=self.bucket_algorithms[self._next]))
             self._next += 1
 
     def _finish_backward(self) -> None:

@@ -31,12 +31,20 @@ def aware_bound(rates: list[float]) -> float:
     return FACTORS["all_reduce"](n) / t
 
 
-def lab_bounds(op: str, rates_bits: list[int]) -> dict:
-    """The busbw bounds of ``op`` on hosts with these link rates (bits/s)."""
+def lab_bounds(op: str, rates_bits: list[int], procs_per_host: int = 1) -> dict:
+    """The busbw bounds of ``op`` on hosts with these link rates (bits/s).
+
+    With L > 1 ranks per host, busbw's factor counts p = hL ranks, but only h hosts share
+    the links: the hierarchical bound 2(h-1)/h * S / B (ANCHORS.md) is then a busbw of
+    B * (2(p-1)/p) / (2(h-1)/h).
+    """
     rates = [r / 8 for r in rates_bits]
     out = {"rates_bits": rates_bits, "bound_busbw_gbs": min(rates) / 1e9}
     if op == "all_reduce":
         out["aware_busbw_gbs"] = aware_bound(rates) / 1e9
+        h, p = len(rates), len(rates) * procs_per_host
+        if procs_per_host > 1 and h > 1:
+            out["aware_busbw_gbs"] *= FACTORS["all_reduce"](p) / FACTORS["all_reduce"](h)
     return out
 
 
@@ -64,7 +72,9 @@ def rows(cfg: SweepConfig, raw: dict, lab: dict | None) -> list[dict]:
 
 def print_table(cfg: SweepConfig, report: dict) -> None:
     p, lab = report["world"], report["lab"]
-    where = (f"a lab of {p} hosts (one rank each)" if lab else f"{p} ranks")
+    per_host = lab.get("procs_per_host", 1) if lab else 1
+    where = (f"a lab of {p // per_host} hosts ({per_host} rank{'s' * (per_host > 1)} each)"
+             if lab else f"{p} ranks")
     print(f"# gradsync bench collectives: {cfg.op}, {cfg.dtype}, redop {cfg.shown_redop}, "
           f"on {where}, gloo, 1 thread per rank")
     print(f"# machine: {report['machine']}")
@@ -80,7 +90,10 @@ def print_table(cfg: SweepConfig, report: dict) -> None:
         print(f"# links {rates}: busbw bound = the slowest link = {lab['bound_busbw_gbs']:.4f} "
               "GB/s (tbf counts frames: TCP payload tops out near 0.956 of it)")
         if unequal(lab):
-            print(f"# bandwidth-aware all_reduce bound (shards sized to each link, ANCHORS.md): "
+            kind = ("hierarchical all_reduce bound (host links carry 2(h-1)/h * S, ANCHORS.md)"
+                    if per_host > 1 else
+                    "bandwidth-aware all_reduce bound (shards sized to each link, ANCHORS.md)")
+            print(f"# {kind}: "
                   f"{lab['aware_busbw_gbs']:.4f} GB/s = "
                   f"{lab['aware_busbw_gbs'] / lab['bound_busbw_gbs']:.2f}x the slowest link")
     per = " per rank" if cfg.op in ("reduce_scatter", "all_gather") else ""
@@ -115,7 +128,9 @@ def print_averages(report: dict) -> None:
             line += (f"   (at {format_size(last['bytes'])}: {last['of_link']:.3f} of the "
                      "slowest link")
             if unequal(lab):
-                line += f", {last['busbw_gbs'] / lab['aware_busbw_gbs']:.3f} of the aware bound"
+                kind = "hierarchical" if lab.get("procs_per_host", 1) > 1 else "aware"
+                line += (f", {last['busbw_gbs'] / lab['aware_busbw_gbs']:.3f} of the {kind} "
+                         "bound")
             line += ")"
         print(line)
 

@@ -59,7 +59,7 @@ def finish(cfg: SweepConfig, args: argparse.Namespace, raw: dict, lab: dict | No
     from .costfit import cost_model_report
 
     if lab is not None:
-        lab = {**lab, **busbw.lab_bounds(cfg.op, lab["rates_bits"])}
+        lab = {**lab, **busbw.lab_bounds(cfg.op, lab["rates_bits"], lab["procs_per_host"])}
     rows = busbw.rows(cfg, raw, lab)
     avg = {a: sum(r["busbw_gbs"] for r in rows if r["algorithm"] == a)
            / sum(r["algorithm"] == a for r in rows) for a in cfg.algorithms}
@@ -67,6 +67,7 @@ def finish(cfg: SweepConfig, args: argparse.Namespace, raw: dict, lab: dict | No
               "machine": f"{machine} at the start, {os.getloadavg()[0]:.2f} at the end",
               "op": cfg.op, "dtype": cfg.dtype, "redop": cfg.shown_redop, "root": cfg.root,
               "world": raw["world"], "config": vars(cfg), "lab": lab, "rows": rows,
+              "topology": raw.get("topology"), "auto_chose": raw.get("auto_chose"),
               "avg_busbw_gbs": avg}
     busbw.print_table(cfg, report)
     if cfg.op == "all_reduce":
@@ -232,7 +233,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--algorithm", default="all",
                    help="one, several (comma-separated) or all; all_reduce: "
                         f"{','.join(ALGORITHMS['all_reduce'])}; reduce_scatter: native,ring; "
-                        "others: native")
+                        "broadcast: native,aware; others: native")
     p.add_argument("-c", "--check", action="store_true",
                    help="check every iteration's result, not only the first")
     p.add_argument("--workers", type=int, default=2, help="local ranks")

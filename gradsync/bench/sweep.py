@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from ..comm.algorithms import registry as comm_algorithms
+from ..comm.collectives import BROADCAST_ALGORITHMS
 
 # busbw = algbw * factor(n) (nccl-tests, shared/ANCHORS.md). For reduce_scatter and
 # all_gather S is the whole array, count * n elements; every rank holds or gets count of them.
@@ -31,7 +32,7 @@ FACTORS = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: 
 # All-reduce: every algorithm of the registry (native first), then "auto".
 ALGORITHMS = {"all_reduce": (*comm_algorithms.ALGORITHMS, "auto"),
               "reduce_scatter": ("native", "ring"), "all_gather": ("native",),
-              "broadcast": ("native",), "reduce": ("native",)}
+              "broadcast": BROADCAST_ALGORITHMS, "reduce": ("native",)}
 PER_RANK = ("reduce_scatter", "all_gather")  # S = count * n
 ROOTED = ("broadcast", "reduce")              # root is rank 0
 REDUCING = ("all_reduce", "reduce_scatter", "reduce")
@@ -198,7 +199,7 @@ class Case:
             buf = torch.empty_like(src)
             if rank == 0:
                 self._fill = lambda: buf.copy_(src)
-            self._call = lambda a: comm.broadcast(buf, src=0)
+            self._call = lambda a: comm.broadcast(buf, src=0, algorithm=a)
             self.outputs, self.expected = [buf], [src]
         else:  # reduce: only the root's result is defined
             src = _values(rank, 0, count, period, dtype)
@@ -275,7 +276,7 @@ def run_sweep(cfg: SweepConfig, group=None) -> dict:
         comm.all_reduce(times, op="max", group=group, algorithm="native")
         comm.all_reduce(wrong, op="sum", group=group, algorithm="native")
         if cfg.op == "all_reduce":
-            auto_chose[nbytes] = DEFAULT_COST_MODEL.choose(nbytes, n)
+            auto_chose[nbytes] = DEFAULT_COST_MODEL.choose(nbytes, n, topology=group.topology)
         for j, algo in enumerate(algos):
             rows.append({"bytes": nbytes, "count": count, "algorithm": algo, "iters": n_iter,
                          "time_us": spread((1e6 * times[j, cfg.warmup_iters:]).tolist()),

@@ -55,7 +55,9 @@ def run_config(config: Config, args, out: Path) -> dict:
            str(args.hidden), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
            "--no-progress", "--out", str(out), *config.flags()]
     cmd += ["--workers", str(config.workers)]
-    if args.lab_rates:  # one emulated host per process, each with its own link
+    if args.lab_rates and config.arch == "local":
+        pass  # one process alone: no links to shape
+    elif args.lab_rates:  # one emulated host per process, each with its own link
         cmd += ["--lab", str(config.processes), "--rates", args.lab_rates]
     elif args.lab_rate:  # one emulated host per process
         cmd += ["--lab", str(config.processes), "--rate", args.lab_rate]

@@ -25,7 +25,7 @@ from .collectives import (Work, all_gather, all_gather_async, all_reduce,
                           all_reduce_async, barrier, broadcast, broadcast_async, dist_sum, gather,
                           gather_async, reduce, reduce_async, reduce_scatter,
                           reduce_scatter_async, scatter, scatter_async)
-from .cost_model import CostModel, network_candidates
+from .cost_model import DEFAULT_COST_MODEL, CostModel, network_candidates
 from .engine import Engine
 from .errors import CollectiveMismatchError, CommError, CommTimeoutError, PeerLostError
 from .group import (CommStats, Group, destroy_process_group, get_rank, get_world_size,
@@ -39,7 +39,7 @@ from .p2p import irecv, isend, recv, send
 __all__ = [
     "ALL_REDUCE_ALGORITHMS", "AllReduceAlgorithm", "CollectiveMismatchError", "Engine",
     "HostLink", "Topology", "TopologyError", "detect_topology", "probe_topology",
-    "set_topology", "network_candidates",
+    "set_topology", "network_candidates", "DEFAULT_COST_MODEL",
     "REGISTRY", "check_algorithm", "reference", "CommError", "CommStats",
     "CommTimeoutError", "CostModel", "Group", "PeerLostError", "ReduceOp", "Work",
     "all_finite", "all_gather",

@@ -32,8 +32,8 @@ from .topology import HostLink, Topology, group_hosts, host_key
 
 log = logging.getLogger(__name__)
 
-FIRST_ROUND_BYTES = 256 * 1024      # per sender: 2 ms at 1 Gbit/s, 0.26 s at 8 Mbit/s
-MAX_ROUND_BYTES = 256 * 1024 * 1024
+FIRST_ROUND_BYTES = 1 << 20         # per sender: 8 ms at 1 Gbit/s, 1 s at 8 Mbit/s
+MAX_ROUND_BYTES = 64 << 20          # per sender: 54 ms at 10 Gbit/s
 PIECES = 16                         # messages per sender and round: the timing's resolution
 
 
@@ -55,13 +55,16 @@ def detect_topology(group: Group | None = None) -> Topology:
     return group_hosts(keys)
 
 
-def _fan_in(p2p: P2P, reps: list[int], target: int, nbytes: int, tag: int) -> float:
+def _fan_in(p2p: P2P, reps: list[int], target: int, nbytes: int, tag: int,
+            windowed: bool = True) -> float:
     """One round: every representative but ``target`` sends ``nbytes`` to it, as
     ``PIECES`` messages. Returns the target's receive rate in bytes/s (0.0 elsewhere).
 
     The rate is taken over the window in which every sender is still sending, from the
     first piece to arrive to the moment the first sender is done: after that a slow sender
     alone would set the pace, and the round would measure it instead of the target's link.
+    ``windowed=False`` takes the whole round instead: slower, never too fast (socket
+    buffers can swallow a short round's first pieces at once), which is what sizing needs.
     """
     me = p2p.rank
     piece = max(1, nbytes // PIECES)
@@ -90,7 +93,7 @@ def _fan_in(p2p: P2P, reps: list[int], target: int, nbytes: int, tag: int) -> fl
     start = min(times[0] for times in per_sender)
     first_done = min(times[-1] for times in per_sender)
     counted = sum(t <= first_done for times in per_sender for t in times) - 1
-    if counted < 2 or first_done <= start:  # too few pieces to tell: the whole round
+    if not windowed or counted < 2 or first_done <= start:  # the whole round
         end = max(times[-1] for times in per_sender)
         return piece * (PIECES * len(senders) - 1) / max(end - start, 1e-9)
     return piece * counted / (first_done - start)
@@ -121,7 +124,8 @@ def probe_topology(group: Group | None = None, budget_s: float = 10.0,
     p2p = P2P(group, "topology probe")
     began = time.monotonic()
     # A first short fan-in into host 0 sizes the rounds (rank 0 decides; all follow).
-    rate0 = _agree(group, _fan_in(p2p, reps, reps[0], FIRST_ROUND_BYTES, 0), reps[0])
+    rate0 = _agree(group, _fan_in(p2p, reps, reps[0], FIRST_ROUND_BYTES, 0, windowed=False),
+                   reps[0])
     nbytes = int(min(MAX_ROUND_BYTES, max(FIRST_ROUND_BYTES,
                                           rate0 * round_s / (len(reps) - 1))))
     rates: list[float] = []

@@ -7,6 +7,8 @@ the held-out set and add up their sums, so the reported accuracy is exact.
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import logging
 import statistics
@@ -210,16 +212,27 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
         "samples_per_s_median_step": batch * workers / statistics.median(step_times)
         if step_times else 0.0,
         "comm_wait_s": tail[1].item() * wall, "compute_s": (1 - tail[1].item()) * wall,
-        "bytes_per_step_per_worker": bytes_per_step, **extra,
+        "bytes_per_step_per_worker": bytes_per_step,
+        # Runs that must agree to the bit (another algorithm, another network) compare this.
+        "parameters_sha1": parameters_digest(model), **extra,
     }
     writer.summary(summary)
     return summary
 
 
+def parameters_digest(model: torch.nn.Module) -> str:
+    """SHA-1 of every parameter's bytes, in the order of ``named_parameters``."""
+    digest = hashlib.sha1()
+    for _, p in model.named_parameters():
+        digest.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def format_summary(s: dict) -> str:
     """The human-readable summary rank 0 prints at the end."""
     how = {"ps": f"ps, {s.get('servers')} servers, {s.get('consistency')}",
-           "allreduce": f"allreduce, algorithm {s['algorithm']}",
+           "allreduce": f"allreduce, algorithm {s['algorithm']}" + (
+               f" ({_buckets(s['bucket_algorithms'])})" if s.get("bucket_algorithms") else ""),
            "ddp": "baseline: torch DistributedDataParallel",
            "local": "baseline: one process, no wrapper"}.get(s["arch"], s["arch"])
     lines = [f"gradsync train: {s['workload']} on {s['workers']} workers ({how})",
@@ -259,6 +272,13 @@ def format_summary(s: dict) -> str:
             lines.append(f"  dropped workers    ranks {s['dropped_workers']} (lost during the "
                          f"run; the others went on)")
     return "\n".join(lines)
+
+
+def _buckets(algorithms: list[str]) -> str:
+    """'aware for 2 buckets' / 'native for 1 bucket, aware for 2'."""
+    counts = {a: algorithms.count(a) for a in dict.fromkeys(algorithms)}
+    parts = [f"{a} for {k} bucket{'s' * (k > 1)}" for a, k in counts.items()]
+    return ", ".join(parts)
 
 
 def _mb(values: list[float]) -> str:

@@ -30,11 +30,15 @@ import torch
 from ..ops import ReduceOp, combine_
 from ..p2p import P2P, chunk_bounds, weighted_bounds
 
-# 2 MiB chunks: a 16 MiB tensor is 8 chunks, enough to keep both directions of every link
-# busy, while each message (chunk / n) stays large next to a message's fixed cost (on loopback
-# with 4 ranks, 16 MiB took 34 ms in 2 MiB chunks, 48 ms in 1 MiB ones; ring 36 ms).
-CHUNK_BYTES = 2 << 20
-WINDOW = 2  # chunks whose reduce-scatter (or scatter) is posted ahead of the one in hand
+# Chunks: the pipeline fills with the first chunk's reduce-scatter and drains with the last
+# one's all-gather, when a slow rank's link works in one direction only, so the time is about
+# (1 + 1/chunks) x the bound; every chunk costs 2(n-1) messages. Measured in the lab of links
+# 1,1,1 Gbit + 250 Mbit, 16 MiB (docs/benchmarks.md): 2 MiB chunks 680 ms, 1 MiB 636 ms,
+# 512 KiB 591 ms, 256 KiB 575 ms (bound 537 ms). So: up to 64 chunks, none below 256 KiB.
+MAX_CHUNKS = 64
+MIN_CHUNK_BYTES = 256 << 10
+WINDOW = 2  # chunks whose reduce-scatter (or scatter) is posted ahead; 3 or 4 were slower
+           # (more data queued at a slow link's shaper, more drops)
 
 
 # --- the plan -------------------------------------------------------------------------------
@@ -94,13 +98,19 @@ def aware_shape(n: float, p: int) -> tuple[float, float, float]:
     costs two message latencies (reduce-scatter, all-gather); shares are S/p as for a ring."""
     if p <= 1:
         return 0, 0.0, 0.0
-    chunks = max(1, math.ceil(n / CHUNK_BYTES))
     share = (p - 1) / p
-    return 2 * chunks, 2 * share * n, share * n
+    return 2 * chunk_count(n), 2 * share * n, share * n
 
 
-def _chunks(buf: torch.Tensor, chunk_bytes: int) -> list[tuple[int, int]]:
-    count = max(1, math.ceil(buf.numel() * buf.element_size() / max(1, chunk_bytes)))
+def chunk_count(nbytes: float) -> int:
+    """How many chunks a tensor of ``nbytes`` is cut into (see MAX_CHUNKS)."""
+    return max(1, min(MAX_CHUNKS, math.ceil(nbytes / MIN_CHUNK_BYTES)))
+
+
+def _chunks(buf: torch.Tensor, chunk_bytes: int | None) -> list[tuple[int, int]]:
+    nbytes = buf.numel() * buf.element_size()
+    count = (chunk_count(nbytes) if chunk_bytes is None
+             else max(1, math.ceil(nbytes / max(1, chunk_bytes))))
     return chunk_bounds(buf.numel(), min(count, buf.numel()))
 
 
@@ -113,7 +123,7 @@ def _shards(chunk: tuple[int, int], weights: list[float]) -> list[tuple[int, int
 # --- all-reduce -----------------------------------------------------------------------------
 
 def aware_all_reduce(buf: torch.Tensor, op: ReduceOp, p2p: P2P,
-                     chunk_bytes: int = CHUNK_BYTES) -> None:
+                     chunk_bytes: int | None = None) -> None:
     """All-reduce ``buf`` (1-D, contiguous) in place with shards sized to the links.
 
     Shares come from :func:`aware_weights` of ``p2p.rates()`` (equal without a topology).
@@ -196,7 +206,7 @@ def _broadcast_weights(rates: list[float] | None, n: int, root: int) -> list[flo
 
 
 def aware_broadcast(buf: torch.Tensor, root: int, p2p: P2P,
-                    chunk_bytes: int = CHUNK_BYTES) -> None:
+                    chunk_bytes: int | None = None) -> None:
     """Copy ``buf`` (1-D, contiguous) of rank ``root`` into ``buf`` on every rank of ``p2p``.
 
     Per chunk the root sends piece j to non-root rank j (tag 2c), and j forwards it to every

@@ -31,6 +31,7 @@ which is all the sequential phases need.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -40,6 +41,12 @@ from ..p2p import P2P, chunk_bounds
 from .ring import ring_all_reduce, ring_reduce_scatter, ring_shape
 
 Inter = Callable[[torch.Tensor, ReduceOp, P2P], None]
+
+# The pipeline's fill (the first chunk's step 1) and drain (the last one's step 3) are the
+# intra-host time left over; 8 chunks leave an eighth of it, and 1 MiB chunks keep every
+# message large next to its fixed cost.
+MAX_CHUNKS = 8
+MIN_CHUNK_BYTES = 1 << 20
 
 
 def host_members(p2p: P2P) -> list[list[int]] | None:
@@ -77,18 +84,52 @@ def ring_all_gather(buf: torch.Tensor, p2p: P2P) -> None:
 
 def _uniform(buf: torch.Tensor, op: ReduceOp, p2p: P2P, hosts: list[list[int]],
              inter: Inter) -> None:
-    """Steps 1-3 on ``hosts`` (positions in ``p2p``), all of the same length L."""
+    """Steps 1-3 on ``hosts`` (positions in ``p2p``), all of the same length L, pipelined
+    over chunks: while chunk c crosses the hosts, the host reduces chunk c+1 and gathers
+    chunk c-1.
+
+    Two threads: this one runs the intra-host steps (1, 3) in a fixed order, a second one
+    the inter-host step (2) of each chunk as soon as its step 1 is done. They talk over
+    disjoint pairs of processes (inside a host / across hosts), and each pair's messages
+    keep one thread's order, so tags from 0 per exchange cannot be confused.
+    """
     host = next(h for h in hosts if p2p.rank in h)
     local = host.index(p2p.rank)
-    intra = p2p.view(host)
-    # (1) buf: (numel,); afterwards only buf[lo:hi], (about numel / L,), holds this host's
-    # partial result, and the bounds are the same on every host because L is.
-    lo, hi = ring_reduce_scatter(buf, op, intra)
-    # (2) the same piece on the same local index of every host; a slice of a 1-D contiguous
-    # tensor is contiguous, as every algorithm wants.
-    inter(buf[lo:hi], op, p2p.view([h[local] for h in hosts]))
-    # (3) ring_reduce_scatter's ownership is ring_all_gather's starting point.
-    ring_all_gather(buf, intra)
+    intra, across = p2p.view(host), p2p.view([h[local] for h in hosts])
+    chunks = chunk_bounds(buf.numel(), chunk_count(buf.numel() * buf.element_size(),
+                                                   buf.numel()))
+
+    def reduce_scatter(c: int) -> tuple[int, int]:
+        # (1) chunk: (k,); afterwards only chunk[lo:hi], (about k / L,), holds this host's
+        # partial result, and the bounds are the same on every host because L is.
+        a, b = chunks[c]
+        return ring_reduce_scatter(buf[a:b], op, intra)
+
+    def across_hosts(c: int, lo: int, hi: int) -> None:
+        # (2) the same piece on the same local index of every host; a slice of a 1-D
+        # contiguous tensor is contiguous, as every algorithm wants.
+        a = chunks[c][0]
+        inter(buf[a + lo:a + hi], op, across)
+
+    if len(chunks) == 1:
+        across_hosts(0, *reduce_scatter(0))
+        ring_all_gather(buf, intra)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="gradsync-inter") as pool:
+        pending = []
+        for c in range(len(chunks) + 1):
+            if c < len(chunks):
+                pending.append(pool.submit(across_hosts, c, *reduce_scatter(c)))
+            if c >= 1:
+                pending[c - 1].result()
+                # (3) ring_reduce_scatter's ownership is ring_all_gather's starting point.
+                a, b = chunks[c - 1]
+                ring_all_gather(buf[a:b], intra)
+
+
+def chunk_count(nbytes: int, numel: int) -> int:
+    """Chunks of the pipeline: up to MAX_CHUNKS, none below MIN_CHUNK_BYTES."""
+    return max(1, min(MAX_CHUNKS, nbytes // MIN_CHUNK_BYTES, numel))
 
 
 def hierarchical_all_reduce(buf: torch.Tensor, op: ReduceOp, p2p: P2P,
