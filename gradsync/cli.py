@@ -104,6 +104,10 @@ def _run_worker(config) -> int:
         return 0
     except CheckpointRefusedError:
         return EXIT_USAGE  # rank 0 prints the reason
+    except comm.TopologyError as exc:  # every rank checks the same file against the world
+        if rank == "0":
+            _say(f"gradsync: error: --topology: {exc}")
+        return EXIT_USAGE
     except NonFiniteGradientError as exc:  # raised by every worker at the same step
         if architecture.worker_rank == 0:
             _say(f"gradsync: error: {exc}")

@@ -80,6 +80,10 @@ def test_bad_input_gets_one_clear_line(tmp_path, capfd):
     for lr in ("inf", "1e300", "nan", "-1"):
         refused(["--lr", lr], "--lr", "positive")
     refused(["--timeout", "inf"], "--timeout")
+    refused(["--topology", str(tmp_path / "nope.json")], "cannot read topology file",
+            "nope.json")
+    (tmp_path / "bad.json").write_text('{"hosts": [{"ranks": [0], "rate_mbit": -5}]}')
+    refused(["--topology", str(tmp_path / "bad.json")], "rate_mbit -5", "positive")
     refused(["--resume", "--overwrite", "--checkpoint-dir", str(tmp_path)], "--overwrite")
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
@@ -92,6 +96,11 @@ def test_bad_input_gets_one_clear_line(tmp_path, capfd):
         refused(["--port", str(port)], str(port))
     # And once through a real process, as a user meets it.
     _one_line_error(gradsync("train", "--workers", "0"), "--workers", "0")
+    # A topology for another world is found by the ranks: still one line, exit 2.
+    (tmp_path / "three.json").write_text('{"hosts": [{"ranks": [0]}, {"ranks": [1]}, '
+                                         '{"ranks": [2]}]}')
+    _one_line_error(gradsync("train", "--workers", "2", "--steps", "2", "--topology",
+                             str(tmp_path / "three.json")), "--topology", "'h2' lists rank 2")
 
 
 @pytest.mark.timeout(180)

@@ -39,14 +39,14 @@ def test_json_round_trip_and_description(tmp_path):
     ('{"hosts": [{"ranks": [0, 1]}, {"ranks": [1, 2]}]}', "rank 1 is on two hosts"),
     ('{"hosts": [{"ranks": [0, 1, 2, 3]}]}', "lists rank 3, but the group has ranks 0..2"),
     ('{"hosts": [{"ranks": [0], "rate_mbit": 0}, {"ranks": [1, 2], "rate_mbit": 5}]}',
-     "link rate 0.0; it must be a positive number"),
+     "rate_mbit 0; it must be a positive number"),
     ('{"hosts": [{"ranks": [0], "rate_mbit": 10}, {"ranks": [1, 2]}]}', "have no rate while"),
     ('{"hosts": [{"name": "x", "ranks": [0]}, {"name": "x", "ranks": [1, 2]}]}', "appears twice"),
     ('{"hosts": [{"ranks": []}, {"ranks": [0, 1, 2]}]}', "has no ranks"),
 ])
 def test_a_topology_that_does_not_fit_the_group_is_named(text, message):
     with pytest.raises(TopologyError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        Topology.from_json(text).validate(3)
+        Topology.from_json(text, source="t.json").validate(3)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -188,3 +188,44 @@ def _wrong_size(rank, n):
 def test_a_topology_for_another_world_is_refused():
     assert run_workers(_wrong_size, 3, timeout=50) == ["ranks [2] are on no host (the group "
                                                        "has 3 ranks)"] * 3
+
+
+# --- DataParallel on a network -------------------------------------------------------------
+
+def _train(rank, n, rates, algorithm):
+    import hashlib
+
+    import torch
+
+    from gradsync import comm
+    from gradsync.allreduce import DataParallel
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Tanh(), torch.nn.Linear(512, 4))
+    topo = Topology(tuple(HostLink(f"h{r}", (r,), rate * GBIT) for r, rate in enumerate(rates)))
+    dp = DataParallel(model, algorithm=algorithm, topology=topo)
+    opt = torch.optim.SGD(dp.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(100 + rank)
+    for _ in range(3):
+        x, y = torch.randn(16, 512, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(dp(x), y).backward()
+        opt.step()
+    digest = hashlib.sha1()
+    for p in model.parameters():
+        digest.update(p.detach().numpy().tobytes())
+    return dp.bucket_algorithms, digest.hexdigest(), comm.world().topology == topo
+
+
+@pytest.mark.timeout(120)
+def test_data_parallel_auto_uses_the_topology_and_the_result_does_not_depend_on_it():
+    """auto picks aware for 1 MiB buckets on unequal links (the native ring on equal ones),
+    and aware's sums run in rank order whatever the shards: the parameters after training on
+    unequal links equal, bit for bit, those of aware on equal links."""
+    unequal = run_workers(_train, 4, (1, 1, 1, .25), "auto", timeout=100)
+    equal = run_workers(_train, 4, (1, 1, 1, 1), "auto", timeout=100)
+    forced = run_workers(_train, 4, (1, 1, 1, 1), "aware", timeout=100)
+    assert all(r[2] for r in unequal + equal + forced)
+    assert all("aware" in r[0] for r in unequal) and unequal[0][0][0] == "aware"
+    assert all(set(r[0]) == {"native"} for r in equal)
+    assert len({r[1] for r in unequal + forced}) == 1

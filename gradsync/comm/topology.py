@@ -83,9 +83,9 @@ class Topology:
 
     # --- checking ------------------------------------------------------------------------
 
-    def validate(self, world_size: int) -> "Topology":
-        """Return self if it describes a group of ``world_size`` ranks, else raise
-        :class:`TopologyError` naming what differs."""
+    def check(self) -> "Topology":
+        """Return self if it is well formed whatever the group (names, ranks, rates), else
+        raise :class:`TopologyError` naming what is wrong."""
         if not self.hosts:
             raise TopologyError("the topology lists no hosts")
         seen: dict[int, str] = {}
@@ -97,24 +97,34 @@ class Topology:
             if not host.ranks:
                 raise TopologyError(f"host {host.name!r} has no ranks")
             for r in host.ranks:
-                if not 0 <= r < world_size:
-                    raise TopologyError(f"host {host.name!r} lists rank {r}, but the group has "
-                                        f"ranks 0..{world_size - 1}")
+                if r < 0:
+                    raise TopologyError(f"host {host.name!r} lists rank {r}")
                 if r in seen:
                     raise TopologyError(f"rank {r} is on two hosts, {seen[r]!r} and "
                                         f"{host.name!r}")
                 seen[r] = host.name
             if host.rate is not None and not (math.isfinite(host.rate) and host.rate > 0):
-                raise TopologyError(f"host {host.name!r} has link rate {host.rate}; it must be "
-                                    f"a positive number")
-        missing = sorted(set(range(world_size)) - set(seen))
+                raise TopologyError(f"host {host.name!r} has rate_mbit "
+                                    f"{host.rate * 8 / 1e6:g}; it must be a positive number")
+        if any(h.rate is None for h in self.hosts) and not self.measured:
+            if any(h.rate is not None for h in self.hosts):
+                unrated = [h.name for h in self.hosts if h.rate is None]
+                raise TopologyError(f"hosts {unrated} have no rate while others do")
+        return self
+
+    def validate(self, world_size: int) -> "Topology":
+        """Return self if it describes a group of ``world_size`` ranks, else raise
+        :class:`TopologyError` naming what differs."""
+        self.check()
+        for host in self.hosts:
+            outside = [r for r in host.ranks if r >= world_size]
+            if outside:
+                raise TopologyError(f"host {host.name!r} lists rank {outside[0]}, but the group "
+                                    f"has ranks 0..{world_size - 1}")
+        missing = sorted(set(range(world_size)) - {r for h in self.hosts for r in h.ranks})
         if missing:
             raise TopologyError(f"ranks {missing} are on no host (the group has "
                                 f"{world_size} ranks)")
-        if any(h.rate is None for h in self.hosts) and not all(h.rate is None
-                                                               for h in self.hosts):
-            unrated = [h.name for h in self.hosts if h.rate is None]
-            raise TopologyError(f"hosts {unrated} have no rate while others do")
         return self
 
     def fingerprint(self) -> int:
@@ -153,7 +163,10 @@ class Topology:
             hosts.append(HostLink(str(entry.get("name", f"h{i}")), tuple(sorted(entry["ranks"])),
                                   None if rate is None else float(rate) * 1e6 / 8))
         hosts.sort(key=lambda h: min(h.ranks, default=0))
-        return cls(tuple(hosts))
+        try:
+            return cls(tuple(hosts)).check()
+        except TopologyError as exc:
+            raise TopologyError(f"{source}: {exc}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Topology":
