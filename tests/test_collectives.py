@@ -16,7 +16,8 @@ import torch
 
 from tests.distributed import run_workers
 
-ALGOS = ["native", "reduce_broadcast", "ring", "tree", "halving_doubling", "auto"]
+ALGOS = ["native", "reduce_broadcast", "ring", "tree", "halving_doubling", "aware", "hierarchical",
+         "auto"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64]
 OPS = ["sum", "avg", "max", "min", "prod"]
 
