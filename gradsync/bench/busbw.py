@@ -15,20 +15,12 @@ from .sweep import FACTORS, SweepConfig, format_size
 # --- bounds in a lab ---------------------------------------------------------------------------
 
 def aware_bound(rates: list[float]) -> float:
-    """busbw bound of an all-reduce whose shards are sized to each host's link (bytes/s).
+    """busbw bound of an all-reduce whose shards are sized to each host's link (bytes/s):
+    the busbw that :func:`gradsync.comm.algorithms.aware_bound`'s time gives. With equal
+    links it is the link rate, as for a ring; a very slow host bounds it at S / B_slow."""
+    from ..comm.algorithms import aware_bound as aware_seconds
 
-    Host i owning a shard of s_i bytes sends and receives S + (n-2) s_i bytes
-    (shared/ANCHORS.md). The best sizing makes the hosts that own shards finish together,
-    and no host moves less than S, so a very slow host owns nothing and still bounds the
-    time at S / B_i. With equal links the bound is the link rate, as for a ring.
-    """
-    n, lo, hi = len(rates), 0.0, 2.0 / min(rates)  # time T for S = 1 byte lies in [lo, hi]
-    if n > 2:
-        for _ in range(200):  # bisection: the shards that finish within T must cover S
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if sum(max(0.0, mid * b - 1) for b in rates) < n - 2 else (lo, mid)
-    t = max(hi if n > 2 else 0.0, 1 / min(rates))
-    return FACTORS["all_reduce"](n) / t
+    return FACTORS["all_reduce"](len(rates)) / aware_seconds(1.0, rates)
 
 
 def lab_bounds(op: str, rates_bits: list[int], procs_per_host: int = 1) -> dict:

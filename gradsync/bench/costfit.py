@@ -8,6 +8,8 @@ model's shape formulas) and, with ``--calibrate``, of gradsync.comm.calibrate()'
 
 from __future__ import annotations
 
+import json
+
 from .sweep import format_size
 
 
@@ -48,7 +50,7 @@ def _fmt_model(model) -> str:
 
 def cost_model_report(raw: dict, rows: list[dict]) -> dict | None:
     """Print the comparison; returns it for the JSON (None if fewer than 2 algorithms)."""
-    from ..comm import CostModel
+    from ..comm import CostModel, Topology
 
     p = raw["world"]
     medians: dict[str, dict[int, float]] = {}
@@ -64,6 +66,8 @@ def cost_model_report(raw: dict, rows: list[dict]) -> dict | None:
     if raw["calibrated"] is not None:
         models["calibrate()"] = CostModel(**raw["calibrated"])
     candidates = tuple(medians)
+    # The ranks' measured topology, so that the picks are the ones auto makes on it.
+    topology = Topology.from_json(json.dumps(raw["topology"])) if raw.get("topology") else None
     print("#\n# which all_reduce algorithm: measured fastest vs each cost model's pick among "
           "those measured; t(pick)/t(fastest) from this sweep")
     print(f"# {'size':>8} {'fastest':>16}" + "".join(f" {name + ' picks':>26}" for name in models))
@@ -71,7 +75,8 @@ def cost_model_report(raw: dict, rows: list[dict]) -> dict | None:
     for size in sizes:
         t = {a: by_size[size] for a, by_size in medians.items()}
         best = min(t, key=t.get)
-        chosen = {name: m.choose(size, p, candidates) for name, m in models.items()}
+        chosen = {name: m.choose(size, p, candidates, topology=topology)
+                  for name, m in models.items()}
         picks.append({"bytes": size, "fastest": best, "picks": chosen})
         print(f"# {format_size(size):>8} {best:>16}" + "".join(
             f" {pick:>18} {t[pick] / t[best]:6.2f}x" for pick in chosen.values()))
