@@ -80,6 +80,13 @@ def test_bad_input_gets_one_clear_line(tmp_path, capfd):
     for lr in ("inf", "1e300", "nan", "-1"):
         refused(["--lr", lr], "--lr", "positive")
     refused(["--timeout", "inf"], "--timeout")
+    refused(["--compression", "topk:0"], "topk:0", "between 0 and 1")
+    refused(["--compression", "topk:1.5"], "topk:1.5")
+    refused(["--compression", "powersgd:0"], "powersgd:0", "rank")
+    refused(["--compression", "zip"], "zip", "fp16")
+    refused(["--compression-warmup", "-1"], "--compression-warmup")
+    refused(["--arch", "ps", "--compression", "powersgd:2"], "powersgd", "allreduce")
+    refused(["--arch", "ddp", "--compression", "fp16"], "--compression", "ddp")
     refused(["--topology", str(tmp_path / "nope.json")], "cannot read topology file",
             "nope.json")
     (tmp_path / "bad.json").write_text('{"hosts": [{"ranks": [0], "rate_mbit": -5}]}')

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .. import comm
 from ..checkpoint import CheckpointRefusedError
+from ..compress.spec import make_hook
 from .data_parallel import DataParallel
 
 
@@ -19,7 +20,8 @@ class AllReduceArchitecture:
 
     def __init__(self, group: comm.Group, *, algorithm: str = "auto",
                  bucket_cap_mb: float = 25.0, nonfinite: str = "error",
-                 topology: str | None = "probe"):
+                 topology: str | None = "probe", compression: str = "none",
+                 compression_warmup: int = 0):
         self.group = group
         self.worker_rank = group.rank
         self.num_workers = group.size
@@ -28,12 +30,18 @@ class AllReduceArchitecture:
         self.algorithm, self.bucket_cap_mb, self.nonfinite = algorithm, bucket_cap_mb, nonfinite
         # "off" ignores the network; "probe" measures it; else a topology file.
         self.topology = None if topology == "off" else topology
+        self.compression, self.compression_warmup = compression, compression_warmup
+        self._hook_state = None
         self.model: DataParallel | None = None
 
     def prepare(self, model, make_optimizer, start_step=0):
         self.model = DataParallel(model, group=self.group, algorithm=self.algorithm,
                                   bucket_cap_mb=self.bucket_cap_mb, nonfinite=self.nonfinite,
                                   topology=self.topology)
+        hook = make_hook(self.compression, self.group, self.compression_warmup)
+        if hook is not None:
+            self._hook_state = hook[0]
+            self.model.register_comm_hook(*hook)
         return self.model, make_optimizer(self.model.parameters())
 
     def serve(self, model, make_optimizer, save=None, restored=None):
@@ -72,8 +80,13 @@ class AllReduceArchitecture:
     def finish(self) -> dict:
         if self.model is None:
             return {"nonfinite_skipped": 0}
-        return {"nonfinite_skipped": self.model.stats.skipped_steps,
-                "bucket_algorithms": self.model.bucket_algorithms}
+        out = {"nonfinite_skipped": self.model.stats.skipped_steps,
+               "bucket_algorithms": self.model.bucket_algorithms}
+        if self._hook_state is not None:
+            stats = self._hook_state.stats
+            out.update(compression=self.compression, compression_ratio=stats.ratio,
+                       compress_s=stats.compress_s, bucket_algorithms=None)
+        return out
 
 
 class BaselineArchitecture(AllReduceArchitecture):

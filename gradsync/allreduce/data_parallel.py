@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .. import comm
+from ..compress.bucket import GradBucket, result_tensor
 from .buckets import Bucket, build_buckets
 from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, describe, find_culprits
 
@@ -141,6 +142,7 @@ class DataParallel(nn.Module):
             for i, p in enumerate(bucket.params):
                 self._handles.append(p.register_post_accumulate_grad_hook(
                     partial(self._on_grad, b, i)))
+        self._hook = self._hook_state = None
         self._require_sync = True
         self._reset_step()
 
@@ -168,6 +170,19 @@ class DataParallel(nn.Module):
             yield
         finally:
             self._require_sync = previous
+
+    def register_comm_hook(self, state, hook) -> None:
+        """Average every bucket with ``hook(state, bucket)`` instead of the all-reduce (DDP's
+        contract, see :mod:`gradsync.compress.bucket`): e.g. the compressors of
+        :mod:`gradsync.compress`, or a hook written for DDP. Call it once, before the first
+        backward."""
+        if self._hook is not None:
+            raise RuntimeError("a comm hook is already registered; register one only once")
+        if self.stats.sync_steps or self._works:
+            raise RuntimeError("register_comm_hook must be called before the first backward")
+        if not callable(hook):
+            raise TypeError(f"hook must be callable as hook(state, bucket), got {hook!r}")
+        self._hook, self._hook_state = hook, state
 
     def bucket_layout(self) -> list[list[str]]:
         """Parameter names per bucket, in launch order."""
@@ -221,7 +236,9 @@ class DataParallel(nn.Module):
         keeps float16 sums from overflowing.
         """
         view = bucket.view(i)
-        n = self.group.size
+        # With a comm hook the bucket holds this rank's own gradients: averaging is the
+        # hook's job (DDP's contract), so hooks written for DDP divide once, as there.
+        n = self.group.size if self._hook is None else 1
         if grad is None:
             view.zero_()
         elif grad.data_ptr() != view.data_ptr():
@@ -238,10 +255,27 @@ class DataParallel(nn.Module):
         while self._next < len(self._buckets) and self._buckets[self._next].is_full():
             flat = self._buckets[self._next].flat
             self._local_finite &= comm.all_finite(flat)
-            self._works.append(comm.all_reduce_async(
-                flat, op="sum", group=self.group,
-                algorithm=self.bucket_algorithms[self._next]))
+            if self._hook is None:
+                work = comm.all_reduce_async(flat, op="sum", group=self.group,
+                                             algorithm=self.bucket_algorithms[self._next])
+            else:
+                work = self._call_hook(self._buckets[self._next])
+            self._works.append(work)
             self._next += 1
+
+    def _call_hook(self, bucket: Bucket):
+        """Start the hook on ``bucket``; the handle's ``wait()`` leaves the average in it."""
+        view = GradBucket(bucket.index, bucket.flat, bucket.params, bucket.offsets,
+                          bucket.index == len(self._buckets) - 1, self.group)
+        handle = self._hook(self._hook_state, view)
+
+        def finish():
+            result = result_tensor(handle.wait())
+            if result.data_ptr() != bucket.flat.data_ptr():
+                bucket.flat.copy_(result.view(-1))
+            return bucket.flat
+
+        return comm.Work(finish)
 
     def _finish_backward(self) -> None:
         missing = [(b, i) for b, bucket in enumerate(self._buckets)

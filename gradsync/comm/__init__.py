@@ -13,6 +13,7 @@ The modules read downhill, without import circles (a test walks them):
                                registry.py, the one table of them
     cost_model, check          the alpha-beta-gamma choice; check mode
     collectives                the primitives, on the engine or on an own algorithm
+    per_rank                   all_gather, gather, scatter, reduce_scatter (a list per rank)
     probe                      measuring the topology on the live group; agreeing on it
     calibrate, reference       fitting the cost model; torch's DDP as a baseline
 """
@@ -21,10 +22,10 @@ from .algorithms.registry import (ALL_REDUCE_ALGORITHMS, REGISTRY, AllReduceAlgo
                                   check_algorithm)
 from .calibrate import calibrate
 from .check import verify_tensors
-from .collectives import (Work, all_gather, all_gather_async, all_reduce,
-                          all_reduce_async, barrier, broadcast, broadcast_async, dist_sum, gather,
-                          gather_async, reduce, reduce_async, reduce_scatter,
-                          reduce_scatter_async, scatter, scatter_async)
+from .collectives import (BROADCAST_ALGORITHMS, Work, all_reduce, all_reduce_async, barrier,
+                          broadcast, broadcast_async, dist_sum, reduce, reduce_async)
+from .per_rank import (all_gather, all_gather_async, gather, gather_async, reduce_scatter,
+                       reduce_scatter_async, scatter, scatter_async)
 from .cost_model import DEFAULT_COST_MODEL, CostModel, network_candidates
 from .engine import Engine
 from .errors import CollectiveMismatchError, CommError, CommTimeoutError, PeerLostError
@@ -37,7 +38,7 @@ from .ops import ReduceOp, all_finite
 from .p2p import irecv, isend, recv, send
 
 __all__ = [
-    "ALL_REDUCE_ALGORITHMS", "AllReduceAlgorithm", "CollectiveMismatchError", "Engine",
+    "ALL_REDUCE_ALGORITHMS", "AllReduceAlgorithm", "BROADCAST_ALGORITHMS", "CollectiveMismatchError", "Engine",
     "HostLink", "Topology", "TopologyError", "detect_topology", "probe_topology",
     "set_topology", "network_candidates", "DEFAULT_COST_MODEL",
     "REGISTRY", "check_algorithm", "reference", "CommError", "CommStats",

@@ -37,3 +37,17 @@ class Work:
     def is_completed(self) -> bool:
         """True once the operation has finished (without waiting for it)."""
         return self._done or (self._poll is not None and self._poll())
+
+    def value(self):
+        """The result (waits if needed): ``torch.futures.Future.value``'s name."""
+        return self.wait()
+
+    def then(self, callback: Callable[["Work"], object]) -> "Work":
+        """A Work whose ``wait()`` finishes this one, then returns ``callback(self)``, as
+        ``torch.futures.Future.then`` (the callback reads the result with ``value()``):
+        e.g. a hook's decompression after its all-reduce."""
+        def finish():
+            self.wait()
+            return callback(self)
+
+        return Work(finish, poll=self.is_completed)

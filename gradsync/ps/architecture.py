@@ -7,7 +7,8 @@ serves until the workers are done; a worker trains with a :class:`PSWorker` and 
 workers hold slightly different parameters, and a dropped worker must not stall a collective.
 
 A checkpoint holds each server's shard and optimizer state in that server's own file; the
-first worker writes the model it pulled and commits once every server has saved.
+first worker writes the model it pulled and commits once every server has saved. (A top-k
+worker's error-feedback residual is not in it: a resumed run starts it from zero.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 
 from .. import comm
+from .compression import check_compression
 from .server import ParameterServer, ServerConfig, ServerStats
 from .sharding import gather_shard, shard_layout
 from .worker import PSWorker, RemoteOptimizer
@@ -24,19 +26,26 @@ log = logging.getLogger(__name__)
 
 class PSArchitecture:
     """``nonfinite``: what a server does with a pushed gradient holding NaN or Inf, "error"
-    or "skip" (see :class:`ServerConfig`)."""
+    or "skip" (see :class:`ServerConfig`). ``compression``: how workers push, none, fp16,
+    bf16 or topk:RATIO (``compression.py``; powersgd is refused with a ValueError), after
+    ``compression_warmup`` steps of plain pushes."""
 
     name = "ps"
 
     def __init__(self, servers: int, consistency: str, staleness: int, group: comm.Group,
-                 max_steps: int | None = None, nonfinite: str = "error"):
+                 max_steps: int | None = None, nonfinite: str = "error",
+                 compression: str = "none", compression_warmup: int = 0):
+        self.compression = check_compression(compression)  # first: a usage error
+        if compression_warmup < 0:
+            raise ValueError(f"compression_warmup must be >= 0, not {compression_warmup}")
+        self.compression_warmup = compression_warmup
         if group.size <= servers:
             raise ValueError(f"--servers {servers} leaves no worker in a world of {group.size}")
         self.group = group
         self.servers = list(range(servers))
         self.workers = list(range(servers, group.size))
         self.config = ServerConfig(consistency, staleness if consistency == "ssp" else 0,
-                                   max_steps, nonfinite)
+                                   max_steps, nonfinite, self.compression)
         self.is_worker = group.rank >= servers
         self.worker_rank = group.rank - servers if self.is_worker else -1
         self.num_workers = len(self.workers)
@@ -53,7 +62,9 @@ class PSArchitecture:
 
     def prepare(self, model, make_optimizer, start_step=0):
         self.worker = PSWorker(model, self._layout(model), self.servers, self.group.rank,
-                               self.group, start_step=start_step)
+                               self.group, start_step=start_step, compression=self.compression,
+                               compression_warmup=self.compression_warmup,
+                               num_workers=self.num_workers)
         return self.worker, RemoteOptimizer(self.worker)
 
     def serve(self, model, make_optimizer, save=None, restored=None) -> ServerStats:
@@ -96,6 +107,12 @@ class PSArchitecture:
         return {
             "servers": len(self.servers), "consistency": self.config.consistency,
             "bytes_pushed_per_step_per_worker": self.worker.bytes_pushed / steps,
+            # this worker's pushes: what went out against what plain pushes would have sent
+            "compression": str(self.compression),
+            "compression_ratio": (self.worker.bytes_dense / self.worker.bytes_pushed
+                                  if self.worker.bytes_pushed else 1.0),
+            "bytes_dense_per_step_per_worker": self.worker.bytes_dense / steps,
+            "compress_s": self.worker.compress_s,
             "bytes_pulled_per_step_per_worker": self.worker.bytes_pulled / steps,
             "bytes_received_per_step_per_server": [s.bytes_received / steps for s in stats],
             "bytes_sent_per_step_per_server": [s.bytes_sent / steps for s in stats],

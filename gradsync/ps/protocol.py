@@ -5,7 +5,11 @@ server, and every reply, is
 
     header: int64[10] = [MAGIC, kind, step, shard, numel, version, sender, status, dtype, END]
     payload: PUSH (worker -> server): numel elements of the shard's dtype (code ``dtype``), then
-             the 8 bytes of END again, so that a payload shorter than declared is seen;
+             the 8 bytes of END again, so that a payload shorter than declared is seen; under
+             --compression fp16/bf16 the elements may be of that half dtype (holding the
+             gradient divided by the number of workers);
+             PUSH_SPARSE (worker -> server, --compression topk): numel entries, int64 indices
+             then values of the shard's dtype, then END (``compression.py``);
              PARAMS, ERROR, STATS (server -> worker): the tensor alone;
              CHECKPOINT, SAVED and DONE have none
 
@@ -61,6 +65,7 @@ class Kind(IntEnum):
     STATS = 5     # server -> worker, at the end: ServerStats as float64
     CHECKPOINT = 6  # worker -> server: at step ``step``, save your shard once all workers ask
     SAVED = 7     # server -> worker: the shard of that step is on disk (status: complete?)
+    PUSH_SPARSE = 8  # worker -> server: top-k of one shard's gradient; numel: entries
 
 
 class Status(IntEnum):
@@ -77,6 +82,7 @@ class Status(IntEnum):
     WRONG_DTYPE = 10
     NON_FINITE = 11
     WRONG_SENDER = 12
+    BAD_INDEX = 13  # a sparse push's index is out of range or repeated
 
 
 STATUS_TEXT = {
@@ -92,6 +98,7 @@ STATUS_TEXT = {
     Status.WRONG_DTYPE: "the payload's dtype does not match the shard",
     Status.NON_FINITE: "the gradient holds NaN or Inf values",
     Status.WRONG_SENDER: "the header names another sender",
+    Status.BAD_INDEX: "a sparse push's index is out of range or repeated",
 }
 
 
@@ -160,9 +167,16 @@ def dtype_name(code: int) -> str:
     return str(dtype).removeprefix("torch.") if dtype is not None else f"unknown dtype code {code}"
 
 
+def payload_nbytes(h: Header, dtype: torch.dtype) -> int:
+    """Bytes of the payload ``h`` declares (without END); ``dtype`` if its code is unknown."""
+    size = CODE_DTYPES.get(h.dtype, dtype).itemsize
+    return h.numel * (size + 8 if h.kind == Kind.PUSH_SPARSE else size)  # + int64 indices
+
+
 def validate(h: Header, *, shard: int, numel: int, step: int, dtype: torch.dtype | None = None,
              version: int | None = None, peer: int | None = None, max_steps: int | None = None,
-             checkpoints: bool = False) -> tuple[Status, str]:
+             checkpoints: bool = False, half: torch.dtype | None = None,
+             max_k: int | None = None) -> tuple[Status, str]:
     """Check the fields of a worker's header against what this server expects from it.
 
     Args:
@@ -175,6 +189,9 @@ def validate(h: Header, *, shard: int, numel: int, step: int, dtype: torch.dtype
         max_steps: pushes of steps >= this are out of range (None: no limit).
         checkpoints: whether this server saves checkpoints (else CHECKPOINT is a kind it
             does not take).
+        half: a PUSH may also carry this dtype (--compression fp16/bf16).
+        max_k: a PUSH_SPARSE may carry at most this many entries (--compression topk);
+            None: PUSH_SPARSE is a kind this server does not take.
 
     Returns:
         (Status.OK, "") or the first fault and a sentence saying what exactly was wrong.
@@ -187,11 +204,13 @@ def validate(h: Header, *, shard: int, numel: int, step: int, dtype: torch.dtype
         return Status.WRONG_SENDER, f"the header names sender {h.sender}, not rank {peer}"
     if h.kind not in Kind._value2member_map_:
         return Status.BAD_KIND, f"unknown message kind {h.kind}"
-    if h.kind not in (Kind.PUSH, Kind.DONE, Kind.CHECKPOINT):
+    if h.kind not in (Kind.PUSH, Kind.PUSH_SPARSE, Kind.DONE, Kind.CHECKPOINT):
         return Status.BAD_KIND, f"a worker does not send {Kind(h.kind).name} messages"
     if h.kind == Kind.CHECKPOINT and not checkpoints:
         return Status.BAD_KIND, "a CHECKPOINT request, but this run takes no checkpoints"
-    if h.kind != Kind.PUSH and h.numel != 0:
+    if h.kind == Kind.PUSH_SPARSE and max_k is None:
+        return Status.BAD_KIND, "a PUSH_SPARSE, but this run does not compress with top-k"
+    if h.kind not in (Kind.PUSH, Kind.PUSH_SPARSE) and h.numel != 0:
         return Status.WRONG_SIZE, (f"a {Kind(h.kind).name} message declares a payload of "
                                    f"{h.numel} elements; it has none")
     if h.kind == Kind.DONE:
@@ -209,11 +228,18 @@ def validate(h: Header, *, shard: int, numel: int, step: int, dtype: torch.dtype
     if version is not None and not 0 <= h.version <= version:
         return Status.VERSION_OUT_OF_RANGE, (f"it was computed on version {h.version} of the "
                                              f"shard; the server's versions are 0..{version}")
-    if h.numel != numel:
+    if h.kind == Kind.PUSH_SPARSE:
+        if not 0 <= h.numel <= max_k:
+            return Status.WRONG_SIZE, (f"it declares {h.numel} entries; a top-k push of this "
+                                       f"shard has at most {max_k}")
+    elif h.numel != numel:
         return Status.WRONG_SIZE, f"its payload has {h.numel} elements; the shard has {numel}"
-    if dtype is not None and CODE_DTYPES.get(h.dtype) != dtype:
+    # A sparse push's values are of the shard's dtype; a dense one's may be the half dtype.
+    allowed = (dtype,) if half is None or h.kind == Kind.PUSH_SPARSE else (dtype, half)
+    if dtype is not None and CODE_DTYPES.get(h.dtype) not in allowed:
+        also = f" (or {dtype_name(DTYPE_CODES[half])})" if len(allowed) > 1 else ""
         return Status.WRONG_DTYPE, (f"its payload is {dtype_name(h.dtype)}; the shard is "
-                                    f"{str(dtype).removeprefix('torch.')}")
+                                    f"{str(dtype).removeprefix('torch.')}{also}")
     return Status.OK, ""
 
 

@@ -17,7 +17,9 @@ written cost no memory), armed just before the receive:
   as the slot is armed again before every receive.
 
 Then :func:`protocol.validate` checks the header's fields, and a PUSH's payload is received
-only if the header is believable, into its own armed buffer, and checked for NaN and Inf.
+only if the header is believable, into its own armed buffer; a compressed push is decoded
+(``compression.py``: a sparse push's indices must be in range and distinct), its values are
+checked for NaN and Inf, and it becomes the shard's dense gradient.
 The header buffer is big enough to take a whole payload (a sender out of step sends its
 gradient where the header belongs: too long, not an abort).
 """
@@ -32,8 +34,9 @@ from typing import Callable
 import torch
 
 from .. import comm
+from .compression import PushRules, decode, densify
 from .protocol import (CODE_DTYPES, END_BYTES, HEADER_BYTES, HEADER_LEN, NOT_END_BYTES, TAG,
-                       Header, Kind, Status, validate)
+                       Header, Kind, Status, payload_nbytes, validate)
 
 SLACK_BYTES = 4 << 20  # beyond the expected end of any message; only the canary is written
 CANARY_BYTES = 256     # armed right after the expected end
@@ -47,7 +50,8 @@ class Message:
     header: Header
     status: Status = Status.OK
     text: str = ""  # what was wrong, naming the sender and the step; "" when OK
-    payload: torch.Tensor | None = None  # PUSH: the gradient, (numel,) of the shard's dtype
+    payload: torch.Tensor | None = None  # a push: the gradient, (numel,) of the shard's dtype
+    nbytes: int = 0  # a push: the payload's bytes on the wire, without END
 
 
 def _fields(nbytes: int) -> str:
@@ -62,14 +66,17 @@ class Receiver:
         shard, numel, dtype: this server's shard number, element count and dtype.
         max_steps: pushes of steps >= this are rejected (None: no limit).
         checkpoints: whether CHECKPOINT requests are taken.
+        rules: the compressed pushes taken beside dense ones (default: none).
     """
 
     def __init__(self, peer: int, group: comm.Group | None, shard: int, numel: int,
-                 dtype: torch.dtype, max_steps: int | None = None, checkpoints: bool = False):
+                 dtype: torch.dtype, max_steps: int | None = None, checkpoints: bool = False,
+                 rules: PushRules | None = None):
         self.peer, self.group = peer, group
         self.shard, self.numel, self.dtype = shard, numel, dtype
         self.max_steps, self.checkpoints = max_steps, checkpoints
-        self.payload_bytes = numel * dtype.itemsize
+        self.rules = rules or PushRules()
+        self.payload_bytes = self.rules.max_nbytes(dtype, numel)
         self.capacity = self.payload_bytes + TRAILER_BYTES + SLACK_BYTES
         self._header = torch.empty(HEADER_BYTES + self.capacity, dtype=torch.uint8)
         # Canaries a sender cannot guess; not torch's generator, which the training seeds.
@@ -91,13 +98,14 @@ class Receiver:
         if status == Status.OK:
             status, detail = validate(h, shard=self.shard, numel=self.numel, step=step,
                                       dtype=self.dtype, version=version(), peer=self.peer,
-                                      max_steps=self.max_steps, checkpoints=self.checkpoints)
+                                      max_steps=self.max_steps, checkpoints=self.checkpoints,
+                                      half=self.rules.half, max_k=self.rules.max_k)
         framed = status not in (Status.TOO_LONG, Status.TOO_SHORT, Status.BAD_MAGIC)
-        if not (framed and h.kind == Kind.PUSH):
+        if not (framed and h.kind in (Kind.PUSH, Kind.PUSH_SPARSE)):
             return self._verdict(h, status, detail, step)
         # A payload follows. Even after a bad header it is received (and dropped) when its
         # declared size fits, so that the sender's send completes and it reads our ERROR.
-        nbytes = h.numel * CODE_DTYPES.get(h.dtype, self.dtype).itemsize
+        nbytes = payload_nbytes(h, self.dtype)
         if not 0 <= nbytes <= self.payload_bytes + SLACK_BYTES - CANARY_BYTES:
             return self._verdict(h, status, detail, step)
         buf = torch.empty(self.capacity, dtype=torch.uint8)
@@ -105,15 +113,19 @@ class Receiver:
         comm.recv(buf, self.peer, self.group, TAG, what=f"push of step {h.step}")
         if status == Status.OK:
             status, detail = self._check(buf, nbytes, nbytes + TRAILER_BYTES, armed, "payload")
+        if status == Status.OK:
+            # (nbytes,) of the buffer; the slack stays attached, unwritten
+            status, detail, values, indices = decode(h.kind, h.numel, CODE_DTYPES[h.dtype],
+                                                     buf[:nbytes], self.numel)
         if status != Status.OK:
             return self._verdict(h, status, detail, step)
-        grad = buf[:nbytes].view(self.dtype)  # (numel,); the slack stays attached, unwritten
-        if not comm.all_finite(grad):
-            bad = self.numel - int(torch.isfinite(grad).sum())
+        if not comm.all_finite(values):
+            bad = values.numel() - int(torch.isfinite(values).sum())
             return Message(h, Status.NON_FINITE,
                            f"rank {self.peer} pushed a non-finite gradient at step {h.step}: "
-                           f"{bad} of its {self.numel} values are NaN or Inf", grad)
-        return Message(h, payload=grad)
+                           f"{bad} of its {values.numel()} values are NaN or Inf", None, nbytes)
+        grad = densify(values, indices, self.dtype, self.numel, self.rules)
+        return Message(h, payload=grad, nbytes=nbytes)
 
     def _verdict(self, h: Header, status: Status, detail: str, step: int) -> Message:
         if status == Status.OK:

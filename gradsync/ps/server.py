@@ -39,6 +39,8 @@ from typing import Any, Callable
 import torch
 
 from .. import comm
+from ..compress.spec import Compression
+from .compression import PushRules, check_compression
 from .consistency import MODES
 from .protocol import Header, Kind, PSProtocolError, ServerStats, Status, send_message
 from .receive import Message, Receiver
@@ -63,6 +65,9 @@ class ServerConfig:
     on); "skip" leaves it out (async/ssp: that push updates nothing; sync: the shard skips
     the whole step's update, for every worker; each server decides for its own shard, so
     the other shards of that step may still be updated) and logs a warning."""
+    compression: str | Compression = "none"
+    """The compressed pushes taken beside dense ones: none, fp16, bf16 or topk:RATIO
+    (``compression.py``; parsed, so that workers and servers agree on the exact ratio)."""
 
     def __post_init__(self):
         if self.consistency not in ("sync", "async", "ssp"):
@@ -71,6 +76,7 @@ class ServerConfig:
             raise ValueError(f"staleness must be >= 0, not {self.staleness}")
         if self.nonfinite not in ("error", "skip"):
             raise ValueError(f"nonfinite must be 'error' or 'skip', not {self.nonfinite!r}")
+        self.compression = check_compression(self.compression)  # ValueError: what is wrong
 
 
 class ParameterServer:
@@ -105,6 +111,8 @@ class ParameterServer:
         self.live, self.done = set(self.workers), set()  # done: workers that said DONE
         self._asked: dict[int, int] = {}  # worker -> step of its checkpoint request
         self.mode = MODES[config.consistency](self)
+        self.rules = PushRules.of(config.compression, self.param.dtype, self.param.numel(),
+                                  len(self.workers))
 
     # --- state --------------------------------------------------------------------------------
 
@@ -160,7 +168,8 @@ class ParameterServer:
         A rejected message ends the thread: that worker's stream is no longer trusted.
         """
         rx = Receiver(worker, self.group, self.index, self.param.numel(), self.param.dtype,
-                      self.config.max_steps, checkpoints=self.save is not None)
+                      self.config.max_steps, checkpoints=self.save is not None,
+                      rules=self.rules)
         step, skip = self.step, self.config.nonfinite == "skip"
         while True:
             try:
@@ -184,7 +193,7 @@ class ParameterServer:
                 continue
             if msg.status == Status.OK or (msg.status == Status.NON_FINITE and skip):
                 step = msg.header.step + 1
-                self.stats.bytes_received += msg.payload.numel() * msg.payload.element_size()
+                self.stats.bytes_received += msg.nbytes  # as pushed: compressed or not
                 self._inbox.put(("push", worker, msg))
                 continue
             self._inbox.put(("bad", worker, msg))

@@ -4,7 +4,8 @@ A hook on every parameter counts down the pieces of each shard; the moment a sha
 gradients are all there (late layers first, as backward produces them) it is pushed to its
 server while backward goes on, and the receive of that server's reply is posted at once.
 ``optimizer.step()`` (a :class:`RemoteOptimizer`) waits for the replies and writes the fresh
-parameters into the model: the update itself happens on the servers.
+parameters into the model: the update itself happens on the servers. Under ``compression``
+the push is a half cast or the top-k entries (``compression.py``); pulls stay full precision.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from .. import comm
+from ..compress.spec import Compression
+from .compression import PushCompressor, check_compression
 from .protocol import (DTYPE_CODES, END_BYTES, TAG, Header, Kind, PSProtocolError, ServerStats,
                        Status, empty_header, send_message, status_text)
 from .sharding import ShardLayout, gather_shard, scatter_shard
@@ -30,10 +33,16 @@ class PSWorker(nn.Module):
         servers: ranks of the servers in ``group``, server k holding shard k.
         rank: this worker's rank in ``group`` (sent in headers; the servers check it).
         start_step: steps already taken (a resumed run); pushes are numbered from it.
+        compression: none, fp16, bf16 or topk:RATIO (a spec or a parsed Compression).
+        compression_warmup: pushes of steps below this go out uncompressed.
+        num_workers: N, the workers of the run (a half push carries gradient / N); needed
+            with fp16 and bf16.
     """
 
     def __init__(self, module: nn.Module, layout: ShardLayout, servers: list[int], rank: int,
-                 group: comm.Group | None = None, start_step: int = 0):
+                 group: comm.Group | None = None, start_step: int = 0,
+                 compression: str | Compression = "none", compression_warmup: int = 0,
+                 num_workers: int | None = None):
         super().__init__()
         self.module = module
         self.layout = layout
@@ -55,11 +64,22 @@ class PSWorker(nn.Module):
         self._pull_bufs = [torch.empty(layout.shard_numel(k), dtype=dtype)
                            for k in range(len(servers))]
         self._pieces_per_shard = [len(layout.pieces(k)) for k in range(len(servers))]
+        self.compression = check_compression(compression)
+        self.compression_warmup = compression_warmup
+        self._compressor = None
+        if self.compression.name != "none":
+            if self.compression.name in ("fp16", "bf16") and not num_workers:
+                raise ValueError(f"--compression {self.compression} needs num_workers")
+            self._compressor = PushCompressor(self.compression,
+                                              [layout.shard_numel(k) for k in range(len(servers))],
+                                              dtype, num_workers or 1)
         self.versions = [0] * len(servers)
         self.start_step = start_step
         self.step_count = start_step
         self.comm_wait_s = 0.0
-        self.bytes_pushed = 0
+        self.bytes_pushed = 0  # payloads as sent, compressed or not (without END)
+        self.bytes_dense = 0   # what the same pushes would have sent uncompressed
+        self.compress_s = 0.0  # encoding pushes, inside backward
         self.bytes_pulled = 0
         self._works: list[comm.Work] = []
         self._replies: dict[int, tuple[torch.Tensor, comm.Work, comm.Work]] = {}
@@ -101,11 +121,16 @@ class PSWorker(nn.Module):
         # Gradients not there yet (None) are parameters without one this step: zeros.
         payload = gather_shard([p.grad for p in self._params], self.layout, k,
                                self._push_bufs[k])
-        header = Header(Kind.PUSH, step=self.step_count, shard=k, numel=payload.numel(),
-                        version=self.versions[k], sender=self.rank,
-                        dtype=self._dtype_code)
-        self._send(k, header, self._push_wire[k], f"push of shard {k} at step {self.step_count}")
-        self.bytes_pushed += payload.numel() * payload.element_size()
+        kind, code, numel, wire = Kind.PUSH, self._dtype_code, payload.numel(), self._push_wire[k]
+        if self._compressor is not None and self.step_count >= self.compression_warmup:
+            start = time.perf_counter()
+            kind, code, numel, wire = self._compressor.encode(k, payload)  # may change payload
+            self.compress_s += time.perf_counter() - start
+        header = Header(kind, step=self.step_count, shard=k, numel=numel,
+                        version=self.versions[k], sender=self.rank, dtype=code)
+        self._send(k, header, wire, f"push of shard {k} at step {self.step_count}")
+        self.bytes_pushed += wire.numel() - len(END_BYTES)
+        self.bytes_dense += payload.numel() * payload.element_size()
         self._post_reply(k)
         self._pushed[k] = True
 

@@ -63,7 +63,9 @@ def _allreduce(config: TrainConfig, group: comm.Group) -> Architecture:
     return AllReduceArchitecture(group, algorithm=config.allreduce.algorithm,
                                  bucket_cap_mb=config.allreduce.bucket_cap_mb,
                                  nonfinite=config.optim.on_nonfinite,
-                                 topology=config.allreduce.topology)
+                                 topology=config.allreduce.topology,
+                                 compression=config.compression.compression,
+                                 compression_warmup=config.compression.compression_warmup)
 
 
 def _baseline(config: TrainConfig, group: comm.Group) -> Architecture:
@@ -76,7 +78,9 @@ def _ps(config: TrainConfig, group: comm.Group) -> Architecture:
     from ..ps import PSArchitecture
 
     return PSArchitecture(config.ps.servers, config.ps.consistency, config.ps.staleness, group,
-                          nonfinite=config.optim.on_nonfinite)
+                          nonfinite=config.optim.on_nonfinite,
+                          compression=config.compression.compression,
+                          compression_warmup=config.compression.compression_warmup)
 
 
 # --arch name -> builder; the architectures import lazily, so a run loads only its own.

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..comm import ALL_REDUCE_ALGORITHMS, Topology, check_algorithm
+from ..compress.spec import parse as parse_compression
 from .workloads import WORKLOADS
 
 ARCHITECTURES = ("allreduce", "ps", "ddp", "local")  # the last two: baselines
@@ -91,6 +92,21 @@ class AllReduceConfig:
         _positive(self.bucket_cap_mb, BUCKET_MAX_MB, "bucket-cap-mb")
         if self.topology not in ("probe", "off"):
             Topology.load(self.topology)  # a TopologyError (a ValueError) names the problem
+
+
+@dataclass
+class CompressionConfig:
+    """Gradient compression (--arch allreduce: a comm hook; --arch ps: compressed pushes)."""
+
+    compression: str = field(default="none", metadata=_help(
+        "none, fp16, bf16, topk:RATIO (top-k with error feedback, e.g. topk:0.01) or "
+        "powersgd:RANK (all-reduce only)"))
+    compression_warmup: int = field(default=0, metadata=_help(
+        "steps sent uncompressed before compression starts"))
+
+    def __post_init__(self) -> None:
+        parse_compression(self.compression)  # a ValueError names what is wrong
+        _at_least(self.compression_warmup, 0, "compression-warmup")
 
 
 @dataclass
@@ -192,6 +208,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     allreduce: AllReduceConfig = field(default_factory=AllReduceConfig)
     ps: PSConfig = field(default_factory=PSConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     lab: LabConfig = field(default_factory=LabConfig)
@@ -209,3 +226,8 @@ class TrainConfig:
         if self.arch == "local" and self.launch.workers != 1:
             raise ValueError(f"--arch local trains one process alone; use --workers 1, "
                              f"not {self.launch.workers}")
+        if self.compression.compression != "none" and self.arch not in ("allreduce", "ps"):
+            raise ValueError(f"--compression is for --arch allreduce and ps, not {self.arch}")
+        if self.arch == "ps" and self.compression.compression.startswith("powersgd"):
+            raise ValueError("--compression powersgd is for --arch allreduce (its low-rank "
+                             "factors need an all-reduce); the PS takes fp16, bf16 or topk")

@@ -258,6 +258,10 @@ def format_summary(s: dict) -> str:
               "  communicated       " + (
                   f"{s['bytes_per_step_per_worker'] / 1e6:.3f} MB sent per step per worker"
                   if s["bytes_per_step_per_worker"] is not None else "not measured (torch DDP)")]
+    if s.get("compression", "none") != "none":
+        lines.append(f"  compression        {s['compression']}: "
+                     f"{s['compression_ratio']:.1f}x fewer gradient bytes than uncompressed"
+                     + (f", {s['compress_s']:.2f} s compressing" if "compress_s" in s else ""))
     skipped = s.get("nonfinite_skipped", 0)
     skipped = sum(skipped) if isinstance(skipped, list) else skipped
     if skipped:
