@@ -86,7 +86,8 @@ def test_bad_input_gets_one_clear_line(tmp_path, capfd):
     refused(["--compression", "zip"], "zip", "fp16")
     refused(["--compression-warmup", "-1"], "--compression-warmup")
     refused(["--arch", "ps", "--compression", "powersgd:2"], "powersgd", "allreduce")
-    refused(["--arch", "ddp", "--compression", "fp16"], "--compression", "ddp")
+    refused(["--arch", "ddp", "--compression", "topk:0.1"], "--arch ddp", "topk")
+    refused(["--arch", "local", "--workers", "1", "--compression", "fp16"], "--arch local")
     refused(["--topology", str(tmp_path / "nope.json")], "cannot read topology file",
             "nope.json")
     (tmp_path / "bad.json").write_text('{"hosts": [{"ranks": [0], "rate_mbit": -5}]}')

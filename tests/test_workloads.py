@@ -15,6 +15,7 @@ from gradsync.train.workloads import WORKLOADS, Workload, build_workload, summar
 # Batch shape of inputs / outputs per workload: (input shape, output shape) for b = 4.
 EXPECTED_SHAPES = {
     "digits-mlp": ((4, 64), (4, 10)),
+    "digits-wide": ((4, 64), (4, 10)),
     "digits-cnn": ((4, 1, 8, 8), (4, 10)),
     "stdlib-gpt": ((4, 64), (4, 64, 256)),
     "synthetic-mlp": ((4, 784), (4, 10)),

@@ -77,6 +77,9 @@ class AllReduceArchitecture:
     def bytes_sent(self) -> int:
         return self.group.stats.bytes_sent
 
+    def compress_s(self) -> float:
+        return self._hook_state.stats.compress_s if self._hook_state is not None else 0.0
+
     def finish(self) -> dict:
         if self.model is None:
             return {"nonfinite_skipped": 0}
@@ -93,15 +96,21 @@ class BaselineArchitecture(AllReduceArchitecture):
     """Baselines for benchmarks: torch's own DDP (``ddp``), or no wrapper at all on a single
     process (``local``)."""
 
-    def __init__(self, name: str, group: comm.Group, *, bucket_cap_mb: float = 25.0):
+    def __init__(self, name: str, group: comm.Group, *, bucket_cap_mb: float = 25.0,
+                 compression: str = "none", compression_warmup: int = 0):
         self.name = name  # (before the base class reads it as the checkpoint tag)
         super().__init__(group, bucket_cap_mb=bucket_cap_mb)
+        self.compression, self.compression_warmup = compression, compression_warmup
         if name == "local" and group.size != 1:
             raise ValueError(f"--arch local trains one process alone; the world has {group.size}")
 
     def prepare(self, model, make_optimizer, start_step=0):
         if self.name == "ddp":
-            model = comm.reference.torch_ddp(model, self.group, self.bucket_cap_mb)
+            # torch's own hooks, for comparison: PowerSGD starts after the warm-up steps
+            # (torch needs at least 2, since DDP rebuilds its buckets after step 1).
+            model = comm.reference.torch_ddp(model, self.group, self.bucket_cap_mb,
+                                             self.compression,
+                                             max(2, self.compression_warmup))
         return model, make_optimizer(model.parameters())
 
     def comm_wait_s(self) -> float:

@@ -55,6 +55,8 @@ def run_config(config: Config, args, out: Path) -> dict:
            str(args.hidden), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
            "--no-progress", "--out", str(out), *config.flags()]
     cmd += ["--workers", str(config.workers)]
+    if args.compression != "none" and config.arch in ("allreduce", "ps"):
+        cmd += ["--compression", args.compression]
     if args.lab_rates and config.arch == "local":
         pass  # one process alone: no links to shape
     elif args.lab_rates:  # one emulated host per process, each with its own link
@@ -95,7 +97,14 @@ def table(results: dict[Config, list[dict]], args) -> list[dict]:
         spread = [s["samples_per_s_median_step"] for s in runs]
         ddp = [c for c in results if c.arch == "ddp" and c.workers == config.workers]
         step_s = median(config, "step_time_ms_median") / 1e3
+        runs_steps = [max(r["steps_run"], 1) for r in runs]
+        # Per step, so that the user sees why compression pays or does not: the time waiting
+        # on communication that backward did not hide, and the time spent compressing.
+        comm_ms = statistics.median(1e3 * r["comm_wait_s"] / n for r, n in zip(runs, runs_steps))
+        compress_ms = statistics.median(1e3 * r.get("compress_s", 0.0) / n
+                                        for r, n in zip(runs, runs_steps))
         row = {"arch": config.spec, "workers": config.workers, "samples_per_s": thr,
+               "comm_ms": comm_ms, "compress_ms": compress_ms,
                "min": min(spread), "max": max(spread), "step_ms": 1e3 * step_s,
                "efficiency": thr / (config.workers * base) if base else None,
                "vs_ddp": thr / median(ddp[0], "samples_per_s_median_step") if ddp else None,
@@ -113,12 +122,13 @@ def table(results: dict[Config, list[dict]], args) -> list[dict]:
 
 def print_table(rows: list[dict], lab: bool) -> None:
     head = (f"{'arch':>16} {'workers':>7} {'samples/s':>10} {'(min-max)':>17} {'step ms':>8} "
-            f"{'eff.':>6} {'vs ddp':>7}")
+            f"{'eff.':>6} {'vs ddp':>7} {'comm ms':>8} {'compr ms':>8}")
     print(head + (f" {'bound ms':>9} {'x bound':>8}" if lab else ""))
     for r in rows:
         line = (f"{r['arch']:>16} {r['workers']:>7} {r['samples_per_s']:>10,.0f} "
                 f"{r['min']:>8,.0f}-{r['max']:<8,.0f} {r['step_ms']:>8.1f} "
-                f"{_opt(r['efficiency'], '.2f'):>6} {_opt(r['vs_ddp'], '.2f'):>7}")
+                f"{_opt(r['efficiency'], '.2f'):>6} {_opt(r['vs_ddp'], '.2f'):>7} "
+                f"{r['comm_ms']:>8.1f} {r['compress_ms']:>8.2f}")
         if lab:
             line += f" {_opt(r.get('bound_ms'), '.1f'):>9} {_opt(r.get('vs_bound'), '.2f'):>8}"
         print(line)
@@ -147,6 +157,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=1, help="OMP threads per process")
     p.add_argument("--lab-rate", metavar="RATE",
                    help="run each configuration in an emulated cluster with links of RATE")
+    p.add_argument("--compression", default="none",
+                   help="--compression for the allreduce and ps runs (fp16, topk:0.01, ...)")
     p.add_argument("--lab-rates", metavar="R1,R2,...",
                    help="one rate per emulated host instead (unequal links); every "
                         "configuration then needs that many processes")

@@ -63,7 +63,10 @@ class GradBucket:
         return self._buffer
 
     def set_buffer(self, tensor: torch.Tensor) -> None:
-        self._buffer.copy_(tensor)
+        """Make ``tensor`` what ``buffer()`` returns, as DDP does (its compress wrappers hand
+        the inner hook a half-precision buffer this way); DataParallel copies the hook's
+        result back into the bucket."""
+        self._buffer = tensor
 
     def is_last(self) -> bool:
         """The last bucket of the step (DDP's hooks advance their step counter on it)."""

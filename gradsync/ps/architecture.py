@@ -97,6 +97,9 @@ class PSArchitecture:
     def bytes_sent(self) -> int:
         return self.worker.bytes_pushed if self.worker is not None else 0
 
+    def compress_s(self) -> float:
+        return self.worker.compress_s if self.worker is not None else 0.0
+
     def finish(self) -> dict:
         """After training: collect the servers' statistics for the summary."""
         stats = self.worker.finish()

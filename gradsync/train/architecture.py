@@ -53,6 +53,10 @@ class Architecture(Protocol):
     def bytes_sent(self) -> int | None:
         """Bytes this rank has sent so far (None: not known)."""
 
+    def compress_s(self) -> float:
+        """Seconds spent compressing and decompressing gradients so far (0 without
+        compression)."""
+
     def finish(self) -> dict:
         """After the last step: architecture-specific figures for the summary."""
 
@@ -71,7 +75,9 @@ def _allreduce(config: TrainConfig, group: comm.Group) -> Architecture:
 def _baseline(config: TrainConfig, group: comm.Group) -> Architecture:
     from ..allreduce.architecture import BaselineArchitecture
 
-    return BaselineArchitecture(config.arch, group, bucket_cap_mb=config.allreduce.bucket_cap_mb)
+    return BaselineArchitecture(config.arch, group, bucket_cap_mb=config.allreduce.bucket_cap_mb,
+                                compression=config.compression.compression,
+                                compression_warmup=config.compression.compression_warmup)
 
 
 def _ps(config: TrainConfig, group: comm.Group) -> Architecture:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..comm import ALL_REDUCE_ALGORITHMS, Topology, check_algorithm
+from ..comm.reference import TORCH_HOOKS
 from ..compress.spec import parse as parse_compression
 from .workloads import WORKLOADS
 
@@ -42,7 +43,8 @@ class WorkloadConfig:
 
     workload: str = field(default="digits-mlp", metadata=_help(
         f"what to train: {', '.join(WORKLOADS)}"))
-    hidden: int = field(default=1024, metadata=_help("hidden width of synthetic-mlp"))
+    hidden: int = field(default=1024, metadata=_help(
+        "hidden width of synthetic-mlp and digits-wide"))
     dtype: Literal["float32", "float64"] = field(default="float32", metadata=_help(
         "parameter and data type"))
     seed: int = field(default=0, metadata=_help("seed for the model and the data order"))
@@ -226,8 +228,12 @@ class TrainConfig:
         if self.arch == "local" and self.launch.workers != 1:
             raise ValueError(f"--arch local trains one process alone; use --workers 1, "
                              f"not {self.launch.workers}")
-        if self.compression.compression != "none" and self.arch not in ("allreduce", "ps"):
-            raise ValueError(f"--compression is for --arch allreduce and ps, not {self.arch}")
+        spec = self.compression.compression
+        if self.arch == "local" and spec != "none":
+            raise ValueError("--arch local trains one process alone: nothing to compress")
+        if self.arch == "ddp" and spec.partition(":")[0] not in ("none", *TORCH_HOOKS):
+            raise ValueError(f"--arch ddp runs torch's own hooks: {', '.join(TORCH_HOOKS)}; "
+                             f"not {spec}")
         if self.arch == "ps" and self.compression.compression.startswith("powersgd"):
             raise ValueError("--compression powersgd is for --arch allreduce (its low-rank "
                              "factors need an all-reduce); the PS takes fp16, bf16 or topk")

@@ -144,6 +144,7 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
     step_times, losses = [], []
     bytes_before = architecture.bytes_sent() or 0
     wait_before = architecture.comm_wait_s()
+    compress_before = architecture.compress_s()
     step, epoch, first_step = pos.step, pos.epoch, pos.step
     if bar is not None:
         bar.update(step)
@@ -172,7 +173,8 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
                 writer.step({"step": step, "epoch": epoch, "loss": losses[-1],
                              "step_time_s": step_times[-1],
                              "comm_wait_s": architecture.comm_wait_s() - wait_before,
-                             "bytes_sent": (architecture.bytes_sent() or 0) - bytes_before})
+                             "bytes_sent": (architecture.bytes_sent() or 0) - bytes_before,
+                             "compress_s": architecture.compress_s() - compress_before})
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", refresh=False)
