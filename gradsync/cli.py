@@ -80,6 +80,21 @@ def _under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def _adopt_mpi_launcher() -> None:
+    """Under mpiexec/srun (an MPI environment, no torchrun): each process is a rank, so
+    RANK and WORLD_SIZE come from the MPI launcher and the engine is MPI."""
+    from .comm.mpi import mpi_environment
+
+    env = os.environ
+    if _under_launcher() or not mpi_environment():
+        return
+    rank = env.get("PMI_RANK", env.get("OMPI_COMM_WORLD_RANK"))
+    size = env.get("PMI_SIZE", env.get("OMPI_COMM_WORLD_SIZE"))
+    if rank is not None and size is not None:
+        env.update(RANK=rank, WORLD_SIZE=size)
+        env.setdefault("GRADSYNC_ENGINE", "mpi")
+
+
 def _run_worker(config) -> int:
     """One rank of the run: join the group, train, print the summary on rank 0."""
     from . import comm
@@ -89,6 +104,8 @@ def _run_worker(config) -> int:
     from .train.trainer import format_summary, train
 
     rank = os.environ.get("RANK", "?")
+    if config.launch.engine != "auto":
+        os.environ["GRADSYNC_ENGINE"] = config.launch.engine
     try:
         group = comm.init_process_group(timeout_s=config.launch.timeout)
         _interrupts_raise()
@@ -223,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=os.environ.get("GRADSYNC_LOG", "WARNING").upper(),
                         format="%(asctime)s %(name)s: %(message)s")
+    _adopt_mpi_launcher()
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -256,6 +256,8 @@ def run_sweep(cfg: SweepConfig, group=None) -> dict:
         if cfg.calibrate:
             calibrated = vars(comm.calibrate(group))
     algos = cfg.algorithms
+    if group.topology is not None and len(group.topology.hosts) > 1:
+        algos = tuple(a for a in algos if a != "shm")  # shared memory needs one host
     rows, auto_chose = [], {}
     for nbytes, count in cfg.sizes(n):
         case = Case(cfg, count, rank, n)

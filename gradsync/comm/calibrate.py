@@ -37,8 +37,11 @@ def calibrate(group: Group | None = None, *, small: int = 1 << 10, large: int = 
         return CostModel()
     x, y = torch.ones(large // 4), torch.ones(large // 4)
     gamma = _median_time(lambda: x.add_(y), repeat) / large
+    # shm runs only when every rank is on one host, which the group's topology says.
+    one_host = group.topology is not None and len(group.topology.hosts) == 1
+    measured = tuple(a for a in ALGORITHMS if a != "shm" or one_host)
     fitted = []
-    for algorithm in ALGORITHMS:
+    for algorithm in measured:
         t = {size: _median_time(lambda b=torch.zeros(size // 4): all_reduce(
                  b, group=group, algorithm=algorithm), repeat) for size in (small, large)}
         m_small, w_small, r_small = shape(algorithm, small, p)
@@ -50,4 +53,6 @@ def calibrate(group: Group | None = None, *, small: int = 1 << 10, large: int = 
     values = torch.tensor(fitted + [gamma], dtype=torch.float64)
     broadcast(values, src=0, group=group)
     v = values.tolist()
-    return CostModel({a: (v[2 * i], v[2 * i + 1]) for i, a in enumerate(ALGORITHMS)}, v[-1])
+    links = CostModel().links  # the defaults for what could not be measured here
+    links.update({a: (v[2 * i], v[2 * i + 1]) for i, a in enumerate(measured)})
+    return CostModel(links, v[-1])

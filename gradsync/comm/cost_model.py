@@ -26,8 +26,9 @@ from .algorithms.aware import aware_bound
 from .algorithms.registry import ALGORITHMS, REGISTRY
 from .topology import Topology
 
-# Chosen only when the topology calls for them (unequal links, several ranks per host).
-NETWORK_ALGORITHMS = ("aware", "hierarchical")
+# Chosen only when the topology calls for them (unequal links, several ranks per host, every
+# rank on one host).
+NETWORK_ALGORITHMS = ("aware", "hierarchical", "shm")
 
 
 def _loopback_defaults() -> dict[str, tuple[float, float]]:
@@ -66,7 +67,7 @@ class CostModel:
         extra = network_candidates(topology)
         if candidates is None:
             candidates = tuple(a for a in ALGORITHMS if a not in NETWORK_ALGORITHMS) + extra
-        if not extra:
+        if not extra or len(topology.hosts) == 1:  # one host: the loopback model holds
             return min(candidates, key=lambda algo: self.predict(algo, nbytes, p))
         return min(candidates, key=lambda algo: self.predict_on(topology, algo, nbytes))
 
@@ -80,9 +81,14 @@ class CostModel:
 
 
 def network_candidates(topology: Topology | None) -> tuple[str, ...]:
-    """The network-aware algorithms worth predicting on ``topology``: ``aware`` for unequal
-    links, ``hierarchical`` for several ranks per host (several hosts, measured links)."""
-    if topology is None or not topology.measured or len(topology.hosts) < 2:
+    """The network-aware algorithms worth predicting on ``topology``: ``shm`` when every
+    rank is on one host, ``aware`` for unequal links, ``hierarchical`` for several ranks per
+    host (several hosts, measured links)."""
+    if topology is None:
+        return ()
+    if len(topology.hosts) == 1:
+        return ("shm",) if topology.world_size > 1 else ()
+    if not topology.measured:
         return ()
     extra = []
     if topology.unequal():

@@ -97,9 +97,24 @@ class Group:
             self._executor = None
 
 
-# The engine that starts the world; the seam where MPI or shared memory will plug in
-# (engine.py).
+# The engine that starts the world (engine.py): torch.distributed, or MPI (mpi.py), chosen
+# by init_process_group.
 _ENGINE: Engine = TORCH
+ENGINES = ("auto", "torch", "mpi")
+
+
+def choose_engine(name: str | None = None) -> Engine:
+    """The engine ``name`` (default ``GRADSYNC_ENGINE``, else "auto") asks for: "auto" is MPI
+    under mpiexec/srun's MPI environment unless torchrun's RANK is set, else torch."""
+    name = name or os.environ.get("GRADSYNC_ENGINE") or "auto"
+    if name not in ENGINES:
+        raise RuntimeError(f"GRADSYNC_ENGINE={name!r}: choose one of {', '.join(ENGINES)}")
+    from .mpi import MPI_ENGINE, mpi_environment
+
+    if name == "mpi" or (name == "auto" and mpi_environment()
+                         and "TORCHELASTIC_RUN_ID" not in os.environ):
+        return MPI_ENGINE
+    return TORCH
 
 # The default group mirrors the engine's own global default group: one per process.
 _world: dict[int, Group] = {}
@@ -133,6 +148,9 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
     Raises:
         RuntimeError: the environment is incomplete or the rendezvous port cannot be bound.
     """
+    global _ENGINE
+    if not _ENGINE.is_initialized():
+        _ENGINE = choose_engine()
     if timeout_s is None:
         timeout_s = float(os.environ.get("GRADSYNC_TIMEOUT", DEFAULT_TIMEOUT_S))
     if check is None:
@@ -187,7 +205,8 @@ def world() -> Group:
     group = _world.get(id(pg))
     if group is None:
         timeout = float(os.environ.get("GRADSYNC_TIMEOUT", DEFAULT_TIMEOUT_S))
-        group = Group(pg=pg, ranks=tuple(range(size)), rank=rank, timeout_s=timeout)
+        group = Group(pg=pg, ranks=tuple(range(size)), rank=rank, timeout_s=timeout,
+                      engine=_ENGINE)
         _world.clear()
         _world[id(pg)] = group
     return group

@@ -163,6 +163,9 @@ class LaunchConfig:
                                                           "one)"))
     timeout: float = field(default=300.0, metadata=_help(
         "seconds any blocking communication may wait before the run fails"))
+    engine: Literal["auto", "torch", "mpi"] = field(default="auto", metadata=_help(
+        "communication engine: torch (gloo), mpi (under mpiexec/srun; pip install "
+        "'gradsync[mpi]'), auto (mpi when started by an MPI launcher)"))
 
     def __post_init__(self) -> None:
         _at_least(self.workers, 1, "workers")

@@ -1,0 +1,78 @@
+"""The MPI engine (gradsync/comm/mpi.py): gradsync's collectives, own all-reduce algorithms
+and DataParallel under ``mpiexec``; skipped where mpi4py or an mpiexec beside this Python
+is missing (``pip install 'gradsync[mpi]'`` brings both)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import scaled
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tests" / "scripts" / "mpi_collectives.py"
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "OMPI_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    # One thread per rank: three ranks share two cores in CI.
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _results(stdout: str) -> list[dict]:
+    """Every ``RESULT {json}`` in the launcher's output, wherever a line break fell."""
+    decoder, found, at = json.JSONDecoder(), [], stdout.find("RESULT ")
+    while at >= 0:
+        value, end = decoder.raw_decode(stdout, at + len("RESULT "))
+        found.append(value)
+        at = stdout.find("RESULT ", end)
+    return found
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_collectives_and_training_under_mpiexec(ranks):
+    pytest.importorskip("mpi4py")
+    if not MPIEXEC.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable}")
+    proc = subprocess.run([str(MPIEXEC), "-n", str(ranks), sys.executable, str(SCRIPT)],
+                          capture_output=True, text=True, env=_env(), cwd=ROOT,
+                          timeout=scaled(80))
+    results = _results(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(r["rank"] for r in results) == list(range(ranks)), proc.stdout[-3000:]
+    failures = [f"rank {r['rank']}: {f}" for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.timeout(60)
+def test_launcher_is_recognised_without_importing_mpi4py():
+    # Importing the engine must not need mpi4py; the launcher's variables are enough.
+    code = ("import sys; from gradsync.comm.mpi import mpi_environment, MPI_ENGINE; "
+            "assert 'mpi4py' not in sys.modules; "
+            "print(mpi_environment(), MPI_ENGINE.is_initialized())")
+    for extra, want in (({}, "False False"), ({"PMI_RANK": "0", "PMI_SIZE": "2"}, "True True"),
+                        ({"OMPI_COMM_WORLD_RANK": "1"}, "True True")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=_env(**extra), cwd=ROOT, timeout=scaled(50))
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == want.split(), (extra, out.stdout)
+
+
+@pytest.mark.timeout(60)
+def test_missing_mpi4py_gives_one_clear_error():
+    code = ("import sys; sys.modules['mpi4py'] = None\n"
+            "from gradsync.comm.mpi import MPI_ENGINE, MISSING\n"
+            "try:\n    MPI_ENGINE.world()\nexcept RuntimeError as e:\n"
+            "    assert str(e) == MISSING, e; print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_env(), cwd=ROOT, timeout=scaled(50))
+    assert out.stdout.strip() == "ok", out.stdout + out.stderr

@@ -1,0 +1,194 @@
+"""The shared-memory all-reduce (gradsync/comm/algorithms/shm.py): the correctness matrix of
+test_collectives, segment reuse and growth, sub-groups, clean-up of /dev/shm, and the errors
+for a rank that never calls, a rank that dies and ranks on another host.
+
+Workers return their MASTER_PORT, which names their segments (gradsync-<port>-...), so the
+clean-up checks look only at this run's names, not at other runs on the machine.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+
+import pytest
+import torch
+
+from tests.distributed import run_workers, scaled
+from tests.test_collectives import DTYPES, OPS, _digest, expected, lengths, rank_input
+
+BIG = 3 << 20           # bytes: a few MiB, several times MIN_CAPACITY
+BIG_DTYPES = (torch.float32, torch.bfloat16, torch.int64)
+
+
+def _leftovers(port: str) -> list[str]:
+    return glob.glob(f"/dev/shm/gradsync-{port}-*")
+
+
+def _matrix(rank, n):
+    from gradsync import comm
+
+    failures, digests = [], {}
+    for dtype in DTYPES:
+        sizes = lengths(n) + ([BIG // dtype.itemsize + 1] if dtype in BIG_DTYPES else [])
+        for length in sizes:
+            for op in OPS:
+                if op == "avg" and not dtype.is_floating_point:
+                    continue
+                t = torch.from_numpy(rank_input(rank, length, op)).to(dtype)
+                comm.all_reduce(t, op=op, algorithm="shm")
+                want = torch.from_numpy(expected(n, length, op)).to(dtype)
+                if not torch.equal(t, want):
+                    failures.append(f"{dtype} len={length} {op}: got {t[:5].tolist()} "
+                                    f"want {want[:5].tolist()}")
+                digests[(str(dtype), length, op)] = _digest(t)
+    return failures, digests, os.environ["MASTER_PORT"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_shm_every_dtype_length_op(world_size):
+    results = run_workers(_matrix, world_size, timeout=55)
+    for rank, (failures, _, _) in enumerate(results):
+        assert not failures, f"rank {rank}:\n" + "\n".join(failures[:20])
+    for key in results[0][1]:
+        assert len({d[key] for _, d, _ in results}) == 1, f"results differ across ranks: {key}"
+    assert not _leftovers(results[0][2])
+
+
+def _many_and_growing(rank, n):
+    from gradsync import comm
+
+    group = comm.world()
+    bad = []
+    for i in range(300):                        # one segment, many sequence numbers
+        t = torch.full((5,), float(rank + i))
+        comm.all_reduce(t, algorithm="shm")
+        if t.tolist() != [float(n * i + n * (n - 1) // 2)] * 5:
+            bad.append((i, t.tolist()))
+    capacities = []
+    for numel in (10, 70_000, 300_000, 1_000_003, 17):     # float64: 8 B .. 8 MB, then small
+        t = torch.arange(numel, dtype=torch.float64) + rank
+        comm.all_reduce(t, op="max", algorithm="shm")
+        if not torch.equal(t, torch.arange(numel, dtype=torch.float64) + n - 1):
+            bad.append(("grow", numel))
+        capacities.append(group._shm_segments[tuple(range(n))].capacity)
+    return bad, capacities, os.environ["MASTER_PORT"]
+
+
+@pytest.mark.timeout(60)
+def test_shm_many_calls_and_growing_sizes():
+    results = run_workers(_many_and_growing, 3, timeout=55)
+    for bad, capacities, _ in results:
+        assert not bad, bad[:5]
+        assert capacities == sorted(capacities) and capacities[-1] >= 8_000_024
+        assert capacities[-1] == capacities[-2]     # the small call reuses the big segment
+    assert not _leftovers(results[0][2])
+
+
+def _sub_groups(rank, n):
+    from gradsync import comm
+
+    odd = comm.new_group([1, 3])
+    low = comm.new_group([0, 1, 2])
+    out = {}
+    for step in range(3):                       # interleave three segments' sequences
+        if odd is not None:
+            t = torch.tensor([float(rank), 1.0])
+            out[("odd", step)] = comm.all_reduce(t, group=odd, algorithm="shm").tolist()
+        if low is not None:
+            t = torch.tensor([float(rank)] * 3)
+            out[("low", step)] = comm.all_reduce(t, op="prod", group=low,
+                                                 algorithm="shm").tolist()
+        t = torch.tensor([rank + 1], dtype=torch.int32)
+        out[("world", step)] = comm.all_reduce(t, algorithm="shm").tolist()
+    return out, os.environ["MASTER_PORT"]
+
+
+@pytest.mark.timeout(60)
+def test_shm_sub_groups():
+    results = run_workers(_sub_groups, 4, timeout=55)
+    for rank, (out, _) in enumerate(results):
+        for step in range(3):
+            assert out[("world", step)] == [10]
+            if rank in (1, 3):
+                assert out[("odd", step)] == [4.0, 2.0]
+            if rank in (0, 1, 2):
+                assert out[("low", step)] == [0.0] * 3
+    assert not _leftovers(results[0][1])
+
+
+def _never_calls(rank, n):
+    from gradsync import comm
+
+    t = torch.ones(8)
+    comm.all_reduce(t, algorithm="shm")        # the segment exists: the next wait is on flags
+    if rank == 1:
+        import time
+
+        time.sleep(scaled(4.0))
+        return os.environ["MASTER_PORT"]
+    comm.all_reduce(t, algorithm="shm")
+
+
+@pytest.mark.timeout(40)
+def test_shm_names_the_rank_that_never_calls():
+    results = run_workers(_never_calls, 2, comm_timeout=1.5, timeout=30, expect_failure=True)
+    ok, message = results[0]
+    assert not ok
+    assert "CommTimeoutError" in message
+    assert "rank 0: all_reduce(shm)" in message and "timed out waiting for rank 1" in message
+    assert results[1][0] and not _leftovers(results[1][1])
+
+
+def _killed(rank, n):
+    from gradsync import comm
+
+    t = torch.ones(8)
+    comm.all_reduce(t, algorithm="shm")
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    comm.all_reduce(t, algorithm="shm")
+
+
+def _port(rank, n):
+    from gradsync import comm
+
+    comm.all_reduce(torch.ones(3), algorithm="shm")
+    return os.environ["MASTER_PORT"]
+
+
+@pytest.mark.timeout(40)
+def test_shm_sigkill_leaves_nothing_and_stale_names_are_removed():
+    results = run_workers(_killed, 2, comm_timeout=20, timeout=30, expect_failure=True)
+    ok, message = results[0]
+    assert not ok and "PeerLostError" in message and "lost rank 1" in message, message
+    # A name left by a creator killed before every rank mapped its segment: a dead pid.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"/dev/shm/gradsync-0-{dead.pid}-00000000dead"
+    open(stale, "wb").close()
+    try:
+        ports = run_workers(_port, 2, timeout=30)
+        assert not os.path.exists(stale)
+        assert not _leftovers(ports[0])
+    finally:
+        if os.path.exists(stale):
+            os.unlink(stale)
+
+
+def _two_hosts(rank, n):
+    from gradsync import comm
+
+    os.environ["GRADSYNC_HOST"] = "a" if rank < 2 else "b"
+    comm.all_reduce(torch.ones(4), algorithm="shm")
+
+
+@pytest.mark.timeout(40)
+def test_shm_refuses_ranks_on_other_hosts():
+    results = run_workers(_two_hosts, 4, timeout=30, expect_failure=True)
+    for ok, message in results:
+        assert not ok and "ValueError" in message
+        assert "shm needs every rank on one host; ranks 2, 3 are elsewhere" in message
