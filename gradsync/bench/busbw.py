@@ -68,7 +68,7 @@ def print_table(cfg: SweepConfig, report: dict) -> None:
     where = (f"a lab of {p // per_host} hosts ({per_host} rank{'s' * (per_host > 1)} each)"
              if lab else f"{p} ranks")
     print(f"# gradsync bench collectives: {cfg.op}, {cfg.dtype}, redop {cfg.shown_redop}, "
-          f"on {where}, gloo, 1 thread per rank")
+          f"on {where}, {report.get('engine') or 'gloo'}, 1 thread per rank")
     print(f"# machine: {report['machine']}")
     print(f"# command: {report['command']}")
     print(f"# time: slowest rank, median over {cfg.iters} iterations per size (above 16 MiB "

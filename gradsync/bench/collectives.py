@@ -66,7 +66,8 @@ def finish(cfg: SweepConfig, args: argparse.Namespace, raw: dict, lab: dict | No
     report = {"benchmark": "collectives", "command": command(cfg, args),
               "machine": f"{machine} at the start, {os.getloadavg()[0]:.2f} at the end",
               "op": cfg.op, "dtype": cfg.dtype, "redop": cfg.shown_redop, "root": cfg.root,
-              "world": raw["world"], "config": vars(cfg), "lab": lab, "rows": rows,
+              "world": raw["world"], "engine": raw.get("engine"), "config": vars(cfg),
+              "lab": lab, "rows": rows,
               "topology": raw.get("topology"), "auto_chose": raw.get("auto_chose"),
               "avg_busbw_gbs": avg}
     busbw.print_table(cfg, report)

@@ -283,5 +283,6 @@ def run_sweep(cfg: SweepConfig, group=None) -> dict:
             rows.append({"bytes": nbytes, "count": count, "algorithm": algo, "iters": n_iter,
                          "time_us": spread((1e6 * times[j, cfg.warmup_iters:]).tolist()),
                          "wrong": int(wrong[j].item())})
-    return {"world": n, "rows": rows, "gamma": gamma, "calibrated": calibrated,
+    return {"world": n, "engine": group.engine.name, "rows": rows, "gamma": gamma,
+            "calibrated": calibrated,
             "auto_chose": auto_chose}
