@@ -236,3 +236,25 @@ def test_hierarchical_shape_is_the_ring_without_a_layout():
 
     for p in (1, 2, 4, 6):
         assert hierarchical_shape(1 << 20, p) == ring_shape(1 << 20, p)
+
+
+def _unequal_hosts(rank, n):
+    import torch
+
+    from gradsync import comm
+    from gradsync.comm.algorithms.hierarchical import _default_inter
+    from gradsync.comm.algorithms.aware import aware_all_reduce
+    from gradsync.comm.p2p import P2P
+    from gradsync.comm.topology import HostLink, Topology
+
+    comm.world().topology = Topology((HostLink("a", (0, 1), 1e8), HostLink("b", (2, 3), 1e8),
+                                      HostLink("c", (4, 5), 2.5e7)))
+    t = torch.arange(5003, dtype=torch.float64) * (rank + 1)
+    comm.all_reduce(t, algorithm="hierarchical")
+    return (_default_inter(P2P(comm.world(), "t")) is aware_all_reduce,
+            bool(torch.equal(t, torch.arange(5003, dtype=torch.float64) * sum(range(1, n + 1)))))
+
+
+@pytest.mark.timeout(60)
+def test_unequal_host_links_cross_hosts_with_aware():
+    assert run_workers(_unequal_hosts, 6, timeout=50) == [(True, True)] * 6

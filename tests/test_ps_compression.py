@@ -19,6 +19,7 @@ from torch import nn
 from tests.distributed import run_workers
 from tests.test_data_parallel import BATCH, STEPS, global_batch, make_model
 from tests.test_ps import OPTIMIZERS, reference
+from tests.test_ps_protocol import _Capture
 
 NUMEL = 531  # make_model's parameters: 12*16+16 + 16*16+16 + 16*3+3
 FIT_STEPS = 30
@@ -105,7 +106,7 @@ def test_topk_trains_and_pushes_ratio_times_one_plus_index_bytes(runs):
         assert all(np.isfinite(p).all() for p in params)
         assert np.mean(losses[-5:]) < 0.5 * losses[0], losses
         pushed = summary["bytes_pushed_per_step_per_worker"]
-        assert pushed == sum(topk_count(ratio, n) * (8 + 8) for n in shards)
+        assert pushed == sum(topk_count(n, ratio) * (8 + 8) for n in shards)
         assert pushed / (NUMEL * 8) == pytest.approx(ratio * (1 + 8 / 8), rel=0.02)
         assert summary["compression_ratio"] == pytest.approx(NUMEL * 8 / pushed)
 
@@ -129,7 +130,7 @@ def test_error_feedback_pushed_plus_residual_is_the_sum_of_gradients():
             acc = enc.residuals[k] + grad
             grads_sum[k] += grad
             kind, code, count, wire = enc.encode(k, grad.clone())
-            assert kind == Kind.PUSH_SPARSE and count == topk_count(ratio, n)
+            assert kind == Kind.PUSH_SPARSE and count == topk_count(n, ratio)
             status, _, values, indices = decode(kind, count, CODE_DTYPES[code], wire[:-8], n)
             assert status == Status.OK
             rules = PushRules.of(f"topk:{ratio}", torch.float64, n, workers=2)
@@ -234,15 +235,6 @@ BAD_CASES = {
 }
 
 
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 def _malformed(rank, group, case):
     """Async, server 0; worker 1 trains STEPS steps; worker 2 sends ``case`` at step 0."""
     from gradsync.ps import PSArchitecture, PSProtocolError
@@ -260,7 +252,7 @@ def _malformed(rank, group, case):
     if rank == BAD:
         from gradsync import comm
 
-        for message in _bad_push(case, 266):  # topk_count(0.5, 531)
+        for message in _bad_push(case, 266):  # topk_count(531, 0.5)
             comm.send(message, 0, group)
         ps_model._pushed = [True]  # noqa: SLF001 - pushed by hand; wait for the answer
         with pytest.raises(PSProtocolError) as exc:

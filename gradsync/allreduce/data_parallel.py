@@ -108,14 +108,6 @@ class DataParallel(nn.Module):
         self.group = group
         self.algorithm = algorithm
         _attach_topology(group, topology)
-        # gradsync's own algorithms drive every message from Python and so compete with
-        # backward for the GIL; measured on synthetic-mlp, the engine's ring trains fastest
-        # (tree 0.94x, ring 0.81x of it; docs/benchmarks.md). "auto" therefore means the
-        # engine for gradient buckets, unless the network calls for aware or hierarchical
-        # (unequal links, several ranks per host): then the cost model picks per bucket.
-        self._bucket_algorithm = algorithm
-        if algorithm == "auto" and not comm.network_candidates(group.topology):
-            self._bucket_algorithm = "native"
         self.find_unused_parameters = find_unused_parameters
         self.broadcast_buffers = broadcast_buffers
         self.nonfinite = nonfinite
@@ -130,12 +122,17 @@ class DataParallel(nn.Module):
 
         self._buckets: list[Bucket] = build_buckets([p for _, p in named],
                                                     int(bucket_cap_mb * (1 << 20)))
-        # "auto" on a network that calls for it: the cost model's choice for each bucket's size,
-        # fixed here, so every step runs the same algorithms (and reports them).
+        # gradsync's own algorithms drive every message from Python and so compete with
+        # backward for the GIL; measured on synthetic-mlp, the engine's ring trains fastest
+        # (tree 0.94x, ring 0.81x of it; docs/benchmarks.md). "auto" therefore means the
+        # engine for gradient buckets, unless the topology calls for shm, aware or
+        # hierarchical: then the cost model's choice for each bucket's size, fixed here so
+        # that every step runs (and reports) the same algorithms.
+        by_model = algorithm == "auto" and comm.network_candidates(group.topology)
         self.bucket_algorithms = [
             comm.DEFAULT_COST_MODEL.choose(b.flat.numel() * b.flat.element_size(), group.size,
-                                           topology=group.topology)
-            if self._bucket_algorithm == "auto" else self._bucket_algorithm
+                                           topology=group.topology) if by_model
+            else "native" if algorithm == "auto" else algorithm
             for b in self._buckets]
         self._handles = []
         for b, bucket in enumerate(self._buckets):

@@ -22,29 +22,14 @@ import importlib.util
 import json
 import os
 import shlex
-import sys
 import tempfile
 from pathlib import Path
 
 from . import busbw
+from .ranks import (add_placement_flags, check_placement, lab_from_env, run_ranks,
+                    under_launcher, usage)
 from .report import machine_line
 from .sweep import ALGORITHMS, DTYPES, REDOPS, SweepConfig, format_size, parse_size
-
-EXIT_USAGE = 2
-
-
-def _lab_from_env() -> dict | None:
-    """Under `gradsync lab run`: the lab's link rates and ranks per host."""
-    name = os.environ.get("GRADSYNC_LAB")
-    if not name:
-        return None
-    from ..lab import LabError, get
-
-    try:
-        lab = get(name)
-    except LabError:
-        return None
-    return _describe_lab(lab)
 
 
 def finish(cfg: SweepConfig, args: argparse.Namespace, raw: dict, lab: dict | None,
@@ -94,7 +79,7 @@ def rank_flags(cfg: SweepConfig) -> list[str]:
 
 def command(cfg: SweepConfig, args: argparse.Namespace) -> str:
     """The command that reproduces this run, every setting spelled out."""
-    under = _under_launcher()
+    under = under_launcher()
     if under:
         where = []
     elif args.lab:
@@ -107,15 +92,6 @@ def command(cfg: SweepConfig, args: argparse.Namespace) -> str:
            for f in (f"--{flag}", getattr(args, flag))]
     line = shlex.join(["gradsync", "bench", "collectives", *rank_flags(cfg), *where, *out])
     return f"{line}   (run by each of {os.environ['WORLD_SIZE']} ranks)" if under else line
-
-
-def _under_launcher() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def _usage(message: str) -> int:
-    print(f"gradsync: error: {message}", file=sys.stderr, flush=True)
-    return EXIT_USAGE
 
 
 def _as_rank(cfg: SweepConfig, args: argparse.Namespace, machine: str) -> int:
@@ -135,38 +111,8 @@ def _as_rank(cfg: SweepConfig, args: argparse.Namespace, machine: str) -> int:
         if args.result_file:
             Path(args.result_file).write_text(json.dumps(raw))
         else:
-            finish(cfg, args, raw, _lab_from_env(), machine)
+            finish(cfg, args, raw, lab_from_env(), machine)
     return 0
-
-
-def run_ranks(argv: list[str], args: argparse.Namespace) -> tuple[int, dict | None]:
-    """Run ``gradsync *argv`` as the ranks, locally (``args.workers``) or across a lab of
-    ``args.lab`` hosts (``args.rate``/``args.rates``, ``args.procs_per_host``); returns
-    (exit status, the lab's description or None)."""
-    env = {"OMP_NUM_THREADS": "1"}  # the sweep runs one compute thread per rank
-    if not args.lab:
-        from ..launcher import LaunchError, launch
-
-        try:
-            done = launch(argv, args.workers, env=env)
-        except LaunchError as exc:
-            return _usage(str(exc)), None
-        if done.returncode != 0 and done.failed_rank is not None:
-            print(f"gradsync: bench failed: worker rank {done.failed_rank} {done.reason}",
-                  file=sys.stderr, flush=True)
-        return done.returncode, None
-    from ..lab import lab_launch, up
-
-    env["TORCH_CPP_LOG_LEVEL"] = "ERROR"  # lab addresses have no reverse DNS: c10d warns
-    rates = [r.strip() for r in args.rates.split(",")] if args.rates else None
-    # down on any exit, Ctrl-C included
-    with up(args.lab, args.rate, rates, args.procs_per_host) as lab:
-        return lab_launch(lab, argv, env=env), _describe_lab(lab)
-
-
-def _describe_lab(lab) -> dict:
-    return {"name": lab.name, "prefix": lab.prefix, "rates_bits": [h.rate for h in lab.hosts],
-            "procs_per_host": lab.procs_per_host}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -179,30 +125,26 @@ def main(args: argparse.Namespace) -> int:
                           tuple(a.strip() for a in args.algorithm.split(",")), args.check,
                           args.calibrate)
     except ValueError as exc:
-        return _usage(str(exc))
+        return usage(str(exc))
     if args.calibrate and cfg.op != "all_reduce":
-        return _usage("--calibrate fits the all_reduce cost model; it needs --op all_reduce")
+        return usage("--calibrate fits the all_reduce cost model; it needs --op all_reduce")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
-        return _usage("--plot needs matplotlib (pip install 'gradsync[plot]')")
+        return usage("--plot needs matplotlib (pip install 'gradsync[plot]')")
     machine = machine_line()
-    if _under_launcher():
+    if under_launcher():
         if args.lab:
-            return _usage("--lab starts its own ranks; run it directly, not under a launcher")
+            return usage("--lab starts its own ranks; run it directly, not under a launcher")
         return _as_rank(cfg, args, machine)
-    if (args.lab if args.lab is not None else args.workers) < 2:
-        return _usage("need at least 2 ranks: --workers N or --lab N with N >= 2")
-    if (args.rates or args.rate or args.procs_per_host != 1) and not args.lab:
-        return _usage("--rate, --rates and --procs-per-host need --lab N")
-    if args.procs_per_host < 1:
-        return _usage(f"--procs-per-host must be at least 1, got {args.procs_per_host}")
-    args.rate = args.rate or "1gbit"
+    wrong = check_placement(args, least=2)
+    if wrong:
+        return usage(wrong)
     with tempfile.TemporaryDirectory(prefix="gradsync-bench-") as tmp:
         result = Path(tmp) / "result.json"
         try:
             argv = ["bench", "collectives", *rank_flags(cfg), "--result-file", str(result)]
             rc, lab = run_ranks(argv, args)
         except LabError as exc:
-            return _usage(str(exc))
+            return usage(str(exc))
         if rc != 0:
             return rc
         raw = json.loads(result.read_text())
@@ -237,13 +179,7 @@ def add_parser(subparsers) -> None:
                         "broadcast: native,aware; others: native")
     p.add_argument("-c", "--check", action="store_true",
                    help="check every iteration's result, not only the first")
-    p.add_argument("--workers", type=int, default=2, help="local ranks")
-    p.add_argument("--lab", type=int, metavar="N",
-                   help="run across an emulated cluster of N hosts (needs root)")
-    p.add_argument("--rate", help="every lab link's rate, e.g. 1gbit (default 1gbit)")
-    p.add_argument("--rates", metavar="R1,R2,...", help="one rate per lab host instead")
-    p.add_argument("--procs-per-host", type=int, default=1, metavar="L",
-                   help="ranks on each lab host")
+    add_placement_flags(p, "run across an emulated cluster of N hosts (needs root)")
     p.add_argument("--calibrate", action="store_true",
                    help="all_reduce: also fit gradsync.comm.calibrate()'s cost model")
     p.add_argument("--json", metavar="FILE", help="write the report to FILE")

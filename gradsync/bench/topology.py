@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from .ranks import (EXIT_USAGE, add_placement_flags, check_placement, run_ranks,
+                    under_launcher, usage)
 from .report import machine_line
-
-EXIT_USAGE = 2
 
 
 def _as_rank(args: argparse.Namespace) -> int:
@@ -75,17 +75,14 @@ def report(result: dict, lab: dict | None, args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run `gradsync bench topology`; returns the exit status."""
     from ..lab import LabError
-    from .collectives import _under_launcher, _usage, run_ranks
 
     if args.budget <= 0:
-        return _usage(f"--budget must be positive, got {args.budget}")
-    if _under_launcher():
+        return usage(f"--budget must be positive, got {args.budget}")
+    if under_launcher():
         return _as_rank(args)
-    if (args.rates or args.rate or args.procs_per_host != 1) and not args.lab:
-        return _usage("--rate, --rates and --procs-per-host need --lab N")
-    if (args.lab if args.lab is not None else args.workers) < 1 or args.procs_per_host < 1:
-        return _usage("need at least one rank: --workers N, --lab N, --procs-per-host L >= 1")
-    args.rate = args.rate or "1gbit"
+    wrong = check_placement(args, least=1)
+    if wrong:
+        return usage(wrong)
     with tempfile.TemporaryDirectory(prefix="gradsync-topology-") as tmp:
         result_file = Path(tmp) / "result.json"
         argv = ["bench", "topology", "--budget", str(args.budget),
@@ -93,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             rc, lab = run_ranks(argv, args)
         except LabError as exc:
-            return _usage(str(exc))
+            return usage(str(exc))
         if rc != 0:
             return rc
         result = json.loads(result_file.read_text())
@@ -110,13 +107,7 @@ def add_parser(subparsers) -> None:
         "topology", help="which ranks share a host, each host's measured link",
         description=__doc__.split("\n\n")[0].split(": ", 1)[1],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--workers", type=int, default=2, help="local ranks")
-    p.add_argument("--lab", type=int, metavar="N",
-                   help="probe an emulated cluster of N hosts (needs root)")
-    p.add_argument("--rate", help="every lab link's rate, e.g. 1gbit (default 1gbit)")
-    p.add_argument("--rates", metavar="R1,R2,...", help="one rate per lab host instead")
-    p.add_argument("--procs-per-host", type=int, default=1, metavar="L",
-                   help="ranks on each lab host")
+    add_placement_flags(p, "probe an emulated cluster of N hosts (needs root)")
     p.add_argument("--budget", type=float, default=10.0, metavar="SECONDS",
                    help="the probe's time limit; past it no rates are reported")
     p.add_argument("--save", metavar="FILE.json", help="write the topology as JSON")

@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .ranks import usage
 from .report import bound_allreduce_s, bound_ps_s, machine_line, write_plot
 
 
@@ -138,11 +139,6 @@ def _opt(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _usage(message: str) -> int:
-    print(f"gradsync: error: {message}", file=sys.stderr)
-    return 2
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="training throughput across architectures",
                               description=__doc__.split("\n\n")[0])
@@ -171,16 +167,16 @@ def main(args) -> int:
     try:
         counts = [int(w) for w in args.workers.split(",")]
     except ValueError:
-        return _usage(f"--workers {args.workers!r}: expected numbers like 1,2,3")
+        return usage(f"--workers {args.workers!r}: expected numbers like 1,2,3")
     if min(counts) < 1 or args.rounds < 1 or args.steps < 2:
-        return _usage("--workers and --rounds must be >= 1 and --steps >= 2")
+        return usage("--workers and --rounds must be >= 1 and --steps >= 2")
     specs = [s for s in args.archs.split(",") if s and s != "local"]
     configs = [Config("local", 1)] + [Config(s, n) for n in counts for s in specs]
     if args.lab_rates:  # local runs alone, outside the lab; the others need one host each
         hosts = len(args.lab_rates.split(","))
         wrong = [f"{c.spec} x{c.workers}" for c in configs[1:] if c.processes != hosts]
         if wrong:
-            return _usage(f"--lab-rates gives {hosts} hosts but {', '.join(wrong)} "
+            return usage(f"--lab-rates gives {hosts} hosts but {', '.join(wrong)} "
                           f"need(s) another number of processes")
     print(f"# {' '.join(['gradsync', *sys.argv[1:]])}")
     print(f"# {machine_line()}")

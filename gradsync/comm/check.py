@@ -67,7 +67,8 @@ def describe(header: list[int]) -> str:
     return " ".join(parts)
 
 
-def _all_gather_rows(group: Group, row: torch.Tensor, what: str) -> list[list[int]]:
+def all_gather_rows(group: Group, row: torch.Tensor, what: str) -> list[list[int]]:
+    """Every rank's int64 ``row`` (same length everywhere), as lists, in rank order."""
     rows = [torch.empty_like(row) for _ in range(group.size)]
     try:
         group.engine.all_gather(rows, row, group.pg).wait()
@@ -78,7 +79,7 @@ def _all_gather_rows(group: Group, row: torch.Tensor, what: str) -> list[list[in
 
 def verify_call(group: Group, header: torch.Tensor, what: str) -> None:
     """Raise CollectiveMismatchError unless every rank of ``group`` sent the same header."""
-    rows = _all_gather_rows(group, header, what)
+    rows = all_gather_rows(group, header, what)
     if all(r == rows[0] for r in rows):
         return
     table = "\n".join(f"  rank {i}: {describe(r)}" for i, r in enumerate(rows))
@@ -89,14 +90,14 @@ def verify_tensors(group: Group, what: str, named: list[tuple[str, torch.Tensor]
     """Check that every rank holds the same list of tensors (count, shapes, dtypes), e.g. the
     parameters of a model before they are broadcast. The error names the first tensor that
     differs, the ranks and their shapes."""
-    counts = _all_gather_rows(group, torch.tensor([len(named)], dtype=torch.int64), what)
+    counts = all_gather_rows(group, torch.tensor([len(named)], dtype=torch.int64), what)
     if any(c != counts[0] for c in counts):
         table = "\n".join(f"  rank {i}: {c[0]} tensors" for i, c in enumerate(counts))
         raise CollectiveMismatchError(f"ranks hold different numbers of {what}:\n{table}")
     if not named:
         return
     mine = torch.stack([encode(0, "tensors", t) for _, t in named]).view(-1)
-    rows = _all_gather_rows(group, mine, what)
+    rows = all_gather_rows(group, mine, what)
     for k, (name, _) in enumerate(named):
         cut = [r[k * HEADER_LEN:(k + 1) * HEADER_LEN] for r in rows]
         if any(c != cut[0] for c in cut):

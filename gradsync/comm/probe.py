@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .collectives import dist_sum
-from .errors import CollectiveMismatchError, translate
+from .check import all_gather_rows
+from .collectives import broadcast, dist_sum
+from .errors import CollectiveMismatchError
 from .group import Group, resolve
-from .ops import ReduceOp
 from .p2p import P2P
 from .topology import HostLink, Topology, group_hosts, host_key
 
@@ -37,21 +37,13 @@ MAX_ROUND_BYTES = 64 << 20          # per sender: 54 ms at 10 Gbit/s
 PIECES = 16                         # messages per sender and round: the timing's resolution
 
 
-def _all_gather_ints(group: Group, values: list[int], what: str) -> list[list[int]]:
-    row = torch.tensor(values, dtype=torch.int64)
-    rows = [torch.empty_like(row) for _ in range(group.size)]
-    try:
-        group.engine.all_gather(rows, row, group.pg).wait()
-    except RuntimeError as exc:
-        raise translate(exc, what=what, rank=group.rank) from exc
-    return [r.tolist() for r in rows]
-
-
 def detect_topology(group: Group | None = None) -> Topology:
     """Which ranks share a host (collective; no rates). Hosts are told apart by host name
     and network namespace."""
     group = resolve(group)
-    keys = [row[0] for row in _all_gather_ints(group, [host_key()], "topology detection")]
+    rows = all_gather_rows(group, torch.tensor([host_key()], dtype=torch.int64),
+                            "topology detection")
+    keys = [row[0] for row in rows]
     return group_hosts(keys)
 
 
@@ -100,13 +92,9 @@ def _fan_in(p2p: P2P, reps: list[int], target: int, nbytes: int, tag: int,
 
 
 def _agree(group: Group, value: float, rank: int) -> float:
-    """``value`` as computed on ``rank``, everywhere (a sum with zeros is exact)."""
-    t = torch.tensor([value if group.rank == rank else 0.0], dtype=torch.float64)
-    try:
-        group.engine.all_reduce(t, ReduceOp.SUM, group.pg).wait()
-    except RuntimeError as exc:
-        raise translate(exc, what="topology probe", rank=group.rank) from exc
-    return float(t.item())
+    """``value`` as computed on ``rank``, everywhere."""
+    t = torch.tensor([value], dtype=torch.float64)
+    return float(broadcast(t, src=rank, group=group).item())
 
 
 def probe_topology(group: Group | None = None, budget_s: float = 10.0,
@@ -153,7 +141,8 @@ def set_topology(topology: Topology | None, group: Group | None = None) -> None:
         topology.validate(group.size)
     digest = 0 if topology is None else topology.fingerprint()
     hosts = 0 if topology is None else len(topology.hosts)
-    rows = _all_gather_ints(group, [digest, hosts], "topology agreement")
+    rows = all_gather_rows(group, torch.tensor([digest, hosts], dtype=torch.int64),
+                            "topology agreement")
     if any(row != rows[0] for row in rows):
         table = "\n".join(f"  rank {i}: " + (f"{h} hosts, digest {d:016x}" if h else "none")
                           for i, (d, h) in enumerate(rows))

@@ -52,7 +52,8 @@ def parse(spec: str) -> Compression:
 
 @dataclass
 class WarmupState:
-    """Plain all-reduce for the first ``steps`` steps, then ``inner``."""
+    """Plain all-reduce (with ``plain``'s state) for the first ``steps`` steps, then
+    ``inner``."""
 
     steps: int
     inner_state: object
@@ -70,7 +71,6 @@ def warmup_hook(state: WarmupState, bucket: GradBucket):
     if bucket.is_last():
         state.step += 1
     if warm:
-        state.plain.stats = state.inner_state.stats  # one set of figures for the run
         return allreduce_hook(state.plain, bucket)
     return state.inner(state.inner_state, bucket)
 
@@ -95,5 +95,7 @@ def make_hook(compression: Compression | str, group: comm.Group | None = None,
 
         state, hook = powersgd(int(compression.arg), group=group)
     if warmup > 0:
-        return WarmupState(warmup, state, hook, HookState(group)), warmup_hook
+        # The plain steps count in the compressor's stats: one set of figures for the run.
+        plain = HookState(group, stats=state.stats)
+        return WarmupState(warmup, state, hook, plain), warmup_hook
     return state, hook

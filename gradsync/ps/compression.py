@@ -25,15 +25,15 @@ leaves the finiteness check to the receiver.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from ..compress.cast import HALF_DTYPES as HALF
 from ..compress.spec import Compression, parse
+from ..compress.topk import select, topk_count
 from .protocol import DTYPE_CODES, END_BYTES, Kind, Status
 
-HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 INDEX_BYTES = 8  # int64 indices
 
 
@@ -49,12 +49,6 @@ def check_compression(spec: str | Compression) -> Compression:
                          "powersgd (its low-rank factors need an all-reduce among the workers); "
                          "use fp16, bf16 or topk:RATIO, or --arch allreduce")
     return compression
-
-
-def topk_count(ratio: float, numel: int) -> int:
-    """Entries a top-k push of a ``numel``-element shard carries: ceil(ratio * numel), at
-    least 1 (0 for an empty shard); the same on workers and servers."""
-    return min(numel, max(1, math.ceil(ratio * numel))) if numel else 0
 
 
 def sparse_nbytes(k: int, dtype: torch.dtype) -> int:
@@ -89,7 +83,7 @@ class PushRules:
            workers: int) -> "PushRules":
         compression = check_compression(spec)
         _check_dtype(compression, dtype)
-        max_k = topk_count(compression.arg, numel) if compression.name == "topk" else None
+        max_k = topk_count(numel, compression.arg) if compression.name == "topk" else None
         return cls(HALF.get(compression.name), max_k, workers)
 
     def max_nbytes(self, dtype: torch.dtype, numel: int) -> int:
@@ -163,7 +157,7 @@ class PushCompressor:
             self.ks = list(shard_numels)
             sizes = [n * self.half.itemsize for n in shard_numels]
         else:
-            self.ks = [topk_count(compression.arg, n) for n in shard_numels]
+            self.ks = [topk_count(n, compression.arg) for n in shard_numels]
             sizes = [sparse_nbytes(k, dtype) for k in self.ks]
         # One wire buffer per shard, payload then END (written once); a push's send must
         # finish before the next push of that shard rewrites it (the worker waits at step()).
@@ -191,7 +185,7 @@ class PushCompressor:
         acc = self.residuals[k].add_(grad)  # (numel,): grad + what earlier steps left
         indices = payload[:count * INDEX_BYTES].view(torch.int64)  # (count,)
         values = payload[count * INDEX_BYTES:].view(self.dtype)  # (count,)
-        indices.copy_(acc.abs().topk(count, sorted=False).indices)
+        indices.copy_(select(acc, count))  # the all-reduce hook's choice of entries
         torch.index_select(acc, 0, indices, out=values)
         acc.index_fill_(0, indices, 0)  # the rest stays: residual = acc - pushed, exactly
         return Kind.PUSH_SPARSE, DTYPE_CODES[self.dtype], count, wire

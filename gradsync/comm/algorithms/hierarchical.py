@@ -38,6 +38,7 @@ import torch
 
 from ..ops import ReduceOp, combine_
 from ..p2p import P2P, chunk_bounds
+from .aware import aware_all_reduce
 from .ring import ring_all_reduce, ring_reduce_scatter, ring_shape
 
 Inter = Callable[[torch.Tensor, ReduceOp, P2P], None]
@@ -132,6 +133,13 @@ def chunk_count(nbytes: int, numel: int) -> int:
     return max(1, min(MAX_CHUNKS, nbytes // MIN_CHUNK_BYTES, numel))
 
 
+def _default_inter(p2p: P2P) -> Inter:
+    """The all-reduce across hosts: ``aware`` when the host links differ (it reads each
+    member's share of its link from the topology), the ring otherwise."""
+    topology = p2p.group.topology
+    return aware_all_reduce if topology is not None and topology.unequal() else ring_all_reduce
+
+
 def hierarchical_all_reduce(buf: torch.Tensor, op: ReduceOp, p2p: P2P,
                             inter: Inter | None = None) -> None:
     """All-reduce ``buf`` (1-D, contiguous) in place, reducing inside hosts first.
@@ -140,10 +148,11 @@ def hierarchical_all_reduce(buf: torch.Tensor, op: ReduceOp, p2p: P2P,
         buf: (numel,) any dtype; reduced with ``op`` (SUM/MAX/MIN/PRODUCT) across ``p2p``.
         op: the wire op (AVG is finished by the caller).
         p2p: the ranks to reduce over; hosts come from ``p2p.group.topology``.
-        inter: ``inter(piece, op, view)``, the all-reduce across hosts (default: ring); it
-            must leave bitwise-equal results on its members.
+        inter: ``inter(piece, op, view)``, the all-reduce across hosts (default: ``aware``
+            on unequal host links, else the ring); it must leave bitwise-equal results on
+            its members.
     """
-    inter = inter or ring_all_reduce
+    inter = inter or _default_inter(p2p)
     if p2p.size == 1 or buf.numel() == 0:
         return
     hosts = host_members(p2p)
