@@ -192,3 +192,52 @@ def test_shm_refuses_ranks_on_other_hosts():
     for ok, message in results:
         assert not ok and "ValueError" in message
         assert "shm needs every rank on one host; ranks 2, 3 are elsewhere" in message
+
+
+def _mixed_against_engine(rank, n):
+    """broadcast, reduce_scatter and all_gather through shm, interleaved with all_reduce in
+    an order where each call's slots were just read by another kind of call, each held to
+    the engine's own result for the same inputs. Small integers, so that sums are exact in
+    every dtype and the engine's order of additions cannot make a difference."""
+    from gradsync import comm
+
+    bad = []
+    gen = torch.Generator().manual_seed(7 + rank)
+    for i, (dtype, k) in enumerate([(torch.float32, 1), (torch.float64, 5), (torch.int64, 0),
+                                    (torch.bfloat16, 33), (torch.float32, 70_001),
+                                    (torch.int32, 3)]):
+        x = torch.randint(-40, 41, (n * k,), generator=gen).to(dtype)
+        pieces = list(x.view(n, k)) if k else [torch.empty(0, dtype=dtype)] * n
+        for op in ("sum", "max") if dtype.is_floating_point else ("sum", "min"):
+            got, want = torch.empty(k, dtype=dtype), torch.empty(k, dtype=dtype)
+            comm.reduce_scatter(got, pieces, op=op, algorithm="shm")
+            comm.reduce_scatter(want, pieces, op=op, algorithm="native")
+            if not torch.equal(got, want):
+                bad.append(("reduce_scatter", str(dtype), k, op))
+        got = [torch.empty(k, dtype=dtype) for _ in range(n)]
+        want = [torch.empty(k, dtype=dtype) for _ in range(n)]
+        comm.all_gather(got, pieces[rank], algorithm="shm")
+        comm.all_gather(want, pieces[rank], algorithm="native")
+        if not all(torch.equal(g, w) for g, w in zip(got, want)):
+            bad.append(("all_gather", str(dtype), k))
+        root = i % n
+        got, want = x.clone(), x.clone()
+        comm.broadcast(got, src=root, algorithm="shm")
+        comm.broadcast(want, src=root, algorithm="native")
+        if not torch.equal(got, want):
+            bad.append(("broadcast", str(dtype), k, root))
+        y = x.clone()
+        comm.all_reduce(y, algorithm="shm")     # the next call's slots were just read
+        comm.all_reduce(x, algorithm="native")
+        if not torch.equal(y, x):
+            bad.append(("all_reduce", str(dtype), k))
+    return bad, os.environ["MASTER_PORT"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_shm_broadcast_reduce_scatter_all_gather_match_the_engine(world_size):
+    results = run_workers(_mixed_against_engine, world_size, timeout=55)
+    for rank, (bad, _) in enumerate(results):
+        assert not bad, f"rank {rank}: {bad}"
+    assert not _leftovers(results[0][1])

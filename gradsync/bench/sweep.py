@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from ..comm.algorithms import registry as comm_algorithms
 from ..comm.collectives import BROADCAST_ALGORITHMS
+from ..comm.per_rank import ALL_GATHER_ALGORITHMS, REDUCE_SCATTER_ALGORITHMS
 
 # busbw = algbw * factor(n) (nccl-tests, shared/ANCHORS.md). For reduce_scatter and
 # all_gather S is the whole array, count * n elements; every rank holds or gets count of them.
@@ -31,7 +32,7 @@ FACTORS = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: 
            "reduce": lambda n: 1.0}
 # All-reduce: every algorithm of the registry (native first), then "auto".
 ALGORITHMS = {"all_reduce": (*comm_algorithms.ALGORITHMS, "auto"),
-              "reduce_scatter": ("native", "ring"), "all_gather": ("native",),
+              "reduce_scatter": REDUCE_SCATTER_ALGORITHMS, "all_gather": ALL_GATHER_ALGORITHMS,
               "broadcast": BROADCAST_ALGORITHMS, "reduce": ("native",)}
 PER_RANK = ("reduce_scatter", "all_gather")  # S = count * n
 ROOTED = ("broadcast", "reduce")              # root is rank 0
@@ -192,7 +193,7 @@ class Case:
         elif op == "all_gather":
             mine = _values(rank, 0, count, period, dtype)
             self.outputs = [torch.empty(count, dtype=dtype) for _ in range(n)]
-            self._call = lambda a: comm.all_gather(self.outputs, mine)
+            self._call = lambda a: comm.all_gather(self.outputs, mine, algorithm=a)
             self.expected = [_values(r, 0, count, period, dtype) for r in range(n)]
         elif op == "broadcast":
             src = _values(0, 0, count, period, dtype)

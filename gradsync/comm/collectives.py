@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from . import check
-from .algorithms import REGISTRY, aware_broadcast
+from .algorithms import REGISTRY, aware_broadcast, shm_broadcast
 from .algorithms.registry import ALL_REDUCE_ALGORITHMS, check_algorithm
 from .cost_model import DEFAULT_COST_MODEL, CostModel
 from .errors import translate
@@ -177,22 +177,38 @@ def _all_reduce(tensor, op, group, algorithm, cost_model, async_op):
 
 # --- the other collectives, on the engine -------------------------------------------------------
 
-BROADCAST_ALGORITHMS = ("native", "aware")
+BROADCAST_ALGORITHMS = ("native", "aware", "shm")
+
+
+def one_host(group: Group) -> bool:
+    """Whether the group's topology puts all of its (several) ranks on one host."""
+    topology = group.topology
+    return group.size > 1 and topology is not None and len(topology.hosts) == 1
+
+
+def resolve_auto(group: Group, algorithm: str) -> str:
+    """``auto`` for the data-moving collectives: shared memory when the group's topology
+    says one host, else the engine's own."""
+    if algorithm != "auto":
+        return algorithm
+    return "shm" if one_host(group) else "native"
 
 
 def broadcast_async(tensor: torch.Tensor, src: int = 0, group: Group | None = None,
-                    algorithm: str = "native") -> Work:
+                    algorithm: str = "auto") -> Work:
     """Start a broadcast of ``tensor`` from group rank ``src``; see :func:`broadcast`."""
     return _broadcast(tensor, src, group, algorithm, async_op=True)
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0, group: Group | None = None,
-              algorithm: str = "native") -> torch.Tensor:
+              algorithm: str = "auto") -> torch.Tensor:
     """Copy ``tensor`` of group rank ``src`` into ``tensor`` on every rank.
 
     Args:
-        algorithm: ``native`` (the engine's) or ``aware`` (pieces sized to the links of the
-            group's topology, relayed by every rank: algorithms/aware.py).
+        algorithm: ``native`` (the engine's), ``aware`` (pieces sized to the links of the
+            group's topology, relayed by every rank: algorithms/aware.py), ``shm`` (through
+            shared memory, every rank on one host) or ``auto`` (``shm`` when the group's
+            topology says one host, else ``native``).
     Raises:
         ValueError: unknown algorithm, or ``src`` is not a rank of the group.
     """
@@ -201,11 +217,12 @@ def broadcast(tensor: torch.Tensor, src: int = 0, group: Group | None = None,
 
 def _broadcast(tensor, src, group, algorithm, async_op):
     group = resolve(group)
-    if algorithm not in BROADCAST_ALGORITHMS:
-        raise ValueError(f"unknown broadcast algorithm {algorithm!r}; choose one of "
+    if algorithm not in ("auto", *BROADCAST_ALGORITHMS):
+        raise ValueError(f"unknown broadcast algorithm {algorithm!r}; choose one of auto, "
                          f"{', '.join(BROADCAST_ALGORITHMS)}")
     if not 0 <= src < group.size:
         raise ValueError(f"broadcast src {src} is not a rank of this group of {group.size}")
+    algorithm = resolve_auto(group, algorithm)
     _prologue(group, "broadcast", tensor, root=src, algorithm=algorithm)
     if algorithm == "native":
         return _engine(group, "broadcast", lambda: group.engine.broadcast(
@@ -214,8 +231,10 @@ def _broadcast(tensor, src, group, algorithm, async_op):
     what = f"broadcast({algorithm}) #{group.seq}{group.where()}"
     flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
 
+    fn = aware_broadcast if algorithm == "aware" else shm_broadcast
+
     def run():
-        aware_broadcast(flat, src, P2P(group, what))
+        fn(flat, src, P2P(group, what))
         if flat.data_ptr() != tensor.data_ptr() or not tensor.is_contiguous():
             tensor.copy_(flat.view_as(tensor))
         return tensor

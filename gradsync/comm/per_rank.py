@@ -1,5 +1,6 @@
 """The collectives with one tensor per rank in a list: all_gather, gather, scatter and
-reduce_scatter, on the engine (reduce_scatter also on gradsync's ring).
+reduce_scatter, on the engine (reduce_scatter also on gradsync's ring; both reduce_scatter
+and all_gather through shared memory when the ranks share a host).
 
 They share collectives.py's machinery (check mode's prologue, the engine's error
 translation, the comm thread) and only add the list's checks.
@@ -9,31 +10,62 @@ from __future__ import annotations
 
 import torch
 
-from .algorithms import ring_reduce_scatter
-from .collectives import _engine, _own, _prologue
+from .algorithms import ring_reduce_scatter, shm_all_gather, shm_reduce_scatter
+from .collectives import _engine, _own, _prologue, resolve_auto
 from .group import Group, resolve
 from .ops import ReduceOp, as_op, check_op_dtype, finish_, wire_op
 from .p2p import P2P
 from .work import Work
 
-__all__ = ["all_gather", "all_gather_async", "gather", "gather_async", "reduce_scatter",
+__all__ = ["ALL_GATHER_ALGORITHMS", "REDUCE_SCATTER_ALGORITHMS", "all_gather", "all_gather_async", "gather", "gather_async", "reduce_scatter",
            "reduce_scatter_async", "scatter", "scatter_async"]
 
 
+ALL_GATHER_ALGORITHMS = ("native", "shm")
+REDUCE_SCATTER_ALGORITHMS = ("native", "ring", "shm")
+
+
+def _check_algorithm(what: str, algorithm: str, choices: tuple[str, ...]) -> None:
+    if algorithm not in ("auto", *choices):
+        raise ValueError(f"{what} algorithm must be one of auto, {', '.join(choices)}; "
+                         f"not {algorithm!r}")
+
+
 def all_gather_async(tensor_list: list[torch.Tensor], tensor: torch.Tensor,
-                     group: Group | None = None) -> Work:
+                     group: Group | None = None, algorithm: str = "auto") -> Work:
     group = resolve(group)
-    _prologue(group, "all_gather", tensor)
+    _check_algorithm("all_gather", algorithm, ALL_GATHER_ALGORITHMS)
+    algorithm = resolve_auto(group, algorithm)
+    _prologue(group, "all_gather", tensor, algorithm=algorithm)
     _expect_list(tensor_list, group, tensor, "all_gather")
-    return _engine(group, "all_gather", lambda: group.engine.all_gather(
-        tensor_list, tensor, group.pg), lambda: tensor_list,
-        tensor.numel() * tensor.element_size() * group.size, True)
+    if algorithm == "native":
+        return _engine(group, "all_gather", lambda: group.engine.all_gather(
+            tensor_list, tensor, group.pg), lambda: tensor_list,
+            tensor.numel() * tensor.element_size() * group.size, True)
+
+    def run():
+        # (p * k,) staging: piece j is rank j's tensor; every rank fills in the others'.
+        p, k = group.size, tensor.numel()
+        stage = torch.empty(p * k, dtype=tensor.dtype)
+        stage[group.rank * k:(group.rank + 1) * k].copy_(tensor.reshape(-1))
+        bounds = [(j * k, (j + 1) * k) for j in range(p)]
+        shm_all_gather(stage, bounds, P2P(group, f"all_gather(shm) #{group.seq}"))
+        for j, out in enumerate(tensor_list):
+            out.copy_(stage[j * k:(j + 1) * k].view_as(out))
+        return tensor_list
+
+    return _own(group, run, True)
 
 
 def all_gather(tensor_list: list[torch.Tensor], tensor: torch.Tensor,
-               group: Group | None = None) -> list[torch.Tensor]:
-    """Fill ``tensor_list[i]`` with rank i's ``tensor`` on every rank."""
-    return all_gather_async(tensor_list, tensor, group).wait()
+               group: Group | None = None, algorithm: str = "auto") -> list[torch.Tensor]:
+    """Fill ``tensor_list[i]`` with rank i's ``tensor`` on every rank.
+
+    Args:
+        algorithm: ``native`` (the engine's), ``shm`` (shared memory, one host) or ``auto``
+            (``shm`` when the group's topology says one host).
+    """
+    return all_gather_async(tensor_list, tensor, group, algorithm).wait()
 
 
 def gather_async(tensor: torch.Tensor, gather_list: list[torch.Tensor] | None = None,
@@ -74,13 +106,13 @@ def scatter(tensor: torch.Tensor, scatter_list: list[torch.Tensor] | None = None
 
 def reduce_scatter_async(output: torch.Tensor, input_list: list[torch.Tensor],
                          op: ReduceOp | str = ReduceOp.SUM, group: Group | None = None,
-                         algorithm: str = "native") -> Work:
+                         algorithm: str = "auto") -> Work:
     group, op = resolve(group), as_op(op)
     check_op_dtype(op, output.dtype)
+    _check_algorithm("reduce_scatter", algorithm, REDUCE_SCATTER_ALGORITHMS)
+    algorithm = resolve_auto(group, algorithm)
     _prologue(group, "reduce_scatter", output, reduce_op=op.value, algorithm=algorithm)
     _expect_list(input_list, group, output, "reduce_scatter")
-    if algorithm not in ("native", "ring"):
-        raise ValueError(f"reduce_scatter algorithm must be 'native' or 'ring', not {algorithm!r}")
     what = f"reduce_scatter({algorithm})"
     # (p * k,) staging buffer: the ring reduces it in place; the engine reads it.
     stage = torch.cat([t.reshape(-1) for t in input_list])
@@ -101,6 +133,13 @@ def reduce_scatter_async(output: torch.Tensor, input_list: list[torch.Tensor],
         return _engine(group, "reduce_scatter", lambda: group.engine.reduce_scatter(
             out, stage, op, group.pg), after, stage.numel() * stage.element_size(), True, what)
 
+    def run_shm():
+        # Piece r of the (p*k,) stage is input_list[r]; shm leaves rank r piece r reduced.
+        r = group.rank
+        shm_reduce_scatter(stage, wire_op(op), P2P(group, f"{what} #{group.seq}"))
+        output.copy_(stage[r * k:(r + 1) * k].view_as(output))
+        return done()
+
     def run():
         # The ring leaves rank r owning chunk (r+1) mod p: shift the pieces by one so that
         # chunk r+1 holds input_list[r].  stage: (p*k,) -> (p, k) rolled along dim 0.
@@ -111,13 +150,18 @@ def reduce_scatter_async(output: torch.Tensor, input_list: list[torch.Tensor],
         output.copy_(rotated[mine * k:(mine + 1) * k].view_as(output))
         return done()
 
-    return _own(group, run, True)
+    return _own(group, run_shm if algorithm == "shm" else run, True)
 
 
 def reduce_scatter(output: torch.Tensor, input_list: list[torch.Tensor],
                    op: ReduceOp | str = ReduceOp.SUM, group: Group | None = None,
-                   algorithm: str = "native") -> torch.Tensor:
-    """Reduce ``input_list[i]`` across ranks into ``output`` on rank i."""
+                   algorithm: str = "auto") -> torch.Tensor:
+    """Reduce ``input_list[i]`` across ranks into ``output`` on rank i.
+
+    Args:
+        algorithm: ``native`` (the engine's), ``ring`` (gradsync's), ``shm`` (shared
+            memory, one host) or ``auto`` (``shm`` when the topology says one host).
+    """
     return reduce_scatter_async(output, input_list, op, group, algorithm).wait()
 
 

@@ -17,7 +17,7 @@ from .reduce_broadcast import reduce_broadcast_all_reduce
 from .registry import (ALGORITHMS, ALL_REDUCE_ALGORITHMS, REGISTRY, AllReduceAlgorithm,
                        check_algorithm)
 from .ring import ring_all_reduce, ring_reduce_scatter
-from .shm import shm_all_reduce
+from .shm import shm_all_gather, shm_all_reduce, shm_broadcast, shm_reduce_scatter
 from .tree import tree_all_reduce
 
 __all__ = ["ALGORITHMS", "ALL_REDUCE_ALGORITHMS", "AllReduceAlgorithm", "REGISTRY",
@@ -25,4 +25,5 @@ __all__ = ["ALGORITHMS", "ALL_REDUCE_ALGORITHMS", "AllReduceAlgorithm", "REGISTR
            "aware_weights",
            "check_algorithm", "halving_doubling_all_reduce", "hierarchical_all_reduce",
            "reduce_broadcast_all_reduce", "ring_all_reduce", "ring_reduce_scatter",
-           "shm_all_reduce", "tree_all_reduce"]
+           "shm_all_gather", "shm_all_reduce", "shm_broadcast", "shm_reduce_scatter",
+           "tree_all_reduce"]

@@ -1,296 +1,153 @@
-"""Shared-memory all-reduce for ranks on one host: no sockets, just copies and flags.
+"""Shared-memory collectives for ranks on one host: no sockets, just copies and flags.
 
 Gloo moves even 1 KiB through the loopback TCP stack (about 500 us on the 2-core machine);
 DeepSpeed's SHM all-reduce does 32 MB in 0.65 ms where gloo needs 30.7 ms (shared/ANCHORS.md,
-"One host, shared memory"). Here the ranks of a view share one segment in /dev/shm:
+"One host, shared memory"). The ranks of a view share one segment (shm_segment.py): a slot
+per rank, an output area, and two counters per rank: ``arrived`` (my slot holds call s's
+data) and ``done`` (I have finished reading the slots of call s).
 
-    [ flags (2, p, 8) int64 | slot 0 | slot 1 | ... | slot p-1 | out ]   slots and out: cap bytes
+Every call s first waits until everyone is done with call s - 1's slots (free after an
+all-reduce, which already waited for it), then:
 
-Each counter sits alone in a 64-byte cache line (flags[phase, rank, 0]), so a rank spinning
-on one line does not bounce the line another rank is writing. One call, sequence number s:
+- all_reduce: copy in to slot r, arrive; reduce piece r (chunk_bounds) across slots 0..p-1
+  in rank order into out, done; wait for all done; copy out. Every element is computed
+  once, so every rank reads bitwise the same result. Out is rewritten in call s + 1 only
+  after everyone arrived there, so after everyone copied it out.
+- reduce_scatter: copy in, arrive; reduce piece r into the caller's tensor, done.
+- all_gather: rank r copies its piece into slot r, arrive; wait; copy every slot's piece
+  out, done.
+- broadcast: the root copies into its slot and arrives; the others wait for the root only,
+  copy out, done.
 
-1. rank r copies its tensor into slot r and sets ``arrived[r] = s``; waits for all arrived >= s.
-2. rank r reduces its own piece (chunk_bounds) across slots 0..p-1 in rank order into out, sets
-   ``reduced[r] = s``; waits for all reduced >= s. Every element is computed once, so every
-   rank reads bitwise the same result.
-3. rank r copies out back into its tensor.
-
-Two waits are enough: rank r rewrites slot r in call s+1 only after everyone set reduced = s
-(they are done reading slots), and writes its piece of out in s+1 only after everyone set
-arrived = s+1 (they are done copying out of call s).
-
-The segment is created by the view's rank 0 and named over the existing point-to-point path
-(int64 tensors, nothing unpickled), then unlinked as soon as every rank has mapped it (first
-arrival): the mappings keep the memory alive and nothing is left in /dev/shm when a process
-exits, even by SIGKILL. Only a kill inside that window leaves a name behind; the next
-creation on the host removes ``gradsync-*`` names whose creator pid is dead.
+Ranks of a view must call the same collectives in the same order (as with any engine).
 """
 
 from __future__ import annotations
 
-import mmap
-import os
-import secrets
-import threading
-import time
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 
-from ..errors import CommTimeoutError, PeerLostError
 from ..ops import ReduceOp, combine_
 from ..p2p import P2P, chunk_bounds
-from ..topology import host_key
+from .shm_segment import Segment, drop, fence, remove_stale, segment, wait_for
 
-SHM_DIR = "/dev/shm"
-PREFIX = "gradsync-"
-LINE = 64                       # bytes per cache line: one counter per line, slots aligned to it
-MIN_CAPACITY = 64 << 10         # smallest slot; grows by powers of two
-SPINS = 200                     # busy checks (~2 us each) before the waiter yields its core
-YIELD_S = 1e-3                  # then sched_yield for this long, then sleep up to MAX_PAUSE_S
-MAX_PAUSE_S = 2.5e-4            # polls at >= 4 kHz: small next to a large call's copies
-LIVENESS_EVERY_S = 0.1          # how often a sleeping waiter checks that laggards' pids exist
+__all__ = ["remove_stale", "shm_all_gather", "shm_all_reduce", "shm_broadcast",
+           "shm_reduce_scatter", "shm_shape"]
+
+ARRIVED, DONE = 0, 1
 
 
-def _fence() -> None:
-    """A full memory barrier. x86 keeps ordinary stores in order, but large copies may use
-    non-temporal stores, which are not; a lock round trip executes a locked instruction,
-    which drains them before the flag store that follows."""
-    lock = threading.Lock()
-    lock.acquire()
-    lock.release()
+def _begin(p2p: P2P, nbytes: int) -> tuple[Segment, int]:
+    """The view's segment (slots of at least ``nbytes``) and this call's sequence number,
+    once every member is done reading the previous call's slots."""
+    seg = segment(p2p, nbytes)
+    seg.seq += 1
+    if seg.seq > 1:
+        wait_for(seg, DONE, seg.seq - 1, p2p)
+    return seg, seg.seq
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:     # exists, owned by someone else
-        return True
-    return True
+def _post(seg: Segment, phase: int, s: int, rank: int) -> None:
+    fence()                         # the data before the flag, even after non-temporal stores
+    seg.flags[phase, rank, 0] = s
 
 
-def _pidns() -> int:
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
+def _reduce_piece(seg: Segment, out: torch.Tensor, a: int, b: int, n: int, op: ReduceOp) -> None:
+    """``out`` (b - a,) := slot 0[a:b] op slot 1[a:b] op ... in rank order: the same bits
+    whichever rank computes it."""
+    out.copy_(seg.slot(0, n, out.dtype)[a:b])
+    for j in range(1, seg.p):
+        combine_(out, seg.slot(j, n, out.dtype)[a:b], op)
 
 
-def remove_stale(directory: str = SHM_DIR) -> list[str]:
-    """Unlink ``gradsync-<port>-<pid>-<token>`` segments whose creator pid is dead; returns
-    their names."""
-    removed = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for name in names:
-        parts = name.split("-")
-        if not name.startswith(PREFIX) or len(parts) != 4 or not parts[2].isdigit():
-            continue
-        if not _pid_alive(int(parts[2])):
-            try:
-                os.unlink(os.path.join(directory, name))
-                removed.append(name)
-            except OSError:
-                pass
-    return removed
-
-
-@dataclass
-class _Segment:
-    """This rank's mapping of one view's segment."""
-
-    name: str
-    capacity: int               # bytes per slot
-    p: int
-    data: torch.Tensor          # (header + (p + 1) * capacity,) uint8 over the mapping
-    flags: np.ndarray           # (2, p, 8) int64: [0] arrived, [1] reduced, column 0 used
-    pids: list[int]             # members' pids, for liveness checks; -1: another pid namespace
-    seq: int = 0                # calls made on this segment
-    creator: bool = False
-    linked: bool = True         # the name still exists in /dev/shm
-
-    def slot(self, i: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-        """Slot ``i`` (i == p: the output area) as ``n`` elements of ``dtype``."""
-        start = _header(self.p) + i * self.capacity
-        return self.data[start:start + n * dtype.itemsize].view(dtype)
-
-    def unlink(self) -> None:
-        if self.creator and self.linked:
-            self.linked = False
-            try:
-                os.unlink(os.path.join(SHM_DIR, self.name))
-            except OSError:
-                pass
-
-
-def _header(p: int) -> int:
-    return -(-2 * p * LINE // 4096) * 4096
-
-
-def _map(name: str, p: int, capacity: int, create: bool) -> tuple[torch.Tensor, np.ndarray]:
-    size = _header(p) + (p + 1) * capacity
-    path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL if create else os.O_RDWR, 0o600)
-    try:
-        if create:
-            os.ftruncate(fd, size)          # tmpfs: zero-filled, so every counter starts at 0
-        mem = mmap.mmap(fd, size)
-    finally:
-        os.close(fd)                        # the mapping keeps the file open
-    data = torch.frombuffer(mem, dtype=torch.uint8)
-    flags = np.frombuffer(mem, dtype=np.int64, count=2 * p * 8).reshape(2, p, 8)
-    return data, flags
-
-
-def _attach(p2p: P2P, nbytes: int, old: _Segment | None) -> _Segment:
-    """Create (view rank 0) or map (the others) a segment with slots of at least ``nbytes``.
-
-    Rank 0 gathers each member's (host key, pid, pid namespace) and answers everyone with
-    all of them plus the segment's name and capacity, as int64 tensors.
-
-    Raises:
-        ValueError: a member is on another host.
-    """
-    p, r = p2p.size, p2p.rank
-    capacity = max(MIN_CAPACITY, 1 << max(0, nbytes - 1).bit_length(),
-                   old.capacity if old else 0)
-    mine = torch.tensor([host_key(), os.getpid(), _pidns()], dtype=torch.int64)
-    info = torch.zeros(3 * p + 3, dtype=torch.int64)   # (key, pid, pidns) * p, port, token, cap
-    name = None
-    if r == 0:
-        info[0:3] = mine
-        for peer in range(1, p):
-            p2p.recv(info[3 * peer:3 * peer + 3], peer)
-        keys = info[0:3 * p:3]
-        if bool((keys == keys[0]).all()):
-            remove_stale()
-            port = int(os.environ.get("MASTER_PORT", "0"))
-            token = secrets.randbits(48)
-            name = f"{PREFIX}{port}-{os.getpid()}-{token:012x}"
-            data, flags = _map(name, p, capacity, create=True)
-            info[3 * p:] = torch.tensor([port, token, capacity])
+def _guarded(fn):
+    """A failed call (timeout, lost rank) drops the segment: a later call makes a new one."""
+    def call(*args):
+        p2p = args[-1]
         try:
-            for peer in range(1, p):
-                p2p.send(info, peer)
+            return fn(*args)
         except BaseException:
-            if name is not None:
-                os.unlink(os.path.join(SHM_DIR, name))
+            drop(p2p)
             raise
-    else:
-        p2p.send(mine, 0)
-        p2p.recv(info, 0)
-    triples = info[:3 * p].view(p, 3).tolist()
-    elsewhere = [p2p.members[i] for i, t in enumerate(triples) if t[0] != triples[0][0]]
-    if elsewhere:
-        raise ValueError(f"shm needs every rank on one host; ranks "
-                         f"{', '.join(map(str, elsewhere))} are elsewhere (not on rank "
-                         f"{p2p.members[0]}'s host)")
-    port, token, capacity = info[3 * p:].tolist()
-    if name is None:
-        name = f"{PREFIX}{port}-{triples[0][1]}-{token:012x}"
-        try:
-            data, flags = _map(name, p, capacity, create=False)
-        except FileNotFoundError:
-            raise ValueError(f"shm: rank {p2p.group.rank} cannot see {SHM_DIR}/{name} made by "
-                             f"rank {p2p.members[0]}; the ranks need one /dev/shm") from None
-    pids = [pid if ns == _pidns() else -1 for _, pid, ns in triples]
-    return _Segment(name, capacity, p, data, flags, pids, creator=(r == 0))
+    call.__name__, call.__doc__ = fn.__name__, fn.__doc__
+    return call
 
 
-def _wait(seg: _Segment, phase: int, seq: int, p2p: P2P) -> None:
-    """Wait until every member's counter of ``phase`` reached ``seq``.
-
-    Spins first (a call between two ranks is a few microseconds), then yields, then sleeps
-    with a growing pause, so that with more ranks than cores the waiting ranks leave the
-    cores to the ones still copying.
-
-    Raises:
-        CommTimeoutError: past the group's timeout; names the ranks that lag.
-        PeerLostError: a lagging member's process is gone.
-    """
-    counters = seg.flags[phase, :, 0]
-    for _ in range(SPINS):
-        if counters.min() >= seq:
-            return
-    start = time.monotonic()
-    deadline = start + p2p.group.timeout_s
-    pause, last_check = 1e-5, start
-    while counters.min() < seq:
-        now = time.monotonic()
-        lagging = [i for i in range(seg.p) if counters[i] < seq]
-        if now - last_check > LIVENESS_EVERY_S:
-            last_check = now
-            gone = [p2p.members[i] for i in lagging if seg.pids[i] > 0
-                    and not _pid_alive(seg.pids[i])]
-            if gone:
-                raise PeerLostError(f"rank {p2p.group.rank}: lost rank "
-                                    f"{', '.join(map(str, gone))} during {p2p.what}")
-        if now > deadline:
-            names = ", ".join(str(p2p.members[i]) for i in lagging)
-            raise CommTimeoutError(f"rank {p2p.group.rank}: {p2p.what} timed out waiting for "
-                                   f"rank {names} (no arrival in {p2p.group.timeout_s:g} s)")
-        if now - start < YIELD_S:
-            os.sched_yield()
-        else:
-            time.sleep(pause)
-            pause = min(pause * 2, MAX_PAUSE_S)
-
-
-def _segment(p2p: P2P, nbytes: int) -> _Segment:
-    """The view's segment, cached on the group per member tuple; replaced by a bigger one
-    when ``nbytes`` outgrows it (every rank sees the same size, so all replace together)."""
-    cache = p2p.group.__dict__.setdefault("_shm_segments", {})
-    seg = cache.get(p2p.members)
-    if seg is None or seg.capacity < nbytes:
-        if seg is not None:
-            seg.unlink()
-        cache.pop(p2p.members, None)
-        seg = _attach(p2p, nbytes, seg)
-        cache[p2p.members] = seg
-    return seg
-
-
+@_guarded
 def shm_all_reduce(buf: torch.Tensor, op: ReduceOp, p2p: P2P) -> None:
-    """All-reduce ``buf`` (1-D, contiguous) in place through a /dev/shm segment.
+    """All-reduce ``buf`` (1-D, contiguous) in place through the view's segment.
 
     Raises:
         ValueError: the members are not all on this host.
-        CommTimeoutError / PeerLostError: a member did not arrive in time / died; the
-            segment is dropped, a later call makes a new one.
+        CommTimeoutError / PeerLostError: a member did not arrive in time / died.
     """
     p, r, n = p2p.size, p2p.rank, buf.numel()
     if p == 1 or n == 0:
         return
-    nbytes = n * buf.element_size()
-    seg = _segment(p2p, nbytes)
-    try:
-        seg.seq += 1
-        s = seg.seq
+    seg, s = _begin(p2p, n * buf.element_size())
+    seg.slot(r, n, buf.dtype).copy_(buf)
+    _post(seg, ARRIVED, s, r)
+    wait_for(seg, ARRIVED, s, p2p)
+    a, b = chunk_bounds(n, p)[r]
+    if b > a:
+        _reduce_piece(seg, seg.slot(p, n, buf.dtype)[a:b], a, b, n, op)
+    _post(seg, DONE, s, r)
+    wait_for(seg, DONE, s, p2p)
+    buf.copy_(seg.slot(p, n, buf.dtype))
+
+
+@_guarded
+def shm_reduce_scatter(buf: torch.Tensor, op: ReduceOp, p2p: P2P) -> tuple[int, int]:
+    """Reduce ``buf`` (numel,) across the view; afterwards ``buf[a:b]`` holds the reduced
+    piece ``(a, b) = chunk_bounds(numel, p)[rank]`` (returned), the rest is this rank's
+    input. :func:`shm_all_gather` with the same bounds completes it."""
+    p, r, n = p2p.size, p2p.rank, buf.numel()
+    a, b = chunk_bounds(n, p)[r] if n else (0, 0)
+    if p == 1 or n == 0:
+        return a, b
+    seg, s = _begin(p2p, n * buf.element_size())
+    seg.slot(r, n, buf.dtype).copy_(buf)
+    _post(seg, ARRIVED, s, r)
+    wait_for(seg, ARRIVED, s, p2p)
+    if b > a:
+        _reduce_piece(seg, buf[a:b], a, b, n, op)
+    _post(seg, DONE, s, r)
+    return a, b
+
+
+@_guarded
+def shm_all_gather(buf: torch.Tensor, bounds: list[tuple[int, int]], p2p: P2P) -> None:
+    """Complete ``buf`` (numel,) in place when position j holds ``buf[bounds[j]]``: every
+    piece is copied from its owner's slot (where it was written at offset 0)."""
+    p, r = p2p.size, p2p.rank
+    widest = max(b - a for a, b in bounds)
+    if p == 1 or widest == 0:
+        return
+    seg, s = _begin(p2p, widest * buf.element_size())
+    a, b = bounds[r]
+    seg.slot(r, b - a, buf.dtype).copy_(buf[a:b])
+    _post(seg, ARRIVED, s, r)
+    wait_for(seg, ARRIVED, s, p2p)
+    for j, (a, b) in enumerate(bounds):
+        if j != r and b > a:
+            buf[a:b].copy_(seg.slot(j, b - a, buf.dtype))
+    _post(seg, DONE, s, r)
+
+
+@_guarded
+def shm_broadcast(buf: torch.Tensor, root: int, p2p: P2P) -> None:
+    """Copy position ``root``'s ``buf`` (1-D, contiguous) into everyone's: one copy in, one
+    copy out per rank, and the others wait for the root alone."""
+    p, r, n = p2p.size, p2p.rank, buf.numel()
+    if p == 1 or n == 0:
+        return
+    seg, s = _begin(p2p, n * buf.element_size())
+    if r == root:
         seg.slot(r, n, buf.dtype).copy_(buf)
-        _fence()
-        seg.flags[0, r, 0] = s
-        try:
-            _wait(seg, 0, s, p2p)
-        finally:
-            seg.unlink()                    # everyone has mapped it (or the call failed)
-        a, b = chunk_bounds(n, p)[r]
-        if b > a:
-            out = seg.slot(p, n, buf.dtype)[a:b]
-            out.copy_(seg.slot(0, n, buf.dtype)[a:b])
-            for j in range(1, p):           # rank order: same bits whoever computes it
-                combine_(out, seg.slot(j, n, buf.dtype)[a:b], op)
-        _fence()
-        seg.flags[1, r, 0] = s
-        _wait(seg, 1, s, p2p)
-        buf.copy_(seg.slot(p, n, buf.dtype))
-    except BaseException:
-        p2p.group.__dict__["_shm_segments"].pop(p2p.members, None)
-        raise
+    _post(seg, ARRIVED, s, r)
+    if r != root:
+        wait_for(seg, ARRIVED, s, p2p, only=root)
+        buf.copy_(seg.slot(root, n, buf.dtype))
+    _post(seg, DONE, s, r)
 
 
 def shm_shape(n: float, p: int) -> tuple[float, float, float]:
