@@ -2,17 +2,19 @@
 
 With h hosts of L ranks each (``../shared/ANCHORS.md``, hierarchical all-reduce):
 
-1. reduce-scatter inside each host (a ring over the host's L ranks): local rank l ends up
-   owning the host's partial result of one contiguous piece of S/L bytes;
+1. reduce-scatter inside each host (through shared memory, algorithms/shm.py, or a ring
+   over the host's L ranks where they do not share /dev/shm): local rank l ends up owning
+   the host's partial result of one contiguous piece of S/L bytes;
 2. all-reduce of that piece across hosts, among the h ranks with local index l. The L
    all-reduces run at once on disjoint sets of processes, so each host link carries
    L * 2(h-1)/h * S/L = 2(h-1)/h * S, against 2(p-1)/p * S (p = hL) for a flat ring whose
    neighbours sit on one host, and L times that when every neighbour is on another host;
-3. all-gather inside each host.
+3. all-gather inside each host (shared memory or the ring, as step 1).
 
 Hosts come from the group's :class:`~gradsync.comm.topology.Topology`, read in the view's
 positions. Without a topology, or with every host holding one rank, there is nothing to reduce
-locally and the whole call is ``inter`` over all ranks; with one host it is a ring over all.
+locally and the whole call is ``inter`` over all ranks; with one host it is ``shm`` (or a
+ring) over all.
 
 Hosts with unequal numbers of ranks: L is the smallest host's count. A host's extra ranks
 (local index l >= L) first fold their tensor into local rank l mod L and get the finished
@@ -40,6 +42,8 @@ from ..ops import ReduceOp, combine_
 from ..p2p import P2P, chunk_bounds
 from .aware import aware_all_reduce
 from .ring import ring_all_reduce, ring_reduce_scatter, ring_shape
+from .shm import shm_all_gather, shm_all_reduce, shm_reduce_scatter
+from .shm_segment import segment
 
 Inter = Callable[[torch.Tensor, ReduceOp, P2P], None]
 
@@ -83,6 +87,19 @@ def ring_all_gather(buf: torch.Tensor, p2p: P2P) -> None:
         p2p.sendrecv(buf[sa:sb], (r + 1) % n, buf[ra:rb], (r - 1) % n)
 
 
+def shm_usable(view: P2P) -> bool:
+    """Whether the view's ranks share /dev/shm, asked once per member tuple: the segment's
+    attach answers it the same way on every member, so all of them choose alike."""
+    known = view.group.__dict__.setdefault("_shm_usable", {})
+    if view.members not in known:
+        try:
+            segment(view, 1)
+            known[view.members] = True
+        except ValueError:
+            known[view.members] = False
+    return known[view.members]
+
+
 def _uniform(buf: torch.Tensor, op: ReduceOp, p2p: P2P, hosts: list[list[int]],
              inter: Inter) -> None:
     """Steps 1-3 on ``hosts`` (positions in ``p2p``), all of the same length L, pipelined
@@ -99,12 +116,23 @@ def _uniform(buf: torch.Tensor, op: ReduceOp, p2p: P2P, hosts: list[list[int]],
     intra, across = p2p.view(host), p2p.view([h[local] for h in hosts])
     chunks = chunk_bounds(buf.numel(), chunk_count(buf.numel() * buf.element_size(),
                                                    buf.numel()))
+    shared = shm_usable(intra)
 
     def reduce_scatter(c: int) -> tuple[int, int]:
         # (1) chunk: (k,); afterwards only chunk[lo:hi], (about k / L,), holds this host's
         # partial result, and the bounds are the same on every host because L is.
         a, b = chunks[c]
+        if shared:
+            return shm_reduce_scatter(buf[a:b], op, intra)
         return ring_reduce_scatter(buf[a:b], op, intra)
+
+    def all_gather(c: int) -> None:
+        # (3) each reduce-scatter's ownership is the matching all-gather's starting point.
+        a, b = chunks[c]
+        if shared:
+            shm_all_gather(buf[a:b], chunk_bounds(b - a, len(host)), intra)
+        else:
+            ring_all_gather(buf[a:b], intra)
 
     def across_hosts(c: int, lo: int, hi: int) -> None:
         # (2) the same piece on the same local index of every host; a slice of a 1-D
@@ -114,7 +142,7 @@ def _uniform(buf: torch.Tensor, op: ReduceOp, p2p: P2P, hosts: list[list[int]],
 
     if len(chunks) == 1:
         across_hosts(0, *reduce_scatter(0))
-        ring_all_gather(buf, intra)
+        all_gather(0)
         return
     with ThreadPoolExecutor(1, thread_name_prefix="gradsync-inter") as pool:
         pending = []
@@ -123,9 +151,7 @@ def _uniform(buf: torch.Tensor, op: ReduceOp, p2p: P2P, hosts: list[list[int]],
                 pending.append(pool.submit(across_hosts, c, *reduce_scatter(c)))
             if c >= 1:
                 pending[c - 1].result()
-                # (3) ring_reduce_scatter's ownership is ring_all_gather's starting point.
-                a, b = chunks[c - 1]
-                ring_all_gather(buf[a:b], intra)
+                all_gather(c - 1)
 
 
 def chunk_count(nbytes: int, numel: int) -> int:
@@ -159,8 +185,8 @@ def hierarchical_all_reduce(buf: torch.Tensor, op: ReduceOp, p2p: P2P,
     if hosts is None or all(len(h) == 1 for h in hosts):
         inter(buf, op, p2p)  # every rank is a host: the inter-host algorithm is the whole job
         return
-    if len(hosts) == 1:
-        ring_all_reduce(buf, op, p2p)  # nothing crosses a host link
+    if len(hosts) == 1:  # nothing crosses a host link
+        (shm_all_reduce if shm_usable(p2p) else ring_all_reduce)(buf, op, p2p)
         return
     core = min(len(h) for h in hosts)
     host = next(h for h in hosts if p2p.rank in h)
