@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The pin first: it takes the CPU wheel; a looser requirement could pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[test,mpi]"
+	$(PY) -m pip install --quiet -e ".[test,mpi,serve]"
 	touch $(STAMP)
 
 run: $(STAMP)

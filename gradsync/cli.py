@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     from .bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    from .serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -254,6 +257,10 @@ def _main(argv: list[str] | None) -> int:
         return lab_main(args)
     if args.command == "bench":
         return args.bench(args)
+    if args.command == "serve":
+        from .serve.cli import main as serve_main
+
+        return serve_main(args)
     try:
         from .train.config import TrainConfig
 

@@ -1,0 +1,44 @@
+"""`gradsync serve`'s configuration; its flags are derived from these fields (flags.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class ServeConfig:
+    """Serve a trained checkpoint over the Open Inference Protocol (KServe v2)."""
+
+    checkpoint_dir: str = field(metadata=_help(
+        "a `gradsync train --checkpoint-dir`: its newest committed checkpoint is served"))
+    replicas: int = field(default=2, metadata=_help("replica processes holding the model"))
+    host: str = field(default="127.0.0.1", metadata=_help("address to listen on"))
+    port: int = field(default=8000, metadata=_help("port to listen on (0: a free one, "
+                                                   "printed at start)"))
+    max_batch: int = field(default=64, metadata=_help(
+        "rows at which a dynamic batch closes at once"))
+    max_delay_ms: float = field(default=2.0, metadata=_help(
+        "longest a batch waits for more requests after its first, in ms"))
+    max_request_rows: int = field(default=1024, metadata=_help(
+        "most rows one request may carry; larger ones are refused (413)"))
+    threads: int = field(default=1, metadata=_help("torch threads per replica"))
+    replica_timeout: float = field(default=30.0, metadata=_help(
+        "seconds a replica may take for a piece of work before it is killed and replaced"))
+
+    def __post_init__(self) -> None:
+        for name in ("replicas", "max_batch", "max_request_rows", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, "
+                                 f"got {getattr(self, name)}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port must be between 0 and 65535, got {self.port}")
+        if not 0 <= self.max_delay_ms <= 60_000:  # (also false for NaN)
+            raise ValueError(f"--max-delay-ms must be between 0 and 60000, "
+                             f"got {self.max_delay_ms}")
+        if not 0 < self.replica_timeout <= 3600:
+            raise ValueError(f"--replica-timeout must be a positive number up to 3600, "
+                             f"got {self.replica_timeout}")

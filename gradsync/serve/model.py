@@ -1,0 +1,95 @@
+"""The served model: the newest committed checkpoint of a `gradsync train` run, its workload's
+model, in eval mode.
+
+The checkpoint records the workload's name and the model's state; the workload builds the
+model (``--hidden`` and ``--dtype`` are read back from the state's shapes and dtype, since the
+checkpoint does not record the flags), and the state must load into it exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.format import CheckpointError
+from ..checkpoint.reader import CheckpointReader
+
+log = logging.getLogger(__name__)
+
+# Workloads whose input is not a float tensor (token ids) are not served.
+UNSERVED = {"stdlib-gpt": "it takes token ids, and the server takes FP32 rows"}
+
+
+class ServeError(Exception):
+    """Nothing can be served (no committed checkpoint, an unservable workload): one line."""
+
+
+@dataclass
+class Checkpoint:
+    """The checkpoint to serve: its directory, step and workload's name."""
+
+    directory: Path
+    step: int
+    workload: str
+
+
+def find_checkpoint(directory: str | Path) -> Checkpoint:
+    """Pick the newest committed checkpoint in ``directory`` that verifies.
+
+    Raises:
+        ServeError: the directory is missing, holds nothing committed, or holds a workload
+            that cannot be served.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise ServeError(f"--checkpoint-dir {directory} is not a directory")
+    try:
+        found = CheckpointReader(path).load_latest_valid()
+    except CheckpointError as exc:
+        raise ServeError(str(exc)) from None
+    if found is None:
+        raise ServeError(f"nothing committed in --checkpoint-dir {directory}: no checkpoint "
+                         "to serve (train with --checkpoint-dir and --checkpoint-every)")
+    step, _, _, meta = found
+    if meta.workload in UNSERVED:
+        raise ServeError(f"cannot serve {meta.workload}: {UNSERVED[meta.workload]}")
+    return Checkpoint(path, step, meta.workload)
+
+
+def load_model(checkpoint: Checkpoint) -> tuple[torch.nn.Module, tuple[int, ...], int]:
+    """Build the workload's model and load the checkpoint's state into it.
+
+    Returns:
+        ``(model in eval mode, one input row's shape, logits per row)``.
+
+    Raises:
+        ServeError: the checkpoint no longer loads, or its state does not fit the workload.
+    """
+    from ..train.workloads import build_workload
+
+    try:
+        state, _, meta = CheckpointReader(checkpoint.directory).load(checkpoint.step)
+    except CheckpointError as exc:
+        raise ServeError(str(exc)) from None
+    params = state["model"]
+    floats = [t for t in params.values() if t.is_floating_point()]
+    matrices = [t for t in floats if t.dim() == 2]
+    # --hidden (digits-wide, synthetic-mlp) is the first layer's width; --dtype the state's.
+    hidden = matrices[0].shape[0] if matrices else 1024
+    dtype = floats[0].dtype if floats else torch.float32
+    workload = build_workload(meta.workload, hidden=hidden, dtype=dtype)
+    model = workload.model
+    try:
+        model.load_state_dict(params)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ServeError(f"checkpoint step {checkpoint.step} does not fit workload "
+                         f"{meta.workload}: {first}") from None
+    model.eval()
+    input_shape = tuple(workload.eval_set[0][0].shape)
+    with torch.inference_mode():
+        classes = model(torch.zeros(1, *input_shape, dtype=dtype)).shape[-1]
+    return model, input_shape, int(classes)

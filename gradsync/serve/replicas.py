@@ -1,0 +1,279 @@
+"""Replica processes and their supervision, from the front process's asyncio loop.
+
+Each replica is ``python -m gradsync.serve.replica`` holding one end of a socketpair; frames
+(wire.py) cross it, never pickles. A replica whose socket closes (it died: SIGKILL, a crash,
+out of memory) is named in the log and replaced in the same slot; the pieces of work it held
+are sent once more to another live replica (or to its replacement once ready), so no client
+sees an error while a replica lives. A replica that does not answer within ``job_timeout_s``
+is killed and treated the same way: a hung replica is a dead one, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import wire
+from .metrics import ServeMetrics
+from .model import Checkpoint, ServeError
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 300.0  # importing torch and building a workload on a loaded machine
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+
+
+class ReplicaLost(Exception):
+    """The replica holding a piece of work died (or was killed for not answering)."""
+
+
+class ReplicaJobError(Exception):
+    """The replica answered the piece of work with an error (the model failed on it)."""
+
+
+@dataclass
+class Replica:
+    slot: int
+    proc: subprocess.Popen
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    pending: dict[int, asyncio.Future] = field(default_factory=dict)
+    outstanding_rows: int = 0
+    alive: bool = True
+
+    def __str__(self) -> str:
+        return f"replica {self.slot} (pid {self.proc.pid})"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the replicas said READY with: one row's shape and the logits per row."""
+
+    input_shape: tuple[int, ...]
+    classes: int
+
+
+class ReplicaPool:
+    """``count`` supervised replicas of the model in ``checkpoint``.
+
+    Args:
+        checkpoint: what every replica loads.
+        count: replicas to keep alive.
+        threads: torch threads per replica.
+        job_timeout_s: longest wait for a piece of work before its replica counts as dead.
+        metrics: where per-replica counts go.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, count: int, threads: int,
+                 job_timeout_s: float, metrics: ServeMetrics):
+        self.checkpoint = checkpoint
+        self.count = count
+        self.threads = threads
+        self.job_timeout_s = job_timeout_s
+        self.metrics = metrics
+        self.shape: ModelShape | None = None
+        self._slots: dict[int, Replica] = {}
+        self._jobs = itertools.count(1)
+        self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+
+    @property
+    def live(self) -> int:
+        """Replicas ready to compute now."""
+        return sum(r.alive for r in self._slots.values())
+
+    async def start(self) -> None:
+        """Start every replica and wait until all are READY.
+
+        Raises:
+            ServeError: a replica could not load the model (its message), or exited.
+        """
+        results = await asyncio.gather(*(self._spawn(slot) for slot in range(self.count)),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for replica in results:
+                if isinstance(replica, Replica):
+                    self._kill(replica)
+                    await self._reap(replica)
+            raise errors[0]
+        for replica in results:
+            self._adopt(replica)
+
+    async def _spawn(self, slot: int) -> Replica:
+        parent, child = socket.socketpair()
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gradsync.serve.replica", "--fd", str(child.fileno()),
+                 "--checkpoint-dir", str(self.checkpoint.directory),
+                 "--step", str(self.checkpoint.step), "--threads", str(self.threads)],
+                pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+        replica = Replica(slot, proc, reader, writer)
+        try:
+            frame = await asyncio.wait_for(wire.read_frame(reader), START_TIMEOUT_S)
+        except (asyncio.TimeoutError, wire.WireError):
+            frame = None
+        except BaseException:  # cancelled (the server is stopping): leave no process behind
+            self._kill(replica)
+            raise
+        if frame is None or frame.kind != wire.READY:
+            message = frame.payload.decode(errors="replace") if frame is not None else \
+                f"exited with status {await self._reap(replica)} before it was ready"
+            self._kill(replica)
+            raise ServeError(f"replica {slot} could not start: {message}")
+        dims = struct.unpack(f"<{len(frame.payload) // 4}I", frame.payload)
+        shape = ModelShape(tuple(dims), frame.cols)
+        if self.shape is None:
+            self.shape = shape
+        elif shape != self.shape:
+            self._kill(replica)
+            raise ServeError(f"replica {slot} loaded a model of another shape: {shape}")
+        return replica
+
+    def _adopt(self, replica: Replica) -> None:
+        self._slots[replica.slot] = replica
+        self._background(self._watch(replica))
+        self.metrics.replicas_live.set(self.live)
+        self._background(self._notify())
+
+    def _background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _watch(self, replica: Replica) -> None:
+        """Route the replica's answers to their futures until its socket closes."""
+        try:
+            while (frame := await wire.read_frame(replica.reader)) is not None:
+                future = replica.pending.pop(frame.job, None)
+                if future is None or future.done():
+                    continue
+                if frame.kind == wire.RESULT:
+                    future.set_result(frame.array())
+                else:
+                    future.set_exception(ReplicaJobError(
+                        f"{replica}: {frame.payload.decode(errors='replace')}"))
+        except (wire.WireError, ConnectionError) as exc:
+            log.warning("%s: %s", replica, exc)
+        await self._lost(replica)
+
+    async def _lost(self, replica: Replica) -> None:
+        if not replica.alive:
+            return
+        replica.alive = False
+        self.metrics.replicas_live.set(self.live)
+        self._kill(replica)
+        status = await self._reap(replica)
+        for future in replica.pending.values():
+            if not future.done():
+                future.set_exception(ReplicaLost(f"{replica} died (exit status {status})"))
+        replica.pending.clear()
+        if self._closing:
+            return
+        log.warning("%s died (exit status %s); starting a replacement", replica, status)
+        self.metrics.replica_restarts.labels(str(replica.slot)).inc()
+        for attempt in itertools.count():
+            if self._closing:
+                return
+            try:
+                self._adopt(await self._spawn(replica.slot))
+                return
+            except ServeError as exc:
+                delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+                log.error("%s; trying again in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+
+    def _kill(self, replica: Replica) -> None:
+        replica.writer.close()
+        if replica.proc.poll() is None:
+            replica.proc.kill()
+
+    @staticmethod
+    async def _reap(replica: Replica) -> int | None:
+        try:
+            return await asyncio.to_thread(replica.proc.wait, 10.0)
+        except subprocess.TimeoutExpired:
+            return None
+
+    async def _pick(self) -> Replica:
+        """The live replica with the least work queued; waits (bounded) while none lives."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.live > 0),
+                                       self.job_timeout_s)
+            except asyncio.TimeoutError:
+                raise ReplicaLost(f"no replica alive for {self.job_timeout_s:g} s") from None
+        return min((r for r in self._slots.values() if r.alive),
+                   key=lambda r: (r.outstanding_rows, len(r.pending)))
+
+    async def infer(self, rows: np.ndarray) -> np.ndarray:
+        """Logits ``(n, classes)`` for float32 ``rows`` ``(n, row_size)``, from one replica;
+        sent again once to another if that replica dies.
+
+        Raises:
+            ReplicaLost: both tries lost their replica, or none lived long enough.
+            ReplicaJobError: the model failed on these rows.
+        """
+        try:
+            return await self._infer_once(await self._pick(), rows)
+        except ReplicaLost as exc:
+            log.warning("%s; sending its %d rows to another replica", exc, len(rows))
+            self.metrics.retries.inc()
+            return await self._infer_once(await self._pick(), rows)
+
+    async def _infer_once(self, replica: Replica, rows: np.ndarray) -> np.ndarray:
+        job = next(self._jobs)
+        future = asyncio.get_running_loop().create_future()
+        replica.pending[job] = future
+        replica.outstanding_rows += len(rows)
+        try:
+            replica.writer.write(wire.encode_array(wire.JOB, job, rows))
+            await replica.writer.drain()
+            result = await asyncio.wait_for(asyncio.shield(future), self.job_timeout_s)
+        except asyncio.TimeoutError:
+            log.error("%s did not answer within %g s; killing it", replica, self.job_timeout_s)
+            self._kill(replica)
+            raise ReplicaLost(f"{replica} did not answer within {self.job_timeout_s:g} s") \
+                from None
+        except ConnectionError as exc:
+            raise ReplicaLost(f"{replica}: {exc}") from None
+        finally:
+            replica.outstanding_rows -= len(rows)
+            replica.pending.pop(job, None)
+        self.metrics.replica_jobs.labels(str(replica.slot)).inc()
+        self.metrics.replica_rows.labels(str(replica.slot)).inc(len(rows))
+        return result
+
+    async def close(self) -> None:
+        """Stop every replica: close its socket (it exits 0), kill it if it lingers."""
+        self._closing = True
+        replicas = list(self._slots.values())
+        for replica in replicas:
+            replica.writer.close()
+        for replica in replicas:
+            try:
+                await asyncio.to_thread(replica.proc.wait, 10.0)
+            except subprocess.TimeoutExpired:
+                replica.proc.kill()
+                await asyncio.to_thread(replica.proc.wait)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
