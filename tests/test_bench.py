@@ -50,7 +50,8 @@ def test_local_sweep_table_json_and_plot_agree(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(js.read_text())
     rows, table = report["rows"], _table(run.stdout)
-    algos = list(ALGORITHMS["all_reduce"])
+    # One host: shm runs, and beside it its floor measured in the same run.
+    algos = list(ALGORITHMS["all_reduce"]) + ["memory-bound"]
     expected = [(s, a) for s in (1024, 4096, 16384, 65536) for a in algos]
     assert [(int(c[0]), c[5]) for c in table] == expected
     assert [(r["bytes"], r["algorithm"]) for r in rows] == expected
@@ -74,6 +75,21 @@ def test_local_sweep_table_json_and_plot_agree(tmp_path):
     assert run.stdout.strip().splitlines()[-1].startswith("# Avg bus bandwidth : ")
     assert _plotted(png) == {a: [[r["bytes"], r["busbw_gbs"]] for r in rows
                                  if r["algorithm"] == a] for a in algos}
+
+
+@pytest.mark.timeout(60)
+def test_engine_mpi_runs_the_ranks_under_mpiexec(tmp_path):
+    pytest.importorskip("mpi4py")
+    js = tmp_path / "mpi.json"
+    run = gradsync("bench", "collectives", "--engine", "mpi", "-b", "4K", "-e", "4K", "-n", "2",
+                   "-w", "1", "--algorithm", "native,shm", "--check", "--json", str(js),
+                   timeout=50)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(js.read_text())
+    assert report["engine"] == "mpi" and report["world"] == 2
+    assert [r["algorithm"] for r in report["rows"]] == ["native", "shm", "memory-bound"]
+    assert all(r["wrong"] == 0 for r in report["rows"])
+    assert "--engine mpi" in report["command"]
 
 
 @pytest.mark.timeout(10)
@@ -118,7 +134,8 @@ def _every_case(rank: int, world: int) -> list[int]:
         cfg = SweepConfig(minbytes=1000, maxbytes=1000, iters=2, warmup_iters=0, op=op,
                           dtype=dtype, redop=redop, check=True)
         raw = run_sweep(cfg)
-        assert [r["algorithm"] for r in raw["rows"]] == list(ALGORITHMS[op])
+        floor = ["memory-bound"] if op == "all_reduce" else []   # shm's, on one host
+        assert [r["algorithm"] for r in raw["rows"]] == list(ALGORITHMS[op]) + floor
         wrong += [r["wrong"] for r in raw["rows"]]
         # The check sees a wrong element: corrupt one on every rank that holds a result.
         case = Case(cfg, 7, rank, world)

@@ -76,3 +76,19 @@ def test_missing_mpi4py_gives_one_clear_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=_env(), cwd=ROOT, timeout=scaled(50))
     assert out.stdout.strip() == "ok", out.stdout + out.stderr
+
+
+@pytest.mark.timeout(60)
+def test_ranks_mixing_engines_are_named_at_start_up():
+    pytest.importorskip("mpi4py")
+    if not MPIEXEC.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable}")
+    train = [sys.executable, "-m", "gradsync", "train", "--epochs", "1", "--out", "unused"]
+    proc = subprocess.run([str(MPIEXEC), "-n", "1", "-env", "GRADSYNC_ENGINE", "torch", *train,
+                           ":", "-n", "2", "-env", "GRADSYNC_ENGINE", "mpi", *train],
+                          capture_output=True, text=True, env=_env(), cwd=ROOT,
+                          timeout=scaled(50))
+    assert proc.returncode != 0
+    assert ("the ranks mix engines: rank 0 chose torch and ranks 1, 2 chose mpi"
+            in proc.stderr), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -5,6 +5,7 @@
     gradsync bench collectives --op reduce_scatter --dtype bfloat16 --redop max --check
     gradsync bench collectives --lab 4 --rates 1gbit,1gbit,1gbit,250mbit -b 1M -e 64M \\
         --plot slow.png                                         # an emulated cluster (root)
+    gradsync bench collectives --engine mpi --algorithm native,shm   # ranks under mpiexec
     torchrun --nproc-per-node 4 -m gradsync bench collectives   # each process is a rank
 
 The measuring is gradsync.bench.sweep's, on every rank. Started directly, the command is a
@@ -22,6 +23,8 @@ import importlib.util
 import json
 import os
 import shlex
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -46,8 +49,9 @@ def finish(cfg: SweepConfig, args: argparse.Namespace, raw: dict, lab: dict | No
     if lab is not None:
         lab = {**lab, **busbw.lab_bounds(cfg.op, lab["rates_bits"], lab["procs_per_host"])}
     rows = busbw.rows(cfg, raw, lab)
+    ran = dict.fromkeys(r["algorithm"] for r in rows)   # shm only on one host, and its floor
     avg = {a: sum(r["busbw_gbs"] for r in rows if r["algorithm"] == a)
-           / sum(r["algorithm"] == a for r in rows) for a in cfg.algorithms}
+           / sum(r["algorithm"] == a for r in rows) for a in ran}
     report = {"benchmark": "collectives", "command": command(cfg, args),
               "machine": f"{machine} at the start, {os.getloadavg()[0]:.2f} at the end",
               "op": cfg.op, "dtype": cfg.dtype, "redop": cfg.shown_redop, "root": cfg.root,
@@ -87,11 +91,33 @@ def command(cfg: SweepConfig, args: argparse.Namespace) -> str:
                                             else ["--rate", args.rate])
         where += ["--procs-per-host", str(args.procs_per_host)] * (args.procs_per_host > 1)
     else:
-        where = ["--workers", str(args.workers)]
+        where = ["--workers", str(args.workers)] + ["--engine", "mpi"] * (args.engine == "mpi")
     out = [f for flag in ("json", "plot") if getattr(args, flag)
            for f in (f"--{flag}", getattr(args, flag))]
     line = shlex.join(["gradsync", "bench", "collectives", *rank_flags(cfg), *where, *out])
     return f"{line}   (run by each of {os.environ['WORLD_SIZE']} ranks)" if under else line
+
+
+def _mpiexec() -> str | None:
+    """The MPI launcher beside this Python (the mpich wheel's), else on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    import shutil
+
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+def _run_under_mpiexec(argv: list[str], workers: int) -> int:
+    """Run ``gradsync *argv`` as ``workers`` MPI ranks; every rank adopts MPI's
+    environment (cli._adopt_mpi_launcher), so the engine is MPI."""
+    launcher = _mpiexec()
+    if launcher is None or importlib.util.find_spec("mpi4py") is None:
+        return usage("--engine mpi needs mpi4py and an MPI launcher: pip install 'gradsync[mpi]'")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_"))}
+    env.update(OMP_NUM_THREADS="1", GRADSYNC_ENGINE="mpi")
+    done = subprocess.run([launcher, "-n", str(workers), sys.executable, "-m", "gradsync",
+                           *argv], env=env)
+    return done.returncode
 
 
 def _as_rank(cfg: SweepConfig, args: argparse.Namespace, machine: str) -> int:
@@ -138,11 +164,16 @@ def main(args: argparse.Namespace) -> int:
     wrong = check_placement(args, least=2)
     if wrong:
         return usage(wrong)
+    if args.engine == "mpi" and args.lab:
+        return usage("--engine mpi runs its ranks on this host with mpiexec; a lab runs torch")
     with tempfile.TemporaryDirectory(prefix="gradsync-bench-") as tmp:
         result = Path(tmp) / "result.json"
+        argv = ["bench", "collectives", *rank_flags(cfg), "--result-file", str(result)]
         try:
-            argv = ["bench", "collectives", *rank_flags(cfg), "--result-file", str(result)]
-            rc, lab = run_ranks(argv, args)
+            if args.engine == "mpi":
+                rc, lab = _run_under_mpiexec(argv, args.workers), None
+            else:
+                rc, lab = run_ranks(argv, args)
         except LabError as exc:
             return usage(str(exc))
         if rc != 0:
@@ -175,8 +206,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--redop", choices=REDOPS, default="sum")
     p.add_argument("--algorithm", default="all",
                    help="one, several (comma-separated) or all; all_reduce: "
-                        f"{','.join(ALGORITHMS['all_reduce'])}; reduce_scatter: native,ring; "
-                        "broadcast: native,aware; others: native")
+                        f"{','.join(ALGORITHMS['all_reduce'])}; reduce_scatter: native,ring,shm; all_gather: native,shm; "
+                        "broadcast: native,aware,shm; reduce: native")
+    p.add_argument("--engine", choices=("torch", "mpi"), default="torch",
+                   help="the engine of the ranks: torch.distributed (gloo), or MPI (the ranks "
+                        "run under mpiexec)")
     p.add_argument("-c", "--check", action="store_true",
                    help="check every iteration's result, not only the first")
     add_placement_flags(p, "run across an emulated cluster of N hosts (needs root)")

@@ -55,7 +55,7 @@ def cost_model_report(raw: dict, rows: list[dict]) -> dict | None:
     p = raw["world"]
     medians: dict[str, dict[int, float]] = {}
     for r in rows:
-        if r["algorithm"] != "auto":
+        if r["algorithm"] not in ("auto", "memory-bound"):  # not algorithms auto picks
             medians.setdefault(r["algorithm"], {})[r["bytes"]] = r["time_us"]["median"]
     if len(medians) < 2:
         return None

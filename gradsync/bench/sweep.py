@@ -164,6 +164,31 @@ def _reduced(start: int, count: int, n: int, period: int, redop: str, dtype):
     return out.div_(n) if redop == "avg" else out  # gradsync divides once, in the dtype
 
 
+def _memory_pass(buf, n: int, rank: int) -> None:
+    """The memory traffic of one shared-memory all-reduce of ``buf`` (count,) on ``n`` ranks
+    with nothing to wait for: copy in to a slot, add this rank's 1/n piece of n slots, copy
+    the result out, in private buffers (allocated on first use). Every rank runs it at once,
+    so they share the memory bus as in the real call; its time is the shm path's floor."""
+    import torch
+
+    from ..comm.p2p import chunk_bounds
+
+    global _SLOTS
+    if _SLOTS is None or _SLOTS.shape != (n + 1, buf.numel()) or _SLOTS.dtype != buf.dtype:
+        _SLOTS = torch.zeros(n + 1, buf.numel(), dtype=buf.dtype)
+    _SLOTS[rank].copy_(buf)
+    a, b = chunk_bounds(buf.numel(), n)[rank]
+    out = _SLOTS[n, a:b]
+    out.copy_(_SLOTS[0, a:b])
+    for j in range(1, n):
+        out.add_(_SLOTS[j, a:b])
+    buf.copy_(_SLOTS[n])
+
+
+_SLOTS = None
+MEMORY_BOUND = "memory-bound"   # all_reduce on one host: a row for _memory_pass
+
+
 class Case:
     """The buffers of one collective and size on this rank: ``reset()`` refills them,
     ``run(algorithm)`` calls the collective, ``wrong()`` counts wrong elements."""
@@ -184,6 +209,7 @@ class Case:
             self._fill = lambda: buf.copy_(src)
             self._call = lambda a: comm.all_reduce(buf, op=redop, algorithm=a)
             self.outputs, self.expected = [buf], [_reduced(0, count, n, period, redop, dtype)]
+            self._memory = lambda: _memory_pass(buf, n, rank)
         elif op == "reduce_scatter":  # rank r gets the reduction of everyone's chunk r
             chunks = [_values(rank, c * count, count, period, dtype) for c in range(n)]
             out = torch.empty(count, dtype=dtype)
@@ -219,7 +245,10 @@ class Case:
         self._fill()
 
     def run(self, algorithm: str) -> None:
-        self._call(algorithm)
+        if algorithm == MEMORY_BOUND:
+            self._memory()
+        else:
+            self._call(algorithm)
 
     def wrong(self) -> int:
         return sum(int((o != e).sum()) for o, e in zip(self.outputs, self.expected))
@@ -259,6 +288,8 @@ def run_sweep(cfg: SweepConfig, group=None) -> dict:
     algos = cfg.algorithms
     if group.topology is not None and len(group.topology.hosts) > 1:
         algos = tuple(a for a in algos if a != "shm")  # shared memory needs one host
+    elif cfg.op == "all_reduce" and "shm" in algos and n > 1:
+        algos += (MEMORY_BOUND,)  # the floor of the shm path, measured in the same run
     rows, auto_chose = [], {}
     for nbytes, count in cfg.sizes(n):
         case = Case(cfg, count, rank, n)
@@ -274,7 +305,7 @@ def run_sweep(cfg: SweepConfig, group=None) -> dict:
                 start = time.perf_counter()
                 case.run(algos[j])
                 times[j, it] = time.perf_counter() - start
-                if cfg.check or it == 0:
+                if (cfg.check or it == 0) and algos[j] != MEMORY_BOUND:
                     wrong[j] += case.wrong()
         comm.all_reduce(times, op="max", group=group, algorithm="native")
         comm.all_reduce(wrong, op="sum", group=group, algorithm="native")

@@ -151,6 +151,10 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
     global _ENGINE
     if not _ENGINE.is_initialized():
         _ENGINE = choose_engine()
+        from .mpi import check_engines_agree, mpi_environment
+
+        if mpi_environment():
+            check_engines_agree(_ENGINE.name if _ENGINE.name == "mpi" else "torch")
     if timeout_s is None:
         timeout_s = float(os.environ.get("GRADSYNC_TIMEOUT", DEFAULT_TIMEOUT_S))
     if check is None:

@@ -41,6 +41,31 @@ def mpi_environment() -> bool:
     return ("PMI_RANK" in env and "PMI_SIZE" in env) or "OMPI_COMM_WORLD_RANK" in env
 
 
+def check_engines_agree(chosen: str) -> None:
+    """Under an MPI launcher every rank reaches MPI_COMM_WORLD whatever engine it chose:
+    compare the choices there, so that ranks mixing engines fail at start-up naming the
+    ranks instead of waiting for each other until the timeout. Silent without mpi4py.
+
+    Raises:
+        RuntimeError: the ranks did not all choose ``chosen``'s engine.
+    """
+    try:
+        MPI = _mpi()
+    except RuntimeError:
+        return
+    names = ("torch", "mpi")
+    comm = MPI.COMM_WORLD
+    codes = torch.zeros(comm.Get_size(), dtype=torch.int64)
+    comm.Allgather(torch.tensor([names.index(chosen)]).numpy(), codes.numpy())
+    if len(set(codes.tolist())) > 1:
+        by_engine = {name: [r for r, c in enumerate(codes.tolist()) if c == i]
+                     for i, name in enumerate(names)}
+        said = " and ".join(f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))} "
+                            f"chose {name}" for name, ranks in by_engine.items() if ranks)
+        raise RuntimeError(f"the ranks mix engines: {said}; give every rank the same "
+                           "--engine / GRADSYNC_ENGINE")
+
+
 def _mpi():
     try:
         from mpi4py import MPI
