@@ -150,9 +150,37 @@ def test_sharding_is_balanced_by_bytes():
     layout = shard_layout(params, 4)
     sizes = [layout.shard_numel(k) for k in range(4)]
     assert sum(sizes) == 1010 and max(sizes) - min(sizes) <= 1
-    assert layout.shards_of(0) == [0, 1, 2, 3]  # the big tensor is split over every server
-    with pytest.raises(ValueError, match="one dtype"):
-        shard_layout([torch.empty(2), torch.empty(2, dtype=torch.float64)], 2)
+    # the big tensor is split over every server
+    assert sorted({p.shard for p in layout.parts_of(0)}) == [0, 1, 2, 3]
+    # several dtypes: balanced by bytes, every partition of one dtype
+    mixed = shard_layout([torch.empty(600), torch.empty(300, dtype=torch.float64)], 2)
+    assert [layout_bytes(mixed, k) for k in range(2)] == [2400, 2400]
+    assert [(p.dtype, p.numel) for p in mixed.parts(1)] == [(torch.float64, 300)]
+
+
+def layout_bytes(layout, k):
+    return sum(p.nbytes for p in layout.parts(k))
+
+
+def test_partitions_cover_each_shard_and_weights_follow_the_links():
+    from gradsync.ps.sharding import partition_bytes_for, shard_layout
+
+    params = [torch.empty(1000), torch.empty(24), torch.empty(7, dtype=torch.float64)]
+    layout = shard_layout(params, 3, partition_bytes=400)  # 100 float32 elements at most
+    seen = []
+    for k in range(3):
+        parts = layout.parts(k)
+        assert [p.index for p in parts] == list(range(len(parts)))
+        assert all(p.nbytes <= 400 for p in parts) and len(parts) > 1
+        seen += [(p.dtype, i) for p in parts for i in range(p.start, p.end)]
+    want = [(torch.float32, i) for i in range(1024)] + [(torch.float64, i) for i in range(7)]
+    assert sorted(seen, key=str) == sorted(want, key=str)  # each element exactly once
+    # a server on a link 3x faster holds 3x the bytes
+    fast = shard_layout([torch.empty(4000)], 2, weights=[3e9, 1e9])
+    assert [fast.shard_numel(k) for k in range(2)] == [3000, 1000]
+    assert partition_bytes_for(None) == 1 << 20
+    assert partition_bytes_for(25e6) == 500_000  # 200 Mbit/s: 20 ms
+    assert partition_bytes_for(1e12) == 4 << 20
 
 
 def _malformed(rank, world, consistency):

@@ -1,10 +1,16 @@
 """The Parameter-Server architecture behind the trainer's architecture interface.
 
-Ranks 0..K-1 of the world are servers, the rest workers. A server builds the same model as
-the workers (same seed), keeps its shard of the parameters and the optimizer for it, and
-serves until the workers are done; a worker trains with a :class:`PSWorker` and a
+Some ranks of the world are servers, the rest workers (``placement.py`` says which: by
+default ranks 0..K-1, dedicated hosts in a lab of one rank per host; or explicit ranks, a
+role per rank, or one server beside each worker). A server builds the same model as the
+workers (same seed), keeps its shard of the parameters and the optimizer for it, and serves
+until the workers are done; a worker trains with a :class:`PSWorker` and a
 :class:`RemoteOptimizer`. Evaluation runs on the first worker alone: in async and ssp mode the
 workers hold slightly different parameters, and a dropped worker must not stall a collective.
+
+Shards are cut into partitions of ``partition_mb`` (default: from the slowest link, when the
+links are known) and sized to each server's link when the links are unequal (a topology file,
+or the lab's links).
 
 A checkpoint holds each server's shard and optimizer state in that server's own file; the
 first worker writes the model it pulled and commits once every server has saved. (A top-k
@@ -17,8 +23,9 @@ import logging
 
 from .. import comm
 from .compression import check_compression
+from .placement import link_topology, server_ranks as resolve_servers
 from .server import ParameterServer, ServerConfig, ServerStats
-from .sharding import gather_shard, shard_layout
+from .sharding import gather_part, partition_bytes_for, shard_layout
 from .worker import PSWorker, RemoteOptimizer
 
 log = logging.getLogger(__name__)
@@ -28,37 +35,55 @@ class PSArchitecture:
     """``nonfinite``: what a server does with a pushed gradient holding NaN or Inf, "error"
     or "skip" (see :class:`ServerConfig`). ``compression``: how workers push, none, fp16,
     bf16 or topk:RATIO (``compression.py``; powersgd is refused with a ValueError), after
-    ``compression_warmup`` steps of plain pushes."""
+    ``compression_warmup`` steps of plain pushes. ``server_ranks``: which ranks serve (see
+    ``placement.py``; None: ranks 0..servers-1). ``partition_mb``: the largest partition in
+    MiB (None: chosen from the links). ``topology``: a :class:`~gradsync.comm.Topology` or a
+    topology file, for the links' rates (None: the lab's, if under one)."""
 
     name = "ps"
 
     def __init__(self, servers: int, consistency: str, staleness: int, group: comm.Group,
                  max_steps: int | None = None, nonfinite: str = "error",
-                 compression: str = "none", compression_warmup: int = 0):
+                 compression: str = "none", compression_warmup: int = 0, *,
+                 server_ranks: str | list[int] | None = None,
+                 partition_mb: float | None = None, topology=None):
         self.compression = check_compression(compression)  # first: a usage error
         if compression_warmup < 0:
             raise ValueError(f"compression_warmup must be >= 0, not {compression_warmup}")
+        if partition_mb is not None and not partition_mb > 0:
+            raise ValueError(f"partition_mb must be positive, not {partition_mb}")
         self.compression_warmup = compression_warmup
         if group.size <= servers:
             raise ValueError(f"--servers {servers} leaves no worker in a world of {group.size}")
         self.group = group
-        self.servers = list(range(servers))
-        self.workers = list(range(servers, group.size))
+        self.servers = resolve_servers(group, servers, server_ranks)
+        self.workers = [r for r in range(group.size) if r not in self.servers]
         self.config = ServerConfig(consistency, staleness if consistency == "ssp" else 0,
                                    max_steps, nonfinite, self.compression)
-        self.is_worker = group.rank >= servers
-        self.worker_rank = group.rank - servers if self.is_worker else -1
+        self.is_worker = group.rank not in self.servers
+        self.worker_rank = self.workers.index(group.rank) if self.is_worker else -1
         self.num_workers = len(self.workers)
         self.eval_group = None
-        self.committer = servers  # the first worker
+        self.committer = self.workers[0]  # the first worker
         self.checkpoint_tag = f"ps ({servers} servers)"  # a checkpoint resumes this layout only
         self.replicated = False
         self.worker: PSWorker | None = None
         self.server_stats: ServerStats | None = None
+        links = link_topology(topology, group.size)
+        self.weights = None  # per server, its share of the parameters
+        rate = None
+        if links is not None:
+            rates = [links.hosts[links.host_of(r)].rate or 0.0 for r in range(group.size)]
+            if links.unequal():
+                self.weights = [rates[r] for r in self.servers]
+            rate = min(rates) or None
+        self.partition_bytes = (int(partition_mb * (1 << 20)) if partition_mb is not None
+                                else partition_bytes_for(rate))
 
     def _layout(self, model):
         return shard_layout([p for p in model.parameters() if p.requires_grad],
-                            len(self.servers))
+                            len(self.servers), weights=self.weights,
+                            partition_bytes=self.partition_bytes)
 
     def prepare(self, model, make_optimizer, start_step=0):
         self.worker = PSWorker(model, self._layout(model), self.servers, self.group.rank,
@@ -69,10 +94,12 @@ class PSArchitecture:
 
     def serve(self, model, make_optimizer, save=None, restored=None) -> ServerStats:
         layout = self._layout(model)
-        k = self.group.rank
+        k = self.servers.index(self.group.rank)
         params = [p.detach() for p in model.parameters() if p.requires_grad]
-        shard = gather_shard(params, layout, k, params[0].new_empty(layout.shard_numel(k)))
-        server = ParameterServer(shard, k, self.workers, make_optimizer, self.config, self.group,
+        parts = [gather_part(params, layout, part, params[0].new_empty(part.numel,
+                                                                       dtype=part.dtype))
+                 for part in layout.parts(k)]
+        server = ParameterServer(parts, k, self.workers, make_optimizer, self.config, self.group,
                                  save=save)
         if restored is not None:
             server.load_state_dict(restored)
@@ -109,6 +136,10 @@ class PSArchitecture:
             hist.pop()
         return {
             "servers": len(self.servers), "consistency": self.config.consistency,
+            "server_ranks": list(self.servers),
+            "partitions_per_server": [len(self.worker.layout.parts(k))
+                                      for k in range(len(self.servers))],
+            "partition_bytes": self.partition_bytes,
             "bytes_pushed_per_step_per_worker": self.worker.bytes_pushed / steps,
             # this worker's pushes: what went out against what plain pushes would have sent
             "compression": str(self.compression),

@@ -142,15 +142,17 @@ class PushCompressor:
 
     Args:
         compression: fp16, bf16 or topk (check_compression's result).
-        shard_numels: elements of each shard.
-        dtype: the parameters' dtype.
+        shard_numels: elements of each unit pushed (a partition of a shard).
+        dtype: the parameters' dtype, or one per unit.
         workers: N; a cast payload carries gradient / N.
     """
 
-    def __init__(self, compression: Compression, shard_numels: list[int], dtype: torch.dtype,
-                 workers: int):
-        _check_dtype(compression, dtype)
-        self.compression, self.dtype, self.workers = compression, dtype, workers
+    def __init__(self, compression: Compression, shard_numels: list[int],
+                 dtype: torch.dtype | list[torch.dtype], workers: int):
+        dtypes = list(dtype) if isinstance(dtype, (list, tuple)) else [dtype] * len(shard_numels)
+        for d in set(dtypes):
+            _check_dtype(compression, d)
+        self.compression, self.dtypes, self.workers = compression, dtypes, workers
         self.half = HALF.get(compression.name)
         trailer = torch.frombuffer(bytearray(END_BYTES), dtype=torch.uint8)
         if self.half is not None:
@@ -158,15 +160,15 @@ class PushCompressor:
             sizes = [n * self.half.itemsize for n in shard_numels]
         else:
             self.ks = [topk_count(n, compression.arg) for n in shard_numels]
-            sizes = [sparse_nbytes(k, dtype) for k in self.ks]
-        # One wire buffer per shard, payload then END (written once); a push's send must
-        # finish before the next push of that shard rewrites it (the worker waits at step()).
+            sizes = [sparse_nbytes(k, d) for k, d in zip(self.ks, dtypes)]
+        # One wire buffer per unit, payload then END (written once); a push's send must
+        # finish before the next push of that unit rewrites it (the worker waits at step()).
         self.wires = [torch.empty(n + len(END_BYTES), dtype=torch.uint8) for n in sizes]
         for wire in self.wires:
             wire[-len(END_BYTES):].copy_(trailer)
-        self.residuals = ([torch.zeros(n, dtype=dtype) for n in shard_numels]
+        self.residuals = ([torch.zeros(n, dtype=d) for n, d in zip(shard_numels, dtypes)]
                           if self.half is None else [])
-        """Error feedback: per shard, what top-k has not pushed yet, (numel,) of ``dtype``."""
+        """Error feedback: per unit, what top-k has not pushed yet, (numel,) of its dtype."""
 
     def encode(self, k: int, grad: torch.Tensor) -> tuple[Kind, int, int, torch.Tensor]:
         """Encode shard ``k``'s gradient ``grad`` (numel,), which it may overwrite.
@@ -184,8 +186,8 @@ class PushCompressor:
         count = self.ks[k]
         acc = self.residuals[k].add_(grad)  # (numel,): grad + what earlier steps left
         indices = payload[:count * INDEX_BYTES].view(torch.int64)  # (count,)
-        values = payload[count * INDEX_BYTES:].view(self.dtype)  # (count,)
+        values = payload[count * INDEX_BYTES:].view(self.dtypes[k])  # (count,)
         indices.copy_(select(acc, count))  # the all-reduce hook's choice of entries
         torch.index_select(acc, 0, indices, out=values)
         acc.index_fill_(0, indices, 0)  # the rest stays: residual = acc - pushed, exactly
-        return Kind.PUSH_SPARSE, DTYPE_CODES[self.dtype], count, wire
+        return Kind.PUSH_SPARSE, DTYPE_CODES[self.dtypes[k]], count, wire

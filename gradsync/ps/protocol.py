@@ -3,18 +3,23 @@
 Nothing else crosses the network, and nothing is unpickled. Every message from a worker to a
 server, and every reply, is
 
-    header: int64[10] = [MAGIC, kind, step, shard, numel, version, sender, status, dtype, END]
-    payload: PUSH (worker -> server): numel elements of the shard's dtype (code ``dtype``), then
+    header: int64[11] = [MAGIC, kind, step, shard, numel, version, sender, status, dtype,
+                         partition, END]
+    payload: PUSH (worker -> server): numel elements of one partition of the shard
+             (``sharding.py``; its index in ``partition``), of its dtype (code ``dtype``), then
              the 8 bytes of END again, so that a payload shorter than declared is seen; under
              --compression fp16/bf16 the elements may be of that half dtype (holding the
              gradient divided by the number of workers);
              PUSH_SPARSE (worker -> server, --compression topk): numel entries, int64 indices
              then values of the shard's dtype, then END (``compression.py``);
-             PARAMS, ERROR, STATS (server -> worker): the tensor alone;
+             PARAMS (server -> worker): one partition's parameters, the tensor alone;
+             ERROR, STATS (server -> worker): the tensor alone;
              CHECKPOINT, SAVED and DONE have none
 
 on tag 0 of the pair, so the two parts of a message arrive in order; :func:`send_message`
-frames both for the workers' sends and the servers' replies.
+frames both for the workers' sends and the servers' replies. A worker pushes every partition
+of every step once, in any order; a server answers each worker's partitions in the order that
+worker pushed them, so the worker's receives, posted at each push, match its replies.
 
 A server trusts nothing a worker sends (``receive.py``). Gloo takes a message shorter than the
 posted buffer silently and aborts the whole process (``EnforceNotMet``, uncatchable) on one
@@ -46,7 +51,7 @@ from .. import comm
 
 MAGIC = 0x6753_5053  # "gSPS"
 END = 0x454E_4421_6753_5053  # "END!gSPS": the last header field, and a PUSH payload's trailer
-HEADER_LEN = 10
+HEADER_LEN = 11
 HEADER_BYTES = HEADER_LEN * 8
 END_BYTES = END.to_bytes(8, sys.byteorder)  # as an int64 tensor holds it
 NOT_END_BYTES = bytes(b ^ 0xFF for b in END_BYTES)  # differs from END in every byte
@@ -83,6 +88,7 @@ class Status(IntEnum):
     NON_FINITE = 11
     WRONG_SENDER = 12
     BAD_INDEX = 13  # a sparse push's index is out of range or repeated
+    BAD_PARTITION = 14  # the partition index is out of range, or pushed twice in a step
 
 
 STATUS_TEXT = {
@@ -99,6 +105,7 @@ STATUS_TEXT = {
     Status.NON_FINITE: "the gradient holds NaN or Inf values",
     Status.WRONG_SENDER: "the header names another sender",
     Status.BAD_INDEX: "a sparse push's index is out of range or repeated",
+    Status.BAD_PARTITION: "the partition is out of range or was pushed twice in one step",
 }
 
 
@@ -124,18 +131,22 @@ class Header:
     sender: int = 0
     status: int = 0
     dtype: int = 0  # DTYPE_CODES of the payload; 0: none
+    partition: int = 0  # which partition of the shard (PUSH, PUSH_SPARSE, PARAMS)
     magic: int = MAGIC
     end: int = END
 
     def encode(self) -> torch.Tensor:
         return torch.tensor([self.magic, self.kind, self.step, self.shard, self.numel,
-                             self.version, self.sender, self.status, self.dtype, self.end],
+                             self.version, self.sender, self.status, self.dtype,
+                             self.partition, self.end],
                             dtype=torch.int64)
 
     @classmethod
     def decode(cls, buf: torch.Tensor) -> "Header":
-        magic, kind, step, shard, numel, version, sender, status, dtype, end = buf.tolist()
-        return cls(kind, step, shard, numel, version, sender, status, dtype, magic, end)
+        magic, kind, step, shard, numel, version, sender, status, dtype, partition, end = \
+            buf.tolist()
+        return cls(kind, step, shard, numel, version, sender, status, dtype, partition, magic,
+                   end)
 
     def kind_name(self) -> str:
         """``PUSH``, ``DONE``, ...; "message" when the header is not this protocol's."""
@@ -176,7 +187,8 @@ def payload_nbytes(h: Header, dtype: torch.dtype) -> int:
 def validate(h: Header, *, shard: int, numel: int, step: int, dtype: torch.dtype | None = None,
              version: int | None = None, peer: int | None = None, max_steps: int | None = None,
              checkpoints: bool = False, half: torch.dtype | None = None,
-             max_k: int | None = None) -> tuple[Status, str]:
+             max_k: int | None = None, parts: list | None = None,
+             seen: frozenset[int] | set[int] = frozenset()) -> tuple[Status, str]:
     """Check the fields of a worker's header against what this server expects from it.
 
     Args:
@@ -192,6 +204,10 @@ def validate(h: Header, *, shard: int, numel: int, step: int, dtype: torch.dtype
         half: a PUSH may also carry this dtype (--compression fp16/bf16).
         max_k: a PUSH_SPARSE may carry at most this many entries (--compression topk);
             None: PUSH_SPARSE is a kind this server does not take.
+        parts: per partition of the shard, (numel, dtype, half, max_k), which then replace
+            ``numel``, ``dtype``, ``half`` and ``max_k``; None: one partition, partition 0.
+        seen: partitions this worker has pushed in this step already (a CHECKPOINT must come
+            between steps, when none is).
 
     Returns:
         (Status.OK, "") or the first fault and a sentence saying what exactly was wrong.
@@ -222,7 +238,19 @@ def validate(h: Header, *, shard: int, numel: int, step: int, dtype: torch.dtype
     if h.step != step:
         return Status.STEP_OUT_OF_RANGE, f"step {h.step}, expected step {step}"
     if h.kind == Kind.CHECKPOINT:
+        if seen:
+            return Status.STEP_OUT_OF_RANGE, (f"a CHECKPOINT request in the middle of step "
+                                              f"{step}'s pushes")
         return Status.OK, ""
+    count = 1 if parts is None else len(parts)
+    if not 0 <= h.partition < count:
+        return Status.BAD_PARTITION, (f"it names partition {h.partition}; shard {shard} has "
+                                      f"{count}")
+    if h.partition in seen:
+        return Status.BAD_PARTITION, (f"partition {h.partition} of step {step} was pushed "
+                                      "already")
+    if parts is not None:
+        numel, dtype, half, max_k = parts[h.partition]
     if max_steps is not None and h.step >= max_steps:
         return Status.STEP_OUT_OF_RANGE, f"step {h.step} is past the run's {max_steps} steps"
     if version is not None and not 0 <= h.version <= version:
@@ -233,7 +261,10 @@ def validate(h: Header, *, shard: int, numel: int, step: int, dtype: torch.dtype
             return Status.WRONG_SIZE, (f"it declares {h.numel} entries; a top-k push of this "
                                        f"shard has at most {max_k}")
     elif h.numel != numel:
-        return Status.WRONG_SIZE, f"its payload has {h.numel} elements; the shard has {numel}"
+        return Status.WRONG_SIZE, (f"its payload has {h.numel} elements; the shard has {numel}"
+                                   if parts is None or len(parts) == 1 else
+                                   f"its payload has {h.numel} elements; partition "
+                                   f"{h.partition} has {numel}")
     # A sparse push's values are of the shard's dtype; a dense one's may be the half dtype.
     allowed = (dtype,) if half is None or h.kind == Kind.PUSH_SPARSE else (dtype, half)
     if dtype is not None and CODE_DTYPES.get(h.dtype) not in allowed:

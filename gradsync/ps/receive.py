@@ -63,29 +63,35 @@ class Receiver:
 
     Args:
         peer: the worker's group rank.
-        shard, numel, dtype: this server's shard number, element count and dtype.
+        shard: this server's shard number.
+        parts: per partition of the shard, (numel, dtype).
         max_steps: pushes of steps >= this are rejected (None: no limit).
         checkpoints: whether CHECKPOINT requests are taken.
-        rules: the compressed pushes taken beside dense ones (default: none).
+        rules: per partition, the compressed pushes taken beside dense ones (default: none).
     """
 
-    def __init__(self, peer: int, group: comm.Group | None, shard: int, numel: int,
-                 dtype: torch.dtype, max_steps: int | None = None, checkpoints: bool = False,
-                 rules: PushRules | None = None):
-        self.peer, self.group = peer, group
-        self.shard, self.numel, self.dtype = shard, numel, dtype
+    def __init__(self, peer: int, group: comm.Group | None, shard: int,
+                 parts: list[tuple[int, torch.dtype]], max_steps: int | None = None,
+                 checkpoints: bool = False, rules: list[PushRules] | None = None):
+        self.peer, self.group, self.shard = peer, group, shard
+        self.parts = list(parts)
         self.max_steps, self.checkpoints = max_steps, checkpoints
-        self.rules = rules or PushRules()
-        self.payload_bytes = self.rules.max_nbytes(dtype, numel)
+        self.rules = rules or [PushRules() for _ in self.parts]
+        # (numel, dtype, half, max_k) per partition, as protocol.validate takes them
+        self._expect = [(n, d, r.half, r.max_k) for (n, d), r in zip(self.parts, self.rules)]
+        self.payload_bytes = max([r.max_nbytes(d, n) for (n, d), r in zip(self.parts, self.rules)],
+                                 default=0)
         self.capacity = self.payload_bytes + TRAILER_BYTES + SLACK_BYTES
         self._header = torch.empty(HEADER_BYTES + self.capacity, dtype=torch.uint8)
         # Canaries a sender cannot guess; not torch's generator, which the training seeds.
         self._rng = random.Random(os.urandom(16))
 
-    def receive(self, step: int, version: Callable[[], int]) -> Message:
-        """Receive one message; the next push from this worker must be of ``step``, computed
-        on a version <= ``version()``, asked once the header is in (the server's version grows
-        while we wait, and the worker may have seen the newest).
+    def receive(self, step: int, version: Callable[[], int],
+                seen: frozenset[int] | set[int] = frozenset()) -> Message:
+        """Receive one message; the next push from this worker must be of ``step``, of a
+        partition not in ``seen`` (those it pushed in this step), computed on a version <=
+        ``version()``, asked once the header is in (the server's version grows while we
+        wait, and the worker may have seen the newest).
 
         Raises:
             CommError: the worker was lost, or sent nothing within the timeout.
@@ -95,17 +101,22 @@ class Receiver:
                   what=f"wait for the push of step {step}")
         h = Header.decode(self._header[:HEADER_BYTES].view(torch.int64))
         status, detail = self._check(self._header, 0, HEADER_BYTES, armed, "header")
+        first = self._expect[0] if self._expect else (0, None, None, None)
         if status == Status.OK:
-            status, detail = validate(h, shard=self.shard, numel=self.numel, step=step,
-                                      dtype=self.dtype, version=version(), peer=self.peer,
+            status, detail = validate(h, shard=self.shard, numel=first[0], step=step,
+                                      dtype=first[1], version=version(), peer=self.peer,
                                       max_steps=self.max_steps, checkpoints=self.checkpoints,
-                                      half=self.rules.half, max_k=self.rules.max_k)
+                                      half=first[2], max_k=first[3],
+                                      parts=self._expect or None, seen=seen)
         framed = status not in (Status.TOO_LONG, Status.TOO_SHORT, Status.BAD_MAGIC)
         if not (framed and h.kind in (Kind.PUSH, Kind.PUSH_SPARSE)):
             return self._verdict(h, status, detail, step)
         # A payload follows. Even after a bad header it is received (and dropped) when its
         # declared size fits, so that the sender's send completes and it reads our ERROR.
-        nbytes = payload_nbytes(h, self.dtype)
+        numel, dtype, rules = first[0], first[1], self.rules[0] if self.rules else PushRules()
+        if 0 <= h.partition < len(self.parts):
+            (numel, dtype), rules = self.parts[h.partition], self.rules[h.partition]
+        nbytes = payload_nbytes(h, dtype or torch.float32)
         if not 0 <= nbytes <= self.payload_bytes + SLACK_BYTES - CANARY_BYTES:
             return self._verdict(h, status, detail, step)
         buf = torch.empty(self.capacity, dtype=torch.uint8)
@@ -116,7 +127,7 @@ class Receiver:
         if status == Status.OK:
             # (nbytes,) of the buffer; the slack stays attached, unwritten
             status, detail, values, indices = decode(h.kind, h.numel, CODE_DTYPES[h.dtype],
-                                                     buf[:nbytes], self.numel)
+                                                     buf[:nbytes], numel)
         if status != Status.OK:
             return self._verdict(h, status, detail, step)
         if not comm.all_finite(values):
@@ -124,7 +135,7 @@ class Receiver:
             return Message(h, Status.NON_FINITE,
                            f"rank {self.peer} pushed a non-finite gradient at step {h.step}: "
                            f"{bad} of its {values.numel()} values are NaN or Inf", None, nbytes)
-        grad = densify(values, indices, self.dtype, self.numel, self.rules)
+        grad = densify(values, indices, dtype, numel, rules)
         return Message(h, payload=grad, nbytes=nbytes)
 
     def _verdict(self, h: Header, status: Status, detail: str, step: int) -> Message:

@@ -9,8 +9,12 @@ to its handler; the chosen consistency (``consistency.py``) decides when a push 
 answered:
 
 - ``sync``: average every worker's gradient of step t, update once, answer all. Equal to SGD
-  on the global batch.
-- ``async``: apply each gradient as it arrives (scaled by 1/N) and answer at once.
+  on the global batch. The shard is cut into partitions (``sharding.py``), each with its own
+  optimizer over its slice (the optimizers are elementwise, so this is the same update): a
+  partition is summed, updated and answered as soon as every worker's piece of it is in,
+  while the next partitions are still arriving (BytePS's pipelining).
+- ``async``: apply each worker's gradient of the shard as it arrives (scaled by 1/N) and
+  answer at once.
 - ``ssp``: as async, but hold the answer to step t until the slowest live worker has finished
   step t - s (Ho et al., 2013).
 
@@ -33,6 +37,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -80,10 +85,11 @@ class ServerConfig:
 
 
 class ParameterServer:
-    """Serve shard ``index`` (a (numel,) tensor of initial values) to ``workers``.
+    """Serve shard ``index`` to ``workers``.
 
     Args:
-        shard: initial parameters of this shard.
+        shard: initial parameters of this shard: a (numel,) tensor (one partition), or one
+            tensor per partition (any dtypes).
         index: this server's shard number.
         workers: ranks of the workers in ``group``.
         make_optimizer: builds the optimizer for one flat Parameter.
@@ -91,18 +97,20 @@ class ParameterServer:
             no checkpoints, and a CHECKPOINT request is rejected).
     """
 
-    def __init__(self, shard: torch.Tensor, index: int, workers: list[int],
+    def __init__(self, shard: torch.Tensor | list[torch.Tensor], index: int, workers: list[int],
                  make_optimizer: Callable, config: ServerConfig,
                  group: comm.Group | None = None,
                  save: Callable[[int, dict[str, Any]], None] | None = None):
-        self.param = torch.nn.Parameter(shard.clone())
-        self.optimizer = make_optimizer([self.param])
+        parts = [shard] if isinstance(shard, torch.Tensor) else list(shard)
+        # One flat Parameter and one optimizer per partition: a partition is updated alone.
+        self.params = [torch.nn.Parameter(t.detach().clone().reshape(-1)) for t in parts]
+        self.optimizers = [make_optimizer([p]) for p in self.params]
+        self.versions = [0] * len(self.params)  # updates of each partition
         self.index = index
         self.workers = list(workers)
         self.config = config
         self.group = group
         self.save = save
-        self.version = 0
         self.step = 0  # the workers' step when this state was taken: at start, at checkpoints
         self.stats = ServerStats()
         self._inbox: queue.Queue = queue.Queue()
@@ -110,55 +118,82 @@ class ParameterServer:
         self._sends: list[comm.Work] = []
         self.live, self.done = set(self.workers), set()  # done: workers that said DONE
         self._asked: dict[int, int] = {}  # worker -> step of its checkpoint request
+        # Replies go out in the order each worker pushed: its receives are posted so.
+        self._order: dict[int, deque[int]] = {w: deque() for w in self.workers}
+        self._ready: dict[int, dict[int, tuple[torch.Tensor, int]]] = \
+            {w: {} for w in self.workers}
         self.mode = MODES[config.consistency](self)
-        self.rules = PushRules.of(config.compression, self.param.dtype, self.param.numel(),
-                                  len(self.workers))
+        self.rules = [PushRules.of(config.compression, p.dtype, p.numel(), len(self.workers))
+                      for p in self.params]
+
+    @property
+    def version(self) -> int:
+        """The shard's version: updates every partition has had."""
+        return min(self.versions, default=0)
+
+    @property
+    def partitions(self) -> int:
+        return len(self.params)
 
     # --- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The shard (numel,), its optimizer state, the version and the workers' step; a copy,
-        which later updates leave alone."""
-        return {"shard": self.param.detach().clone(),
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                "version": self.version, "step": self.step}
+        """The partitions (numel,) each, their optimizer states, the versions and the workers'
+        step; a copy, which later updates leave alone."""
+        return {"parts": [p.detach().clone() for p in self.params],
+                "optimizer": [copy.deepcopy(o.state_dict()) for o in self.optimizers],
+                "versions": list(self.versions), "version": self.version, "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()`` of a checkpoint (same shard layout)."""
-        shard = state["shard"]
-        if shard.shape != self.param.shape or shard.dtype != self.param.dtype:
-            raise ValueError(f"server {self.index}: the checkpoint's shard is "
-                             f"{tuple(shard.shape)} {shard.dtype}, this run's "
-                             f"{tuple(self.param.shape)} {self.param.dtype}")
+        parts = state["parts"]
+        have = [(tuple(p.shape), p.dtype) for p in self.params]
+        got = [(tuple(p.shape), p.dtype) for p in parts]
+        if have != got:
+            raise ValueError(f"server {self.index}: the checkpoint's partitions are {got}, "
+                             f"this run's {have}")
         with torch.no_grad():
-            self.param.copy_(shard)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.version, self.step = int(state["version"]), int(state["step"])
+            for p, t in zip(self.params, parts):
+                p.copy_(t)
+        for o, s in zip(self.optimizers, state["optimizer"]):
+            o.load_state_dict(s)
+        self.versions = [int(v) for v in state["versions"]]
+        self.step = int(state["step"])
 
     # --- what the consistency modes use -------------------------------------------------------
 
     def reply(self, worker: int, kind: Kind, payload: torch.Tensor | None = None,
-              status: int = 0, step: int = 0) -> None:
+              status: int = 0, step: int = 0, partition: int = 0) -> None:
         """Start sending ``worker`` a reply; ``payload`` must not change afterwards."""
         numel = 0 if payload is None else payload.numel()
-        header = Header(kind, step=step, shard=self.index, numel=numel,
-                        version=self.version, sender=self.index, status=status)
+        version = self.versions[partition] if self.versions else 0
+        header = Header(kind, step=step, shard=self.index, numel=numel, version=version,
+                        sender=self.index, status=status, partition=partition)
         self._sends = [w for w in self._sends if not w.is_completed()]
         self._sends += send_message(header, payload, worker, self.group)
-        self.stats.bytes_sent += numel * self.param.element_size()
+        self.stats.bytes_sent += 0 if payload is None else numel * payload.element_size()
 
-    def apply(self, grad: torch.Tensor) -> None:
-        """One optimizer step of the shard with ``grad`` (numel,)."""
+    def answer(self, worker: int, c: int, payload: torch.Tensor, step: int) -> None:
+        """Send ``worker`` partition ``c``'s parameters after its push of ``step``, once the
+        partitions it pushed before ``c`` have been answered."""
+        self._ready[worker][c] = (payload, step)
+        order, ready = self._order[worker], self._ready[worker]
+        while order and order[0] in ready:
+            first = order.popleft()
+            values, at = ready.pop(first)
+            self.reply(worker, Kind.PARAMS, values, step=at, partition=first)
+
+    def apply(self, c: int, grad: torch.Tensor) -> None:
+        """One optimizer step of partition ``c`` with ``grad`` (numel,)."""
         start = time.perf_counter()
-        self.param.grad = grad
-        self.optimizer.step()
-        self.version += 1
-        self.stats.updates += 1
+        self.params[c].grad = grad
+        self.optimizers[c].step()
+        self.versions[c] += 1
         self.stats.busy_s += time.perf_counter() - start
 
-    def snapshot(self) -> torch.Tensor:
-        """A copy of the shard (numel,) to send, which later updates leave alone."""
-        return self.param.detach().clone()
+    def snapshot(self, c: int) -> torch.Tensor:
+        """A copy of partition ``c`` (numel,) to send, which later updates leave alone."""
+        return self.params[c].detach().clone()
 
     # --- the receiver threads -----------------------------------------------------------------
 
@@ -167,14 +202,15 @@ class ParameterServer:
 
         A rejected message ends the thread: that worker's stream is no longer trusted.
         """
-        rx = Receiver(worker, self.group, self.index, self.param.numel(), self.param.dtype,
-                      self.config.max_steps, checkpoints=self.save is not None,
-                      rules=self.rules)
+        rx = Receiver(worker, self.group, self.index,
+                      [(p.numel(), p.dtype) for p in self.params], self.config.max_steps,
+                      checkpoints=self.save is not None, rules=self.rules)
         step, skip = self.step, self.config.nonfinite == "skip"
+        seen: set[int] = set()  # partitions this worker pushed in ``step``
         while True:
             try:
-                # self.version only grows: a push valid against it stays valid.
-                msg = rx.receive(step, lambda: self.version)
+                # the versions only grow: a push valid against them stays valid.
+                msg = rx.receive(step, lambda: max(self.versions, default=0), seen)
             except comm.CommError as exc:
                 self._inbox.put(("lost", worker, str(exc)))
                 return
@@ -192,7 +228,9 @@ class ParameterServer:
                 self._inbox.put(("checkpoint", worker, msg.header))
                 continue
             if msg.status == Status.OK or (msg.status == Status.NON_FINITE and skip):
-                step = msg.header.step + 1
+                seen.add(msg.header.partition)
+                if len(seen) == self.partitions:  # the step's last partition
+                    step, seen = msg.header.step + 1, set()
                 self.stats.bytes_received += msg.nbytes  # as pushed: compressed or not
                 self._inbox.put(("push", worker, msg))
                 continue
@@ -214,9 +252,10 @@ class ParameterServer:
             self._closed.set()
 
     def _serve(self) -> ServerStats:
-        snapshot = self.snapshot()
+        snapshots = [self.snapshot(c) for c in range(self.partitions)]
         for w in self.workers:
-            self.reply(w, Kind.PARAMS, snapshot)
+            for c, values in enumerate(snapshots):
+                self.reply(w, Kind.PARAMS, values, partition=c)
         for w in self.workers:
             threading.Thread(target=self._receive, args=(w,), daemon=True,
                              name=f"ps-recv-{w}").start()
@@ -236,7 +275,8 @@ class ParameterServer:
         if grad is None:
             log.warning("server %d: %s; %s (nonfinite='skip')", self.index, msg.text,
                         self.mode.skip_text)
-        self.mode.push(worker, msg.header.step, msg.header.version, grad)
+        self._order[worker].append(msg.header.partition)
+        self.mode.push(worker, msg.header.step, msg.header.version, msg.header.partition, grad)
 
     def _on_checkpoint(self, worker: int, header: Header) -> None:
         self._asked[worker] = header.step
@@ -248,10 +288,11 @@ class ParameterServer:
         self._checkpoint()
 
     def _on_bad(self, worker: int, msg: Message) -> None:
-        # The zeros fill the parameters receive the worker posted with its push.
+        # The zeros fill (part of) the parameters receive the worker posted with its push:
+        # no longer than its smallest partition.
         self.stats.rejected += 1
-        self.reply(worker, Kind.ERROR, torch.zeros(self.param.numel(), dtype=self.param.dtype),
-                   status=msg.status)
+        least = min(p.numel() * p.element_size() for p in self.params)
+        self.reply(worker, Kind.ERROR, torch.zeros(least, dtype=torch.uint8), status=msg.status)
         self._drop(worker, msg.text, NONFINITE_HINT if msg.status == Status.NON_FINITE else "")
 
     def _on_lost(self, worker: int, text: str) -> None:
@@ -267,6 +308,8 @@ class ParameterServer:
                     self.index, reason, worker, hint)
         self.live.discard(worker)
         self._asked.pop(worker, None)
+        self._order[worker].clear()
+        self._ready[worker].clear()
         self.stats.dropped.append(worker)
         self.mode.dropped(worker)
         self._checkpoint()

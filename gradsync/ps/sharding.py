@@ -1,86 +1,187 @@
-"""Spreading the parameters over K servers, balanced by bytes.
+"""Spreading the parameters over K servers, balanced by bytes, each shard cut into partitions.
 
-The parameters (one dtype) are laid end to end as one flat vector of P elements, in
-``model.parameters()`` order, and cut into K contiguous ranges whose sizes differ by at most
-one element. A large tensor is thereby split across servers, many tiny tensors share one,
-and K larger than the number of tensors still balances (shards may be empty when K > P).
+The parameters are laid end to end, in ``model.parameters()`` order, as one flat vector per
+dtype (float32 tensors in one, float64 in another, ...; a single-dtype model has one). The
+bytes of these vectors, one after the other, are cut into K contiguous ranges: of equal size
+(differing by at most one element when there is one dtype), or in proportion to ``weights``
+(each server's link rate, so that a server on a slow link holds less). A large tensor is
+thereby split across servers, many tiny tensors share one, and K larger than the number of
+tensors still balances (shards may be empty when K > P).
+
+Each shard is cut again into partitions of at most ``partition_bytes``, each of one dtype: the
+unit of a push, a sum and a pull (BytePS's pipelining, OSDI 2020). A worker pushes a partition
+as soon as backward has produced its gradients and pulls it as soon as the server has summed
+it, so with C partitions a push+pull costs about (1 + 1/C) transfers of the shard, not 2.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..comm.p2p import chunk_bounds
 
+DEFAULT_PARTITION_BYTES = 1 << 20   # when the link is not known
+PARTITION_TARGET_S = 0.02           # else: a partition crosses the slowest link in ~20 ms
+PARTITION_MIN_BYTES, PARTITION_MAX_BYTES = 256 << 10, 4 << 20
+
+
+def partition_bytes_for(rate: float | None) -> int:
+    """The default partition size for links of ``rate`` bytes/s (None: unknown): about
+    20 ms on the link, within 256 KiB .. 4 MiB. Smaller partitions pipeline better; each
+    costs a few hundred microseconds of Python on both sides, so not too small."""
+    if not rate:
+        return DEFAULT_PARTITION_BYTES
+    return int(min(max(rate * PARTITION_TARGET_S, PARTITION_MIN_BYTES), PARTITION_MAX_BYTES))
+
+
+@dataclass(frozen=True)
+class Part:
+    """One partition: elements [start, end) of the flat vector of ``dtype``, on server
+    ``shard``, partition ``index`` there."""
+
+    shard: int
+    index: int
+    dtype: torch.dtype
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """Where each parameter lives in the flat vector and which range each server owns.
+    """Where each parameter lives and which partitions each server owns.
 
     Attributes:
-        offsets: start of parameter i in the flat vector.
+        dtypes: dtype of parameter i.
+        offsets: start of parameter i in the flat vector of its dtype.
         numels: element count of parameter i.
-        bounds: [start, end) of server k's shard.
+        shards: per server, its partitions in flat order.
     """
 
+    dtypes: tuple[torch.dtype, ...]
     offsets: tuple[int, ...]
     numels: tuple[int, ...]
-    bounds: tuple[tuple[int, int], ...]
-
-    @property
-    def total(self) -> int:
-        return self.bounds[-1][1] if self.bounds else 0
+    shards: tuple[tuple[Part, ...], ...]
 
     def shard_numel(self, k: int) -> int:
-        a, b = self.bounds[k]
-        return b - a
+        return sum(p.numel for p in self.shards[k])
 
-    def pieces(self, k: int) -> list[tuple[int, int, int]]:
-        """The parts of shard k: (param index, start inside the param, end inside the param),
+    def shard_nbytes(self, k: int) -> int:
+        return sum(p.nbytes for p in self.shards[k])
+
+    def parts(self, k: int) -> tuple[Part, ...]:
+        return self.shards[k]
+
+    def pieces(self, part: Part) -> list[tuple[int, int, int]]:
+        """The parts of ``part``: (param index, start inside the param, end inside the param),
         in flat order."""
-        a, b = self.bounds[k]
         out = []
-        for i, (off, n) in enumerate(zip(self.offsets, self.numels)):
-            lo, hi = max(a, off), min(b, off + n)
-            if lo < hi:
+        for i, (dtype, off, n) in enumerate(zip(self.dtypes, self.offsets, self.numels)):
+            lo, hi = max(part.start, off), min(part.end, off + n)
+            if dtype == part.dtype and lo < hi:
                 out.append((i, lo - off, hi - off))
         return out
 
-    def shards_of(self, i: int) -> list[int]:
-        """Servers holding a piece of parameter i."""
-        off, n = self.offsets[i], self.numels[i]
-        return [k for k, (a, b) in enumerate(self.bounds) if max(a, off) < min(b, off + n)]
+    def parts_of(self, i: int) -> list[Part]:
+        """Partitions holding a piece of parameter i."""
+        off, n, dtype = self.offsets[i], self.numels[i], self.dtypes[i]
+        return [p for parts in self.shards for p in parts
+                if p.dtype == dtype and max(p.start, off) < min(p.end, off + n)]
 
 
-def shard_layout(params: list[torch.Tensor], servers: int) -> ShardLayout:
-    """Lay ``params`` out over ``servers`` shards.
+def _cuts(sizes: list[int], itemsizes: list[int], servers: int,
+          weights: list[float] | None) -> list[int]:
+    """Cut points, in elements of the concatenated vectors, of ``servers`` byte ranges."""
+    total = sum(sizes)
+    if weights is None and len(sizes) <= 1:
+        return [b for _, b in chunk_bounds(total, servers)]  # differ by one element at most
+    w = [1.0] * servers if weights is None else [max(float(x), 0.0) for x in weights]
+    if sum(w) <= 0:
+        raise ValueError(f"server weights {weights} are all zero")
+    nbytes = sum(n * s for n, s in zip(sizes, itemsizes))
+    cuts, acc = [], 0.0
+    for k in range(servers):
+        acc += w[k]
+        target = nbytes * acc / sum(w)  # bytes before the cut
+        elems, before = 0, 0.0
+        for n, s in zip(sizes, itemsizes):  # walk the vectors to the byte target
+            if before + n * s >= target:
+                elems += round((target - before) / s)
+                break
+            elems, before = elems + n, before + n * s
+        cuts.append(elems if k < servers - 1 else total)
+    return cuts
+
+
+def shard_layout(params: list[torch.Tensor], servers: int, *,
+                 weights: list[float] | None = None,
+                 partition_bytes: int | None = None) -> ShardLayout:
+    """Lay ``params`` out over ``servers`` shards cut into partitions.
+
+    Args:
+        params: the trained parameters, in model order (any mix of dtypes).
+        servers: K.
+        weights: per server, its share of the bytes (e.g. its link rate); None: equal.
+        partition_bytes: the largest partition; None: one partition per shard and dtype.
 
     Raises:
-        ValueError: no servers, or parameters of more than one dtype.
+        ValueError: no servers, a weight list of another length, a partition size below 1.
     """
     if servers < 1:
         raise ValueError(f"need at least one server, got {servers}")
-    dtypes = {p.dtype for p in params}
-    if len(dtypes) > 1:
-        raise ValueError(f"the parameter server needs parameters of one dtype, got {dtypes}")
-    offsets, numels, total = [], [], 0
+    if weights is not None and len(weights) != servers:
+        raise ValueError(f"{len(weights)} server weights for {servers} servers")
+    if partition_bytes is not None and partition_bytes < 1:
+        raise ValueError(f"partition size must be at least 1 byte, got {partition_bytes}")
+    order: list[torch.dtype] = []  # dtypes in order of first appearance
+    sizes: dict[torch.dtype, int] = {}
+    offsets, numels = [], []
     for p in params:
-        offsets.append(total)
+        if p.dtype not in sizes:
+            order.append(p.dtype)
+            sizes[p.dtype] = 0
+        offsets.append(sizes[p.dtype])
         numels.append(p.numel())
-        total += p.numel()
-    return ShardLayout(tuple(offsets), tuple(numels), tuple(chunk_bounds(total, servers)))
+        sizes[p.dtype] += p.numel()
+    cuts = _cuts([sizes[d] for d in order], [d.itemsize for d in order], servers, weights)
+    shards, lo = [], 0
+    for k, hi in enumerate(cuts):
+        parts, base = [], 0
+        for dtype in order:  # the range [lo, hi) of the concatenation, per dtype
+            a, b = max(lo, base) - base, min(hi, base + sizes[dtype]) - base
+            base += sizes[dtype]
+            if a >= b:
+                continue
+            count = 1 if partition_bytes is None else \
+                math.ceil((b - a) * dtype.itemsize / partition_bytes)
+            for x, y in chunk_bounds(b - a, count):
+                parts.append(Part(k, len(parts), dtype, a + x, a + y))
+        if not parts:  # an empty shard still has one (empty) partition: pushed every step
+            parts.append(Part(k, 0, order[0] if order else torch.float32, 0, 0))
+        shards.append(tuple(parts))
+        lo = hi
+    return ShardLayout(tuple(p.dtype for p in params), tuple(offsets), tuple(numels),
+                       tuple(shards))
 
 
-def gather_shard(tensors: list[torch.Tensor | None], layout: ShardLayout, k: int,
-                 out: torch.Tensor) -> torch.Tensor:
-    """Copy shard k of the flat view of ``tensors`` into ``out`` (shape (shard numel,)).
+def gather_part(tensors: list[torch.Tensor | None], layout: ShardLayout, part: Part,
+                out: torch.Tensor) -> torch.Tensor:
+    """Copy partition ``part`` of the flat view of ``tensors`` into ``out`` ((numel,)).
 
     A None entry (a parameter without a gradient) contributes zeros, without allocating.
     """
     pos = 0
-    for i, lo, hi in layout.pieces(k):
+    for i, lo, hi in layout.pieces(part):
         if tensors[i] is None:
             out[pos:pos + hi - lo].zero_()
         else:
@@ -89,11 +190,11 @@ def gather_shard(tensors: list[torch.Tensor | None], layout: ShardLayout, k: int
     return out
 
 
-def scatter_shard(shard: torch.Tensor, layout: ShardLayout, k: int,
-                  tensors: list[torch.Tensor]) -> None:
-    """Write shard k back into the tensors it was cut from."""
+def scatter_part(values: torch.Tensor, layout: ShardLayout, part: Part,
+                 tensors: list[torch.Tensor]) -> None:
+    """Write partition ``part`` ((numel,)) back into the tensors it was cut from."""
     pos = 0
     with torch.no_grad():
-        for i, lo, hi in layout.pieces(k):
-            tensors[i].view(-1)[lo:hi].copy_(shard[pos:pos + hi - lo])
+        for i, lo, hi in layout.pieces(part):
+            tensors[i].view(-1)[lo:hi].copy_(values[pos:pos + hi - lo])
             pos += hi - lo

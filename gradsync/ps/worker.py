@@ -1,11 +1,14 @@
 """The worker side of the Parameter Server: push gradients, pull parameters.
 
-A hook on every parameter counts down the pieces of each shard; the moment a shard's
-gradients are all there (late layers first, as backward produces them) it is pushed to its
-server while backward goes on, and the receive of that server's reply is posted at once.
-``optimizer.step()`` (a :class:`RemoteOptimizer`) waits for the replies and writes the fresh
-parameters into the model: the update itself happens on the servers. Under ``compression``
-the push is a half cast or the top-k entries (``compression.py``); pulls stay full precision.
+Every shard is cut into partitions of a few MiB (``sharding.py``). A hook on every parameter
+counts down the pieces of each partition; the moment a partition's gradients are all there
+(late layers first, as backward produces them) it is pushed to its server while backward goes
+on, and the receive of the server's reply to it is posted at once. A sync server sums a
+partition as soon as every worker's piece of it is in and answers at once, so this worker
+pulls partition c while it still pushes c + 1 (BytePS's pipelining). ``optimizer.step()`` (a
+:class:`RemoteOptimizer`) waits for the replies and writes the fresh parameters into the
+model: the update itself happens on the servers. Under ``compression`` the push is a half
+cast or the top-k entries (``compression.py``); pulls stay full precision.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from ..compress.spec import Compression
 from .compression import PushCompressor, check_compression
 from .protocol import (DTYPE_CODES, END_BYTES, TAG, Header, Kind, PSProtocolError, ServerStats,
                        Status, empty_header, send_message, status_text)
-from .sharding import ShardLayout, gather_shard, scatter_shard
+from .sharding import Part, ShardLayout, gather_part, scatter_part
 
 
 class PSWorker(nn.Module):
@@ -29,7 +32,7 @@ class PSWorker(nn.Module):
 
     Args:
         module: the model (same architecture on every worker and server).
-        layout: which server holds which range of the flat parameters.
+        layout: which server holds which partitions of the flat parameters.
         servers: ranks of the servers in ``group``, server k holding shard k.
         rank: this worker's rank in ``group`` (sent in headers; the servers check it).
         start_step: steps already taken (a resumed run); pushes are numbered from it.
@@ -50,30 +53,34 @@ class PSWorker(nn.Module):
         self.rank = rank
         self.group = group
         self._params = [p for p in module.parameters() if p.requires_grad]
-        dtype = self._params[0].dtype
-        if dtype not in DTYPE_CODES:
-            raise ValueError(f"the parameter server does not carry {dtype} parameters")
-        self._dtype_code = DTYPE_CODES[dtype]
-        # A push's payload is the shard's gradient, then END: bytes (shard bytes + 8,). The
+        for dtype in set(layout.dtypes):
+            if dtype not in DTYPE_CODES:
+                raise ValueError(f"the parameter server does not carry {dtype} parameters")
+        # Every partition of every shard, numbered g = 0..; (k, c) -> g.
+        self._parts: list[Part] = [p for k in range(len(servers)) for p in layout.parts(k)]
+        self._gid = {(p.shard, p.index): g for g, p in enumerate(self._parts)}
+        # A push's payload is the partition's gradient, then END: bytes (nbytes + 8,). The
         # gradient is gathered into a typed view of it; the trailer is written once.
-        self._push_wire = [torch.empty(layout.shard_numel(k) * dtype.itemsize + len(END_BYTES),
-                                       dtype=torch.uint8) for k in range(len(servers))]
+        trailer = torch.frombuffer(bytearray(END_BYTES), dtype=torch.uint8)
+        self._push_wire = [torch.empty(p.nbytes + len(END_BYTES), dtype=torch.uint8)
+                           for p in self._parts]
         for wire in self._push_wire:
-            wire[-len(END_BYTES):].copy_(torch.frombuffer(bytearray(END_BYTES), dtype=torch.uint8))
-        self._push_bufs = [wire[:-len(END_BYTES)].view(dtype) for wire in self._push_wire]
-        self._pull_bufs = [torch.empty(layout.shard_numel(k), dtype=dtype)
-                           for k in range(len(servers))]
-        self._pieces_per_shard = [len(layout.pieces(k)) for k in range(len(servers))]
+            wire[-len(END_BYTES):].copy_(trailer)
+        self._push_bufs = [wire[:-len(END_BYTES)].view(p.dtype)
+                           for wire, p in zip(self._push_wire, self._parts)]
+        self._pull_bufs = [torch.empty(p.numel, dtype=p.dtype) for p in self._parts]
+        self._pieces = [len(layout.pieces(p)) for p in self._parts]
+        self._parts_of = [[self._gid[(p.shard, p.index)] for p in layout.parts_of(i)]
+                          for i in range(len(self._params))]
         self.compression = check_compression(compression)
         self.compression_warmup = compression_warmup
         self._compressor = None
         if self.compression.name != "none":
             if self.compression.name in ("fp16", "bf16") and not num_workers:
                 raise ValueError(f"--compression {self.compression} needs num_workers")
-            self._compressor = PushCompressor(self.compression,
-                                              [layout.shard_numel(k) for k in range(len(servers))],
-                                              dtype, num_workers or 1)
-        self.versions = [0] * len(servers)
+            self._compressor = PushCompressor(self.compression, [p.numel for p in self._parts],
+                                              [p.dtype for p in self._parts], num_workers or 1)
+        self.versions = [0] * len(self._parts)  # per partition, as its last reply said
         self.start_step = start_step
         self.step_count = start_step
         self.comm_wait_s = 0.0
@@ -82,7 +89,9 @@ class PSWorker(nn.Module):
         self.compress_s = 0.0  # encoding pushes, inside backward
         self.bytes_pulled = 0
         self._works: list[comm.Work] = []
-        self._replies: dict[int, tuple[torch.Tensor, comm.Work, comm.Work]] = {}
+        # Receives posted, in posting order: a server answers in the order we pushed.
+        self._replies: list[tuple[int, torch.Tensor, comm.Work, comm.Work]] = []
+        self._posted: set[int] = set()
         self._reset()
         self._pull_all()  # the servers' initial values, so every replica starts equal
         for i, p in enumerate(self._params):
@@ -100,8 +109,10 @@ class PSWorker(nn.Module):
     # --- push ---------------------------------------------------------------------------------
 
     def _reset(self) -> None:
-        self._remaining = list(self._pieces_per_shard)
-        self._pushed = [False] * len(self.servers)
+        self._remaining = list(self._pieces)
+        self._left = [len(self.layout.parts(k)) for k in range(len(self.servers))]
+        self._pushed = [False] * len(self.servers)  # every partition of shard k pushed
+        self._done: set[int] = set()  # partitions pushed this step
         self._seen: set[int] = set()
         self._callback_queued = False
 
@@ -112,27 +123,33 @@ class PSWorker(nn.Module):
         if i in self._seen:
             return
         self._seen.add(i)
-        for k in self.layout.shards_of(i):
-            self._remaining[k] -= 1
-            if self._remaining[k] == 0:
-                self._push(k)
+        for g in self._parts_of[i]:
+            self._remaining[g] -= 1
+            if self._remaining[g] == 0:
+                self._push(g)
 
-    def _push(self, k: int) -> None:
+    def _push(self, g: int) -> None:
+        part = self._parts[g]
+        k = part.shard
         # Gradients not there yet (None) are parameters without one this step: zeros.
-        payload = gather_shard([p.grad for p in self._params], self.layout, k,
-                               self._push_bufs[k])
-        kind, code, numel, wire = Kind.PUSH, self._dtype_code, payload.numel(), self._push_wire[k]
+        payload = gather_part([p.grad for p in self._params], self.layout, part,
+                              self._push_bufs[g])
+        kind, code, numel, wire = Kind.PUSH, DTYPE_CODES[part.dtype], payload.numel(), \
+            self._push_wire[g]
         if self._compressor is not None and self.step_count >= self.compression_warmup:
             start = time.perf_counter()
-            kind, code, numel, wire = self._compressor.encode(k, payload)  # may change payload
+            kind, code, numel, wire = self._compressor.encode(g, payload)  # may change payload
             self.compress_s += time.perf_counter() - start
         header = Header(kind, step=self.step_count, shard=k, numel=numel,
-                        version=self.versions[k], sender=self.rank, dtype=code)
+                        version=self.versions[g], sender=self.rank, dtype=code,
+                        partition=part.index)
         self._send(k, header, wire, f"push of shard {k} at step {self.step_count}")
         self.bytes_pushed += wire.numel() - len(END_BYTES)
         self.bytes_dense += payload.numel() * payload.element_size()
-        self._post_reply(k)
-        self._pushed[k] = True
+        self._post_reply(g)
+        self._done.add(g)
+        self._left[k] -= 1
+        self._pushed[k] = self._left[k] == 0
 
     def _send(self, k: int, header: Header, payload: torch.Tensor | None, what: str) -> None:
         self._works += send_message(header, payload, self.servers[k], self.group, what)
@@ -142,40 +159,45 @@ class PSWorker(nn.Module):
             work.wait()
         self._works.clear()
 
-    def _post_reply(self, k: int) -> None:
+    def _post_reply(self, g: int) -> None:
+        k = self._parts[g].shard
         header, what = empty_header(), f"pull of shard {k} at step {self.step_count}"
         hw = comm.irecv(header, self.servers[k], self.group, TAG, what=what)
-        pw = comm.irecv(self._pull_bufs[k], self.servers[k], self.group, TAG, what=what)
-        self._replies[k] = (header, hw, pw)
+        pw = comm.irecv(self._pull_bufs[g], self.servers[k], self.group, TAG, what=what)
+        self._replies.append((g, header, hw, pw))
+        self._posted.add(g)
 
     def _finish_backward(self) -> None:
-        # Shards whose parameters got no gradient this step still go out (as zeros), so
-        # every server hears from every worker at every step.
-        for k in range(len(self.servers)):
-            if not self._pushed[k]:
-                self._push(k)
+        # Partitions whose parameters got no gradient this step still go out (as zeros), so
+        # every server hears from every worker about every partition at every step.
+        for g in range(len(self._parts)):
+            if g not in self._done:
+                self._push(g)
 
     # --- pull ---------------------------------------------------------------------------------
 
     def _pull_all(self) -> None:
-        for k in range(len(self.servers)):
-            if k not in self._replies:
-                self._post_reply(k)
+        for g in range(len(self._parts)):
+            if g not in self._posted:
+                self._post_reply(g)
         start = time.perf_counter()
-        for k in range(len(self.servers)):
-            header, hw, pw = self._replies.pop(k)
+        for g, header, hw, pw in self._replies:
+            part = self._parts[g]
+            k = part.shard
             hw.wait()
             pw.wait()
             h = Header.decode(header)
             if h.kind == Kind.ERROR:
                 raise PSProtocolError(f"server {k} (rank {self.servers[k]}) rejected rank "
                                       f"{self.rank}'s message: {status_text(h.status)}")
-            if h.kind != Kind.PARAMS or h.shard != k:
+            if h.kind != Kind.PARAMS or h.shard != k or h.partition != part.index:
                 raise PSProtocolError(f"unexpected reply from server {k}: kind {h.kind}, "
-                                      f"shard {h.shard}")
-            scatter_shard(self._pull_bufs[k], self.layout, k, self._params)
-            self.versions[k] = h.version
-            self.bytes_pulled += self._pull_bufs[k].numel() * self._pull_bufs[k].element_size()
+                                      f"shard {h.shard}, partition {h.partition}")
+            scatter_part(self._pull_bufs[g], self.layout, part, self._params)
+            self.versions[g] = h.version
+            self.bytes_pulled += part.nbytes
+        self._replies.clear()
+        self._posted.clear()
         self._wait_sends()
         self.comm_wait_s += time.perf_counter() - start
 

@@ -86,7 +86,10 @@ def _ps(config: TrainConfig, group: comm.Group) -> Architecture:
     return PSArchitecture(config.ps.servers, config.ps.consistency, config.ps.staleness, group,
                           nonfinite=config.optim.on_nonfinite,
                           compression=config.compression.compression,
-                          compression_warmup=config.compression.compression_warmup)
+                          compression_warmup=config.compression.compression_warmup,
+                          server_ranks=config.ps.server_ranks,
+                          partition_mb=config.ps.partition_mb,
+                          topology=config.allreduce.topology)
 
 
 # --arch name -> builder; the architectures import lazily, so a run loads only its own.

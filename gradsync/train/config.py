@@ -121,10 +121,26 @@ class PSConfig:
         "parameter-server consistency: sync, async, or ssp (bounded staleness)"))
     staleness: int = field(default=2, metadata=_help("ssp: how many steps a worker may run "
                                                      "ahead of the slowest"))
+    partition_mb: float | None = field(default=None, metadata=_help(
+        "largest partition of a shard (MiB), the unit a worker pushes and pulls while the "
+        "others are in flight (default: about 20 ms of the slowest known link, 1 MiB if none "
+        "is known)", flag="ps-partition-mb"))
+    server_ranks: str | None = field(default=None, metadata=_help(
+        "which ranks serve: a list like 0,2,4 (as many as --servers), or 'colocated' (the "
+        "first rank of each host); GRADSYNC_ROLE=server|worker on every rank overrides "
+        "(default: the first --servers ranks)"))
 
     def __post_init__(self) -> None:
         _at_least(self.servers, 1, "servers")
         _at_least(self.staleness, 0, "staleness")
+        _positive(self.partition_mb, BUCKET_MAX_MB, "ps-partition-mb")
+        if self.server_ranks is not None:
+            from ..ps.placement import parse_server_ranks
+
+            ranks = parse_server_ranks(self.server_ranks)  # a ValueError names what is wrong
+            if ranks != "colocated" and len(ranks) != self.servers:
+                raise ValueError(f"--server-ranks lists {len(ranks)} ranks but --servers is "
+                                 f"{self.servers}; pass --servers {len(ranks)}")
 
 
 @dataclass
