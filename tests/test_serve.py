@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 MODEL = "digits-mlp"
 MAX_ROWS = 400  # the digits test set (360 rows) fits in one request
+HUNG_S = 3.0  # --replica-timeout: a replica silent this long is killed and replaced
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,7 +84,8 @@ class Server:
 @pytest.fixture(scope="module")
 def server(checkpoint):
     proc = _gradsync("serve", "--checkpoint-dir", str(checkpoint), "--port", "0",
-                     "--replicas", "2", "--max-request-rows", str(MAX_ROWS))
+                     "--replicas", "2", "--max-request-rows", str(MAX_ROWS),
+                     "--replica-timeout", str(scaled(HUNG_S)))
     deadline = time.monotonic() + scaled(90)
     line = ""
     while not line and time.monotonic() < deadline and proc.poll() is None:
@@ -244,6 +246,39 @@ def test_bad_input_is_a_4xx_json_error_and_serving_goes_on(server):
     assert 'code="400"' in http.get("/metrics").text
 
 
+def _metric(server: Server, name: str) -> float:
+    """The sum of a metric's series (over its labels)."""
+    lines = server.http.get("/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith(name) and line[len(name)] in " {")
+
+
+def _wait_for_replicas(server: Server, count: int, gone: int) -> None:
+    deadline = time.monotonic() + scaled(60)
+    while time.monotonic() < deadline:
+        if server.http.get("/v2/health/ready").json().get("replicas") == count \
+                and gone not in _children(server.proc.pid):
+            return
+        time.sleep(0.1)
+    pytest.fail(f"no replacement for replica pid {gone}")
+
+
+def test_hung_replica_is_killed_and_its_work_sent_elsewhere(server, evaluated):
+    """A 2-row request is split across both replicas; the piece on a stopped one is sent to
+    the other after --replica-timeout, and the stopped one is replaced."""
+    x, _, logits = evaluated
+    replicas = _children(server.proc.pid)
+    os.kill(replicas[1], signal.SIGSTOP)
+    answer = server.infer(x[20:22])
+    assert answer.status_code == 200, answer.text
+    got = np.asarray(answer.json()["outputs"][0]["data"]).reshape(-1, 10)
+    np.testing.assert_allclose(got, logits[20:22], rtol=1e-5, atol=1e-5)
+    _wait_for_replicas(server, 2, replicas[1])
+    assert not _alive(replicas[1])
+    assert _metric(server, "gradsync_serve_retries_total") == 1
+    assert _metric(server, "gradsync_serve_replica_restarts_total") == 1
+
+
 def test_start_up_errors_are_one_line_and_exit_2(server, tmp_path):
     empty = tmp_path / "empty"
     (empty / "step-00000010.tmp").mkdir(parents=True)  # a save that never committed
@@ -261,6 +296,7 @@ def test_replica_sigkilled_mid_stream_every_request_answered(server, evaluated):
     x, _, logits = evaluated
     replicas = _children(server.proc.pid)
     assert len(replicas) == 2
+    restarts = _metric(server, "gradsync_serve_replica_restarts_total")
     answered, stop = [], threading.Event()
 
     def client(offset: int) -> None:
@@ -277,13 +313,7 @@ def test_replica_sigkilled_mid_stream_every_request_answered(server, evaluated):
         while len(answered) < 20 and time.monotonic() < deadline:
             time.sleep(0.01)
         os.kill(replicas[0], signal.SIGKILL)
-        # Keep the stream going until the killed replica's replacement is ready.
-        deadline = time.monotonic() + scaled(60)
-        while time.monotonic() < deadline:
-            if server.http.get("/v2/health/ready").json().get("replicas") == 2 \
-                    and replicas[0] not in _children(server.proc.pid):
-                break
-            time.sleep(0.1)
+        _wait_for_replicas(server, 2, replicas[0])  # the stream goes on meanwhile
         stop.set()
         for f in futures:
             f.result()
@@ -294,8 +324,7 @@ def test_replica_sigkilled_mid_stream_every_request_answered(server, evaluated):
     assert not _alive(replicas[0])
     now = _children(server.proc.pid)
     assert len(now) == 2 and replicas[1] in now, now
-    metrics = server.http.get("/metrics").text
-    assert 'gradsync_serve_replica_restarts_total{replica="0"} 1.0' in metrics
+    assert _metric(server, "gradsync_serve_replica_restarts_total") == restarts + 1
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(server):
