@@ -18,3 +18,6 @@ def add_parser(subparsers) -> None:
     from . import topology
 
     topology.add_parser(sub)
+    from . import serve
+
+    serve.add_parser(sub)

@@ -53,7 +53,9 @@ def listen(host: str, port: int) -> socket.socket:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
         raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    # proto too (IPPROTO_TCP): asyncio sets TCP_NODELAY only on sockets that say they are
+    # TCP; without it a keep-alive client waits ~40 ms per answer (Nagle vs delayed ACK).
+    sock = socket.socket(info[0], info[1], info[2])
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
     try:
         sock.bind(info[4])

@@ -1,0 +1,228 @@
+"""`gradsync bench serve`: a closed-loop load generator against `gradsync serve`, 1, 2, ...
+replicas.
+
+    gradsync bench serve --replicas 1,2,3 --clients 8 --duration 10 --plot docs/plots/serve.png
+
+Each configuration is a real `gradsync serve` (its own processes) on the same checkpoint: the
+one of ``--checkpoint-dir``, or one written here of the workload's freshly initialised model
+(speed does not depend on the weights). ``--clients`` threads each send a request of
+``--rows`` rows, wait for its answer and send the next (closed loop, one keep-alive
+connection each, bodies encoded once), first for ``--warmup`` seconds that are not counted,
+then for ``--duration`` seconds. Reported: requests/s and rows/s, p50 and p99 latency, and
+the mean rows per dynamic batch (from the server's /metrics). The load generator runs on the
+same machine and takes its share of the cores.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .ranks import usage
+from .report import machine_line
+
+START_TIMEOUT_S = 180.0
+
+
+def write_checkpoint(directory: Path, workload: str, hidden: int) -> None:
+    """Commit step 0 of ``workload``'s freshly initialised model into ``directory``."""
+    from ..checkpoint import CheckpointManager, CheckpointMeta, model_fingerprint
+    from ..train.workloads import build_workload
+
+    model = build_workload(workload, hidden=hidden).model
+    meta = CheckpointMeta(0, 0, workload, 1, "local", model_fingerprint(model))
+    CheckpointManager(directory).save(0, {"model": model.state_dict()}, meta)
+
+
+def _start(args, replicas: int, checkpoint: str) -> tuple[subprocess.Popen, str, str]:
+    """Start `gradsync serve`; returns the process, its URL and the model's name."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradsync", "serve", "--checkpoint-dir", checkpoint, "--port",
+         "0", "--replicas", str(replicas), "--max-batch", str(args.max_batch),
+         "--max-delay-ms", str(args.max_delay_ms), "--threads", str(args.threads),
+         "--max-request-rows", str(max(args.rows, 1024))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, line = time.monotonic() + START_TIMEOUT_S, ""
+    while not line and time.monotonic() < deadline and proc.poll() is None:
+        if select.select([proc.stdout], [], [], 0.5)[0]:
+            line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        raise SystemExit(f"gradsync bench: serve did not start:\n{proc.communicate()[1][-2000:]}")
+    # "gradsync serve: MODEL step N on http://HOST:PORT (K replicas)"
+    return proc, line.split(" on ")[1].split()[0], line.split()[2]
+
+
+def _body(model: str, rows: np.ndarray) -> bytes:
+    return json.dumps({"inputs": [{"name": "input", "shape": list(rows.shape),
+                                   "datatype": "FP32", "data": rows.reshape(-1).tolist()}]}
+                      ).encode()
+
+
+def load(url: str, model: str, row_shape: list[int], args) -> dict:
+    """Run the closed loop against ``url``; returns requests/s, rows/s, p50/p99 (ms)."""
+    host, port = url.split("//")[1].rsplit(":", 1)
+    warm_until = time.monotonic() + args.warmup
+    stop_at = warm_until + args.duration
+    latencies: list[list[float]] = [[] for _ in range(args.clients)]
+    errors: list[str] = []
+
+    def client(k: int) -> None:
+        rng = np.random.default_rng(k)
+        body = _body(model, rng.random((args.rows, *row_shape), dtype=np.float32))
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        headers = {"content-type": "application/json"}
+        try:
+            while (start := time.monotonic()) < stop_at:
+                conn.request("POST", f"/v2/models/{model}/infer", body, headers)
+                answer = conn.getresponse()
+                answer.read()
+                if answer.status != 200:
+                    errors.append(f"HTTP {answer.status}")
+                    return
+                if start >= warm_until:
+                    latencies[k].append(time.monotonic() - start)
+        except OSError as exc:
+            errors.append(str(exc))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit(f"gradsync bench: a client failed: {errors[0]}")
+    every = sorted(x for mine in latencies for x in mine)
+    return {"requests_per_s": len(every) / args.duration,
+            "rows_per_s": len(every) * args.rows / args.duration,
+            "p50_ms": 1e3 * every[len(every) // 2],
+            "p99_ms": 1e3 * every[min(len(every) - 1, int(len(every) * 0.99))],
+            "requests": len(every)}
+
+
+def _mean_batch(url: str) -> float:
+    host, port = url.split("//")[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("gradsync_serve_batch_rows_")}
+    count = values.get("gradsync_serve_batch_rows_count", 0.0)
+    return values.get("gradsync_serve_batch_rows_sum", 0.0) / count if count else 0.0
+
+
+def measure(args, checkpoint: str, replicas: int) -> dict:
+    """One configuration: start the server, load it, stop it."""
+    proc, url, model = _start(args, replicas, checkpoint)
+    try:
+        meta = _get_json(url, f"/v2/models/{model}")
+        result = load(url, model, meta["inputs"][0]["shape"][1:], args)
+        result["mean_batch_rows"] = _mean_batch(url)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return {"replicas": replicas, "model": model, **result}
+
+
+def _get_json(url: str, path: str) -> dict:
+    host, port = url.split("//")[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("GET", path)
+    answer = json.loads(conn.getresponse().read())
+    conn.close()
+    return answer
+
+
+def write_plot(path: str, rows: list[dict], title: str) -> None:
+    """Requests/s (left) and p50/p99 latency (right) against replicas."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    n = [r["replicas"] for r in rows]
+    left.plot(n, [r["requests_per_s"] for r in rows], marker="o")
+    left.set(xlabel="replicas", ylabel="requests/s", title="throughput", xticks=n)
+    left.set_ylim(bottom=0)
+    right.plot(n, [r["p50_ms"] for r in rows], marker="o", label="p50")
+    right.plot(n, [r["p99_ms"] for r in rows], marker="o", label="p99")
+    right.set(xlabel="replicas", ylabel="latency, ms", title="latency", xticks=n)
+    right.set_ylim(bottom=0)
+    right.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="requests/s and latency of gradsync serve",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint-dir", help="serve this (default: a fresh model of --workload)")
+    p.add_argument("--workload", default="digits-mlp")
+    p.add_argument("--hidden", type=int, default=1024, help="digits-wide, synthetic-mlp")
+    p.add_argument("--replicas", default="1,2,3", help="replica counts, e.g. 1,2,4")
+    p.add_argument("--clients", type=int, default=8, help="concurrent closed-loop clients")
+    p.add_argument("--rows", type=int, default=1, help="rows per request")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds measured")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds not counted")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-delay-ms", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--plot", metavar="FILE.png")
+    p.set_defaults(bench=main)
+
+
+def main(args) -> int:
+    try:
+        counts = [int(n) for n in args.replicas.split(",")]
+    except ValueError:
+        return usage(f"--replicas {args.replicas!r}: expected numbers like 1,2,3")
+    if min(counts) < 1 or args.clients < 1 or args.rows < 1 or args.duration <= 0 \
+            or args.warmup < 0:
+        return usage("--replicas, --clients and --rows must be >= 1, --duration > 0, "
+                     "--warmup >= 0")
+    print(f"# {' '.join(['gradsync', *sys.argv[1:]])}")
+    print(f"# {machine_line()}")
+    with tempfile.TemporaryDirectory(prefix="gradsync-bench-serve-") as tmp:
+        checkpoint = args.checkpoint_dir
+        if checkpoint is None:
+            checkpoint = os.path.join(tmp, "ck")
+            write_checkpoint(Path(checkpoint), args.workload, args.hidden)
+        rows = []
+        print(f"{'replicas':>8} {'requests/s':>11} {'rows/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'batch rows':>10}")
+        for n in counts:
+            r = measure(args, checkpoint, n)
+            rows.append(r)
+            model = r["model"]
+            print(f"{n:>8} {r['requests_per_s']:>11,.0f} {r['rows_per_s']:>9,.0f} "
+                  f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['mean_batch_rows']:>10.1f}",
+                  flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args) | {"bench": None},
+                                               "machine": machine_line()}, indent=2) + "\n")
+    if args.plot:
+        write_plot(args.plot, rows, f"gradsync serve, {model}, {args.clients} "
+                   f"clients x {args.rows} row(s); {machine_line()}")
+    return 0
