@@ -66,3 +66,21 @@ def test_unknown_policy_is_refused():
         import gradsync
 
         gradsync.DataParallel(torch.nn.Linear(2, 2), nonfinite="warn")
+
+
+@pytest.mark.timeout(10)
+def test_all_finite_is_exact_where_a_plain_sum_overflows():
+    from gradsync.comm import all_finite
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        big = torch.finfo(dtype).max
+        t = torch.full((1000,), big / 2, dtype=dtype)   # finite, but its sum is Inf
+        assert all_finite(t)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            u = t.clone()
+            u[537] = bad
+            assert not all_finite(u), (dtype, bad)
+            v = torch.zeros(1000, dtype=dtype)
+            v[3] = bad
+            assert not all_finite(v), (dtype, bad)
+    assert all_finite(torch.zeros(0)) and all_finite(torch.arange(5))

@@ -52,10 +52,18 @@ def wire_op(op: ReduceOp) -> ReduceOp:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """Whether every value of ``t`` is finite, in one multiply-add pass: ``x * 0`` is 0 for
-    every finite x and NaN for NaN and Inf, and a sum with a NaN term is NaN (no overflow, unlike
-    a plain sum). On CPU about 4x faster than ``isfinite().all()`` with its bool tensor."""
-    return not bool(torch.isnan(torch.mul(t, 0).sum()))
+    """Whether every value of ``t`` is finite.
+
+    First a plain sum, one read with no temporary: a NaN or Inf anywhere makes it NaN or Inf,
+    so a finite sum proves every value finite. Only a non-finite sum (a bad value, or finite
+    values whose sum overflows) pays for the exact pass: ``x * 0`` is 0 for every finite x
+    and NaN for NaN and Inf, and a sum with a NaN term is NaN. Both are several times faster
+    on CPU than ``isfinite().all()`` with its bool tensor."""
+    if t.is_floating_point() or t.is_complex():
+        if bool(torch.isfinite(t.sum())):
+            return True
+        return not bool(torch.isnan(torch.mul(t, 0).sum()))
+    return True
 
 
 def combine_(acc: torch.Tensor, other: torch.Tensor, op: ReduceOp) -> None:
