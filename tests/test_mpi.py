@@ -92,3 +92,56 @@ def test_ranks_mixing_engines_are_named_at_start_up():
     assert ("the ranks mix engines: rank 0 chose torch and ranks 1, 2 chose mpi"
             in proc.stderr), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def _train(tmp_path, name: str, *flags: str, ranks: int | None = None, env=None):
+    """`gradsync train` under mpiexec (``ranks``) or the local launcher (gloo); returns
+    summary.json."""
+    out = tmp_path / name
+    argv = [sys.executable, "-m", "gradsync", "train", "--out", str(out), *flags]
+    if ranks is not None:
+        argv = [str(MPIEXEC), "-n", str(ranks), *argv]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=_env(**(env or {})),
+                          cwd=ROOT, timeout=scaled(80))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.timeout(200)
+def test_ps_checkpoints_and_check_mode_under_mpiexec(tmp_path):
+    """The PS on MPI gives the parameters it gives on gloo, bit for bit; an all-reduce run
+    checkpointed and resumed under mpiexec, in check mode, ends where an uninterrupted one
+    does."""
+    pytest.importorskip("mpi4py")
+    if not MPIEXEC.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable}")
+    ps = ("--arch", "ps", "--servers", "1", "--epochs", "1")
+    on_mpi = _train(tmp_path, "ps-mpi", *ps, ranks=3)
+    on_gloo = _train(tmp_path, "ps-gloo", *ps, "--workers", "2")
+    assert on_mpi["workers"] == on_gloo["workers"] == 2
+    assert on_mpi["parameters_sha1"] == on_gloo["parameters_sha1"]
+
+    ck, check = str(tmp_path / "ck"), {"GRADSYNC_CHECK": "1"}
+    _train(tmp_path, "first", "--epochs", "1", "--checkpoint-dir", ck, ranks=2, env=check)
+    resumed = _train(tmp_path, "resumed", "--epochs", "2", "--checkpoint-dir", ck, "--resume",
+                     ranks=2, env=check)
+    whole = _train(tmp_path, "whole", "--epochs", "2", ranks=2)
+    assert resumed["parameters_sha1"] == whole["parameters_sha1"]
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_rank_ends_the_mpi_job_without_leftovers():
+    """MPICH's mpiexec answers a rank's death by SIGKILLing every other rank at once (the
+    survivors cannot speak, so hydra's own banner names the dead PID); what gradsync must
+    give is a non-zero exit, soon, and no process left behind."""
+    pytest.importorskip("mpi4py")
+    if not MPIEXEC.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable}")
+    script = ROOT / "tests" / "scripts" / "mpi_dead_rank.py"
+    proc = subprocess.run([str(MPIEXEC), "-n", "3", sys.executable, str(script)],
+                          capture_output=True, text=True, env=_env(), cwd=ROOT,
+                          timeout=scaled(50))
+    assert proc.returncode != 0
+    assert "Killed (signal 9)" in proc.stdout + proc.stderr
+    left = subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True)
+    assert left.stdout.strip() == "", left.stdout
