@@ -33,6 +33,10 @@ class AllReduceArchitecture:
         self.compression, self.compression_warmup = compression, compression_warmup
         self._hook_state = None
         self.model: DataParallel | None = None
+        # What earlier generations measured (elastic training rebuilds the wrapper).
+        self._done_wait = self._done_compress = 0.0
+        self._done_bytes = self._done_skipped = 0
+        self._module = None
 
     def prepare(self, model, make_optimizer, start_step=0):
         self.model = DataParallel(model, group=self.group, algorithm=self.algorithm,
@@ -46,6 +50,41 @@ class AllReduceArchitecture:
 
     def serve(self, model, make_optimizer, save=None, restored=None):
         raise RuntimeError("every rank of the All-Reduce architecture is a worker")
+
+    def release(self) -> None:
+        """Elastic training: drop the wrapper and every reference to its group (whose
+        connections close only with the last one), keeping the module; idempotent."""
+        old = self.model
+        if old is None:
+            return
+        self._module = old.module
+        self._done_wait += old.stats.comm_wait_s
+        self._done_skipped += old.stats.skipped_steps
+        for handle in old._handles:  # its post-accumulate-grad hooks on the parameters
+            handle.remove()
+        old._works = []  # (a failed step leaves its handles there)
+        self._done_bytes += self.group.stats.bytes_sent
+        if self._hook_state is not None:
+            self._done_compress += self._hook_state.stats.compress_s
+        self.model = self._hook_state = None
+
+    def regroup(self, group: comm.Group, module=None) -> "DataParallel":
+        """Elastic training: average over ``group`` (a new generation) from now on. The
+        module (``module`` the first time) and its optimizer stay; the wrapper, its buckets
+        and hooks are rebuilt (collective on ``group``; a comm hook's state, e.g. error
+        feedback, starts afresh)."""
+        self.release()
+        self.group, self.worker_rank, self.num_workers = group, group.rank, group.size
+        self.eval_group = group
+        module = module if module is not None else self._module
+        self.model = DataParallel(module, group=group, algorithm=self.algorithm,
+                                  bucket_cap_mb=self.bucket_cap_mb, nonfinite=self.nonfinite,
+                                  topology=self.topology)
+        hook = make_hook(self.compression, group, self.compression_warmup)
+        if hook is not None:
+            self._hook_state = hook[0]
+            self.model.register_comm_hook(*hook)
+        return self.model
 
     def commit_checkpoint(self, step, commit, written=True):
         # Every rank's files are on disk before rank 0 commits, and the commit is done before
@@ -72,23 +111,25 @@ class AllReduceArchitecture:
             raise CheckpointRefusedError(f"{failed} rank(s) {what} (their error says why)")
 
     def comm_wait_s(self) -> float:
-        return self.model.stats.comm_wait_s if self.model is not None else 0.0
+        return self._done_wait + (self.model.stats.comm_wait_s if self.model is not None
+                                  else 0.0)
 
     def bytes_sent(self) -> int:
-        return self.group.stats.bytes_sent
+        return self._done_bytes + self.group.stats.bytes_sent
 
     def compress_s(self) -> float:
-        return self._hook_state.stats.compress_s if self._hook_state is not None else 0.0
+        return self._done_compress + (self._hook_state.stats.compress_s
+                                      if self._hook_state is not None else 0.0)
 
     def finish(self) -> dict:
         if self.model is None:
             return {"nonfinite_skipped": 0}
-        out = {"nonfinite_skipped": self.model.stats.skipped_steps,
+        out = {"nonfinite_skipped": self._done_skipped + self.model.stats.skipped_steps,
                "bucket_algorithms": self.model.bucket_algorithms}
         if self._hook_state is not None:
             stats = self._hook_state.stats
             out.update(compression=self.compression, compression_ratio=stats.ratio,
-                       compress_s=stats.compress_s, bucket_algorithms=None)
+                       compress_s=self.compress_s(), bucket_algorithms=None)
         return out
 
 

@@ -209,3 +209,67 @@ class ShardedSampler(Sampler[int]):
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])
         self.set_position(int(state.get("position", 0)))
+
+
+class ElasticOrder:
+    """One order of a dataset per epoch, cut into global batches that any number of workers
+    share, for elastic training (the worker count may change between two steps).
+
+    Epoch ``e`` is the permutation seeded by ``seed + e`` (as in `ShardedSampler`), consumed
+    front to back: a step takes the next ``global_batch`` indices (fewer at the end of the
+    epoch), and worker ``i`` of ``n`` takes ``chunk[i::n]``. With a fixed ``n`` that divides
+    the batch this is exactly what `ShardedSampler` gives rank ``i`` step by step (its
+    padding aside, at the epoch's end); when ``n`` changes, the rest of the epoch is simply
+    cut differently, so every sample is seen once per epoch whatever the membership.
+
+    Args:
+        dataset: anything with `__len__`, or the length itself.
+        seed: base seed, the same on every worker.
+        shuffle: shuffle each epoch; False keeps the natural order.
+    """
+
+    def __init__(self, dataset: Sized | int, seed: int = 0, shuffle: bool = True) -> None:
+        self.length = dataset if isinstance(dataset, int) else len(dataset)
+        if self.length < 1:
+            raise ValueError(f"dataset length must be >= 1, got {self.length}")
+        self.seed, self.shuffle = seed, shuffle
+        self._cached: tuple[int, list[int]] | None = None
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """The whole order of ``epoch``."""
+        if self._cached is None or self._cached[0] != epoch:
+            if self.shuffle:
+                generator = torch.Generator()
+                generator.manual_seed(self.seed + epoch)
+                order = torch.randperm(self.length, generator=generator).tolist()
+            else:
+                order = list(range(self.length))
+            self._cached = (epoch, order)
+        return self._cached[1]
+
+    def batch(self, epoch: int, offset: int, global_batch: int, workers: int,
+              index: int) -> tuple[list[int], int, float]:
+        """Worker ``index``'s share of the step that starts ``offset`` samples into
+        ``epoch``.
+
+        Returns:
+            ``(indices, taken, weight)``: this worker's indices, how many samples the whole
+            step takes (the next offset is ``offset + taken``), and the factor for this
+            worker's mean loss, ``workers * len(share) / taken``, so that the average over
+            workers of the weighted gradients is the gradient of the step's mean loss even
+            when the shares differ by one. A worker whose share is empty (a last chunk
+            smaller than the worker count) gets one index with weight 0.
+
+        Raises:
+            ValueError: ``offset`` is not inside the epoch, or ``index`` not below
+                ``workers``.
+        """
+        if not 0 <= offset < self.length:
+            raise ValueError(f"offset must be in [0, {self.length - 1}], got {offset}")
+        if not 0 <= index < workers:
+            raise ValueError(f"index must be in [0, {workers - 1}], got {index}")
+        chunk = self.epoch_indices(epoch)[offset:offset + global_batch]
+        share = chunk[index::workers]
+        if not share:
+            return chunk[:1], len(chunk), 0.0
+        return share, len(chunk), workers * len(share) / len(chunk)

@@ -1,0 +1,267 @@
+"""Elastic membership: generations of the world, agreed through a store the launcher hosts.
+
+An elastic job's rendezvous store does not live in a worker: the local launcher serves it
+(:class:`Coordinator`), so it outlives the loss of any worker, rank 0 included. Each worker
+has a member id (``uid``: 0..N-1 for the first workers, N, N+1, ... for replacements). The
+coordinator alone writes the membership, as one key of integers::
+
+    elastic/state  = "G uid uid uid"   generation G and its members, in group-rank order
+    elastic/stop   = "left least"      fewer than --min-workers are left: every worker stops
+
+It bumps G when the launcher sees a member exit (a loss) and when a replacement it started
+says it is ready (``elastic/ready/UID``, a join). A worker forms generation G
+(:meth:`ElasticWorld.form`): it closes the old process group (so that peers still blocked on
+it see their connections drop), announces itself (``elastic/arrived/G/UID``), waits until
+every member of G has, then joins a fresh gloo process group on the prefix ``gG/`` of the
+store. The first rank of the new group deletes every key of older generations, so the store
+holds the same number of keys after any number of generations.
+
+Workers notice a loss through their failed collective; a join at a step boundary, where
+the trainer asks :meth:`ElasticWorld.changed` on the group's rank 0 and broadcasts the
+answer (gradsync/train/elastic.py). Only integers cross the store.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import logging
+import os
+import time
+
+import torch.distributed as dist
+
+from . import group as group_mod
+from .errors import CommError, CommTimeoutError
+from .group import Group
+
+log = logging.getLogger(__name__)
+
+STATE, STOP = "elastic/state", "elastic/stop"
+POLL_S = 0.005  # store polls while waiting for a generation or its members
+
+
+class ElasticStopped(CommError):
+    """Fewer than the minimum number of workers are left; the launcher has said so."""
+
+
+class GenerationTimeout(CommTimeoutError):
+    """No generation holding this worker formed within the timeout."""
+
+
+def host_store(addr: str, port: int, timeout_s: float):
+    """Serve a TCPStore on ``addr:port`` in this process (the launcher), bound to ``addr``
+    only. ``port`` 0 picks a free one; the store's ``port`` attribute tells which."""
+    from ..net import bind_listener
+
+    try:
+        sock = bind_listener(addr, port)
+    except OSError as exc:
+        raise RuntimeError(f"cannot listen on {addr}:{port} ({exc.strerror}); "
+                           "is the port already in use?") from None
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    fd = sock.detach()  # the store closes the descriptor with itself
+    try:
+        return dist.TCPStore(addr, port, None, True,
+                             timeout=datetime.timedelta(seconds=timeout_s),
+                             master_listen_fd=fd, use_libuv=True, wait_for_workers=False)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _ints(raw: bytes) -> list[int]:
+    return [int(x) for x in raw.decode("ascii").split()]
+
+
+class Coordinator:
+    """The launcher's side: hosts the store and decides every generation.
+
+    Args:
+        addr, port: where the store listens (port None or 0: a free one).
+        workers: the first workers' count; their uids are 0..workers-1.
+        min_workers: fewer live members than this stops the run.
+        timeout_s: the store's timeout for its clients.
+    """
+
+    def __init__(self, addr: str, port: int | None, workers: int, min_workers: int,
+                 timeout_s: float):
+        self.store = host_store(addr, port or 0, timeout_s)
+        self.port = self.store.port
+        self.min_workers = min_workers
+        self.gen, self.members = 0, list(range(workers))
+        self.pending: set[int] = set()  # replacements started, not yet ready
+        self.stopped, self.stop_reason = False, ""
+        self._publish()
+
+    def _publish(self) -> None:
+        self.store.set(STATE, " ".join(str(x) for x in [self.gen, *self.members]))
+
+    def lost(self, uid: int) -> bool:
+        """Member (or pending replacement) ``uid`` has exited. Returns False when the run
+        cannot go on (fewer than ``min_workers`` left): the workers are told to stop."""
+        if uid in self.pending:
+            self.pending.discard(uid)
+            return True
+        if uid not in self.members:
+            return True
+        self.members.remove(uid)
+        if len(self.members) < self.min_workers:
+            self.stopped = True
+            self.stop_reason = (f"{len(self.members)} worker(s) left, fewer than "
+                                f"--min-workers {self.min_workers}")
+            self.store.set(STOP, f"{len(self.members)} {self.min_workers}")
+            return False
+        self.gen += 1
+        self._publish()
+        return True
+
+    def started(self, uid: int) -> None:
+        """A replacement ``uid`` was started; it joins once it says it is ready."""
+        self.pending.add(uid)
+
+    def poll(self) -> None:
+        """Admit the replacements that are ready (one new generation for all of them)."""
+        ready = sorted(u for u in self.pending if self.store.check([f"elastic/ready/{u}"]))
+        if not ready or self.stopped:
+            return
+        for uid in ready:
+            self.pending.discard(uid)
+            self.store.delete_key(f"elastic/ready/{uid}")
+        self.members += ready
+        self.gen += 1
+        self._publish()
+
+    def num_keys(self) -> int:
+        return self.store.num_keys()
+
+
+class ElasticWorld:
+    """A worker's side: its member id, the generation it is in, and its group.
+
+    Args:
+        store: a client of the coordinator's store.
+        uid: this worker's member id.
+        timeout_s: the limit for waiting on a generation, and every collective's timeout.
+        backend: the engine's backend (default gloo).
+    """
+
+    def __init__(self, store, uid: int, timeout_s: float, backend: str = "gloo"):
+        self.store, self.uid, self.timeout_s, self.backend = store, uid, timeout_s, backend
+        self.gen = -1
+        self.members: tuple[int, ...] = ()
+        self.group: Group | None = None
+
+    @classmethod
+    def from_env(cls, timeout_s: float) -> "ElasticWorld":
+        """Connect to the store at MASTER_ADDR:MASTER_PORT as member GRADSYNC_ELASTIC_UID."""
+        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        try:
+            port, uid = int(os.environ["MASTER_PORT"]), int(os.environ["GRADSYNC_ELASTIC_UID"])
+        except (KeyError, ValueError):
+            raise RuntimeError("an elastic worker needs MASTER_PORT and GRADSYNC_ELASTIC_UID "
+                               "(start it with `gradsync train --elastic`)") from None
+        store = dist.TCPStore(addr, port, None, False,
+                              timeout=datetime.timedelta(seconds=timeout_s))
+        return cls(store, uid, timeout_s)
+
+    # -- what the coordinator says ----------------------------------------------------------
+
+    def latest(self) -> tuple[int, tuple[int, ...]]:
+        """The newest generation and its members; raises ElasticStopped after a stop."""
+        if self.store.check([STOP]):
+            left, least = _ints(self.store.get(STOP))
+            raise ElasticStopped(f"{left} worker(s) left, fewer than --min-workers {least}")
+        gen, *members = _ints(self.store.get(STATE))
+        return gen, tuple(members)
+
+    def changed(self) -> bool:
+        """Whether a newer generation than this worker's exists (a store read)."""
+        return self.latest()[0] != self.gen
+
+    def announce_ready(self) -> None:
+        """A replacement: ask the coordinator for a place in the next generation."""
+        self.store.set(f"elastic/ready/{self.uid}", "1")
+
+    # -- forming a generation ---------------------------------------------------------------
+
+    def abandon(self) -> None:
+        """Close this worker's process group (after a failed collective, or before a new
+        generation), so that peers still blocked in it see their connections drop at once.
+
+        Gloo closes a group's connections only when the last reference to it goes: the
+        caller must hold none (the old wrapper, a traceback's frames); the Group object
+        itself lets go of it here.
+        """
+        if self.group is not None:
+            self.group.shutdown()
+            self.group.pg = None
+            self.group = None
+        try:
+            group_mod.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a group broken by a lost peer
+            pass
+        gc.collect()  # frames of a failed collective sit in reference cycles
+
+
+    def form(self, newer_than: int | None = None) -> Group:
+        """Wait for a generation newer than ``newer_than`` (default: this worker's) that
+        holds this worker, and join it.
+
+        Raises:
+            ElasticStopped: the coordinator stopped the run.
+            GenerationTimeout: no such generation formed within the timeout.
+        """
+        newer_than = self.gen if newer_than is None else newer_than
+        deadline = time.monotonic() + self.timeout_s
+        self.abandon()
+        while True:
+            gen, members = self.latest()
+            if gen > newer_than and self.uid in members:
+                if self._arrive(gen, members, deadline):
+                    break
+                continue  # a newer generation came while waiting: form that one
+            if time.monotonic() > deadline:
+                raise GenerationTimeout(f"member {self.uid}: no new generation after "
+                                       f"{self.timeout_s:g} s (generation {gen}: members "
+                                       f"{list(members)})")
+            time.sleep(POLL_S)
+        rank = members.index(self.uid)
+        dist.init_process_group(self.backend, store=dist.PrefixStore(f"g{gen}/", self.store),
+                                rank=rank, world_size=len(members),
+                                timeout=datetime.timedelta(seconds=self.timeout_s))
+        group = group_mod.world()
+        group.timeout_s = self.timeout_s
+        self.gen, self.members, self.group = gen, members, group
+        if rank == 0:
+            self._forget_before(gen)
+        return group
+
+    def _arrive(self, gen: int, members: tuple[int, ...], deadline: float) -> bool:
+        """Announce this worker in ``gen`` and wait for every member; False when a newer
+        generation replaced ``gen`` meanwhile."""
+        self.store.set(f"elastic/arrived/{gen}/{self.uid}", "1")
+        keys = [f"elastic/arrived/{gen}/{m}" for m in members]
+        while not self.store.check(keys):
+            if self.latest()[0] != gen:
+                return False
+            if time.monotonic() > deadline:
+                missing = [m for m in members if not self.store.check([f"elastic/arrived/{gen}/{m}"])]
+                raise GenerationTimeout(f"member {self.uid}: members {missing} never arrived in "
+                                       f"generation {gen}")
+            time.sleep(POLL_S)
+        return True
+
+    def _forget_before(self, gen: int) -> None:
+        """Delete every key of generations before ``gen`` (each generation's process group
+        and arrivals), so that the store does not grow with the generations."""
+        for key in self.store.list_keys():
+            name = key if isinstance(key, str) else key.decode()
+            head = name.split("/", 1)[0]
+            if name.startswith("elastic/arrived/"):
+                old = int(name.split("/")[2]) < gen
+            else:
+                old = head[:1] == "g" and head[1:].isdigit() and int(head[1:]) < gen
+            if old:
+                self.store.delete_key(name)
