@@ -23,10 +23,11 @@ def test_async_digits_reaches_93_percent(tmp_path):
 
 
 # The runs' communication timeout; a killed peer must be noticed far sooner, through its
-# dropped connection.
+# dropped connection. Partitions of 40 KiB cut digits-mlp's shard (about 100 KiB) into 3, so
+# peers die with partitions in flight.
 TIMEOUT = scaled(60)
-LONG = ["--arch", "ps", "--servers", "1", "--workers", "3", "--epochs", "300", "--timeout",
-        str(TIMEOUT)]
+LONG = ["--arch", "ps", "--servers", "1", "--workers", "3", "--ps-partition-mb", "0.04",
+        "--epochs", "300", "--timeout", str(TIMEOUT)]
 
 
 @pytest.mark.timeout(180)
@@ -47,6 +48,7 @@ def test_async_worker_killed_is_dropped_and_the_others_finish(tmp_path, consiste
     assert code == 0, stderr
     assert "rank 3" in stderr and "the others go on" in stderr, stderr
     assert summary["dropped_workers"] == [3] and summary["steps"] == 600
+    assert summary["partitions_per_server"][0] > 1, summary  # dropped with partitions in flight
 
 
 @pytest.mark.timeout(180)

@@ -115,7 +115,10 @@ class ParameterServer:
         self.stats = ServerStats()
         self._inbox: queue.Queue = queue.Queue()
         self._closed = threading.Event()  # serve() has returned or raised
-        self._sends: list[comm.Work] = []
+        # per worker, replies started and not yet waited for (gloo marks a send complete
+        # only once waited for, so these are retired when the worker pushes again)
+        self._sends: dict[int, list[comm.Work]] = {w: [] for w in self.workers}
+        self._last_step: dict[int, int] = {}  # per worker, the step of its last push
         self.live, self.done = set(self.workers), set()  # done: workers that said DONE
         self._asked: dict[int, int] = {}  # worker -> step of its checkpoint request
         # Replies go out in the order each worker pushed: its receives are posted so.
@@ -169,8 +172,7 @@ class ParameterServer:
         version = self.versions[partition] if self.versions else 0
         header = Header(kind, step=step, shard=self.index, numel=numel, version=version,
                         sender=self.index, status=status, partition=partition)
-        self._sends = [w for w in self._sends if not w.is_completed()]
-        self._sends += send_message(header, payload, worker, self.group)
+        self._sends[worker] += send_message(header, payload, worker, self.group)
         self.stats.bytes_sent += 0 if payload is None else numel * payload.element_size()
 
     def answer(self, worker: int, c: int, payload: torch.Tensor, step: int) -> None:
@@ -275,6 +277,11 @@ class ParameterServer:
         if grad is None:
             log.warning("server %d: %s; %s (nonfinite='skip')", self.index, msg.text,
                         self.mode.skip_text)
+        if msg.header.step != self._last_step.get(worker):
+            # A new step: the worker received every earlier reply before it pushed again, so
+            # those sends are complete, and waiting for them costs nothing.
+            self._retire(worker)
+            self._last_step[worker] = msg.header.step
         self._order[worker].append(msg.header.partition)
         self.mode.push(worker, msg.header.step, msg.header.version, msg.header.partition, grad)
 
@@ -332,10 +339,16 @@ class ParameterServer:
             self.reply(v, Kind.SAVED, status=status, step=self.step)
         asked.clear()
 
+    def _retire(self, worker: int) -> None:
+        for work in self._sends[worker]:
+            work.wait()
+        self._sends[worker].clear()
+
     def _drain_sends(self) -> None:
-        for work in self._sends:
-            try:
-                work.wait()
-            except comm.CommError as exc:  # a dropped worker cannot take its reply
-                log.info("server %d: a reply was not delivered: %s", self.index, exc)
-        self._sends.clear()
+        for works in self._sends.values():
+            for work in works:
+                try:
+                    work.wait()
+                except comm.CommError as exc:  # a dropped worker cannot take its reply
+                    log.info("server %d: a reply was not delivered: %s", self.index, exc)
+            works.clear()
