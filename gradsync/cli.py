@@ -110,6 +110,21 @@ def _run_worker(config) -> int:
     if config.launch.engine != "auto":
         os.environ["GRADSYNC_ENGINE"] = config.launch.engine
     try:
+        if "GRADSYNC_ELASTIC_UID" in os.environ:  # a worker of `gradsync train --elastic`
+            from .comm.elastic import ElasticDone, ElasticStopped
+            from .train.elastic_run import run_worker
+
+            try:
+                run_worker(config, format_summary)
+            except ElasticStopped:
+                return EXIT_AGREED  # the launcher names the lost worker and the minimum
+            except ElasticDone:  # a replacement that came too late: nothing to do
+                return 0
+            except NonFiniteGradientError as exc:  # raised by every member at the same step
+                if comm.is_initialized() and comm.get_rank() == 0:
+                    _say(f"gradsync: error: {exc}")
+                return EXIT_AGREED
+            return 0
         group = comm.init_process_group(timeout_s=config.launch.timeout)
         _interrupts_raise()
         try:
@@ -182,6 +197,10 @@ def _run_local(config) -> int:
     tolerate = frozenset(range(config.ps.servers, config.processes)) \
         if config.arch == "ps" and config.ps.consistency != "sync" else frozenset()
     _interrupts_raise()  # the launcher forwards an interrupt to the workers it started
+    if config.launch.elastic:  # the rendezvous store lives here, in the launcher
+        from .train.elastic_run import run_local as run_elastic
+
+        return run_elastic(config, env)
     try:
         result = launch(["train", *to_argv(config)], config.processes,
                         master_addr=config.launch.addr, master_port=config.launch.port, env=env,

@@ -7,6 +7,7 @@ coordinator alone writes the membership, as one key of integers::
 
     elastic/state  = "G uid uid uid"   generation G and its members, in group-rank order
     elastic/stop   = "left least"      fewer than --min-workers are left: every worker stops
+    elastic/done   = "1"               a member finished: a replacement still waiting leaves
 
 It bumps G when the launcher sees a member exit (a loss) and when a replacement it started
 says it is ready (``elastic/ready/UID``, a join). A worker forms generation G
@@ -37,12 +38,16 @@ from .group import Group
 
 log = logging.getLogger(__name__)
 
-STATE, STOP = "elastic/state", "elastic/stop"
+STATE, STOP, DONE = "elastic/state", "elastic/stop", "elastic/done"
 POLL_S = 0.005  # store polls while waiting for a generation or its members
 
 
 class ElasticStopped(CommError):
     """Fewer than the minimum number of workers are left; the launcher has said so."""
+
+
+class ElasticDone(CommError):
+    """The run has finished (a member completed it) before this worker could join."""
 
 
 class GenerationTimeout(CommTimeoutError):
@@ -117,6 +122,12 @@ class Coordinator:
         self._publish()
         return True
 
+    def finished(self, uid: int) -> None:
+        """Member ``uid`` completed the run: admit nobody any more, and tell a replacement
+        still waiting to join that there is nothing left to join."""
+        self.stopped = True
+        self.store.set(DONE, "1")
+
     def started(self, uid: int) -> None:
         """A replacement ``uid`` was started; it joins once it says it is ready."""
         self.pending.add(uid)
@@ -169,7 +180,10 @@ class ElasticWorld:
     # -- what the coordinator says ----------------------------------------------------------
 
     def latest(self) -> tuple[int, tuple[int, ...]]:
-        """The newest generation and its members; raises ElasticStopped after a stop."""
+        """The newest generation and its members; raises ElasticStopped after a stop, and
+        ElasticDone to a worker outside it once the run has finished."""
+        if self.gen < 0 and self.store.check([DONE]):
+            raise ElasticDone("the run finished before this worker could join")
         if self.store.check([STOP]):
             left, least = _ints(self.store.get(STOP))
             raise ElasticStopped(f"{left} worker(s) left, fewer than --min-workers {least}")

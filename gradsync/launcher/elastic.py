@@ -36,6 +36,7 @@ _INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 class ElasticPolicy(Protocol):
     def lost(self, uid: int) -> bool: ...
     def started(self, uid: int) -> None: ...
+    def finished(self, uid: int) -> None: ...
     def poll(self) -> None: ...
 
 
@@ -79,6 +80,7 @@ def run_elastic(cmd: list[str], env_of: Callable[[int], dict[str, str]], nprocs:
             for w in procs.poll_exits(workers, poll_s):
                 assert w.exit is not None
                 if not w.exit.failed:
+                    policy.finished(w.rank)
                     continue
                 if w.exit.returncode in SELF_EXPLAINED:
                     return _stop(workers, w, grace_s)

@@ -182,9 +182,25 @@ class LaunchConfig:
     engine: Literal["auto", "torch", "mpi"] = field(default="auto", metadata=_help(
         "communication engine: torch (gloo), mpi (under mpiexec/srun; pip install "
         "'gradsync[mpi]'), auto (mpi when started by an MPI launcher)"))
+    elastic: bool = field(default=False, metadata=_help(
+        "elastic training (--arch allreduce, local workers): a lost worker does not stop the "
+        "run, the others go on from the last step they completed (docs/reliability.md)"))
+    min_workers: int = field(default=1, metadata=_help(
+        "--elastic: stop the run when fewer workers than this are left"))
+    max_restarts: int = field(default=0, metadata=_help(
+        "--elastic: start up to this many replacement workers, each joining at a step "
+        "boundary"))
+    elastic_rescale: Literal["batch", "lr"] = field(default="batch", metadata=_help(
+        "--elastic, when the worker count changes: keep the global batch (batch: each "
+        "worker's share changes) or each worker's batch, scaling the learning rate (lr)"))
 
     def __post_init__(self) -> None:
         _at_least(self.workers, 1, "workers")
+        _at_least(self.min_workers, 1, "min-workers")
+        _at_least(self.max_restarts, 0, "max-restarts")
+        if self.elastic and self.min_workers > self.workers:
+            raise ValueError(f"--min-workers {self.min_workers} is more than --workers "
+                             f"{self.workers}")
         _positive(self.timeout, TIMEOUT_MAX_S, "timeout")
         if self.port is not None and not 0 < self.port < 65536:
             raise ValueError(f"--port must be between 1 and 65535, got {self.port}")
@@ -253,6 +269,10 @@ class TrainConfig:
         if self.arch == "ddp" and spec.partition(":")[0] not in ("none", *TORCH_HOOKS):
             raise ValueError(f"--arch ddp runs torch's own hooks: {', '.join(TORCH_HOOKS)}; "
                              f"not {spec}")
+        if self.launch.elastic and (self.arch != "allreduce" or self.checkpoint.dir
+                                    or self.lab.hosts or self.launch.engine == "mpi"):
+            raise ValueError("--elastic is built for --arch allreduce on local workers "
+                             "(torch engine), without --checkpoint-dir or --lab")
         if self.arch == "ps" and self.compression.compression.startswith("powersgd"):
             raise ValueError("--compression powersgd is for --arch allreduce (its low-rank "
                              "factors need an all-reduce); the PS takes fp16, bf16 or topk")

@@ -43,8 +43,10 @@ from ..data.sampler import ElasticOrder
 log = logging.getLogger(__name__)
 
 # Fault injection for tests and benchmarks: "UID@STEP" makes member UID SIGKILL itself when
-# it is about to start step STEP (once: a replacement has another uid).
-KILL_ENV = "GRADSYNC_ELASTIC_KILL"
+# it is about to start step STEP (once: a replacement has another uid). "STEP" in AWAIT_ENV
+# makes the members wait at step STEP until the membership changes (a replacement is ready),
+# so that a short run still sees the join.
+KILL_ENV, AWAIT_ENV = "GRADSYNC_ELASTIC_KILL", "GRADSYNC_ELASTIC_AWAIT"
 
 StepFn = Callable[[nn.Module, list[int], float], float]
 
@@ -128,6 +130,7 @@ class ElasticLoop:
         self.base_lr = [g["lr"] for g in self.optimizer.param_groups]
         self.order = ElasticOrder(self.dataset_len, self.seed, self.shuffle)
         self._kill = _kill_step(self.world.uid)
+        self._await = int(os.environ.get(AWAIT_ENV, "-1"))
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -215,6 +218,8 @@ class ElasticLoop:
             except ElasticStopped:
                 raise
             except GenerationTimeout as exc:
+                if pending is None:
+                    raise
                 raise GenerationTimeout(f"{exc}, after: {pending}") from pending
             except comm.CommError as exc:
                 noticed = time.monotonic()
@@ -225,6 +230,11 @@ class ElasticLoop:
                 self.world.abandon()
                 pending = exc
 
+    def _wait_for_change(self) -> None:
+        deadline = time.monotonic() + self.world.timeout_s
+        while not self.world.changed() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def _done(self, steps: int | None, epochs: int | None) -> bool:
         p = self.position
         return (steps is not None and p.step >= steps) or (
@@ -234,6 +244,9 @@ class ElasticLoop:
         """Run steps until done (True) or until the membership changes (False)."""
         group, flag = self.group, torch.zeros(1, dtype=torch.int64)
         while not self._done(steps, epochs):
+            if group.rank == 0 and self.position.step == self._await:
+                self._await = -1
+                self._wait_for_change()
             flag[0] = int(group.rank == 0 and self.world.changed())
             comm.broadcast(flag, src=0, group=group, algorithm="native")
             if flag[0]:

@@ -264,6 +264,10 @@ def format_summary(s: dict) -> str:
         lines.append(f"  compression        {s['compression']}: "
                      f"{s['compression_ratio']:.1f}x fewer gradient bytes than uncompressed"
                      + (f", {s['compress_s']:.2f} s compressing" if "compress_s" in s else ""))
+    changes = s.get("elastic", {}).get("changes", [])
+    if changes:
+        lines.append(f"  membership         {len(changes)} change{'s' * (len(changes) > 1)}: "
+                     + "; ".join(_change(c) for c in changes))
     skipped = s.get("nonfinite_skipped", 0)
     skipped = sum(skipped) if isinstance(skipped, list) else skipped
     if skipped:
@@ -278,6 +282,17 @@ def format_summary(s: dict) -> str:
             lines.append(f"  dropped workers    ranks {s['dropped_workers']} (lost during the "
                          f"run; the others went on)")
     return "\n".join(lines)
+
+
+def _change(c: dict) -> str:
+    """'member 2 left at step 37 (0.84 s)' for one elastic membership change."""
+    who = [f"{_plural('member', c[k])} {', '.join(map(str, c[k]))} {k}"
+           for k in ("left", "joined") if c[k]]
+    return f"{' and '.join(who)} at step {c['step']} ({c['recover_s']:.2f} s)"
+
+
+def _plural(word: str, items: list) -> str:
+    return word + "s" * (len(items) > 1)
 
 
 def _buckets(algorithms: list[str]) -> str:
