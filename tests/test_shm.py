@@ -241,3 +241,37 @@ def test_shm_broadcast_reduce_scatter_all_gather_match_the_engine(world_size):
     for rank, (bad, _) in enumerate(results):
         assert not bad, f"rank {rank}: {bad}"
     assert not _leftovers(results[0][1])
+
+
+def _shared_buckets(rank, n):
+    """SharedBuckets: buffers of several dtypes in one segment, reduced where they lie,
+    many times over, each result held to the engine's; DataParallel on one host uses them."""
+    import gradsync
+    from gradsync import comm
+
+    layout = [(1, torch.float32), (70_001, torch.float64), (0, torch.int64),
+              (33, torch.bfloat16), (5, torch.int32)]
+    buckets = comm.SharedBuckets(layout, comm.world())
+    bad = []
+    for step in range(4):
+        gen = torch.Generator().manual_seed(100 * step + rank)
+        for b, (numel, dtype) in enumerate(layout):
+            op = "max" if (b + step) % 3 == 0 else "sum"
+            mine = torch.randint(-40, 41, (numel,), generator=gen).to(dtype)
+            buckets.buffer(b).copy_(mine)
+            buckets.all_reduce_async(b, op=op).wait()
+            comm.all_reduce(mine, op=op, algorithm="native")
+            if not torch.equal(buckets.buffer(b), mine):
+                bad.append((step, b, op))
+    dp = gradsync.DataParallel(torch.nn.Sequential(torch.nn.Linear(8, 300), torch.nn.Linear(300, 3)),
+                               bucket_cap_mb=1e-3)
+    return bad, dp.bucket_algorithms, dp._shared is not None, os.environ["MASTER_PORT"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_shared_buckets_reduce_in_place_like_the_engine(world_size):
+    for bad, algos, shared, port in run_workers(_shared_buckets, world_size, timeout=55):
+        assert not bad, bad
+        assert (set(algos), len(algos) > 1, shared) == ({"shm"}, True, True)
+    assert not _leftovers(port)

@@ -134,6 +134,7 @@ class DataParallel(nn.Module):
                                            topology=group.topology) if by_model
             else "native" if algorithm == "auto" else algorithm
             for b in self._buckets]
+        self._shared = self._share_buckets()
         self._handles = []
         for b, bucket in enumerate(self._buckets):
             for i, p in enumerate(bucket.params):
@@ -201,6 +202,19 @@ class DataParallel(nn.Module):
                     t.copy_(flat[offset:offset + t.numel()].view_as(t))
                     offset += t.numel()
 
+    def _share_buckets(self) -> "comm.SharedBuckets | None":
+        """On one host (every bucket on ``shm``) the buckets move into shared memory: the
+        gradient copy into a bucket is then the copy into this rank's slot, and the
+        all-reduce leaves the result there (comm/shared_buckets.py), two copies of every
+        gradient fewer per step."""
+        if self.group.size == 1 or any(a != "shm" for a in self.bucket_algorithms):
+            return None
+        shared = comm.SharedBuckets([(b.flat.numel(), b.flat.dtype) for b in self._buckets],
+                                    self.group)
+        for b, bucket in enumerate(self._buckets):
+            bucket.flat = shared.buffer(b)
+        return shared
+
     def _reset_step(self) -> None:
         for bucket in self._buckets:
             bucket.ready.clear()
@@ -252,7 +266,9 @@ class DataParallel(nn.Module):
         while self._next < len(self._buckets) and self._buckets[self._next].is_full():
             flat = self._buckets[self._next].flat
             self._local_finite &= comm.all_finite(flat)
-            if self._hook is None:
+            if self._hook is None and self._shared is not None:
+                work = self._shared.all_reduce_async(self._next, op="sum")
+            elif self._hook is None:
                 work = comm.all_reduce_async(flat, op="sum", group=self.group,
                                              algorithm=self.bucket_algorithms[self._next])
             else:

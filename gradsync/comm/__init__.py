@@ -14,6 +14,7 @@ The modules read downhill, without import circles (a test walks them):
     cost_model, check          the alpha-beta-gamma choice; check mode
     collectives                the primitives, on the engine or on an own algorithm
     per_rank                   all_gather, gather, scatter, reduce_scatter (a list per rank)
+    shared_buckets             buffers in shared memory, all-reduced where they lie
     probe                      measuring the topology on the live group; agreeing on it
     calibrate, reference       fitting the cost model; torch's DDP as a baseline
 """
@@ -26,6 +27,7 @@ from .collectives import (BROADCAST_ALGORITHMS, Work, all_reduce, all_reduce_asy
                           broadcast, broadcast_async, dist_sum, reduce, reduce_async)
 from .per_rank import (all_gather, all_gather_async, gather, gather_async, reduce_scatter,
                        reduce_scatter_async, scatter, scatter_async)
+from .shared_buckets import SharedBuckets
 from .cost_model import DEFAULT_COST_MODEL, CostModel, network_candidates
 from .engine import Engine
 from .errors import CollectiveMismatchError, CommError, CommTimeoutError, PeerLostError
@@ -38,6 +40,7 @@ from .ops import ReduceOp, all_finite
 from .p2p import irecv, isend, recv, send
 
 __all__ = [
+    "SharedBuckets",
     "ALL_REDUCE_ALGORITHMS", "AllReduceAlgorithm", "BROADCAST_ALGORITHMS", "CollectiveMismatchError", "Engine",
     "HostLink", "Topology", "TopologyError", "detect_topology", "probe_topology",
     "set_topology", "network_candidates", "DEFAULT_COST_MODEL",

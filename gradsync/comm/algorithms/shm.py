@@ -20,6 +20,9 @@ all-reduce, which already waited for it), then:
   copy out, done.
 
 Ranks of a view must call the same collectives in the same order (as with any engine).
+
+:func:`resident_all_reduce` serves buffers that already live in a segment's slots
+(comm/shared_buckets.py): no copy in, no out area, no copy out; see there.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from ..ops import ReduceOp, combine_
 from ..p2p import P2P, chunk_bounds
 from .shm_segment import Segment, drop, fence, remove_stale, segment, wait_for
 
-__all__ = ["remove_stale", "shm_all_gather", "shm_all_reduce", "shm_broadcast",
+__all__ = ["remove_stale", "resident_all_reduce", "shm_all_gather", "shm_all_reduce", "shm_broadcast",
            "shm_reduce_scatter", "shm_shape"]
 
-ARRIVED, DONE = 0, 1
+ARRIVED, DONE, GATHERED = 0, 1, 2
 
 
 def _begin(p2p: P2P, nbytes: int) -> tuple[Segment, int]:
@@ -148,6 +151,51 @@ def shm_broadcast(buf: torch.Tensor, root: int, p2p: P2P) -> None:
         wait_for(seg, ARRIVED, s, p2p, only=root)
         buf.copy_(seg.slot(root, n, buf.dtype))
     _post(seg, DONE, s, r)
+
+
+def resident_all_reduce(seg: Segment, offset: int, n: int, dtype, op: ReduceOp,
+                        p2p: P2P) -> None:
+    """All-reduce the ``n`` elements of ``dtype`` at byte ``offset`` of every member's slot,
+    in place: afterwards each member's slot region holds the result.
+
+    The region must be written before the call and not touched by its owner until the call
+    returns. Three waits, no copy of the whole region in or out:
+
+    1. arrive; wait for all: every region holds its rank's input.
+    2. rank r reduces piece r (chunk_bounds) of all regions in rank order into a scratch
+       piece, then writes it over piece r of its own region; nobody else reads that piece of
+       region r in this phase (rank j reads piece j). done; wait for all.
+    3. rank r copies piece j of region j into its own region, for every j != r; gathered;
+       wait for all, so that no rank rewrites its region (the next backward) while another
+       still copies from it.
+    """
+    p, r = p2p.size, p2p.rank
+    if p == 1 or n == 0:
+        return
+    seg.seq += 1
+    s = seg.seq
+    size = n * dtype.itemsize
+
+    def region(j: int) -> torch.Tensor:
+        return seg.slot(j, (offset + size) // dtype.itemsize, dtype)[offset // dtype.itemsize:]
+
+    _post(seg, ARRIVED, s, r)
+    wait_for(seg, ARRIVED, s, p2p)
+    bounds = chunk_bounds(n, p)
+    a, b = bounds[r]
+    mine = region(r)
+    if b > a:
+        piece = region(0)[a:b].clone()
+        for j in range(1, p):
+            combine_(piece, region(j)[a:b], op)
+        mine[a:b].copy_(piece)
+    _post(seg, DONE, s, r)
+    wait_for(seg, DONE, s, p2p)
+    for j, (a, b) in enumerate(bounds):
+        if j != r and b > a:
+            mine[a:b].copy_(region(j)[a:b])
+    _post(seg, GATHERED, s, r)
+    wait_for(seg, GATHERED, s, p2p)
 
 
 def shm_shape(n: float, p: int) -> tuple[float, float, float]:

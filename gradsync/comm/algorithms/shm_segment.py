@@ -2,11 +2,12 @@
 
 One segment per view (its members' tuple), cached on the group, in /dev/shm:
 
-    [ flags (2, p, 8) int64 | slot 0 | slot 1 | ... | slot p-1 | out ]   slots and out: cap bytes
+    [ flags (3, p, 8) int64 | slot 0 | slot 1 | ... | slot p-1 | out ]   slots and out: cap bytes
 
 Each counter sits alone in a 64-byte cache line (flags[phase, rank, 0]), so a rank spinning
 on one line does not bounce the line another rank is writing. Phase 0 counts arrivals (the
-rank's slot holds call s's data), phase 1 counts "done reading the slots" of call s.
+rank's slot holds call s's data), phase 1 counts "done reading the slots" of call s, phase 2
+"done gathering" (the resident all-reduce of shared_buckets).
 algorithms/shm.py builds the collectives on them.
 
 The segment is created by the view's rank 0 and named over the existing point-to-point path
@@ -34,6 +35,7 @@ from ..topology import host_key
 
 SHM_DIR = "/dev/shm"
 PREFIX = "gradsync-"
+PHASES = 3                      # counters per rank: arrived, done, gathered
 LINE = 64                       # bytes per cache line: one counter per line, slots aligned to it
 MIN_CAPACITY = 64 << 10         # smallest slot; grows by powers of two
 SPINS = 200                     # busy checks (~2 us each) before the waiter yields its core
@@ -97,7 +99,7 @@ class Segment:
     capacity: int               # bytes per slot
     p: int
     data: torch.Tensor          # (header + (p + 1) * capacity,) uint8 over the mapping
-    flags: np.ndarray           # (2, p, 8) int64: [0] arrived, [1] reduced, column 0 used
+    flags: np.ndarray           # (3, p, 8) int64: arrived, done, gathered; column 0 used
     pids: list[int]             # members' pids, for liveness checks; -1: another pid namespace
     seq: int = 0                # calls made on this segment
 
@@ -108,7 +110,7 @@ class Segment:
 
 
 def _header(p: int) -> int:
-    return -(-2 * p * LINE // 4096) * 4096
+    return -(-PHASES * p * LINE // 4096) * 4096
 
 
 def _map(name: str, p: int, capacity: int, create: bool) -> tuple[torch.Tensor, np.ndarray]:
@@ -122,12 +124,14 @@ def _map(name: str, p: int, capacity: int, create: bool) -> tuple[torch.Tensor, 
     finally:
         os.close(fd)                        # the mapping keeps the file open
     data = torch.frombuffer(mem, dtype=torch.uint8)
-    flags = np.frombuffer(mem, dtype=np.int64, count=2 * p * 8).reshape(2, p, 8)
+    flags = np.frombuffer(mem, dtype=np.int64, count=PHASES * p * 8).reshape(PHASES, p, 8)
     return data, flags
 
 
-def _attach(p2p: P2P, nbytes: int, old: Segment | None) -> Segment:
-    """Create (view rank 0) or map (the others) a segment with slots of at least ``nbytes``.
+def attach(p2p: P2P, nbytes: int, old: Segment | None = None) -> Segment:
+    """Create (view rank 0) or map (the others) a segment with slots of at least ``nbytes``
+    (collective over the view; :func:`segment` caches one per view, shared_buckets keeps its
+    own).
 
     Rank 0 gathers each member's (host key, pid, pid namespace) and answers everyone with
     all of them plus the segment's name and capacity, as int64 tensors.
@@ -246,7 +250,7 @@ def segment(p2p: P2P, nbytes: int) -> Segment:
     seg = cache.get(p2p.members)
     if seg is None or seg.capacity < nbytes:
         cache.pop(p2p.members, None)
-        seg = _attach(p2p, nbytes, seg)
+        seg = attach(p2p, nbytes, seg)
         cache[p2p.members] = seg
     return seg
 
