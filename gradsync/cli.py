@@ -110,6 +110,9 @@ def _run_worker(config) -> int:
     if config.launch.engine != "auto":
         os.environ["GRADSYNC_ENGINE"] = config.launch.engine
     try:
+        if config.launch.elastic and "GRADSYNC_ELASTIC_UID" not in os.environ:
+            raise UserError("--elastic needs gradsync's own launcher (run `gradsync train "
+                            "--elastic` without torchrun): it hosts the rendezvous store")
         if "GRADSYNC_ELASTIC_UID" in os.environ:  # a worker of `gradsync train --elastic`
             from .comm.elastic import ElasticDone, ElasticStopped
             from .train.elastic_run import run_worker

@@ -208,10 +208,11 @@ class ElasticWorld:
         caller must hold none (the old wrapper, a traceback's frames); the Group object
         itself lets go of it here.
         """
-        if self.group is not None:
-            self.group.shutdown()
-            self.group.pg = None
-            self.group = None
+        if self.group is None:
+            return
+        self.group.shutdown()
+        self.group.pg = None
+        self.group = None
         try:
             group_mod.destroy_process_group()
         except Exception:  # noqa: BLE001 - a group broken by a lost peer
