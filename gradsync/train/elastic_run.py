@@ -3,7 +3,8 @@ trains a workload through :class:`~gradsync.train.elastic.ElasticLoop`.
 
     gradsync train --elastic --workers 4 --min-workers 2 --max-restarts 1
 
-The launcher side (:func:`run_local`) serves the rendezvous store in its own process, so a
+The launcher side (:func:`launch`, which starts a script's elastic workers too;
+:func:`run_local` for `gradsync train`) serves the rendezvous store in its own process, so a
 lost worker (rank 0 too) takes nothing with it, and supervises the workers with
 :func:`gradsync.launcher.elastic.run_elastic`. The worker side (:func:`run_worker`) is the
 trainer's loop on an elastic membership; the summary adds the membership changes.
@@ -31,32 +32,44 @@ from .workloads import build_workload
 log = logging.getLogger(__name__)
 
 
-def run_local(config: TrainConfig, env: dict[str, str]) -> int:
-    """Start ``config.launch.workers`` elastic workers here and supervise them; the exit
-    status of the run."""
-    from ..flags import to_argv
+def launch(cmd: list[str], workers: int, *, min_workers: int = 1, max_restarts: int = 0,
+           addr: str = "127.0.0.1", port: int | None = None, timeout_s: float = 300.0,
+           env: dict[str, str] | None = None) -> int:
+    """Run ``cmd`` as ``workers`` elastic workers on this machine, serving their store and
+    coordinator here; the exit status of the run. A script's workers join through
+    ``ElasticWorld.from_env`` (MASTER_ADDR, MASTER_PORT, GRADSYNC_ELASTIC_UID)::
+
+        sys.exit(launch([sys.executable, "train.py"], 4, min_workers=2, max_restarts=1))
+    """
     from ..launcher.elastic import run_elastic
     from ..launcher.launch import _worker_env
 
-    launch = config.launch
     try:
-        coordinator = Coordinator(launch.addr, launch.port, launch.workers, launch.min_workers,
-                                  launch.timeout)
+        coordinator = Coordinator(addr, port, workers, min_workers, timeout_s)
     except RuntimeError as exc:
         print(f"gradsync: error: {exc}", file=sys.stderr, flush=True)
         return 2
 
     def env_of(uid: int) -> dict[str, str]:
-        out = _worker_env(uid, launch.workers, launch.addr, coordinator.port, env)
+        out = _worker_env(uid, workers, addr, coordinator.port, env)
         out["GRADSYNC_ELASTIC_UID"] = str(uid)
         return out
 
-    cmd = [sys.executable, "-m", "gradsync", "train", *to_argv(config)]
-    result = run_elastic(cmd, env_of, launch.workers, coordinator,
-                         max_restarts=launch.max_restarts)
+    result = run_elastic(cmd, env_of, workers, coordinator, max_restarts=max_restarts)
     if result.returncode == 130:
         print("gradsync: interrupted", file=sys.stderr, flush=True)
     return result.returncode
+
+
+def run_local(config: TrainConfig, env: dict[str, str]) -> int:
+    """`gradsync train --elastic`: start the workers here and supervise them."""
+    from ..flags import to_argv
+
+    launch_config = config.launch
+    return launch([sys.executable, "-m", "gradsync", "train", *to_argv(config)],
+                  launch_config.workers, min_workers=launch_config.min_workers,
+                  max_restarts=launch_config.max_restarts, addr=launch_config.addr,
+                  port=launch_config.port, timeout_s=launch_config.timeout, env=env)
 
 
 def run_worker(config: TrainConfig, format_summary) -> dict | None:
