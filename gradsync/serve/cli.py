@@ -95,12 +95,23 @@ def main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: None)
     try:
-        return asyncio.run(_serve(config, checkpoint, sock))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_serve(config, checkpoint, sock))
     except ServeError as exc:
         _say(str(exc))
         return 1
     finally:
         sock.close()
+
+
+def _loop_factory():
+    """uvloop's event loop where it is installed (the serve extra): the front process's
+    one loop parses every request, so its speed is the server's on small models."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _serve(config: ServeConfig, checkpoint, sock: socket.socket) -> int:
