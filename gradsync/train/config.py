@@ -193,11 +193,15 @@ class LaunchConfig:
     elastic_rescale: Literal["batch", "lr"] = field(default="batch", metadata=_help(
         "--elastic, when the worker count changes: keep the global batch (batch: each "
         "worker's share changes) or each worker's batch, scaling the learning rate (lr)"))
+    elastic_check_every: int = field(default=1, metadata=_help(
+        "--elastic: look for a joining worker every this many steps (a store read and a "
+        "tiny broadcast each time)"))
 
     def __post_init__(self) -> None:
         _at_least(self.workers, 1, "workers")
         _at_least(self.min_workers, 1, "min-workers")
         _at_least(self.max_restarts, 0, "max-restarts")
+        _at_least(self.elastic_check_every, 1, "elastic-check-every")
         if self.elastic and self.min_workers > self.workers:
             raise ValueError(f"--min-workers {self.min_workers} is more than --workers "
                              f"{self.workers}")

@@ -96,6 +96,8 @@ class ElasticLoop:
         rescale: "batch" (keep the global batch) or "lr" (keep the per-worker batch and
             scale the learning rate by workers / initial_workers).
         seed, shuffle: the data order (the same on every member).
+        check_every: ask whether the membership changed every this many steps (a store
+            read on rank 0 and an 8-byte broadcast); a join waits up to this many steps.
         allreduce: keyword arguments of AllReduceArchitecture (algorithm, bucket_cap_mb,
             nonfinite, compression, ...). ``auto`` runs the engine's all-reduce, since
             a lost peer inside a shared-memory all-reduce is found only at the timeout.
@@ -112,10 +114,13 @@ class ElasticLoop:
     seed: int = 0
     shuffle: bool = True
     allreduce: dict = field(default_factory=dict)
+    check_every: int = 1
     changes: list[Change] = field(default_factory=list)
     position: Position = field(default_factory=Position)
 
     def __post_init__(self) -> None:
+        if self.check_every < 1:
+            raise ValueError(f"check_every must be at least 1, got {self.check_every}")
         if self.rescale not in ("batch", "lr"):
             raise ValueError(f"rescale must be 'batch' or 'lr', got {self.rescale!r}")
         options = {"algorithm": "native", "topology": "off", **self.allreduce}
@@ -131,6 +136,7 @@ class ElasticLoop:
         self.order = ElasticOrder(self.dataset_len, self.seed, self.shuffle)
         self._kill = _kill_step(self.world.uid)
         self._await = int(os.environ.get(AWAIT_ENV, "-1"))
+        self._awaited = False
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -244,14 +250,15 @@ class ElasticLoop:
         """Run steps until done (True) or until the membership changes (False)."""
         group, flag = self.group, torch.zeros(1, dtype=torch.int64)
         while not self._done(steps, epochs):
-            if group.rank == 0 and self.position.step == self._await:
-                self._await = -1
-                self._wait_for_change()
-            flag[0] = int(group.rank == 0 and self.world.changed())
-            comm.broadcast(flag, src=0, group=group, algorithm="native")
-            if flag[0]:
-                return False
             p = self.position
+            if p.step % self.check_every == 0 or p.step == self._await:
+                if group.rank == 0 and p.step == self._await and not self._awaited:
+                    self._awaited = True
+                    self._wait_for_change()
+                flag[0] = int(group.rank == 0 and self.world.changed())
+                comm.broadcast(flag, src=0, group=group, algorithm="native")
+                if flag[0]:
+                    return False
             if p.step == self._kill:
                 os.kill(os.getpid(), signal.SIGKILL)
             comm.set_step(p.step, group)
