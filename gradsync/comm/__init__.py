@@ -17,6 +17,7 @@ The modules read downhill, without import circles (a test walks them):
     shared_buckets             buffers in shared memory, all-reduced where they lie
     probe                      measuring the topology on the live group; agreeing on it
     calibrate, reference       fitting the cost model; torch's DDP as a baseline
+    elastic                    generations of an elastic world through a launcher-hosted store
 """
 
 from .algorithms.registry import (ALL_REDUCE_ALGORITHMS, REGISTRY, AllReduceAlgorithm,
