@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -120,6 +121,7 @@ def main() -> int:
             launcher.kill()
             launcher.wait()
     left = workers_by_uid(marker)
+    shutil.rmtree(out, ignore_errors=True)
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {args.workload}, {args.workers} workers, {args.trials} trials")
     for name, xs in (("kill -> next completed step", recover),
