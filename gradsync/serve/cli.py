@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import logging
 import signal
 import socket
@@ -136,6 +137,10 @@ async def _serve(config: ServeConfig, checkpoint, sock: socket.socket) -> int:
         server = uvicorn.Server(uvicorn.Config(
             create_app(spec, pool, batcher, metrics), log_level="warning", lifespan="off",
             timeout_graceful_shutdown=max(30, int(config.replica_timeout) * 2)))
+        # What start-up made (torch's modules: about a million objects) lives as long as the
+        # process; frozen, the collector's full passes skip it instead of stalling every
+        # request in flight for ~100 ms about once a second under load.
+        gc.freeze()
         host, port = sock.getsockname()[:2]
         url_host = f"[{host}]" if ":" in host else host
         print(f"gradsync serve: {spec.name} step {spec.version} on http://{url_host}:{port} "

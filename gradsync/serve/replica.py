@@ -12,6 +12,7 @@ requests in flight first, decides when replicas stop (by closing their sockets).
 from __future__ import annotations
 
 import argparse
+import gc
 import signal
 import socket
 import struct
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in input_shape:
         row_size *= d
     shape = struct.pack(f"<{len(input_shape)}I", *input_shape)
+    gc.freeze()  # the model and torch's modules: no full collection walks them again
     sock.sendall(wire.encode(wire.READY, 0, row_size, classes, shape))
     try:
         serve_jobs(sock, model, input_shape, dtype)
