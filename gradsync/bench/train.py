@@ -30,24 +30,39 @@ from .report import bound_allreduce_s, bound_ps_s, machine_line, write_plot
 class Config:
     """One measured configuration: an architecture spec and a worker count."""
 
-    spec: str       # "allreduce[:ALGO]", "ps:K", "ddp" or "local"
+    spec: str       # "allreduce[:ALGO]", "ps:K", "ps:K:colocated", "ddp" or "local"
     workers: int
 
     @property
     def arch(self) -> str:
         return self.spec.split(":")[0]
 
+    @property
+    def servers(self) -> int:
+        return int(self.spec.split(":")[1]) if self.arch == "ps" and ":" in self.spec else 1
+
+    @property
+    def colocated(self) -> bool:
+        """ps:K:colocated: one server beside each worker, two ranks per lab host."""
+        return self.arch == "ps" and self.spec.endswith(":colocated")
+
     def flags(self) -> list[str]:
         kind, _, arg = self.spec.partition(":")
         if kind == "allreduce":
             return ["--arch", "allreduce", "--algorithm", arg or "auto"]
         if kind == "ps":
-            return ["--arch", "ps", "--servers", arg or "1"]
+            return ["--arch", "ps", "--servers", str(self.servers)] + \
+                ["--server-ranks", "colocated"] * self.colocated
         return ["--arch", kind]
 
     @property
     def processes(self) -> int:
-        return self.workers + (int(self.spec.partition(":")[2] or 1) if self.arch == "ps" else 0)
+        return self.workers + (self.servers if self.arch == "ps" else 0)
+
+    @property
+    def hosts(self) -> int:
+        """Lab hosts: one per process, or one per worker when co-located."""
+        return self.workers if self.colocated else self.processes
 
 
 def run_config(config: Config, args, out: Path) -> dict:
@@ -58,17 +73,38 @@ def run_config(config: Config, args, out: Path) -> dict:
     cmd += ["--workers", str(config.workers)]
     if args.compression != "none" and config.arch in ("allreduce", "ps"):
         cmd += ["--compression", args.compression]
+    if args.ps_partition_mb and config.arch == "ps":
+        cmd += ["--ps-partition-mb", str(args.ps_partition_mb)]
+    if config.colocated and (args.lab_rate or args.lab_rates):
+        return _run_colocated(config, args, cmd[3:], out)
     if args.lab_rates and config.arch == "local":
         pass  # one process alone: no links to shape
     elif args.lab_rates:  # one emulated host per process, each with its own link
-        cmd += ["--lab", str(config.processes), "--rates", args.lab_rates]
+        cmd += ["--lab", str(config.hosts), "--rates", args.lab_rates]
     elif args.lab_rate:  # one emulated host per process
-        cmd += ["--lab", str(config.processes), "--rate", args.lab_rate]
+        cmd += ["--lab", str(config.hosts), "--rate", args.lab_rate]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"gradsync bench: {config.spec} x{config.workers} failed:\n"
                          f"{done.stderr[-2000:]}")
+    return json.loads((out / "summary.json").read_text())
+
+
+def _run_colocated(config: Config, args, argv: list[str], out: Path) -> dict:
+    """`gradsync train` across a lab of one host per worker, each running a worker and a
+    server (``--procs-per-host 2``, LOCAL_RANK 0 serves)."""
+    from ..lab import lab_launch, up
+
+    rates = args.lab_rates.split(",") if args.lab_rates else None
+    env = {"OMP_NUM_THREADS": str(args.threads), "TORCH_CPP_LOG_LEVEL": "ERROR"}
+    lines: list[str] = []
+    with up(config.hosts, args.lab_rate or "1gbit", rates, 2) as lab:
+        rc = lab_launch(lab, argv, env=env,
+                        on_line=lambda rank, stream, line: lines.append(f"[rank {rank}] {line}"))
+    if rc != 0:
+        raise SystemExit(f"gradsync bench: {config.spec} x{config.workers} failed:\n"
+                         + "\n".join(lines[-20:]))
     return json.loads((out / "summary.json").read_text())
 
 
@@ -113,8 +149,9 @@ def table(results: dict[Config, list[dict]], args) -> list[dict]:
                "parameters": runs[0]["parameters"]}
         if args.lab_rate and not args.lab_rates and config.arch != "local":
             nbytes = 4 * runs[0]["parameters"]
-            bound = (bound_ps_s(nbytes, config.workers, int(config.spec.partition(":")[2] or 1),
-                                args.lab_rate) if config.arch == "ps"
+            # co-located servers: BytePS's bound is all-reduce's
+            bound = (bound_ps_s(nbytes, config.workers, config.servers, args.lab_rate)
+                     if config.arch == "ps" and not config.colocated
                      else bound_allreduce_s(nbytes, config.workers, args.lab_rate))
             row["bound_ms"], row["vs_bound"] = 1e3 * bound, step_s / bound
         rows.append(row)
@@ -148,7 +185,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=40, help="steps per run")
     p.add_argument("--workers", default="2", help="worker counts, e.g. 1,2,3")
     p.add_argument("--archs", default="allreduce,ddp",
-                   help="comma-separated: allreduce[:ALGO], ps:K, ddp (local is always added)")
+                   help="comma-separated: allreduce[:ALGO], ps:K (K dedicated servers), "
+                        "ps:K:colocated (a server beside each worker, K = workers, "
+                        "needs --lab-rate), ddp (local is always added)")
+    p.add_argument("--ps-partition-mb", type=float, default=None,
+                   help="--ps-partition-mb for the ps runs (default: the PS's own choice)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="OMP threads per process")
     p.add_argument("--lab-rate", metavar="RATE",
@@ -172,9 +213,13 @@ def main(args) -> int:
         return usage("--workers and --rounds must be >= 1 and --steps >= 2")
     specs = [s for s in args.archs.split(",") if s and s != "local"]
     configs = [Config("local", 1)] + [Config(s, n) for n in counts for s in specs]
+    for c in configs:
+        if c.colocated and (c.servers != c.workers or not (args.lab_rate or args.lab_rates)):
+            return usage(f"{c.spec} x{c.workers}: a co-located server sits beside each worker "
+                         "of a lab host: K must equal the workers, with --lab-rate")
     if args.lab_rates:  # local runs alone, outside the lab; the others need one host each
         hosts = len(args.lab_rates.split(","))
-        wrong = [f"{c.spec} x{c.workers}" for c in configs[1:] if c.processes != hosts]
+        wrong = [f"{c.spec} x{c.workers}" for c in configs[1:] if c.hosts != hosts]
         if wrong:
             return usage(f"--lab-rates gives {hosts} hosts but {', '.join(wrong)} "
                           f"need(s) another number of processes")

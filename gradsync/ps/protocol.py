@@ -12,9 +12,12 @@ server, and every reply, is
              gradient divided by the number of workers);
              PUSH_SPARSE (worker -> server, --compression topk): numel entries, int64 indices
              then values of the shard's dtype, then END (``compression.py``);
+             DONE, CHECKPOINT (worker -> server): END alone, so that every message from a
+             worker is a header and a payload, whose receives a server posts before the
+             message comes (gloo sends only into a posted receive);
              PARAMS (server -> worker): one partition's parameters, the tensor alone;
              ERROR, STATS (server -> worker): the tensor alone;
-             CHECKPOINT, SAVED and DONE have none
+             SAVED has none
 
 on tag 0 of the pair, so the two parts of a message arrive in order; :func:`send_message`
 frames both for the workers' sends and the servers' replies. A worker pushes every partition

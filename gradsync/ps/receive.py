@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +41,7 @@ from .protocol import (CODE_DTYPES, END_BYTES, HEADER_BYTES, HEADER_LEN, NOT_END
 
 SLACK_BYTES = 4 << 20  # beyond the expected end of any message; only the canary is written
 CANARY_BYTES = 256     # armed right after the expected end
+_NOT_IN_END = [b for b in range(256) if b not in END_BYTES]
 TRAILER_BYTES = len(END_BYTES)
 
 
@@ -82,7 +84,14 @@ class Receiver:
         self.payload_bytes = max([r.max_nbytes(d, n) for (n, d), r in zip(self.parts, self.rules)],
                                  default=0)
         self.capacity = self.payload_bytes + TRAILER_BYTES + SLACK_BYTES
-        self._header = torch.empty(HEADER_BYTES + self.capacity, dtype=torch.uint8)
+        # Two header buffers: the next header's receive is posted while a payload arrives.
+        self._headers = [torch.empty(HEADER_BYTES + self.capacity, dtype=torch.uint8)
+                         for _ in range(2)]
+        self._flip = 0
+        self._next: tuple | None = None  # the next message's receives, posted early
+        # the payload buffer's armed prefix: any payload, END and the canary
+        self._fill = -(-(self.payload_bytes + TRAILER_BYTES + CANARY_BYTES) // 8) * 8
+        self.abandoned: list[comm.Work] = []
         # Canaries a sender cannot guess; not torch's generator, which the training seeds.
         self._rng = random.Random(os.urandom(16))
 
@@ -96,11 +105,11 @@ class Receiver:
         Raises:
             CommError: the worker was lost, or sent nothing within the timeout.
         """
-        armed = self._arm(self._header, 0, HEADER_BYTES)
-        comm.recv(self._header, self.peer, self.group, TAG,
-                  what=f"wait for the push of step {step}")
-        h = Header.decode(self._header[:HEADER_BYTES].view(torch.int64))
-        status, detail = self._check(self._header, 0, HEADER_BYTES, armed, "header")
+        header, armed, work, buf, word, pay = self._next or self._post(step)
+        self._next = None
+        work.wait()
+        h = Header.decode(header[:HEADER_BYTES].view(torch.int64))
+        status, detail = self._check(header, 0, HEADER_BYTES, armed, "header")
         first = self._expect[0] if self._expect else (0, None, None, None)
         if status == Status.OK:
             status, detail = validate(h, shard=self.shard, numel=first[0], step=step,
@@ -109,25 +118,31 @@ class Receiver:
                                       half=first[2], max_k=first[3],
                                       parts=self._expect or None, seen=seen)
         framed = status not in (Status.TOO_LONG, Status.TOO_SHORT, Status.BAD_MAGIC)
-        if not (framed and h.kind in (Kind.PUSH, Kind.PUSH_SPARSE)):
-            return self._verdict(h, status, detail, step)
-        # A payload follows. Even after a bad header it is received (and dropped) when its
-        # declared size fits, so that the sender's send completes and it reads our ERROR.
+        push = h.kind in (Kind.PUSH, Kind.PUSH_SPARSE)
+        # A payload follows (END alone after DONE and CHECKPOINT). Even after a bad header it
+        # is received (and dropped) when its declared size fits, so that the sender's send
+        # completes and it reads our ERROR.
         numel, dtype, rules = first[0], first[1], self.rules[0] if self.rules else PushRules()
         if 0 <= h.partition < len(self.parts):
             (numel, dtype), rules = self.parts[h.partition], self.rules[h.partition]
-        nbytes = payload_nbytes(h, dtype or torch.float32)
-        if not 0 <= nbytes <= self.payload_bytes + SLACK_BYTES - CANARY_BYTES:
+        nbytes = payload_nbytes(h, dtype or torch.float32) if push else 0
+        if not framed or (status != Status.OK and not push) \
+                or not 0 <= nbytes <= self.payload_bytes + SLACK_BYTES - CANARY_BYTES:
+            self.abandoned.append(pay)  # posted, never to be filled: kept until the end
             return self._verdict(h, status, detail, step)
-        buf = torch.empty(self.capacity, dtype=torch.uint8)
-        armed = self._arm(buf, nbytes, nbytes + TRAILER_BYTES)
-        comm.recv(buf, self.peer, self.group, TAG, what=f"push of step {h.step}")
+        if status == Status.OK and h.kind != Kind.DONE:
+            # Gloo sends a message only once its receive is posted, and says so over the
+            # connection: post the next message's receives now, while this payload is on the
+            # wire, so that the sender never waits for them.
+            self._next = self._post(h.step)
+        pay.wait()
         if status == Status.OK:
-            status, detail = self._check(buf, nbytes, nbytes + TRAILER_BYTES, armed, "payload")
-        if status == Status.OK:
-            # (nbytes,) of the buffer; the slack stays attached, unwritten
-            status, detail, values, indices = decode(h.kind, h.numel, CODE_DTYPES[h.dtype],
-                                                     buf[:nbytes], numel)
+            status, detail = self._check_payload(buf, nbytes, word)
+        if status != Status.OK or not push:
+            return self._verdict(h, status, detail, step)
+        # (nbytes,) of the buffer; the slack stays attached, unwritten
+        status, detail, values, indices = decode(h.kind, h.numel, CODE_DTYPES[h.dtype],
+                                                 buf[:nbytes], numel)
         if status != Status.OK:
             return self._verdict(h, status, detail, step)
         if not comm.all_finite(values):
@@ -137,6 +152,43 @@ class Receiver:
                            f"{bad} of its {values.numel()} values are NaN or Inf", None, nbytes)
         grad = densify(values, indices, dtype, numel, rules)
         return Message(h, payload=grad, nbytes=nbytes)
+
+    def _post(self, step: int):
+        """Post the receives of the next message, header and payload, armed."""
+        header = self._headers[self._flip]
+        self._flip ^= 1
+        armed = self._arm(header, 0, HEADER_BYTES)
+        work = comm.irecv(header, self.peer, self.group, TAG,
+                          what=f"wait for the push of step {step}")
+        buf = torch.empty(self.capacity, dtype=torch.uint8)  # fresh: the gradient is a view
+        word = self._arm_payload(buf)
+        pay = comm.irecv(buf, self.peer, self.group, TAG, what=f"push of step {step}")
+        return header, armed, work, buf, word, pay
+
+    def _arm_payload(self, buf: torch.Tensor) -> bytes:
+        """Fill where any payload and its canary may land with a random 8-byte word none of
+        whose bytes is one of END's: whatever the payload's size, a message that stopped
+        short leaves no END where END must be, and one that ran on changes the canary."""
+        word = bytes(self._rng.choice(_NOT_IN_END) for _ in range(8))
+        buf[:self._fill].view(torch.int64).fill_(int.from_bytes(word, sys.byteorder,
+                                                                 signed=True))
+        return word
+
+    def _check_payload(self, buf: torch.Tensor, nbytes: int, word: bytes
+                       ) -> tuple[Status, str]:
+        """Did the payload received into ``buf`` end exactly at ``nbytes`` + 8, with END?"""
+        end = nbytes + TRAILER_BYTES
+        tail = buf[end:end + CANARY_BYTES].numpy().tobytes()
+        canary = (word * (CANARY_BYTES // 8 + 2))[end % 8:end % 8 + CANARY_BYTES]
+        if tail != canary:
+            written = end + max(i for i in range(CANARY_BYTES) if tail[i] != canary[i]) + 1
+            return Status.TOO_LONG, (f"the payload is longer than its header declares (at "
+                                     f"least {written} bytes, expected {end} with its end "
+                                     "marker)")
+        if buf[nbytes:end].numpy().tobytes() == END_BYTES:
+            return Status.OK, ""
+        return Status.TOO_SHORT, (f"the payload is shorter than its header declares ({end} "
+                                  "bytes with its end marker)")
 
     def _verdict(self, h: Header, status: Status, detail: str, step: int) -> Message:
         if status == Status.OK:

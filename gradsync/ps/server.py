@@ -95,12 +95,15 @@ class ParameterServer:
         make_optimizer: builds the optimizer for one flat Parameter.
         save: writes ``(step, state_dict())`` into checkpoint ``step`` (None: this run takes
             no checkpoints, and a CHECKPOINT request is rejected).
+        reply_group: the group replies go out on (same ranks as ``group``, its own
+            connections); None: ``group``.
     """
 
     def __init__(self, shard: torch.Tensor | list[torch.Tensor], index: int, workers: list[int],
                  make_optimizer: Callable, config: ServerConfig,
                  group: comm.Group | None = None,
-                 save: Callable[[int, dict[str, Any]], None] | None = None):
+                 save: Callable[[int, dict[str, Any]], None] | None = None,
+                 reply_group: comm.Group | None = None):
         parts = [shard] if isinstance(shard, torch.Tensor) else list(shard)
         # One flat Parameter and one optimizer per partition: a partition is updated alone.
         self.params = [torch.nn.Parameter(t.detach().clone().reshape(-1)) for t in parts]
@@ -110,6 +113,7 @@ class ParameterServer:
         self.workers = list(workers)
         self.config = config
         self.group = group
+        self.reply_group = reply_group or group
         self.save = save
         self.step = 0  # the workers' step when this state was taken: at start, at checkpoints
         self.stats = ServerStats()
@@ -119,6 +123,7 @@ class ParameterServer:
         # only once waited for, so these are retired when the worker pushes again)
         self._sends: dict[int, list[comm.Work]] = {w: [] for w in self.workers}
         self._last_step: dict[int, int] = {}  # per worker, the step of its last push
+        self._receivers: list[Receiver] = []
         self.live, self.done = set(self.workers), set()  # done: workers that said DONE
         self._asked: dict[int, int] = {}  # worker -> step of its checkpoint request
         # Replies go out in the order each worker pushed: its receives are posted so.
@@ -172,7 +177,7 @@ class ParameterServer:
         version = self.versions[partition] if self.versions else 0
         header = Header(kind, step=step, shard=self.index, numel=numel, version=version,
                         sender=self.index, status=status, partition=partition)
-        self._sends[worker] += send_message(header, payload, worker, self.group)
+        self._sends[worker] += send_message(header, payload, worker, self.reply_group)
         self.stats.bytes_sent += 0 if payload is None else numel * payload.element_size()
 
     def answer(self, worker: int, c: int, payload: torch.Tensor, step: int) -> None:
@@ -207,6 +212,7 @@ class ParameterServer:
         rx = Receiver(worker, self.group, self.index,
                       [(p.numel(), p.dtype) for p in self.params], self.config.max_steps,
                       checkpoints=self.save is not None, rules=self.rules)
+        self._receivers.append(rx)  # its receives posted early live as long as the server
         step, skip = self.step, self.config.nonfinite == "skip"
         seen: set[int] = set()  # partitions this worker pushed in ``step``
         while True:

@@ -27,6 +27,9 @@ from .protocol import (DTYPE_CODES, END_BYTES, TAG, Header, Kind, PSProtocolErro
 from .sharding import Part, ShardLayout, gather_part, scatter_part
 
 
+_END = torch.frombuffer(bytearray(END_BYTES), dtype=torch.uint8)  # the payload of DONE, CHECKPOINT
+
+
 class PSWorker(nn.Module):
     """Wrap ``module`` so that backward pushes its gradients to the servers.
 
@@ -40,18 +43,21 @@ class PSWorker(nn.Module):
         compression_warmup: pushes of steps below this go out uncompressed.
         num_workers: N, the workers of the run (a half push carries gradient / N); needed
             with fp16 and bf16.
+        reply_group: the group the servers answer on (same ranks as ``group``, its own
+            connections; see ``architecture.py``); None: ``group``.
     """
 
     def __init__(self, module: nn.Module, layout: ShardLayout, servers: list[int], rank: int,
                  group: comm.Group | None = None, start_step: int = 0,
                  compression: str | Compression = "none", compression_warmup: int = 0,
-                 num_workers: int | None = None):
+                 num_workers: int | None = None, reply_group: comm.Group | None = None):
         super().__init__()
         self.module = module
         self.layout = layout
         self.servers = servers
         self.rank = rank
         self.group = group
+        self.reply_group = reply_group or group
         self._params = [p for p in module.parameters() if p.requires_grad]
         for dtype in set(layout.dtypes):
             if dtype not in DTYPE_CODES:
@@ -162,8 +168,8 @@ class PSWorker(nn.Module):
     def _post_reply(self, g: int) -> None:
         k = self._parts[g].shard
         header, what = empty_header(), f"pull of shard {k} at step {self.step_count}"
-        hw = comm.irecv(header, self.servers[k], self.group, TAG, what=what)
-        pw = comm.irecv(self._pull_bufs[g], self.servers[k], self.group, TAG, what=what)
+        hw = comm.irecv(header, self.servers[k], self.reply_group, TAG, what=what)
+        pw = comm.irecv(self._pull_bufs[g], self.servers[k], self.reply_group, TAG, what=what)
         self._replies.append((g, header, hw, pw))
         self._posted.add(g)
 
@@ -220,12 +226,12 @@ class PSWorker(nn.Module):
         if step != self.step_count:
             raise ValueError(f"checkpoint of step {step} asked at step {self.step_count}")
         for k in range(len(self.servers)):
-            self._send(k, Header(Kind.CHECKPOINT, step=step, shard=k, sender=self.rank), None,
+            self._send(k, Header(Kind.CHECKPOINT, step=step, shard=k, sender=self.rank), _END,
                        f"checkpoint of step {step}")
         complete = True
         for k, server in enumerate(self.servers):
             header = empty_header()
-            comm.recv(header, server, self.group, TAG, what=f"checkpoint of step {step}")
+            comm.recv(header, server, self.reply_group, TAG, what=f"checkpoint of step {step}")
             h = Header.decode(header)
             if h.kind == Kind.ERROR:
                 raise PSProtocolError(f"server {k} (rank {server}) rejected the checkpoint "
@@ -242,12 +248,12 @@ class PSWorker(nn.Module):
         """Tell the servers this worker is done and collect their statistics."""
         stats = []
         for k, server in enumerate(self.servers):
-            self._send(k, Header(Kind.DONE, step=self.step_count, sender=self.rank), None,
+            self._send(k, Header(Kind.DONE, step=self.step_count, sender=self.rank), _END,
                        "end of training")
         for k, server in enumerate(self.servers):
             header, buf = empty_header(), torch.empty(ServerStats.size(), dtype=torch.float64)
-            comm.recv(header, server, self.group, TAG, what="end of training")
-            comm.recv(buf, server, self.group, TAG, what="end of training")
+            comm.recv(header, server, self.reply_group, TAG, what="end of training")
+            comm.recv(buf, server, self.reply_group, TAG, what="end of training")
             stats.append(ServerStats.from_tensor(buf))
         self._wait_sends()
         return stats
