@@ -159,8 +159,12 @@ class ElasticLoop:
         group = self.world.form()
         if self.architecture is None:
             self.architecture = AllReduceArchitecture(group, **self._options)
+        formed = time.monotonic()
         self.architecture.regroup(group, self.model)
+        wrapped = time.monotonic()
         self._agree_state(group)
+        log.debug("member %d: wrapper rebuilt in %.3f s, state agreed in %.3f s",
+                  self.world.uid, wrapped - formed, time.monotonic() - wrapped)
         if self.rescale == "lr":
             for g, lr in zip(self.optimizer.param_groups, self.base_lr):
                 g["lr"] = lr * group.size / self.initial_workers
