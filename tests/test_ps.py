@@ -179,7 +179,7 @@ def test_partitions_cover_each_shard_and_weights_follow_the_links():
     fast = shard_layout([torch.empty(4000)], 2, weights=[3e9, 1e9])
     assert [fast.shard_numel(k) for k in range(2)] == [3000, 1000]
     assert partition_bytes_for(None) == 1 << 20
-    assert partition_bytes_for(25e6) == 500_000  # 200 Mbit/s: 20 ms
+    assert partition_bytes_for(25e6) == 125_000  # 200 Mbit/s: 5 ms
     assert partition_bytes_for(1e12) == 4 << 20
 
 
