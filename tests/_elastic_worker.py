@@ -43,7 +43,7 @@ def main(out: str, steps: int) -> int:
     torch.set_num_threads(1)
     model, x, y = build()
     world = ElasticWorld.from_env(timeout_s=float(os.environ.get("TEST_COMM_TIMEOUT", "60")))
-    loop = ElasticLoop(world, model, make_optimizer, N, BATCH, WORKERS, min_workers=2)
+    loop = ElasticLoop(world, model, make_optimizer, N, BATCH, WORKERS)
 
     def step_fn(m, indices, weight):
         loss = torch.nn.functional.cross_entropy(m(x[indices]), y[indices])

@@ -1,7 +1,7 @@
 """Elastic training: lose a worker and go on with the survivors; take a replacement in.
 
     loop = ElasticLoop(ElasticWorld.from_env(timeout_s=300), model, make_optimizer,
-                       len(train_set), batch_size=32, initial_workers=4, min_workers=2)
+                       len(train_set), batch_size=32, initial_workers=4)
     loop.run(step_fn, epochs=5)        # step_fn(model, indices, weight) -> loss (float)
 
 ``step_fn`` runs forward and backward on ``model`` for the samples ``indices`` and scales
@@ -92,7 +92,6 @@ class ElasticLoop:
         dataset_len: samples in the training set.
         batch_size: samples per worker per step at ``initial_workers``.
         initial_workers: the worker count the batch and learning rate were chosen for.
-        min_workers: documented by the coordinator, which stops the run below it.
         rescale: "batch" (keep the global batch) or "lr" (keep the per-worker batch and
             scale the learning rate by workers / initial_workers).
         seed, shuffle: the data order (the same on every member).
@@ -109,7 +108,6 @@ class ElasticLoop:
     dataset_len: int
     batch_size: int
     initial_workers: int
-    min_workers: int = 1
     rescale: str = "batch"
     seed: int = 0
     shuffle: bool = True

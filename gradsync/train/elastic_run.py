@@ -83,8 +83,8 @@ def run_worker(config: TrainConfig, format_summary) -> dict | None:
     world = ElasticWorld.from_env(config.launch.timeout)
     loop = ElasticLoop(
         world, workload.model, lambda params: make_optimizer(workload.optimizer, params, lr),
-        len(workload.train_set), batch, config.launch.workers, config.launch.min_workers,
-        config.launch.elastic_rescale, seed=spec.seed,
+        len(workload.train_set), batch, config.launch.workers,
+        rescale=config.launch.elastic_rescale, seed=spec.seed,
         check_every=config.launch.elastic_check_every,
         allreduce={"algorithm": config.allreduce.algorithm,
                    "bucket_cap_mb": config.allreduce.bucket_cap_mb,
