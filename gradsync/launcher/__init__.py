@@ -2,6 +2,7 @@
 
     launch.py     ranks on this machine: the environment torchrun would give them, a free port
     supervise.py  the supervision shared with the lab: root-cause rank, grace, no orphans
+    elastic.py    elastic supervision: a lost worker is reported, not fatal; replacements
     procs.py      the process primitives (sessions, PR_SET_PDEATHSIG, reaping)
 
 No torch import anywhere here: a launcher must start fast.
