@@ -1,7 +1,7 @@
 """An elastic worker written against the Python API (gradsync.train.elastic.ElasticLoop),
 for tests/test_elastic.py: a small float64 MLP on random data, SGD with momentum.
 
-    python -m tests._elastic_worker OUT STEPS
+    python -m tests._elastic_worker OUT STEPS RESCALE
 
 The worker that is the group's rank 0 at the end writes OUT/result.json: the parameters,
 the membership changes and the final member count. ``build`` is shared with the test's
@@ -36,14 +36,14 @@ def make_optimizer(params):
     return torch.optim.SGD(params, lr=LR, momentum=0.9)
 
 
-def main(out: str, steps: int) -> int:
+def main(out: str, steps: int, rescale: str) -> int:
     from gradsync.comm.elastic import ElasticWorld
     from gradsync.train.elastic import ElasticLoop
 
     torch.set_num_threads(1)
     model, x, y = build()
     world = ElasticWorld.from_env(timeout_s=float(os.environ.get("TEST_COMM_TIMEOUT", "60")))
-    loop = ElasticLoop(world, model, make_optimizer, N, BATCH, WORKERS)
+    loop = ElasticLoop(world, model, make_optimizer, N, BATCH, WORKERS, rescale=rescale)
 
     def step_fn(m, indices, weight):
         loss = torch.nn.functional.cross_entropy(m(x[indices]), y[indices])
@@ -63,6 +63,6 @@ def main(out: str, steps: int) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1], int(sys.argv[2]))
+    code = main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
     sys.stdout.flush()
     os._exit(code)  # no interpreter finalization with engine threads about (see cli.py)

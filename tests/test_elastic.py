@@ -50,12 +50,19 @@ def test_elastic_order_covers_every_epoch_once_across_membership_changes():
     assert order.batch(0, 105, 20, 3, 2)[1:] == (2, 0.0)
 
 
-def oracle(steps: int) -> list[torch.Tensor]:
-    """One process, SGD on the global batches of ElasticOrder (batch BATCH * WORKERS)."""
+def oracle(steps: int, rescale: str = "batch", workers_from: dict[int, int] | None = None
+           ) -> list[torch.Tensor]:
+    """One process, SGD on the global batches of ElasticOrder: BATCH * WORKERS each
+    (rescale "batch"), or BATCH per member at the learning rate scaled by the member count
+    (rescale "lr"; ``workers_from`` maps a step to the count from that step on)."""
     model, x, y = ew.build()
     opt = ew.make_optimizer(model.parameters())
-    order, epoch, offset, batch = ElasticOrder(ew.N, seed=0), 0, 0, ew.BATCH * ew.WORKERS
-    for _ in range(steps):
+    order, epoch, offset, workers = ElasticOrder(ew.N, seed=0), 0, 0, ew.WORKERS
+    for step in range(steps):
+        workers = (workers_from or {}).get(step, workers)
+        batch = ew.BATCH * (ew.WORKERS if rescale == "batch" else workers)
+        if rescale == "lr":
+            opt.param_groups[0]["lr"] = ew.LR * workers / ew.WORKERS
         chunk = order.epoch_indices(epoch)[offset:offset + batch]
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x[chunk]), y[chunk]).backward()
@@ -88,10 +95,12 @@ def _survivors(marker: str) -> list[int]:
 
 
 @pytest.mark.timeout(120)
-def test_lost_worker_run_equals_sgd_on_the_same_global_batches(tmp_path: Path):
+@pytest.mark.parametrize("rescale", ["batch", "lr"])
+def test_lost_worker_run_equals_sgd_on_the_same_global_batches(tmp_path: Path, rescale: str):
     # Python API, float64: 4 workers, member 2 SIGKILLed as it starts step 3; the survivors
-    # (3 of them: shares of 7, 7, 6 of each global batch of 20) redo step 3 and go on,
-    # across an epoch's end (6 steps per epoch, the last one of 7 samples).
+    # redo step 3 and go on across an epoch's end. "batch": 3 shares of 7, 7, 6 of each
+    # global batch of 20 (6 steps per epoch, the last one of 7 samples); "lr": batches of
+    # 15 from step 3 on, at 3/4 of the learning rate.
     from gradsync.comm.elastic import Coordinator
     from gradsync.launcher.elastic import run_elastic
 
@@ -106,13 +115,13 @@ def test_lost_worker_run_equals_sgd_on_the_same_global_batches(tmp_path: Path):
                      mark_key: mark_value})
 
     result = run_elastic([sys.executable, "-m", "tests._elastic_worker", str(tmp_path),
-                          str(steps)], env_of, ew.WORKERS, coordinator)
+                          str(steps), rescale], env_of, ew.WORKERS, coordinator)
     assert result.returncode == 0, result
     out = json.loads((tmp_path / "result.json").read_text())
     assert out["workers"] == 3 and out["step"] == steps
     assert [(c["generation"], c["left"], c["joined"], c["step"]) for c in out["changes"]] \
         == [(1, [2], [], 3)]
-    for got, want in zip(out["params"], oracle(steps)):
+    for got, want in zip(out["params"], oracle(steps, rescale, {3: 3})):
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want,
                                    rtol=1e-12, atol=1e-13)
     # The store keeps no key of an older generation: it does not grow with them.
