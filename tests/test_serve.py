@@ -8,6 +8,7 @@ in file order; the last one shuts it down.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import select
@@ -166,6 +167,9 @@ def test_health_metadata_and_inference(server, evaluated):
     batch = http.post(f"/v2/models/{MODEL}/infer", json=body).json()
     assert [o["name"] for o in batch["outputs"]] == ["class"]
     assert batch["outputs"][0]["data"] == logits[1:6].argmax(1).tolist()
+    body["inputs"][0]["data"] = x[1:6].reshape(-1).tolist()
+    assert http.post(f"/v2/models/{MODEL}/versions/90/infer", json=body).json() == batch
+    assert http.post(f"/v2/models/{MODEL}/versions/7/infer", json=body).status_code == 404
 
 
 def test_accuracy_over_http_equals_in_process(server, evaluated):
@@ -263,6 +267,23 @@ def _wait_for_replicas(server: Server, count: int, gone: int) -> None:
     pytest.fail(f"no replacement for replica pid {gone}")
 
 
+def test_bench_serve_load_generator_and_plot(server, tmp_path, capsys):
+    from gradsync.bench import serve as bench
+    from gradsync.cli import main
+
+    args = argparse.Namespace(clients=2, rows=3, duration=0.3, warmup=0.0)
+    result = bench.load(server.url, MODEL, [64], args)
+    assert result["requests"] > 0
+    assert result["rows_per_s"] == pytest.approx(3 * result["requests_per_s"])
+    assert 0 < result["p50_ms"] <= result["p99_ms"]
+    assert bench._mean_batch(server.url) >= 1
+    plot = tmp_path / "serve.png"
+    bench.write_plot(str(plot), [{"replicas": 1, **result}, {"replicas": 2, **result}], "t")
+    assert plot.stat().st_size > 0
+    assert main(["bench", "serve", "--replicas", "1,x"]) == 2
+    assert "--replicas '1,x'" in capsys.readouterr().err
+
+
 def test_hung_replica_is_killed_and_its_work_sent_elsewhere(server, evaluated):
     """A 2-row request is split across both replicas; the piece on a stopped one is sent to
     the other after --replica-timeout, and the stopped one is replaced."""
@@ -285,7 +306,9 @@ def test_start_up_errors_are_one_line_and_exit_2(server, tmp_path):
     runs = [(_gradsync("serve", "--checkpoint-dir", str(empty), "--port", "0"),
              "nothing committed"),
             (_gradsync("serve", "--checkpoint-dir", str(empty), "--port", str(server.port)),
-             "address already in use")]
+             "address already in use"),
+            (_gradsync("serve", "--checkpoint-dir", str(empty), "--replicas", "0"),
+             "--replicas must be at least 1")]
     for proc, needle in runs:
         out, err = proc.communicate(timeout=scaled(60))
         assert proc.returncode == 2, err
