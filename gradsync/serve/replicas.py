@@ -215,14 +215,18 @@ class ReplicaPool:
 
     async def _pick(self) -> Replica:
         """The live replica with the least work queued; waits (bounded) while none lives."""
+        while self.live == 0:
+            await self._wait_for_live()
+        return min((r for r in self._slots.values() if r.alive),
+                   key=lambda r: (r.outstanding_rows, len(r.pending)))
+
+    async def _wait_for_live(self) -> None:
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self.live > 0),
                                        self.job_timeout_s)
             except asyncio.TimeoutError:
                 raise ReplicaLost(f"no replica alive for {self.job_timeout_s:g} s") from None
-        return min((r for r in self._slots.values() if r.alive),
-                   key=lambda r: (r.outstanding_rows, len(r.pending)))
 
     async def infer(self, rows: np.ndarray) -> np.ndarray:
         """Logits ``(n, classes)`` for float32 ``rows`` ``(n, row_size)``, from one replica;
