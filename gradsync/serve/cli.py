@@ -91,10 +91,10 @@ def main(args: argparse.Namespace) -> int:
         sock.close()
         _say(str(exc))
         return EXIT_USAGE
-    # uvicorn re-raises a SIGINT/SIGTERM it caught once it has shut down; a handler that does
-    # nothing turns that into the exit 0 of a clean shutdown.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: None)
+    # Until the server runs, SIGTERM interrupts like Ctrl-C: the replicas started so far are
+    # stopped and the command says "interrupted" (exit 130).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(_serve(config, checkpoint, sock))
@@ -103,6 +103,10 @@ def main(args: argparse.Namespace) -> int:
         return 1
     finally:
         sock.close()
+
+
+def _ignore(signum: int, frame: object) -> None:
+    pass
 
 
 def _loop_factory():
@@ -145,6 +149,10 @@ async def _serve(config: ServeConfig, checkpoint, sock: socket.socket) -> int:
         url_host = f"[{host}]" if ":" in host else host
         print(f"gradsync serve: {spec.name} step {spec.version} on http://{url_host}:{port} "
               f"({config.replicas} replicas)", flush=True)
+        # uvicorn re-raises a SIGINT/SIGTERM it caught once it has shut down; a handler that
+        # does nothing turns that into the exit 0 of a clean shutdown.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _ignore)
         await server.serve(sockets=[sock])
     finally:
         await batcher.close()

@@ -129,6 +129,7 @@ class ReplicaPool:
             frame = None
         except BaseException:  # cancelled (the server is stopping): leave no process behind
             self._kill(replica)
+            replica.proc.wait()  # (killed: at once)
             raise
         if frame is None or frame.kind != wire.READY:
             message = frame.payload.decode(errors="replace") if frame is not None else \
