@@ -7,7 +7,7 @@
 Start-up: listen on the address (a port in use is one line, exit 2), pick the checkpoint
 (nothing committed: one line, exit 2), start the replicas and wait until each is READY, then
 print one line naming the model and the URL. SIGINT or SIGTERM: stop accepting, answer the
-requests in flight, stop the replicas, exit 0.
+requests in flight, stop the replicas, exit 0 (during start-up: stop what started, exit 130).
 """
 
 from __future__ import annotations
