@@ -174,3 +174,24 @@ def test_placement_flags_are_checked():
     with pytest.raises(ValueError, match="ps-partition-mb"):
         PSConfig(partition_mb=0)
     assert PSConfig(servers=3, server_ranks="0,2,4", partition_mb=0.5).partition_mb == 0.5
+
+
+def test_shards_follow_unequal_links(tmp_path, monkeypatch):
+    """A topology file with one slow host: the server there holds a quarter of the others'
+    bytes; equal links keep equal shards; the default partition follows the slowest link."""
+    from gradsync import comm
+    from gradsync.ps.placement import link_topology, server_weights, slowest_rate
+    from gradsync.ps.sharding import partition_bytes_for, shard_layout
+
+    monkeypatch.delenv("GRADSYNC_LAB", raising=False)
+    path = tmp_path / "topology.json"
+    comm.Topology((comm.HostLink("h0", (0, 1), 125e6), comm.HostLink("h1", (2, 3), 125e6),
+                   comm.HostLink("h2", (4, 5), 31.25e6))).save(path)
+    links = link_topology(str(path), 6)
+    weights = server_weights(links, [0, 2, 4])
+    assert weights == [125e6, 125e6, 31.25e6]
+    layout = shard_layout([torch.empty(9000)], 3, weights=weights)
+    assert [layout.shard_numel(k) for k in range(3)] == [4000, 4000, 1000]
+    assert partition_bytes_for(slowest_rate(links)) == 156_250  # 5 ms of 250 Mbit/s
+    equal = comm.Topology.uniform(4, 2)
+    assert server_weights(equal, [0, 2]) is None and link_topology("probe") is None

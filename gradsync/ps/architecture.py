@@ -23,7 +23,8 @@ import logging
 
 from .. import comm
 from .compression import check_compression
-from .placement import link_topology, server_ranks as resolve_servers
+from .placement import link_topology, server_weights, slowest_rate
+from .placement import server_ranks as resolve_servers
 from .server import ParameterServer, ServerConfig, ServerStats
 from .sharding import gather_part, partition_bytes_for, shard_layout
 from .worker import PSWorker, RemoteOptimizer
@@ -79,13 +80,8 @@ class PSArchitecture:
         self.worker: PSWorker | None = None
         self.server_stats: ServerStats | None = None
         links = link_topology(topology, group.size)
-        self.weights = None  # per server, its share of the parameters
-        rate = None
-        if links is not None:
-            rates = [links.hosts[links.host_of(r)].rate or 0.0 for r in range(group.size)]
-            if links.unequal():
-                self.weights = [rates[r] for r in self.servers]
-            rate = min(rates) or None
+        self.weights = server_weights(links, self.servers)  # per server, its share of bytes
+        rate = slowest_rate(links)
         self.partition_bytes = (int(partition_mb * (1 << 20)) if partition_mb is not None
                                 else partition_bytes_for(rate))
 

@@ -107,3 +107,17 @@ def link_topology(topology=None, world_size: int | None = None) -> comm.Topology
     hosts = tuple(comm.HostLink(f"h{h.index}", tuple(range(i * per, (i + 1) * per)),
                                 h.rate / 8) for i, h in enumerate(lab.hosts))
     return comm.Topology(hosts)
+
+
+def server_weights(links: comm.Topology | None, servers: list[int]) -> list[float] | None:
+    """Each server's share of the parameters: its host's link rate when the links are unequal
+    (a server on a slow link then holds less); None (equal shares) otherwise."""
+    if links is None or not links.unequal():
+        return None
+    return [links.hosts[links.host_of(r)].rate or 0.0 for r in servers]
+
+
+def slowest_rate(links: comm.Topology | None) -> float | None:
+    """The slowest link's rate in bytes/s (None: not known)."""
+    rates = [h.rate for h in links.hosts] if links is not None else []
+    return min(rates) if rates and all(rates) else None

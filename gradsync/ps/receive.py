@@ -4,17 +4,24 @@ Gloo takes a message shorter than the posted buffer without a word and leaves th
 buffer as it was; a longer one makes it abort the whole process (``EnforceNotMet ...
 op.preamble.length <= op.nbytes``, SIGABRT, no exception to catch). So every receive goes into
 a buffer with ``SLACK_BYTES`` to spare beyond the expected end (fresh pages that are never
-written cost no memory), armed just before the receive:
+written cost no memory), armed before the receive:
 
-    [ expected message ......... | END slot | canary ....... | slack ........ ]
-      header: random bytes         NOT_END    random bytes
-      payload: (not armed)
+    header:  [ random bytes ........ | END slot | canary ..... | slack ........ ]
+                                       NOT_END    random bytes
+    payload: [ one random 8-byte word, repeated over any payload, END and canary | slack ]
 
 - a message that ran past the expected end changed the canary: too long, and the last byte
   that differs from it says by how much (at least);
-- a message that stopped short left NOT_END (the complement of END, differing in every byte)
-  where the sender's END must land: too short. Leftovers of the previous message cannot pass,
-  as the slot is armed again before every receive.
+- a message that stopped short left NOT_END (the complement of END, differing in every byte),
+  or the payload's word (none of whose bytes is one of END's), where the sender's END must
+  land: too short. Leftovers of the previous message cannot pass, as every buffer is armed
+  again before its receive.
+
+Gloo sends a message only once its receive is posted, so the receives of a worker's next
+message, header and payload, are posted while the current payload is still on the wire:
+that is why the payload's arming does not depend on its size, unknown until the header is
+in. Every message from a worker therefore has a payload (END alone after DONE and
+CHECKPOINT).
 
 Then :func:`protocol.validate` checks the header's fields, and a PUSH's payload is received
 only if the header is believable, into its own armed buffer; a compressed push is decoded
