@@ -195,3 +195,12 @@ def test_shards_follow_unequal_links(tmp_path, monkeypatch):
     assert partition_bytes_for(slowest_rate(links)) == 156_250  # 5 ms of 250 Mbit/s
     equal = comm.Topology.uniform(4, 2)
     assert server_weights(equal, [0, 2]) is None and link_topology("probe") is None
+
+
+def test_bad_placement_flags_get_one_line(capfd):
+    from tests.test_cli import _in_process, _one_line_error
+
+    for args, needle in [(["--server-ranks", "0,0"], "distinct"),
+                         (["--server-ranks", "1,3"], "pass --servers 2"),
+                         (["--ps-partition-mb", "0"], "--ps-partition-mb")]:
+        _one_line_error(_in_process(capfd, "train", "--arch", "ps", *args), needle)
