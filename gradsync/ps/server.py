@@ -37,7 +37,6 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -49,6 +48,7 @@ from .compression import PushRules, check_compression
 from .consistency import MODES
 from .protocol import Header, Kind, PSProtocolError, ServerStats, Status, send_message
 from .receive import Message, Receiver
+from .replies import Replies
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +119,10 @@ class ParameterServer:
         self.stats = ServerStats()
         self._inbox: queue.Queue = queue.Queue()
         self._closed = threading.Event()  # serve() has returned or raised
-        # per worker, replies started and not yet waited for (gloo marks a send complete
-        # only once waited for, so these are retired when the worker pushes again)
-        self._sends: dict[int, list[comm.Work]] = {w: [] for w in self.workers}
-        self._last_step: dict[int, int] = {}  # per worker, the step of its last push
+        self.replies = Replies(self.workers, index)  # in each worker's push order
         self._receivers: list[Receiver] = []
         self.live, self.done = set(self.workers), set()  # done: workers that said DONE
         self._asked: dict[int, int] = {}  # worker -> step of its checkpoint request
-        # Replies go out in the order each worker pushed: its receives are posted so.
-        self._order: dict[int, deque[int]] = {w: deque() for w in self.workers}
-        self._ready: dict[int, dict[int, tuple[torch.Tensor, int]]] = \
-            {w: {} for w in self.workers}
         self.mode = MODES[config.consistency](self)
         self.rules = [PushRules.of(config.compression, p.dtype, p.numel(), len(self.workers))
                       for p in self.params]
@@ -177,17 +170,13 @@ class ParameterServer:
         version = self.versions[partition] if self.versions else 0
         header = Header(kind, step=step, shard=self.index, numel=numel, version=version,
                         sender=self.index, status=status, partition=partition)
-        self._sends[worker] += send_message(header, payload, worker, self.reply_group)
+        self.replies.started(worker, send_message(header, payload, worker, self.reply_group))
         self.stats.bytes_sent += 0 if payload is None else numel * payload.element_size()
 
     def answer(self, worker: int, c: int, payload: torch.Tensor, step: int) -> None:
         """Send ``worker`` partition ``c``'s parameters after its push of ``step``, once the
         partitions it pushed before ``c`` have been answered."""
-        self._ready[worker][c] = (payload, step)
-        order, ready = self._order[worker], self._ready[worker]
-        while order and order[0] in ready:
-            first = order.popleft()
-            values, at = ready.pop(first)
+        for first, (values, at) in self.replies.ready(worker, c, (payload, step)):
             self.reply(worker, Kind.PARAMS, values, step=at, partition=first)
 
     def apply(self, c: int, grad: torch.Tensor) -> None:
@@ -274,7 +263,7 @@ class ParameterServer:
             handlers[event](worker, data)
         for w in sorted(self.done & self.live):
             self.reply(w, Kind.STATS, self.stats.to_tensor())
-        self._drain_sends()
+        self.replies.drain()
         return self.stats
 
     def _on_push(self, worker: int, msg: Message) -> None:
@@ -283,12 +272,7 @@ class ParameterServer:
         if grad is None:
             log.warning("server %d: %s; %s (nonfinite='skip')", self.index, msg.text,
                         self.mode.skip_text)
-        if msg.header.step != self._last_step.get(worker):
-            # A new step: the worker received every earlier reply before it pushed again, so
-            # those sends are complete, and waiting for them costs nothing.
-            self._retire(worker)
-            self._last_step[worker] = msg.header.step
-        self._order[worker].append(msg.header.partition)
+        self.replies.pushed(worker, msg.header.step, msg.header.partition)
         self.mode.push(worker, msg.header.step, msg.header.version, msg.header.partition, grad)
 
     def _on_checkpoint(self, worker: int, header: Header) -> None:
@@ -314,15 +298,14 @@ class ParameterServer:
     def _drop(self, worker: int, reason: str, hint: str = "") -> None:
         """Go on without ``worker`` (async, ssp), or stop the run naming it (sync)."""
         if not self.mode.drops:
-            self._drain_sends()
+            self.replies.drain()
             raise PSProtocolError(f"server {self.index}: {reason}; a sync step cannot "
                                   f"complete without rank {worker}{hint}")
         log.warning("server %d: %s; dropping rank %d, the others train on%s",
                     self.index, reason, worker, hint)
         self.live.discard(worker)
         self._asked.pop(worker, None)
-        self._order[worker].clear()
-        self._ready[worker].clear()
+        self.replies.forget(worker)
         self.stats.dropped.append(worker)
         self.mode.dropped(worker)
         self._checkpoint()
@@ -344,17 +327,3 @@ class ParameterServer:
         for v in sorted(asked):
             self.reply(v, Kind.SAVED, status=status, step=self.step)
         asked.clear()
-
-    def _retire(self, worker: int) -> None:
-        for work in self._sends[worker]:
-            work.wait()
-        self._sends[worker].clear()
-
-    def _drain_sends(self) -> None:
-        for works in self._sends.values():
-            for work in works:
-                try:
-                    work.wait()
-                except comm.CommError as exc:  # a dropped worker cannot take its reply
-                    log.info("server %d: a reply was not delivered: %s", self.index, exc)
-            works.clear()
