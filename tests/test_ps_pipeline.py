@@ -87,7 +87,7 @@ def _sessions(rank, world):
         if straight[0] == "worker":
             out["resume"] = all(np.array_equal(a, b) for a, b in zip(straight[1], resumed[1]))
         else:
-            out["resume"] = (saved[4]["step"], saved[4]["version"], len(saved[4]["parts"]))
+            out["resume"] = (saved[4]["step"], saved[4]["version"], len(saved[4]["versions"]))
     return out
 
 

@@ -139,26 +139,38 @@ class ParameterServer:
     # --- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The partitions (numel,) each, their optimizer states, the versions and the workers'
-        step; a copy, which later updates leave alone."""
-        return {"parts": [p.detach().clone() for p in self.params],
-                "optimizer": [copy.deepcopy(o.state_dict()) for o in self.optimizers],
+        """The shard (numel,) when it has one dtype, else its partitions ("parts"), the
+        partitions' optimizer states, their versions and the workers' step; a copy, which
+        later updates leave alone."""
+        values = [p.detach().clone() for p in self.params]
+        state = ({"shard": torch.cat(values)} if len({v.dtype for v in values}) == 1
+                 else {"parts": values})
+        optimizers = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
+        # one partition: the optimizer's own state dict, as a checkpoint held before partitions
+        return {**state, "optimizer": optimizers[0] if len(optimizers) == 1 else optimizers,
                 "versions": list(self.versions), "version": self.version, "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state_dict()`` of a checkpoint (same shard layout)."""
-        parts = state["parts"]
+        """Continue from ``state_dict()`` of a checkpoint (same shard layout and partitions)."""
+        parts = state.get("parts")
+        if parts is None:  # one dtype: the shard, cut as this run cuts it
+            sizes = [p.numel() for p in self.params]
+            shard = state["shard"]
+            parts = list(shard.split(sizes)) if shard.numel() == sum(sizes) else [shard]
         have = [(tuple(p.shape), p.dtype) for p in self.params]
         got = [(tuple(p.shape), p.dtype) for p in parts]
-        if have != got:
+        optimizers = state["optimizer"]
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        if have != got or len(optimizers) != len(have):
             raise ValueError(f"server {self.index}: the checkpoint's partitions are {got}, "
-                             f"this run's {have}")
+                             f"this run's {have} (--ps-partition-mb and the links decide "
+                             "them; resume with the same)")
         with torch.no_grad():
             for p, t in zip(self.params, parts):
                 p.copy_(t)
-        for o, s in zip(self.optimizers, state["optimizer"]):
+        for o, s in zip(self.optimizers, optimizers):
             o.load_state_dict(s)
-        self.versions = [int(v) for v in state["versions"]]
+        self.versions = [int(v) for v in state.get("versions", [state["version"]] * len(have))]
         self.step = int(state["step"])
 
     # --- what the consistency modes use -------------------------------------------------------
