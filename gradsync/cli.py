@@ -179,6 +179,22 @@ def _exit_rank(code: int) -> None:
     os._exit(code)
 
 
+def _local_server_ranks(config) -> frozenset[int]:
+    """The ranks that serve in a local PS run (the first ``--servers`` unless
+    ``--server-ranks`` lists them; "colocated" on one host is rank 0)."""
+    spec = config.ps.server_ranks
+    if spec is None:
+        return frozenset(range(config.ps.servers))
+    if spec == "colocated":
+        return frozenset({0})
+    ranks = frozenset(int(r) for r in spec.split(","))
+    if max(ranks) >= config.processes:
+        raise UserError(f"--server-ranks {spec}: this run has {config.processes} processes "
+                        f"(ranks 0..{config.processes - 1}: --workers {config.launch.workers} "
+                        f"+ --servers {config.ps.servers})")
+    return ranks
+
+
 def _run_local(config) -> int:
     """Start ``config.launch.workers`` local processes with the launcher and supervise them."""
     from .launcher import SELF_EXPLAINED, LaunchError, launch
@@ -197,7 +213,8 @@ def _run_local(config) -> int:
     if config.lab.hosts:
         return _run_in_lab(config, env)
     # The servers of an asynchronous parameter server drop a lost worker and go on.
-    tolerate = frozenset(range(config.ps.servers, config.processes)) \
+    servers = _local_server_ranks(config) if config.arch == "ps" else frozenset()
+    tolerate = frozenset(range(config.processes)) - servers \
         if config.arch == "ps" and config.ps.consistency != "sync" else frozenset()
     _interrupts_raise()  # the launcher forwards an interrupt to the workers it started
     if config.launch.elastic:  # the rendezvous store lives here, in the launcher

@@ -158,3 +158,19 @@ def test_tiny_gpt_is_causal_and_checks_length() -> None:
         model(torch.zeros(1, 9, dtype=torch.int64))
     tied = TinyGPT(context=8, d_model=16, n_heads=2, n_layers=1, tie_weights=True)
     assert tied.head.weight is tied.tok_emb.weight
+
+
+@pytest.mark.timeout(60)
+def test_digits_cache_gives_the_same_split_and_survives_a_damaged_file(tmp_path, monkeypatch):
+    from gradsync.data import load_digits
+
+    monkeypatch.setenv("GRADSYNC_CACHE", str(tmp_path))
+    first = load_digits(seed=3)                       # scikit-learn, then the cache written
+    (cached,) = tmp_path.glob("digits-seed3-*.npz")
+    again = load_digits(seed=3)                       # from the cache
+    cached.write_bytes(b"not an npz")
+    repaired = load_digits(seed=3)                    # a damaged cache is read around
+    for other in (again, repaired):
+        for a, b in zip(first, other):
+            assert all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors))
+    assert len(first[0]) + len(first[1]) == 1797

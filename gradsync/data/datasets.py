@@ -41,23 +41,10 @@ def load_digits(
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    # Imported lazily: scikit-learn takes about a second to import and only this
-    # function needs it.
-    from sklearn.datasets import load_digits as sklearn_load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = sklearn_load_digits()
+    pixels, target, train_idx, test_idx = _digits_split(seed, test_fraction)
     # Pixel values are integers 0..16; divide so features lie in [0, 1].
-    features = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0  # (N, 64)
-    labels = torch.as_tensor(bunch.target, dtype=torch.int64)  # (N,)
-    # Stratified so each class keeps its share in both halves, which keeps the small
-    # test set (360 samples at the default fraction) representative.
-    train_idx, test_idx = train_test_split(
-        torch.arange(len(labels)).numpy(),
-        test_size=test_fraction,
-        random_state=seed,
-        stratify=bunch.target,
-    )
+    features = torch.as_tensor(pixels, dtype=torch.float32) / 16.0  # (N, 64)
+    labels = torch.as_tensor(target, dtype=torch.int64)  # (N,)
     if images:
         features = features.reshape(-1, 1, 8, 8)  # (N, 1, 8, 8), row-major like sklearn
     train_idx_t = torch.as_tensor(train_idx)
@@ -66,6 +53,49 @@ def load_digits(
         TensorDataset(features[train_idx_t], labels[train_idx_t]),
         TensorDataset(features[test_idx_t], labels[test_idx_t]),
     )
+
+
+def _cache_dir() -> str:
+    return os.environ.get("GRADSYNC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gradsync")
+
+
+def _digits_split(seed: int, test_fraction: float):
+    """(pixels (N, 64), target (N,), train indices, test indices) as numpy arrays.
+
+    scikit-learn takes about a second to import, paid by every worker process of every
+    digits run; the arrays it gives are the same every time, so the first call keeps them
+    in a small .npz (``$GRADSYNC_CACHE``, default ~/.cache/gradsync) and later ones read
+    that, without pickles. An unwritable cache only costs the import again.
+    """
+    import numpy as np
+
+    path = os.path.join(_cache_dir(), f"digits-seed{seed}-test{test_fraction!r}.npz")
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            return (cached["pixels"], cached["target"], cached["train_idx"],
+                    cached["test_idx"])
+    except (OSError, KeyError, ValueError):
+        pass
+    from sklearn.datasets import load_digits as sklearn_load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sklearn_load_digits()
+    # Stratified so each class keeps its share in both halves, which keeps the small
+    # test set (360 samples at the default fraction) representative.
+    train_idx, test_idx = train_test_split(np.arange(len(bunch.target)),
+                                           test_size=test_fraction, random_state=seed,
+                                           stratify=bunch.target)
+    arrays = {"pixels": bunch.data, "target": bunch.target, "train_idx": train_idx,
+              "test_idx": test_idx}
+    try:  # written aside, then renamed: a reader never sees half a file
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(partial, **arrays)
+        os.replace(partial, path)
+    except OSError:
+        pass
+    return bunch.data, bunch.target, train_idx, test_idx
 
 
 def stdlib_text_corpus(max_bytes: int = 2_000_000) -> bytes:

@@ -123,7 +123,7 @@ class PSConfig:
                                                      "ahead of the slowest"))
     partition_mb: float | None = field(default=None, metadata=_help(
         "largest partition of a shard (MiB), the unit a worker pushes and pulls while the "
-        "others are in flight (default: about 20 ms of the slowest known link, 1 MiB if none "
+        "others are in flight (default: about 5 ms of the slowest known link, 1 MiB if none "
         "is known)", flag="ps-partition-mb"))
     server_ranks: str | None = field(default=None, metadata=_help(
         "which ranks serve: a list like 0,2,4 (as many as --servers), or 'colocated' (the "
