@@ -27,6 +27,7 @@ import torch
 
 from gradsync.serve.batcher import split_rows
 from tests.distributed import scaled
+from tests.test_cli import _alive, _children
 from tests.test_layout import PACKAGE, _imports
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,19 +44,6 @@ def _gradsync(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(k) for k in (task / "children").read_text().split()]
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
 
 
 @pytest.fixture(scope="module")

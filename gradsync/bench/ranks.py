@@ -50,16 +50,10 @@ def check_placement(args: argparse.Namespace, least: int) -> str | None:
 
 def lab_from_env() -> dict | None:
     """Under `gradsync lab run`: the lab's link rates and ranks per host."""
-    name = os.environ.get("GRADSYNC_LAB")
-    if not name:
-        return None
-    from ..lab import LabError, get
+    from ..lab import current
 
-    try:
-        lab = get(name)
-    except LabError:
-        return None
-    return describe_lab(lab)
+    lab = current()
+    return None if lab is None else describe_lab(lab)
 
 
 def describe_lab(lab) -> dict:

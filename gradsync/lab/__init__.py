@@ -7,9 +7,9 @@
 See docs/lab.md. Needs root and iproute2 (`ip`, `tc`); no torch: the ranks import it.
 """
 
-from .cluster import Host, Lab, down, get, status, up
+from .cluster import Host, Lab, current, down, get, status, up
 from .netns import LabError, format_rate, parse_rate
 from .run import lab_launch, run_command, train_in_lab
 
-__all__ = ["Host", "Lab", "LabError", "down", "format_rate", "get", "lab_launch",
+__all__ = ["Host", "Lab", "LabError", "current", "down", "format_rate", "get", "lab_launch",
            "parse_rate", "run_command", "status", "train_in_lab", "up"]

@@ -165,6 +165,18 @@ def status() -> list[Lab]:
     return [lab for lab in labs if lab is not None]
 
 
+def current() -> Lab | None:
+    """The lab this process runs in (``gradsync lab run`` sets GRADSYNC_LAB), or None when
+    it runs in none or that lab is gone."""
+    name = os.environ.get("GRADSYNC_LAB")
+    if not name:
+        return None
+    try:
+        return get(name)
+    except LabError:
+        return None
+
+
 def get(name: str | None = None) -> Lab:
     """The lab called ``name``, or the only lab when ``name`` is None.
 

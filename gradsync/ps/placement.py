@@ -92,14 +92,10 @@ def link_topology(topology=None, world_size: int | None = None) -> comm.Topology
         return topology
     if isinstance(topology, str) and topology not in ("probe", "off", ""):
         return comm.Topology.load(topology)
-    name = os.environ.get("GRADSYNC_LAB")
-    if not name:
-        return None
-    from ..lab import LabError, get
+    from ..lab import current
 
-    try:
-        lab = get(name)
-    except LabError:
+    lab = current()
+    if lab is None:
         return None
     per = lab.procs_per_host
     if world_size is not None and world_size != len(lab.hosts) * per:
