@@ -110,7 +110,8 @@ def _run_worker(config) -> int:
     if config.launch.engine != "auto":
         os.environ["GRADSYNC_ENGINE"] = config.launch.engine
     try:
-        if config.launch.elastic and "GRADSYNC_ELASTIC_UID" not in os.environ:
+        if config.launch.elastic and config.arch != "ps" \
+                and "GRADSYNC_ELASTIC_UID" not in os.environ:
             raise UserError("--elastic needs gradsync's own launcher (run `gradsync train "
                             "--elastic` without torchrun): it hosts the rendezvous store")
         if "GRADSYNC_ELASTIC_UID" in os.environ:  # a worker of `gradsync train --elastic`
@@ -212,12 +213,17 @@ def _run_local(config) -> int:
            "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
     if config.lab.hosts:
         return _run_in_lab(config, env)
-    # The servers of an asynchronous parameter server drop a lost worker and go on.
+    # The servers of an asynchronous (or elastic) parameter server drop a lost worker and go
+    # on; an elastic run still stops when its first worker, which evaluates and writes the
+    # summary, is lost.
     servers = _local_server_ranks(config) if config.arch == "ps" else frozenset()
     tolerate = frozenset(range(config.processes)) - servers \
-        if config.arch == "ps" and config.ps.consistency != "sync" else frozenset()
+        if config.arch == "ps" and (config.ps.consistency != "sync" or config.launch.elastic) \
+        else frozenset()
+    if config.arch == "ps" and config.launch.elastic:
+        tolerate -= {min(tolerate)}
     _interrupts_raise()  # the launcher forwards an interrupt to the workers it started
-    if config.launch.elastic:  # the rendezvous store lives here, in the launcher
+    if config.launch.elastic and config.arch != "ps":  # the rendezvous store lives here
         from .train.elastic_run import run_local as run_elastic
 
         return run_elastic(config, env)

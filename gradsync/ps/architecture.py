@@ -39,7 +39,9 @@ class PSArchitecture:
     ``compression_warmup`` steps of plain pushes. ``server_ranks``: which ranks serve (see
     ``placement.py``; None: ranks 0..servers-1). ``partition_mb``: the largest partition in
     MiB (None: chosen from the links). ``topology``: a :class:`~gradsync.comm.Topology` or a
-    topology file, for the links' rates (None: the lab's, if under one)."""
+    topology file, for the links' rates (None: the lab's, if under one). ``elastic``: a lost
+    worker is dropped in sync mode too, until fewer than ``min_workers`` are left (see
+    :class:`ServerConfig`)."""
 
     name = "ps"
 
@@ -47,7 +49,8 @@ class PSArchitecture:
                  max_steps: int | None = None, nonfinite: str = "error",
                  compression: str = "none", compression_warmup: int = 0, *,
                  server_ranks: str | list[int] | None = None,
-                 partition_mb: float | None = None, topology=None):
+                 partition_mb: float | None = None, topology=None,
+                 elastic: bool = False, min_workers: int = 1):
         self.compression = check_compression(compression)  # first: a usage error
         if compression_warmup < 0:
             raise ValueError(f"compression_warmup must be >= 0, not {compression_warmup}")
@@ -69,7 +72,8 @@ class PSArchitecture:
                             else group)
         self.workers = [r for r in range(group.size) if r not in self.servers]
         self.config = ServerConfig(consistency, staleness if consistency == "ssp" else 0,
-                                   max_steps, nonfinite, self.compression)
+                                   max_steps, nonfinite, self.compression,
+                                   elastic=elastic, min_workers=min_workers)
         self.is_worker = group.rank not in self.servers
         self.worker_rank = self.workers.index(group.rank) if self.is_worker else -1
         self.num_workers = len(self.workers)
@@ -163,4 +167,5 @@ class PSArchitecture:
             "rejected_messages": sum(s.rejected for s in stats),
             "nonfinite_skipped": [s.skipped for s in stats],  # per server: updates left out
             "dropped_workers": sorted({w for s in stats for w in s.dropped}),
+            "workers_dropped": len({w for s in stats for w in s.dropped}),
         }

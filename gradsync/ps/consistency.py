@@ -2,7 +2,8 @@
 
 - ``sync`` (:class:`Sync`): per partition of the shard, wait for every worker's gradient of
   step t, average them in worker order, update once, send the same parameters to all. Equal
-  to SGD on the global batch; a partition is answered while later ones still arrive.
+  to SGD on the global batch; a partition is answered while later ones still arrive. With
+  ``elastic``, a lost worker is dropped and the step in flight completes without it.
 - ``async`` (:class:`Async`): apply each worker's gradient of the shard (all its partitions) as
   it arrives (scaled by 1/N, so one round of N pushes moves the parameters as far as one sync
   step) and answer that worker at once.
@@ -48,18 +49,24 @@ class Consistency:
     def dropped(self, worker: int) -> None:
         """``worker`` was lost or rejected; it has left ``server.live`` already."""
 
+    def step_of(self, worker: int) -> int:
+        """The step ``worker`` is in, for the log line of its drop."""
+        raise NotImplementedError
+
 
 class Sync(Consistency):
     skip_text = "the step's update of this partition is skipped for every worker"
-    drops = False  # a sync step cannot complete without every worker
+    drops = False  # a sync step cannot complete without every worker (unless elastic)
 
     def __init__(self, server):
         super().__init__(server)
         # per partition, this step's gradients so far
         self.grads: list[dict[int, torch.Tensor | None]] = [{} for _ in range(server.partitions)]
         self.finished_parts, self.skipped = 0, False  # of this step
+        self.step = server.step  # the step being gathered
 
     def push(self, worker, step, version, c, grad):
+        self.step = step  # no push of step t + 1 before every partition of t is answered
         self.grads[c][worker] = grad
         if len(self.grads[c]) == len(self.server.live):
             self._update(c, step)
@@ -88,10 +95,19 @@ class Sync(Consistency):
             else:
                 server.stats.updates += 1
             self.finished_parts, self.skipped = 0, False
+            self.step = step + 1
 
     def dropped(self, worker):
-        for grads in self.grads:
+        """Elastic: the step in flight completes without ``worker``. A partition it had
+        pushed and that was already updated keeps its gradient; the others average the live
+        workers' (each server decides for its own partitions: docs/reliability.md)."""
+        for c, grads in enumerate(self.grads):
             grads.pop(worker, None)
+            if grads and len(grads) == len(self.server.live):  # waited only for it
+                self._update(c, self.step)
+
+    def step_of(self, worker):
+        return self.step
 
 
 class Async(Consistency):
@@ -143,6 +159,9 @@ class Async(Consistency):
 
     def dropped(self, worker):
         self.parts.pop(worker, None)
+
+    def step_of(self, worker):
+        return self.clock[worker]
 
 
 class SSP(Async):

@@ -73,6 +73,12 @@ class ServerConfig:
     compression: str | Compression = "none"
     """The compressed pushes taken beside dense ones: none, fp16, bf16 or topk:RATIO
     (``compression.py``; parsed, so that workers and servers agree on the exact ratio)."""
+    elastic: bool = False
+    """sync: a lost worker (or one whose message is malformed) is dropped and the others
+    train on, as async and ssp always do, instead of stopping the run; every mode: see
+    ``min_workers``."""
+    min_workers: int = 1
+    """With ``elastic``: a drop that leaves fewer live workers than this stops the run."""
 
     def __post_init__(self):
         if self.consistency not in ("sync", "async", "ssp"):
@@ -81,6 +87,8 @@ class ServerConfig:
             raise ValueError(f"staleness must be >= 0, not {self.staleness}")
         if self.nonfinite not in ("error", "skip"):
             raise ValueError(f"nonfinite must be 'error' or 'skip', not {self.nonfinite!r}")
+        if self.min_workers < 1:
+            raise ValueError(f"min_workers must be >= 1, not {self.min_workers}")
         self.compression = check_compression(self.compression)  # ValueError: what is wrong
 
 
@@ -302,19 +310,28 @@ class ParameterServer:
         self.stats.rejected += 1
         least = min(p.numel() * p.element_size() for p in self.params)
         self.reply(worker, Kind.ERROR, torch.zeros(least, dtype=torch.uint8), status=msg.status)
-        self._drop(worker, msg.text, NONFINITE_HINT if msg.status == Status.NON_FINITE else "")
+        nonfinite = msg.status == Status.NON_FINITE  # a sync run's fault: stops it, elastic too
+        self._drop(worker, msg.text, NONFINITE_HINT if nonfinite else "", elastic=not nonfinite)
 
     def _on_lost(self, worker: int, text: str) -> None:
         self._drop(worker, f"lost worker rank {worker} ({text})")
 
-    def _drop(self, worker: int, reason: str, hint: str = "") -> None:
-        """Go on without ``worker`` (async, ssp), or stop the run naming it (sync)."""
-        if not self.mode.drops:
+    def _drop(self, worker: int, reason: str, hint: str = "", elastic: bool = True) -> None:
+        """Go on without ``worker`` (async, ssp, sync when elastic and ``elastic``), or stop
+        the run naming it (sync; or fewer than ``min_workers`` left when elastic)."""
+        if not (self.mode.drops or (self.config.elastic and elastic)):
             self.replies.drain()
             raise PSProtocolError(f"server {self.index}: {reason}; a sync step cannot "
                                   f"complete without rank {worker}{hint}")
-        log.warning("server %d: %s; dropping rank %d, the others train on%s",
-                    self.index, reason, worker, hint)
+        left = len(self.live - {worker})
+        if self.config.elastic and left < self.config.min_workers:
+            self.replies.drain()
+            raise PSProtocolError(f"server {self.index}: {reason}; {left} workers left, fewer "
+                                  f"than --min-workers {self.config.min_workers}{hint}")
+        # one line per drop: the step this shard was at, the rank, who is left
+        log.warning("server %d: %s; dropping rank %d at step %d, the others train on (%d "
+                    "workers)%s", self.index, reason, worker, self.mode.step_of(worker), left,
+                    hint)
         self.live.discard(worker)
         self._asked.pop(worker, None)
         self.replies.forget(worker)

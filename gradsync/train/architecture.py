@@ -89,7 +89,8 @@ def _ps(config: TrainConfig, group: comm.Group) -> Architecture:
                           compression_warmup=config.compression.compression_warmup,
                           server_ranks=config.ps.server_ranks,
                           partition_mb=config.ps.partition_mb,
-                          topology=config.allreduce.topology)
+                          topology=config.allreduce.topology,
+                          elastic=config.launch.elastic, min_workers=config.launch.min_workers)
 
 
 # --arch name -> builder; the architectures import lazily, so a run loads only its own.

@@ -184,7 +184,8 @@ class LaunchConfig:
         "'gradsync[mpi]'), auto (mpi when started by an MPI launcher)"))
     elastic: bool = field(default=False, metadata=_help(
         "elastic training (--arch allreduce, local workers): a lost worker does not stop the "
-        "run, the others go on from the last step they completed (docs/reliability.md)"))
+        "run, the others go on from the last step they completed; --arch ps: the servers drop "
+        "a lost worker and wait for the live ones (docs/reliability.md)"))
     min_workers: int = field(default=1, metadata=_help(
         "--elastic: stop the run when fewer workers than this are left"))
     max_restarts: int = field(default=0, metadata=_help(
@@ -273,10 +274,13 @@ class TrainConfig:
         if self.arch == "ddp" and spec.partition(":")[0] not in ("none", *TORCH_HOOKS):
             raise ValueError(f"--arch ddp runs torch's own hooks: {', '.join(TORCH_HOOKS)}; "
                              f"not {spec}")
-        if self.launch.elastic and (self.arch != "allreduce" or self.checkpoint.dir
+        if self.launch.elastic and (self.arch not in ("allreduce", "ps") or self.checkpoint.dir
                                     or self.lab.hosts or self.launch.engine == "mpi"):
-            raise ValueError("--elastic is built for --arch allreduce on local workers "
-                             "(torch engine), without --checkpoint-dir or --lab")
+            raise ValueError("--elastic is built for --arch allreduce and --arch ps on local "
+                             "workers (torch engine), without --checkpoint-dir or --lab")
+        if self.launch.elastic and self.arch == "ps" and self.launch.max_restarts:
+            raise ValueError("--arch ps --elastic drops lost workers; no replacement joins "
+                             "(--max-restarts is for --arch allreduce)")
         if self.arch == "ps" and self.compression.compression.startswith("powersgd"):
             raise ValueError("--compression powersgd is for --arch allreduce (its low-rank "
                              "factors need an all-reduce); the PS takes fp16, bf16 or topk")

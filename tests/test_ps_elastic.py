@@ -1,0 +1,89 @@
+"""`gradsync train --arch ps --consistency sync --elastic`: a lost worker is dropped and the
+servers wait for the live ones; fewer than --min-workers left stops the run naming the rank.
+(Without --elastic a lost worker stops a sync run end to end: tests/test_ps_cli.py.)"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from gradsync.ps.consistency import Sync
+from gradsync.ps.protocol import PSProtocolError, ServerStats
+from gradsync.ps.server import ParameterServer, ServerConfig
+from tests.distributed import scaled
+from tests.test_cli import run_and_kill
+
+TIMEOUT = scaled(60)
+# 1 server (rank 0), 3 workers (ranks 1-3); partitions of 40 KiB cut digits-mlp's shard into
+# 3, so the kill lands with partitions of a step in flight.
+ARGS = ["--arch", "ps", "--consistency", "sync", "--elastic", "--servers", "1", "--workers", "3",
+        "--ps-partition-mb", "0.04", "--timeout", str(TIMEOUT)]
+
+
+class _Shard:
+    """The part of a ParameterServer that Sync uses: records updates and answers."""
+
+    def __init__(self, workers, partitions):
+        self.live, self.partitions, self.step = set(workers), partitions, 0
+        self.stats, self.applied, self.answered = ServerStats(), {}, []
+
+    def apply(self, c, grad):
+        self.applied[c] = grad.tolist()
+
+    def snapshot(self, c):
+        return torch.zeros(1)
+
+    def answer(self, worker, c, payload, step):
+        self.answered.append((worker, c, step))
+
+
+def test_sync_drop_completes_the_step_in_flight_without_the_lost_worker():
+    # Workers 1, 2, 3; 2 partitions. Worker 3 pushes partition 0 of step 4 and dies: partition
+    # 0 was updated with its gradient (all 3 were in), partition 1 averages workers 1 and 2.
+    shard = _Shard([1, 2, 3], 2)
+    sync = Sync(shard)
+    grad = {1: 1.0, 2: 2.0, 3: 6.0}
+    for w in (1, 2, 3):
+        sync.push(w, 4, 0, 0, torch.tensor([grad[w]]))
+    for w in (1, 2):
+        sync.push(w, 4, 0, 1, torch.tensor([grad[w]]))
+    assert shard.applied == {0: [3.0]} and sync.step_of(3) == 4
+    shard.live.discard(3)
+    sync.dropped(3)
+    assert shard.applied == {0: [3.0], 1: [1.5]}
+    assert shard.answered[-2:] == [(1, 1, 4), (2, 1, 4)] and shard.stats.updates == 1
+    assert sync.step == 5 and sync.grads == [{}, {}]
+    for w in (1, 2):  # the next step waits for the live workers only
+        sync.push(w, 5, 1, 0, torch.tensor([float(w)]))
+    assert shard.applied[0] == [1.5]
+
+
+@pytest.mark.timeout(120)
+def test_sync_elastic_worker_killed_is_dropped_and_the_others_finish(tmp_path):
+    code, stderr, _, summary = run_and_kill([*ARGS, "--steps", "200"], 3, tmp_path)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr, stderr
+    drops = re.findall(r"server 0: lost worker rank 3 .*; dropping rank 3 at step (\d+), the "
+                       r"others train on \(2 workers\)", stderr)
+    assert len(drops) == 1 and 5 <= int(drops[0]) < 200, stderr
+    assert summary["dropped_workers"] == [3] and summary["workers_dropped"] == 1, summary
+    assert summary["steps"] == 200 and summary["eval_accuracy"] >= 0.90, summary
+
+
+@pytest.mark.parametrize("elastic, min_workers, raised", [
+    (False, 1, "a sync step cannot complete without rank 2"),
+    (True, 3, "2 workers left, fewer than --min-workers 3"),
+    (True, 2, None)])
+def test_sync_lost_worker_stops_or_is_dropped(elastic, min_workers, raised):
+    # (the server's main loop with no messages: the event of a lost worker alone)
+    server = ParameterServer(torch.zeros(4), 0, [1, 2, 3],
+                             lambda params: torch.optim.SGD(params, lr=0.1),
+                             ServerConfig(elastic=elastic, min_workers=min_workers))
+    if raised is None:
+        server._on_lost(2, "test")
+        assert server.live == {1, 3} and server.stats.dropped == [2]
+    else:
+        with pytest.raises(PSProtocolError, match=f"server 0: lost worker rank 2 .*; {raised}"):
+            server._on_lost(2, "test")
