@@ -114,6 +114,9 @@ def _run_worker(config) -> int:
                 and "GRADSYNC_ELASTIC_UID" not in os.environ:
             raise UserError("--elastic needs gradsync's own launcher (run `gradsync train "
                             "--elastic` without torchrun): it hosts the rendezvous store")
+        if config.launch.elastic and config.arch == "ps" and "GRADSYNC_LAUNCHED" not in os.environ:
+            raise UserError("--arch ps --elastic needs gradsync's own launcher (run `gradsync "
+                            "train --elastic` without torchrun): it lets a lost worker go")
         if "GRADSYNC_ELASTIC_UID" in os.environ:  # a worker of `gradsync train --elastic`
             from .comm.elastic import ElasticDone, ElasticStopped
             from .train.elastic_run import run_worker
