@@ -72,15 +72,17 @@ def test_sync_elastic_worker_killed_is_dropped_and_the_others_finish(tmp_path):
     assert summary["steps"] == 200 and summary["eval_accuracy"] >= 0.90, summary
 
 
-@pytest.mark.parametrize("elastic, min_workers, raised", [
-    (False, 1, "a sync step cannot complete without rank 2"),
-    (True, 3, "2 workers left, fewer than --min-workers 3"),
-    (True, 2, None)])
-def test_sync_lost_worker_stops_or_is_dropped(elastic, min_workers, raised):
+@pytest.mark.parametrize("consistency, elastic, min_workers, raised", [
+    ("sync", False, 1, "a sync step cannot complete without rank 2"),
+    ("sync", True, 3, "2 workers left, fewer than --min-workers 3"),
+    ("sync", True, 2, None),
+    ("async", True, 3, "2 workers left, fewer than --min-workers 3"),
+    ("async", False, 3, None)])  # without --elastic, async drops down to the last worker
+def test_lost_worker_stops_or_is_dropped(consistency, elastic, min_workers, raised):
     # (the server's main loop with no messages: the event of a lost worker alone)
     server = ParameterServer(torch.zeros(4), 0, [1, 2, 3],
                              lambda params: torch.optim.SGD(params, lr=0.1),
-                             ServerConfig(elastic=elastic, min_workers=min_workers))
+                             ServerConfig(consistency, elastic=elastic, min_workers=min_workers))
     if raised is None:
         server._on_lost(2, "test")
         assert server.live == {1, 3} and server.stats.dropped == [2]
