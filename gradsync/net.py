@@ -42,3 +42,20 @@ def bind_listener(addr: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def listen_fd(addr: str, port: int) -> tuple[int, int]:
+    """A listening socket on ``addr:port`` (0: a free port) handed over as a bare descriptor,
+    for a TCPStore to adopt (it closes the descriptor with itself); returns (fd, port).
+
+    Raises:
+        RuntimeError: the address cannot be bound (the port is in use, most often).
+    """
+    try:
+        sock = bind_listener(addr, port)
+    except OSError as exc:
+        raise RuntimeError(f"cannot listen on {addr}:{port} ({exc.strerror}); "
+                           "is the port already in use?") from None
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    return sock.detach(), port

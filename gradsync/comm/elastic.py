@@ -57,16 +57,9 @@ class GenerationTimeout(CommTimeoutError):
 def host_store(addr: str, port: int, timeout_s: float):
     """Serve a TCPStore on ``addr:port`` in this process (the launcher), bound to ``addr``
     only. ``port`` 0 picks a free one; the store's ``port`` attribute tells which."""
-    from ..net import bind_listener
+    from ..net import listen_fd
 
-    try:
-        sock = bind_listener(addr, port)
-    except OSError as exc:
-        raise RuntimeError(f"cannot listen on {addr}:{port} ({exc.strerror}); "
-                           "is the port already in use?") from None
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    fd = sock.detach()  # the store closes the descriptor with itself
+    fd, port = listen_fd(addr, port)  # the store closes the descriptor with itself
     try:
         return dist.TCPStore(addr, port, None, True,
                              timeout=datetime.timedelta(seconds=timeout_s),

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from ..net import bind_listener
+from ..net import listen_fd
 from .ops import ReduceOp, wire_op
 
 Handle = Any  # the engine's request object: wait(), is_completed()
@@ -164,13 +164,7 @@ def _make_store(addr: str, port: int, rank: int, world_size: int, timeout: datet
         # Rank 0 binds the socket itself, on ``addr`` only, and hands it to the store: the
         # store then listens where it was told rather than on every interface, and a port in
         # use is reported as such instead of as a rendezvous timeout.
-        try:
-            sock = bind_listener(addr, port)
-        except OSError as exc:
-            raise RuntimeError(f"cannot listen on {addr}:{port} ({exc.strerror}); "
-                               "is the port already in use?") from None
-        sock.listen(128)
-        fd = sock.detach()  # the store takes the descriptor over and closes it with itself
+        fd, _ = listen_fd(addr, port)  # the store takes it over and closes it with itself
         try:
             return dist.TCPStore(addr, port, world_size, True, timeout=timeout,
                                  master_listen_fd=fd, use_libuv=True, wait_for_workers=False)
