@@ -19,6 +19,16 @@ SCRIPT = ROOT / "tests" / "scripts" / "mpi_collectives.py"
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 
+@pytest.fixture(autouse=True)
+def _no_mpich_leftovers():
+    """MPICH leaves its /dev/shm segment behind when mpiexec kills a job (a rank died or
+    aborted): remove the ones this test's jobs made."""
+    before = set(Path("/dev/shm").glob("mpich_shm_*"))
+    yield
+    for path in set(Path("/dev/shm").glob("mpich_shm_*")) - before:
+        path.unlink(missing_ok=True)
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PMI_", "OMPI_", "RANK", "WORLD_SIZE", "MASTER_"))}
