@@ -230,6 +230,16 @@ def parameters_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _communicated(s: dict) -> str:
+    sent = s["bytes_per_step_per_worker"]
+    if sent is None:
+        return "not measured (torch DDP)"
+    line = f"{sent / 1e6:.3f} MB sent per step per worker"
+    if set(s.get("bucket_algorithms") or ()) == {"shm"}:
+        line += " (the gradients went through shared memory)"
+    return line
+
+
 def format_summary(s: dict) -> str:
     """The human-readable summary rank 0 prints at the end."""
     how = {"ps": f"ps, {s.get('servers')} servers, {s.get('consistency')}",
@@ -257,9 +267,7 @@ def format_summary(s: dict) -> str:
               f"(median step {s['step_time_ms_median']:.1f} ms)",
               f"  time               compute {s['compute_s']:.2f} s, waiting on communication "
               f"{s['comm_wait_s']:.2f} s ({comm_pct:.0f} %)",
-              "  communicated       " + (
-                  f"{s['bytes_per_step_per_worker'] / 1e6:.3f} MB sent per step per worker"
-                  if s["bytes_per_step_per_worker"] is not None else "not measured (torch DDP)")]
+              "  communicated       " + _communicated(s)]
     if s.get("compression", "none") != "none":
         lines.append(f"  compression        {s['compression']}: "
                      f"{s['compression_ratio']:.1f}x fewer gradient bytes than uncompressed"
