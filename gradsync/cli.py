@@ -186,12 +186,15 @@ def _exit_rank(code: int) -> None:
 def _local_server_ranks(config) -> frozenset[int]:
     """The ranks that serve in a local PS run (the first ``--servers`` unless
     ``--server-ranks`` lists them; "colocated" on one host is rank 0)."""
+    from .ps.placement import parse_server_ranks
+
     spec = config.ps.server_ranks
     if spec is None:
         return frozenset(range(config.ps.servers))
-    if spec == "colocated":
+    ranks = parse_server_ranks(spec)
+    if ranks == "colocated":
         return frozenset({0})
-    ranks = frozenset(int(r) for r in spec.split(","))
+    ranks = frozenset(ranks)
     if max(ranks) >= config.processes:
         raise UserError(f"--server-ranks {spec}: this run has {config.processes} processes "
                         f"(ranks 0..{config.processes - 1}: --workers {config.launch.workers} "

@@ -185,10 +185,17 @@ def resident_all_reduce(seg: Segment, offset: int, n: int, dtype, op: ReduceOp,
     a, b = bounds[r]
     mine = region(r)
     if b > a:
-        piece = region(0)[a:b].clone()
-        for j in range(1, p):
-            combine_(piece, region(j)[a:b], op)
-        mine[a:b].copy_(piece)
+        if r <= 1:
+            # Fold straight into this rank's own piece: it is operand 0 or 1, and the first
+            # combination is commutative bit for bit, so the order stays rank order.
+            piece = mine[a:b]
+            for j in (1 - r, *range(2, p)):
+                combine_(piece, region(j)[a:b], op)
+        else:  # operand r is still needed when the fold reaches it: fold aside
+            piece = region(0)[a:b].clone()
+            for j in range(1, p):
+                combine_(piece, region(j)[a:b], op)
+            mine[a:b].copy_(piece)
     _post(seg, DONE, s, r)
     wait_for(seg, DONE, s, p2p)
     for j, (a, b) in enumerate(bounds):
