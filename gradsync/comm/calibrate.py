@@ -8,7 +8,7 @@ import time
 import torch
 
 from .algorithms.registry import ALGORITHMS
-from .collectives import all_reduce, broadcast
+from .collectives import all_reduce, broadcast, one_host
 from .cost_model import CostModel, shape
 from .group import Group, resolve
 
@@ -38,8 +38,7 @@ def calibrate(group: Group | None = None, *, small: int = 1 << 10, large: int = 
     x, y = torch.ones(large // 4), torch.ones(large // 4)
     gamma = _median_time(lambda: x.add_(y), repeat) / large
     # shm runs only when every rank is on one host, which the group's topology says.
-    one_host = group.topology is not None and len(group.topology.hosts) == 1
-    measured = tuple(a for a in ALGORITHMS if a != "shm" or one_host)
+    measured = tuple(a for a in ALGORITHMS if a != "shm" or one_host(group))
     fitted = []
     for algorithm in measured:
         t = {size: _median_time(lambda b=torch.zeros(size // 4): all_reduce(

@@ -27,6 +27,8 @@ Ranks of a view must call the same collectives in the same order (as with any en
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..ops import ReduceOp, combine_
@@ -64,14 +66,13 @@ def _reduce_piece(seg: Segment, out: torch.Tensor, a: int, b: int, n: int, op: R
 
 def _guarded(fn):
     """A failed call (timeout, lost rank) drops the segment: a later call makes a new one."""
+    @functools.wraps(fn)
     def call(*args):
-        p2p = args[-1]
         try:
             return fn(*args)
         except BaseException:
-            drop(p2p)
+            drop(args[-1])  # every function here takes the view last
             raise
-    call.__name__, call.__doc__ = fn.__name__, fn.__doc__
     return call
 
 
