@@ -75,20 +75,20 @@ def create_app(spec: ModelSpec, pool: ReplicaPool, batcher: Batcher,
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None) -> Response:
-        try:
-            check_model(name, version)
-        except ProtocolError as exc:
-            return _error(exc.status, str(exc))
-        return JSONResponse(spec.metadata())
+        return for_model(name, version, lambda: JSONResponse(spec.metadata()))
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None) -> Response:
+        return for_model(name, version, ready)
+
+    def for_model(name: str, version: str | None, answer) -> Response:
+        """``answer()`` for this server's model, the protocol's error for another."""
         try:
             check_model(name, version)
         except ProtocolError as exc:
             return _error(exc.status, str(exc))
-        return ready()
+        return answer()
 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
