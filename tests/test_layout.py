@@ -1,5 +1,6 @@
-"""The layout is the architecture: comm/ reads downhill with no import circles (late imports
-inside functions count too), and only comm/ imports torch.distributed or mpi4py."""
+"""The layout is the architecture: gradsync/ reads downhill with no import circles (imports
+inside functions and under TYPE_CHECKING count too), and only comm/ imports torch.distributed
+or mpi4py."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "gradsync"
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def _module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module ``path`` imports, anywhere in it, as absolute dotted names."""
-    name = _module_name(path)
+def _imports(path: Path, package_dir: Path = PACKAGE) -> set[str]:
+    """Every module ``path`` imports, anywhere in it (functions, TYPE_CHECKING blocks), as
+    absolute dotted names."""
+    name = _module_name(path, package_dir)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -33,9 +35,9 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-def _graph(root: Path) -> dict[str, set[str]]:
-    modules = {_module_name(p): p for p in root.rglob("*.py")}
-    return {name: {m for m in _imports(path) if m in modules and m != name}
+def _graph(root: Path, package_dir: Path = PACKAGE) -> dict[str, set[str]]:
+    modules = {_module_name(p, package_dir): p for p in root.rglob("*.py")}
+    return {name: {m for m in _imports(path, package_dir) if m in modules and m != name}
             for name, path in modules.items()}
 
 
@@ -67,15 +69,30 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_comm_has_no_import_circles():
-    graph = _graph(PACKAGE / "comm")
-    assert "gradsync.comm.engine" in graph and "gradsync.comm.work" in graph
+def test_no_import_circles_anywhere():
+    graph = _graph(PACKAGE)
+    assert "gradsync.comm.engine" in graph and "gradsync.train.trainer" in graph
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 
 
 def test_the_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_a_planted_circle_is_found(tmp_path):
+    """A circle closed by a late import or a TYPE_CHECKING import fails the layout test."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from .b import B\n")
+    (pkg / "a.py").write_text("from typing import TYPE_CHECKING\n"
+                              "if TYPE_CHECKING:\n    from .sub.b import B\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from ..c import C\n")
+    (pkg / "c.py").write_text("from . import a\n")
+    assert _cycle(_graph(pkg, pkg)) is not None
+    (pkg / "c.py").write_text("")
+    assert _cycle(_graph(pkg, pkg)) is None
 
 
 def test_only_comm_imports_the_engines():

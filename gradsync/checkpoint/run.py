@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -26,10 +26,8 @@ from .. import comm
 from .format import CheckpointError, CheckpointMeta, CheckpointRefusedError, model_fingerprint
 from .lock import DirectoryLock, DirectoryLockedError
 from .manager import CheckpointManager
+from .protocol import CheckpointParticipant
 from .rng import capture_rng_state, restore_rng_state
-
-if TYPE_CHECKING:  # the trainer's interface; checkpoints only ask it who commits and when
-    from ..train.architecture import Architecture
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +64,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, every: int | None, keep: int,
-                 architecture: "Architecture", workload: str, model: torch.nn.Module):
+                 architecture: CheckpointParticipant, workload: str, model: torch.nn.Module):
         self.every = every
         self.architecture = architecture
         self.group = architecture.group
