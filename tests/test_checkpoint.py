@@ -307,3 +307,60 @@ def test_crash_at_every_durability_point(tmp_path: Path,
     assert crash_at >= 8  # the protocol really has that many points to interrupt
     save_filled(CheckpointManager(tmp_path, keep=2), step + 1, model)
     assert len(list(tmp_path.iterdir())) == 2  # all leftovers of the crashes are gone
+
+
+SETTINGS = {"workload": "test", "hidden": 8, "dtype": "float64", "seed": 3}
+
+
+@pytest.mark.timeout(30)
+def test_meta_records_the_workload_settings_and_old_markers_still_load(tmp_path: Path) -> None:
+    model = small_model()
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, {"model": model.state_dict()}, meta(1, model, settings=SETTINGS))
+    assert mgr.load(1)[2].settings == SETTINGS
+    # A marker written before settings were recorded has no key: it loads, settings None.
+    marker = tmp_path / "step-00000001" / "COMMITTED"
+    record = json.loads(marker.read_text())
+    del record["meta"]["settings"]
+    marker.write_text(json.dumps(record))
+    assert mgr.load(1)[2] == meta(1, model)
+    assert mgr.load(1)[2].settings is None
+    record["meta"]["settings"] = {"hidden": [8]}
+    marker.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="malformed.*settings"):
+        mgr.load(1)
+    with pytest.raises(ValueError, match="settings"):
+        meta(1, model, settings={"dtype": torch.float64})
+
+
+class _OneRank:
+    """The least a Checkpointer asks of an architecture (checkpoint/protocol.py)."""
+
+    committer, checkpoint_tag, replicated = 0, "allreduce", True
+
+    def __init__(self, group):
+        self.group = group
+
+    def commit_checkpoint(self, step, commit, written=True):
+        commit()
+
+
+def _checkpointer_saves(rank: int, world: int, directory: str) -> dict | None:
+    from gradsync import comm
+    from gradsync.checkpoint import Checkpointer, Position
+
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ck = Checkpointer(directory, 1, 1, _OneRank(comm.world()), "test", model,
+                      settings={**SETTINGS, "dtype": torch.float64})
+    ck.start(resume=False)
+    ck.maybe_save(Position(step=1), model, opt)
+    return CheckpointManager(directory).load(1)[2].settings
+
+
+@pytest.mark.timeout(60)
+def test_checkpointer_writes_the_settings_it_is_given(tmp_path: Path) -> None:
+    from tests.distributed import run_workers
+
+    # A torch dtype is written by its name, as the --dtype flag spells it.
+    assert run_workers(_checkpointer_saves, 1, str(tmp_path), timeout=50) == [SETTINGS]

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+import gradsync.workloads as gradsync_workloads
 from gradsync.serve.batcher import split_rows
 from tests.distributed import scaled
 from tests.test_cli import _alive, _children
@@ -100,7 +101,7 @@ def server(checkpoint):
 def evaluated(checkpoint) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(inputs, labels, logits) of the digits test set, from the checkpoint in this process."""
     from gradsync.checkpoint import CheckpointReader
-    from gradsync.train.workloads import build_workload
+    from gradsync.workloads import build_workload
 
     reader = CheckpointReader(checkpoint)
     state, _, _ = reader.load(reader.latest())
@@ -128,6 +129,59 @@ def test_serve_imports_no_torch_distributed():
         found = {m for m in _imports(path)
                  if m.startswith(("torch.distributed", "gradsync.comm", "mpi4py", "pickle"))}
         assert not found, f"{path.name} imports {found}"
+
+
+def _bottleneck(*, seed: int, hidden: int, dtype: torch.dtype):
+    """A workload whose --hidden cannot be read back from its state: the first layer is 8
+    wide whatever --hidden says, the second is --hidden wide."""
+    from torch.utils.data import TensorDataset
+
+    from gradsync.models import MLP
+    from gradsync.workloads import Workload, cross_entropy_loss
+
+    torch.manual_seed(seed)
+    data = TensorDataset(torch.zeros(4, 64, dtype=dtype), torch.zeros(4, dtype=torch.int64))
+    return Workload("test-bottleneck", MLP(64, [8, hidden], 10).to(dtype), data, data,
+                    cross_entropy_loss, "accuracy", 0.1, 1, 4, "sgd")
+
+
+def _commit(directory: Path, name: str, model: torch.nn.Module, settings: dict | None) -> None:
+    from gradsync.checkpoint import CheckpointManager, CheckpointMeta, model_fingerprint
+
+    meta = CheckpointMeta(7, 0, name, 1, "local", model_fingerprint(model), settings)
+    CheckpointManager(directory).save(7, {"model": model.state_dict()}, meta)
+
+
+def test_served_model_is_built_with_the_recorded_settings(tmp_path, monkeypatch):
+    from gradsync.serve.model import ServeError, find_checkpoint, load_model
+
+    monkeypatch.setitem(gradsync_workloads.WORKLOADS, "test-bottleneck", _bottleneck)
+    trained = _bottleneck(seed=3, hidden=24, dtype=torch.float64).model
+    settings = {"workload": "test-bottleneck", "hidden": 24, "dtype": "float64", "seed": 3}
+    _commit(tmp_path / "new", "test-bottleneck", trained, settings)
+    model, input_shape, classes = load_model(find_checkpoint(tmp_path / "new"))
+    x = torch.randn(5, 64, dtype=torch.float64)
+    assert (input_shape, classes) == ((64,), 10)
+    with torch.inference_mode():
+        assert torch.equal(model(x), trained.eval()(x))
+    # Without the settings, the shapes say --hidden 8: that model does not fit the state.
+    _commit(tmp_path / "old", "test-bottleneck", trained, None)
+    with pytest.raises(ServeError, match="does not fit workload test-bottleneck"):
+        load_model(find_checkpoint(tmp_path / "old"))
+
+
+def test_checkpoint_without_settings_still_served_from_its_shapes(tmp_path):
+    from gradsync.serve.model import find_checkpoint, load_model
+
+    trained = gradsync_workloads.build_workload("digits-wide", hidden=32,
+                                                dtype=torch.float64).model
+    _commit(tmp_path, "digits-wide", trained, None)  # as written before settings were recorded
+    model, input_shape, classes = load_model(find_checkpoint(tmp_path))
+    assert next(model.parameters()).dtype == torch.float64
+    assert (input_shape, classes) == ((64,), 10)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    with torch.inference_mode():
+        assert torch.equal(model(x), trained.eval()(x))
 
 
 def test_health_metadata_and_inference(server, evaluated):

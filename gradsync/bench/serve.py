@@ -38,10 +38,11 @@ START_TIMEOUT_S = 180.0
 def write_checkpoint(directory: Path, workload: str, hidden: int) -> None:
     """Commit step 0 of ``workload``'s freshly initialised model into ``directory``."""
     from ..checkpoint import CheckpointManager, CheckpointMeta, model_fingerprint
-    from ..train.workloads import build_workload
+    from ..workloads import build_workload
 
     model = build_workload(workload, hidden=hidden).model
-    meta = CheckpointMeta(0, 0, workload, 1, "local", model_fingerprint(model))
+    settings = {"workload": workload, "hidden": hidden, "dtype": "float32", "seed": 0}
+    meta = CheckpointMeta(0, 0, workload, 1, "local", model_fingerprint(model), settings)
     CheckpointManager(directory).save(0, {"model": model.state_dict()}, meta)
 
 

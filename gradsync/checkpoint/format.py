@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ STATE_FILE = "state.pt"
 STEP_DIR_RE = re.compile(r"^step-(\d{8,})(\.tmp)?$")
 META_TYPES = {"step": int, "epoch": int, "workload": str, "world_size": int, "arch": str,
                "param_fingerprint": str}
+SETTING_TYPES = (str, int, float, bool)  # JSON scalars: the marker is JSON
 # Types that torch.load(weights_only=True) rebuilds; checked at save time so that a state
 # which would only fail to load at resume (the worst moment) fails when it is written.
 LEAVES = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
@@ -55,6 +56,10 @@ class CheckpointMeta:
         world_size: number of ranks that wrote it.
         arch: architecture name, e.g. "allreduce".
         param_fingerprint: `model_fingerprint` of the model.
+        settings: what the workload was built with, e.g. ``{"workload": "digits-wide",
+            "hidden": 256, "dtype": "float64", "seed": 0}``, so that a reader (``gradsync
+            serve``) builds the same model; None in checkpoints written before it was
+            recorded. Not compared on resume: the fingerprint already tells models apart.
     """
 
     step: int
@@ -63,12 +68,18 @@ class CheckpointMeta:
     world_size: int
     arch: str
     param_fingerprint: str
+    settings: dict[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.step < 0 or self.epoch < 0:
             raise ValueError(f"step and epoch must be >= 0, got {self.step}, {self.epoch}")
         if self.world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+        if self.settings is not None and (type(self.settings) is not dict or any(
+                type(k) is not str or type(v) not in SETTING_TYPES
+                for k, v in self.settings.items())):
+            raise ValueError(f"settings must map names to str, int, float or bool, got "
+                             f"{self.settings!r}")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -151,7 +162,9 @@ def read_marker(path: Path, step: int, *, check_sizes: bool
         for name, typ in META_TYPES.items():
             if type(fields[name]) is not typ:
                 raise TypeError(f"meta.{name} is {fields[name]!r}")
-        meta = CheckpointMeta(**{name: fields[name] for name in META_TYPES})
+        # No "settings" key: written before they were recorded (same format, still loads).
+        meta = CheckpointMeta(**{name: fields[name] for name in META_TYPES},
+                              settings=fields.get("settings"))
         files = data["files"]
         for name, entry in files.items():
             if "/" in name or name.startswith(".") or type(entry["bytes"]) is not int \

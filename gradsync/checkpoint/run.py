@@ -61,10 +61,15 @@ class Checkpointer:
         architecture: decides who commits, what a checkpoint must match, and how the ranks
             know each other's files are on disk.
         model: the bare model (for the fingerprint that a resume must match).
+        settings: what the workload was built with, recorded in every checkpoint's meta so
+            that ``gradsync serve`` rebuilds the same model: ``{"workload", "hidden",
+            "dtype", "seed"}``, values str, int, float or bool (a ``torch.dtype`` is
+            written by name). None records nothing.
     """
 
     def __init__(self, directory: str, every: int | None, keep: int,
-                 architecture: CheckpointParticipant, workload: str, model: torch.nn.Module):
+                 architecture: CheckpointParticipant, workload: str, model: torch.nn.Module,
+                 *, settings: dict[str, Any] | None = None):
         self.every = every
         self.architecture = architecture
         self.group = architecture.group
@@ -72,12 +77,16 @@ class Checkpointer:
                                          committer=self.group.rank == architecture.committer)
         self.workload = workload
         self.fingerprint = model_fingerprint(model)
+        self.settings = None if settings is None else {
+            k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
+            for k, v in settings.items()}
         self._lock: DirectoryLock | None = None  # rank 0 holds it for the whole run
         self._created = False  # rank 0: the directory did not exist before this run
 
     def _meta(self, pos: Position) -> CheckpointMeta:
         return CheckpointMeta(pos.step, pos.epoch, self.workload, self.group.size,
-                              self.architecture.checkpoint_tag, self.fingerprint)
+                              self.architecture.checkpoint_tag, self.fingerprint,
+                              settings=self.settings)
 
     def maybe_save(self, pos: Position, model: torch.nn.Module,
                    optimizer: torch.optim.Optimizer) -> None:

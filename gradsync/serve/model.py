@@ -1,9 +1,10 @@
 """The served model: the newest committed checkpoint of a `gradsync train` run, its workload's
 model, in eval mode.
 
-The checkpoint records the workload's name and the model's state; the workload builds the
-model (``--hidden`` and ``--dtype`` are read back from the state's shapes and dtype, since the
-checkpoint does not record the flags), and the state must load into it exactly.
+The checkpoint records the workload's name, the settings it was built with (``--hidden``,
+``--dtype``, ``--seed``) and the model's state; the workload builds the model with those
+settings, and the state must load into it exactly. Checkpoints written before the settings
+were recorded have them read back from the state's shapes and dtype instead.
 """
 
 from __future__ import annotations
@@ -68,19 +69,19 @@ def load_model(checkpoint: Checkpoint) -> tuple[torch.nn.Module, tuple[int, ...]
     Raises:
         ServeError: the checkpoint no longer loads, or its state does not fit the workload.
     """
-    from ..train.workloads import build_workload
+    from ..workloads import build_workload
 
     try:
         state, _, meta = CheckpointReader(checkpoint.directory).load(checkpoint.step)
     except CheckpointError as exc:
         raise ServeError(str(exc)) from None
     params = state["model"]
-    floats = [t for t in params.values() if t.is_floating_point()]
-    matrices = [t for t in floats if t.dim() == 2]
-    # --hidden (digits-wide, synthetic-mlp) is the first layer's width; --dtype the state's.
-    hidden = matrices[0].shape[0] if matrices else 1024
-    dtype = floats[0].dtype if floats else torch.float32
-    workload = build_workload(meta.workload, hidden=hidden, dtype=dtype)
+    hidden, dtype, seed = (_recorded(meta.settings, checkpoint.step) if meta.settings is not None
+                           else _guessed(params))
+    try:
+        workload = build_workload(meta.workload, seed=seed, hidden=hidden, dtype=dtype)
+    except ValueError as exc:  # a workload this gradsync does not know
+        raise ServeError(f"checkpoint step {checkpoint.step}: {exc}") from None
     model = workload.model
     try:
         model.load_state_dict(params)
@@ -93,3 +94,23 @@ def load_model(checkpoint: Checkpoint) -> tuple[torch.nn.Module, tuple[int, ...]
     with torch.inference_mode():
         classes = model(torch.zeros(1, *input_shape, dtype=dtype)).shape[-1]
     return model, input_shape, int(classes)
+
+
+def _recorded(settings: dict, step: int) -> tuple[int, torch.dtype, int]:
+    """(hidden, dtype, seed) as the checkpoint's meta records them."""
+    dtype = getattr(torch, str(settings.get("dtype", "float32")), None)
+    hidden, seed = settings.get("hidden", 1024), settings.get("seed", 0)
+    if not isinstance(dtype, torch.dtype) or type(hidden) is not int or type(seed) is not int:
+        raise ServeError(f"checkpoint step {step} records settings {settings!r}: expected an "
+                         "int hidden and seed and a torch dtype's name")
+    return hidden, dtype, seed
+
+
+def _guessed(params: dict[str, torch.Tensor]) -> tuple[int, torch.dtype, int]:
+    """(hidden, dtype, seed) read back from a state whose checkpoint predates recorded
+    settings: --hidden (digits-wide, synthetic-mlp) is the first layer's width, --dtype the
+    state's; the seed only drew the initial weights, which the state replaces."""
+    floats = [t for t in params.values() if t.is_floating_point()]
+    matrices = [t for t in floats if t.dim() == 2]
+    hidden = matrices[0].shape[0] if matrices else 1024
+    return hidden, floats[0].dtype if floats else torch.float32, 0
