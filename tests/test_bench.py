@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,6 +278,28 @@ def test_bench_topology_bad_flags(argv, needle, capsys, monkeypatch):
     rc = main(["bench", "topology", *argv])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def test_run_for_result_reads_rank_0s_file_or_says_why_not(capsys):
+    from gradsync.bench.ranks import run_for_result
+    from gradsync.lab import LabError
+
+    def writes(argv):  # a rank 0 that writes its results where the flag says
+        assert argv[:2] == ["bench", "x"] and argv[2] == "--result-file"
+        Path(argv[3]).write_text(json.dumps({"world": 2}))
+        return 0, {"name": "lab"}
+
+    def no_lab(argv):
+        raise LabError("need root for a lab")
+
+    assert run_for_result(["bench", "x"], launch=writes) == (0, {"world": 2}, {"name": "lab"})
+    assert run_for_result(["bench", "x"], launch=lambda argv: (3, None)) == (3, None, None)
+    assert capsys.readouterr().err == ""
+    for launch, status, needle in [(no_lab, 2, "need root for a lab"),
+                                   (lambda argv: (0, None), 1, "results unreadable")]:
+        assert run_for_result(["bench", "x"], launch=launch) == (status, None, None)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
 
 
 @needs_netns

@@ -25,11 +25,10 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from . import busbw
-from .ranks import (add_placement_flags, check_placement, lab_from_env, run_ranks,
+from .ranks import (add_placement_flags, check_placement, lab_from_env, run_for_result,
                     under_launcher, usage)
 from .report import machine_line
 from .sweep import ALGORITHMS, DTYPES, REDOPS, SweepConfig, format_size, parse_size
@@ -143,8 +142,6 @@ def _as_rank(cfg: SweepConfig, args: argparse.Namespace, machine: str) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """Run `gradsync bench collectives`; returns the exit status."""
-    from ..lab import LabError
-
     try:
         cfg = SweepConfig(args.minbytes, args.maxbytes, args.stepfactor, args.iters,
                           args.warmup_iters, args.op, args.dtype, args.redop,
@@ -166,19 +163,12 @@ def main(args: argparse.Namespace) -> int:
         return usage(wrong)
     if args.engine == "mpi" and args.lab:
         return usage("--engine mpi runs its ranks on this host with mpiexec; a lab runs torch")
-    with tempfile.TemporaryDirectory(prefix="gradsync-bench-") as tmp:
-        result = Path(tmp) / "result.json"
-        argv = ["bench", "collectives", *rank_flags(cfg), "--result-file", str(result)]
-        try:
-            if args.engine == "mpi":
-                rc, lab = _run_under_mpiexec(argv, args.workers), None
-            else:
-                rc, lab = run_ranks(argv, args)
-        except LabError as exc:
-            return usage(str(exc))
-        if rc != 0:
-            return rc
-        raw = json.loads(result.read_text())
+    # --engine mpi: mpiexec starts the ranks (on this host), not the launcher or a lab
+    mpi = (lambda argv: (_run_under_mpiexec(argv, args.workers), None))
+    rc, raw, lab = run_for_result(["bench", "collectives", *rank_flags(cfg)], args,
+                                  launch=mpi if args.engine == "mpi" else None)
+    if rc != 0:
+        return rc
     finish(cfg, args, raw, lab, machine)
     return 0
 

@@ -19,9 +19,9 @@ import os
 import shlex
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
+from .ranks import run_for_result
 from .report import bound_allreduce_s, bound_ps_s, link_bytes_per_s, machine_line
 from .sweep import parse_size
 
@@ -105,16 +105,15 @@ def main(argv: list[str] | None = None) -> int:
 
     n, k = args.workers, args.servers
     hosts, per = (n, 2) if args.colocated else (n + k, 1)
-    with tempfile.TemporaryDirectory(prefix="gradsync-pushpull-") as tmp:
-        result = Path(tmp) / "result.json"
-        rank_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
-        rank_argv += ["--result-file", str(result)]
+
+    def launch(rank_argv: list[str]) -> tuple[int, None]:
         env = {"OMP_NUM_THREADS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}
-        with up(hosts, args.rate, None, per) as lab:
-            rc = lab_launch(lab, rank_argv, module="gradsync.bench.pushpull", env=env)
-        if rc != 0:
-            return rc
-        raw = json.loads(result.read_text())
+        with up(hosts, args.rate, None, per) as lab:  # down on any exit, Ctrl-C included
+            return lab_launch(lab, rank_argv, module="gradsync.bench.pushpull", env=env), None
+
+    rc, raw, _ = run_for_result(argv if argv is not None else sys.argv[1:], launch=launch)
+    if rc != 0:
+        return rc
     s_over_b = args.size / link_bytes_per_s(args.rate)
     ps_bound = (bound_allreduce_s(args.size, n, args.rate) if args.colocated
                 else bound_ps_s(args.size, n, k, args.rate))

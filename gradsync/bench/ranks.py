@@ -2,14 +2,19 @@
 
 Started directly, a command is a controller: it starts its ranks locally (``--workers``) or
 across an emulated cluster (``--lab N`` with ``--rate``/``--rates`` and ``--procs-per-host``)
-and reads rank 0's results. Under a launcher (RANK and WORLD_SIZE set) the process is a rank.
+and reads rank 0's results (:func:`run_for_result`, also `bench.pushpull`'s). Under a launcher
+(RANK and WORLD_SIZE set) the process is a rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -83,3 +88,38 @@ def run_ranks(argv: list[str], args: argparse.Namespace) -> tuple[int, dict | No
     # down on any exit, Ctrl-C included
     with up(args.lab, args.rate, rates, args.procs_per_host) as lab:
         return lab_launch(lab, argv, env=env), describe_lab(lab)
+
+
+def run_for_result(argv: list[str], args: argparse.Namespace | None = None, *,
+                   launch: Callable[[list[str]], tuple[int, dict | None]] | None = None
+                   ) -> tuple[int, dict | None, dict | None]:
+    """Run the ranks with ``--result-file FILE`` added to ``argv``; read back the JSON that
+    rank 0 wrote there.
+
+    Args:
+        argv: the ranks' arguments (after ``gradsync`` for :func:`run_ranks`).
+        args: the placement flags, for :func:`run_ranks`.
+        launch: starts the ranks instead of :func:`run_ranks`: ``launch(argv)`` returns
+            ``(exit status, describe_lab of the lab or None)``.
+
+    Returns:
+        ``(exit status, rank 0's result, the lab or None)``; the result is None unless the
+        status is 0. A lab that cannot start is a one-line error with the usage status.
+    """
+    from ..lab import LabError
+
+    with tempfile.TemporaryDirectory(prefix="gradsync-bench-") as tmp:
+        path = Path(tmp) / "result.json"
+        argv = [*argv, "--result-file", str(path)]
+        try:
+            rc, lab = launch(argv) if launch is not None else run_ranks(argv, args)
+        except LabError as exc:
+            return usage(str(exc)), None, None
+        if rc != 0:
+            return rc, None, None
+        try:
+            return 0, json.loads(path.read_text()), lab
+        except (OSError, ValueError) as exc:  # the ranks exited 0 without writing it
+            print(f"gradsync: bench failed: rank 0's results unreadable: {exc}",
+                  file=sys.stderr, flush=True)
+            return 1, None, None

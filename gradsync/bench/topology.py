@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from .ranks import (EXIT_USAGE, add_placement_flags, check_placement, run_ranks,
+from .ranks import (EXIT_USAGE, add_placement_flags, check_placement, run_for_result,
                     under_launcher, usage)
 from .report import machine_line
 
@@ -74,8 +73,6 @@ def report(result: dict, lab: dict | None, args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run `gradsync bench topology`; returns the exit status."""
-    from ..lab import LabError
-
     if args.budget <= 0:
         return usage(f"--budget must be positive, got {args.budget}")
     if under_launcher():
@@ -83,17 +80,9 @@ def main(args: argparse.Namespace) -> int:
     wrong = check_placement(args, least=1)
     if wrong:
         return usage(wrong)
-    with tempfile.TemporaryDirectory(prefix="gradsync-topology-") as tmp:
-        result_file = Path(tmp) / "result.json"
-        argv = ["bench", "topology", "--budget", str(args.budget),
-                "--result-file", str(result_file)]
-        try:
-            rc, lab = run_ranks(argv, args)
-        except LabError as exc:
-            return usage(str(exc))
-        if rc != 0:
-            return rc
-        result = json.loads(result_file.read_text())
+    rc, result, lab = run_for_result(["bench", "topology", "--budget", str(args.budget)], args)
+    if rc != 0:
+        return rc
     try:
         report(result, lab, args)
     except OSError as exc:
