@@ -79,9 +79,6 @@ class ShardLayout:
     def shard_numel(self, k: int) -> int:
         return sum(p.numel for p in self.shards[k])
 
-    def shard_nbytes(self, k: int) -> int:
-        return sum(p.nbytes for p in self.shards[k])
-
     def parts(self, k: int) -> tuple[Part, ...]:
         return self.shards[k]
 
