@@ -212,9 +212,13 @@ def _bad_arguments(rank, n):
     from gradsync import comm
 
     caught = []
+    ones = [torch.ones(2) for _ in range(n)]
     for call in (lambda: comm.all_reduce(torch.ones(2), algorithm="nope"),
                  lambda: comm.all_reduce(torch.ones(2), op="median"),
-                 lambda: comm.all_reduce(torch.ones(2, dtype=torch.int32), op="avg")):
+                 lambda: comm.all_reduce(torch.ones(2, dtype=torch.int32), op="avg"),
+                 lambda: comm.broadcast(torch.ones(2), algorithm="nope"),
+                 lambda: comm.all_gather(ones, torch.ones(2), algorithm="nope"),
+                 lambda: comm.reduce_scatter(torch.ones(2), ones, algorithm="nope")):
         try:
             call()
         except (ValueError, TypeError) as exc:
@@ -226,3 +230,65 @@ def _bad_arguments(rank, n):
 def test_bad_arguments_are_named():
     caught = run_workers(_bad_arguments, 2)[0]
     assert "nope" in caught[0] and "median" in caught[1] and "int32" in caught[2]
+    # The other collectives' messages list their tables' names, "auto" first.
+    assert caught[3:] == [
+        "unknown broadcast algorithm 'nope'; choose one of auto, native, aware, shm",
+        "unknown all_gather algorithm 'nope'; choose one of auto, native, shm",
+        "unknown reduce_scatter algorithm 'nope'; choose one of auto, native, ring, shm"]
+
+
+def test_collective_tables_derive_names_and_auto():
+    from gradsync import comm
+    from gradsync.comm.algorithms.collective_registry import choose_collective_algorithm
+    from gradsync.comm.collectives import BROADCAST_ALGORITHMS
+
+    for collective, table in comm.COLLECTIVE_REGISTRY.items():
+        assert next(iter(table)) == "native" and table["native"].run is None
+        assert sum(a.one_host for a in table.values()) == 1  # what auto takes on one host
+        for name in ("auto", *table):
+            assert comm.check_collective_algorithm(collective, name) == name
+        assert choose_collective_algorithm(collective, "auto", False).name == "native"
+        assert choose_collective_algorithm(collective, "auto", True).name == "shm"
+    assert BROADCAST_ALGORITHMS == tuple(comm.COLLECTIVE_REGISTRY["broadcast"])
+    assert comm.ALL_GATHER_ALGORITHMS == tuple(comm.COLLECTIVE_REGISTRY["all_gather"])
+    assert comm.REDUCE_SCATTER_ALGORITHMS == tuple(comm.COLLECTIVE_REGISTRY["reduce_scatter"])
+    assert comm.check_collective_algorithm("all_reduce", "ring") == "ring"
+    with pytest.raises(ValueError, match="unknown collective 'gossip'; choose one of "
+                                         "all_reduce, broadcast, all_gather, reduce_scatter"):
+        comm.check_collective_algorithm("gossip", "auto")
+    # Check mode has a code for every collective's algorithm.
+    from gradsync.comm.check import ALGORITHM_CODES
+    names = {n for t in comm.COLLECTIVE_REGISTRY.values() for n in t}
+    assert names | set(comm.ALL_REDUCE_ALGORITHMS) <= set(ALGORITHM_CODES)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 7, 8])
+def test_bus_factor_is_exact_and_shared(p):
+    from fractions import Fraction
+
+    from gradsync import comm
+    from gradsync.comm.algorithms.ring import ring_shape
+    from gradsync.comm.collectives import _bus_bytes
+
+    assert comm.bus_factor(p) == Fraction(2 * (p - 1), p)
+    for nbytes in (0, 1, 1000, 4099, 1 << 30):
+        assert _bus_bytes("all_reduce", nbytes, p) == 2 * (p - 1) * nbytes // p
+        assert _bus_bytes("all_gather", nbytes, p) == (p - 1) * nbytes // p
+    assert ring_shape(1e6, p)[1] == pytest.approx(2 * (p - 1) / p * 1e6)
+    with pytest.raises(ValueError):
+        comm.bus_factor(0)
+
+
+def test_chunk_bounds_is_the_one_even_split():
+    from gradsync.comm.p2p import chunk_bounds
+    from gradsync.serve.batcher import split_rows
+    from gradsync.split import chunk_bounds as split
+
+    assert chunk_bounds is split
+    for total in range(0, 12):
+        for parts in range(1, 6):
+            bounds = split(total, parts)
+            sizes = [b - a for a, b in bounds]
+            assert len(bounds) == parts and sum(sizes) == total
+            assert sizes == sorted(sizes, reverse=True) and max(sizes) - min(sizes) <= 1
+            assert split_rows(total, parts) == split(total, max(1, min(parts, total)))

@@ -77,6 +77,38 @@ def test_launcher_is_recognised_without_importing_mpi4py():
         assert out.stdout.split() == want.split(), (extra, out.stdout)
 
 
+def test_engine_table_lists_names_and_chooses_from_the_environment(monkeypatch):
+    from gradsync import comm
+    from gradsync.comm.engines import get_engine
+    from gradsync.comm.mpi import MPI_ENGINE
+
+    assert comm.ENGINES == ("auto", *comm.ENGINE_REGISTRY) and comm.ENGINES[0] == "auto"
+    assert {"torch", "mpi"} <= set(comm.ENGINE_REGISTRY)
+    for name in comm.ENGINES:
+        assert comm.check_engine(name) == name
+    with pytest.raises(ValueError, match="unknown engine 'nccl'; choose one of auto, torch, mpi"):
+        comm.check_engine("nccl")
+    assert get_engine("mpi") is MPI_ENGINE
+    for var in ("GRADSYNC_ENGINE", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK",
+                "TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert comm.choose_engine() == "torch"
+    monkeypatch.setenv("PMI_RANK", "1")
+    monkeypatch.setenv("PMI_SIZE", "2")
+    assert comm.choose_engine() == "mpi"              # auto under mpiexec
+    assert comm.choose_engine("torch") == "torch"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")    # torchrun under srun: torch
+    assert comm.choose_engine() == "torch"
+    monkeypatch.setenv("GRADSYNC_ENGINE", "gloo")
+    with pytest.raises(RuntimeError, match="GRADSYNC_ENGINE='gloo': choose one of auto, "):
+        comm.choose_engine()
+    monkeypatch.delenv("GRADSYNC_ENGINE")
+    assert comm.adopt_mpi_launcher()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["GRADSYNC_ENGINE"]) \
+        == ("1", "2", "mpi")
+    assert not comm.adopt_mpi_launcher()              # RANK and WORLD_SIZE are set now
+
+
 @pytest.mark.timeout(60)
 def test_missing_mpi4py_gives_one_clear_error():
     code = ("import sys; sys.modules['mpi4py'] = None\n"

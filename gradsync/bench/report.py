@@ -35,7 +35,9 @@ def link_bytes_per_s(rate: str) -> float:
 
 def bound_allreduce_s(nbytes: int, n: int, rate: str) -> float:
     """All-reduce lower bound on n hosts with full-duplex links: 2(n-1)/n * S / B."""
-    return 2 * (n - 1) / n * nbytes / link_bytes_per_s(rate) if n > 1 else 0.0
+    from ..comm.algorithms.ring import bus_factor  # late: this module loads without torch
+
+    return float(bus_factor(n) * nbytes) / link_bytes_per_s(rate) if n > 1 else 0.0
 
 
 def bound_ps_s(nbytes: int, n: int, k: int, rate: str) -> float:

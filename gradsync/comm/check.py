@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .algorithms.registry import ALL_REDUCE_ALGORITHMS
+from .algorithms.collective_registry import CHOICES
 from .errors import CollectiveMismatchError, translate
 from .group import Group
 from .ops import OPERATIONS
@@ -20,7 +20,8 @@ from .ops import OPERATIONS
 MAX_DIMS = 8
 HEADER_LEN = 7 + MAX_DIMS  # seq, op, algorithm, reduce op, root, dtype, ndim, shape...
 
-ALGORITHM_CODES = ("", *ALL_REDUCE_ALGORITHMS)
+# Every collective's algorithm names, all-reduce's first (their codes predate the others').
+ALGORITHM_CODES = ("", *dict.fromkeys(name for names in CHOICES.values() for name in names))
 REDUCE_CODES = ("", "sum", "avg", "max", "min", "prod")
 DTYPES = (None, torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8,
           torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64,

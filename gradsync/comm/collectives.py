@@ -9,7 +9,8 @@ collectives with a list of tensors, one per rank, are in per_rank.py.
 (``ring``, ``tree``, ``halving_doubling``, ``reduce_broadcast``, and the network-aware
 ``aware`` and ``hierarchical``, which read the group's topology) on the engine's
 point-to-point transfers; ``auto`` asks the cost model per call, with the topology.
-``broadcast`` runs the engine's or ``aware`` (packed depth-2 trees).
+``broadcast`` runs the engine's, ``aware`` (packed depth-2 trees) or ``shm``; its table and
+the others' are algorithms/collective_registry.py.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from typing import Callable
 import torch
 
 from . import check
-from .algorithms import REGISTRY, aware_broadcast, shm_broadcast
+from .algorithms import REGISTRY
+from .algorithms.collective_registry import (BROADCAST_ALGORITHMS, CollectiveAlgorithm,
+                                             choose_collective_algorithm)
 from .algorithms.registry import ALL_REDUCE_ALGORITHMS, check_algorithm
+from .algorithms.ring import bus_factor
 from .cost_model import DEFAULT_COST_MODEL, CostModel
 from .errors import translate
 from .group import Group, resolve
@@ -38,9 +42,9 @@ def _bus_bytes(op: str, nbytes: int, p: int) -> int:
     """Bytes one rank sends, as nccl-tests counts bus traffic; used for the engine's own
     algorithms, whose messages gradsync does not see."""
     if op == "all_reduce":
-        return 2 * (p - 1) * nbytes // p
+        return int(bus_factor(p) * nbytes)
     if op in ("all_gather", "reduce_scatter"):
-        return (p - 1) * nbytes // p
+        return int(bus_factor(p) / 2 * nbytes)
     return nbytes if p > 1 else 0
 
 
@@ -177,21 +181,21 @@ def _all_reduce(tensor, op, group, algorithm, cost_model, async_op):
 
 # --- the other collectives, on the engine -------------------------------------------------------
 
-BROADCAST_ALGORITHMS = ("native", "aware", "shm")
-
-
 def one_host(group: Group) -> bool:
     """Whether the group's topology puts all of its (several) ranks on one host."""
     topology = group.topology
     return group.size > 1 and topology is not None and len(topology.hosts) == 1
 
 
-def resolve_auto(group: Group, algorithm: str) -> str:
-    """``auto`` for the data-moving collectives: shared memory when the group's topology
-    says one host, else the engine's own."""
-    if algorithm != "auto":
-        return algorithm
-    return "shm" if one_host(group) else "native"
+def resolve_auto(group: Group, collective: str, algorithm: str) -> CollectiveAlgorithm:
+    """The table entry (algorithms/collective_registry.py) of ``collective`` that
+    ``algorithm`` names on ``group``: ``auto`` is shared memory when the group's topology
+    says one host, else the engine's own.
+
+    Raises:
+        ValueError: unknown algorithm (the message lists them).
+    """
+    return choose_collective_algorithm(collective, algorithm, one_host(group))
 
 
 def broadcast_async(tensor: torch.Tensor, src: int = 0, group: Group | None = None,
@@ -217,24 +221,19 @@ def broadcast(tensor: torch.Tensor, src: int = 0, group: Group | None = None,
 
 def _broadcast(tensor, src, group, algorithm, async_op):
     group = resolve(group)
-    if algorithm not in ("auto", *BROADCAST_ALGORITHMS):
-        raise ValueError(f"unknown broadcast algorithm {algorithm!r}; choose one of auto, "
-                         f"{', '.join(BROADCAST_ALGORITHMS)}")
+    chosen = resolve_auto(group, "broadcast", algorithm)
     if not 0 <= src < group.size:
         raise ValueError(f"broadcast src {src} is not a rank of this group of {group.size}")
-    algorithm = resolve_auto(group, algorithm)
-    _prologue(group, "broadcast", tensor, root=src, algorithm=algorithm)
-    if algorithm == "native":
+    _prologue(group, "broadcast", tensor, root=src, algorithm=chosen.name)
+    if chosen.run is None:  # the engine's own
         return _engine(group, "broadcast", lambda: group.engine.broadcast(
             tensor, group.global_rank(src), group.pg),
             lambda: tensor, tensor.numel() * tensor.element_size(), async_op)
-    what = f"broadcast({algorithm}) #{group.seq}{group.where()}"
+    what = f"broadcast({chosen.name}) #{group.seq}{group.where()}"
     flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
 
-    fn = aware_broadcast if algorithm == "aware" else shm_broadcast
-
     def run():
-        fn(flat, src, P2P(group, what))
+        chosen.run(flat, src, P2P(group, what))
         if flat.data_ptr() != tensor.data_ptr() or not tensor.is_contiguous():
             tensor.copy_(flat.view_as(tensor))
         return tensor

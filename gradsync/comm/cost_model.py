@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from .algorithms.aware import aware_bound
 from .algorithms.registry import ALGORITHMS, REGISTRY
+from .algorithms.ring import bus_factor
 from .topology import Topology
 
 # Chosen only when the topology calls for them (unequal links, several ranks per host, every
@@ -114,7 +115,7 @@ def network_time(topology: Topology, algorithm: str, nbytes: int) -> float:
         h = len(hosts)
         if topology.unequal():
             return aware_bound(nbytes, hosts)
-        return 2 * (h - 1) / h * nbytes / min(hosts)
+        return float(bus_factor(h) * nbytes) / min(hosts)
     _, wire, _ = shape(algorithm, float(nbytes), topology.world_size)
     return wire / min(hosts)
 

@@ -17,6 +17,9 @@ every member of G has, then joins a fresh gloo process group on the prefix ``gG/
 store. The first rank of the new group deletes every key of older generations, so the store
 holds the same number of keys after any number of generations.
 
+The store and the groups come from the engine (engine.py: ``serve_store``, ``connect_store``,
+``join``); only torch.distributed has a store, so elastic worlds run on it.
+
 Workers notice a loss through their failed collective; a join at a step boundary, where
 the trainer asks :meth:`ElasticWorld.changed` on the group's rank 0 and broadcasts the
 answer (gradsync/train/elastic.py). Only integers cross the store.
@@ -24,15 +27,13 @@ answer (gradsync/train/elastic.py). Only integers cross the store.
 
 from __future__ import annotations
 
-import datetime
 import gc
 import logging
 import os
 import time
 
-import torch.distributed as dist
-
 from . import group as group_mod
+from .engine import TORCH, Engine
 from .errors import CommError, CommTimeoutError
 from .group import Group
 
@@ -54,19 +55,10 @@ class GenerationTimeout(CommTimeoutError):
     """No generation holding this worker formed within the timeout."""
 
 
-def host_store(addr: str, port: int, timeout_s: float):
-    """Serve a TCPStore on ``addr:port`` in this process (the launcher), bound to ``addr``
-    only. ``port`` 0 picks a free one; the store's ``port`` attribute tells which."""
-    from ..net import listen_fd
-
-    fd, port = listen_fd(addr, port)  # the store closes the descriptor with itself
-    try:
-        return dist.TCPStore(addr, port, None, True,
-                             timeout=datetime.timedelta(seconds=timeout_s),
-                             master_listen_fd=fd, use_libuv=True, wait_for_workers=False)
-    except BaseException:
-        os.close(fd)
-        raise
+def host_store(addr: str, port: int, timeout_s: float, engine: Engine = TORCH):
+    """Serve the engine's store on ``addr:port`` in this process (the launcher), bound to
+    ``addr`` only. ``port`` 0 picks a free one; the store's ``port`` attribute tells which."""
+    return engine.serve_store(addr, port, timeout_s)
 
 
 def _ints(raw: bytes) -> list[int]:
@@ -81,11 +73,12 @@ class Coordinator:
         workers: the first workers' count; their uids are 0..workers-1.
         min_workers: fewer live members than this stops the run.
         timeout_s: the store's timeout for its clients.
+        engine: whose store (default torch.distributed's, the one engine with a store).
     """
 
     def __init__(self, addr: str, port: int | None, workers: int, min_workers: int,
-                 timeout_s: float):
-        self.store = host_store(addr, port or 0, timeout_s)
+                 timeout_s: float, engine: Engine = TORCH):
+        self.store = host_store(addr, port or 0, timeout_s, engine)
         self.port = self.store.port
         self.min_workers = min_workers
         self.gen, self.members = 0, list(range(workers))
@@ -149,16 +142,19 @@ class ElasticWorld:
         uid: this worker's member id.
         timeout_s: the limit for waiting on a generation, and every collective's timeout.
         backend: the engine's backend (default gloo).
+        engine: the engine whose store ``store`` is, which joins every generation.
     """
 
-    def __init__(self, store, uid: int, timeout_s: float, backend: str = "gloo"):
+    def __init__(self, store, uid: int, timeout_s: float, backend: str = "gloo",
+                 engine: Engine = TORCH):
         self.store, self.uid, self.timeout_s, self.backend = store, uid, timeout_s, backend
+        self.engine = engine
         self.gen = -1
         self.members: tuple[int, ...] = ()
         self.group: Group | None = None
 
     @classmethod
-    def from_env(cls, timeout_s: float) -> "ElasticWorld":
+    def from_env(cls, timeout_s: float, engine: Engine = TORCH) -> "ElasticWorld":
         """Connect to the store at MASTER_ADDR:MASTER_PORT as member GRADSYNC_ELASTIC_UID."""
         addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
         try:
@@ -166,9 +162,8 @@ class ElasticWorld:
         except (KeyError, ValueError):
             raise RuntimeError("an elastic worker needs MASTER_PORT and GRADSYNC_ELASTIC_UID "
                                "(start it with `gradsync train --elastic`)") from None
-        store = dist.TCPStore(addr, port, None, False,
-                              timeout=datetime.timedelta(seconds=timeout_s))
-        return cls(store, uid, timeout_s)
+        store = engine.connect_store(addr, port, timeout_s)
+        return cls(store, uid, timeout_s, engine=engine)
 
     # -- what the coordinator says ----------------------------------------------------------
 
@@ -240,11 +235,9 @@ class ElasticWorld:
             time.sleep(POLL_S)
         rank = members.index(self.uid)
         arrived = time.monotonic()
-        dist.init_process_group(self.backend, store=dist.PrefixStore(f"g{gen}/", self.store),
-                                rank=rank, world_size=len(members),
-                                timeout=datetime.timedelta(seconds=self.timeout_s))
-        group = group_mod.world()
-        group.timeout_s = self.timeout_s
+        group = group_mod.join_store(self.store, rank, len(members), prefix=f"g{gen}/",
+                                     timeout_s=self.timeout_s, backend=self.backend,
+                                     engine=self.engine)
         self.gen, self.members, self.group = gen, members, group
         if rank == 0:
             self._forget_before(gen)

@@ -1,21 +1,24 @@
 """Where an engine plugs in: start-up, point-to-point transfers and native collectives.
 
 Everything above this module (groups, gradsync's own algorithms, check mode, the heartbeats,
-the collectives' error translation) reaches an engine only through the three parts of
-:class:`Engine`; this is the one module of gradsync that calls ``torch.distributed``.
-An engine is:
+the collectives' error translation, elastic generations) reaches an engine only through the
+three parts of :class:`Engine`. An engine is:
 
 - **start-up**: join the world from a rendezvous address (or adopt a world the user's
-  script created), make sub-groups, tear down;
+  script created), or from a key-value store the caller serves or connects to (elastic
+  worlds, one key prefix per generation); make sub-groups, tear down;
 - **point-to-point**: ``isend`` / ``irecv`` of a tensor to a global rank, returning a handle
   with ``wait()`` and ``is_completed()`` (the substrate of gradsync's own algorithms and of
   the Parameter Server);
 - **native collectives**: the engine's own all-reduce, broadcast, ... each started
   asynchronously and returning such a handle.
 
-Ranks here are global; handles of groups (``pg``) are the engine's own. Today the one engine
-is torch.distributed (Gloo for CPU tensors, NCCL for CUDA ones): :data:`TORCH`. An MPI or a
-shared-memory engine is a new module implementing :class:`Engine`, chosen at start-up.
+Ranks here are global; handles of groups (``pg``) are the engine's own. Two engines exist:
+torch.distributed (Gloo for CPU tensors, NCCL for CUDA ones), :data:`TORCH` in this module,
+and MPI (mpi.py, mpi4py imported through mpi_launcher.py); apart from reference.py's DDP
+baseline, no other module calls an engine's library. engines.py is the one table of them,
+from which start-up chooses (``--engine`` / ``GRADSYNC_ENGINE``, or the launcher). A new
+engine is a new module implementing :class:`Engine` plus one line there.
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ class Engine(Protocol):
     def rendezvous(self, addr: str, port: int, rank: int, world_size: int,
                    timeout_s: float, backend: str | None) -> Any: ...
     def adopt(self) -> Any: ...
+    def serve_store(self, addr: str, port: int, timeout_s: float,
+                    world_size: int | None = None) -> Any: ...
+    def connect_store(self, addr: str, port: int, timeout_s: float,
+                      world_size: int | None = None) -> Any: ...
+    def join(self, store: Any, prefix: str, rank: int, world_size: int, timeout_s: float,
+             backend: str | None) -> None: ...
     def is_initialized(self) -> bool: ...
     def world(self) -> tuple[Any, int, int]: ...
     def new_group(self, ranks: list[int], timeout_s: float) -> Any: ...
@@ -83,16 +92,50 @@ class TorchDistributed:
                    backend: str | None):
         """Join the world through a TCPStore on ``addr:port`` (rank 0 serves it); returns
         the store. Under torchrun's agent the store already exists on that port."""
-        timeout = datetime.timedelta(seconds=timeout_s)
-        backend = backend or _default_backend()
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            dist.init_process_group(backend, init_method="env://", rank=rank,
-                                    world_size=world_size, timeout=timeout)
+            dist.init_process_group(backend or _default_backend(), init_method="env://",
+                                    rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
             return self.adopt()
-        store = _make_store(addr, port, rank, world_size, timeout)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                                timeout=timeout)
+        if rank == 0:
+            store = self.serve_store(addr, port, timeout_s, world_size)
+        else:
+            store = self.connect_store(addr, port, timeout_s, world_size)
+        self.join(store, "", rank, world_size, timeout_s, backend)
         return store
+
+    def serve_store(self, addr: str, port: int, timeout_s: float,
+                    world_size: int | None = None):
+        """A TCPStore served by this process on ``addr:port`` only (``port`` 0: a free one,
+        the store's ``port`` tells which); ``world_size`` None: any number of clients.
+
+        This process binds the socket itself and hands it to the store: the store then
+        listens where it was told rather than on every interface, and a port in use is
+        reported as such instead of as a rendezvous timeout.
+        """
+        fd, port = listen_fd(addr, port)  # the store takes it over and closes it with itself
+        try:
+            return dist.TCPStore(addr, port, world_size, True,
+                                 timeout=datetime.timedelta(seconds=timeout_s),
+                                 master_listen_fd=fd, use_libuv=True, wait_for_workers=False)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def connect_store(self, addr: str, port: int, timeout_s: float,
+                      world_size: int | None = None):
+        """A client of the TCPStore served on ``addr:port``."""
+        return dist.TCPStore(addr, port, world_size, False,
+                             timeout=datetime.timedelta(seconds=timeout_s))
+
+    def join(self, store, prefix: str, rank: int, world_size: int, timeout_s: float,
+             backend: str | None) -> None:
+        """Join the world whose rendezvous keys live under ``prefix`` in ``store``."""
+        if prefix:
+            store = dist.PrefixStore(prefix, store)
+        dist.init_process_group(backend or _default_backend(), store=store, rank=rank,
+                                world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
 
     def adopt(self):
         """The store of a world that already exists (no public accessor exists)."""
@@ -157,18 +200,3 @@ def _default_backend() -> str:
     if torch.cuda.is_available() and dist.is_nccl_available():
         return "cpu:gloo,cuda:nccl"
     return "gloo"
-
-
-def _make_store(addr: str, port: int, rank: int, world_size: int, timeout: datetime.timedelta):
-    if rank == 0:
-        # Rank 0 binds the socket itself, on ``addr`` only, and hands it to the store: the
-        # store then listens where it was told rather than on every interface, and a port in
-        # use is reported as such instead of as a rendezvous timeout.
-        fd, _ = listen_fd(addr, port)  # the store takes it over and closes it with itself
-        try:
-            return dist.TCPStore(addr, port, world_size, True, timeout=timeout,
-                                 master_listen_fd=fd, use_libuv=True, wait_for_workers=False)
-        except BaseException:
-            os.close(fd)
-            raise
-    return dist.TCPStore(addr, port, world_size, False, timeout=timeout)

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..net import is_loopback
 from .engine import TORCH, Engine
+from .engines import start_engine
 from .monitor import Monitor
 from .topology import Topology
 
@@ -97,24 +98,9 @@ class Group:
             self._executor = None
 
 
-# The engine that starts the world (engine.py): torch.distributed, or MPI (mpi.py), chosen
-# by init_process_group.
+# The engine that starts the world, chosen from the table (engines.py) by
+# init_process_group, or given by join_store.
 _ENGINE: Engine = TORCH
-ENGINES = ("auto", "torch", "mpi")
-
-
-def choose_engine(name: str | None = None) -> Engine:
-    """The engine ``name`` (default ``GRADSYNC_ENGINE``, else "auto") asks for: "auto" is MPI
-    under mpiexec/srun's MPI environment unless torchrun's RANK is set, else torch."""
-    name = name or os.environ.get("GRADSYNC_ENGINE") or "auto"
-    if name not in ENGINES:
-        raise RuntimeError(f"GRADSYNC_ENGINE={name!r}: choose one of {', '.join(ENGINES)}")
-    from .mpi import MPI_ENGINE, mpi_environment
-
-    if name == "mpi" or (name == "auto" and mpi_environment()
-                         and "TORCHELASTIC_RUN_ID" not in os.environ):
-        return MPI_ENGINE
-    return TORCH
 
 # The default group mirrors the engine's own global default group: one per process.
 _world: dict[int, Group] = {}
@@ -150,15 +136,8 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
     """
     global _ENGINE
     if not _ENGINE.is_initialized():
-        _ENGINE = choose_engine()
-        from .mpi import check_engines_agree, mpi_environment
-
-        if mpi_environment():
-            check_engines_agree(_ENGINE.name if _ENGINE.name == "mpi" else "torch")
-    if timeout_s is None:
-        timeout_s = float(os.environ.get("GRADSYNC_TIMEOUT", DEFAULT_TIMEOUT_S))
-    if check is None:
-        check = os.environ.get("GRADSYNC_CHECK", "0") not in ("", "0", "false")
+        _ENGINE = start_engine()
+    timeout_s, check = _defaults(timeout_s, check)
     if _ENGINE.is_initialized():
         log.info("adopting the process group created by the script")
         group = world()
@@ -181,6 +160,37 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
     group.check = check
     _start_monitor(group, store)
     return group
+
+
+def join_store(store, rank: int, world_size: int, *, prefix: str = "",
+               timeout_s: float | None = None, backend: str | None = None,
+               engine: Engine = TORCH) -> Group:
+    """Join a world whose rendezvous keys live under ``prefix`` in ``store``, a store the
+    caller holds (elastic.py: one that the launcher serves, one prefix per generation).
+
+    Args:
+        store: from ``engine.connect_store`` (or ``serve_store``).
+        rank, world_size: this process's place in the new world.
+        timeout_s, backend: as :func:`init_process_group`.
+        engine: the engine the store belongs to.
+    Returns:
+        The world's :class:`Group` (no heartbeats: the caller owns the store's keys).
+    """
+    global _ENGINE
+    timeout_s, _ = _defaults(timeout_s, False)
+    _ENGINE = engine
+    engine.join(store, prefix, rank, world_size, timeout_s, backend)
+    group = world()
+    group.timeout_s = timeout_s
+    return group
+
+
+def _defaults(timeout_s: float | None, check: bool | None) -> tuple[float, bool]:
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("GRADSYNC_TIMEOUT", DEFAULT_TIMEOUT_S))
+    if check is None:
+        check = os.environ.get("GRADSYNC_CHECK", "0") not in ("", "0", "false")
+    return timeout_s, check
 
 
 def _start_monitor(group: Group, store) -> None:

@@ -11,7 +11,8 @@ lacks (bfloat16) travel too. Reductions need a type MPI knows: float16 and bfloa
 reduced in a float32 copy and rounded back once (never summed as raw bytes).
 
 mpi4py is imported inside functions, so importing gradsync never needs it; a launcher's
-environment is recognised without it (:func:`mpi_environment`).
+environment is recognised without it (mpi_launcher.py: :func:`mpi_environment`,
+:func:`adopt_mpi_launcher`).
 
 MPI has no timeouts: a wait blocks until the peer answers, and a process that dies takes the
 job down through the launcher (hydra kills the other ranks), instead of a CommTimeoutError.
@@ -19,59 +20,23 @@ job down through the launcher (hydra kills the other ranks), instead of a CommTi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
+from .mpi_launcher import MISSING, adopt_mpi_launcher, check_engines_agree, mpi_environment
+from .mpi_launcher import import_mpi as _mpi
 from .ops import ReduceOp, wire_op
 
-MISSING = "MPI engine needs mpi4py and an MPI: pip install 'gradsync[mpi]'"
+__all__ = ["MISSING", "MPI_ENGINE", "Communicator", "MPIEngine", "MPIWork", "adopt_mpi_launcher",
+           "check_engines_agree", "mpi_environment"]
 
 # MPI has no 16-bit float type it can reduce everywhere (bfloat16 none at all): reduce these
 # in float32, which also sums more exactly, then round back once, identically on every rank.
 _UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
-
-def mpi_environment() -> bool:
-    """Whether this process was started by an MPI launcher (MPICH/hydra's PMI_RANK and
-    PMI_SIZE, Open MPI's OMPI_COMM_WORLD_RANK), checked without importing mpi4py."""
-    env = os.environ
-    return ("PMI_RANK" in env and "PMI_SIZE" in env) or "OMPI_COMM_WORLD_RANK" in env
-
-
-def check_engines_agree(chosen: str) -> None:
-    """Under an MPI launcher every rank reaches MPI_COMM_WORLD whatever engine it chose:
-    compare the choices there, so that ranks mixing engines fail at start-up naming the
-    ranks instead of waiting for each other until the timeout. Silent without mpi4py.
-
-    Raises:
-        RuntimeError: the ranks did not all choose ``chosen``'s engine.
-    """
-    try:
-        MPI = _mpi()
-    except RuntimeError:
-        return
-    names = ("torch", "mpi")
-    comm = MPI.COMM_WORLD
-    codes = torch.zeros(comm.Get_size(), dtype=torch.int64)
-    comm.Allgather(torch.tensor([names.index(chosen)]).numpy(), codes.numpy())
-    if len(set(codes.tolist())) > 1:
-        by_engine = {name: [r for r, c in enumerate(codes.tolist()) if c == i]
-                     for i, name in enumerate(names)}
-        said = " and ".join(f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))} "
-                            f"chose {name}" for name, ranks in by_engine.items() if ranks)
-        raise RuntimeError(f"the ranks mix engines: {said}; give every rank the same "
-                           "--engine / GRADSYNC_ENGINE")
-
-
-def _mpi():
-    try:
-        from mpi4py import MPI
-    except ImportError as exc:  # also an mpi4py that finds no libmpi to load
-        raise RuntimeError(MISSING) from exc
-    return MPI
+_NOT_ELASTIC = "the MPI engine has no store: elastic worlds need --engine torch"
 
 
 @dataclass(eq=False)
@@ -178,6 +143,17 @@ class MPIEngine:
 
     def adopt(self):
         return None
+
+    # An MPI world is fixed by its launcher: there is no store to rejoin through, so elastic
+    # generations (elastic.py) run on torch.distributed only.
+    def serve_store(self, addr, port, timeout_s, world_size=None):
+        raise RuntimeError(_NOT_ELASTIC)
+
+    def connect_store(self, addr, port, timeout_s, world_size=None):
+        raise RuntimeError(_NOT_ELASTIC)
+
+    def join(self, store, prefix, rank, world_size, timeout_s, backend):
+        raise RuntimeError(_NOT_ELASTIC)
 
     def is_initialized(self) -> bool:
         # Under a launcher the world exists before mpi4py is imported: joining it is free,

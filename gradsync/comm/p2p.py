@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from ..split import chunk_bounds  # noqa: F401 - algorithms/, ps/ and bench/ import it here
 from .errors import translate
 from .group import Group, resolve
 from .work import Work
@@ -102,21 +103,6 @@ class P2P:
         s = self.isend(send, dst, tag)
         self.wait(r, src)
         self.wait(s, dst)
-
-
-def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
-    """Split ``range(numel)`` into ``parts`` contiguous pieces whose sizes differ by at most 1.
-
-    The first ``numel % parts`` pieces get one extra element; pieces may be empty when
-    ``numel < parts``.
-    """
-    base, extra = divmod(numel, parts)
-    bounds, start = [], 0
-    for i in range(parts):
-        end = start + base + (1 if i < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
 
 
 def weighted_bounds(numel: int, weights: Sequence[float]) -> list[tuple[int, int]]:

@@ -1,6 +1,7 @@
 """The collectives with one tensor per rank in a list: all_gather, gather, scatter and
 reduce_scatter, on the engine (reduce_scatter also on gradsync's ring; both reduce_scatter
-and all_gather through shared memory when the ranks share a host).
+and all_gather through shared memory when the ranks share a host). The algorithms of
+all_gather and reduce_scatter are listed in algorithms/collective_registry.py.
 
 They share collectives.py's machinery (check mode's prologue, the engine's error
 translation, the comm thread) and only add the list's checks.
@@ -10,46 +11,36 @@ from __future__ import annotations
 
 import torch
 
-from .algorithms import ring_reduce_scatter, shm_all_gather, shm_reduce_scatter
+from .algorithms.collective_registry import ALL_GATHER_ALGORITHMS, REDUCE_SCATTER_ALGORITHMS
 from .collectives import _engine, _own, _prologue, resolve_auto
 from .group import Group, resolve
 from .ops import ReduceOp, as_op, check_op_dtype, finish_, wire_op
 from .p2p import P2P
 from .work import Work
 
-__all__ = ["ALL_GATHER_ALGORITHMS", "REDUCE_SCATTER_ALGORITHMS", "all_gather", "all_gather_async", "gather", "gather_async", "reduce_scatter",
+__all__ = ["ALL_GATHER_ALGORITHMS", "REDUCE_SCATTER_ALGORITHMS", "all_gather",
+           "all_gather_async", "gather", "gather_async", "reduce_scatter",
            "reduce_scatter_async", "scatter", "scatter_async"]
-
-
-ALL_GATHER_ALGORITHMS = ("native", "shm")
-REDUCE_SCATTER_ALGORITHMS = ("native", "ring", "shm")
-
-
-def _check_algorithm(what: str, algorithm: str, choices: tuple[str, ...]) -> None:
-    if algorithm not in ("auto", *choices):
-        raise ValueError(f"{what} algorithm must be one of auto, {', '.join(choices)}; "
-                         f"not {algorithm!r}")
 
 
 def all_gather_async(tensor_list: list[torch.Tensor], tensor: torch.Tensor,
                      group: Group | None = None, algorithm: str = "auto") -> Work:
     group = resolve(group)
-    _check_algorithm("all_gather", algorithm, ALL_GATHER_ALGORITHMS)
-    algorithm = resolve_auto(group, algorithm)
-    _prologue(group, "all_gather", tensor, algorithm=algorithm)
+    chosen = resolve_auto(group, "all_gather", algorithm)
+    _prologue(group, "all_gather", tensor, algorithm=chosen.name)
     _expect_list(tensor_list, group, tensor, "all_gather")
-    if algorithm == "native":
+    if chosen.run is None:  # the engine's own
         return _engine(group, "all_gather", lambda: group.engine.all_gather(
             tensor_list, tensor, group.pg), lambda: tensor_list,
             tensor.numel() * tensor.element_size() * group.size, True)
+    what = f"all_gather({chosen.name}) #{group.seq}"
 
     def run():
         # (p * k,) staging: piece j is rank j's tensor; every rank fills in the others'.
         p, k = group.size, tensor.numel()
         stage = torch.empty(p * k, dtype=tensor.dtype)
         stage[group.rank * k:(group.rank + 1) * k].copy_(tensor.reshape(-1))
-        bounds = [(j * k, (j + 1) * k) for j in range(p)]
-        shm_all_gather(stage, bounds, P2P(group, f"all_gather(shm) #{group.seq}"))
+        chosen.run(stage, P2P(group, what))
         for j, out in enumerate(tensor_list):
             out.copy_(stage[j * k:(j + 1) * k].view_as(out))
         return tensor_list
@@ -109,12 +100,11 @@ def reduce_scatter_async(output: torch.Tensor, input_list: list[torch.Tensor],
                          algorithm: str = "auto") -> Work:
     group, op = resolve(group), as_op(op)
     check_op_dtype(op, output.dtype)
-    _check_algorithm("reduce_scatter", algorithm, REDUCE_SCATTER_ALGORITHMS)
-    algorithm = resolve_auto(group, algorithm)
-    _prologue(group, "reduce_scatter", output, reduce_op=op.value, algorithm=algorithm)
+    chosen = resolve_auto(group, "reduce_scatter", algorithm)
+    _prologue(group, "reduce_scatter", output, reduce_op=op.value, algorithm=chosen.name)
     _expect_list(input_list, group, output, "reduce_scatter")
-    what = f"reduce_scatter({algorithm})"
-    # (p * k,) staging buffer: the ring reduces it in place; the engine reads it.
+    what = f"reduce_scatter({chosen.name})"
+    # (p * k,) staging buffer: an own algorithm reduces it in place; the engine reads it.
     stage = torch.cat([t.reshape(-1) for t in input_list])
     k = output.numel()
 
@@ -122,7 +112,7 @@ def reduce_scatter_async(output: torch.Tensor, input_list: list[torch.Tensor],
         finish_(output, op, group.size)
         return output
 
-    if algorithm == "native":
+    if chosen.run is None:  # the engine's own
         out = output.view(-1) if output.is_contiguous() else torch.empty(k, dtype=output.dtype)
 
         def after():
@@ -133,24 +123,16 @@ def reduce_scatter_async(output: torch.Tensor, input_list: list[torch.Tensor],
         return _engine(group, "reduce_scatter", lambda: group.engine.reduce_scatter(
             out, stage, op, group.pg), after, stage.numel() * stage.element_size(), True, what)
 
-    def run_shm():
-        # Piece r of the (p*k,) stage is input_list[r]; shm leaves rank r piece r reduced.
-        r = group.rank
-        shm_reduce_scatter(stage, wire_op(op), P2P(group, f"{what} #{group.seq}"))
-        output.copy_(stage[r * k:(r + 1) * k].view_as(output))
-        return done()
+    seq = group.seq
 
     def run():
-        # The ring leaves rank r owning chunk (r+1) mod p: shift the pieces by one so that
-        # chunk r+1 holds input_list[r].  stage: (p*k,) -> (p, k) rolled along dim 0.
-        p, r = group.size, group.rank
-        rotated = stage.view(p, k).roll(1, dims=0).reshape(-1)
-        ring_reduce_scatter(rotated, wire_op(op), P2P(group, f"{what} #{group.seq}"))
-        mine = (r + 1) % p
-        output.copy_(rotated[mine * k:(mine + 1) * k].view_as(output))
+        # Piece j of the (p*k,) stage is input_list[j]; the algorithm returns piece
+        # ``rank`` reduced over every rank.
+        piece = chosen.run(stage, wire_op(op), P2P(group, f"{what} #{seq}"))
+        output.copy_(piece.view_as(output))
         return done()
 
-    return _own(group, run_shm if algorithm == "shm" else run, True)
+    return _own(group, run, True)
 
 
 def reduce_scatter(output: torch.Tensor, input_list: list[torch.Tensor],

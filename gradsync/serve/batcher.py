@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..split import chunk_bounds
 from .metrics import ServeMetrics
 from .replicas import ReplicaPool
 
@@ -28,15 +29,8 @@ PIPELINE_DEPTH = 2
 
 def split_rows(rows: int, parts: int) -> list[tuple[int, int]]:
     """Cut ``range(rows)`` into ``min(parts, rows)`` contiguous pieces whose sizes differ by
-    at most one (the larger first), as ``(start, stop)``."""
-    parts = max(1, min(parts, rows))
-    size, extra = divmod(rows, parts)
-    pieces, start = [], 0
-    for i in range(parts):
-        stop = start + size + (1 if i < extra else 0)
-        pieces.append((start, stop))
-        start = stop
-    return pieces
+    at most one (the larger first), as ``(start, stop)``: no replica gets an empty piece."""
+    return chunk_bounds(rows, max(1, min(parts, rows)))
 
 
 @dataclass

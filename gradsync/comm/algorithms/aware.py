@@ -29,6 +29,7 @@ import torch
 
 from ..ops import ReduceOp, combine_
 from ..p2p import P2P, chunk_bounds, weighted_bounds
+from .ring import bus_factor
 
 # Chunks: the pipeline fills with the first chunk's reduce-scatter and drains with the last
 # one's all-gather, when a slow rank's link works in one direction only, so the time is about
@@ -98,8 +99,8 @@ def aware_shape(n: float, p: int) -> tuple[float, float, float]:
     costs two message latencies (reduce-scatter, all-gather); shares are S/p as for a ring."""
     if p <= 1:
         return 0, 0.0, 0.0
-    share = (p - 1) / p
-    return 2 * chunk_count(n), 2 * share * n, share * n
+    wire = float(bus_factor(p) * n)
+    return 2 * chunk_count(n), wire, wire / 2
 
 
 def chunk_count(nbytes: float) -> int:

@@ -12,6 +12,8 @@ then all sends, and the reduction of segment k overlaps the transfer of segment 
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 
 from ..ops import ReduceOp, combine_
@@ -87,8 +89,39 @@ def ring_reduce_scatter(buf: torch.Tensor, op: ReduceOp, p2p: P2P,
     return bounds[(r + 1) % n]
 
 
+def ring_reduce_scatter_pieces(stage: torch.Tensor, op: ReduceOp, p2p: P2P) -> torch.Tensor:
+    """The reduce-scatter collective on the ring: ``stage`` (p * k,) holds this rank's input
+    for rank j at piece j; returns the (k,) piece ``rank`` reduced over all ranks.
+
+    The ring leaves rank r owning chunk (r+1) mod p: the pieces are shifted by one
+    ((p, k) rolled along dim 0, a copy) so that chunk r+1 holds piece r.
+    """
+    p, r = p2p.size, p2p.rank
+    k = stage.numel() // p
+    rotated = stage.view(p, k).roll(1, dims=0).reshape(-1)
+    a, b = ring_reduce_scatter(rotated, op, p2p)
+    return rotated[a:b]
+
+
+def bus_factor(p: int) -> Fraction:
+    """2(p-1)/p: the bytes each of ``p`` ranks must send per byte all-reduced (the ring's,
+    the bandwidth lower bound), and nccl-tests' factor from algorithm to bus bandwidth.
+    Half of it is a reduce-scatter's or an all-gather's share.
+
+    Exact (a Fraction), so that ``int(bus_factor(p) * nbytes)`` floors byte counts as integer
+    arithmetic does; times a float it is a float.
+
+    Raises:
+        ValueError: ``p`` < 1.
+    """
+    if p < 1:
+        raise ValueError(f"bus_factor needs at least one rank, got p={p}")
+    return Fraction(2 * (p - 1), p)
+
+
 def ring_shape(n: float, p: int) -> tuple[float, float, float]:
     """(messages on the critical path, bytes on the wire, bytes reduced) for ``n`` bytes on
-    ``p`` ranks: p - 1 steps each way, every rank sends and reduces (p - 1)/p of the data."""
-    share = (p - 1) / p
-    return 2 * (p - 1), 2 * share * n, share * n
+    ``p`` ranks: p - 1 steps each way, every rank sends 2(p-1)/p of the data and reduces
+    half of that."""
+    wire = float(bus_factor(p) * n)
+    return 2 * (p - 1), wire, wire / 2

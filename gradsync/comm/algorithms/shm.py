@@ -33,10 +33,12 @@ import torch
 
 from ..ops import ReduceOp, combine_
 from ..p2p import P2P, chunk_bounds
+from .ring import bus_factor
 from .shm_segment import Segment, drop, fence, remove_stale, segment, wait_for
 
-__all__ = ["remove_stale", "resident_all_reduce", "shm_all_gather", "shm_all_reduce", "shm_broadcast",
-           "shm_reduce_scatter", "shm_shape"]
+__all__ = ["remove_stale", "resident_all_reduce", "shm_all_gather", "shm_all_gather_pieces",
+           "shm_all_reduce", "shm_broadcast", "shm_reduce_scatter", "shm_reduce_scatter_pieces",
+           "shm_shape"]
 
 ARRIVED, DONE, GATHERED = 0, 1, 2
 
@@ -137,6 +139,19 @@ def shm_all_gather(buf: torch.Tensor, bounds: list[tuple[int, int]], p2p: P2P) -
     _post(seg, DONE, s, r)
 
 
+def shm_reduce_scatter_pieces(stage: torch.Tensor, op: ReduceOp, p2p: P2P) -> torch.Tensor:
+    """The reduce-scatter collective: ``stage`` (p * k,) holds this rank's input for rank j
+    at piece j; returns the (k,) piece ``rank`` reduced over all ranks (a view of ``stage``)."""
+    a, b = shm_reduce_scatter(stage, op, p2p)  # chunk_bounds of p * k into p: piece rank
+    return stage[a:b]
+
+
+def shm_all_gather_pieces(stage: torch.Tensor, p2p: P2P) -> None:
+    """The all-gather collective: ``stage`` (p * k,) holds this rank's k elements at piece
+    ``rank``; afterwards piece j holds rank j's, on every rank."""
+    shm_all_gather(stage, chunk_bounds(stage.numel(), p2p.size), p2p)
+
+
 @_guarded
 def shm_broadcast(buf: torch.Tensor, root: int, p2p: P2P) -> None:
     """Copy position ``root``'s ``buf`` (1-D, contiguous) into everyone's: one copy in, one
@@ -210,5 +225,5 @@ def shm_shape(n: float, p: int) -> tuple[float, float, float]:
     """(messages, wire bytes, reduced bytes) for ``n`` bytes on ``p`` ranks: two flag waits
     stand for messages; the "wire" is memory, and each rank copies n bytes in and n bytes
     out (its reads of the others' slots are the reduction's operands); each rank combines
-    its 1/p piece with p - 1 others, (p - 1)/p * n bytes."""
-    return 2, 2 * n, (p - 1) / p * n
+    its 1/p piece with p - 1 others, (p - 1)/p * n bytes (half the bus factor)."""
+    return 2, 2 * n, float(bus_factor(p) / 2 * n)
