@@ -44,6 +44,51 @@ class _Terminated(Exception):
     pass
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    """The SIGTERM handler while :func:`run_elastic` supervises."""
+    raise _Terminated
+
+
+def _start(workers: list[Worker], uid: int, cmd: list[str],
+           env_of: Callable[[int], dict[str, str]], launcher: int, in_main: bool) -> None:
+    """Start worker ``uid`` and record it in ``workers`` before an interrupt can arrive (one
+    inside Popen, after the fork, would lose a child we never learnt about)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS) if in_main else None
+    try:
+        workers.append(procs.start(uid, cmd, env_of(uid), procs.make_preexec(launcher, mask),
+                                   piped=False))
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _supervise(workers: list[Worker], start: Callable[[int], None], first_replacement: int,
+               policy: ElasticPolicy, max_restarts: int, grace_s: float,
+               poll_s: float) -> LaunchResult:
+    """Watch the workers until all have ended or a failure stops the run; replace the lost
+    ones (numbered from ``first_replacement``) while restarts remain."""
+    restarts, next_uid = 0, first_replacement
+    while procs.running(workers):
+        policy.poll()
+        for w in procs.poll_exits(workers, poll_s):
+            assert w.exit is not None
+            if not w.exit.failed:
+                policy.finished(w.rank)
+                continue
+            if w.exit.returncode in SELF_EXPLAINED:
+                return _stop(workers, w, grace_s)
+            if not policy.lost(w.rank):
+                return _stop(workers, w, grace_s, getattr(policy, "stop_reason", ""))
+            print(f"gradsync: worker {w.rank} {w.exit.describe()}; the others go on",
+                  file=sys.stderr, flush=True)
+            if restarts < max_restarts:
+                restarts += 1
+                policy.started(next_uid)
+                start(next_uid)
+                next_uid += 1
+    return LaunchResult(returncode=0)
+
+
 def run_elastic(cmd: list[str], env_of: Callable[[int], dict[str, str]], nprocs: int,
                 policy: ElasticPolicy, *, max_restarts: int = 0, grace_s: float = 5.0,
                 poll_s: float = 0.05) -> LaunchResult:
@@ -54,46 +99,18 @@ def run_elastic(cmd: list[str], env_of: Callable[[int], dict[str, str]], nprocs:
         returncode 0 when the run ended without a stopping failure (lost workers the policy
         let go are reported on stderr, not counted); else the stopping worker's code.
     """
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise _Terminated
-
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     workers: list[Worker] = []
     launcher = os.getpid()
 
     def start(uid: int) -> None:
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS) if in_main else None
-        try:
-            workers.append(procs.start(uid, cmd, env_of(uid), procs.make_preexec(launcher, mask),
-                                       piped=False))
-        finally:
-            if mask is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _start(workers, uid, cmd, env_of, launcher, in_main)
 
     try:
         for uid in range(nprocs):
             start(uid)
-        restarts, next_uid = 0, nprocs
-        while procs.running(workers):
-            policy.poll()
-            for w in procs.poll_exits(workers, poll_s):
-                assert w.exit is not None
-                if not w.exit.failed:
-                    policy.finished(w.rank)
-                    continue
-                if w.exit.returncode in SELF_EXPLAINED:
-                    return _stop(workers, w, grace_s)
-                if not policy.lost(w.rank):
-                    return _stop(workers, w, grace_s, getattr(policy, "stop_reason", ""))
-                print(f"gradsync: worker {w.rank} {w.exit.describe()}; the others go on",
-                      file=sys.stderr, flush=True)
-                if restarts < max_restarts:
-                    restarts += 1
-                    policy.started(next_uid)
-                    start(next_uid)
-                    next_uid += 1
-        return LaunchResult(returncode=0)
+        return _supervise(workers, start, nprocs, policy, max_restarts, grace_s, poll_s)
     except (KeyboardInterrupt, _Terminated) as exc:
         sig = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
         try:

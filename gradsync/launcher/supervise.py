@@ -51,6 +51,11 @@ class _LauncherTerminated(Exception):
     """Raised from the SIGTERM handler to leave the supervision loop."""
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    """The SIGTERM handler while :func:`run_processes` supervises."""
+    raise _LauncherTerminated
+
+
 @dataclass
 class LaunchResult:
     """Outcome of :func:`run_processes` (and so of :func:`gradsync.launcher.launch`).
@@ -123,6 +128,59 @@ def _watchdog(workers: list[Worker], timeout_s: float, stop: threading.Event,
         procs.signal_groups(workers, signal.SIGKILL)
 
 
+def _start_all(cmds: list[list[str]], envs: list[dict[str, str]], workers: list[Worker],
+               piped: bool, in_main: bool) -> None:
+    """Start every rank, appending each to ``workers`` as soon as it exists (so that the
+    caller's cleanup reaches the ranks already started if a later one fails)."""
+    # An interrupt inside Popen, after the fork, would lose a child we never learnt
+    # about, so interrupts wait until every rank is recorded in `workers`.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS) if in_main else None
+    try:
+        preexec = procs.make_preexec(os.getpid(), mask)
+        for rank, (cmd, env) in enumerate(zip(cmds, envs)):
+            workers.append(procs.start(rank, cmd, env, preexec, piped=piped))
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending Ctrl-C fires here
+
+
+def _pumps(workers: list[Worker], on_line: OnLine) -> list[threading.Thread]:
+    """One reader thread per rank and stream, not started yet."""
+    return [threading.Thread(target=_pump, args=(pipe, w.rank, stream, on_line), daemon=True)
+            for w in workers
+            for pipe, stream in ((w.proc.stdout, "stdout"), (w.proc.stderr, "stderr"))]
+
+
+def _forward_interrupt(workers: list[Worker], sig: signal.Signals,
+                       grace_s: float) -> LaunchResult:
+    """Pass an interrupt of this process on to the ranks and give them ``grace_s`` to exit."""
+    logger.info("launcher got %s; forwarding it to the workers", sig.name)
+    try:
+        procs.signal_groups(workers, sig)
+        procs.wait_all(workers, grace_s)
+    except (KeyboardInterrupt, _LauncherTerminated):
+        pass  # a second interrupt: skip the wait, the caller's cleanup SIGKILLs the rest
+    return LaunchResult(128 + sig, None, f"launcher got {sig.name}")
+
+
+def _clean_up(workers: list[Worker], pumps: list[threading.Thread], in_main: bool,
+              previous_sigterm: object) -> None:
+    """Kill and reap every rank's group, let the readers drain, restore SIGTERM's handler."""
+    # A second Ctrl-C must not cut the cleanup short; it is delivered, to the caller's
+    # handlers, once the ranks are gone.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS) if in_main else None
+    try:
+        procs.reap(workers)
+        deadline = time.monotonic() + _PUMP_JOIN_S
+        for t in pumps:  # the groups are dead, so the pipes reach EOF
+            if t.is_alive():
+                t.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        if mask is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def run_processes(cmds: list[list[str]], envs: list[dict[str, str]], *, grace_s: float = 5.0,
                   tolerate: frozenset[int] = frozenset(), timeout_s: float | None = None,
                   on_line: OnLine | None = None) -> LaunchResult:
@@ -151,35 +209,20 @@ def run_processes(cmds: list[list[str]], envs: list[dict[str, str]], *, grace_s:
     if len(cmds) != len(envs):
         raise ValueError(f"{len(cmds)} commands but {len(envs)} environments")
 
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise _LauncherTerminated
-
     # signal.signal only works in the main thread; elsewhere SIGTERM keeps its disposition
     # and the ranks still die with this process through PDEATHSIG.
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     workers: list[Worker] = []
     pumps: list[threading.Thread] = []
     stop, fired = threading.Event(), threading.Event()
     watchdog: threading.Thread | None = None
     try:
-        # An interrupt inside Popen, after the fork, would lose a child we never learnt
-        # about, so interrupts wait until every rank is recorded in `workers`.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS) if in_main else None
-        try:
-            preexec = procs.make_preexec(os.getpid(), mask)
-            for rank, (cmd, env) in enumerate(zip(cmds, envs)):
-                workers.append(procs.start(rank, cmd, env, preexec, piped=on_line is not None))
-        finally:
-            if mask is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending Ctrl-C fires here
+        _start_all(cmds, envs, workers, on_line is not None, in_main)
         # Threads start once every fork is done: preexec_fn runs Python in the forked child,
         # which must not find a lock held by another thread of ours.
         if on_line is not None:
-            pumps = [threading.Thread(target=_pump, args=(pipe, w.rank, stream, on_line),
-                                      daemon=True)
-                     for w in workers
-                     for pipe, stream in ((w.proc.stdout, "stdout"), (w.proc.stderr, "stderr"))]
+            pumps = _pumps(workers, on_line)
             for pump in pumps:
                 pump.start()
         if timeout_s is not None:
@@ -192,27 +235,9 @@ def run_processes(cmds: list[list[str]], envs: list[dict[str, str]], *, grace_s:
         return result
     except (KeyboardInterrupt, _LauncherTerminated) as exc:
         sig = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
-        logger.info("launcher got %s; forwarding it to the workers", sig.name)
-        try:
-            procs.signal_groups(workers, sig)
-            procs.wait_all(workers, grace_s)
-        except (KeyboardInterrupt, _LauncherTerminated):
-            pass  # a second interrupt: skip the wait, the finally block SIGKILLs the rest
-        return LaunchResult(128 + sig, None, f"launcher got {sig.name}")
+        return _forward_interrupt(workers, sig, grace_s)
     finally:
         stop.set()
         if watchdog is not None:  # it must not signal a group once the ranks are reaped
             watchdog.join()
-        # A second Ctrl-C must not cut the cleanup short; it is delivered, to the caller's
-        # handlers, once the ranks are gone.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS) if in_main else None
-        try:
-            procs.reap(workers)
-            deadline = time.monotonic() + _PUMP_JOIN_S
-            for t in pumps:  # the groups are dead, so the pipes reach EOF
-                if t.is_alive():
-                    t.join(max(0.0, deadline - time.monotonic()))
-        finally:
-            if mask is not None:
-                signal.signal(signal.SIGTERM, previous)
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _clean_up(workers, pumps, in_main, previous)
