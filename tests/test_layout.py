@@ -104,3 +104,20 @@ def test_only_comm_imports_the_engines():
             if name.startswith(("torch.distributed", "mpi4py")):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)} imports {name}")
     assert not offenders, offenders
+
+
+def test_the_readme_layout_table_matches_the_tree():
+    """Every path the README's layout table names exists, and every package and top-level
+    module of gradsync/ has a row."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Layout"):]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    named = {p for row in rows for p in re.findall(r"`(gradsync/[\w/.]*)`", row.split("|")[1])}
+    missing = [p for p in named if not (PACKAGE.parent / p).exists()]
+    assert not missing, missing
+    tops = {f"gradsync/{p.name}" + ("/" if p.is_dir() else "") for p in PACKAGE.iterdir()
+            if (p.is_dir() and (p / "__init__.py").exists())
+            or (p.suffix == ".py" and p.stem not in ("__init__", "__main__"))}
+    assert not tops - named, sorted(tops - named)

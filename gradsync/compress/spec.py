@@ -1,15 +1,76 @@
-"""``--compression`` specs: parse ``none|fp16|bf16|topk:RATIO|powersgd:RANK`` and build the
-hook, with ``--compression-warmup`` steps of plain all-reduce first."""
+"""The one table of gradient compressors, and ``--compression`` specs parsed once.
+
+``--compression none|fp16|bf16|topk:RATIO|powersgd:RANK`` is parsed once, by the config,
+into a :class:`Compression`; that object travels to whatever needs it (the all-reduce hook
+below, the parameter server's pushes and its servers). Everything that lists compressors
+derives from :data:`REGISTRY`: the parser, the CLI help, which ones the parameter server
+pushes, which ones torch's DDP has a hook of its own for. A new compressor is one file in
+this folder (``name(arg, group) -> (state, hook)``) plus one line here.
+"""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import Callable
 
 from .. import comm
 from .bucket import GradBucket
 from .default import HookState, allreduce_hook
 
-COMPRESSORS = ("none", "fp16", "bf16", "topk:RATIO", "powersgd:RANK")
+
+def _ratio(text: str) -> float:
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise ValueError("topk needs a ratio") from None
+    if not 0 < ratio < 1:
+        raise ValueError("the top-k ratio must be between 0 and 1 (exclusive)")
+    return ratio
+
+
+def _rank(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError("powersgd needs a rank >= 1")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class Compressor:
+    """One compressor.
+
+    Args:
+        name: what users pass, before the colon.
+        build: "module:function" in this package; ``function(arg, group)`` (no ``arg`` for
+            a compressor without one) returns ``(state, hook)`` for
+            ``DataParallel.register_comm_hook``; None: no hook (plain averaging).
+        arg: what its number is called in the help ("RATIO"), None: it takes none.
+        parse_arg: the number from its text; ValueError saying what it must be otherwise.
+        example: a valid spec, shown when one is wrong.
+        ps: the parameter server can push with it.
+        torch_hook: torch's DDP has a hook of its own for it (``--arch ddp``).
+    """
+
+    name: str
+    build: str | None
+    arg: str | None = None
+    parse_arg: Callable[[str], float] | None = None
+    example: str = ""
+    ps: bool = True
+    torch_hook: bool = False
+
+
+REGISTRY: dict[str, Compressor] = {c.name: c for c in (
+    Compressor("none", None, torch_hook=True),
+    Compressor("fp16", "cast:cast", torch_hook=True),
+    Compressor("bf16", "cast:cast", torch_hook=True),
+    Compressor("topk", "topk:topk", "RATIO", _ratio, "topk:0.01"),
+    # Its low-rank factors need an all-reduce among the workers: no parameter server.
+    Compressor("powersgd", "powersgd:powersgd", "RANK", _rank, "powersgd:2", ps=False,
+               torch_hook=True),
+)}
+
+COMPRESSORS = tuple(f"{c.name}:{c.arg}" if c.arg else c.name for c in REGISTRY.values())
 
 
 @dataclass(frozen=True)
@@ -22,32 +83,31 @@ class Compression:
     def __str__(self) -> str:
         if self.arg is None:
             return self.name
-        return f"{self.name}:{self.arg:g}" if self.name == "topk" else f"{self.name}:{int(self.arg)}"
+        return f"{self.name}:{self.arg:g}"
+
+    @property
+    def compressor(self) -> Compressor:
+        return REGISTRY[self.name]
 
 
-def parse(spec: str) -> Compression:
-    """The spec as a :class:`Compression`; ValueError naming what is wrong otherwise."""
-    name, _, arg = spec.strip().partition(":")
-    if name in ("none", "fp16", "bf16"):
-        if arg:
+def parse(spec: "str | Compression") -> Compression:
+    """The spec as a :class:`Compression` (one already parsed is returned as it is);
+    ValueError naming what is wrong otherwise."""
+    if isinstance(spec, Compression):
+        return spec
+    name, _, text = spec.strip().partition(":")
+    entry = REGISTRY.get(name)
+    if entry is None:
+        raise ValueError(f"--compression {spec!r}: unknown compressor; choose one of "
+                         f"{', '.join(COMPRESSORS)}")
+    if entry.parse_arg is None:
+        if text:
             raise ValueError(f"--compression {spec!r}: {name} takes no argument")
         return Compression(name)
-    if name == "topk":
-        try:
-            ratio = float(arg)
-        except ValueError:
-            raise ValueError(f"--compression {spec!r}: topk needs a ratio, e.g. topk:0.01")
-        if not 0 < ratio < 1:
-            raise ValueError(f"--compression {spec!r}: the top-k ratio must be between 0 and 1 "
-                             f"(exclusive), e.g. topk:0.01")
-        return Compression("topk", ratio)
-    if name == "powersgd":
-        if not arg.isdigit() or int(arg) < 1:
-            raise ValueError(f"--compression {spec!r}: powersgd needs a rank >= 1, e.g. "
-                             f"powersgd:2")
-        return Compression("powersgd", int(arg))
-    raise ValueError(f"--compression {spec!r}: unknown compressor; choose one of "
-                     f"{', '.join(COMPRESSORS)}")
+    try:
+        return Compression(name, entry.parse_arg(text))
+    except ValueError as exc:  # the message names the bound
+        raise ValueError(f"--compression {spec!r}: {exc}, e.g. {entry.example}") from None
 
 
 @dataclass
@@ -78,22 +138,15 @@ def warmup_hook(state: WarmupState, bucket: GradBucket):
 def make_hook(compression: Compression | str, group: comm.Group | None = None,
               warmup: int = 0) -> tuple[object, object] | None:
     """(state, hook) for ``DataParallel.register_comm_hook``, or None for ``none``."""
-    if isinstance(compression, str):
-        compression = parse(compression)
-    if compression.name == "none":
+    compression = parse(compression)
+    entry = compression.compressor
+    if entry.build is None:
         return None
-    if compression.name in ("fp16", "bf16"):
-        from .cast import cast
-
-        state, hook = cast(compression.name, group=group)
-    elif compression.name == "topk":
-        from .topk import topk
-
-        state, hook = topk(compression.arg, group=group)
-    else:
-        from .powersgd import powersgd
-
-        state, hook = powersgd(int(compression.arg), group=group)
+    module, _, function = entry.build.partition(":")
+    factory = getattr(importlib.import_module(f"{__package__}.{module}"), function)
+    # cast(name, group); topk(ratio, group); powersgd(rank, group)
+    arg = compression.name if compression.arg is None else compression.arg
+    state, hook = factory(arg, group=group)
     if warmup > 0:
         # The plain steps count in the compressor's stats: one set of figures for the run.
         plain = HookState(group, stats=state.stats)

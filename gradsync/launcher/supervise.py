@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
+from .. import exits
 from . import procs
 from .procs import Exit, Worker
 
@@ -38,9 +39,9 @@ _PUMP_JOIN_S = 5.0  # after the last reap, for the reader threads to reach the p
 _INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 EXIT_TIMEOUT = 124  # as timeout(1)
 # Exit codes of a rank that has already said why in one line, by the convention of `gradsync`
-# ranks (2: a user error, 3: a stop all ranks agreed on, 130: an interrupt): the supervisor
-# and the CLI add no story of their own.
-SELF_EXPLAINED = frozenset({2, 3, 130})
+# ranks (a user error, a stop all ranks agreed on, an interrupt): the supervisor and the CLI
+# add no story of their own.
+SELF_EXPLAINED = exits.SELF_EXPLAINED
 
 OnLine = Callable[[int, str, str], None]
 """``on_line(rank, stream, line)``, stream "stdout" or "stderr", line without its newline;

@@ -23,6 +23,7 @@ import logging
 
 from .. import comm
 from .compression import check_compression
+from .consistency import MODES
 from .placement import link_topology, server_weights, slowest_rate
 from .placement import server_ranks as resolve_servers
 from .server import ParameterServer, ServerConfig, ServerStats
@@ -39,7 +40,7 @@ class PSArchitecture:
     ``compression_warmup`` steps of plain pushes. ``server_ranks``: which ranks serve (see
     ``placement.py``; None: ranks 0..servers-1). ``partition_mb``: the largest partition in
     MiB (None: chosen from the links). ``topology``: a :class:`~gradsync.comm.Topology` or a
-    topology file, for the links' rates (None: the lab's, if under one). ``elastic``: a lost
+    topology file, for the links' rates (None: not known). ``elastic``: a lost
     worker is dropped in sync mode too, until fewer than ``min_workers`` are left (see
     :class:`ServerConfig`)."""
 
@@ -71,7 +72,7 @@ class PSArchitecture:
                             if comm.is_initialized() and group.size == comm.world().size
                             else group)
         self.workers = [r for r in range(group.size) if r not in self.servers]
-        self.config = ServerConfig(consistency, staleness if consistency == "ssp" else 0,
+        self.config = ServerConfig(consistency, staleness if MODES[consistency].bounded else 0,
                                    max_steps, nonfinite, self.compression,
                                    elastic=elastic, min_workers=min_workers)
         self.is_worker = group.rank not in self.servers
@@ -88,6 +89,19 @@ class PSArchitecture:
         rate = slowest_rate(links)
         self.partition_bytes = (int(partition_mb * (1 << 20)) if partition_mb is not None
                                 else partition_bytes_for(rate))
+
+    @classmethod
+    def from_config(cls, config, group: comm.Group, links: comm.Topology | None = None
+                    ) -> "PSArchitecture":
+        """From a TrainConfig; ``links``: the run's links when the caller knows them (a lab's),
+        used unless --topology names a file."""
+        topology = config.allreduce.topology
+        return cls(config.ps.servers, config.ps.consistency, config.ps.staleness, group,
+                   nonfinite=config.optim.on_nonfinite, compression=config.compression.spec,
+                   compression_warmup=config.compression.compression_warmup,
+                   server_ranks=config.ps.server_ranks, partition_mb=config.ps.partition_mb,
+                   topology=topology if topology not in ("probe", "off") else links,
+                   elastic=config.launch.elastic, min_workers=config.launch.min_workers)
 
     def _layout(self, model):
         return shard_layout([p for p in model.parameters() if p.requires_grad],
@@ -169,3 +183,21 @@ class PSArchitecture:
             "dropped_workers": sorted({w for s in stats for w in s.dropped}),
             "workers_dropped": len({w for s in stats for w in s.dropped}),
         }
+
+    def summary_head(self, s: dict) -> str:
+        return f"ps, {s.get('servers')} servers, {s.get('consistency')}"
+
+    def summary_lines(self, s: dict) -> list[str]:
+        lines = [f"  servers            received {_mb(s['bytes_received_per_step_per_server'])} "
+                 f"MB and sent {_mb(s['bytes_sent_per_step_per_server'])} MB per step; busy "
+                 f"{', '.join(f'{b:.2f}' for b in s['server_busy_s'])} s",
+                 f"  staleness          max {s['max_staleness']}, histogram "
+                 f"{s['staleness_histogram']}, max lead {s['max_lead']} steps"]
+        if s["dropped_workers"]:
+            lines.append(f"  dropped workers    ranks {s['dropped_workers']} (lost during the "
+                         f"run; the others went on)")
+        return lines
+
+
+def _mb(values: list[float]) -> str:
+    return "/".join(f"{v / 1e6:.3f}" for v in values)

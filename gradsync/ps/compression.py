@@ -38,16 +38,18 @@ INDEX_BYTES = 8  # int64 indices
 
 
 def check_compression(spec: str | Compression) -> Compression:
-    """``spec`` parsed, if the parameter server supports it.
+    """``spec`` (parsed once by the caller, or a string parsed here), if the parameter
+    server pushes with it (the compressor table's ``ps``).
 
     Raises:
-        ValueError: a malformed spec (from :func:`gradsync.compress.spec.parse`), or powersgd.
+        ValueError: a malformed spec (from :func:`gradsync.compress.spec.parse`), or one the
+            parameter server does not push (powersgd).
     """
-    compression = parse(spec) if isinstance(spec, str) else spec
-    if compression.name == "powersgd":
+    compression = parse(spec)
+    if not compression.compressor.ps:
         raise ValueError(f"--compression {compression}: the parameter server does not support "
-                         "powersgd (its low-rank factors need an all-reduce among the workers); "
-                         "use fp16, bf16 or topk:RATIO, or --arch allreduce")
+                         f"{compression.name} (its low-rank factors need an all-reduce among "
+                         "the workers); use fp16, bf16 or topk:RATIO, or --arch allreduce")
     return compression
 
 

@@ -33,6 +33,8 @@ class Consistency:
     """What a non-finite gradient left out (nonfinite="skip") means in this mode, for the log."""
     drops = True
     """Whether the others train on without a lost or rejected worker (else the run stops)."""
+    bounded = False
+    """Whether ``staleness`` (``--staleness``) bounds how far a worker runs ahead."""
 
     def __init__(self, server):
         self.server = server
@@ -165,6 +167,8 @@ class Async(Consistency):
 
 
 class SSP(Async):
+    bounded = True
+
     def __init__(self, server):
         super().__init__(server)
         self.staleness = server.config.staleness
@@ -197,4 +201,7 @@ class SSP(Async):
         self.release()
 
 
+# The one table of consistency modes (--consistency): a new mode is one class beside these
+# (or a file of its own) plus one line here; the config's choices and the server's
+# validation derive from it.
 MODES = {"sync": Sync, "async": Async, "ssp": SSP}

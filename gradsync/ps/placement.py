@@ -84,25 +84,56 @@ def server_ranks(group: comm.Group, servers: int,
     return sorted(ranks)
 
 
-def link_topology(topology=None, world_size: int | None = None) -> comm.Topology | None:
-    """The links of the run: ``topology`` (a Topology, or a file from `gradsync bench
-    topology --save`), else the lab's when running in one (GRADSYNC_LAB), else None.
-    "probe" and "off" (the all-reduce's settings) count as not given."""
-    if isinstance(topology, comm.Topology):
-        return topology
-    if isinstance(topology, str) and topology not in ("probe", "off", ""):
-        return comm.Topology.load(topology)
-    from ..lab import current
+def local_server_ranks(servers: int, spec: str | None, processes: int) -> frozenset[int]:
+    """The ranks that serve in a run of ``processes`` local processes: the first ``servers``
+    unless ``spec`` (--server-ranks) lists them; "colocated" on one host is rank 0.
 
-    lab = current()
-    if lab is None:
+    Raises:
+        ValueError: ``spec`` names a rank beyond the run's processes.
+    """
+    if spec is None:
+        return frozenset(range(servers))
+    ranks = parse_server_ranks(spec)
+    if ranks == "colocated":
+        return frozenset({0})
+    if max(ranks) >= processes:
+        raise ValueError(f"--server-ranks {spec}: this run has {processes} processes (ranks "
+                         f"0..{processes - 1}: --workers {processes - servers} + --servers "
+                         f"{servers})")
+    return frozenset(ranks)
+
+
+def tolerated_ranks(servers: frozenset[int], processes: int, consistency: str,
+                    elastic: bool) -> frozenset[int]:
+    """The ranks whose loss the launcher lets the run survive: the workers, when the servers
+    drop a lost worker and go on (async and ssp always, sync with ``elastic``). An elastic run
+    still stops when its first worker, which evaluates and writes the summary, is lost."""
+    from .consistency import MODES
+
+    if not (MODES[consistency].drops or elastic):
+        return frozenset()
+    workers = frozenset(range(processes)) - servers
+    return workers - {min(workers)} if elastic else workers
+
+
+def link_topology(topology=None, world_size: int | None = None) -> comm.Topology | None:
+    """The links of the run, as the caller knows them: ``topology`` (a Topology, or a file
+    from `gradsync bench topology --save`; the trainer passes the lab's links when it runs in
+    one), checked against ``world_size`` when given; else None. "probe" and "off" (the
+    all-reduce's settings) count as not given."""
+    if isinstance(topology, str) and topology not in ("probe", "off", ""):
+        topology = comm.Topology.load(topology)
+    if not isinstance(topology, comm.Topology):
         return None
-    per = lab.procs_per_host
-    if world_size is not None and world_size != len(lab.hosts) * per:
+    return topology.validate(world_size) if world_size is not None else topology
+
+
+def lab_links(lab, world_size: int) -> comm.Topology | None:
+    """The links of ``lab`` (a :class:`gradsync.lab.Lab`, or None) as a Topology, when its
+    slots are the ``world_size`` ranks of the run; None otherwise."""
+    if lab is None or lab.world_size != world_size:
         return None
-    hosts = tuple(comm.HostLink(f"h{h.index}", tuple(range(i * per, (i + 1) * per)),
-                                h.rate / 8) for i, h in enumerate(lab.hosts))
-    return comm.Topology(hosts)
+    return comm.Topology(tuple(comm.HostLink(*link) for link in lab.links()))
 
 
 def server_weights(links: comm.Topology | None, servers: list[int]) -> list[float] | None:

@@ -1,4 +1,4 @@
-"""What the trainer asks of an architecture, and the registry that maps ``--arch`` to one.
+"""What the trainer asks of an architecture, and the one table that maps ``--arch`` to one.
 
 The trainer never learns which architecture runs it: it hands over the model and a way to
 build the optimizer, then trains what it gets back. Ranks that are not workers (the servers
@@ -7,13 +7,14 @@ of the Parameter Server) are handed the model to ``serve`` instead.
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
 import torch
 from torch import nn
 
 from .. import comm
-from .config import TrainConfig
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -60,45 +61,53 @@ class Architecture(Protocol):
     def finish(self) -> dict:
         """After the last step: architecture-specific figures for the summary."""
 
+    def summary_head(self, summary: dict) -> str:
+        """How this run synchronised, for the summary's first line ("ps, 2 servers, sync")."""
 
-def _allreduce(config: TrainConfig, group: comm.Group) -> Architecture:
-    from ..allreduce.architecture import AllReduceArchitecture
-
-    return AllReduceArchitecture(group, algorithm=config.allreduce.algorithm,
-                                 bucket_cap_mb=config.allreduce.bucket_cap_mb,
-                                 nonfinite=config.optim.on_nonfinite,
-                                 topology=config.allreduce.topology,
-                                 compression=config.compression.compression,
-                                 compression_warmup=config.compression.compression_warmup)
+    def summary_lines(self, summary: dict) -> list[str]:
+        """The summary's lines of this architecture's own figures (may be empty)."""
 
 
-def _baseline(config: TrainConfig, group: comm.Group) -> Architecture:
-    from ..allreduce.architecture import BaselineArchitecture
+@dataclass(frozen=True)
+class ArchitectureEntry:
+    """One ``--arch``: where its class lives (imported only by a run that uses it) and what
+    ``--help`` says of it. The class builds itself from the config
+    (``from_config(config, group, links)``) and writes its own summary lines."""
 
-    return BaselineArchitecture(config.arch, group, bucket_cap_mb=config.allreduce.bucket_cap_mb,
-                                compression=config.compression.compression,
-                                compression_warmup=config.compression.compression_warmup)
+    name: str
+    path: str       # "module:Class" under gradsync
+    help: str
+    baseline: bool = False  # for comparison in benchmarks, not a gradsync architecture
 
-
-def _ps(config: TrainConfig, group: comm.Group) -> Architecture:
-    from ..ps import PSArchitecture
-
-    return PSArchitecture(config.ps.servers, config.ps.consistency, config.ps.staleness, group,
-                          nonfinite=config.optim.on_nonfinite,
-                          compression=config.compression.compression,
-                          compression_warmup=config.compression.compression_warmup,
-                          server_ranks=config.ps.server_ranks,
-                          partition_mb=config.ps.partition_mb,
-                          topology=config.allreduce.topology,
-                          elastic=config.launch.elastic, min_workers=config.launch.min_workers)
+    def load(self) -> type:
+        module, _, cls = self.path.partition(":")
+        return getattr(importlib.import_module(f"gradsync.{module}"), cls)
 
 
-# --arch name -> builder; the architectures import lazily, so a run loads only its own.
-REGISTRY: dict[str, Callable[[TrainConfig, comm.Group], Architecture]] = {
-    "allreduce": _allreduce, "ps": _ps, "ddp": _baseline, "local": _baseline}
+# The one table of architectures: a new one is one file (a class with this module's
+# interface, ``from_config`` and the summary methods) plus one line here.
+REGISTRY: dict[str, ArchitectureEntry] = {e.name: e for e in (
+    ArchitectureEntry("allreduce", "allreduce.architecture:AllReduceArchitecture",
+                      "every rank a worker; gradients averaged while backward runs"),
+    ArchitectureEntry("ps", "ps.architecture:PSArchitecture",
+                      "parameter servers hold shards; workers push gradients, pull parameters"),
+    ArchitectureEntry("ddp", "allreduce.architecture:BaselineArchitecture",
+                      "torch's DistributedDataParallel", baseline=True),
+    ArchitectureEntry("local", "allreduce.architecture:BaselineArchitecture",
+                      "one process, no wrapper", baseline=True),
+)}
+ARCHITECTURES: tuple[str, ...] = tuple(REGISTRY)
 
 
-def build_architecture(config: TrainConfig, group: comm.Group) -> Architecture:
-    if config.arch not in REGISTRY:
-        raise ValueError(f"unknown architecture {config.arch!r}")
-    return REGISTRY[config.arch](config, group)
+def check_architecture(name: str) -> ArchitectureEntry:
+    """The table's entry for ``--arch name``; ValueError listing them otherwise."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown --arch {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return REGISTRY[name]
+
+
+def build_architecture(config: "TrainConfig", group: comm.Group,
+                       links: comm.Topology | None = None) -> Architecture:
+    """The architecture ``config.arch`` names, on ``group`` (``config``: a TrainConfig).
+    ``links``: the run's hosts and links when the caller knows them (a lab's)."""
+    return check_architecture(config.arch).load().from_config(config, group, links)

@@ -11,12 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..comm import ALL_REDUCE_ALGORITHMS, Topology, check_algorithm
-from ..comm.reference import TORCH_HOOKS
+from ..comm import ALL_REDUCE_ALGORITHMS, ENGINES, Topology, check_algorithm
+from ..compress.spec import COMPRESSORS, REGISTRY as COMPRESSOR_TABLE, Compression
 from ..compress.spec import parse as parse_compression
-from .workloads import WORKLOADS
+from ..ps.consistency import MODES
+from ..workloads import WORKLOADS
+from .architecture import ARCHITECTURES, REGISTRY as ARCHITECTURE_TABLE, check_architecture  # noqa: F401
 
-ARCHITECTURES = ("allreduce", "ps", "ddp", "local")  # the last two: baselines
+CONSISTENCY_MODES = tuple(MODES)
 # Upper bounds of the positive float flags: beyond them a value is a typo, not a setting
 # (a learning rate of 1e300 turns the first update into Inf; a timeout beyond a week
 # overflows the engine's timedelta long before it helps anyone).
@@ -101,14 +103,20 @@ class CompressionConfig:
     """Gradient compression (--arch allreduce: a comm hook; --arch ps: compressed pushes)."""
 
     compression: str = field(default="none", metadata=_help(
-        "none, fp16, bf16, topk:RATIO (top-k with error feedback, e.g. topk:0.01) or "
-        "powersgd:RANK (all-reduce only)"))
+        f"{', '.join(COMPRESSORS)} (top-k keeps error feedback, e.g. topk:0.01; "
+        f"{', '.join(n for n, c in COMPRESSOR_TABLE.items() if not c.ps)}: all-reduce only)"))
     compression_warmup: int = field(default=0, metadata=_help(
         "steps sent uncompressed before compression starts"))
 
     def __post_init__(self) -> None:
-        parse_compression(self.compression)  # a ValueError names what is wrong
+        # Parsed once, here; the object travels to the hooks, the PS workers and servers.
+        self._spec = parse_compression(self.compression)  # a ValueError names what is wrong
         _at_least(self.compression_warmup, 0, "compression-warmup")
+
+    @property
+    def spec(self) -> Compression:
+        """``compression`` parsed (the one parse of the run)."""
+        return self._spec
 
 
 @dataclass
@@ -117,8 +125,9 @@ class PSConfig:
 
     servers: int = field(default=1, metadata=_help("parameter servers (--arch ps); the first "
                                                    "ranks of the world serve"))
-    consistency: Literal["sync", "async", "ssp"] = field(default="sync", metadata=_help(
-        "parameter-server consistency: sync, async, or ssp (bounded staleness)"))
+    consistency: Literal[CONSISTENCY_MODES] = field(default="sync", metadata=_help(
+        f"parameter-server consistency: {', '.join(CONSISTENCY_MODES)} (ssp: bounded "
+        "staleness)"))
     staleness: int = field(default=2, metadata=_help("ssp: how many steps a worker may run "
                                                      "ahead of the slowest"))
     partition_mb: float | None = field(default=None, metadata=_help(
@@ -179,9 +188,9 @@ class LaunchConfig:
                                                           "one)"))
     timeout: float = field(default=300.0, metadata=_help(
         "seconds any blocking communication may wait before the run fails"))
-    engine: Literal["auto", "torch", "mpi"] = field(default="auto", metadata=_help(
-        "communication engine: torch (gloo), mpi (under mpiexec/srun; pip install "
-        "'gradsync[mpi]'), auto (mpi when started by an MPI launcher)"))
+    engine: Literal[ENGINES] = field(default="auto", metadata=_help(
+        f"communication engine: {', '.join(ENGINES)} (torch: gloo; mpi: under mpiexec/srun, "
+        "pip install 'gradsync[mpi]'; auto: mpi when started by an MPI launcher)"))
     elastic: bool = field(default=False, metadata=_help(
         "elastic training (--arch allreduce, local workers): a lost worker does not stop the "
         "run, the others go on from the last step they completed; --arch ps: the servers drop "
@@ -244,8 +253,9 @@ class TrainConfig:
     """What to train, on how many workers, with which architecture."""
 
     arch: str = field(default="allreduce", metadata=_help(
-        "architecture: allreduce, ps; baselines for comparison: ddp (torch's "
-        "DistributedDataParallel), local (one process, no wrapper)"))
+        "architecture: " + ", ".join(n for n, e in ARCHITECTURE_TABLE.items() if not e.baseline)
+        + "; baselines for comparison: " + ", ".join(
+            f"{n} ({e.help})" for n, e in ARCHITECTURE_TABLE.items() if e.baseline)))
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     allreduce: AllReduceConfig = field(default_factory=AllReduceConfig)
@@ -262,17 +272,16 @@ class TrainConfig:
         return self.launch.workers + (self.ps.servers if self.arch == "ps" else 0)
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown --arch {self.arch!r}; choose one of "
-                             f"{', '.join(ARCHITECTURES)}")
+        check_architecture(self.arch)
         if self.arch == "local" and self.launch.workers != 1:
             raise ValueError(f"--arch local trains one process alone; use --workers 1, "
                              f"not {self.launch.workers}")
-        spec = self.compression.compression
-        if self.arch == "local" and spec != "none":
+        spec = self.compression.spec
+        if self.arch == "local" and spec.name != "none":
             raise ValueError("--arch local trains one process alone: nothing to compress")
-        if self.arch == "ddp" and spec.partition(":")[0] not in ("none", *TORCH_HOOKS):
-            raise ValueError(f"--arch ddp runs torch's own hooks: {', '.join(TORCH_HOOKS)}; "
+        if self.arch == "ddp" and not spec.compressor.torch_hook:
+            hooks = [n for n, c in COMPRESSOR_TABLE.items() if c.torch_hook and n != "none"]
+            raise ValueError(f"--arch ddp runs torch's own hooks: {', '.join(hooks)}; "
                              f"not {spec}")
         if self.launch.elastic and (self.arch not in ("allreduce", "ps") or self.checkpoint.dir
                                     or self.lab.hosts or self.launch.engine == "mpi"):
@@ -281,6 +290,7 @@ class TrainConfig:
         if self.launch.elastic and self.arch == "ps" and self.launch.max_restarts:
             raise ValueError("--arch ps --elastic drops lost workers; no replacement joins "
                              "(--max-restarts is for --arch allreduce)")
-        if self.arch == "ps" and self.compression.compression.startswith("powersgd"):
-            raise ValueError("--compression powersgd is for --arch allreduce (its low-rank "
-                             "factors need an all-reduce); the PS takes fp16, bf16 or topk")
+        if self.arch == "ps" and not spec.compressor.ps:
+            raise ValueError(f"--compression {spec.name} is for --arch allreduce (its low-rank "
+                             "factors need an all-reduce); the PS takes " + ", ".join(
+                                 n for n, c in COMPRESSOR_TABLE.items() if c.ps and n != "none"))

@@ -98,8 +98,10 @@ class ElasticLoop:
         check_every: ask whether the membership changed every this many steps (a store
             read on rank 0 and an 8-byte broadcast); a join waits up to this many steps.
         allreduce: keyword arguments of AllReduceArchitecture (algorithm, bucket_cap_mb,
-            nonfinite, compression, ...). ``auto`` runs the engine's all-reduce, since
-            a lost peer inside a shared-memory all-reduce is found only at the timeout.
+            nonfinite, topology, compression, ...). ``auto`` runs the engine's all-reduce,
+            since a lost peer inside a shared-memory all-reduce is found only at the timeout.
+            A topology (default "off") describes the first generation's ranks (the members'
+            uids); each generation uses it restricted to its members.
     """
 
     world: ElasticWorld
@@ -158,7 +160,7 @@ class ElasticLoop:
         if self.architecture is None:
             self.architecture = AllReduceArchitecture(group, **self._options)
         formed = time.monotonic()
-        self.architecture.regroup(group, self.model)
+        self.architecture.regroup(group, self.model, members=list(self.world.members))
         wrapped = time.monotonic()
         self._agree_state(group)
         log.debug("member %d: wrapper rebuilt in %.3f s, state agreed in %.3f s",

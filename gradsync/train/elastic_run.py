@@ -13,21 +13,17 @@ trainer's loop on an elastic membership; the summary adds the membership changes
 from __future__ import annotations
 
 import logging
-import math
-import statistics
 import sys
 import time
 
-import torch
 from torch.utils.data import default_collate
 
 from .. import comm
 from ..comm.elastic import Coordinator, ElasticWorld
 from .config import TrainConfig
 from .elastic import ElasticLoop
-from .trainer import (DTYPES, MetricsWriter, _progress, evaluate, make_optimizer,
-                      parameters_digest)
-from .workloads import build_workload
+from .loop import RunLog, RunSetup, Tally, summarize, write_summary
+from .summary import format_summary
 
 log = logging.getLogger(__name__)
 
@@ -72,105 +68,56 @@ def run_local(config: TrainConfig, env: dict[str, str]) -> int:
                   port=launch_config.port, timeout_s=launch_config.timeout, env=env)
 
 
-def run_worker(config: TrainConfig, format_summary) -> dict | None:
-    """Train as one elastic worker; rank 0 of the last generation prints the summary.
-    Returns the summary."""
-    spec = config.workload
-    workload = build_workload(spec.workload, seed=spec.seed, hidden=spec.hidden,
-                              dtype=DTYPES[spec.dtype])
-    batch = config.optim.batch_size or workload.default_batch_size
-    lr = config.optim.lr or workload.default_lr
+def run_worker(config: TrainConfig) -> dict | None:
+    """Train as one elastic worker: the trainer's set-up, record and summary (loop.py) on an
+    elastic membership, whose steps come from :class:`ElasticLoop`; rank 0 of the last
+    generation prints the summary, which adds the membership changes. Returns the summary."""
+    setup = RunSetup.from_config(config)
+    workload, workers = setup.workload, config.launch.workers
     world = ElasticWorld.from_env(config.launch.timeout)
+    topology = config.allreduce.topology
+    if topology not in ("probe", "off"):  # a file describes the first --workers ranks (uids)
+        topology = comm.Topology.load(topology).validate(workers)
     loop = ElasticLoop(
-        world, workload.model, lambda params: make_optimizer(workload.optimizer, params, lr),
-        len(workload.train_set), batch, config.launch.workers,
-        rescale=config.launch.elastic_rescale, seed=spec.seed,
+        world, workload.model, setup.optimizer_for, len(workload.train_set), setup.batch,
+        workers, rescale=config.launch.elastic_rescale, seed=config.workload.seed,
         check_every=config.launch.elastic_check_every,
         allreduce={"algorithm": config.allreduce.algorithm,
                    "bucket_cap_mb": config.allreduce.bucket_cap_mb,
                    "nonfinite": config.optim.on_nonfinite,
-                   "compression": config.compression.compression,
+                   "topology": topology,
+                   "compression": config.compression.spec,
                    "compression_warmup": config.compression.compression_warmup})
     train_set = workload.train_set
 
     def step_fn(model, indices, weight):
         x, y = default_collate([train_set[i] for i in indices])
-        loss = workload.loss_fn(model(x), y)
-        (loss * weight if weight != 1.0 else loss).backward()
-        return loss.item()
+        return setup.forward_backward(model, x, y, weight)
 
-    epochs = config.optim.epochs or workload.default_epochs
     steps = config.optim.steps
-    total = steps if steps is not None else epochs * math.ceil(
-        len(train_set) / (batch * config.launch.workers))
-    step_times: list[float] = []
-    losses: list[float] = []
-    leader: dict = {}  # this worker's writer and bar while it is the group's rank 0
+    run_log = RunLog(config.output, setup.total_steps(setup.steps_per_epoch(workers)))
 
     def on_step(record: dict) -> None:
-        step_times.append(record["step_time_s"])
-        losses.append(record["loss"])
-        if loop.group.rank != 0:
-            return
-        if not leader:  # a later leader continues the metrics of the one it follows
-            leader["writer"] = MetricsWriter(config.output.out, True, append=bool(loop.changes))
-            leader["bar"] = _progress(total, config.output.progress)
-            if leader["bar"] is not None:
-                leader["bar"].update(record["step"] - 1)
-        leader["writer"].step(record)
-        if leader["bar"] is not None:
-            leader["bar"].update(1)
-            leader["bar"].set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.4f}",
-                                      workers=record["workers"], refresh=False)
+        if loop.group.rank == 0:  # a later leader continues the metrics of the one before
+            run_log.lead(done=record["step"] - 1, append=bool(loop.changes))
+        run_log.step(record, workers=record["workers"])
 
     start = time.perf_counter()
     try:
-        loop.run(step_fn, steps=steps, epochs=None if steps is not None else epochs,
+        loop.run(step_fn, steps=steps, epochs=None if steps is not None else setup.epochs,
                  on_step=on_step)
     finally:
-        if leader.get("bar") is not None:
-            leader["bar"].close()
-        if leader:
-            leader["writer"].close()
+        run_log.close()
     wall = time.perf_counter() - start
-    return _summarize(config, loop, workload, batch, lr, wall, step_times, losses,
-                      format_summary)
-
-
-def _summarize(config, loop: ElasticLoop, workload, batch, lr, wall, step_times, losses,
-               format_summary) -> dict:
-    group, arch = loop.group, loop.architecture
+    arch, pos = loop.architecture, loop.position
     assert arch is not None
-    extra = arch.finish()
-    recent = statistics.fmean(losses[-20:]) if losses else float("nan")
-    share = min(max(arch.comm_wait_s(), 0.0) / wall, 1.0) if wall > 0 else 0.0
-    tail = torch.tensor([recent, share], dtype=torch.float64)
-    comm.all_reduce(tail, op="avg", group=group, algorithm="native")
-    evaluation = evaluate(loop.wrapped, workload, group, batch)
-    n_params = sum(p.numel() for p in workload.model.parameters())
-    pos, workers = loop.position, group.size
-    summary = {
-        "workload": config.workload.workload, "arch": "allreduce",
-        "algorithm": arch.algorithm, "workers": workers, "parameters": n_params,
-        "steps": pos.step, "epochs": pos.epoch, "steps_run": len(step_times),
-        "batch_per_worker": loop.global_batch(workers) // workers,
-        "global_batch": loop.global_batch(workers),
-        "lr": loop.optimizer.param_groups[0]["lr"],
-        "train_loss": tail[0].item(), **{f"eval_{k}": v for k, v in evaluation.items()},
-        "wall_s": wall,
-        "samples_per_s": len(step_times) * loop.global_batch(workers) / wall,
-        "step_time_ms_median": 1e3 * statistics.median(step_times or [0.0]),
-        "samples_per_s_median_step": loop.global_batch(workers) / statistics.median(
-            step_times) if step_times else 0.0,
-        "comm_wait_s": tail[1].item() * wall, "compute_s": (1 - tail[1].item()) * wall,
-        "bytes_per_step_per_worker": arch.bytes_sent() / max(len(step_times), 1),
-        "parameters_sha1": parameters_digest(loop.wrapped), **extra,
-        "elastic": {"generation": loop.world.gen, "members": list(loop.world.members),
-                    "rescale": loop.rescale, "changes": [vars(c) for c in loop.changes]},
-    }
-    if group.rank == 0:
-        writer = MetricsWriter(config.output.out, True, append=True)
-        writer.summary(summary)
-        writer.close()
-        print(format_summary(summary), flush=True)
+    tally = Tally(pos.step, pos.epoch, len(run_log.step_times),
+                  loop.global_batch(loop.group.size), loop.optimizer.param_groups[0]["lr"],
+                  waited_s=arch.comm_wait_s(), sent=arch.bytes_sent())
+    summary = summarize(setup, arch, loop.wrapped, tally, run_log, wall)
+    summary["elastic"] = {"generation": loop.world.gen, "members": list(loop.world.members),
+                          "rescale": loop.rescale, "changes": [vars(c) for c in loop.changes]}
+    if loop.group.rank == 0:
+        write_summary(config.output.out, summary)
+        print(format_summary(summary, arch), flush=True)
     return summary

@@ -1,0 +1,87 @@
+"""The launcher side of `gradsync train`: start the ranks on this machine (or one per host of
+an emulated cluster) and supervise them.
+
+    gradsync train --workers 4          # four local ranks, each runs gradsync.train.worker
+    gradsync train --lab 3 --rate 1gbit # one rank per emulated host
+    gradsync train --elastic ...        # the rendezvous store lives here (elastic_run.py)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..exits import EXIT_INTERRUPTED, SELF_EXPLAINED, UserError, say
+from ..flags import to_argv
+from .config import TrainConfig
+from .worker import check_writable
+
+
+def _tolerated(config: TrainConfig) -> frozenset[int]:
+    """The ranks whose loss the run survives (the PS's workers, when its servers drop them)."""
+    if config.arch != "ps":
+        return frozenset()
+    from ..ps.placement import local_server_ranks, tolerated_ranks
+
+    try:
+        servers = local_server_ranks(config.ps.servers, config.ps.server_ranks,
+                                     config.processes)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return tolerated_ranks(servers, config.processes, config.ps.consistency,
+                           config.launch.elastic)
+
+
+def _rank_env(config: TrainConfig, ranks_per_machine: int) -> dict[str, str]:
+    # Share the cores between the ranks instead of letting each start one thread per core.
+    threads = str(max(1, (os.cpu_count() or 1) // ranks_per_machine))
+    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
+            # c10d's warnings (with C++ stack traces) when a peer's store connection breaks
+            # repeat what gradsync's own one-line errors say, naming the rank. (It also hides
+            # c10d's warning that lab addresses have no reverse DNS entry.)
+            "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
+
+
+def run_local(config: TrainConfig, interrupts_raise=lambda: None) -> int:
+    """Start the run's processes, supervise them, and return the run's exit code.
+    ``interrupts_raise`` is called once the launcher forwards Ctrl-C to its ranks."""
+    if config.output.out:
+        check_writable(config.output.out)
+    if config.checkpoint.dir and Path(config.checkpoint.dir).exists() \
+            and not Path(config.checkpoint.dir).is_dir():
+        raise UserError(f"--checkpoint-dir {config.checkpoint.dir} is a file, not a directory")
+    if config.lab.hosts:
+        return run_in_lab(config, interrupts_raise)
+    env = _rank_env(config, config.launch.workers)
+    tolerate = _tolerated(config)
+    interrupts_raise()
+    if config.launch.elastic and config.arch != "ps":  # the rendezvous store lives here
+        from .elastic_run import run_local as run_elastic
+
+        return run_elastic(config, env)
+    from ..launcher import LaunchError, launch
+
+    try:
+        result = launch(["train", *to_argv(config)], config.processes,
+                        master_addr=config.launch.addr, master_port=config.launch.port, env=env,
+                        tolerate=tolerate)
+    except LaunchError as exc:
+        raise UserError(str(exc)) from None
+    if result.returncode == EXIT_INTERRUPTED:
+        say("gradsync: interrupted")
+    elif result.returncode not in SELF_EXPLAINED and result.failed_rank is not None:
+        say(f"gradsync: run failed: worker rank {result.failed_rank} {result.reason}")
+    return result.returncode
+
+
+def run_in_lab(config: TrainConfig, interrupts_raise=lambda: None) -> int:
+    """`--lab N`: bring an emulated cluster up, run one rank per host, take it down."""
+    from ..lab import LabError, train_in_lab
+
+    env = _rank_env(config, config.lab.hosts)
+    interrupts_raise()
+    rates = config.lab.rates.split(",") if config.lab.rates else None
+    try:
+        return train_in_lab(config.lab.hosts, config.lab.rate, rates, to_argv(config), env)
+    except LabError as exc:
+        raise UserError(str(exc)) from None
