@@ -45,12 +45,13 @@ servers to workers are not armed this way: a worker trusts its servers.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 
 import torch
 
 from .. import comm
+from .stats import HIST_BINS, ServerStats  # noqa: F401 - re-exported: STATS's payload
 
 MAGIC = 0x6753_5053  # "gSPS"
 END = 0x454E_4421_6753_5053  # "END!gSPS": the last header field, and a PUSH payload's trailer
@@ -215,23 +216,9 @@ def validate(h: Header, *, shard: int, numel: int, step: int, dtype: torch.dtype
     Returns:
         (Status.OK, "") or the first fault and a sentence saying what exactly was wrong.
     """
-    if h.magic != MAGIC:
-        return Status.BAD_MAGIC, f"the header's magic number is {h.magic:#x}, not {MAGIC:#x}"
-    if h.end != END:
-        return Status.BAD_MAGIC, f"the header's end marker is {h.end:#x}, not {END:#x}"
-    if peer is not None and h.sender != peer:
-        return Status.WRONG_SENDER, f"the header names sender {h.sender}, not rank {peer}"
-    if h.kind not in Kind._value2member_map_:
-        return Status.BAD_KIND, f"unknown message kind {h.kind}"
-    if h.kind not in (Kind.PUSH, Kind.PUSH_SPARSE, Kind.DONE, Kind.CHECKPOINT):
-        return Status.BAD_KIND, f"a worker does not send {Kind(h.kind).name} messages"
-    if h.kind == Kind.CHECKPOINT and not checkpoints:
-        return Status.BAD_KIND, "a CHECKPOINT request, but this run takes no checkpoints"
-    if h.kind == Kind.PUSH_SPARSE and max_k is None:
-        return Status.BAD_KIND, "a PUSH_SPARSE, but this run does not compress with top-k"
-    if h.kind not in (Kind.PUSH, Kind.PUSH_SPARSE) and h.numel != 0:
-        return Status.WRONG_SIZE, (f"a {Kind(h.kind).name} message declares a payload of "
-                                   f"{h.numel} elements; it has none")
+    fault = _check_envelope(h, peer, checkpoints, max_k)
+    if fault is not None:
+        return fault
     if h.kind == Kind.DONE:
         return Status.OK, ""
     if h.shard != shard:
@@ -259,13 +246,44 @@ def validate(h: Header, *, shard: int, numel: int, step: int, dtype: torch.dtype
     if version is not None and not 0 <= h.version <= version:
         return Status.VERSION_OUT_OF_RANGE, (f"it was computed on version {h.version} of the "
                                              f"shard; the server's versions are 0..{version}")
+    return _check_payload(h, numel, dtype, half, max_k, parts is None or len(parts) == 1)
+
+
+def _check_envelope(h: Header, peer: int | None, checkpoints: bool,
+                    max_k: int | None) -> tuple[Status, str] | None:
+    """The checks of :func:`validate` that hold for every kind: the markers, the sender, a
+    kind this server takes, no payload where the kind has none. None: all passed."""
+    if h.magic != MAGIC:
+        return Status.BAD_MAGIC, f"the header's magic number is {h.magic:#x}, not {MAGIC:#x}"
+    if h.end != END:
+        return Status.BAD_MAGIC, f"the header's end marker is {h.end:#x}, not {END:#x}"
+    if peer is not None and h.sender != peer:
+        return Status.WRONG_SENDER, f"the header names sender {h.sender}, not rank {peer}"
+    if h.kind not in Kind._value2member_map_:
+        return Status.BAD_KIND, f"unknown message kind {h.kind}"
+    if h.kind not in (Kind.PUSH, Kind.PUSH_SPARSE, Kind.DONE, Kind.CHECKPOINT):
+        return Status.BAD_KIND, f"a worker does not send {Kind(h.kind).name} messages"
+    if h.kind == Kind.CHECKPOINT and not checkpoints:
+        return Status.BAD_KIND, "a CHECKPOINT request, but this run takes no checkpoints"
+    if h.kind == Kind.PUSH_SPARSE and max_k is None:
+        return Status.BAD_KIND, "a PUSH_SPARSE, but this run does not compress with top-k"
+    if h.kind not in (Kind.PUSH, Kind.PUSH_SPARSE) and h.numel != 0:
+        return Status.WRONG_SIZE, (f"a {Kind(h.kind).name} message declares a payload of "
+                                   f"{h.numel} elements; it has none")
+    return None
+
+
+def _check_payload(h: Header, numel: int, dtype: torch.dtype | None, half: torch.dtype | None,
+                   max_k: int | None, whole_shard: bool) -> tuple[Status, str]:
+    """The size and dtype a push declares, against its partition's (``whole_shard``: the
+    shard has one partition, and the fault names the shard)."""
     if h.kind == Kind.PUSH_SPARSE:
         if not 0 <= h.numel <= max_k:
             return Status.WRONG_SIZE, (f"it declares {h.numel} entries; a top-k push of this "
                                        f"shard has at most {max_k}")
     elif h.numel != numel:
         return Status.WRONG_SIZE, (f"its payload has {h.numel} elements; the shard has {numel}"
-                                   if parts is None or len(parts) == 1 else
+                                   if whole_shard else
                                    f"its payload has {h.numel} elements; partition "
                                    f"{h.partition} has {numel}")
     # A sparse push's values are of the shard's dtype; a dense one's may be the half dtype.
@@ -282,41 +300,3 @@ def validate_push(header: Header, shard: int, numel: int, last_step: int,
     """The status of :func:`validate` for a worker whose last push was ``last_step``."""
     return validate(header, shard=shard, numel=numel, step=last_step + 1, max_steps=max_step,
                     checkpoints=checkpoints)[0]
-
-
-HIST_BINS = 16  # staleness histogram: 0..14 and ">= 15"
-
-
-@dataclass
-class ServerStats:
-    """What one server measured; the payload of STATS (float64), sent to each worker at the end."""
-
-    updates: int = 0
-    pushes: int = 0
-    bytes_received: int = 0
-    bytes_sent: int = 0
-    busy_s: float = 0.0
-    max_staleness: int = 0
-    max_lead: int = 0
-    rejected: int = 0
-    skipped: int = 0  # updates not applied for a non-finite gradient (nonfinite="skip")
-    staleness_hist: list[int] = field(default_factory=lambda: [0] * HIST_BINS)
-    dropped: list[int] = field(default_factory=list)  # group ranks of dropped workers
-
-    def to_tensor(self) -> torch.Tensor:
-        dropped_mask = sum(1 << w for w in self.dropped if w < 52)  # exact in float64
-        head = [self.updates, self.pushes, self.bytes_received, self.bytes_sent, self.busy_s,
-                self.max_staleness, self.max_lead, self.rejected, self.skipped, dropped_mask]
-        return torch.tensor(head + self.staleness_hist, dtype=torch.float64)
-
-    @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> "ServerStats":
-        v = t.tolist()
-        mask = int(v[9])
-        return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]), v[4], int(v[5]), int(v[6]),
-                   int(v[7]), int(v[8]), [int(x) for x in v[10:]],
-                   [w for w in range(52) if mask >> w & 1])
-
-    @staticmethod
-    def size() -> int:
-        return 10 + HIST_BINS

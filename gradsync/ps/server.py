@@ -37,15 +37,15 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from .. import comm
-from ..compress.spec import Compression
-from .compression import PushRules, check_compression
+from .compression import PushRules
+from .config import ServerConfig  # defined there; importable from here as before
 from .consistency import MODES
+from .inbox import feed
 from .protocol import Header, Kind, PSProtocolError, ServerStats, Status, send_message
 from .receive import Message, Receiver
 from .replies import Replies
@@ -54,42 +54,6 @@ log = logging.getLogger(__name__)
 
 NONFINITE_HINT = ("; lower the learning rate, or pass nonfinite='skip' (--on-nonfinite skip) to "
                   "skip such updates")
-
-
-@dataclass
-class ServerConfig:
-    consistency: str = "sync"
-    """sync | async | ssp."""
-    staleness: int = 0
-    """The s of ssp: no worker runs more than s steps ahead of the slowest."""
-    max_steps: int | None = None
-    """Pushes of steps >= this are rejected (None: no limit)."""
-    nonfinite: str = "error"
-    """A pushed gradient with NaN or Inf: "error" rejects it like a malformed message (sync:
-    the run stops naming rank and step; async/ssp: the sender is dropped, the others train
-    on); "skip" leaves it out (async/ssp: that push updates nothing; sync: the shard skips
-    the whole step's update, for every worker; each server decides for its own shard, so
-    the other shards of that step may still be updated) and logs a warning."""
-    compression: str | Compression = "none"
-    """The compressed pushes taken beside dense ones: none, fp16, bf16 or topk:RATIO
-    (``compression.py``; parsed, so that workers and servers agree on the exact ratio)."""
-    elastic: bool = False
-    """sync: a lost worker (or one whose message is malformed) is dropped and the others
-    train on, as async and ssp always do, instead of stopping the run; every mode: see
-    ``min_workers``."""
-    min_workers: int = 1
-    """With ``elastic``: a drop that leaves fewer live workers than this stops the run."""
-
-    def __post_init__(self):
-        if self.consistency not in ("sync", "async", "ssp"):
-            raise ValueError(f"consistency must be sync, async or ssp, not {self.consistency!r}")
-        if self.staleness < 0:
-            raise ValueError(f"staleness must be >= 0, not {self.staleness}")
-        if self.nonfinite not in ("error", "skip"):
-            raise ValueError(f"nonfinite must be 'error' or 'skip', not {self.nonfinite!r}")
-        if self.min_workers < 1:
-            raise ValueError(f"min_workers must be >= 1, not {self.min_workers}")
-        self.compression = check_compression(self.compression)  # ValueError: what is wrong
 
 
 class ParameterServer:
@@ -214,7 +178,8 @@ class ParameterServer:
     # --- the receiver threads -----------------------------------------------------------------
 
     def _receive(self, worker: int) -> None:
-        """Receiver thread: enqueue one worker's messages until DONE, a bad message or loss.
+        """Receiver thread: enqueue one worker's messages until DONE, a bad message or loss
+        (``inbox.py``).
 
         A rejected message ends the thread: that worker's stream is no longer trusted.
         """
@@ -222,37 +187,7 @@ class ParameterServer:
                       [(p.numel(), p.dtype) for p in self.params], self.config.max_steps,
                       checkpoints=self.save is not None, rules=self.rules)
         self._receivers.append(rx)  # its receives posted early live as long as the server
-        step, skip = self.step, self.config.nonfinite == "skip"
-        seen: set[int] = set()  # partitions this worker pushed in ``step``
-        while True:
-            try:
-                # the versions only grow: a push valid against them stays valid.
-                msg = rx.receive(step, lambda: max(self.versions, default=0), seen)
-            except comm.CommError as exc:
-                self._inbox.put(("lost", worker, str(exc)))
-                return
-            except Exception as exc:  # noqa: BLE001 - never leave the main loop waiting
-                if not self._closed.is_set():  # (else: the group was torn down under us)
-                    log.exception("server %d: reading rank %d's messages failed", self.index,
-                                  worker)
-                self._inbox.put(("lost", worker, f"its messages could not be read: {exc!r}"))
-                return
-            kind = msg.header.kind
-            if msg.status == Status.OK and kind == Kind.DONE:
-                self._inbox.put(("done", worker, None))
-                return
-            if msg.status == Status.OK and kind == Kind.CHECKPOINT:
-                self._inbox.put(("checkpoint", worker, msg.header))
-                continue
-            if msg.status == Status.OK or (msg.status == Status.NON_FINITE and skip):
-                seen.add(msg.header.partition)
-                if len(seen) == self.partitions:  # the step's last partition
-                    step, seen = msg.header.step + 1, set()
-                self.stats.bytes_received += msg.nbytes  # as pushed: compressed or not
-                self._inbox.put(("push", worker, msg))
-                continue
-            self._inbox.put(("bad", worker, msg))
-            return
+        feed(self, rx, worker, self._inbox.put, self._closed)
 
     # --- the main loop: one handler per event -------------------------------------------------
 
