@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..compress.spec import Compression
 from .compression import check_compression
+from .consistency import MODES
 
 
 @dataclass
@@ -34,8 +35,9 @@ class ServerConfig:
     """With ``elastic``: a drop that leaves fewer live workers than this stops the run."""
 
     def __post_init__(self):
-        if self.consistency not in ("sync", "async", "ssp"):
-            raise ValueError(f"consistency must be sync, async or ssp, not {self.consistency!r}")
+        if self.consistency not in MODES:
+            raise ValueError(f"consistency must be one of {', '.join(MODES)}, not "
+                             f"{self.consistency!r}")
         if self.staleness < 0:
             raise ValueError(f"staleness must be >= 0, not {self.staleness}")
         if self.nonfinite not in ("error", "skip"):
