@@ -27,6 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..comm import ENGINE_REGISTRY
 from . import busbw
 from .ranks import (add_placement_flags, check_placement, lab_from_env, run_for_result,
                     under_launcher, usage)
@@ -195,10 +196,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--redop", choices=REDOPS, default="sum")
     p.add_argument("--algorithm", default="all",
-                   help="one, several (comma-separated) or all; all_reduce: "
-                        f"{','.join(ALGORITHMS['all_reduce'])}; reduce_scatter: native,ring,shm; all_gather: native,shm; "
-                        "broadcast: native,aware,shm; reduce: native")
-    p.add_argument("--engine", choices=("torch", "mpi"), default="torch",
+                   help="one, several (comma-separated) or all; " + "; ".join(
+                       f"{op}: {','.join(names)}" for op, names in ALGORITHMS.items()))
+    p.add_argument("--engine", choices=tuple(ENGINE_REGISTRY), default="torch",
                    help="the engine of the ranks: torch.distributed (gloo), or MPI (the ranks "
                         "run under mpiexec)")
     p.add_argument("-c", "--check", action="store_true",

@@ -31,7 +31,9 @@ def _as_rank(args) -> None:
     from torch import nn
 
     from .. import comm
+    from ..lab import current
     from ..ps import PSArchitecture
+    from ..ps.placement import lab_links
 
     group = comm.init_process_group()
     numel = args.size // 4
@@ -40,7 +42,8 @@ def _as_rank(args) -> None:
         [nn.Parameter(torch.zeros(numel // 4 + (i < numel % 4))) for i in range(4)])
     arch = PSArchitecture(args.servers, "sync", 0, group,
                           server_ranks="colocated" if args.colocated else None,
-                          partition_mb=args.partition_mb)
+                          partition_mb=args.partition_mb,
+                          topology=lab_links(current(), group.size))  # shards follow the links
     workers = comm.new_group(arch.workers)
     make = lambda params: torch.optim.SGD(params, lr=0.0)  # noqa: E731 - the sum is timed
     if not arch.is_worker:

@@ -22,13 +22,15 @@ import time
 from dataclasses import dataclass
 
 from ..comm.algorithms import registry as comm_algorithms
+from ..comm import bus_factor
 from ..comm.collectives import BROADCAST_ALGORITHMS
 from ..comm.per_rank import ALL_GATHER_ALGORITHMS, REDUCE_SCATTER_ALGORITHMS
 
 # busbw = algbw * factor(n) (nccl-tests, shared/ANCHORS.md). For reduce_scatter and
 # all_gather S is the whole array, count * n elements; every rank holds or gets count of them.
-FACTORS = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
-           "all_gather": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0,
+FACTORS = {"all_reduce": lambda n: float(bus_factor(n)),
+           "reduce_scatter": lambda n: float(bus_factor(n) / 2),
+           "all_gather": lambda n: float(bus_factor(n) / 2), "broadcast": lambda n: 1.0,
            "reduce": lambda n: 1.0}
 # All-reduce: every algorithm of the registry (native first), then "auto".
 ALGORITHMS = {"all_reduce": (*comm_algorithms.ALGORITHMS, "auto"),

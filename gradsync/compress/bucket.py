@@ -86,7 +86,7 @@ class GradBucket:
 
 def bus_bytes(nbytes: int, world: int) -> float:
     """Bytes one rank sends in an all-reduce of ``nbytes`` (nccl-tests' bus bytes)."""
-    return 2 * (world - 1) / world * nbytes if world > 1 else 0.0
+    return float(comm.bus_factor(world) * nbytes) if world > 1 else 0.0
 
 
 class Timer:

@@ -143,10 +143,7 @@ def training_step(world: comm.Group) -> None:
 def main() -> None:
     group_module._ENGINE = MPI_ENGINE
     world = comm.init_process_group()
-    if world.engine is not MPI_ENGINE:
-        # group.world() builds the world Group with Group's default engine (TORCH), not
-        # _ENGINE; until it passes engine=_ENGINE, set it here (new_group inherits it).
-        world.engine = MPI_ENGINE
+    assert world.engine is MPI_ENGINE  # group.world() builds the world on the chosen engine
     try:
         if not isinstance(world.pg, Communicator):
             failures.append(f"the world's pg is {type(world.pg).__name__}, not MPI's")
