@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import comm
-from ..compress.bucket import GradBucket, result_tensor
+from .bucket_reduce import attach_topology, bucket_algorithms, hook_work, share_buckets
 from .buckets import Bucket, build_buckets
 from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, describe, find_culprits
 
@@ -45,19 +45,6 @@ class DataParallelStats:
     sync_steps: int = 0
     comm_wait_s: float = 0.0  # time backward's end spent waiting for all-reduces (not overlapped)
     skipped_steps: int = 0    # steps whose averaged gradient was not finite (nonfinite="skip")
-
-
-def _attach_topology(group: comm.Group, topology) -> None:
-    """Give ``group`` the topology DataParallel was asked for (collective)."""
-    if topology is None or (topology == "probe" and group.topology is not None):
-        return
-    if topology == "probe":
-        topology = comm.probe_topology(group)
-    elif not isinstance(topology, comm.Topology):
-        topology = comm.Topology.load(topology)
-    comm.set_topology(topology, group)
-    if topology.measured:
-        log.info("topology: %d hosts\n%s", len(topology.hosts), topology.describe())
 
 
 class DataParallel(nn.Module):
@@ -107,7 +94,7 @@ class DataParallel(nn.Module):
         self.module = module
         self.group = group
         self.algorithm = algorithm
-        _attach_topology(group, topology)
+        attach_topology(group, topology)
         self.find_unused_parameters = find_unused_parameters
         self.broadcast_buffers = broadcast_buffers
         self.nonfinite = nonfinite
@@ -122,19 +109,8 @@ class DataParallel(nn.Module):
 
         self._buckets: list[Bucket] = build_buckets([p for _, p in named],
                                                     int(bucket_cap_mb * (1 << 20)))
-        # gradsync's own algorithms drive every message from Python and so compete with
-        # backward for the GIL; measured on synthetic-mlp, the engine's ring trains fastest
-        # (tree 0.94x, ring 0.81x of it; docs/benchmarks.md). "auto" therefore means the
-        # engine for gradient buckets, unless the topology calls for shm, aware or
-        # hierarchical: then the cost model's choice for each bucket's size, fixed here so
-        # that every step runs (and reports) the same algorithms.
-        by_model = algorithm == "auto" and comm.network_candidates(group.topology)
-        self.bucket_algorithms = [
-            comm.DEFAULT_COST_MODEL.choose(b.flat.numel() * b.flat.element_size(), group.size,
-                                           topology=group.topology) if by_model
-            else "native" if algorithm == "auto" else algorithm
-            for b in self._buckets]
-        self._shared = self._share_buckets()
+        self.bucket_algorithms = bucket_algorithms(self._buckets, algorithm, group)
+        self._shared = share_buckets(self._buckets, self.bucket_algorithms, group)
         self._handles = []
         for b, bucket in enumerate(self._buckets):
             for i, p in enumerate(bucket.params):
@@ -202,19 +178,6 @@ class DataParallel(nn.Module):
                     t.copy_(flat[offset:offset + t.numel()].view_as(t))
                     offset += t.numel()
 
-    def _share_buckets(self) -> "comm.SharedBuckets | None":
-        """On one host (every bucket on ``shm``) the buckets move into shared memory: the
-        gradient copy into a bucket is then the copy into this rank's slot, and the
-        all-reduce leaves the result there (comm/shared_buckets.py), two copies of every
-        gradient fewer per step."""
-        if self.group.size == 1 or any(a != "shm" for a in self.bucket_algorithms):
-            return None
-        shared = comm.SharedBuckets([(b.flat.numel(), b.flat.dtype) for b in self._buckets],
-                                    self.group)
-        for b, bucket in enumerate(self._buckets):
-            bucket.flat = shared.buffer(b)
-        return shared
-
     def _reset_step(self) -> None:
         for bucket in self._buckets:
             bucket.ready.clear()
@@ -272,23 +235,10 @@ class DataParallel(nn.Module):
                 work = comm.all_reduce_async(flat, op="sum", group=self.group,
                                              algorithm=self.bucket_algorithms[self._next])
             else:
-                work = self._call_hook(self._buckets[self._next])
+                work = hook_work(self._hook, self._hook_state, self._buckets[self._next],
+                                 len(self._buckets), self.group)
             self._works.append(work)
             self._next += 1
-
-    def _call_hook(self, bucket: Bucket):
-        """Start the hook on ``bucket``; the handle's ``wait()`` leaves the average in it."""
-        view = GradBucket(bucket.index, bucket.flat, bucket.params, bucket.offsets,
-                          bucket.index == len(self._buckets) - 1, self.group)
-        handle = self._hook(self._hook_state, view)
-
-        def finish():
-            result = result_tensor(handle.wait())
-            if result.data_ptr() != bucket.flat.data_ptr():
-                bucket.flat.copy_(result.view(-1))
-            return bucket.flat
-
-        return comm.Work(finish)
 
     def _finish_backward(self) -> None:
         missing = [(b, i) for b, bucket in enumerate(self._buckets)
