@@ -174,6 +174,45 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     torch.bmm(a.unsqueeze(0), b.unsqueeze(0), out=out.unsqueeze(0))
 
 
+def _add_residual(state: PowerSGDState, index: int, buf: torch.Tensor) -> torch.Tensor | None:
+    """Error feedback: add to ``buf`` (numel,) what bucket ``index`` failed to send before,
+    and return the residual (numel,) holding that sum, from which the hook takes the result
+    off at the end. None: no error feedback."""
+    if not state.use_error_feedback:
+        return None
+    residual = state.residuals.get(index)
+    if residual is None:
+        residual = state.residuals[index] = torch.zeros_like(buf)
+    buf.add_(residual)
+    residual.copy_(buf)                # M + old residual; the result is taken off below
+    return residual
+
+
+def _starting_q(state: PowerSGDState, index: int, q_shapes: list[tuple[int, int]],
+                buf: torch.Tensor) -> torch.Tensor:
+    """(sum of m r,) the Qs the power iteration of bucket ``index`` starts from, flat: last
+    step's (warm start), else random ones."""
+    q_flat = state.q_memory.get(index) if state.warm_start else None
+    if q_flat is None:
+        # Drawn even for a bucket with no matrix, as torch's hook, so that the seeds of
+        # the later buckets stay the same as there.
+        drawn = state.draw_q(q_shapes, buf.dtype)
+        q_flat = torch.cat([q.reshape(-1) for q in drawn]) if drawn else buf.new_empty(0)
+        if state.warm_start:
+            state.q_memory[index] = q_flat
+    return q_flat
+
+
+def _unpack_dense(packed: torch.Tensor, dense: list[torch.Tensor], world: int) -> None:
+    """Average the summed uncompressed gradients ``packed`` and copy each back into its
+    place in the bucket."""
+    packed.div_(world)
+    offset = 0
+    for g in dense:
+        g.copy_(packed[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def powersgd_hook(state: PowerSGDState, bucket: GradBucket) -> comm.Work:
     """Average ``bucket`` by PowerSGD; the handle's ``wait()`` gives the flat result."""
     compress = state.iter >= state.start_iter
@@ -188,13 +227,7 @@ def powersgd_hook(state: PowerSGDState, bucket: GradBucket) -> comm.Work:
     stats.bytes_dense += bus_bytes(buf.numel() * buf.element_size(), world)
 
     with Timer(stats):
-        residual = None
-        if state.use_error_feedback:
-            residual = state.residuals.get(index)
-            if residual is None:
-                residual = state.residuals[index] = torch.zeros_like(buf)
-            buf.add_(residual)
-            residual.copy_(buf)                # M + old residual; the result is taken off below
+        residual = _add_residual(state, index, buf)
         matrices, dense = _split(state, bucket.gradients())
         packed = torch.cat([g.reshape(-1) for g in dense]) if dense else buf.new_empty(0)
     dense_work = _all_reduce_async(state, packed, group)
@@ -202,14 +235,7 @@ def powersgd_hook(state: PowerSGDState, bucket: GradBucket) -> comm.Work:
     with Timer(stats):
         ranks = [min(*mat.shape, state.matrix_approximation_rank) for mat in matrices]
         q_shapes = [(mat.shape[1], r) for mat, r in zip(matrices, ranks)]
-        q_flat = state.q_memory.get(index) if state.warm_start else None
-        if q_flat is None:
-            # Drawn even for a bucket with no matrix, as torch's hook, so that the seeds of
-            # the later buckets stay the same as there.
-            drawn = state.draw_q(q_shapes, buf.dtype)
-            q_flat = torch.cat([q.reshape(-1) for q in drawn]) if drawn else buf.new_empty(0)
-            if state.warm_start:
-                state.q_memory[index] = q_flat
+        q_flat = _starting_q(state, index, q_shapes, buf)
         qs = _views(q_flat, q_shapes)                      # each (m, r)
         p_flat = buf.new_empty(sum(mat.shape[0] * r for mat, r in zip(matrices, ranks)))
         ps = _views(p_flat, [(mat.shape[0], r) for mat, r in zip(matrices, ranks)])  # (n, r)
@@ -224,11 +250,7 @@ def powersgd_hook(state: PowerSGDState, bucket: GradBucket) -> comm.Work:
     def finish() -> torch.Tensor:
         dense_work.wait()
         with Timer(stats):
-            packed.div_(world)
-            offset = 0
-            for g in dense:
-                g.copy_(packed[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            _unpack_dense(packed, dense, world)
         p_work.wait()
         with Timer(stats):
             for mat, p, q in zip(matrices, ps, qs):
