@@ -33,11 +33,28 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(spec: ModelSpec, pool: ReplicaPool, batcher: Batcher,
-               metrics: ServeMetrics) -> FastAPI:
-    """The FastAPI application serving ``spec``'s model through ``batcher``."""
-    app = FastAPI(title="gradsync serve", version=__version__, docs_url=None,
-                  redoc_url=None, openapi_url=None)
+def _check_model(spec: ModelSpec, name: str, version: str | None) -> None:
+    """Raises the protocol's 404 unless ``name`` and ``version`` are this server's model."""
+    if name != spec.name:
+        raise ProtocolError(404, f"unknown model {name!r}; this server serves "
+                                 f"{spec.name!r}")
+    if version not in (None, "", spec.version):
+        raise ProtocolError(404, f"model {spec.name!r} has version {spec.version} only, "
+                                 f"not {version!r}")
+
+
+def _for_model(spec: ModelSpec, name: str, version: str | None, answer) -> Response:
+    """``answer()`` for this server's model, the protocol's error for another."""
+    try:
+        _check_model(spec, name, version)
+    except ProtocolError as exc:
+        return _error(exc.status, str(exc))
+    return answer()
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """FastAPI's own errors, and requests that fail its validation (400), as
+    ``{"error": "..."}`` like every other error."""
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -47,13 +64,9 @@ def create_app(spec: ModelSpec, pool: ReplicaPool, batcher: Batcher,
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(400, "; ".join(str(e.get("msg", e)) for e in exc.errors()))
 
-    def check_model(name: str, version: str | None) -> None:
-        if name != spec.name:
-            raise ProtocolError(404, f"unknown model {name!r}; this server serves "
-                                     f"{spec.name!r}")
-        if version not in (None, "", spec.version):
-            raise ProtocolError(404, f"model {spec.name!r} has version {spec.version} only, "
-                                     f"not {version!r}")
+
+def _add_metadata_routes(app: FastAPI, spec: ModelSpec, pool: ReplicaPool) -> None:
+    """Health, readiness and metadata of the server and of its model."""
 
     def ready() -> Response:
         live = pool.live
@@ -75,20 +88,17 @@ def create_app(spec: ModelSpec, pool: ReplicaPool, batcher: Batcher,
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None) -> Response:
-        return for_model(name, version, lambda: JSONResponse(spec.metadata()))
+        return _for_model(spec, name, version, lambda: JSONResponse(spec.metadata()))
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None) -> Response:
-        return for_model(name, version, ready)
+        return _for_model(spec, name, version, ready)
 
-    def for_model(name: str, version: str | None, answer) -> Response:
-        """``answer()`` for this server's model, the protocol's error for another."""
-        try:
-            check_model(name, version)
-        except ProtocolError as exc:
-            return _error(exc.status, str(exc))
-        return answer()
+
+def _add_infer_route(app: FastAPI, spec: ModelSpec, batcher: Batcher,
+                     metrics: ServeMetrics) -> None:
+    """The inference endpoint: the request checked and parsed, then batched; counted."""
 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
@@ -103,7 +113,7 @@ def create_app(spec: ModelSpec, pool: ReplicaPool, batcher: Batcher,
 
     async def _infer(name: str, version: str | None, request: Request) -> Response:
         try:
-            check_model(name, version)
+            _check_model(spec, name, version)
             limit = spec.max_body_bytes()
             declared = request.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:  # refused unread
@@ -125,6 +135,16 @@ def create_app(spec: ModelSpec, pool: ReplicaPool, batcher: Batcher,
             return _error(500, f"the model failed on the request: {exc}")
         metrics.rows.labels(spec.name).inc(len(logits))
         return JSONResponse(infer_response(spec, parsed, logits))
+
+
+def create_app(spec: ModelSpec, pool: ReplicaPool, batcher: Batcher,
+               metrics: ServeMetrics) -> FastAPI:
+    """The FastAPI application serving ``spec``'s model through ``batcher``."""
+    app = FastAPI(title="gradsync serve", version=__version__, docs_url=None,
+                  redoc_url=None, openapi_url=None)
+    _add_error_handlers(app)
+    _add_metadata_routes(app, spec, pool)
+    _add_infer_route(app, spec, batcher, metrics)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
