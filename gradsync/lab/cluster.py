@@ -22,12 +22,10 @@ import json
 import os
 import re
 import secrets
-import signal
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import netns
+from . import netns, network
 from .netns import LabError, parse_rate
 
 DEFAULT_LAB_DIR = "/run/gradsync/labs"
@@ -76,6 +74,13 @@ class Lab:
     def world_size(self) -> int:
         return len(self.hosts) * self.procs_per_host
 
+    def links(self) -> list[tuple[str, tuple[int, ...], float]]:
+        """Each host's (name, ranks, link rate in bytes/s), ranks as `lab_launch` places them
+        (the fields of a :class:`gradsync.comm.HostLink`; no torch here)."""
+        per = self.procs_per_host
+        return [(f"h{h.index}", tuple(range(i * per, (i + 1) * per)), h.rate / 8)
+                for i, h in enumerate(self.hosts)]
+
     @property
     def master_addr(self) -> str:
         return self.hosts[0].addr
@@ -94,7 +99,7 @@ class Lab:
 
     def down(self) -> None:
         """Remove the lab's namespaces and state file; safe to call more than once."""
-        _destroy(self)
+        network.destroy(self)
 
     def __enter__(self) -> Lab:
         return self
@@ -128,19 +133,6 @@ def _locked():
         yield directory
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def _no_interrupts():
-    """Defer Ctrl-C / SIGTERM while a teardown runs, so it is never left half done."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending signal fires here
 
 
 def _write_state(lab: Lab) -> None:
@@ -238,36 +230,6 @@ def _plan(hosts: int, rates: list[int], procs_per_host: int, name: str | None,
                state="creating", state_path=directory / f"{name}.json")
 
 
-def _create(lab: Lab) -> None:
-    netns.add_netns(lab.switch_ns)
-    netns.add_bridge(lab.switch_ns, lab.bridge)
-    prefix_len = str(ipaddress.IPv4Network(lab.subnet).prefixlen)
-    for h in lab.hosts:
-        netns.add_netns(h.ns)
-        netns.add_veth(lab.switch_ns, h.port, h.ns, h.ifname)
-        netns.ip("link", "set", h.port, "master", lab.bridge, "up", ns=lab.switch_ns)
-        netns.shape(lab.switch_ns, h.port, h.rate)  # switch -> host
-        netns.ip("addr", "add", f"{h.addr}/{prefix_len}", "dev", h.ifname, ns=h.ns)
-        netns.ip("link", "set", h.ifname, "up", ns=h.ns)
-        netns.shape(h.ns, h.ifname, h.rate)  # host -> switch
-
-
-def _destroy(lab: Lab) -> None:
-    with _no_interrupts():
-        # Anything named with the prefix is the lab's, also pieces a crashed `up` did not
-        # record. A process still inside a namespace would keep it (and its links) alive
-        # after `ip netns del`, so the lab's remaining processes are killed first.
-        names = set(lab.namespaces())
-        names.update(ns for ns in netns.list_netns() if ns.startswith(lab.prefix + "-"))
-        for ns in sorted(names):
-            for pid in netns.netns_pids(ns):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            netns.del_netns(ns)
-        with contextlib.suppress(FileNotFoundError):
-            lab.state_path.unlink()
-
-
 def up(hosts: int, rate: str = "1gbit", rates: list[str] | None = None,
        procs_per_host: int = 1, name: str | None = None) -> Lab:
     """Create a lab of ``hosts`` emulated hosts whose links run at ``rate`` each way.
@@ -300,11 +262,11 @@ def up(hosts: int, rate: str = "1gbit", rates: list[str] | None = None,
         lab = _plan(hosts, bits, procs_per_host, name, directory)
         _write_state(lab)  # first, so that a crash from here on leaves a record to clean up
     try:
-        _create(lab)
+        network.create(lab)
         lab.state = "up"
         _write_state(lab)
     except BaseException:
-        _destroy(lab)
+        network.destroy(lab)
         raise
     return lab
 
@@ -319,7 +281,7 @@ def down(name: str) -> bool:
     with _locked():
         for lab in status():
             if lab.name == name:
-                _destroy(lab)
+                network.destroy(lab)
                 return True
     return False
 
