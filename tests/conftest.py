@@ -1,5 +1,6 @@
 """pytest-timeout's per-test limits follow GRADSYNC_TEST_TIMEOUT_SCALE, like every other
-timeout in the tests (tests/distributed.py reads it)."""
+timeout in the tests (tests/distributed.py reads it); tests marked ``netns`` skip where
+network namespaces cannot be built."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import pytest
 
 from tests.distributed import TIMEOUT_SCALE, scaled
+from tests.helpers import netns_unavailable
 
 
 def _default_timeout(config: pytest.Config) -> float | None:
@@ -38,3 +40,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             args[0] = scaled(args[0])
         # Prepended, so that get_closest_marker (pytest-timeout's lookup) finds this one.
         item.add_marker(pytest.mark.timeout(*args, **kwargs), append=False)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("netns") is not None:
+        reason = netns_unavailable()
+        if reason:
+            pytest.skip(reason)

@@ -129,3 +129,58 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args, timeout: float =
     if errors:
         raise WorkerFailed("\n".join(errors))
     return [results[r][1] for r in range(world_size)]
+
+
+def _run_checks(rank, world_size, checks):
+    """Worker of :func:`run_checks`: each check in turn, its result or traceback by name.
+
+    After a failure this rank runs no more checks: its peers may be one collective further
+    or behind, so a later check could hang on it or pass by accident. They see it leave
+    (a lost peer) in their next collective, which fails their check too, with that error.
+    """
+    out = {}
+    for name, fn, args in checks:
+        try:
+            out[name] = (True, fn(rank, world_size, *args))
+        except BaseException:  # noqa: BLE001 - reported to the parent by name
+            out[name] = (False, traceback.format_exc())
+            break
+    return out
+
+
+class CheckResults:
+    """Per-rank results of :func:`run_checks`, looked up by check name."""
+
+    def __init__(self, names: list[str], per_rank: list[dict[str, tuple[bool, Any]]]):
+        self.names, self.per_rank = names, per_rank
+
+    def __getitem__(self, name: str) -> list[Any]:
+        """Every rank's result of check ``name``; fails the test with the check's own error
+        on any rank, or names the check that failed before it."""
+        assert name in self.names, f"no check named {name!r}"
+        errors = []
+        for rank, results in enumerate(self.per_rank):
+            if name not in results:
+                failed = [n for n, (ok, _) in results.items() if not ok]
+                errors.append(f"--- rank {rank} --- did not run {name!r}: check "
+                              f"{failed[0] if failed else '?'!r} failed before it")
+            elif not results[name][0]:
+                errors.append(f"--- rank {rank} --- check {name!r} failed:\n{results[name][1]}")
+        if errors:
+            raise WorkerFailed("\n".join(errors))
+        return [results[name][1] for results in self.per_rank]
+
+
+def run_checks(checks: list[tuple[str, Callable[..., Any], tuple]], world_size: int,
+               **kwargs: Any) -> CheckResults:
+    """Run many checks in one world of ``world_size`` processes: one start-up for all.
+
+    ``checks`` is a list of ``(name, fn, args)``; each rank calls ``fn(rank, world_size,
+    *args)`` in list order, so every check must make the same collectives on every rank
+    (as a test's worker function does). A check that raises is reported by name when a
+    test reads its result (``results[name]``); the checks after it do not run on that rank.
+    ``kwargs`` go to :func:`run_workers` (``timeout`` bounds the whole list).
+    """
+    names = [name for name, _, _ in checks]
+    assert len(set(names)) == len(names), f"check names repeat: {names}"
+    return CheckResults(names, run_workers(_run_checks, world_size, checks, **kwargs))

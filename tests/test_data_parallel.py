@@ -1,6 +1,10 @@
 """DataParallel against one process on the global batch, against the naive version, and its
 error paths. Float64 and plain SGD make the comparison tight: the only difference left is
-the order of additions in the average."""
+the order of additions in the average.
+
+One world of 3 processes runs every check (tests/distributed.py's run_checks); worlds of 1
+and 2 are sub-groups of it, so the processes start once for the whole file.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from tests.distributed import run_workers
+from tests.distributed import run_checks
+from tests.helpers import BATCH, STEPS, global_batch, make_model
 
-# 10 steps carry momentum and accumulation through several updates, with half the
-# collectives of 20 (each one waits on the scheduler when the machine is busy).
-STEPS, BATCH, IN, OUT = 10, 4, 12, 3
-
-
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(IN, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
-                         nn.Linear(16, OUT)).double()
-
-
-def global_batch(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(step)
-    return (torch.randn(size, IN, generator=g, dtype=torch.float64),
-            torch.randn(size, OUT, generator=g, dtype=torch.float64))
+ALGORITHMS = ["auto", "native", "ring", "tree", "halving_doubling", "reduce_broadcast"]
+WORLD = 3
 
 
 def reference(world: int, accumulate: int = 1, lr: float = 0.1, momentum: float = 0.0):
@@ -40,14 +32,24 @@ def reference(world: int, accumulate: int = 1, lr: float = 0.1, momentum: float 
     return [p.detach().numpy().copy() for p in model.parameters()]
 
 
-def _train(rank, n, algorithm, accumulate, bucket_cap_mb, naive, momentum):
+def _group(size):
+    """The first ``size`` ranks of the world as a group (None on the others); every rank
+    must call this, as new_group is collective."""
+    from gradsync import comm
+
+    return comm.world() if size == WORLD else comm.new_group(list(range(size)))
+
+
+def _train(group, algorithm, accumulate, bucket_cap_mb, naive, momentum):
     import gradsync
 
+    rank, n = group.rank, group.size
     model = make_model(seed=rank)  # different init per rank: wrapping must copy rank 0's
     if naive:
-        dp = gradsync.DataParallelNaive(model, algorithm=algorithm)
+        dp = gradsync.DataParallelNaive(model, group=group, algorithm=algorithm)
     else:
-        dp = gradsync.DataParallel(model, algorithm=algorithm, bucket_cap_mb=bucket_cap_mb)
+        dp = gradsync.DataParallel(model, group=group, algorithm=algorithm,
+                                   bucket_cap_mb=bucket_cap_mb)
     opt = torch.optim.SGD(dp.parameters(), lr=0.1, momentum=momentum)
     for step in range(STEPS):
         x, y = global_batch(step, n * accumulate * BATCH)
@@ -55,8 +57,8 @@ def _train(rank, n, algorithm, accumulate, bucket_cap_mb, naive, momentum):
         opt.zero_grad()
         for k in range(accumulate):
             lo = (k * n + rank) * BATCH
-            ctx = dp.no_sync() if (k < accumulate - 1 and not naive) else _null()
-            with ctx:
+            sync = k == accumulate - 1 or naive
+            with (_null() if sync else dp.no_sync()):
                 loss = nn.functional.mse_loss(dp(x[lo:lo + BATCH]), y[lo:lo + BATCH])
                 (loss / accumulate).backward()
         if naive:
@@ -73,39 +75,25 @@ class _null:
         return False
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("algorithm", ["auto", "native", "ring", "tree", "halving_doubling",
-                                       "reduce_broadcast"])
-def test_matches_single_process_on_global_batch(world_size, algorithm):
-    # A tiny bucket cap spreads the 5 tensors over several buckets launched during backward.
-    results = run_workers(_train, world_size, algorithm, 1, 0.0005, False, 0.9)
-    want = reference(world_size, momentum=0.9)
-    for rank_params in results:
-        for got, ref in zip(rank_params, want):
-            np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13)
-    for rank_params in results[1:]:  # bitwise equal across ranks
-        for a, b in zip(rank_params, results[0]):
-            assert np.array_equal(a, b)
+def _every_algorithm(rank, world, size):
+    """Each algorithm on a world of ``size``; a tiny bucket cap spreads the 5 tensors over
+    several buckets launched during backward."""
+    group = _group(size)
+    if group is None:
+        return None
+    return {algo: _train(group, algo, 1, 0.0005, False, 0.9) for algo in ALGORITHMS}
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_no_sync_accumulation_matches_larger_global_batch(world_size):
+def _accumulated(rank, world, size):
     # shm: the buckets live in shared memory, and no_sync() accumulates in them.
-    results = run_workers(_train, world_size, "shm", 3, 25.0, False, 0.0)
-    want = reference(world_size, accumulate=3)
-    for rank_params in results:
-        for got, ref in zip(rank_params, want):
-            np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13)
+    group = _group(size)
+    return None if group is None else _train(group, "shm", 3, 25.0, False, 0.0)
 
 
-@pytest.mark.timeout(180)
-def test_bucketed_matches_naive_oracle():
-    bucketed = run_workers(_train, 3, "ring", 1, 0.0005, False, 0.9)
-    naive = run_workers(_train, 3, "ring", 1, 0.0005, True, 0.9)
-    for a, b in zip(bucketed[0], naive[0]):
-        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+def _naive(rank, world):
+    from gradsync import comm
+
+    return _train(comm.world(), "ring", 1, 0.0005, True, 0.9)
 
 
 class WithUnused(nn.Module):
@@ -119,7 +107,7 @@ class WithUnused(nn.Module):
         return self.used(x)
 
 
-def _unused(rank, n, find_unused):
+def _unused(rank, world, find_unused):
     import gradsync
 
     dp = gradsync.DataParallel(WithUnused(), find_unused_parameters=find_unused)
@@ -135,18 +123,14 @@ def _unused(rank, n, find_unused):
     return ("ok", grads)
 
 
-@pytest.mark.timeout(180)
-def test_unused_parameters_are_named_or_handled():
-    for kind, message in run_workers(_unused, 2, False):
-        assert kind == "error" and "unused.weight" in message and "unused.bias" in message
-    for kind, grads in run_workers(_unused, 2, True):
-        assert kind == "ok"
-        assert grads["unused.weight"] == [[0.0] * 4] * 2
-        # d(sum)/dW = sum over batch of x; averaged over ranks: 2 * mean(rank + 1) = 3.
-        assert grads["used.weight"] == [[3.0] * 4] * 2
+def _state_dict(rank, world):
+    import gradsync
+
+    dp = gradsync.DataParallel(nn.Linear(2, 2))
+    return sorted(dp.state_dict())
 
 
-def _mismatched(rank, n):
+def _mismatched(rank, world):
     import gradsync
 
     torch.manual_seed(0)
@@ -158,20 +142,72 @@ def _mismatched(rank, n):
     return "no error"
 
 
+# Error paths last: a check that raises ends the list on its rank.
+CHECKS = [*((f"algorithms {size}", _every_algorithm, (size,)) for size in (1, 2, 3)),
+          *((f"no_sync {size}", _accumulated, (size,)) for size in (2, 3)),
+          ("naive", _naive, ()),
+          ("state_dict", _state_dict, ()),
+          ("unused named", _unused, (False,)),
+          ("unused found", _unused, (True,)),
+          ("mismatched", _mismatched, ())]
+
+
+@pytest.fixture(scope="module")
+def world():
+    return run_checks(CHECKS, WORLD, timeout=170)
+
+
+def _close(results, want, rtol=1e-12, atol=1e-13):
+    for rank_params in results:
+        for got, ref in zip(rank_params, want):
+            np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol)
+
+
 @pytest.mark.timeout(180)
-def test_mismatched_models_name_ranks_and_shapes():
-    for message in run_workers(_mismatched, 2):
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_matches_single_process_on_global_batch(world, world_size):
+    results = world[f"algorithms {world_size}"][:world_size]
+    want = reference(world_size, momentum=0.9)
+    for algo in ALGORITHMS:
+        per_rank = [r[algo] for r in results]
+        _close(per_rank, want)
+        for rank_params in per_rank[1:]:  # bitwise equal across ranks
+            for a, b in zip(rank_params, per_rank[0]):
+                assert np.array_equal(a, b), algo
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_no_sync_accumulation_matches_larger_global_batch(world, world_size):
+    _close(world[f"no_sync {world_size}"][:world_size], reference(world_size, accumulate=3))
+
+
+@pytest.mark.timeout(180)
+def test_bucketed_matches_naive_oracle(world):
+    bucketed = world["algorithms 3"][0]["ring"]
+    for a, b in zip(bucketed, world["naive"][0]):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.timeout(180)
+def test_unused_parameters_are_named_or_handled(world):
+    for kind, message in world["unused named"]:
+        assert kind == "error" and "unused.weight" in message and "unused.bias" in message
+    for kind, grads in world["unused found"]:
+        assert kind == "ok"
+        assert grads["unused.weight"] == [[0.0] * 4] * 2
+        # d(sum)/dW = sum over the batch of 2 rows of x = rank + 1; averaged over ranks:
+        # 2 * mean(rank + 1) = WORLD + 1.
+        assert grads["used.weight"] == [[float(WORLD + 1)] * 4] * 2
+
+
+@pytest.mark.timeout(180)
+def test_mismatched_models_name_ranks_and_shapes(world):
+    for message in world["mismatched"]:
         assert "weight" in message and "rank 0" in message and "rank 1" in message
         assert "[3, 4]" in message and "[5, 4]" in message
 
 
-def _state_dict(rank, n):
-    import gradsync
-
-    dp = gradsync.DataParallel(nn.Linear(2, 2))
-    return sorted(dp.state_dict())
-
-
 @pytest.mark.timeout(180)
-def test_state_dict_has_no_wrapper_prefix():
-    assert run_workers(_state_dict, 2)[0] == ["bias", "weight"]
+def test_state_dict_has_no_wrapper_prefix(world):
+    assert world["state_dict"][0] == ["bias", "weight"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -22,29 +21,13 @@ import pytest
 from gradsync.lab import (LabError, down, format_rate, lab_launch, netns, parse_rate,
                           run_command, status, train_in_lab, up)
 from tests.distributed import scaled
+from tests.helpers import needs_netns
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.getenv("PYTHONPATH")]))}
 LINK_200 = 200e6 / 8  # bytes/s of a 200 Mbit/s link
 LINK_50 = 50e6 / 8
-
-
-def _netns_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    try:
-        netns.check_tools()
-        probe = f"gs-probe-{secrets.token_hex(2)}"
-        netns.ip("netns", "add", probe)
-        netns.ip("netns", "del", probe)
-    except LabError as exc:
-        return f"network namespaces unavailable: {exc}"
-    return None
-
-
-_SKIP = _netns_unavailable()
-needs_netns = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 
 @pytest.fixture(autouse=True)

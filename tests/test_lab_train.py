@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from tests.distributed import scaled
-from tests.test_cli import gradsync
-from tests.test_lab import needs_netns
+from tests.helpers import ENV, REPO, gradsync, in_process, needs_netns
 
 
 def _namespaces() -> set[str]:
@@ -61,7 +60,6 @@ def test_cut_link_fails_the_run_naming_the_host(tmp_path):
     import time
 
     from gradsync import lab as lab_mod
-    from tests.test_cli import ENV, REPO
 
     before_labs = {lab.name for lab in lab_mod.status()}
     # The comm timeout is what notices the cut, so it stays short; the bound on how long the
@@ -97,17 +95,19 @@ def test_cut_link_fails_the_run_naming_the_host(tmp_path):
 
 @needs_netns
 @pytest.mark.timeout(60)
-def test_lab_commands_through_the_cli():
-    """up, run, status, down as a user types them (the top-level parser included)."""
+def test_lab_commands_through_the_cli(capfd):
+    """up, run, status, down as a user types them, through the top-level CLI's main() (the
+    `python -m gradsync` entry itself is every other CLI test's); no interpreter start-up."""
     name = "cli-test"
     before = _namespaces()
     try:
-        assert gradsync("lab", "up", "--hosts", "2", "--rate", "1gbit", "--name", name).returncode == 0
-        run = gradsync("lab", "run", "--name", name, "--", sys.executable, "-c",
-                       "import os; print('rank', os.environ['RANK'], os.environ['WORLD_SIZE'])")
+        up = in_process(capfd, "lab", "up", "--hosts", "2", "--rate", "1gbit", "--name", name)
+        assert up.returncode == 0, up.stderr
+        run = in_process(capfd, "lab", "run", "--name", name, "--", sys.executable, "-c",
+                         "import os; print('rank', os.environ['RANK'], os.environ['WORLD_SIZE'])")
         assert run.returncode == 0, run.stderr
         assert "[rank 0] rank 0 2" in run.stdout and "[rank 1] rank 1 2" in run.stdout
-        assert name in gradsync("lab", "status").stdout
+        assert name in in_process(capfd, "lab", "status").stdout
     finally:
-        gradsync("lab", "down", "--name", name)
+        in_process(capfd, "lab", "down", "--name", name)
     assert _namespaces() == before

@@ -1,5 +1,9 @@
 """The Parameter-Server architecture: sync equals one process on the global batch; async and
-ssp train and keep their bounds; malformed messages and lost peers give named errors."""
+ssp train and keep their bounds; malformed messages and lost peers give named errors.
+
+One world of 5 processes runs every session (tests/distributed.py's run_checks), each on a
+group of the ranks it needs, so the processes start once for the whole file.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +13,19 @@ import pytest
 import torch
 from torch import nn
 
-from tests.distributed import run_workers
-from tests.test_data_parallel import BATCH, STEPS, global_batch, make_model
+from tests.distributed import run_checks
+from tests.helpers import BATCH, OPTIMIZERS, STEPS, global_batch, make_model
+from tests.helpers import one_process_reference as reference
 
-OPTIMIZERS = {
-    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
-    "adam": lambda params: torch.optim.Adam(params, lr=0.01),
-}
+WORLD = 5
 
 
-def reference(workers: int, optimizer: str, model_fn=make_model):
-    """One process on the global batch of ``workers`` x BATCH."""
-    model = model_fn()
-    opt = OPTIMIZERS[optimizer](model.parameters())
-    for step in range(STEPS):
-        x, y = global_batch(step, workers * BATCH)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    return [p.detach().numpy().copy() for p in model.parameters()]
+def _first(size):
+    """A fresh group of world ranks 0..size-1 (None on the others); collective over the
+    world, so every rank calls it."""
+    from gradsync import comm
+
+    return comm.new_group(list(range(size)))
 
 
 def _ps_train(rank, world, servers, optimizer, consistency, staleness, model_fn=None,
@@ -60,49 +58,27 @@ def _ps_train(rank, world, servers, optimizer, consistency, staleness, model_fn=
 # (K servers, N workers): K and N in 1..3, leaving out (3, 3), which takes a sixth process
 # and exercises nothing that (3, 2) and (2, 3) do not.
 MATRIX = [(k, n) for k in (1, 2, 3) for n in (1, 2, 3) if k + n <= 5]
+# Adam is elementwise like SGD's momentum: what sharding could break, the SGD matrix shows
+# for every (K, N); Adam's state on a sharded server needs one K > 1 here (test_ps_pipeline
+# runs it with K = 2, N = 3 and partitions) and the plain K = N = 1.
+ADAM_MATRIX = [(1, 1), (3, 2)]
 
 
-def _sync_matrix(rank, world, optimizer):
-    """Every (K, N) of MATRIX, each on a sub-group of this world of 5: one start-up instead
-    of eight."""
-    from gradsync import comm
-
+def _sync_matrix(rank, world, optimizer, matrix):
+    """Every (K, N) of ``matrix``, each on a sub-group of this world."""
     out = {}
-    for servers, workers in MATRIX:
-        group = comm.new_group(list(range(servers + workers)))
+    for servers, workers in matrix:
+        group = _first(servers + workers)
         if group is not None:
             out[(servers, workers)] = _ps_train(rank, world, servers, optimizer, "sync", 0,
                                                 group=group)
     return out
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_sync_matches_single_process_for_every_k_and_n(optimizer):
-    results = run_workers(_sync_matrix, 5, optimizer, timeout=170)
-    for servers, workers in MATRIX:
-        want = reference(workers, optimizer)
-        for rank in range(servers, servers + workers):
-            role, params, summary = results[rank][(servers, workers)]
-            assert role == "worker"
-            for got, ref in zip(params, want):
-                np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13,
-                                           err_msg=f"K={servers} N={workers}")
-            assert summary["max_staleness"] == 0
-
-
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("consistency,bounded", [("ssp", True), ("async", False)])
-def test_ssp_bound_holds_with_a_slow_worker(consistency, bounded):
-    staleness = 2
-    results = run_workers(_ps_train, 4, 1, "sgd", consistency, staleness, None, 30, 0)
-    stats = results[0][1]
-    assert stats.updates == 3 * 30
-    if bounded:
-        # The slow worker drags the others: the lead reaches the bound and never passes it.
-        assert stats.max_lead == staleness, stats
-    else:
-        assert stats.max_lead > staleness, stats  # without the bound the fast ones run away
+def _on_first(rank, world, size, *args):
+    """_ps_train(*args) on world ranks 0..size-1."""
+    group = _first(size)
+    return None if group is None else _ps_train(rank, world, *args, group=group)
 
 
 class Uneven(nn.Module):
@@ -134,11 +110,10 @@ def few_tensors() -> nn.Module:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("model_fn", [Uneven, few_tensors],
                          ids=["uneven", "more-servers-than-tensors"])
-def test_uneven_shards_and_more_servers_than_tensors(model_fn):
+def test_uneven_shards_and_more_servers_than_tensors(world, model_fn):
     servers = 3
-    results = run_workers(_ps_train, servers + 2, servers, "sgd", "sync", 0, model_fn)
     want = reference(2, "sgd", model_fn)
-    for result in results[servers:]:
+    for result in world[model_fn.__name__][servers:]:
         for got, ref in zip(result[1], want):
             np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13)
 
@@ -183,67 +158,19 @@ def test_partitions_cover_each_shard_and_weights_follow_the_links():
     assert partition_bytes_for(1e12) == 4 << 20
 
 
-def _malformed(rank, world, consistency):
-    from gradsync import comm
-    from gradsync.ps import PSArchitecture, PSProtocolError
-    from gradsync.ps.protocol import Header, Kind
-
-    arch = PSArchitecture(1, consistency, 0, comm.world())
-    model = make_model()
-    if rank == 0:
-        try:
-            return ("server", arch.serve(model, OPTIMIZERS["sgd"]).rejected)
-        except PSProtocolError as exc:
-            return ("server-error", str(exc))
-    ps_model, opt = arch.prepare(model, OPTIMIZERS["sgd"])
-    if rank == 2:
-        # A message claiming 7 elements for a shard that has many more.
-        comm.send(Header(Kind.PUSH, step=0, shard=0, numel=7, sender=rank).encode(), 0)
-        comm.send(torch.zeros(7, dtype=torch.float64), 0)
-        try:
-            ps_model._pushed = [True]  # noqa: SLF001 - no backward ran; wait for the answer
-            opt.step()
-        except PSProtocolError as exc:
-            return ("rejected", str(exc))
-        return ("accepted", "")
-    try:
-        for step in range(5):
-            x, y = global_batch(step, BATCH)
-            opt.zero_grad()
-            nn.functional.mse_loss(ps_model(x), y).backward()
-            opt.step()
-        return ("worker", arch.finish()["dropped_workers"])
-    except comm.CommError as exc:
-        return ("worker-error", str(exc))
-
-
-@pytest.mark.timeout(180)
-def test_malformed_message_is_rejected_and_others_keep_going():
-    results = run_workers(_malformed, 3, "async")
-    assert results[0] == ("server", 1)
-    assert results[2][0] == "rejected" and "payload size" in results[2][1], results[2]
-    assert results[1] == ("worker", [2])
-
-
-@pytest.mark.timeout(180)
-def test_malformed_message_stops_a_sync_server_naming_the_sender():
-    results = run_workers(_malformed, 3, "sync", expect_failure=True)
-    ok, (kind, message) = results[0]
-    assert kind == "server-error" and "rank 2" in message, message
-    assert results[2][1][0] == "rejected"
-    assert results[1][1][0] == "worker-error" and "rank 0" in results[1][1][1], results[1]
-
-
 def _checkpoint_and_resume(rank, world, optimizer, cut):
-    """Sync PS with Adam/SGD: train STEPS steps taking a checkpoint at ``cut``, then start a
-    fresh server from that checkpoint and run the steps after ``cut`` again."""
-    from gradsync import comm
+    """Sync PS with Adam/SGD on world ranks 0-2: train STEPS steps taking a checkpoint at
+    ``cut``, then start a fresh server from that checkpoint and run the steps after ``cut``
+    again."""
     from gradsync.ps import PSArchitecture
 
+    group = _first(3)
+    if group is None:
+        return None
     saved = {}
 
     def run(start, restored, save):
-        arch = PSArchitecture(1, "sync", 0, comm.world())
+        arch = PSArchitecture(1, "sync", 0, group)
         model = make_model()
         if not arch.is_worker:
             arch.serve(model, OPTIMIZERS[optimizer], save=save, restored=restored)
@@ -268,10 +195,56 @@ def _checkpoint_and_resume(rank, world, optimizer, cut):
     return all(torch.equal(a, b) for a, b in zip(straight, resumed))
 
 
+# Malformed messages, and a sync server that one stops: test_ps_protocol.py, case by case.
+CHECKS = [("sync sgd", _sync_matrix, ("sgd", MATRIX)),
+          ("sync adam", _sync_matrix, ("adam", ADAM_MATRIX)),
+          ("Uneven", _on_first, (5, 3, "sgd", "sync", 0, Uneven)),
+          ("few_tensors", _on_first, (5, 3, "sgd", "sync", 0, few_tensors)),
+          # server 0, workers 1-3; worker 0 (rank 1) is the slow one
+          ("ssp", _on_first, (4, 1, "sgd", "ssp", 2, None, 30, 0)),
+          ("async", _on_first, (4, 1, "sgd", "async", 2, None, 30, 0)),
+          ("resume sgd", _checkpoint_and_resume, ("sgd", 4)),
+          ("resume adam", _checkpoint_and_resume, ("adam", 4))]
+
+
+@pytest.fixture(scope="module")
+def world():
+    return run_checks(CHECKS, WORLD, timeout=170)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("optimizer, matrix", [("sgd", MATRIX), ("adam", ADAM_MATRIX)],
+                         ids=["sgd", "adam"])
+def test_sync_matches_single_process_for_every_k_and_n(world, optimizer, matrix):
+    results = world[f"sync {optimizer}"]
+    for servers, workers in matrix:
+        want = reference(workers, optimizer)
+        for rank in range(servers, servers + workers):
+            role, params, summary = results[rank][(servers, workers)]
+            assert role == "worker"
+            for got, ref in zip(params, want):
+                np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13,
+                                           err_msg=f"K={servers} N={workers}")
+            assert summary["max_staleness"] == 0
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("consistency,bounded", [("ssp", True), ("async", False)])
+def test_ssp_bound_holds_with_a_slow_worker(world, consistency, bounded):
+    staleness = 2
+    stats = world[consistency][0][1]
+    assert stats.updates == 3 * 30
+    if bounded:
+        # The slow worker drags the others: the lead reaches the bound and never passes it.
+        assert stats.max_lead == staleness, stats
+    else:
+        assert stats.max_lead > staleness, stats  # without the bound the fast ones run away
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_sync_resume_from_a_server_checkpoint_is_bitwise_exact(optimizer):
-    results = run_workers(_checkpoint_and_resume, 3, optimizer, 4)
+def test_sync_resume_from_a_server_checkpoint_is_bitwise_exact(world, optimizer):
+    results = world[f"resume {optimizer}"]
     assert results[0] == (4, 4, 1)  # saved once, at step 4, after 4 updates
     assert results[1] is True and results[2] is True
 

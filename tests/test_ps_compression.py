@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from tests.distributed import run_workers
-from tests.test_data_parallel import BATCH, STEPS, global_batch, make_model
-from tests.test_ps import OPTIMIZERS, reference
-from tests.test_ps_protocol import _Capture
+from tests.helpers import BATCH, OPTIMIZERS, STEPS, LogCapture, global_batch, make_model
+from tests.helpers import one_process_reference as reference
 
 NUMEL = 531  # make_model's parameters: 12*16+16 + 16*16+16 + 16*3+3
 FIT_STEPS = 30
@@ -242,7 +241,7 @@ def _malformed(rank, group, case):
     arch = PSArchitecture(1, "async", 0, group, compression=BAD_CASES[case][0])
     model = make_model()
     if rank == 0:
-        capture, logger = _Capture(), logging.getLogger("gradsync.ps.server")
+        capture, logger = LogCapture(), logging.getLogger("gradsync.ps.server")
         logger.addHandler(capture)
         try:
             return arch.serve(model, OPTIMIZERS["sgd"]), capture.lines

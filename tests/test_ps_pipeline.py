@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from tests.distributed import run_workers
-from tests.test_data_parallel import BATCH, STEPS, global_batch, make_model
-from tests.test_ps import OPTIMIZERS, reference
+from tests.helpers import BATCH, OPTIMIZERS, STEPS, global_batch, make_model
+from tests.helpers import in_process, one_line_error
+from tests.helpers import one_process_reference as reference
 
 TINY_MB = 256 / (1 << 20)  # 256-byte partitions: about 9 per shard of make_model over 2
 
@@ -198,9 +199,7 @@ def test_shards_follow_unequal_links(tmp_path, monkeypatch):
 
 
 def test_bad_placement_flags_get_one_line(capfd):
-    from tests.test_cli import _in_process, _one_line_error
-
     for args, needle in [(["--server-ranks", "0,0"], "distinct"),
                          (["--server-ranks", "1,3"], "pass --servers 2"),
                          (["--ps-partition-mb", "0"], "--ps-partition-mb")]:
-        _one_line_error(_in_process(capfd, "train", "--arch", "ps", *args), needle)
+        one_line_error(in_process(capfd, "train", "--arch", "ps", *args), needle)

@@ -4,8 +4,8 @@ server, and under async the other worker trains on; a NaN or Inf gradient is an 
 default and skipped on request.
 
 One world of 3 processes (server 0, good worker 1, bad worker 2) runs one short PS session per
-case, each on a fresh group of the same ranks, so that a rejected stream cannot leak into the
-next case and the processes start once for all of them.
+case (tests/distributed.py's run_checks), each on a fresh group of the same ranks, so that a
+rejected stream cannot leak into the next case and the processes start once for all of them.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.distributed import run_workers
-from tests.test_data_parallel import BATCH, global_batch, make_model
+from tests.distributed import run_checks
+from tests.helpers import BATCH, LogCapture, global_batch, make_model
 
 STEPS = 3
 BAD = 2  # the bad worker's rank; the good one is 1, the server 0
@@ -99,15 +99,6 @@ CASES = {
 }
 
 
-class _Capture(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 def _session(rank, group, case, consistency, nonfinite):
     """One PS session: server 0; worker 1 trains STEPS steps; worker 2 sends ``case`` at step
     0 (then, if the server still answers, trains on with worker 1)."""
@@ -117,7 +108,7 @@ def _session(rank, group, case, consistency, nonfinite):
     arch = PSArchitecture(1, consistency, 0, group, nonfinite=nonfinite)
     model = make_model()
     if rank == 0:
-        capture = _Capture()
+        capture = LogCapture()
         logger = logging.getLogger("gradsync.ps.server")
         logger.addHandler(capture)
         try:
@@ -156,65 +147,86 @@ def _session(rank, group, case, consistency, nonfinite):
             [p.detach().numpy().copy() for p in model.parameters()])
 
 
-def _sessions(rank, world, sessions):
+def _in_fresh_group(rank, world, *session):
     from gradsync import comm
 
-    return [_session(rank, comm.new_group([0, 1, 2]), *s) for s in sessions]
+    return _session(rank, comm.new_group([0, 1, 2]), *session)
+
+
+# Async: each case drops the bad worker and the good one finishes. Skip (async and sync):
+# the bad push updates nothing. A fault that stops a sync server leaves its good worker
+# waiting until the server's process is gone (or the comm timeout): such a session ends a
+# world, so the two of them run on two.
+MALFORMED = [(case, "async", "error") for case in [*CASES, "non-finite"]]
+SKIPPED = [("non-finite", "async", "skip"), ("non-finite", "sync", "skip")]
+STOPPED = [("too long", "sync", "error"), ("non-finite", "sync", "error")]
+
+
+def _world(sessions):
+    checks = [(" ".join(s), _in_fresh_group, s) for s in sessions]
+    return run_checks(checks, 3, timeout=220, comm_timeout=60)
+
+
+@pytest.fixture(scope="module")
+def sessions():
+    return _world(MALFORMED + SKIPPED + STOPPED[:1])
+
+
+@pytest.fixture(scope="module")
+def stopped_by_nan():
+    return _world(STOPPED[1:])
 
 
 @pytest.mark.timeout(240)
-def test_every_malformed_message_is_rejected_naming_sender_and_fault():
-    """Async: each case drops the bad worker and the good one finishes; the last session is
-    sync, where the same fault stops the run with that error instead of a crash."""
-    sessions = [(case, "async", "error") for case in [*CASES, "non-finite"]]
-    sessions.append(("too long", "sync", "error"))
-    results = run_workers(_sessions, 3, sessions, timeout=220, comm_timeout=60)
-    server, good, bad = results
-    for i, (case, *_) in enumerate(sessions[:-1]):
+def test_every_malformed_message_is_rejected_naming_sender_and_fault(sessions):
+    """Async: each case drops the bad worker and the good one finishes; under sync the same
+    fault stops the run with that error instead of a crash."""
+    for session in MALFORMED:
+        case = session[0]
         if case == "non-finite":
             kind, fault, status = ("PUSH", "", "NaN or Inf")
             said = "rank 2 pushed a non-finite gradient at step 0: 2 of its"
         else:
             kind, fault, status = CASES[case]
             said = f"rank 2 sent a malformed {kind} at step 0: {fault}"
-        role, stats, lines = server[i]
+        server, good, bad = sessions[" ".join(session)]
+        role, stats, lines = server
         assert role == "served" and stats.rejected == 1 and stats.dropped == [BAD], (case, stats)
         assert any(said in line and "dropping rank 2" in line for line in lines), (case, lines)
         assert stats.updates == STEPS, (case, stats)  # the good worker's pushes, all applied
-        assert good[i][:2] == ("trained", [BAD]), (case, good[i][:2])
-        assert bad[i][0] == "rejected" and "rejected rank 2's message" in bad[i][1] \
-            and status in bad[i][1], (case, bad[i])
-    role, message, _ = server[-1]
+        assert good[:2] == ("trained", [BAD]), (case, good[:2])
+        assert bad[0] == "rejected" and "rejected rank 2's message" in bad[1] \
+            and status in bad[1], (case, bad)
+    server, good, bad = sessions["too long sync error"]
+    role, message, _ = server
     assert role == "stopped", message
     assert message.startswith("server 0: rank 2 sent a malformed PUSH at step 0: the header is "
                               "longer than the protocol's") \
         and message.endswith("a sync step cannot complete without rank 2"), message
-    assert bad[-1][0] == "rejected", bad[-1]
-    assert good[-1][0] == "lost" and "rank 0" in good[-1][1], good[-1]
+    assert bad[0] == "rejected", bad
+    assert good[0] == "lost" and "rank 0" in good[1], good
 
 
 @pytest.mark.timeout(120)
-def test_nonfinite_gradient_skipped_on_request_and_an_error_under_sync():
+def test_nonfinite_gradient_skipped_on_request_and_an_error_under_sync(sessions, stopped_by_nan):
     """skip (async and sync): the bad push updates nothing, both workers train on, sync
     replicas stay equal; error (sync, the default): the run stops naming rank and step."""
-    sessions = [("non-finite", "async", "skip"), ("non-finite", "sync", "skip"),
-                ("non-finite", "sync", "error")]
-    server, good, bad = run_workers(_sessions, 3, sessions, timeout=110, comm_timeout=60)
-    for i, consistency in enumerate(["async", "sync"]):
-        role, stats, lines = server[i]
+    for i, session in enumerate(SKIPPED):
+        consistency = session[1]
+        (role, stats, lines), good, bad = sessions[" ".join(session)]
         assert role == "served" and stats.rejected == 0 and stats.dropped == [], stats
         assert stats.skipped == 1 and stats.updates == (2 * STEPS - 1 if i == 0 else STEPS - 1)
         assert any("rank 2 pushed a non-finite gradient at step 0" in line
                    and "nonfinite='skip'" in line for line in lines), lines
-        assert good[i][:2] == ("trained", []) and bad[i][:2] == ("trained", []), (good, bad)
-        for a, b in zip(good[i][2], bad[i][2]):
+        assert good[:2] == ("trained", []) and bad[:2] == ("trained", []), (good, bad)
+        for a, b in zip(good[2], bad[2]):
             assert np.isfinite(a).all() and np.isfinite(b).all()
             if consistency == "sync":
                 np.testing.assert_array_equal(a, b)
-    role, message, _ = server[2]
+    (role, message, _), _, bad = stopped_by_nan["non-finite sync error"]
     assert role == "stopped" and "rank 2 pushed a non-finite gradient at step 0: 2 of its" \
         in message, message
-    assert bad[2][0] == "rejected" and "NaN or Inf" in bad[2][1], bad[2]
+    assert bad[0] == "rejected" and "NaN or Inf" in bad[1], bad
 
 
 def test_validate_names_each_fault():
