@@ -161,6 +161,16 @@ def digest(t: torch.Tensor) -> str:
     return hashlib.sha1(raw.numpy().tobytes()).hexdigest()
 
 
+def first_ranks(size: int):
+    """A group of world ranks 0..size-1 (the world itself at its size), None on the other
+    ranks: a smaller world inside this one. new_group is collective, so every rank of the
+    world calls this."""
+    from gradsync import comm
+
+    world = comm.world()
+    return world if size == world.size else comm.new_group(list(range(size)))
+
+
 # --- a small model, its global batches, and one process on them ----------------------------
 
 # 10 steps carry momentum and accumulation through several updates, with half the

@@ -1,10 +1,11 @@
 """The bandwidth-aware all-reduce and broadcast (gradsync/comm/algorithms/aware.py).
 
 The share arithmetic is checked in closed form against ANCHORS.md's example. The collectives
-run at world sizes 1-5 on loopback with a topology attached whose rates give some ranks no
-shard at all (the "very slow host" case), on small integers stored in each dtype so that the
-NumPy expectation is exact (tests/test_collectives.py's inputs); each worker returns digests
-so the parent can check the results are bitwise identical across ranks. Small ``chunk_bytes``
+run at world sizes 1-5 on loopback (one world of 5 processes; a smaller world is its first
+ranks) with a topology attached whose rates give some ranks no shard at all (the "very slow
+host" case), on small integers stored in each dtype so that the NumPy expectation is exact
+(tests/helpers.py's inputs); each worker returns digests so the parent can check the
+results are bitwise identical across ranks. Small ``chunk_bytes``
 make a 1031-element tensor travel as dozens of pipelined chunks without a large tensor.
 """
 
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.distributed import run_workers
-from tests.test_collectives import DTYPES, OPS, _digest, expected, lengths, rank_input
+from tests.distributed import run_checks
+from tests.helpers import DTYPES, OPS, expected, first_ranks, lengths, rank_input
+from tests.helpers import digest as _digest
 
 G = 125e6  # 1 Gbit/s in bytes/s
 
@@ -78,14 +80,19 @@ def _input(rank, length, op, dtype):
     return torch.from_numpy(rank_input(rank, length, op)).to(dtype)
 
 
-def _all_reduce_cases(rank, n):
+def _all_reduce_cases(rank, world, n):
+    """On a world of ``n`` (world ranks 0..n-1)."""
     from gradsync import comm
     from gradsync.comm.algorithms.aware import aware_all_reduce
     from gradsync.comm.ops import ReduceOp
     from gradsync.comm.p2p import P2P
 
-    _set_topology(comm.world(), RATES[n])
-    assert P2P(comm.world(), "test").rates() == RATES[n]  # so the shares follow RATES
+    group = first_ranks(n)
+    if group is None:
+        return None
+    rank = group.rank
+    _set_topology(group, RATES[n])
+    assert P2P(group, "test").rates() == RATES[n]  # so the shares follow RATES
     failures, digests = [], {}
 
     def check(key, t, want):
@@ -100,29 +107,29 @@ def _all_reduce_cases(rank, n):
                 if op == "avg" and not dtype.is_floating_point:
                     continue
                 t = _input(rank, length, op, dtype)
-                comm.all_reduce(t, op=op, algorithm="aware")
+                comm.all_reduce(t, op=op, group=group, algorithm="aware")
                 check((str(dtype), length, op), t, expected(n, length, op))
         # 1031 elements in 32-byte chunks: 65-258 chunks, all pipelined.
         for op in ("sum", "max", "prod"):
             t = _input(rank, 1031, op, dtype)
-            aware_all_reduce(t, ReduceOp(op), P2P(comm.world(), "test"), chunk_bytes=32)
+            aware_all_reduce(t, ReduceOp(op), P2P(group, "test"), chunk_bytes=32)
             check((str(dtype), "chunked", op), t, expected(n, 1031, op))
     # A few MiB at the default chunk size, through the public call.
     big = 3 * 2**20 // 4 + 5
     t = _input(rank, big, "sum", torch.float32)
-    comm.all_reduce(t, op="sum", algorithm="aware")
+    comm.all_reduce(t, op="sum", group=group, algorithm="aware")
     check("big", t, expected(n, big, "sum"))
     # Non-contiguous: reduced through a contiguous copy, written back.
     t = _input(rank, 2 * (n + 3), "sum", torch.float64).view(2, n + 3).t()
-    comm.all_reduce(t, algorithm="aware")
+    comm.all_reduce(t, group=group, algorithm="aware")
     check("transposed", t, expected(n, 2 * (n + 3), "sum").reshape(2, n + 3).T)
     return failures, digests
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
-def test_all_reduce_every_dtype_length_op_against_numpy(world_size):
-    results = run_workers(_all_reduce_cases, world_size, timeout=110)
+def test_all_reduce_every_dtype_length_op_against_numpy(world, world_size):
+    results = world[f"all_reduce {world_size}"][:world_size]
     for rank, (failures, _) in enumerate(results):
         assert not failures, f"rank {rank}:\n" + "\n".join(failures[:20])
     for key in results[0][1]:
@@ -158,9 +165,9 @@ def _sub_group_and_view(rank, n):
     return out
 
 
-@pytest.mark.timeout(120)
-def test_sub_group_and_p2p_view():
-    results = run_workers(_sub_group_and_view, 5, timeout=110)
+@pytest.mark.timeout(180)
+def test_sub_group_and_p2p_view(world):
+    results = world["sub-group and view"]
     for rank, checks in enumerate(results):
         assert all(ok for ok, _ in checks.values()), f"rank {rank}: {checks}"
     assert sorted(r for r, c in enumerate(results) if "sub_group" in c) == [0, 2, 4]
@@ -169,37 +176,42 @@ def test_sub_group_and_p2p_view():
         assert len({c[key][1] for c in results if key in c}) == 1, key
 
 
-def _broadcast_cases(rank, n):
+def _broadcast_cases(rank, world, n):
+    """On a world of ``n`` (world ranks 0..n-1)."""
     from gradsync import comm
     from gradsync.comm.algorithms.aware import aware_broadcast
     from gradsync.comm.p2p import P2P
 
-    _set_topology(comm.world(), RATES[n])
+    group = first_ranks(n)
+    if group is None:
+        return None
+    _set_topology(group, RATES[n])
     failures = []
     for root in range(n):
         for dtype in (torch.float16, torch.bfloat16, torch.int64):
             for length in (0, 1, 7 * n + 3, 1031):
                 want = _input(root, length, "sum", dtype)
                 t = want.clone() if rank == root else torch.full((length,), -99).to(dtype)
-                comm.broadcast(t, src=root, algorithm="aware")
+                comm.broadcast(t, src=root, group=group, algorithm="aware")
                 if not torch.equal(t, want):
                     failures.append(f"root {root} {dtype} len={length}")
             t = want.clone() if rank == root else torch.zeros(1031, dtype=dtype)
-            aware_broadcast(t, root, P2P(comm.world(), "test"), chunk_bytes=40)
+            aware_broadcast(t, root, P2P(group, "test"), chunk_bytes=40)
             if not torch.equal(t, want):
                 failures.append(f"root {root} {dtype} chunked")
     # A few MiB at the default chunk size, asynchronously; and a non-contiguous tensor.
     want = _input(n - 1, 3 * 2**20 // 8 + 3, "sum", torch.float64)
     t = want.clone() if rank == n - 1 else torch.zeros_like(want)
-    if not torch.equal(comm.broadcast_async(t, src=n - 1, algorithm="aware").wait(), want):
+    if not torch.equal(comm.broadcast_async(t, src=n - 1, group=group, algorithm="aware")
+                       .wait(), want):
         failures.append("big async")
     want = _input(0, 3 * (n + 2), "sum", torch.float32).view(3, n + 2).t()
     t = want.clone() if rank == 0 else torch.zeros(3, n + 2).t()
-    comm.broadcast(t, src=0, algorithm="aware")
+    comm.broadcast(t, src=0, group=group, algorithm="aware")
     if not torch.equal(t, want):
         failures.append("transposed")
     try:
-        comm.broadcast(t, algorithm="tree")
+        comm.broadcast(t, group=group, algorithm="tree")
         failures.append("no error for algorithm='tree'")
     except ValueError as exc:
         if "native, aware" not in str(exc):
@@ -207,28 +219,45 @@ def _broadcast_cases(rank, n):
     return failures
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5])
-def test_broadcast_from_every_root_against_the_root(world_size):
-    for rank, failures in enumerate(run_workers(_broadcast_cases, world_size, timeout=110)):
+def test_broadcast_from_every_root_against_the_root(world, world_size):
+    for rank, failures in enumerate(world[f"broadcast {world_size}"][:world_size]):
         assert not failures, f"rank {rank}:\n" + "\n".join(failures[:20])
 
 
-def _check_mode(rank, n, mismatch):
+def _check_mode(rank, world, mismatch):
+    """On world ranks 0-2 in check mode."""
     from gradsync import comm
 
-    assert comm.world().check  # GRADSYNC_CHECK=1 from the environment
+    group = comm.new_group([0, 1, 2], check=True)
+    if group is None:
+        return None
     t = torch.full((5,), float(rank))
     try:
-        comm.broadcast(t, src=1, algorithm="native" if mismatch and rank == 0 else "aware")
+        comm.broadcast(t, src=1, group=group,
+                       algorithm="native" if mismatch and rank == 0 else "aware")
     except comm.CollectiveMismatchError as exc:
         return str(exc)
     return t.tolist()
 
 
-@pytest.mark.timeout(120)
-def test_check_mode_passes_aware_broadcast_and_names_a_mismatch():
-    env = {"GRADSYNC_CHECK": "1"}
-    assert run_workers(_check_mode, 3, False, env=env, timeout=110) == [[1.0] * 5] * 3
-    for message in run_workers(_check_mode, 3, True, env=env, timeout=110):
+@pytest.mark.timeout(180)
+def test_check_mode_passes_aware_broadcast_and_names_a_mismatch(world):
+    assert world["check mode"][:3] == [[1.0] * 5] * 3
+    for message in world["check mode mismatch"][:3]:
         assert "algorithm=native" in message and "algorithm=aware" in message, message
+
+
+# One world of 5 runs every check above; a world of n < 5 is world ranks 0..n-1. The
+# mismatch comes last: check mode refuses it on every rank alike, but nothing follows it.
+CHECKS = [*((f"all_reduce {n}", _all_reduce_cases, (n,)) for n in (1, 2, 3, 4, 5)),
+          ("sub-group and view", _sub_group_and_view, ()),
+          *((f"broadcast {n}", _broadcast_cases, (n,)) for n in (1, 2, 3, 5)),
+          ("check mode", _check_mode, (False,)),
+          ("check mode mismatch", _check_mode, (True,))]
+
+
+@pytest.fixture(scope="module")
+def world():
+    return run_checks(CHECKS, 5, timeout=170)

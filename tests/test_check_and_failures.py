@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from tests.distributed import run_workers, scaled
+from tests.distributed import run_checks, run_workers, scaled
 
 
 def _mismatch(rank, n, case):
@@ -36,22 +36,6 @@ def _mismatch(rank, n, case):
     return "no error"
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("case,needles", [
-    ("shape", ["float32[4]", "float32[5]"]),
-    ("dtype", ["float64[4]", "float32[4]"]),
-    ("op", ["op=sum", "op=max"]),
-    ("order", ["broadcast", "all_reduce"]),
-    ("algorithm", ["algorithm=ring", "algorithm=tree"]),
-])
-def test_check_mode_names_ranks_and_differences(case, needles):
-    messages = run_workers(_mismatch, 3, case, env={"GRADSYNC_CHECK": "1"})
-    for message in messages:
-        assert "rank 0" in message and "rank 1" in message and "rank 2" in message, message
-        for needle in needles:
-            assert needle in message, message
-
-
 def _check_passes(rank, n):
     from gradsync import comm
 
@@ -61,9 +45,32 @@ def _check_passes(rank, n):
     return t.tolist()
 
 
+MISMATCHES = {"shape": ["float32[4]", "float32[5]"], "dtype": ["float64[4]", "float32[4]"],
+              "op": ["op=sum", "op=max"], "order": ["broadcast", "all_reduce"],
+              "algorithm": ["algorithm=ring", "algorithm=tree"]}
+
+
+@pytest.fixture(scope="module")
+def checked():
+    """One world in check mode for every mismatch: check mode refuses a mismatched call on
+    every rank before any data moves, so the world goes on to the next one."""
+    checks = [(case, _mismatch, (case,)) for case in MISMATCHES]
+    checks.append(("matching", _check_passes, ()))
+    return run_checks(checks, 3, env={"GRADSYNC_CHECK": "1"}, timeout=170)
+
+
 @pytest.mark.timeout(180)
-def test_check_mode_lets_matching_calls_through():
-    for value in run_workers(_check_passes, 3, env={"GRADSYNC_CHECK": "1"}):
+@pytest.mark.parametrize("case", list(MISMATCHES))
+def test_check_mode_names_ranks_and_differences(checked, case):
+    for message in checked[case]:
+        assert "rank 0" in message and "rank 1" in message and "rank 2" in message, message
+        for needle in MISMATCHES[case]:
+            assert needle in message, message
+
+
+@pytest.mark.timeout(180)
+def test_check_mode_lets_matching_calls_through(checked):
+    for value in checked["matching"]:
         assert value == [3.0, 3.0, 3.0]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed import run_workers
+from tests.distributed import run_checks
 
 
 def _step_with_poison(rank: int, world_size: int, nonfinite: str, poison_rank: int,
@@ -42,19 +42,29 @@ def _step_with_poison(rank: int, world_size: int, nonfinite: str, poison_rank: i
     return error, unchanged, model.stats.skipped_steps
 
 
+# One world of 3 for every case; a stopped step raises on every rank alike, so the world
+# goes on to the next case.
+CHECKS = [("nan", _step_with_poison, ("error", 2, float("nan"))),
+          ("inf", _step_with_poison, ("error", 2, float("inf"))),
+          ("skip", _step_with_poison, ("skip", 0, float("nan")))]
+
+
+@pytest.fixture(scope="module")
+def world():
+    return run_checks(CHECKS, 3, timeout=110)
+
+
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_nonfinite_gradient_names_rank_and_step(value):
-    results = run_workers(_step_with_poison, 3, "error", 2, value)
-    for error, _, _ in results:  # every rank stops at the same step with the same story
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_nonfinite_gradient_names_rank_and_step(world, value):
+    for error, _, _ in world[value]:  # every rank stops at the same step with the same story
         assert error is not None and "from rank 2 at step 1" in error, error
         assert "0.weight" in error and "--on-nonfinite skip" in error, error
 
 
 @pytest.mark.timeout(120)
-def test_skip_leaves_the_parameters_and_counts_the_step():
-    results = run_workers(_step_with_poison, 2, "skip", 0, float("nan"))
-    for error, unchanged, skipped in results:
+def test_skip_leaves_the_parameters_and_counts_the_step(world):
+    for error, unchanged, skipped in world["skip"]:
         assert error is None and unchanged and skipped == 1
 
 

@@ -16,7 +16,8 @@ from torch import nn
 
 from gradsync.compress.powersgd import (PowerSGDState, naive_powersgd_step, orthogonalize_,
                                         powersgd)
-from tests.distributed import run_workers
+from tests.distributed import run_checks
+from tests.helpers import first_ranks
 
 # One bucket: a bias, a linear weight, a conv weight (compressed as 8 x 27), a matrix too
 # small to gain 2x at rank 2 (so it travels uncompressed), another bias.
@@ -45,11 +46,13 @@ def gradients(step: int, rank: int, low_rank: int = 0) -> torch.Tensor:
     return torch.cat([p.reshape(-1) for p in parts])
 
 
-def _hook_steps(rank, world, steps, r, low_rank):
-    from gradsync import comm
+def _hook_steps(rank, world, size, steps, r, low_rank):
+    """The hook on a bucket of every rank's ``gradients``, on a world of ``size``."""
     from gradsync.compress import GradBucket
 
-    group = comm.world()
+    group = first_ranks(size)
+    if group is None:
+        return None
     params = [nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in SHAPES]
     offsets = [sum(_numels()[:i]) for i in range(len(SHAPES))]
     bucket = GradBucket(0, torch.zeros(sum(_numels()), dtype=torch.float64), params, offsets,
@@ -67,10 +70,10 @@ def _hook_steps(rank, world, steps, r, low_rank):
     return out, state.stats.snapshot()
 
 
-@pytest.mark.timeout(60)
-def test_lossless_on_gradients_of_rank_r():
+@pytest.mark.timeout(180)
+def test_lossless_on_gradients_of_rank_r(world3):
     world, r, steps = 2, 2, 3
-    results = run_workers(_hook_steps, world, steps, r, r, timeout=50)
+    results = world3["lossless"][:world]
     for step in range(steps):
         mean = sum(gradients(step, k, r) for k in range(world)) / world
         for out, _ in results:
@@ -88,15 +91,15 @@ def test_lossless_on_gradients_of_rank_r():
 
 
 @pytest.fixture(scope="module")
-def lossy_run():
+def lossy_run(world3):
     """World 3, rank 2, full-rank gradients: 4 steps of what each rank got back."""
-    world, r, steps = 3, 2, 4
-    per_rank = run_workers(_hook_steps, world, steps, r, 0, timeout=50)
+    world, r = 3, 2
+    per_rank = world3["lossy"]
     return world, r, [[(torch.from_numpy(result), torch.from_numpy(residual), calls)
                        for result, residual, calls in out] for out, _ in per_rank]
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_results_bitwise_identical_across_ranks(lossy_run):
     _, _, per_rank = lossy_run
     for step in range(len(per_rank[0])):
@@ -104,7 +107,7 @@ def test_results_bitwise_identical_across_ranks(lossy_run):
             assert torch.equal(out[step][0], per_rank[0][step][0])
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_matches_naive_oracle_step_by_step(lossy_run):
     world, r, per_rank = lossy_run
     sizes = _numels()
@@ -133,7 +136,7 @@ def test_matches_naive_oracle_step_by_step(lossy_run):
             assert (expected - sum(torch.cat(m) for m in ms) / world).abs().max() > 0.1
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(180)
 def test_error_feedback_keeps_what_was_not_sent(lossy_run):
     """Per rank: everything communicated plus the residual is everything computed."""
     _, _, per_rank = lossy_run
@@ -166,7 +169,7 @@ def test_settings_are_validated_and_spec_builds_the_hook():
 TORCH_STEPS, START = 20, 2
 
 
-def _train(rank, world, kind):
+def _train(rank, group, kind):
     """20 SGD steps of a small MLP; kind: "torch" (DDP + torch's powerSGD_hook),
     "gradsync" (DataParallel + powersgd_hook) or "plain" (DataParallel, no hook)."""
     import gradsync
@@ -183,11 +186,11 @@ def _train(rank, world, kind):
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
 
         # A bucket cap above the model (20 KB) gives one bucket on both sides.
-        model = comm.reference.torch_ddp(model, bucket_cap_mb=1)
-        model.register_comm_hook(ps.PowerSGDState(None, matrix_approximation_rank=1,
+        model = comm.reference.torch_ddp(model, group, bucket_cap_mb=1)
+        model.register_comm_hook(ps.PowerSGDState(group.pg, matrix_approximation_rank=1,
                                                   start_powerSGD_iter=START), ps.powerSGD_hook)
     else:
-        model = gradsync.DataParallel(model, bucket_cap_mb=1, topology=None)
+        model = gradsync.DataParallel(model, group=group, bucket_cap_mb=1, topology=None)
         if kind == "gradsync":
             model.register_comm_hook(*powersgd(1, start_iter=START, algorithm="native"))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -200,13 +203,16 @@ def _train(rank, world, kind):
     return [p.detach().numpy().copy() for p in model.parameters()]
 
 
-def _three_runs(rank, world):
-    return {kind: _train(rank, world, kind) for kind in ("torch", "gradsync", "plain")}
+def _three_runs(rank, world, size):
+    group = first_ranks(size)
+    if group is None:
+        return None
+    return {kind: _train(rank, group, kind) for kind in ("torch", "gradsync", "plain")}
 
 
-@pytest.mark.timeout(90)
-def test_matches_torch_powersgd_hook_bit_for_bit():
-    for runs in run_workers(_three_runs, 2, timeout=80):
+@pytest.mark.timeout(180)
+def test_matches_torch_powersgd_hook_bit_for_bit(world3):
+    for runs in world3["torch"][:2]:
         for ours, theirs in zip(runs["gradsync"], runs["torch"]):
             assert np.array_equal(ours, theirs), np.abs(ours - theirs).max()
         # Without compression the run ends elsewhere, so the comparison can fail.
@@ -215,12 +221,16 @@ def test_matches_torch_powersgd_hook_bit_for_bit():
 
 # --- convergence ---------------------------------------------------------------------------
 
-def _digits(rank, world, epochs):
+def _digits(rank, world, size, epochs):
     import gradsync
-    from gradsync.train.workloads import build_workload
+    from gradsync.workloads import build_workload
 
+    group = first_ranks(size)
+    if group is None:
+        return None
+    world = group.size
     workload = build_workload("digits-mlp", seed=0)
-    model = gradsync.DataParallel(workload.model, topology=None)
+    model = gradsync.DataParallel(workload.model, group=group, topology=None)
     model.register_comm_hook(*powersgd(2))
     opt = torch.optim.SGD(model.parameters(), lr=workload.default_lr, momentum=0.9)
     x, y = workload.train_set.tensors
@@ -237,8 +247,21 @@ def _digits(rank, world, epochs):
         return (model(ex).argmax(dim=1) == ey).double().mean().item()
 
 
-@pytest.mark.timeout(90)
-def test_digits_mlp_with_rank_2_reaches_95_percent():
-    accuracies = run_workers(_digits, 2, 20, timeout=80)
+@pytest.mark.timeout(180)
+def test_digits_mlp_with_rank_2_reaches_95_percent(world3):
+    accuracies = world3["digits"][:2]
     assert accuracies[0] == accuracies[1]  # the same parameters on every rank
     assert accuracies[0] >= 0.95
+
+
+# One world of 3 runs every distributed check above (the first test to ask for it waits for
+# all of them); the checks of 2 ranks run on a sub-group of it.
+CHECKS = [("lossless", _hook_steps, (2, 3, 2, 2)),  # world 2, 3 steps, rank 2, low-rank grads
+          ("lossy", _hook_steps, (3, 4, 2, 0)),     # world 3, 4 steps, rank 2, full rank
+          ("torch", _three_runs, (2,)),
+          ("digits", _digits, (2, 20))]
+
+
+@pytest.fixture(scope="module")
+def world3():
+    return run_checks(CHECKS, 3, timeout=170)
