@@ -1,8 +1,9 @@
 """Hierarchical all-reduce against NumPy on faked multi-host layouts, and its traffic shape.
 
-All ranks run on one machine over loopback; a worker fakes the hosts by setting the world
-group's topology. Each run_workers call goes through several layouts of one world size, so
-the file pays for few process starts. Inputs are small integers stored in each dtype (as in
+All ranks run on one machine over loopback; a worker fakes the hosts by setting its group's
+topology. One world of 8 processes runs every check (tests/distributed.py's run_checks): a
+world of n ranks is its first n, and each goes through several layouts of its size, so the
+file starts its processes once. Inputs are small integers stored in each dtype (as in
 test_collectives), so every expectation is exact; random floats check that results are
 bitwise identical across ranks when the summation order matters. A counting engine records
 the bytes each rank sends to each peer, which checks the scheme's shape: each host link
@@ -17,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.distributed import run_workers
-from tests.test_collectives import DTYPES, OPS, _digest, expected, rank_input
+from tests.distributed import run_checks
+from tests.helpers import DTYPES, OPS, expected, first_ranks, rank_input
+from tests.helpers import digest as _digest
 
 COUNT_NUMEL = 840 * 16   # divisible by h * L for every layout below: byte counts are exact
 BIG_NUMEL = (3 << 20) // 4 + 5   # 3 MiB of float32, not divisible by any p > 1
@@ -57,8 +59,10 @@ class _CountingEngine:
         return self.inner.isend(tensor, dst, pg, tag)
 
 
-def _exact_cases(rank, n, hosts, failures, digests, name):
+def _exact_cases(group, hosts, failures, digests, name):
     from gradsync import comm
+
+    rank, n = group.rank, group.size
 
     small = max(len(h) for h in hosts) - 1 if hosts else 0   # shorter than a host's ranks
     for dtype in DTYPES:
@@ -67,7 +71,7 @@ def _exact_cases(rank, n, hosts, failures, digests, name):
                 if op == "avg" and not dtype.is_floating_point:
                     continue
                 t = torch.from_numpy(rank_input(rank, length, op)).to(dtype)
-                comm.all_reduce(t, op=op, algorithm="hierarchical")
+                comm.all_reduce(t, op=op, group=group, algorithm="hierarchical")
                 want = torch.from_numpy(expected(n, length, op)).to(dtype)
                 if not torch.equal(t, want):
                     failures.append(f"{name} {dtype} len={length} {op}: got {t[:5].tolist()} "
@@ -76,55 +80,56 @@ def _exact_cases(rank, n, hosts, failures, digests, name):
     # A few MiB: several ring segments per chunk in every phase.
     for dtype, op in ((torch.float32, "sum"), (torch.int64, "max")):
         t = torch.from_numpy(rank_input(rank, BIG_NUMEL, op)).to(dtype)
-        comm.all_reduce(t, op=op, algorithm="hierarchical")
+        comm.all_reduce(t, op=op, group=group, algorithm="hierarchical")
         if not torch.equal(t, torch.from_numpy(expected(n, BIG_NUMEL, op)).to(dtype)):
             failures.append(f"{name} {dtype} len={BIG_NUMEL} {op}")
         digests[(name, str(dtype), BIG_NUMEL, op)] = _digest(t)
 
 
-def _random_floats(rank, name, digests):
+def _random_floats(group, name, digests):
     """Where order matters, each rank's bits must still be the same (returned for checking
     against a float64 reference too)."""
     from gradsync import comm
 
     values = {}
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        t = torch.randn(5003, generator=torch.Generator().manual_seed(rank),
+        t = torch.randn(5003, generator=torch.Generator().manual_seed(group.rank),
                         dtype=torch.float64).to(dtype)
-        comm.all_reduce(t, op="avg", algorithm="hierarchical")
+        comm.all_reduce(t, op="avg", group=group, algorithm="hierarchical")
         digests[(name, str(dtype), "random")] = _digest(t)
         values[(name, str(dtype))] = t.double().numpy()
     return values
 
 
-def _count(algorithm):
+def _count(group, algorithm):
     """Bytes this rank sends to each peer in one all-reduce of COUNT_NUMEL float32."""
     from gradsync import comm
 
-    group = comm.world()
     # Once untimed: the shared-memory segments of this size exist before the count starts.
-    comm.all_reduce(torch.ones(COUNT_NUMEL), op="sum", algorithm=algorithm)
+    comm.all_reduce(torch.ones(COUNT_NUMEL), op="sum", group=group, algorithm=algorithm)
     engine, before = _CountingEngine(group.engine), group.stats.bytes_sent
     group.engine = engine
     try:
-        comm.all_reduce(torch.ones(COUNT_NUMEL), op="sum", algorithm=algorithm)
+        comm.all_reduce(torch.ones(COUNT_NUMEL), op="sum", group=group, algorithm=algorithm)
     finally:
         group.engine = engine.inner
     return engine.sent, group.stats.bytes_sent - before
 
 
-def _layouts_worker(rank, n):
-    from gradsync import comm
-
+def _layouts_worker(rank, world, n):
+    """Every layout of LAYOUTS[n] on world ranks 0..n-1."""
+    group = first_ranks(n)
+    if group is None:
+        return None
     failures, digests, floats, sent = [], {}, {}, {}
     for name, hosts in LAYOUTS[n]:
-        comm.world().topology = _topology(hosts)
-        _exact_cases(rank, n, hosts, failures, digests, name)
-        floats.update(_random_floats(rank, name, digests))
-        sent[name] = _count("hierarchical")
+        group.topology = _topology(hosts)
+        _exact_cases(group, hosts, failures, digests, name)
+        floats.update(_random_floats(group, name, digests))
+        sent[name] = _count(group, "hierarchical")
         if name == "2x2 interleaved":
-            sent["ring " + name] = _count("ring")
-    comm.world().topology = None
+            sent["ring " + name] = _count(group, "ring")
+    group.topology = None
     return failures, digests, floats, sent
 
 
@@ -147,10 +152,10 @@ def _expected_sent(hosts, n, rank, nbytes):
     return intra, 2 * (h - 1) * nbytes // (h * core)
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("world_size", sorted(LAYOUTS))
-def test_hierarchical_exact_bitwise_and_traffic(world_size):
-    results = run_workers(_layouts_worker, world_size, timeout=140)
+def test_hierarchical_exact_bitwise_and_traffic(world, world_size):
+    results = world[f"layouts {world_size}"][:world_size]
     for rank, (failures, *_) in enumerate(results):
         assert not failures, f"rank {rank}:\n" + "\n".join(failures[:20])
     digests = [r[1] for r in results]
@@ -193,15 +198,16 @@ def test_hierarchical_exact_bitwise_and_traffic(world_size):
         assert ring_out == 2 * (2 * 3 * nbytes // 4)
 
 
-def _direct_worker(rank, n):
-    """hierarchical_all_reduce called directly: ``inter`` sees one piece per local index, and
-    a view of some ranks maps the topology into its own positions."""
-    from gradsync import comm
+def _direct_worker(rank, world):
+    """hierarchical_all_reduce called directly on world ranks 0-3: ``inter`` sees one piece
+    per local index, and a view of some ranks maps the topology into its own positions."""
     from gradsync.comm.algorithms import hierarchical_all_reduce, ring_all_reduce
     from gradsync.comm.ops import ReduceOp
     from gradsync.comm.p2p import P2P
 
-    group = comm.world()
+    group = first_ranks(4)
+    if group is None:
+        return None
     group.topology = _topology([[0, 2], [1, 3]])
     calls = []
 
@@ -220,9 +226,9 @@ def _direct_worker(rank, n):
     return out
 
 
-@pytest.mark.timeout(60)
-def test_hierarchical_inter_and_views():
-    results = run_workers(_direct_worker, 4, timeout=50)
+@pytest.mark.timeout(180)
+def test_hierarchical_inter_and_views(world):
+    results = world["inter and views"][:4]
     base = np.arange(10, dtype=np.float64)
     for rank, out in enumerate(results):
         values, calls = out["full"]
@@ -242,7 +248,8 @@ def test_hierarchical_shape_is_the_ring_without_a_layout():
         assert hierarchical_shape(1 << 20, p) == ring_shape(1 << 20, p)
 
 
-def _unequal_hosts(rank, n):
+def _unequal_hosts(rank, world):
+    """On world ranks 0-5."""
     import torch
 
     from gradsync import comm
@@ -251,14 +258,29 @@ def _unequal_hosts(rank, n):
     from gradsync.comm.p2p import P2P
     from gradsync.comm.topology import HostLink, Topology
 
-    comm.world().topology = Topology((HostLink("a", (0, 1), 1e8), HostLink("b", (2, 3), 1e8),
-                                      HostLink("c", (4, 5), 2.5e7)))
+    group = first_ranks(6)
+    if group is None:
+        return None
+    n = group.size
+    group.topology = Topology((HostLink("a", (0, 1), 1e8), HostLink("b", (2, 3), 1e8),
+                               HostLink("c", (4, 5), 2.5e7)))
     t = torch.arange(5003, dtype=torch.float64) * (rank + 1)
-    comm.all_reduce(t, algorithm="hierarchical")
-    return (_default_inter(P2P(comm.world(), "t")) is aware_all_reduce,
+    comm.all_reduce(t, group=group, algorithm="hierarchical")
+    return (_default_inter(P2P(group, "t")) is aware_all_reduce,
             bool(torch.equal(t, torch.arange(5003, dtype=torch.float64) * sum(range(1, n + 1)))))
 
 
-@pytest.mark.timeout(60)
-def test_unequal_host_links_cross_hosts_with_aware():
-    assert run_workers(_unequal_hosts, 6, timeout=50) == [(True, True)] * 6
+@pytest.mark.timeout(180)
+def test_unequal_host_links_cross_hosts_with_aware(world):
+    assert world["unequal host links"][:6] == [(True, True)] * 6
+
+
+# One world of 8 runs every check above; a world of n < 8 is world ranks 0..n-1.
+CHECKS = [*((f"layouts {n}", _layouts_worker, (n,)) for n in sorted(LAYOUTS)),
+          ("inter and views", _direct_worker, ()),
+          ("unequal host links", _unequal_hosts, ())]
+
+
+@pytest.fixture(scope="module")
+def world():
+    return run_checks(CHECKS, 8, timeout=170)
