@@ -10,7 +10,8 @@ import pytest
 from gradsync.comm.cost_model import CostModel, network_candidates
 from gradsync.comm.p2p import weighted_bounds
 from gradsync.comm.topology import HostLink, Topology, TopologyError
-from tests.distributed import run_workers
+from tests.distributed import run_checks
+from tests.helpers import first_ranks
 
 GBIT = 1e9 / 8
 
@@ -117,14 +118,17 @@ def _detect_and_probe(rank, n, hosts):
 
     single = comm.probe_topology()
     os.environ["GRADSYNC_HOST"] = f"fake{rank % hosts}"  # ranks r, r+hosts, ... share a host
-    multi = comm.probe_topology(budget_s=30.0)
+    try:
+        multi = comm.probe_topology(budget_s=30.0)
+    finally:
+        del os.environ["GRADSYNC_HOST"]
     comm.set_topology(multi)
     return single.to_json(), multi.to_json(), comm.world().topology == multi
 
 
-@pytest.mark.timeout(120)
-def test_probe_groups_hosts_and_measures_every_link():
-    results = run_workers(_detect_and_probe, 4, 2, timeout=110)
+@pytest.mark.timeout(180)
+def test_probe_groups_hosts_and_measures_every_link(world):
+    results = world["probe"]
     single, multi, attached = results[0]
     assert all(r == results[0] for r in results), "ranks saw different topologies"
     assert json.loads(single) == {"hosts": [{"name": "h0", "ranks": [0, 1, 2, 3]}]}
@@ -134,60 +138,77 @@ def test_probe_groups_hosts_and_measures_every_link():
 
 
 def _probe_out_of_budget(rank, n):
+    """On world ranks 0-2."""
     import logging
     import os
 
     from gradsync import comm
 
+    group = first_ranks(3)
+    if group is None:
+        return None
     os.environ["GRADSYNC_HOST"] = f"fake{rank}"
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("gradsync.comm.probe").addHandler(handler)
-    topo = comm.probe_topology(budget_s=1e-6)
+    logger = logging.getLogger("gradsync.comm.probe")
+    logger.addHandler(handler)
+    try:
+        topo = comm.probe_topology(group, budget_s=1e-6)
+    finally:
+        logger.removeHandler(handler)
+        del os.environ["GRADSYNC_HOST"]
     return topo.measured, [h.ranks for h in topo.hosts], [r.getMessage() for r in records]
 
 
-@pytest.mark.timeout(60)
-def test_a_probe_past_its_budget_falls_back_with_one_warning():
-    results = run_workers(_probe_out_of_budget, 3, timeout=50)
+@pytest.mark.timeout(180)
+def test_a_probe_past_its_budget_falls_back_with_one_warning(world):
+    results = world["probe past its budget"][:3]
     for measured, hosts, messages in results:
         assert not measured and hosts == [(0,), (1,), (2,)]
     assert len(results[0][2]) == 1 and "using the topology-free choice" in results[0][2][0]
 
 
 def _disagree(rank, n):
+    """On world ranks 0-2."""
     from gradsync import comm
 
-    topo = Topology.uniform(n, 1, GBIT * (2 if rank == 1 else 1))
+    group = first_ranks(3)
+    if group is None:
+        return None
+    topo = Topology.uniform(3, 1, GBIT * (2 if rank == 1 else 1))
     try:
-        comm.set_topology(topo)
+        comm.set_topology(topo, group)
     except comm.CollectiveMismatchError as exc:
         return str(exc)
     return "no error"
 
 
-@pytest.mark.timeout(60)
-def test_ranks_with_different_topologies_get_a_table_not_a_hang():
-    for message in run_workers(_disagree, 3, timeout=50):
+@pytest.mark.timeout(180)
+def test_ranks_with_different_topologies_get_a_table_not_a_hang(world):
+    for message in world["ranks disagree"][:3]:
         assert "ranks disagree on the topology" in message
         assert "rank 0: 3 hosts" in message and "rank 1: 3 hosts" in message
 
 
 def _wrong_size(rank, n):
+    """On world ranks 0-2."""
     from gradsync import comm
 
+    group = first_ranks(3)
+    if group is None:
+        return None
     try:
-        comm.set_topology(Topology.uniform(2, 1, GBIT))
+        comm.set_topology(Topology.uniform(2, 1, GBIT), group)
     except comm.TopologyError as exc:
         return str(exc)
     return "no error"
 
 
-@pytest.mark.timeout(60)
-def test_a_topology_for_another_world_is_refused():
-    assert run_workers(_wrong_size, 3, timeout=50) == ["ranks [2] are on no host (the group "
-                                                       "has 3 ranks)"] * 3
+@pytest.mark.timeout(180)
+def test_a_topology_for_another_world_is_refused(world):
+    assert world["another world's topology"][:3] == [
+        "ranks [2] are on no host (the group has 3 ranks)"] * 3
 
 
 # --- DataParallel on a network -------------------------------------------------------------
@@ -217,15 +238,29 @@ def _train(rank, n, rates, algorithm):
     return dp.bucket_algorithms, digest.hexdigest(), comm.world().topology == topo
 
 
-@pytest.mark.timeout(120)
-def test_data_parallel_auto_uses_the_topology_and_the_result_does_not_depend_on_it():
+@pytest.mark.timeout(180)
+def test_data_parallel_auto_uses_the_topology_and_the_result_does_not_depend_on_it(world):
     """auto picks aware for 1 MiB buckets on unequal links (the native ring on equal ones),
     and aware's sums run in rank order whatever the shards: the parameters after training on
     unequal links equal, bit for bit, those of aware on equal links."""
-    unequal = run_workers(_train, 4, (1, 1, 1, .25), "auto", timeout=100)
-    equal = run_workers(_train, 4, (1, 1, 1, 1), "auto", timeout=100)
-    forced = run_workers(_train, 4, (1, 1, 1, 1), "aware", timeout=100)
+    unequal, equal, forced = world["auto, unequal"], world["auto, equal"], world["aware, equal"]
     assert all(r[2] for r in unequal + equal + forced)
     assert all("aware" in r[0] for r in unequal) and unequal[0][0][0] == "aware"
     assert all(set(r[0]) == {"native"} for r in equal)
     assert len({r[1] for r in unequal + forced}) == 1
+
+
+# One world of 4 runs every check of this file (a world of 3 is its first 3 ranks); the
+# refused topologies come last.
+CHECKS = [("probe", _detect_and_probe, (2,)),
+          ("probe past its budget", _probe_out_of_budget, ()),
+          ("auto, unequal", _train, ((1, 1, 1, .25), "auto")),
+          ("auto, equal", _train, ((1, 1, 1, 1), "auto")),
+          ("aware, equal", _train, ((1, 1, 1, 1), "aware")),
+          ("another world's topology", _wrong_size, ()),
+          ("ranks disagree", _disagree, ())]
+
+
+@pytest.fixture(scope="module")
+def world():
+    return run_checks(CHECKS, 4, timeout=170)
