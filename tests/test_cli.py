@@ -10,22 +10,16 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.distributed import free_port, scaled
+from tests.helpers import ENV, REPO, gradsync, run_and_kill
+from tests.helpers import in_process as _in_process
+from tests.helpers import one_line_error as _one_line_error
 
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-
-
-def gradsync(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gradsync", *args], capture_output=True,
-                          text=True, timeout=scaled(timeout), env=ENV, cwd=REPO)
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_default_job_reaches_95_percent(tmp_path):
     run = gradsync("train", "--no-progress", "--out", str(tmp_path), timeout=170)
@@ -42,28 +36,7 @@ def test_default_job_reaches_95_percent(tmp_path):
     assert summary["compute_s"] + summary["comm_wait_s"] == pytest.approx(summary["wall_s"])
 
 
-def _one_line_error(run: subprocess.CompletedProcess, *needles: str) -> None:
-    assert run.returncode == 2, (run.returncode, run.stderr)
-    assert "Traceback" not in run.stderr
-    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("gradsync: error:"), run.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-def _in_process(capfd, *args: str) -> subprocess.CompletedProcess:
-    """`gradsync ARGS` run by calling the CLI's main() here: a refusal that needs no worker
-    costs no interpreter start-up (a torch import each)."""
-    from gradsync.cli import main
-
-    try:
-        code = main(list(args))
-    except SystemExit as exc:  # argparse's own usage errors
-        code = exc.code
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_bad_input_gets_one_clear_line(tmp_path, capfd):
     def refused(args, *needles):
@@ -111,6 +84,7 @@ def test_bad_input_gets_one_clear_line(tmp_path, capfd):
                              str(tmp_path / "three.json")), "--topology", "'h2' lists rank 2")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_ctrl_c_at_start_up_and_while_training_exits_quietly(tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group) while torch is still being imported,
@@ -142,6 +116,7 @@ def test_ctrl_c_at_start_up_and_while_training_exits_quietly(tmp_path):
         assert "gradsync: interrupted" in stderr, (moment, stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_ipv6_rendezvous_address(tmp_path):
     try:
@@ -154,58 +129,7 @@ def test_ipv6_rendezvous_address(tmp_path):
     assert run.returncode == 0, run.stderr
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(k) for k in (task / "children").read_text().split()]
-    return kids
-
-
-def _rank_of(pid: int) -> int | None:
-    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    for item in env:
-        if item.startswith(b"RANK="):
-            return int(item[5:])
-    return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead but not yet reaped by its parent.
-    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-
-
-def run_and_kill(args: list[str], victim: int, out: Path, timeout: float = 60):
-    """Start `gradsync train ARGS --out OUT`, SIGKILL global rank ``victim`` once rank 0 of
-    the workers has logged 5 steps; returns (returncode, stderr, seconds from the kill to the
-    end, the worker pids, the summary or None)."""
-    proc = subprocess.Popen([sys.executable, "-m", "gradsync", "train", *args, "--no-progress",
-                             "--out", str(out)], env=ENV, cwd=REPO, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        metrics = out / "metrics.jsonl"
-        deadline = time.monotonic() + scaled(timeout)
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
-            assert proc.poll() is None and time.monotonic() < deadline, "run did not start"
-            time.sleep(0.1)
-        workers = _children(proc.pid)
-        pid = next(pid for pid in workers if _rank_of(pid) == victim)
-        killed_at = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=scaled(timeout))
-        elapsed = time.monotonic() - killed_at
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert not [pid for pid in workers if _alive(pid)], "processes left behind"
-    summary = out / "summary.json"
-    return proc.returncode, stderr, elapsed, json.loads(summary.read_text()) \
-        if summary.exists() else None
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_killed_worker_fails_the_run_quickly_and_cleanly(tmp_path):
     timeout = scaled(60)
@@ -236,6 +160,7 @@ def _torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_ddp_script_runs_with_only_the_wrapper_changed(tmp_path):
     script = str(REPO / "tests" / "scripts" / "ddp_script.py")
@@ -249,6 +174,7 @@ def test_ddp_script_runs_with_only_the_wrapper_changed(tmp_path):
         torch.testing.assert_close(ours[0][key], ddp[key], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_gradsync_train_under_torchrun(tmp_path):
     run = _torchrun("-m", "gradsync", "train", "--steps", "30", "--no-progress", "--out",
