@@ -4,35 +4,11 @@ or mpi4py."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "gradsync"
-
-
-def _module_name(path: Path, package: Path = PACKAGE) -> str:
-    parts = path.relative_to(package.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _imports(path: Path, package_dir: Path = PACKAGE) -> set[str]:
-    """Every module ``path`` imports, anywhere in it (functions, TYPE_CHECKING blocks), as
-    absolute dotted names."""
-    name = _module_name(path, package_dir)
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")
-                anchor = anchor[:len(anchor) - (node.level - 1)]
-                base = ".".join(anchor + ([base] if base else []))
-            found.add(base)
-            found |= {f"{base}.{alias.name}" for alias in node.names}  # submodules
-    return found
+from tests.helpers import PACKAGE
+from tests.helpers import module_imports as _imports
+from tests.helpers import module_name as _module_name
 
 
 def _graph(root: Path, package_dir: Path = PACKAGE) -> dict[str, set[str]]:

@@ -28,8 +28,8 @@ import torch
 import gradsync.workloads as gradsync_workloads
 from gradsync.serve.batcher import split_rows
 from tests.distributed import scaled
-from tests.test_cli import _alive, _children
-from tests.test_layout import PACKAGE, _imports
+from tests.helpers import PACKAGE, alive as _alive, children as _children
+from tests.helpers import module_imports as _imports
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -184,6 +184,7 @@ def test_checkpoint_without_settings_still_served_from_its_shapes(tmp_path):
         assert torch.equal(model(x), trained.eval()(x))
 
 
+@pytest.mark.slow
 def test_health_metadata_and_inference(server, evaluated):
     http = server.http
     assert http.get("/v2/health/live").json() == {"live": True}
@@ -214,6 +215,7 @@ def test_health_metadata_and_inference(server, evaluated):
     assert http.post(f"/v2/models/{MODEL}/versions/7/infer", json=body).status_code == 404
 
 
+@pytest.mark.slow
 def test_accuracy_over_http_equals_in_process(server, evaluated):
     """The test set in requests of 1 to 23 rows, 8 at a time, so that the server batches
     them together and splits the batches across both replicas: every request gets its own
@@ -237,6 +239,7 @@ def test_accuracy_over_http_equals_in_process(server, evaluated):
         assert f'gradsync_serve_replica_rows_total{{replica="{replica}"}}' in metrics
 
 
+@pytest.mark.slow
 def test_tritonclient_speaks_to_it(server, evaluated):
     import tritonclient.http as triton
 
@@ -257,6 +260,7 @@ def test_tritonclient_speaks_to_it(server, evaluated):
         client.close()
 
 
+@pytest.mark.slow
 def test_bad_input_is_a_4xx_json_error_and_serving_goes_on(server):
     http, url = server.http, f"/v2/models/{MODEL}/infer"
     good = np.zeros((1, 64), np.float32)
@@ -309,6 +313,7 @@ def _wait_for_replicas(server: Server, count: int, gone: int) -> None:
     pytest.fail(f"no replacement for replica pid {gone}")
 
 
+@pytest.mark.slow
 def test_bench_serve_load_generator_and_plot(server, tmp_path, capsys):
     from gradsync.bench import serve as bench
     from gradsync.cli import main
@@ -326,6 +331,7 @@ def test_bench_serve_load_generator_and_plot(server, tmp_path, capsys):
     assert "--replicas '1,x'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_hung_replica_is_killed_and_its_work_sent_elsewhere(server, evaluated):
     """A 2-row request is split across both replicas; the piece on a stopped one is sent to
     the other after --replica-timeout, and the stopped one is replaced."""
@@ -342,6 +348,7 @@ def test_hung_replica_is_killed_and_its_work_sent_elsewhere(server, evaluated):
     assert _metric(server, "gradsync_serve_replica_restarts_total") == 1
 
 
+@pytest.mark.slow
 def test_start_up_errors_are_one_line_and_exit_2(server, tmp_path):
     empty = tmp_path / "empty"
     (empty / "step-00000010.tmp").mkdir(parents=True)  # a save that never committed
@@ -357,6 +364,7 @@ def test_start_up_errors_are_one_line_and_exit_2(server, tmp_path):
         assert err.count("\n") == 1 and needle in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_replica_sigkilled_mid_stream_every_request_answered(server, evaluated):
     x, _, logits = evaluated
     replicas = _children(server.proc.pid)
@@ -392,6 +400,7 @@ def test_replica_sigkilled_mid_stream_every_request_answered(server, evaluated):
     assert _metric(server, "gradsync_serve_replica_restarts_total") == restarts + 1
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests_and_exits_0(server):
     """SIGTERM during a stream of requests: each one the server took is answered 200; the
     ones sent after it stopped accepting fail to connect; exit 0, no replica left."""
