@@ -1,6 +1,6 @@
 """Every collective against NumPy, at world sizes 1-4 and 6, for every all-reduce algorithm.
 
-Inputs are small integers stored in each dtype, so sums, maxima and products are exact in
+Inputs are small integers stored in each dtype (tests/helpers.py), so sums, maxima and products are exact in
 every dtype and the expectation can be computed in closed form with NumPy; a separate test
 uses random floats with per-dtype tolerances. Each worker returns a digest of its results so
 the parent can check they are bitwise identical across ranks.
@@ -8,40 +8,16 @@ the parent can check they are bitwise identical across ranks.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
 import torch
 
 from tests.distributed import run_workers
+from tests.helpers import DTYPES, OPS, expected, lengths, rank_input
+from tests.helpers import digest as _digest
 
 ALGOS = ["native", "reduce_broadcast", "ring", "tree", "halving_doubling", "aware", "hierarchical",
          "auto"]
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64]
-OPS = ["sum", "avg", "max", "min", "prod"]
-
-
-def lengths(n: int) -> list[int]:
-    return sorted({0, 1, max(n - 1, 0), 7 * n + 3, 1031})
-
-
-def rank_input(rank: int, length: int, op: str) -> np.ndarray:
-    rng = np.random.default_rng(1000 * rank + length)
-    if op == "prod":  # products of 8 values from {-1, 1, 2} stay exact in bfloat16
-        return rng.choice([-1, 1, 2], size=length).astype(np.float64)
-    return rng.integers(-8, 9, size=length).astype(np.float64)
-
-
-def expected(n: int, length: int, op: str) -> np.ndarray:
-    stack = np.stack([rank_input(r, length, op) for r in range(n)]) if length else np.zeros((n, 0))
-    return {"sum": stack.sum(0), "avg": stack.sum(0) / n, "max": stack.max(0),
-            "min": stack.min(0), "prod": stack.prod(0)}[op]
-
-
-def _digest(t: torch.Tensor) -> str:
-    raw = t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0)
-    return hashlib.sha1(raw.numpy().tobytes()).hexdigest()
 
 
 def _all_reduce_cases(rank, n):
@@ -68,7 +44,7 @@ def _all_reduce_cases(rank, n):
 # 6 is the smallest world that is not a power of two and folds more than one rank into
 # halving-doubling's power of two; it also gives the binomial tree a third round. Worlds of
 # 5 and 8 added nothing to that and were the file's slowest cases.
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, pytest.param(6, marks=pytest.mark.slow)])
 def test_all_reduce_every_algorithm_dtype_length_op(world_size):
     results = run_workers(_all_reduce_cases, world_size, timeout=170)
     for rank, (failures, _) in enumerate(results):

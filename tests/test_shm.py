@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from tests.distributed import run_workers, scaled
-from tests.test_collectives import DTYPES, OPS, _digest, expected, lengths, rank_input
+from tests.helpers import DTYPES, OPS, expected, lengths, rank_input
+from tests.helpers import digest as _digest
 
 BIG = 3 << 20           # bytes: a few MiB, several times MIN_CAPACITY
 BIG_DTYPES = (torch.float32, torch.bfloat16, torch.int64)
