@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m gradsync train
 
+# Everything; what CI runs.
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The edit-test loop: every package, without the tests marked slow (end-to-end runs of
+# gradsync train/serve/bench, mpiexec, labs, the largest worlds); about 90 s on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dataparallel.py

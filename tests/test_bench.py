@@ -21,8 +21,7 @@ from gradsync.bench.busbw import aware_bound, lab_bounds
 from gradsync.bench.sweep import ALGORITHMS, Case, SweepConfig, _reduced, run_sweep
 from gradsync.cli import main
 from tests.distributed import run_workers, scaled
-from tests.test_cli import gradsync
-from tests.test_lab import needs_netns
+from tests.helpers import gradsync, needs_netns
 
 
 def _table(stdout: str) -> list[list[str]]:
@@ -43,6 +42,7 @@ def _plotted(path) -> dict:
         return json.loads(image.text["Description"])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_local_sweep_table_json_and_plot_agree(tmp_path):
     js, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
@@ -78,6 +78,7 @@ def test_local_sweep_table_json_and_plot_agree(tmp_path):
                                  if r["algorithm"] == a] for a in algos}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_engine_mpi_runs_the_ranks_under_mpiexec(tmp_path):
     pytest.importorskip("mpi4py")
@@ -182,6 +183,7 @@ def test_bad_flags_are_one_line_with_exit_2(argv, needle, capsys, monkeypatch):
     assert err.count("\n") == 1 and err.startswith("gradsync: error: ") and needle in err, err
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_bench_train_table_json_and_plot_agree(tmp_path):
     js, png = tmp_path / "train.json", tmp_path / "train.png"
@@ -204,6 +206,7 @@ def test_bench_train_table_json_and_plot_agree(tmp_path):
 
 
 @needs_netns
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_lab_busbw_against_the_link(tmp_path):
     """3 hosts at 200 Mbit/s, 4 MiB: the figures are computed right against the link, no
@@ -256,6 +259,7 @@ def test_hierarchical_bound_in_a_lab_of_several_ranks_per_host():
     assert bounds["aware_busbw_gbs"] == pytest.approx(1.5 * bounds["bound_busbw_gbs"])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_bench_topology_on_one_host_and_its_file(tmp_path):
     from gradsync.comm import Topology
@@ -303,6 +307,7 @@ def test_run_for_result_reads_rank_0s_file_or_says_why_not(capsys):
 
 
 @needs_netns
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_lab_probe_finds_the_slow_host_and_aware_hierarchical_are_exact(tmp_path):
     """In a lab of 3 hosts x 2 ranks with links of 100, 100 and 25 Mbit/s: the probe groups the

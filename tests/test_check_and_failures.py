@@ -98,9 +98,11 @@ def _lost_peer(rank, n, algorithm, how="exit"):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("algorithm,how", [("ring", "exit"), ("tree", "exit"),
-                                           ("native", "exit"), ("native", "sigkill"),
-                                           ("ring", "sys.exit"), ("native", "exception")])
+@pytest.mark.parametrize("algorithm,how", [
+    ("ring", "exit"),
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in [
+        ("tree", "exit"), ("native", "exit"), ("native", "sigkill"), ("ring", "sys.exit"),
+        ("native", "exception")])])
 def test_lost_peer_is_noticed_when_its_connection_drops(algorithm, how):
     # The drop must be noticed well before the comm timeout, which would raise
     # CommTimeoutError.
@@ -138,6 +140,7 @@ def _silent_peer(rank, n):
     return "no error", 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_silent_peer_times_out_with_a_named_error():
     # A short comm timeout is what this test checks; run_workers scales it, so the bounds
@@ -170,6 +173,7 @@ def _hung_peer(rank, n, stuck_s):
     return "no error"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_hung_peer_is_named_by_the_timeout_error():
     # Rank 1 is stuck for twice the comm timeout (both scaled alike).
@@ -200,6 +204,7 @@ def _stalled(rank, n, stuck_s):
     return [r.getMessage() for r in records]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_stall_report_names_the_ranks_that_have_not_arrived():
     # Reported after 1 s of a 3 s wait (both scaled alike); the comm timeout is a hang guard.

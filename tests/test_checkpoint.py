@@ -26,9 +26,7 @@ from gradsync.checkpoint import (
     model_fingerprint,
     restore_rng_state,
 )
-
-
-WRITER = Path(__file__).with_name("_checkpoint_writer.py")
+from tests.helpers import filled_with
 
 
 def small_model(width: int = 8) -> torch.nn.Module:
@@ -52,10 +50,6 @@ def save_filled(mgr: CheckpointManager, step: int, model: torch.nn.Module) -> No
             p.fill_(float(step))
     mgr.save(step, {"model": model.state_dict()}, meta(step, model),
              per_rank={"rank": torch.tensor(0)})
-
-
-def filled_with(state: dict, step: int) -> bool:
-    return all(bool((t == step).all()) for t in state["model"].values())
 
 
 def continuation(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple:

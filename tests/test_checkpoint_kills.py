@@ -23,7 +23,9 @@ from gradsync.checkpoint import CheckpointManager
 
 from ._checkpoint_writer import KEEP, make_model, meta_for
 from .distributed import scaled
-from .test_checkpoint import WRITER, filled_with
+from .helpers import filled_with
+
+WRITER = Path(__file__).with_name("_checkpoint_writer.py")
 
 
 class _Writer:

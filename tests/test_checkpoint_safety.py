@@ -15,7 +15,7 @@ import torch
 from gradsync.checkpoint import CheckpointError, CheckpointManager, CheckpointMeta
 from gradsync.checkpoint import DirectoryLock, DirectoryLockedError
 from tests.distributed import run_workers
-from tests.test_cli import gradsync
+from tests.helpers import gradsync
 
 QUICK = ["--no-progress", "--checkpoint-every", "2", "--steps", "4"]
 
@@ -31,6 +31,7 @@ def one_error_line(run: subprocess.CompletedProcess, code: int = 2) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
     ck = tmp_path / "ck"
@@ -49,6 +50,7 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
     assert committed(ck) == [2]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_locked_directory_is_refused_naming_the_holder(tmp_path):
     with DirectoryLock(tmp_path):
@@ -88,6 +90,7 @@ def test_full_disk_keeps_the_newest_and_removes_the_partial_save(tmp_path, monke
     assert torch.equal(mgr.load(1)[0]["w"], torch.zeros(4))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_full_disk_end_to_end(tmp_path):

@@ -94,6 +94,7 @@ def _survivors(marker: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("rescale", ["batch", "lr"])
 def test_lost_worker_run_equals_sgd_on_the_same_global_batches(tmp_path: Path, rescale: str):
@@ -142,7 +143,7 @@ def _train(tmp_path: Path, args: list[str], env: dict[str, str]):
 def _digits_oracle_accuracy(steps: int) -> float:
     """digits-mlp trained in one process on the global batches (4 x 32) of the run."""
     from gradsync.train.trainer import make_optimizer
-    from gradsync.train.workloads import build_workload, summarize_eval
+    from gradsync.workloads import build_workload, summarize_eval
 
     w = build_workload("digits-mlp", seed=0)
     opt = make_optimizer(w.optimizer, w.model.parameters(), w.default_lr)
@@ -160,6 +161,7 @@ def _digits_oracle_accuracy(steps: int) -> float:
         return summarize_eval(w, w.eval_sums(w.model(ex), ey))["accuracy"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_rank_0_lost_and_replaced_run_finishes_with_4_workers(tmp_path: Path):
     # gradsync train: rank 0 (which would have served the store without --elastic) is
@@ -186,6 +188,7 @@ def test_rank_0_lost_and_replaced_run_finishes_with_4_workers(tmp_path: Path):
     assert _survivors(f"GRADSYNC_TEST_MARK={marker}") == []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_fewer_than_min_workers_stops_the_run(tmp_path: Path):
     proc = _train(tmp_path, ["--workers", "2", "--min-workers", "2", "--steps", "500"],

@@ -286,6 +286,7 @@ def test_failed_creation_rolls_back(monkeypatch: pytest.MonkeyPatch, leaves_noth
 
 
 @needs_netns
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_links_are_shaped_to_their_rate(leaves_nothing) -> None:
     """8 MB between two 200 Mbit/s hosts, and into and out of a host at 50 Mbit/s.
@@ -314,6 +315,7 @@ def test_links_are_shaped_to_their_rate(leaves_nothing) -> None:
 
 
 @needs_netns
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_train_in_lab(leaves_nothing) -> None:
     rc = train_in_lab(2, "1gbit", None, ["--steps", "3", "--no-progress"], ENV)

@@ -14,6 +14,8 @@ import torch
 from tests.distributed import scaled
 from tests.helpers import ENV, REPO, gradsync, in_process, needs_netns
 
+pytestmark = pytest.mark.slow
+
 
 def _namespaces() -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -14,6 +14,8 @@ import pytest
 
 from tests.distributed import scaled
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "mpi_collectives.py"
 MPIEXEC = Path(sys.executable).parent / "mpiexec"

@@ -9,7 +9,9 @@ import re
 import pytest
 
 from tests.distributed import scaled
-from tests.test_cli import gradsync, run_and_kill
+from tests.helpers import gradsync, run_and_kill
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.timeout(180)
@@ -52,9 +54,11 @@ def test_async_worker_killed_is_dropped_and_the_others_finish(tmp_path, consiste
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("consistency", ["sync", "async"])
-def test_server_killed_stops_the_workers_naming_it(tmp_path, consistency):
-    code, stderr, elapsed, _ = run_and_kill([*LONG, "--consistency", consistency], 0, tmp_path)
+def test_server_killed_stops_the_workers_naming_it(tmp_path):
+    # Sync only: a worker notices a lost server in its pull or push, the same code under
+    # every consistency mode (gradsync/ps/worker.py does not branch on it); where the modes
+    # differ, on the server's side of a lost worker, each one is tested above.
+    code, stderr, elapsed, _ = run_and_kill([*LONG, "--consistency", "sync"], 0, tmp_path)
     assert code != 0 and "rank 0" in stderr and "SIGKILL" in stderr, stderr
     assert re.search(r"lost rank 0 during (pull|push) of shard 0 at step \d+", stderr), stderr
     assert elapsed < TIMEOUT / 2, elapsed

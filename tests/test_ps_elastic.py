@@ -13,7 +13,7 @@ from gradsync.ps.consistency import Sync
 from gradsync.ps.protocol import PSProtocolError, ServerStats
 from gradsync.ps.server import ParameterServer, ServerConfig
 from tests.distributed import scaled
-from tests.test_cli import run_and_kill
+from tests.helpers import run_and_kill
 
 TIMEOUT = scaled(60)
 # 1 server (rank 0), 3 workers (ranks 1-3); partitions of 40 KiB cut digits-mlp's shard into
@@ -60,6 +60,7 @@ def test_sync_drop_completes_the_step_in_flight_without_the_lost_worker():
     assert shard.applied[0] == [1.5]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_sync_elastic_worker_killed_is_dropped_and_the_others_finish(tmp_path):
     code, stderr, _, summary = run_and_kill([*ARGS, "--steps", "200"], 3, tmp_path)

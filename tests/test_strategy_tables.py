@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.distributed import scaled
-from tests.test_cli import ENV, REPO
+from tests.helpers import ENV, REPO
 
 
 def test_every_architecture_in_the_table_builds_from_config_and_summarises():
