@@ -126,6 +126,7 @@ def _all_reduce_cases(rank, world, n):
     return failures, digests
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
 def test_all_reduce_every_dtype_length_op_against_numpy(world, world_size):
@@ -165,6 +166,7 @@ def _sub_group_and_view(rank, n):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_sub_group_and_p2p_view(world):
     results = world["sub-group and view"]
@@ -219,6 +221,7 @@ def _broadcast_cases(rank, world, n):
     return failures
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5])
 def test_broadcast_from_every_root_against_the_root(world, world_size):
@@ -242,6 +245,7 @@ def _check_mode(rank, world, mismatch):
     return t.tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_check_mode_passes_aware_broadcast_and_names_a_mismatch(world):
     assert world["check mode"][:3] == [[1.0] * 5] * 3

@@ -152,6 +152,7 @@ def _expected_sent(hosts, n, rank, nbytes):
     return intra, 2 * (h - 1) * nbytes // (h * core)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world_size", sorted(LAYOUTS))
 def test_hierarchical_exact_bitwise_and_traffic(world, world_size):
@@ -226,6 +227,7 @@ def _direct_worker(rank, world):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_hierarchical_inter_and_views(world):
     results = world["inter and views"][:4]
@@ -270,6 +272,7 @@ def _unequal_hosts(rank, world):
             bool(torch.equal(t, torch.arange(5003, dtype=torch.float64) * sum(range(1, n + 1)))))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_unequal_host_links_cross_hosts_with_aware(world):
     assert world["unequal host links"][:6] == [(True, True)] * 6
