@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from tests.distributed import scaled
 from tests.helpers import gradsync, run_and_kill
@@ -46,11 +47,22 @@ def test_sync_worker_killed_stops_the_run_naming_it(tmp_path):
 @pytest.mark.parametrize("consistency", ["async", "ssp"])
 def test_async_worker_killed_is_dropped_and_the_others_finish(tmp_path, consistency):
     args = [*LONG[:-4], "--steps", "600", "--timeout", str(TIMEOUT), "--consistency", consistency]
-    code, stderr, _, summary = run_and_kill(args, 3, tmp_path, timeout=150)
+    ck = tmp_path / "ck"
+    if consistency == "async":  # checkpoints too: the run stops committing at the drop
+        args += ["--checkpoint-dir", str(ck), "--checkpoint-every", "2"]
+    code, stderr, _, summary = run_and_kill(args, 3, tmp_path / "out", timeout=150)
     assert code == 0, stderr
     assert "rank 3" in stderr and "the others go on" in stderr, stderr
     assert summary["dropped_workers"] == [3] and summary["steps"] == 600
     assert summary["partitions_per_server"][0] > 1, summary  # dropped with partitions in flight
+    if consistency == "async":
+        # A checkpoint after the drop would lack the lost worker's state: none is committed.
+        assert "not committed" in stderr, stderr
+        committed = sorted(int(p.name[5:13]) for p in ck.glob("step-*")
+                           if (p / "COMMITTED").exists())
+        assert committed and committed[-1] < 600, committed
+        state = torch.load(ck / f"step-{committed[-1]:08d}" / "rank-0.pt")["state"]
+        assert state["step"] == committed[-1] and state["shard"].dtype == torch.float32
 
 
 @pytest.mark.timeout(180)
