@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from gradsync.data import CharSequenceDataset, load_digits, split_corpus, stdlib_text_corpus
 from gradsync.models import TinyGPT
-from gradsync.train.workloads import WORKLOADS, Workload, build_workload, summarize_eval
+from gradsync.workloads import WORKLOADS, Workload, build_workload, summarize_eval
 
 # Batch shape of inputs / outputs per workload: (input shape, output shape) for b = 4.
 EXPECTED_SHAPES = {
