@@ -82,6 +82,7 @@ def kill_phase(directory: Path, step: int | None, latest: int | None) -> str:
     return "before the first file"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_kill_during_checkpoint_writes(tmp_path: Path) -> None:
     """SIGKILL the writer at random moments spread over its saves, 30 times in one directory.

@@ -44,7 +44,8 @@ def _all_reduce_cases(rank, n):
 # 6 is the smallest world that is not a power of two and folds more than one rank into
 # halving-doubling's power of two; it also gives the binomial tree a third round. Worlds of
 # 5 and 8 added nothing to that and were the file's slowest cases.
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4, pytest.param(6, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("world_size", [1, 2, 3, *(pytest.param(n, marks=pytest.mark.slow)
+                                                for n in (4, 6))])
 def test_all_reduce_every_algorithm_dtype_length_op(world_size):
     results = run_workers(_all_reduce_cases, world_size, timeout=170)
     for rank, (failures, _) in enumerate(results):

@@ -107,6 +107,7 @@ def few_tensors() -> nn.Module:
     return nn.Linear(12, 3).double()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("model_fn", [Uneven, few_tensors],
                          ids=["uneven", "more-servers-than-tensors"])
@@ -212,6 +213,7 @@ def world():
     return run_checks(CHECKS, WORLD, timeout=170)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("optimizer, matrix", [("sgd", MATRIX), ("adam", ADAM_MATRIX)],
                          ids=["sgd", "adam"])
@@ -228,6 +230,7 @@ def test_sync_matches_single_process_for_every_k_and_n(world, optimizer, matrix)
             assert summary["max_staleness"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("consistency,bounded", [("ssp", True), ("async", False)])
 def test_ssp_bound_holds_with_a_slow_worker(world, consistency, bounded):
@@ -241,6 +244,7 @@ def test_ssp_bound_holds_with_a_slow_worker(world, consistency, bounded):
         assert stats.max_lead > staleness, stats  # without the bound the fast ones run away
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_sync_resume_from_a_server_checkpoint_is_bitwise_exact(world, optimizer):

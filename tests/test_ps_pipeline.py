@@ -97,6 +97,7 @@ def sessions():
     return run_workers(_sessions, 5, timeout=170)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_sync_with_many_partitions_equals_sgd_on_the_global_batch(sessions):
     for name, optimizer, servers in [("sgd", "sgd", [0, 1]),
@@ -117,6 +118,7 @@ def test_sync_with_many_partitions_equals_sgd_on_the_global_batch(sessions):
                 np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_parameters_of_two_dtypes_train_exactly(sessions):
     want = reference(2, "sgd", Mixed)
@@ -128,6 +130,7 @@ def test_parameters_of_two_dtypes_train_exactly(sessions):
             np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_async_applies_whole_shards_and_checkpoints_stay_exact(sessions):
     stats = sessions[0]["async"][1]

@@ -49,7 +49,7 @@ def _matrix(rank, n):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("world_size", [1, 2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_shm_every_dtype_length_op(world_size):
     results = run_workers(_matrix, world_size, timeout=55)
     for rank, (failures, _, _) in enumerate(results):
