@@ -1,9 +1,15 @@
 """Elastic membership: generations of the world, agreed through a store the launcher hosts.
 
-An elastic job's rendezvous store does not live in a worker: the local launcher serves it
-(:class:`Coordinator`), so it outlives the loss of any worker, rank 0 included. Each worker
-has a member id (``uid``: 0..N-1 for the first workers, N, N+1, ... for replacements). The
-coordinator alone writes the membership, as one key of integers::
+An elastic job's rendezvous store does not live in a worker: the local launcher holds it
+(:class:`Coordinator`), so it outlives the loss of any worker, rank 0 included. It is a file
+in a directory only the launcher's user can enter (mode 0700), named to the workers in their
+environment (``GRADSYNC_ELASTIC_STORE``): another local user can neither read the membership
+nor write a key (the stop among them). A TCPStore would not do: any local process can
+connect to it, and its clients can list every key (``list_keys``), so not even a key prefix
+derived from a secret would stay secret.
+
+Each worker has a member id (``uid``: 0..N-1 for the first workers, N, N+1, ... for
+replacements). The coordinator alone writes the membership, as one key of integers::
 
     elastic/state  = "G uid uid uid"   generation G and its members, in group-rank order
     elastic/stop   = "left least"      fewer than --min-workers are left: every worker stops
@@ -17,8 +23,8 @@ every member of G has, then joins a fresh gloo process group on the prefix ``gG/
 store. The first rank of the new group deletes every key of older generations, so the store
 holds the same number of keys after any number of generations.
 
-The store and the groups come from the engine (engine.py: ``serve_store``, ``connect_store``,
-``join``); only torch.distributed has a store, so elastic worlds run on it.
+The store and the groups come from the engine (engine.py: ``open_store``, ``join``); only
+torch.distributed has a store, so elastic worlds run on it.
 
 Workers notice a loss through their failed collective; a join at a step boundary, where
 the trainer asks :meth:`ElasticWorld.changed` on the group's rank 0 and broadcasts the
@@ -30,6 +36,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
+import tempfile
 import time
 
 from . import group as group_mod
@@ -40,6 +48,7 @@ from .group import Group
 log = logging.getLogger(__name__)
 
 STATE, STOP, DONE = "elastic/state", "elastic/stop", "elastic/done"
+STORE_ENV = "GRADSYNC_ELASTIC_STORE"  # the store's file, in the workers' environment only
 POLL_S = 0.005  # store polls while waiting for a generation or its members
 
 
@@ -55,10 +64,21 @@ class GenerationTimeout(CommTimeoutError):
     """No generation holding this worker formed within the timeout."""
 
 
-def host_store(addr: str, port: int, timeout_s: float, engine: Engine = TORCH):
-    """Serve the engine's store on ``addr:port`` in this process (the launcher), bound to
-    ``addr`` only. ``port`` 0 picks a free one; the store's ``port`` attribute tells which."""
-    return engine.serve_store(addr, port, timeout_s)
+def host_store(timeout_s: float, engine: Engine = TORCH):
+    """Create the job's store in a fresh private directory (mode 0700, so that no other user
+    can open the file in it, nor learn what it holds); returns (store, path of its file).
+
+    The path travels to the workers in their environment (``/proc/PID/environ`` is readable
+    by the same user only), never on a command line (``/proc/PID/cmdline`` is readable by
+    everyone)."""
+    folder = tempfile.mkdtemp(prefix="gradsync-elastic-")
+    path = os.path.join(folder, "store")
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return engine.open_store(path, timeout_s), path
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _ints(raw: bytes) -> list[int]:
@@ -69,22 +89,40 @@ class Coordinator:
     """The launcher's side: hosts the store and decides every generation.
 
     Args:
-        addr, port: where the store listens (port None or 0: a free one).
         workers: the first workers' count; their uids are 0..workers-1.
         min_workers: fewer live members than this stops the run.
-        timeout_s: the store's timeout for its clients.
+        timeout_s: the store's timeout.
         engine: whose store (default torch.distributed's, the one engine with a store).
+
+    The workers find the store through :meth:`env`; :meth:`close` removes it.
     """
 
-    def __init__(self, addr: str, port: int | None, workers: int, min_workers: int,
-                 timeout_s: float, engine: Engine = TORCH):
-        self.store = host_store(addr, port or 0, timeout_s, engine)
-        self.port = self.store.port
+    def __init__(self, workers: int, min_workers: int, timeout_s: float,
+                 engine: Engine = TORCH):
+        self.store, self.path = host_store(timeout_s, engine)
         self.min_workers = min_workers
         self.gen, self.members = 0, list(range(workers))
         self.pending: set[int] = set()  # replacements started, not yet ready
-        self.stopped, self.stop_reason = False, ""
+        self.stopped, self._reason = False, ""
         self._publish()
+
+    def env(self) -> dict[str, str]:
+        """What a worker's environment needs to reach the store (besides its uid)."""
+        return {STORE_ENV: self.path}
+
+    def close(self) -> None:
+        """Remove the store's directory (after the last worker has ended)."""
+        shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+
+    @property
+    def stop_reason(self) -> str:
+        """Why the run stops, for the launcher's last line ("" when no stop was asked for):
+        too few workers, or a stop this coordinator did not write (another process of the
+        same user, the only ones that can open the store)."""
+        if self._reason or not self.store.check([STOP]):
+            return self._reason
+        return (f"{STOP} was set in the store by another process, not by this launcher "
+                f"({self.store.get(STOP).decode(errors='replace')!r})")
 
     def _publish(self) -> None:
         self.store.set(STATE, " ".join(str(x) for x in [self.gen, *self.members]))
@@ -100,8 +138,8 @@ class Coordinator:
         self.members.remove(uid)
         if len(self.members) < self.min_workers:
             self.stopped = True
-            self.stop_reason = (f"{len(self.members)} worker(s) left, fewer than "
-                                f"--min-workers {self.min_workers}")
+            self._reason = (f"{len(self.members)} worker(s) left, fewer than "
+                            f"--min-workers {self.min_workers}")
             self.store.set(STOP, f"{len(self.members)} {self.min_workers}")
             return False
         self.gen += 1
@@ -155,14 +193,13 @@ class ElasticWorld:
 
     @classmethod
     def from_env(cls, timeout_s: float, engine: Engine = TORCH) -> "ElasticWorld":
-        """Connect to the store at MASTER_ADDR:MASTER_PORT as member GRADSYNC_ELASTIC_UID."""
-        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        """Open the store GRADSYNC_ELASTIC_STORE names as member GRADSYNC_ELASTIC_UID."""
         try:
-            port, uid = int(os.environ["MASTER_PORT"]), int(os.environ["GRADSYNC_ELASTIC_UID"])
+            path, uid = os.environ[STORE_ENV], int(os.environ["GRADSYNC_ELASTIC_UID"])
         except (KeyError, ValueError):
-            raise RuntimeError("an elastic worker needs MASTER_PORT and GRADSYNC_ELASTIC_UID "
+            raise RuntimeError(f"an elastic worker needs {STORE_ENV} and GRADSYNC_ELASTIC_UID "
                                "(start it with `gradsync train --elastic`)") from None
-        store = engine.connect_store(addr, port, timeout_s)
+        store = engine.open_store(path, timeout_s)
         return cls(store, uid, timeout_s, engine=engine)
 
     # -- what the coordinator says ----------------------------------------------------------

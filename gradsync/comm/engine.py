@@ -5,8 +5,8 @@ the collectives' error translation, elastic generations) reaches an engine only 
 three parts of :class:`Engine`. An engine is:
 
 - **start-up**: join the world from a rendezvous address (or adopt a world the user's
-  script created), or from a key-value store the caller serves or connects to (elastic
-  worlds, one key prefix per generation); make sub-groups, tear down;
+  script created), or from a key-value store the caller serves, connects to or opens in a
+  file (elastic worlds, one key prefix per generation); make sub-groups, tear down;
 - **point-to-point**: ``isend`` / ``irecv`` of a tensor to a global rank, returning a handle
   with ``wait()`` and ``is_completed()`` (the substrate of gradsync's own algorithms and of
   the Parameter Server);
@@ -47,6 +47,7 @@ class Engine(Protocol):
                     world_size: int | None = None) -> Any: ...
     def connect_store(self, addr: str, port: int, timeout_s: float,
                       world_size: int | None = None) -> Any: ...
+    def open_store(self, path: str, timeout_s: float) -> Any: ...
     def join(self, store: Any, prefix: str, rank: int, world_size: int, timeout_s: float,
              backend: str | None) -> None: ...
     def is_initialized(self) -> bool: ...
@@ -127,6 +128,14 @@ class TorchDistributed:
         """A client of the TCPStore served on ``addr:port``."""
         return dist.TCPStore(addr, port, world_size, False,
                              timeout=datetime.timedelta(seconds=timeout_s))
+
+    def open_store(self, path: str, timeout_s: float):
+        """A store kept in the file ``path``, shared by the processes of this machine that
+        can open it: unlike a TCPStore, which any local process may connect to (and list
+        every key of), the file's permissions decide who reaches it."""
+        store = dist.FileStore(path, -1)  # -1: the caller removes the file
+        store.set_timeout(datetime.timedelta(seconds=timeout_s))
+        return store
 
     def join(self, store, prefix: str, rank: int, world_size: int, timeout_s: float,
              backend: str | None) -> None:

@@ -9,8 +9,9 @@ gradsync/comm/elastic.py, which publishes the next generation); while restarts r
 replacement is started and announced with ``policy.started(uid)``. ``policy.poll()`` runs
 every ``poll_s`` seconds (it admits replacements that are ready). A worker that exits with
 a self-explained code (2, 3, 130: a user error, an agreed stop, an interrupt), or a loss
-the policy refuses, stops the run the usual way: the others get a grace period, then
-SIGTERM, then SIGKILL. Every worker's process group is killed before returning. No torch
+the policy refuses, stops the run the usual way, on one line that names the policy's
+``stop_reason`` when it has one: the others get a grace period, then SIGTERM, then
+SIGKILL. Every worker's process group is killed before returning. No torch
 import here: the policy is handed in.
 """
 
@@ -75,9 +76,9 @@ def _supervise(workers: list[Worker], start: Callable[[int], None], first_replac
             if not w.exit.failed:
                 policy.finished(w.rank)
                 continue
-            if w.exit.returncode in SELF_EXPLAINED:
-                return _stop(workers, w, grace_s)
-            if not policy.lost(w.rank):
+            # A self-explained exit stops the run too; the policy may still know why (an
+            # elastic worker exits 3 when the store says stop).
+            if w.exit.returncode in SELF_EXPLAINED or not policy.lost(w.rank):
                 return _stop(workers, w, grace_s, getattr(policy, "stop_reason", ""))
             print(f"gradsync: worker {w.rank} {w.exit.describe()}; the others go on",
                   file=sys.stderr, flush=True)
@@ -130,11 +131,13 @@ def run_elastic(cmd: list[str], env_of: Callable[[int], dict[str, str]], nprocs:
 
 
 def _stop(workers: list[Worker], root: Worker, grace_s: float, why: str = "") -> LaunchResult:
-    """The usual end of a failed run: name the root cause, let the others exit, stop them."""
+    """The usual end of a failed run: name the root cause (a worker that explained its own
+    exit is named only with the reason ``why`` the policy gives), let the others exit, stop
+    them."""
     assert root.exit is not None
     line = (f"worker rank {root.rank} {root.exit.describe()}; {why + ': ' if why else ''}"
             "stopping the other workers")
-    if root.exit.returncode not in SELF_EXPLAINED:
+    if root.exit.returncode not in SELF_EXPLAINED or why:
         print(f"gradsync: {line}", file=sys.stderr, flush=True)
     if not procs.wait_all(workers, grace_s):
         procs.signal_groups(workers, signal.SIGTERM)

@@ -4,8 +4,9 @@ trains a workload through :class:`~gradsync.train.elastic.ElasticLoop`.
     gradsync train --elastic --workers 4 --min-workers 2 --max-restarts 1
 
 The launcher side (:func:`launch`, which starts a script's elastic workers too;
-:func:`run_local` for `gradsync train`) serves the rendezvous store in its own process, so a
-lost worker (rank 0 too) takes nothing with it, and supervises the workers with
+:func:`run_local` for `gradsync train`) holds the rendezvous store (a file only this user can
+open) and the coordinator in its own process, so a lost worker (rank 0 too) takes nothing
+with it, and supervises the workers with
 :func:`gradsync.launcher.elastic.run_elastic`. The worker side (:func:`run_worker`) is the
 trainer's loop on an elastic membership; the summary adds the membership changes.
 """
@@ -29,29 +30,38 @@ log = logging.getLogger(__name__)
 
 
 def launch(cmd: list[str], workers: int, *, min_workers: int = 1, max_restarts: int = 0,
-           addr: str = "127.0.0.1", port: int | None = None, timeout_s: float = 300.0,
+           addr: str = "127.0.0.1", timeout_s: float = 300.0,
            env: dict[str, str] | None = None) -> int:
-    """Run ``cmd`` as ``workers`` elastic workers on this machine, serving their store and
+    """Run ``cmd`` as ``workers`` elastic workers on this machine, holding their store and
     coordinator here; the exit status of the run. A script's workers join through
-    ``ElasticWorld.from_env`` (MASTER_ADDR, MASTER_PORT, GRADSYNC_ELASTIC_UID)::
+    ``ElasticWorld.from_env`` (GRADSYNC_ELASTIC_STORE, GRADSYNC_ELASTIC_UID)::
 
         sys.exit(launch([sys.executable, "train.py"], 4, min_workers=2, max_restarts=1))
+
+    ``addr`` is where the workers' gloo connections listen (MASTER_ADDR; a loopback address
+    keeps them on ``lo``). The store is a file only this user can open (comm/elastic.py):
+    the workers find it in their environment, which other users cannot read.
     """
     from ..launcher.elastic import run_elastic
     from ..launcher.launch import _worker_env
 
     try:
-        coordinator = Coordinator(addr, port, workers, min_workers, timeout_s)
-    except RuntimeError as exc:
-        print(f"gradsync: error: {exc}", file=sys.stderr, flush=True)
+        coordinator = Coordinator(workers, min_workers, timeout_s)
+    except (OSError, RuntimeError) as exc:
+        print(f"gradsync: error: cannot create the elastic store: {exc}", file=sys.stderr,
+              flush=True)
         return 2
 
     def env_of(uid: int) -> dict[str, str]:
-        out = _worker_env(uid, workers, addr, coordinator.port, env)
-        out["GRADSYNC_ELASTIC_UID"] = str(uid)
+        out = _worker_env(uid, workers, addr, 0, env)
+        del out["MASTER_PORT"]  # no store listens on a port
+        out.update(coordinator.env(), GRADSYNC_ELASTIC_UID=str(uid))
         return out
 
-    result = run_elastic(cmd, env_of, workers, coordinator, max_restarts=max_restarts)
+    try:
+        result = run_elastic(cmd, env_of, workers, coordinator, max_restarts=max_restarts)
+    finally:
+        coordinator.close()
     if result.returncode == 130:
         print("gradsync: interrupted", file=sys.stderr, flush=True)
     return result.returncode
@@ -65,7 +75,7 @@ def run_local(config: TrainConfig, env: dict[str, str]) -> int:
     return launch([sys.executable, "-m", "gradsync", "train", *to_argv(config)],
                   launch_config.workers, min_workers=launch_config.min_workers,
                   max_restarts=launch_config.max_restarts, addr=launch_config.addr,
-                  port=launch_config.port, timeout_s=launch_config.timeout, env=env)
+                  timeout_s=launch_config.timeout, env=env)
 
 
 def run_worker(config: TrainConfig) -> dict | None:
