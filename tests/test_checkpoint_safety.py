@@ -46,7 +46,9 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
     assert committed(ck) == [2, 4]
     run = gradsync("train", "--workload", "synthetic-mlp", "--hidden", "16", *QUICK[:-1], "2",
                    "--checkpoint-dir", str(ck), "--overwrite")
-    assert run.returncode == 0 and "removed the checkpoints of steps 2, 4" in run.stderr
+    assert run.returncode == 0, run.stderr
+    assert "the checkpoints of workload digits-mlp (allreduce, another workload) steps 2, 4" \
+        in run.stderr, run.stderr
     assert committed(ck) == [2]
 
 

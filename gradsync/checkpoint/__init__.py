@@ -3,6 +3,7 @@
     format.py    the on-disk format: meta, fsynced writes, checksums, the COMMITTED marker
     reader.py    which steps are committed; loading one, verified
     manager.py   writing: staging, the atomic commit, pruning (only the same run's)
+    directory.py whose the directory is (this user's only), staging without symlinks
     lock.py      one job per directory (an advisory flock)
     rng.py       every random stream a rank draws from, saved and restored
     run.py       the trainer's one entry point: :class:`Checkpointer` (when to save, what a

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ SETTING_TYPES = (str, int, float, bool)  # JSON scalars: the marker is JSON
 # Types that torch.load(weights_only=True) rebuilds; checked at save time so that a state
 # which would only fail to load at resume (the worst moment) fails when it is written.
 LEAVES = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+# Every file a save writes is created anew, never opened through a symlink (issue 22).
+OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class CheckpointError(Exception):
@@ -131,7 +134,7 @@ def write_marker(path: Path, meta: CheckpointMeta, files: dict[str, dict[str, An
     it exists, the checkpoint counts."""
     marker = {"format": FORMAT_VERSION, "meta": asdict(meta), "files": files}
     tmp = path / f"{MARKER}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with os.fdopen(open_new(tmp), "w", encoding="utf-8") as f:
         json.dump(marker, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
@@ -186,9 +189,13 @@ def read_marker(path: Path, step: int, *, check_sizes: bool
 
 def check_size(path: Path, expected: int) -> None:
     try:
-        size = path.stat().st_size
+        found = os.lstat(path)  # gradsync writes plain files only; a symlink is not one
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (listed in {MARKER})") from None
+    if not stat.S_ISREG(found.st_mode):
+        raise CheckpointError(f"{path}: not a plain file (a symlink or other; gradsync "
+                              "never writes one into a checkpoint)")
+    size = found.st_size
     if size != expected:
         what = "truncated" if size < expected else "wrong size"
         raise CheckpointError(f"{path}: {what}: {size} bytes, {MARKER} records {expected}")
@@ -267,7 +274,7 @@ def write_fsynced(path: Path, obj: Any) -> dict[str, Any]:
     Raises:
         OSError: the file system refused (ENOSPC for a full disk), whatever torch made of it.
     """
-    with open(path, "wb") as f:
+    with os.fdopen(open_new(path), "wb") as f:
         writer = HashingWriter(f)
         try:
             torch.save(obj, writer)
@@ -289,9 +296,31 @@ def describe_os_error(exc: OSError, directory: Path) -> str:
     return f"cannot write a checkpoint into {directory}: {exc.strerror or exc}"
 
 
+def open_new(path: Path) -> int:
+    """Create ``path`` afresh for writing and return its descriptor, never through a symlink.
+
+    A leftover of an interrupted save, or a symlink planted in its place, is unlinked first
+    (which removes the link, not its target); ``O_EXCL`` then fails if anything reappeared
+    in between, instead of writing through it.
+
+    Raises:
+        CheckpointError: something reappeared at ``path`` while it was being replaced.
+        OSError: the file system refused.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    try:
+        return os.open(path, OPEN_NEW, 0o644)
+    except FileExistsError:
+        raise CheckpointError(f"{path}: reappeared while it was being replaced; another "
+                              f"process is writing into {path.parent}") from None
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()

@@ -16,6 +16,11 @@ have the recorded sizes counts; `load` also checks every file it reads against i
 The staging name carries no pid because all ranks of one save write into it; one job per
 directory, and one save in flight at a time.
 
+Nothing is written through a symlink: the directory must belong to this user and be writable
+by no one else, a run removes the staging directories left by earlier ones before it saves,
+a staging directory is made with ``mkdir`` (a symlink in its place is removed first), and
+every file is created anew with ``O_EXCL | O_NOFOLLOW``.
+
 With several ranks the caller separates the two halves by a barrier (or another proof that
 every rank's file is on disk, such as the Parameter Server's acknowledgements), so the
 committer never commits before every rank's file is there::
@@ -32,9 +37,11 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
+from .directory import check_private, make_staging
 from .format import (MARKER, STATE_FILE, STEP_DIR_RE, CheckpointError, CheckpointMeta,
                      CheckpointRefusedError, check_loadable, describe_os_error, fsync_dir,
                      remove_path, same_run, sha256_of, step_dirname, write_fsynced,
@@ -76,6 +83,7 @@ class CheckpointManager(CheckpointReader):
                                   "not a directory")
         # (step, {file: {"sha256", "bytes"}} of the committer's own files, per-rank files written?)
         self._pending: tuple[int, dict[str, dict[str, Any]], bool] | None = None
+        self._checked = False  # check_private passed for this directory
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -96,7 +104,12 @@ class CheckpointManager(CheckpointReader):
         Raises:
             TypeError: if the state holds an object weights-only loading cannot rebuild.
             ValueError: if called on another rank than the committer, or `step != meta.step`.
+            CheckpointError: the directory belongs to another user or others may write
+                into it, or the file system refused (one line).
         """
+        if self.committer:
+            self.create()
+            self.discard(step)  # one process: a leftover staging directory is no peer's
         self.save_rank_files(step, state, per_rank=per_rank)
         return self.commit(step, meta)
 
@@ -112,6 +125,8 @@ class CheckpointManager(CheckpointReader):
         Raises:
             TypeError: if a state holds an object weights-only loading cannot rebuild.
             ValueError: if the committer passes no `state`.
+            CheckpointError: the directory belongs to another user or others may write
+                into it, or the file system refused (one line).
         """
         staging = self.directory / f"{step_dirname(step)}.tmp"
         written: dict[str, dict[str, Any]] = {}
@@ -121,8 +136,9 @@ class CheckpointManager(CheckpointReader):
             check_loadable(state, "state")
         if per_rank is not None:
             check_loadable(per_rank, "per_rank")
+        self.create()
         try:
-            staging.mkdir(parents=True, exist_ok=True)  # every rank may; exist_ok: race-free
+            make_staging(staging)  # every rank may; the first one makes it
             if self.committer:
                 written[STATE_FILE] = write_fsynced(staging / STATE_FILE, state)
             if per_rank is not None:
@@ -198,10 +214,14 @@ class CheckpointManager(CheckpointReader):
                 remove_path(entry)
         for name in sorted(expected - set(files)):  # the other ranks' files
             path = staging / name
-            if not path.is_file():
+            try:
+                found = os.lstat(path)
+            except FileNotFoundError:
+                found = None
+            if found is None or not stat.S_ISREG(found.st_mode):  # a symlink is not theirs
                 raise CheckpointError(f"{path}: missing; every rank must finish "
                                       "save_rank_files before the committer commits")
-            files[name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+            files[name] = {"sha256": sha256_of(path), "bytes": found.st_size}
         final = self.directory / step_dirname(step)
         try:
             if final.exists() or final.is_symlink():  # an earlier attempt at the same step
@@ -220,7 +240,7 @@ class CheckpointManager(CheckpointReader):
 
     def _prune(self, meta: CheckpointMeta) -> None:
         """Only ever removes checkpoints of this run (same workload, model, architecture)."""
-        ours = {s for s, m in self._committed() if same_run(m, meta)}
+        ours = {s for s, m in self.committed() if same_run(m, meta)}
         kept = sorted(s for s in ours if s <= meta.step)[-self.keep:]
         for entry in sorted(self.directory.iterdir()):
             match = STEP_DIR_RE.match(entry.name)
@@ -245,12 +265,29 @@ class CheckpointManager(CheckpointReader):
                 remove_path(entry)
         fsync_dir(self.directory)
 
+    def remove_staging(self) -> None:
+        """Remove every staging directory (those of a run that crashed while saving), so
+        that each save of this run makes its own: call it holding the lock, before saving."""
+        for entry in sorted(self.directory.iterdir()):
+            match = STEP_DIR_RE.match(entry.name)
+            if match is not None and match.group(2):
+                remove_path(entry)  # a symlink: the link goes, not its target
+
     def create(self) -> bool:
-        """Create the directory if missing (saving does too); return whether it was."""
+        """Create the directory if missing (saving does too); return whether it was.
+
+        Raises:
+            CheckpointError: it cannot be created, belongs to another user, or its group or
+                others may write into it (`check_private`).
+        """
         existed = self.directory.is_dir()
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            # 0o755 whatever the umask allows more of: check_private refuses group write.
+            self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         except OSError as exc:
             raise CheckpointError(f"cannot create checkpoint directory {self.directory}: "
                                   f"{exc.strerror or exc}") from None
+        if not self._checked:
+            check_private(self.directory)
+            self._checked = True
         return not existed

@@ -34,9 +34,10 @@ class CheckpointReader:
 
         Cheap: reads the markers and stats the files, hashes nothing.
         """
-        return [step for step, _ in self._committed()]
+        return [step for step, _ in self.committed()]
 
-    def _committed(self) -> list[tuple[int, CheckpointMeta]]:
+    def committed(self) -> list[tuple[int, CheckpointMeta]]:
+        """`(step, meta)` of every committed step, ascending; see `committed_steps`."""
         found = []
         for step, path in self._entries():
             try:

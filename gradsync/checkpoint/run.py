@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from .. import comm
-from .format import CheckpointError, CheckpointMeta, CheckpointRefusedError, model_fingerprint
+from .format import (CheckpointError, CheckpointMeta, CheckpointRefusedError,
+                     describe_os_error, model_fingerprint)
 from .lock import DirectoryLock, DirectoryLockedError
 from .manager import CheckpointManager
 from .protocol import CheckpointParticipant
@@ -129,9 +130,10 @@ class Checkpointer:
         Returns:
             What to continue from, or None to start at step 0.
         Raises:
-            CheckpointError: the directory is locked or holds another run's checkpoints, or a
-                fresh run would overwrite checkpoints (one line, on rank 0; the other ranks
-                raise CheckpointRefusedError).
+            CheckpointError: the directory is locked, read-only, another user's or writable
+                by others, or holds another run's checkpoints, or a fresh run would
+                overwrite checkpoints (one line, on rank 0; the other ranks raise
+                CheckpointRefusedError).
         """
         expect = self._meta(Position())
         reshard = self.architecture.replicated
@@ -145,6 +147,9 @@ class Checkpointer:
                     chosen[0] = NONE if verified is None else verified[0]
                 except CheckpointError as exc:
                     chosen[0], refusal = REFUSED, exc
+                except OSError as exc:  # the other ranks must not wait for a lost rank 0
+                    chosen[0], refusal = REFUSED, CheckpointError(
+                        f"checkpoint directory {self.manager.directory}: {exc}")
             comm.broadcast(chosen, src=0, group=self.group)  # every rank stops, or none does
             step = int(chosen.item())
             if step == REFUSED:
@@ -177,24 +182,31 @@ class Checkpointer:
                 below: int | None) -> tuple[int, dict, dict | None, CheckpointMeta] | None:
         """Rank 0: lock the directory and return the checkpoint to start from, as
         ``load_latest_valid`` read and verified it, or None to start afresh."""
+        directory = self.manager.directory
         if self._lock is None:
-            self._created = self.manager.create()
+            self._created = self.manager.create()  # refuses another user's directory
             try:
-                self._lock = DirectoryLock(self.manager.directory)
+                self._lock = DirectoryLock(directory)
+                self.manager.remove_staging()  # a crashed run's; every save stages afresh
             except DirectoryLockedError as exc:
                 raise CheckpointError(str(exc)) from None
-        directory = self.manager.directory
+            except OSError as exc:  # a read-only directory: one line, not a traceback
+                raise CheckpointError(describe_os_error(exc, directory)) from None
         if not resume:
-            committed = self.manager.committed_steps()
+            committed = self.manager.committed()
             if committed and not overwrite:
                 raise CheckpointError(
                     f"{directory} already holds committed checkpoints (steps "
-                    f"{_steps(committed)}); pass --resume to continue from the newest, or "
-                    "--overwrite to replace them")
+                    f"{_steps([s for s, _ in committed])}); pass --resume to continue from "
+                    "the newest, or --overwrite to replace them")
             if committed:
-                self.manager.clear()
-                log.warning("--overwrite: removed the checkpoints of steps %s from %s",
-                            _steps(committed), directory)
+                # Said before anything goes: they may be another workload's.
+                log.warning("--overwrite: removing from %s the checkpoints of %s", directory,
+                            _owners(committed, expect))
+                try:
+                    self.manager.clear()
+                except OSError as exc:
+                    raise CheckpointError(describe_os_error(exc, directory)) from None
             return None
         found = self.manager.load_latest_valid(expect, allow_reshard=self.architecture.replicated,
                                                below=below)
@@ -211,6 +223,17 @@ class Checkpointer:
         log.warning("--resume: nothing to resume in %s (%s); starting from step 0",
                     directory, why)
         return None
+
+
+def _owners(committed: list[tuple[int, CheckpointMeta]], expect: CheckpointMeta) -> str:
+    """``"workload digits-mlp (allreduce, another workload) steps 2, 4; ..."``, per run."""
+    runs: dict[tuple[str, str], list[int]] = {}
+    for step, meta in committed:
+        runs.setdefault((meta.workload, meta.arch), []).append(step)
+    return "; ".join(
+        f"workload {workload} ({arch}"
+        f"{', another workload' if workload != expect.workload else ''}) steps {_steps(steps)}"
+        for (workload, arch), steps in runs.items())
 
 
 def _steps(steps: list[int]) -> str:

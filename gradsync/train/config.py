@@ -164,7 +164,8 @@ class CheckpointConfig:
     resume: bool = field(default=False, metadata=_help(
         "continue from the newest valid checkpoint in --checkpoint-dir"))
     overwrite: bool = field(default=False, metadata=_help(
-        "start afresh in a --checkpoint-dir that holds checkpoints, removing them"))
+        "start afresh in a --checkpoint-dir that holds checkpoints, removing them (all of "
+        "them, any workload's; needs --checkpoint-every)"))
 
     def __post_init__(self) -> None:
         _at_least(self.every, 1, "checkpoint-every")
@@ -174,6 +175,11 @@ class CheckpointConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the checkpoints that --overwrite would "
                              "remove; pass one of them")
+        if self.overwrite and self.every is None:
+            # It would remove every checkpoint in the directory and save none in their place.
+            raise ValueError("--overwrite removes the checkpoints in --checkpoint-dir to save "
+                             "this run's; without --checkpoint-every it saves none: pass "
+                             "--checkpoint-every N, or leave --overwrite out")
 
 
 @dataclass
