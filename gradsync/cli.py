@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 
+from . import env
 from .exits import EXIT_INTERRUPTED, EXIT_USAGE, UserError, say, under_launcher
 from .flags import add_dataclass_arguments, dataclass_from_args
 
@@ -53,16 +54,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_rank(code: int) -> None:
+def _exit_rank(code: int, timeout_s: float) -> None:
     """End a rank whose process group is destroyed and whose output is written.
 
     It leaves without the interpreter's finalization: an engine thread still alive then (a
     store client, a gloo worker) can abort the process ("terminate called without an active
-    exception", SIGABRT) and turn a finished run into a failed one.
+    exception", SIGABRT) and turn a finished run into a failed one. MPI, when this rank
+    initialised it, is finalized first (else MPICH leaves its /dev/shm segment behind), but
+    only after a rank that ended well: MPI_Finalize may wait for the other ranks, and after
+    a failure one of them may never come. A timer ends the rank with its status all the same
+    if the finalize outlasts ``timeout_s`` (the run's communication timeout).
     """
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    if code == 0:
+        from .comm.mpi_launcher import finalize_mpi
+
+        timer = threading.Timer(timeout_s, os._exit, (code,))
+        timer.daemon = True
+        timer.start()
+        finalize_mpi()
     os._exit(code)
 
 
@@ -96,8 +108,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    logging.basicConfig(level=os.environ.get("GRADSYNC_LOG", "WARNING").upper(),
-                        format="%(asctime)s %(name)s: %(message)s")
+    from .comm.engines import ENGINES
+
+    try:  # every GRADSYNC_* variable, checked as flags are: one line, before anything starts
+        env.validate(ENGINES)
+    except ValueError as exc:
+        say(f"gradsync: error: {exc}")
+        return EXIT_USAGE
+    logging.basicConfig(level=env.log_level(), format="%(asctime)s %(name)s: %(message)s")
     from .comm.mpi_launcher import adopt_mpi_launcher
 
     adopt_mpi_launcher()  # under mpiexec/srun: RANK, WORLD_SIZE and the engine from MPI's
@@ -133,7 +151,7 @@ def _train(args: argparse.Namespace) -> int:
         if under_launcher():
             from .train.worker import run_rank
 
-            _exit_rank(run_rank(config, _interrupts_raise))
+            _exit_rank(run_rank(config, _interrupts_raise), config.launch.timeout)
         from .train.launch import run_local
 
         return run_local(config, _interrupts_raise)

@@ -189,3 +189,17 @@ def test_a_dead_rank_ends_the_mpi_job_without_leftovers():
     assert "Killed (signal 9)" in proc.stdout + proc.stderr
     left = subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True)
     assert left.stdout.strip() == "", left.stdout
+
+
+@pytest.mark.timeout(90)
+def test_a_normal_run_under_mpiexec_leaves_nothing_in_dev_shm(tmp_path):
+    """Each rank ends with os._exit (cli.py): it finalizes MPI first, else MPICH's 2 MB
+    /dev/shm/mpich_shm_* segment stays behind after every run that went well."""
+    pytest.importorskip("mpi4py")
+    if not MPIEXEC.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable}")
+    before = set(Path("/dev/shm").iterdir())
+    _train(tmp_path, "run", "--steps", "2", "--no-progress", ranks=2)
+    left = sorted(str(p) for p in set(Path("/dev/shm").iterdir()) - before
+                  if p.name.startswith("mpich"))
+    assert left == [], left

@@ -17,12 +17,16 @@ import pytest
 import torch
 from torch import nn
 
+from gradsync.ps.receive import SLACK_BYTES
 from tests.distributed import run_checks
-from tests.helpers import BATCH, LogCapture, global_batch, make_model
+from tests.helpers import BATCH, IN, OUT, LogCapture, global_batch, make_model
 
 STEPS = 3
 BAD = 2  # the bad worker's rank; the good one is 1, the server 0
+BEYOND = "payload beyond the slack"
+NUMEL = IN * 16 + 16 + 16 * 16 + 16 + 16 * OUT + OUT  # make_model's, all on server 0
 NAN = float("nan")
+_UNSENT: list = []  # the bad worker's sends that the server never takes, kept to the end
 
 
 def _sgd(params):
@@ -66,6 +70,9 @@ def _bad_messages(case: str, numel: int) -> list[torch.Tensor]:
         return [header, _wire(torch.cat([payload, payload[:5]]))]
     if case == "payload too short":
         return [header, _wire(payload[:-3])]
+    if case == BEYOND:  # declared as it is sent, but longer than any slack: never received
+        big = torch.zeros(numel + SLACK_BYTES // 8 + (1 << 17), dtype=torch.float64)
+        return [Header(**{**fields, "numel": big.numel()}).encode(), _wire(big)]
     if case == "non-finite":
         payload[3], payload[10] = NAN, float("inf")
     return [header, _wire(payload)]
@@ -96,6 +103,9 @@ CASES = {
                          "longer than"),
     "payload too short": ("PUSH", "the payload is shorter than its header declares",
                           "shorter than"),
+    # 5 MiB beyond the shard, more than the receive's slack: gloo used to abort the server
+    BEYOND: ("PUSH", f"its payload has {NUMEL + SLACK_BYTES // 8 + (1 << 17)} elements; "
+                     f"the shard has {NUMEL}", "payload size"),
 }
 
 
@@ -124,8 +134,11 @@ def _session(rank, group, case, consistency, nonfinite):
         return ("lost", str(exc))
     first = 0
     if rank == BAD:
-        for message in _bad_messages(case, ps_model.layout.shard_numel(0)):
-            comm.send(message, 0, group)
+        for i, message in enumerate(_bad_messages(case, ps_model.layout.shard_numel(0))):
+            if case == BEYOND and i == 1:  # never asked for by the server: never completes
+                _UNSENT.append(comm.isend(message, 0, group))
+            else:
+                comm.send(message, 0, group)
         ps_model._pushed = [True]  # noqa: SLF001 - pushed by hand; wait for the answer
         try:
             opt.step()

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import env
 from ..net import is_loopback
 from .engine import TORCH, Engine
 from .engines import start_engine
@@ -133,6 +134,7 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
 
     Raises:
         RuntimeError: the environment is incomplete or the rendezvous port cannot be bound.
+        ValueError: a GRADSYNC_* variable is not valid (``gradsync/env.py`` names it).
     """
     global _ENGINE
     if not _ENGINE.is_initialized():
@@ -187,17 +189,17 @@ def join_store(store, rank: int, world_size: int, *, prefix: str = "",
 
 def _defaults(timeout_s: float | None, check: bool | None) -> tuple[float, bool]:
     if timeout_s is None:
-        timeout_s = float(os.environ.get("GRADSYNC_TIMEOUT", DEFAULT_TIMEOUT_S))
+        timeout_s = env.timeout_s(DEFAULT_TIMEOUT_S)
     if check is None:
-        check = os.environ.get("GRADSYNC_CHECK", "0") not in ("", "0", "false")
+        check = env.check()
     return timeout_s, check
 
 
 def _start_monitor(group: Group, store) -> None:
     if store is None or group.size == 1 or group.monitor is not None:
         return
-    interval = float(os.environ.get("GRADSYNC_HEARTBEAT_S", "1.0"))
-    stall = float(os.environ.get("GRADSYNC_STALL_S", max(5.0, group.timeout_s / 4)))
+    interval = env.heartbeat_s(1.0)
+    stall = env.stall_s(max(5.0, group.timeout_s / 4))
     group.monitor = Monitor(store, group, interval, stall).start()
 
 
@@ -218,7 +220,7 @@ def world() -> Group:
     pg, rank, size = _ENGINE.world()
     group = _world.get(id(pg))
     if group is None:
-        timeout = float(os.environ.get("GRADSYNC_TIMEOUT", DEFAULT_TIMEOUT_S))
+        timeout = env.timeout_s(DEFAULT_TIMEOUT_S)
         group = Group(pg=pg, ranks=tuple(range(size)), rank=rank, timeout_s=timeout,
                       engine=_ENGINE)
         _world.clear()

@@ -10,6 +10,7 @@ mpi4py; mpi.py, the engine itself, imports mpi4py through :func:`import_mpi`.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -27,6 +28,26 @@ def import_mpi():
     except ImportError as exc:  # also an mpi4py that finds no libmpi to load
         raise RuntimeError(MISSING) from exc
     return MPI
+
+
+def finalize_mpi() -> bool:
+    """Finalize MPI if this process initialised it (imported mpi4py) and has not finalized
+    it yet. Ranks end with ``os._exit`` (cli.py), which skips mpi4py's own finalize at exit;
+    without one MPICH leaves its shared-memory segment (``/dev/shm/mpich_shm_*``, 2 MB) behind
+    on every run.
+
+    MPI_Finalize may wait for the other ranks (MPICH's shared memory is let go once every
+    rank of the host has finalized): call it only on a rank that ended well, and bound it
+    (the CLI does, with a timer) in case a peer never comes.
+
+    Returns:
+        Whether MPI was finalized here.
+    """
+    MPI = sys.modules.get("mpi4py.MPI")  # never import it here: that would initialise MPI
+    if MPI is None or not MPI.Is_initialized() or MPI.Is_finalized():
+        return False
+    MPI.Finalize()
+    return True
 
 
 def mpi_environment() -> bool:

@@ -22,9 +22,9 @@ import os
 
 import torch
 
-from .. import comm
+from .. import comm, env
 
-ROLES = ("server", "worker")
+ROLES = env.ROLES
 
 
 def parse_server_ranks(spec: str) -> list[int] | str:
@@ -46,12 +46,8 @@ def parse_server_ranks(spec: str) -> list[int] | str:
 
 
 def _role_from_env() -> bool | None:
-    role = os.environ.get("GRADSYNC_ROLE")
-    if role is None or role == "":
-        return None
-    if role not in ROLES:
-        raise ValueError(f"GRADSYNC_ROLE={role!r}: expected server or worker")
-    return role == "server"
+    role = env.role()  # ValueError: neither server nor worker
+    return None if role is None else role == "server"
 
 
 def server_ranks(group: comm.Group, servers: int,

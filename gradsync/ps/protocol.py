@@ -34,8 +34,10 @@ size, dtype) before the payload is received, and the payload's end marker, canar
 (NaN or Inf) after. A bad message is answered with an ERROR reply whose ``status`` says what
 was wrong; the server's own error names the sender and the fault.
 
-Limits, honestly: a message longer than the buffer plus its slack (``receive.SLACK_BYTES``
-beyond a whole shard, for headers too) still aborts inside gloo, as no receive can be posted
+Limits, honestly: a payload is received only once its header declares a size that fits
+(beyond that the sender is dropped and the payload never asked for), but a message longer
+than its buffer plus the slack (``receive.SLACK_BYTES`` beyond the declared size, or beyond a
+whole shard where a header belongs) still aborts inside gloo, as no receive can be posted
 without a size; a sender that declares a payload and never sends it is noticed only at the
 timeout, as a lost worker; extra bytes that happen to equal the random canary pass unseen
 (probability 256^-n for n bytes, and the expected fields are intact then). Replies from

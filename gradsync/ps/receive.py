@@ -17,11 +17,13 @@ written cost no memory), armed before the receive:
   land: too short. Leftovers of the previous message cannot pass, as every buffer is armed
   again before its receive.
 
-Gloo sends a message only once its receive is posted, so the receives of a worker's next
-message, header and payload, are posted while the current payload is still on the wire:
-that is why the payload's arming does not depend on its size, unknown until the header is
-in. Every message from a worker therefore has a payload (END alone after DONE and
-CHECKPOINT).
+Gloo sends a message only once its receive is posted, so the receive of a worker's next
+header is posted while the current payload is still on the wire. A payload's receive is
+posted only once its header is in and declares a size that fits the buffer (with its
+slack): a message declared longer than that is never asked for, so gloo never sends it, and
+its sender is named and dropped like any other that overran, instead of aborting the server.
+(The cost: a payload waits for its header's round trip before it may leave the worker.)
+Every message from a worker has a payload (END alone after DONE and CHECKPOINT).
 
 Then :func:`protocol.validate` checks the header's fields, and a PUSH's payload is received
 only if the header is believable, into its own armed buffer; a compressed push is decoded
@@ -29,6 +31,11 @@ only if the header is believable, into its own armed buffer; a compressed push i
 checked for NaN and Inf, and it becomes the shard's dense gradient.
 The header buffer is big enough to take a whole payload (a sender out of step sends its
 gradient where the header belongs: too long, not an abort).
+
+What still aborts inside gloo: a single message longer than its buffer plus the slack, i.e.
+a payload that runs more than ``SLACK_BYTES`` past the size its own header declared, or
+something more than a whole payload plus the slack sent where a header belongs. No receive
+can be posted without a size, and gloo checks it only after it has taken the message.
 """
 
 from __future__ import annotations
@@ -95,10 +102,9 @@ class Receiver:
         self._headers = [torch.empty(HEADER_BYTES + self.capacity, dtype=torch.uint8)
                          for _ in range(2)]
         self._flip = 0
-        self._next: tuple | None = None  # the next message's receives, posted early
+        self._next: tuple | None = None  # the next header's receive, posted early
         # the payload buffer's armed prefix: any payload, END and the canary
         self._fill = -(-(self.payload_bytes + TRAILER_BYTES + CANARY_BYTES) // 8) * 8
-        self.abandoned: list[comm.Work] = []
         # Canaries a sender cannot guess; not torch's generator, which the training seeds.
         self._rng = random.Random(os.urandom(16))
 
@@ -112,7 +118,7 @@ class Receiver:
         Raises:
             CommError: the worker was lost, or sent nothing within the timeout.
         """
-        header, armed, work, buf, word, pay = self._next or self._post(step)
+        header, armed, work = self._next or self._post_header(step)
         self._next = None
         work.wait()
         h = Header.decode(header[:HEADER_BYTES].view(torch.int64))
@@ -128,20 +134,21 @@ class Receiver:
         push = h.kind in (Kind.PUSH, Kind.PUSH_SPARSE)
         # A payload follows (END alone after DONE and CHECKPOINT). Even after a bad header it
         # is received (and dropped) when its declared size fits, so that the sender's send
-        # completes and it reads our ERROR.
+        # completes and it reads our ERROR. One that does not fit is never asked for: gloo
+        # sends nothing into a receive that is not posted, so it cannot abort us.
         numel, dtype, rules = first[0], first[1], self.rules[0] if self.rules else PushRules()
         if 0 <= h.partition < len(self.parts):
             (numel, dtype), rules = self.parts[h.partition], self.rules[h.partition]
         nbytes = payload_nbytes(h, dtype or torch.float32) if push else 0
         if not framed or (status != Status.OK and not push) \
                 or not 0 <= nbytes <= self.payload_bytes + SLACK_BYTES - CANARY_BYTES:
-            self.abandoned.append(pay)  # posted, never to be filled: kept until the end
             return self._verdict(h, status, detail, step)
+        buf, word, pay = self._post_payload(h.step)
         if status == Status.OK and h.kind != Kind.DONE:
             # Gloo sends a message only once its receive is posted, and says so over the
-            # connection: post the next message's receives now, while this payload is on the
-            # wire, so that the sender never waits for them.
-            self._next = self._post(h.step)
+            # connection: post the next header's receive now, while this payload is on the
+            # wire, so that the sender never waits for it.
+            self._next = self._post_header(h.step)
         pay.wait()
         if status == Status.OK:
             status, detail = self._check_payload(buf, nbytes, word)
@@ -160,17 +167,21 @@ class Receiver:
         grad = densify(values, indices, dtype, numel, rules)
         return Message(h, payload=grad, nbytes=nbytes)
 
-    def _post(self, step: int):
-        """Post the receives of the next message, header and payload, armed."""
+    def _post_header(self, step: int):
+        """Post the receive of the next message's header, armed."""
         header = self._headers[self._flip]
         self._flip ^= 1
         armed = self._arm(header, 0, HEADER_BYTES)
         work = comm.irecv(header, self.peer, self.group, TAG,
                           what=f"wait for the push of step {step}")
+        return header, armed, work
+
+    def _post_payload(self, step: int):
+        """Post the receive of a payload whose header is in and fits, armed."""
         buf = torch.empty(self.capacity, dtype=torch.uint8)  # fresh: the gradient is a view
         word = self._arm_payload(buf)
         pay = comm.irecv(buf, self.peer, self.group, TAG, what=f"push of step {step}")
-        return header, armed, work, buf, word, pay
+        return buf, word, pay
 
     def _arm_payload(self, buf: torch.Tensor) -> bytes:
         """Fill where any payload and its canary may land with a random 8-byte word none of

@@ -4,10 +4,11 @@
     wire.py      the frames between the front process and a replica (no pickles)
     model.py     the newest committed checkpoint and its workload's model
     replica.py   a replica process: the model, answering frames
-    replicas.py  starting and supervising replicas; retrying a dead one's work once
+    replicas.py  supervising replicas, restarts backed off; a dead one's work retried once
     batcher.py   dynamic batching, each batch split across the replicas
     metrics.py   Prometheus counters
     app.py       the HTTP routes (FastAPI)
+    limits.py    what one client may hold: a request's head and body bounded in size and time
     config.py    ServeConfig, from which the flags derive
     cli.py       `gradsync serve`
 

@@ -10,7 +10,8 @@
 
 (The ``/versions/{version}`` forms of the model routes are accepted too; the version is the
 checkpoint's step.) Every error is ``{"error": "..."}`` with a 4xx or 5xx status; a bad
-request changes nothing for any other client.
+request changes nothing for any other client. Bodies reach the routes through
+limits.BodyLimit, which refuses one over ``spec.max_body_bytes()`` as it streams (413).
 """
 
 from __future__ import annotations
@@ -114,15 +115,7 @@ def _add_infer_route(app: FastAPI, spec: ModelSpec, batcher: Batcher,
     async def _infer(name: str, version: str | None, request: Request) -> Response:
         try:
             _check_model(spec, name, version)
-            limit = spec.max_body_bytes()
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > limit:  # refused unread
-                raise ProtocolError(413, f"request body of {declared} bytes is over the "
-                                         f"limit of {limit} (--max-request-rows)")
-            body = await request.body()
-            if len(body) > limit:
-                raise ProtocolError(413, f"request body of {len(body)} bytes is over the "
-                                         f"limit of {limit} (--max-request-rows)")
+            body = await request.body()  # at most spec.max_body_bytes() (limits.BodyLimit)
             parsed = parse_infer(spec, body,
                                  request.headers.get("inference-header-content-length"))
         except ProtocolError as exc:

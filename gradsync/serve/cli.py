@@ -6,8 +6,14 @@
 
 Start-up: listen on the address (a port in use is one line, exit 2), pick the checkpoint
 (nothing committed: one line, exit 2), start the replicas and wait until each is READY, then
-print one line naming the model and the URL. SIGINT or SIGTERM: stop accepting, answer the
-requests in flight, stop the replicas, exit 0 (during start-up: stop what started, exit 130).
+print one line naming the model and the URL. SIGINT or SIGTERM (to the front or to its whole
+process group: replicas ignore both): stop accepting, start no replacement replica, answer
+the requests in flight (a body still arriving gets 503 at once), stop the replicas, exit 0
+(during start-up: stop what started, exit 130).
+
+What one client may hold is bounded (limits.py): a request's head (431 past 64 KiB, 408 past
+--client-timeout), its body (413 past the limit of --max-request-rows, counted as it
+streams; 408 when silent for --client-timeout), and --max-connections (503 beyond).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from importlib.util import find_spec
 
 from ..flags import add_dataclass_arguments, dataclass_from_args
 from .config import ServeConfig
-from .model import ServeError, find_checkpoint
+from .model import ServeError, find_checkpoint, private_copy
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +82,9 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _say(str(exc))
         return EXIT_USAGE
-    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if find_spec(m) is None]
+    # httptools too: limits.bounded_protocol bounds requests' heads on its parser.
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client", "httptools")
+               if find_spec(m) is None]
     if missing:
         _say(f"gradsync serve needs {', '.join(missing)}: pip install 'gradsync[serve]'")
         return EXIT_USAGE
@@ -96,8 +104,9 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_serve(config, checkpoint, sock))
+        with private_copy(checkpoint) as kept, \
+                asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_serve(config, kept, sock))
     except ServeError as exc:
         _say(str(exc))
         return 1
@@ -124,9 +133,18 @@ async def _serve(config: ServeConfig, checkpoint, sock: socket.socket) -> int:
 
     from .app import create_app
     from .batcher import Batcher
+    from .limits import BodyLimit, bounded_protocol
     from .metrics import ServeMetrics
     from .protocol import ModelSpec
     from .replicas import ReplicaPool
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # Before uvicorn waits for the requests in flight: no replacement replica from
+            # now on, and uploads still arriving are answered 503 instead of awaited.
+            pool.stop_replacing()
+            body_limit.stop()
+            await super().shutdown(sockets)
 
     metrics = ServeMetrics()
     pool = ReplicaPool(checkpoint, config.replicas, config.threads, config.replica_timeout,
@@ -138,8 +156,11 @@ async def _serve(config: ServeConfig, checkpoint, sock: socket.socket) -> int:
         spec = ModelSpec(checkpoint.workload, str(checkpoint.step), pool.shape.input_shape,
                          pool.shape.classes, config.max_request_rows)
         batcher.start()
-        server = uvicorn.Server(uvicorn.Config(
-            create_app(spec, pool, batcher, metrics), log_level="warning", lifespan="off",
+        body_limit = BodyLimit(create_app(spec, pool, batcher, metrics), spec.max_body_bytes(),
+                               config.client_timeout)
+        server = Server(uvicorn.Config(
+            body_limit, http=bounded_protocol(config.client_timeout), log_level="warning",
+            lifespan="off", limit_concurrency=config.max_connections,
             timeout_graceful_shutdown=max(30, int(config.replica_timeout) * 2)))
         # What start-up made (torch's modules: about a million objects) lives as long as the
         # process; frozen, the collector's full passes skip it instead of stalling every

@@ -28,9 +28,15 @@ class ServeConfig:
     threads: int = field(default=1, metadata=_help("torch threads per replica"))
     replica_timeout: float = field(default=30.0, metadata=_help(
         "seconds a replica may take for a piece of work before it is killed and replaced"))
+    client_timeout: float = field(default=10.0, metadata=_help(
+        "seconds a client may take to send a request's line and headers, or stay silent "
+        "while sending its body (then 408, connection closed)"))
+    max_connections: int = field(default=1000, metadata=_help(
+        "open connections and requests in progress beyond which requests get 503"))
 
     def __post_init__(self) -> None:
-        for name in ("replicas", "max_batch", "max_request_rows", "threads"):
+        for name in ("replicas", "max_batch", "max_request_rows", "threads",
+                     "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, "
                                  f"got {getattr(self, name)}")
@@ -42,3 +48,6 @@ class ServeConfig:
         if not 0 < self.replica_timeout <= 3600:
             raise ValueError(f"--replica-timeout must be a positive number up to 3600, "
                              f"got {self.replica_timeout}")
+        if not 0 < self.client_timeout <= 3600:
+            raise ValueError(f"--client-timeout must be a positive number up to 3600, "
+                             f"got {self.client_timeout}")

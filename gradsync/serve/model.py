@@ -5,17 +5,26 @@ The checkpoint records the workload's name, the settings it was built with (``--
 ``--dtype``, ``--seed``) and the model's state; the workload builds the model with those
 settings, and the state must load into it exactly. Checkpoints written before the settings
 were recorded have them read back from the state's shapes and dtype instead.
+
+The replicas load the served step from the front's private copy of it (hard links where the
+file system allows), so that training which shares the directory may prune that step while
+the server runs: a replica restarted later still loads the model the server announced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..checkpoint.format import CheckpointError
+from ..checkpoint.format import MARKER, STEP_DIR_RE, CheckpointError, step_dirname
 from ..checkpoint.reader import CheckpointReader
 
 log = logging.getLogger(__name__)
@@ -30,11 +39,13 @@ class ServeError(Exception):
 
 @dataclass
 class Checkpoint:
-    """The checkpoint to serve: its directory, step and workload's name."""
+    """The checkpoint to serve: its directory, step and workload's name; ``source`` is the
+    --checkpoint-dir that a private copy (:func:`private_copy`) was taken from."""
 
     directory: Path
     step: int
     workload: str
+    source: Path | None = None
 
 
 def find_checkpoint(directory: str | Path) -> Checkpoint:
@@ -52,12 +63,56 @@ def find_checkpoint(directory: str | Path) -> Checkpoint:
     except CheckpointError as exc:
         raise ServeError(str(exc)) from None
     if found is None:
+        committed = sorted(int(m.group(1)) for entry in path.iterdir()
+                           if (m := STEP_DIR_RE.match(entry.name)) and not m.group(2)
+                           and (entry / MARKER).exists())
+        if committed:  # committed once, but none loads now: say why the newest does not
+            try:
+                CheckpointReader(path).load(committed[-1])
+                why = "it does not verify"
+            except CheckpointError as exc:
+                why = str(exc)
+            raise ServeError(f"none of the {len(committed)} committed checkpoints in "
+                             f"--checkpoint-dir {directory} can be loaded (the newest, step "
+                             f"{committed[-1]}: {why})")
         raise ServeError(f"nothing committed in --checkpoint-dir {directory}: no checkpoint "
                          "to serve (train with --checkpoint-dir and --checkpoint-every)")
     step, _, _, meta = found
     if meta.workload in UNSERVED:
         raise ServeError(f"cannot serve {meta.workload}: {UNSERVED[meta.workload]}")
     return Checkpoint(path, step, meta.workload)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # free, and pruning the original name leaves this one intact
+    except OSError:  # another file system, or hard links not allowed here
+        shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def private_copy(checkpoint: Checkpoint) -> Iterator[Checkpoint]:
+    """The served step, hard-linked (or copied) into a private temporary directory for as
+    long as the server runs: training that shares --checkpoint-dir may prune that step, and
+    a replica restarted afterwards must still load it (issue 22). Removed on exit.
+
+    Raises:
+        ServeError: the step vanished before it was linked.
+    """
+    source = checkpoint.directory / step_dirname(checkpoint.step)
+    root = Path(tempfile.mkdtemp(prefix="gradsync-serve-"))
+    try:
+        try:
+            shutil.copytree(source, root / source.name, copy_function=_link_or_copy)
+        except (OSError, shutil.Error) as exc:
+            raise ServeError(f"cannot keep checkpoint step {checkpoint.step} of "
+                             f"{checkpoint.directory}: {exc}") from None
+        log.info("replicas load step %d from %s, a private copy: pruning it in %s does not "
+                 "stop a replica from restarting", checkpoint.step, root, checkpoint.directory)
+        yield Checkpoint(root, checkpoint.step, checkpoint.workload,
+                         source=checkpoint.directory)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def load_model(checkpoint: Checkpoint) -> tuple[torch.nn.Module, tuple[int, ...], int]:

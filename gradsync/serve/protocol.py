@@ -125,6 +125,8 @@ def parse_infer(spec: ModelSpec, body: bytes, header_length: str | None = None
         request = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(400, f"request body is not JSON: {exc}") from None
+    except RecursionError:  # e.g. 100,000 nested "[": Python's parser gives up, say so
+        raise ProtocolError(400, "request body nests arrays or objects too deeply") from None
     if not isinstance(request, dict):
         raise ProtocolError(400, "request must be a JSON object with \"inputs\"")
     inputs = request.get("inputs")
@@ -168,11 +170,17 @@ def _tensor_rows(spec: ModelSpec, tensor: dict[str, Any], binary: bytes) -> np.n
         data = tensor.get("data")
         if not isinstance(data, list):
             raise ProtocolError(400, "input has no \"data\" list")
+        # Without a dtype first: numpy would read "1.5" as 1.5 and fail (OverflowError) on
+        # an integer beyond float's range; what it infers says whether all are numbers.
         try:
-            rows = np.asarray(data, dtype=np.float32).reshape(-1)
-        except (ValueError, TypeError):
-            raise ProtocolError(400, "input data must be numbers (a flat or nested list)") \
-                from None
+            numbers = np.asarray(data)
+        except (ValueError, TypeError, RecursionError):  # ragged, or nested too deeply
+            numbers = None
+        if numbers is None or numbers.dtype.kind not in "fiu":
+            raise ProtocolError(400, "input data must be numbers within FP32's range (a flat "
+                                     "or nested list of them, no strings or booleans)")
+        with np.errstate(over="ignore"):  # beyond FP32: inf, refused below
+            rows = numbers.astype(np.float32).reshape(-1)
         if rows.size != size:
             raise ProtocolError(400, f"input data holds {rows.size} numbers; shape {shape} "
                                      f"needs {size}")

@@ -5,14 +5,20 @@
 The front process starts it with one end of a socketpair as ``FD``. It loads checkpoint ``S``,
 says READY (numbers per row, logits per row, and the row's shape as u32s), then answers each
 JOB with a RESULT (or an ERROR, and lives on) until the socket closes, when it exits 0. It
-ignores SIGINT: Ctrl-C reaches the whole process group, and the front, which finishes the
-requests in flight first, decides when replicas stop (by closing their sockets).
+ignores SIGINT and SIGTERM: Ctrl-C, `timeout`, systemd and container runtimes signal the
+whole process group, and the front, which finishes the requests in flight first, decides when
+replicas stop (by closing their sockets).
+
+Test hook: with ``GRADSYNC_SERVE_TEST_CRASH_ON=X`` in its environment a replica exits at once
+(status 70, as a model that segfaults would die) on a JOB whose first number is ``X``: the
+tests' poison request. Unset, nothing changes.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import signal
 import socket
 import struct
@@ -22,16 +28,23 @@ from pathlib import Path
 from . import wire
 
 
+CRASH_ON_ENV = "GRADSYNC_SERVE_TEST_CRASH_ON"
+CRASH_STATUS = 70
+
+
 def serve_jobs(sock: socket.socket, model, input_shape: tuple[int, ...], dtype) -> None:
     """Answer JOB frames until the peer closes ``sock``."""
     import torch
 
+    crash_on = float(os.environ[CRASH_ON_ENV]) if os.environ.get(CRASH_ON_ENV) else None
     while True:
         frame = wire.recv_frame(sock)
         if frame is None:
             return
         if frame.kind != wire.JOB:
             raise wire.WireError(f"replica got frame kind {frame.kind}, expected JOB")
+        if crash_on is not None and frame.array()[0, 0] == crash_on:
+            os._exit(CRASH_STATUS)
         try:
             x = torch.from_numpy(frame.array().copy()).reshape(frame.rows, *input_shape)
             with torch.inference_mode():
@@ -45,6 +58,7 @@ def serve_jobs(sock: socket.socket, model, input_shape: tuple[int, ...], dtype) 
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog="gradsync.serve.replica")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--checkpoint-dir", required=True)

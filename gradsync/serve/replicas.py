@@ -2,10 +2,17 @@
 
 Each replica is ``python -m gradsync.serve.replica`` holding one end of a socketpair; frames
 (wire.py) cross it, never pickles. A replica whose socket closes (it died: SIGKILL, a crash,
-out of memory) is named in the log and replaced in the same slot; the pieces of work it held
+out of memory) is named in the log and replaced in the same slot, after a delay that grows
+while that slot's replicas keep dying young (RESTART_BACKOFF_S). The pieces of work it held
 are sent once more to another live replica (or to its replacement once ready), so no client
-sees an error while a replica lives. A replica that does not answer within ``job_timeout_s``
-is killed and treated the same way: a hung replica is a dead one, never a hang.
+sees an error while a replica lives; a piece is sent again at most once. A replica that does
+not answer within ``job_timeout_s`` is killed and treated the same way: a hung replica is a
+dead one, never a hang.
+
+A poison request (issue 22): a replica that exits by itself (a crash, not SIGKILL) while
+computing a piece was most likely killed by that piece, which is then not sent to another
+replica (it would kill that one too) but answered as failed (ReplicaCrashed, HTTP 500 naming
+the exit status). The pieces queued behind it are sent again as usual.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import asyncio
 import itertools
 import logging
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -24,12 +32,16 @@ import numpy as np
 
 from . import wire
 from .metrics import ServeMetrics
+from ..checkpoint.format import step_dirname
 from .model import Checkpoint, ServeError
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 300.0  # importing torch and building a workload on a loaded machine
-RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+# Delays before a slot's second, third, ... replacement in a row (the first is immediate);
+# a replica that lived STABLE_S resets its slot's count.
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+STABLE_S = 60.0
 
 
 class ReplicaLost(Exception):
@@ -38,6 +50,11 @@ class ReplicaLost(Exception):
 
 class ReplicaJobError(Exception):
     """The replica answered the piece of work with an error (the model failed on it)."""
+
+
+class ReplicaCrashed(ReplicaJobError):
+    """The replica exited by itself while computing the piece: the piece is taken to have
+    killed it, and is not sent to another replica."""
 
 
 @dataclass
@@ -49,6 +66,8 @@ class Replica:
     pending: dict[int, asyncio.Future] = field(default_factory=dict)
     outstanding_rows: int = 0
     alive: bool = True
+    started: float = 0.0  # the loop's time when it was adopted
+    killed: bool = False  # by the front (it did not answer in time): not its pieces' doing
 
     def __str__(self) -> str:
         return f"replica {self.slot} (pid {self.proc.pid})"
@@ -86,6 +105,7 @@ class ReplicaPool:
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
+        self._young_deaths: dict[int, int] = {}  # slot -> replicas in a row that died young
 
     @property
     def live(self) -> int:
@@ -146,6 +166,7 @@ class ReplicaPool:
         return replica
 
     def _adopt(self, replica: Replica) -> None:
+        replica.started = asyncio.get_running_loop().time()
         self._slots[replica.slot] = replica
         self._background(self._watch(replica))
         self.metrics.replicas_live.set(self.live)
@@ -183,24 +204,54 @@ class ReplicaPool:
         self.metrics.replicas_live.set(self.live)
         self._kill(replica)
         status = await self._reap(replica)
-        for future in replica.pending.values():
-            if not future.done():
+        # The oldest piece still pending is the one it was computing (it answers in order).
+        crashed = status is not None and status != -signal.SIGKILL and not replica.killed
+        for i, future in enumerate(replica.pending.values()):
+            if future.done():
+                continue
+            if i == 0 and crashed:
+                future.set_exception(ReplicaCrashed(
+                    f"{replica} exited with status {status} while computing these rows; "
+                    "not sent to another replica, which they would likely kill too"))
+            else:
                 future.set_exception(ReplicaLost(f"{replica} died (exit status {status})"))
         replica.pending.clear()
         if self._closing:
             return
-        log.warning("%s died (exit status %s); starting a replacement", replica, status)
         self.metrics.replica_restarts.labels(str(replica.slot)).inc()
-        for attempt in itertools.count():
+        await self._replace(replica, status)
+
+    async def _replace(self, replica: Replica, status: int | None) -> None:
+        """Start a replica in ``replica``'s slot, after a delay that grows with the replicas
+        in a row that died young there (a poison request, a model that no longer loads)."""
+        slot = replica.slot
+        if asyncio.get_running_loop().time() - replica.started >= STABLE_S:
+            self._young_deaths[slot] = 0
+        log.warning("%s died (exit status %s)", replica, status)
+        source = self.checkpoint.source
+        if source is not None and not (source / step_dirname(self.checkpoint.step)).exists():
+            log.warning("step %d is no longer in %s (pruned?): replica %d restarts from the "
+                        "front's private copy in %s", self.checkpoint.step, source, slot,
+                        self.checkpoint.directory)
+        while not self._closing:
+            deaths = self._young_deaths.get(slot, 0)
+            self._young_deaths[slot] = deaths + 1
+            delay = RESTART_BACKOFF_S[min(deaths, len(RESTART_BACKOFF_S)) - 1] if deaths else 0
+            log.warning("starting a replacement for replica %d%s", slot,
+                        f" in {delay:g} s" if delay else "")
+            await asyncio.sleep(delay)
             if self._closing:
                 return
             try:
-                self._adopt(await self._spawn(replica.slot))
+                self._adopt(await self._spawn(slot))
                 return
             except ServeError as exc:
-                delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
-                log.error("%s; trying again in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
+                log.error("%s", exc)
+
+    def stop_replacing(self) -> None:
+        """Shutdown has begun: a replica that dies from now on is not replaced (its pieces
+        still go to the others)."""
+        self._closing = True
 
     def _kill(self, replica: Replica) -> None:
         replica.writer.close()
@@ -235,7 +286,8 @@ class ReplicaPool:
 
         Raises:
             ReplicaLost: both tries lost their replica, or none lived long enough.
-            ReplicaJobError: the model failed on these rows.
+            ReplicaJobError: the model failed on these rows (ReplicaCrashed: its replica
+                exited while computing them; they are not tried again).
         """
         try:
             return await self._infer_once(await self._pick(), rows)
@@ -255,6 +307,7 @@ class ReplicaPool:
             result = await asyncio.wait_for(asyncio.shield(future), self.job_timeout_s)
         except asyncio.TimeoutError:
             log.error("%s did not answer within %g s; killing it", replica, self.job_timeout_s)
+            replica.killed = True
             self._kill(replica)
             raise ReplicaLost(f"{replica} did not answer within {self.job_timeout_s:g} s") \
                 from None

@@ -1,0 +1,136 @@
+"""The GRADSYNC_* environment variables: read and validated in one place, as flags are.
+
+Each reader returns the variable's value (or its default when unset or empty) and raises a
+ValueError that names the variable, its value and what it must be, e.g. ``GRADSYNC_TIMEOUT=abc:
+must be a positive number of seconds``; the CLI prints that as one line and exits 2 before
+anything starts (:func:`validate`). No torch import: the CLI reads them first.
+
+GRADSYNC_TEST_TIMEOUT_SCALE belongs to the tests; the launcher's own variables
+(GRADSYNC_ELASTIC_*, GRADSYNC_LAUNCHED, GRADSYNC_LAB*) are set by gradsync, not by users.
+"""
+
+from __future__ import annotations
+
+import os
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ROLES = ("server", "worker")
+# Beyond a week a timeout is a typo, and it overflows the engine's timedelta (as --timeout).
+SECONDS_MAX = 7 * 24 * 3600.0
+_TRUE, _FALSE = ("1", "true"), ("0", "false")
+
+
+def _raw(name: str) -> str | None:
+    """The variable's text, or None when it is unset or empty (both mean "the default")."""
+    value = os.environ.get(name)
+    return None if value is None or value.strip() == "" else value
+
+
+def _bad(name: str, value: str, must: str) -> ValueError:
+    return ValueError(f"{name}={value}: must be {must}")
+
+
+def seconds(name: str, default: float) -> float:
+    """A positive number of seconds (at most a week) from variable ``name``.
+
+    Raises:
+        ValueError: not a number, or not in (0, a week].
+    """
+    value = _raw(name)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise _bad(name, value, "a positive number of seconds") from None
+    if not number > 0:  # (also true for NaN)
+        raise _bad(name, value, "a positive number of seconds")
+    if number > SECONDS_MAX:
+        raise _bad(name, value, f"a positive number of seconds, at most {SECONDS_MAX:g}")
+    return number
+
+
+def timeout_s(default: float) -> float:
+    """GRADSYNC_TIMEOUT: seconds any blocking communication may wait."""
+    return seconds("GRADSYNC_TIMEOUT", default)
+
+
+def heartbeat_s(default: float = 1.0) -> float:
+    """GRADSYNC_HEARTBEAT_S: seconds between a rank's heartbeats."""
+    return seconds("GRADSYNC_HEARTBEAT_S", default)
+
+
+def stall_s(default: float) -> float:
+    """GRADSYNC_STALL_S: after how long a waiting collective is reported."""
+    return seconds("GRADSYNC_STALL_S", default)
+
+
+def check() -> bool:
+    """GRADSYNC_CHECK: whether every collective is verified across ranks (default off).
+
+    Raises:
+        ValueError: not 0, 1, false or true.
+    """
+    value = _raw("GRADSYNC_CHECK")
+    if value is None:
+        return False
+    if value.lower() not in _TRUE + _FALSE:
+        raise _bad("GRADSYNC_CHECK", value, "0 or 1 (or false, true)")
+    return value.lower() in _TRUE
+
+
+def log_level() -> str:
+    """GRADSYNC_LOG: the level of gradsync's log, upper case (default WARNING).
+
+    Raises:
+        ValueError: not a logging level's name.
+    """
+    value = _raw("GRADSYNC_LOG")
+    if value is None:
+        return "WARNING"
+    if value.upper() not in LOG_LEVELS:
+        raise _bad("GRADSYNC_LOG", value, f"a log level: {', '.join(LOG_LEVELS)}")
+    return value.upper()
+
+
+def role() -> str | None:
+    """GRADSYNC_ROLE: "server" or "worker", this rank's part in a PS run; None when unset.
+
+    Raises:
+        ValueError: neither.
+    """
+    value = _raw("GRADSYNC_ROLE")
+    if value is not None and value not in ROLES:
+        raise _bad("GRADSYNC_ROLE", value, " or ".join(ROLES))
+    return value
+
+
+def engine(names: tuple[str, ...]) -> str:
+    """GRADSYNC_ENGINE, one of ``names`` (the engine table's, with "auto"); "auto" when unset.
+
+    Raises:
+        ValueError: not one of ``names``.
+    """
+    value = _raw("GRADSYNC_ENGINE")
+    if value is None:
+        return "auto"
+    if value not in names:
+        raise _bad("GRADSYNC_ENGINE", value, f"one of {', '.join(names)}")
+    return value
+
+
+def validate(engines: tuple[str, ...]) -> None:
+    """Read every variable once, so that a bad one stops the command before it starts.
+
+    Args:
+        engines: the names GRADSYNC_ENGINE may take.
+    Raises:
+        ValueError: the first bad variable, named.
+    """
+    log_level()
+    timeout = timeout_s(300.0)
+    heartbeat_s()
+    stall_s(timeout / 4)
+    check()
+    role()
+    engine(engines)
