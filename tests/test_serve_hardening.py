@@ -251,7 +251,8 @@ def test_deep_nesting_huge_integers_and_numeric_strings_are_400(server):
     cases = [("100,000 nested [", "[" * 100_000, "nests"),
              ("10^400", tensor([10 ** 400] + [0] * 63), "must be numbers"),
              ("numeric strings", tensor(["1.5"] * 64), "must be numbers"),
-             ("booleans", tensor([True] * 64), "must be numbers")]
+             ("booleans", tensor([True] * 64), "must be numbers"),
+             ("a boolean among numbers", tensor([True] + [2.0] * 63), "must be numbers")]
     for what, body, needle in cases:
         answer = server.http.post(url, content=body,
                                   headers={"content-type": "application/json"})

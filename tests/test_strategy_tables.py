@@ -99,3 +99,11 @@ def test_elastic_runs_check_the_topology_file(tmp_path):
                          capture_output=True, text=True, timeout=scaled(100), env=ENV, cwd=REPO)
     assert run.returncode == 2, run.stderr
     assert "--topology: host 'a' lists rank 2" in run.stderr, run.stderr
+
+
+def test_elastic_all_reduce_refuses_a_port_it_would_not_use():
+    from gradsync.train.config import LaunchConfig, TrainConfig
+
+    with pytest.raises(ValueError, match="--port is not used by --elastic"):
+        TrainConfig(launch=LaunchConfig(elastic=True, port=29500))
+    TrainConfig(arch="ps", launch=LaunchConfig(elastic=True, port=29500))  # the PS's store

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+from .. import env
 from .engine import TORCH, Engine
 from .mpi import MPI_ENGINE, check_engines_agree, mpi_environment
 
@@ -63,9 +64,10 @@ def choose_engine(name: str | None = None) -> str:
         RuntimeError: ``GRADSYNC_ENGINE`` is not an engine.
     """
     if name is None:
-        name = os.environ.get("GRADSYNC_ENGINE") or "auto"
-        if name not in ENGINES:
-            raise RuntimeError(f"GRADSYNC_ENGINE={name!r}: choose one of {', '.join(ENGINES)}")
+        try:
+            name = env.engine(ENGINES)  # the one validation of GRADSYNC_* variables
+        except ValueError as exc:
+            raise RuntimeError(str(exc)) from None
     check_engine(name)
     if name != "auto":
         return name

@@ -155,6 +155,9 @@ class MPIEngine:
     def join(self, store, prefix, rank, world_size, timeout_s, backend):
         raise RuntimeError(_NOT_ELASTIC)
 
+    def open_store(self, path, timeout_s):
+        raise RuntimeError(_NOT_ELASTIC)
+
     def is_initialized(self) -> bool:
         # Under a launcher the world exists before mpi4py is imported: joining it is free,
         # so init_process_group adopts it and needs no RANK / MASTER_PORT.

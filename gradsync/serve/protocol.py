@@ -176,7 +176,7 @@ def _tensor_rows(spec: ModelSpec, tensor: dict[str, Any], binary: bytes) -> np.n
             numbers = np.asarray(data)
         except (ValueError, TypeError, RecursionError):  # ragged, or nested too deeply
             numbers = None
-        if numbers is None or numbers.dtype.kind not in "fiu":
+        if numbers is None or numbers.dtype.kind not in "fiu" or _holds_bool(data):
             raise ProtocolError(400, "input data must be numbers within FP32's range (a flat "
                                      "or nested list of them, no strings or booleans)")
         with np.errstate(over="ignore"):  # beyond FP32: inf, refused below
@@ -188,6 +188,19 @@ def _tensor_rows(spec: ModelSpec, tensor: dict[str, Any], binary: bytes) -> np.n
         raise ProtocolError(400, "input holds NaN or infinite values: the model takes "
                                  "finite numbers only")
     return rows.reshape(n, spec.row_size)
+
+
+def _holds_bool(data: list) -> bool:
+    """Whether a (nested) list holds a JSON true or false: numpy reads [true, 2.0] as
+    [1.0, 2.0], so the dtype alone does not say."""
+    stack = [data]
+    while stack:
+        for v in stack.pop():
+            if v.__class__ is bool:
+                return True
+            if v.__class__ is list:
+                stack.append(v)
+    return False
 
 
 def _requested_outputs(outputs: Any) -> list[str]:

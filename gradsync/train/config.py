@@ -190,8 +190,9 @@ class LaunchConfig:
                                                    "torchrun, which sets the world size)"))
     addr: str = field(default="127.0.0.1", metadata=_help("rendezvous address of local runs "
                                                           "(IPv4 or IPv6)"))
-    port: int | None = field(default=None, metadata=_help("rendezvous port (default: a free "
-                                                          "one)"))
+    port: int | None = field(default=None, metadata=_help(
+        "rendezvous port (default: a free one); --elastic all-reduce runs keep their store in "
+        "a private file instead and take no port"))
     timeout: float = field(default=300.0, metadata=_help(
         "seconds any blocking communication may wait before the run fails"))
     engine: Literal[ENGINES] = field(default="auto", metadata=_help(
@@ -293,6 +294,9 @@ class TrainConfig:
                                     or self.lab.hosts or self.launch.engine == "mpi"):
             raise ValueError("--elastic is built for --arch allreduce and --arch ps on local "
                              "workers (torch engine), without --checkpoint-dir or --lab")
+        if self.launch.elastic and self.arch != "ps" and self.launch.port is not None:
+            raise ValueError("--port is not used by --elastic: the job's store is a private "
+                             "file, not a port (docs/reliability.md)")
         if self.launch.elastic and self.arch == "ps" and self.launch.max_restarts:
             raise ValueError("--arch ps --elastic drops lost workers; no replacement joins "
                              "(--max-restarts is for --arch allreduce)")
