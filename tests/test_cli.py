@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -149,14 +150,17 @@ FINALIZE_ABORT = "terminate called without an active exception"
 
 
 def _torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    for attempt in range(2):
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                              "2", "--master-addr", "127.0.0.1", "--master-port",
-                              str(free_port()), *args], capture_output=True, text=True,
-                             timeout=scaled(timeout), env={**ENV, "OMP_NUM_THREADS": "1"},
-                             cwd=REPO)
-        if run.returncode == 0 or FINALIZE_ABORT not in run.stderr:
-            break
+    # torchrun makes a torchelastic_* log directory in TMPDIR and leaves it: give it one of
+    # the test's own, removed afterwards.
+    with tempfile.TemporaryDirectory(prefix="gradsync-test-torchrun-") as tmp:
+        for attempt in range(2):
+            run = subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                                  "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                                  "--master-port", str(free_port()), *args],
+                                 capture_output=True, text=True, timeout=scaled(timeout),
+                                 env={**ENV, "OMP_NUM_THREADS": "1", "TMPDIR": tmp}, cwd=REPO)
+            if run.returncode == 0 or FINALIZE_ABORT not in run.stderr:
+                break
     return run
 
 
