@@ -277,3 +277,20 @@ def netns_unavailable() -> str | None:
     except LabError as exc:
         return f"network namespaces unavailable: {exc}"
     return None
+
+
+def infer_until_stopped(url: str, model: str, rows: np.ndarray, answers: list, stop) -> None:
+    """POST ``rows`` to ``model``'s infer route at ``url`` until ``stop`` (an Event) is set,
+    appending each status code to ``answers``; None and return once the server stopped
+    accepting (a shutdown test's client)."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=scaled(30)) as http:
+        while not stop.is_set():
+            try:
+                answers.append(http.post(f"/v2/models/{model}/infer", json={"inputs": [
+                    {"name": "input", "shape": list(rows.shape), "datatype": "FP32",
+                     "data": rows.reshape(-1).tolist()}]}).status_code)
+            except httpx.TransportError:  # sent after the server stopped accepting
+                answers.append(None)
+                return

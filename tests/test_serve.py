@@ -28,7 +28,7 @@ import torch
 import gradsync.workloads as gradsync_workloads
 from gradsync.serve.batcher import split_rows
 from tests.distributed import scaled
-from tests.helpers import PACKAGE, alive as _alive, children as _children
+from tests.helpers import infer_until_stopped, PACKAGE, alive as _alive, children as _children
 from tests.helpers import module_imports as _imports
 
 REPO = Path(__file__).resolve().parent.parent
@@ -409,15 +409,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server):
     answers, stop = [], threading.Event()
 
     def client() -> None:
-        with httpx.Client(base_url=server.url, timeout=scaled(30)) as http:
-            while not stop.is_set():
-                try:
-                    answers.append(http.post(f"/v2/models/{MODEL}/infer", json={"inputs": [
-                        {"name": "input", "shape": [50, 64], "datatype": "FP32",
-                         "data": rows.reshape(-1).tolist()}]}).status_code)
-                except httpx.TransportError:  # sent after the server stopped accepting
-                    answers.append(None)
-                    return
+        infer_until_stopped(server.url, MODEL, rows, answers, stop)
 
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(client) for _ in range(4)]

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from tests.distributed import scaled
-from tests.helpers import ENV, REPO, alive, children, in_process
+from tests.helpers import infer_until_stopped, ENV, REPO, alive, children, in_process
 
 MODEL, STEP = "digits-mlp", 7
 MAX_ROWS = 64  # the body limit: 64 * 64 * 32 + 65536 = 196,608 bytes (room for 100,000 "[")
@@ -342,15 +342,7 @@ def test_sigterm_to_the_process_group_answers_in_flight_and_exits_quickly(server
     answers, stop = [], threading.Event()
 
     def client() -> None:
-        with httpx.Client(base_url=server.url, timeout=scaled(30)) as http:
-            while not stop.is_set():
-                try:
-                    answers.append(http.post(f"/v2/models/{MODEL}/infer", json={"inputs": [
-                        {"name": "input", "shape": [4, 64], "datatype": "FP32",
-                         "data": rows.reshape(-1).tolist()}]}).status_code)
-                except httpx.TransportError:  # sent after the server stopped accepting
-                    answers.append(None)
-                    return
+        infer_until_stopped(server.url, MODEL, rows, answers, stop)
 
     stalled = _connect(server)  # an upload that stops after 10 of its 1000 bytes
     stalled.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: t\r\n"

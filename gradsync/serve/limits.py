@@ -24,6 +24,9 @@ from http import HTTPStatus
 # Request line and headers together. A Triton or httpx client sends a few hundred bytes;
 # 64 KiB leaves room for long tokens in proxies' headers (nginx's default is 32 KiB).
 MAX_HEAD_BYTES = 64 * 1024
+# At shutdown, a body still arriving gets this long to finish before a 503: a request in
+# flight is answered, a stalled upload does not hold the shutdown.
+STOP_GRACE_S = 1.0
 
 
 def _raw_answer(status: int, message: str) -> bytes:
@@ -121,15 +124,18 @@ class BodyLimit:
         self.max_bytes = max_bytes
         self.idle_timeout_s = idle_timeout_s
         self.stopping = False
+        self._stop_at = 0.0
         self._reading: set[asyncio.Timeout] = set()
 
     def stop(self) -> None:
-        """The server is shutting down: bodies still arriving are answered 503 now, so a
-        stalled upload does not hold the shutdown (call from the event loop)."""
+        """The server is shutting down: bodies still arriving get ``STOP_GRACE_S`` more to
+        finish (a request in flight is answered), then 503, so a stalled upload does not hold
+        the shutdown (call from the event loop)."""
         self.stopping = True
-        now = asyncio.get_running_loop().time()
+        self._stop_at = asyncio.get_running_loop().time() + STOP_GRACE_S
         for deadline in list(self._reading):
-            deadline.reschedule(now)
+            if deadline.when() is None or deadline.when() > self._stop_at:
+                deadline.reschedule(self._stop_at)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -176,7 +182,10 @@ class BodyLimit:
 
     async def _receive(self, receive):
         # asyncio.timeout, not wait_for: no task per read on Python 3.11.
-        async with asyncio.timeout(0 if self.stopping else self.idle_timeout_s) as deadline:
+        when = asyncio.get_running_loop().time() + self.idle_timeout_s
+        if self.stopping:
+            when = min(when, self._stop_at)
+        async with asyncio.timeout_at(when) as deadline:
             self._reading.add(deadline)
             try:
                 return await receive()
