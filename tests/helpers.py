@@ -294,3 +294,32 @@ def infer_until_stopped(url: str, model: str, rows: np.ndarray, answers: list, s
             except httpx.TransportError:  # sent after the server stopped accepting
                 answers.append(None)
                 return
+
+
+def serve_started(proc, stderr_tail) -> str:
+    """The line a `gradsync serve` process prints once it serves ("MODEL step N on URL");
+    kills it and fails the test, with ``stderr_tail()``'s last lines, if none comes in time."""
+    import select
+
+    deadline = time.monotonic() + scaled(90)
+    line = ""
+    while not line and time.monotonic() < deadline and proc.poll() is None:
+        if select.select([proc.stdout], [], [], 0.5)[0]:
+            line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"gradsync serve did not start: {stderr_tail()[-2000:]}")
+    return line
+
+
+def stop_serve(proc) -> None:
+    """Kill a `gradsync serve` front still running and any replica it leaves."""
+    if proc.poll() is not None:
+        return
+    replicas = children(proc.pid)
+    proc.kill()
+    proc.wait()
+    for pid in replicas:  # (they exit by themselves once their socket closes)
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -25,10 +24,10 @@ import numpy as np
 import pytest
 import torch
 
-import gradsync.workloads as gradsync_workloads
 from gradsync.serve.batcher import split_rows
 from tests.distributed import scaled
-from tests.helpers import infer_until_stopped, PACKAGE, alive as _alive, children as _children
+from tests.helpers import PACKAGE, alive as _alive, children as _children
+from tests.helpers import infer_until_stopped, serve_started, stop_serve
 from tests.helpers import module_imports as _imports
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,25 +75,12 @@ def server(checkpoint):
     proc = _gradsync("serve", "--checkpoint-dir", str(checkpoint), "--port", "0",
                      "--replicas", "2", "--max-request-rows", str(MAX_ROWS),
                      "--replica-timeout", str(scaled(HUNG_S)))
-    deadline = time.monotonic() + scaled(90)
-    line = ""
-    while not line and time.monotonic() < deadline and proc.poll() is None:
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            line = proc.stdout.readline()
-    if not line:
-        proc.kill()
-        pytest.fail(f"gradsync serve did not start: {proc.communicate()[1][-2000:]}")
+    line = serve_started(proc, lambda: proc.communicate()[1])
     assert f"{MODEL} step 90 on http://127.0.0.1:" in line, line
     served = Server(proc, line.split(" on ")[1].split()[0])
     yield served
     served.http.close()
-    if proc.poll() is None:  # a test failed before the last one stopped it
-        replicas = _children(proc.pid)
-        proc.kill()
-        proc.wait()
-        for pid in replicas:  # (they exit by themselves once their socket closes)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    stop_serve(proc)  # (a test failed before the last one stopped it)
 
 
 @pytest.fixture(scope="module")
@@ -129,59 +115,6 @@ def test_serve_imports_no_torch_distributed():
         found = {m for m in _imports(path)
                  if m.startswith(("torch.distributed", "gradsync.comm", "mpi4py", "pickle"))}
         assert not found, f"{path.name} imports {found}"
-
-
-def _bottleneck(*, seed: int, hidden: int, dtype: torch.dtype):
-    """A workload whose --hidden cannot be read back from its state: the first layer is 8
-    wide whatever --hidden says, the second is --hidden wide."""
-    from torch.utils.data import TensorDataset
-
-    from gradsync.models import MLP
-    from gradsync.workloads import Workload, cross_entropy_loss
-
-    torch.manual_seed(seed)
-    data = TensorDataset(torch.zeros(4, 64, dtype=dtype), torch.zeros(4, dtype=torch.int64))
-    return Workload("test-bottleneck", MLP(64, [8, hidden], 10).to(dtype), data, data,
-                    cross_entropy_loss, "accuracy", 0.1, 1, 4, "sgd")
-
-
-def _commit(directory: Path, name: str, model: torch.nn.Module, settings: dict | None) -> None:
-    from gradsync.checkpoint import CheckpointManager, CheckpointMeta, model_fingerprint
-
-    meta = CheckpointMeta(7, 0, name, 1, "local", model_fingerprint(model), settings)
-    CheckpointManager(directory).save(7, {"model": model.state_dict()}, meta)
-
-
-def test_served_model_is_built_with_the_recorded_settings(tmp_path, monkeypatch):
-    from gradsync.serve.model import ServeError, find_checkpoint, load_model
-
-    monkeypatch.setitem(gradsync_workloads.WORKLOADS, "test-bottleneck", _bottleneck)
-    trained = _bottleneck(seed=3, hidden=24, dtype=torch.float64).model
-    settings = {"workload": "test-bottleneck", "hidden": 24, "dtype": "float64", "seed": 3}
-    _commit(tmp_path / "new", "test-bottleneck", trained, settings)
-    model, input_shape, classes = load_model(find_checkpoint(tmp_path / "new"))
-    x = torch.randn(5, 64, dtype=torch.float64)
-    assert (input_shape, classes) == ((64,), 10)
-    with torch.inference_mode():
-        assert torch.equal(model(x), trained.eval()(x))
-    # Without the settings, the shapes say --hidden 8: that model does not fit the state.
-    _commit(tmp_path / "old", "test-bottleneck", trained, None)
-    with pytest.raises(ServeError, match="does not fit workload test-bottleneck"):
-        load_model(find_checkpoint(tmp_path / "old"))
-
-
-def test_checkpoint_without_settings_still_served_from_its_shapes(tmp_path):
-    from gradsync.serve.model import find_checkpoint, load_model
-
-    trained = gradsync_workloads.build_workload("digits-wide", hidden=32,
-                                                dtype=torch.float64).model
-    _commit(tmp_path, "digits-wide", trained, None)  # as written before settings were recorded
-    model, input_shape, classes = load_model(find_checkpoint(tmp_path))
-    assert next(model.parameters()).dtype == torch.float64
-    assert (input_shape, classes) == ((64,), 10)
-    x = torch.randn(3, 64, dtype=torch.float64)
-    with torch.inference_mode():
-        assert torch.equal(model(x), trained.eval()(x))
 
 
 @pytest.mark.slow

@@ -30,7 +30,8 @@ import pytest
 import torch
 
 from tests.distributed import scaled
-from tests.helpers import infer_until_stopped, ENV, REPO, alive, children, in_process
+from tests.helpers import ENV, REPO, alive, children, in_process
+from tests.helpers import infer_until_stopped, serve_started, stop_serve
 
 MODEL, STEP = "digits-mlp", 7
 MAX_ROWS = 64  # the body limit: 64 * 64 * 32 + 65536 = 196,608 bytes (room for 100,000 "[")
@@ -96,25 +97,11 @@ def server(checkpoint):
     log: list[str] = []
     threading.Thread(target=lambda: log.extend(iter(proc.stderr.readline, "")),
                      daemon=True).start()
-    deadline = time.monotonic() + scaled(90)
-    line = ""
-    while not line and time.monotonic() < deadline and proc.poll() is None:
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            line = proc.stdout.readline()
-    if not line:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"gradsync serve did not start: {''.join(log)[-2000:]}")
+    line = serve_started(proc, lambda: "".join(log))
     served = Server(proc, line.split(" on ")[1].split()[0], log)
     yield served
     served.http.close()
-    if proc.poll() is None:  # a test failed before the last one stopped it
-        replicas = children(proc.pid)
-        proc.kill()
-        proc.wait()
-        for pid in replicas:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    stop_serve(proc)  # (a test failed before the last one stopped it)
 
 
 # --- raw HTTP/1.1 on a socket --------------------------------------------------------------

@@ -80,7 +80,7 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
     start = time.perf_counter()
     try:
         step, epoch = _loop(setup, architecture, model, optimizer, sampler, loader, pos, total,
-                            checkpointer, run_log)
+                            checkpointer, run_log, (wait_before, sent_before or 0))
         wall = time.perf_counter() - start
     finally:
         run_log.close()
@@ -95,11 +95,13 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
 
 
 def _loop(setup: RunSetup, architecture: Architecture, model, optimizer, sampler, loader,
-          pos: Position, total: int, checkpointer, run_log: RunLog) -> tuple[int, int]:
-    """The steps from ``pos`` to ``total``; returns the step and epoch reached."""
+          pos: Position, total: int, checkpointer, run_log: RunLog,
+          before: tuple[float, int]) -> tuple[int, int]:
+    """The steps from ``pos`` to ``total``; returns the step and epoch reached. ``before``:
+    the architecture's wait seconds and bytes sent when the loop began (the records count
+    from there)."""
     step, epoch = pos.step, pos.epoch
-    wait0, sent0 = architecture.comm_wait_s(), architecture.bytes_sent() or 0
-    compress0 = architecture.compress_s()
+    (wait0, sent0), compress0 = before, architecture.compress_s()
     while step < total:
         sampler.set_epoch(epoch)
         consumed = 0

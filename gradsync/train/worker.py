@@ -71,6 +71,7 @@ def run_links(world_size: int) -> "comm.Topology | None":
 
 
 def _train(config: TrainConfig, interrupts_raise) -> int:
+    from ..allreduce import NonFiniteGradientError
     from .architecture import build_architecture
     from .summary import format_summary
     from .trainer import train
@@ -88,19 +89,13 @@ def _train(config: TrainConfig, interrupts_raise) -> int:
         check_writable(config.output.out)
     try:
         summary = train(config, architecture)
-    except _nonfinite() as exc:  # raised by every worker at the same step
+    except NonFiniteGradientError as exc:  # raised by every worker at the same step
         if rank0:
             say(f"gradsync: error: {exc}")
         return EXIT_AGREED
     if summary is not None and rank0:
         print(format_summary(summary, architecture), flush=True)
     return 0
-
-
-def _nonfinite():
-    from ..allreduce import NonFiniteGradientError
-
-    return NonFiniteGradientError
 
 
 def run_rank(config: TrainConfig, interrupts_raise=lambda: None) -> int:
