@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a workload on several worker processes",
                            description="Train a workload data-parallel on several workers.")
     add_dataclass_arguments(train, TrainConfig)
+    from .run.cli import add_parser as add_run_parser
+
+    add_run_parser(sub)
     from .lab.cli import add_parser as add_lab_parser
 
     add_lab_parser(sub)
@@ -120,7 +123,9 @@ def _main(argv: list[str] | None) -> int:
 
     adopt_mpi_launcher()  # under mpiexec/srun: RANK, WORLD_SIZE and the engine from MPI's
     parser = _parser()
-    args = parser.parse_args(argv)
+    from .run.cli import normalize_argv
+
+    args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
@@ -132,11 +137,24 @@ def _main(argv: list[str] | None) -> int:
         return lab_main(args)
     if args.command == "bench":
         return args.bench(args)
+    if args.command == "run":
+        return _run(args)
     if args.command == "serve":
         from .serve.cli import main as serve_main
 
         return serve_main(args)
     return _train(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """`gradsync run`: a user's script on several processes."""
+    from .run.cli import main as run_main
+
+    try:
+        return run_main(args)
+    except UserError as exc:
+        say(f"gradsync: error: {exc}")
+        return EXIT_USAGE
 
 
 def _train(args: argparse.Namespace) -> int:

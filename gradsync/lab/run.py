@@ -18,11 +18,13 @@ import os
 import sys
 import threading
 
-from ..launcher import EXIT_TIMEOUT, OnLine, run_processes
+from ..launcher import EXIT_TIMEOUT, LaunchResult, OnLine, run_processes
+from ..launcher.launch import worker_env
 from .cluster import Lab, up
 from .netns import LabError
 
-__all__ = ["EXIT_TIMEOUT", "OnLine", "lab_launch", "run_command", "slot_env", "train_in_lab"]
+__all__ = ["EXIT_TIMEOUT", "OnLine", "lab_launch", "run_command", "run_ranks", "slot_env",
+           "train_in_lab"]
 
 _print_lock = threading.Lock()
 
@@ -35,25 +37,35 @@ def _print_line(rank: int, stream: str, line: str) -> None:
 
 
 def slot_env(lab: Lab, rank: int, master_port: int,
-             extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of process slot ``rank``: ``os.environ``, ``extra``, then the lab's."""
-    host = lab.hosts[rank // lab.procs_per_host]
-    env = {**os.environ, **(extra or {})}
+             extra: dict[str, str] | None = None, restart: int = 0) -> dict[str, str]:
+    """The environment of process slot ``rank``: ``os.environ``, ``extra``, then torchrun's
+    variables (a host is a node) and the lab's."""
+    per_host = lab.procs_per_host
+    extra = dict(extra or {})
     # Share the machine's cores between all ranks instead of one thread per core each.
-    threads = str(max(1, (os.cpu_count() or 1) // lab.world_size))
-    env.setdefault("OMP_NUM_THREADS", threads)
-    env.setdefault("PYTHONUNBUFFERED", "1")  # lines appear as they are printed
-    env.update(RANK=str(rank), WORLD_SIZE=str(lab.world_size),
-               LOCAL_RANK=str(rank % lab.procs_per_host),
-               LOCAL_WORLD_SIZE=str(lab.procs_per_host), MASTER_ADDR=lab.master_addr,
-               MASTER_PORT=str(master_port), GLOO_SOCKET_IFNAME=host.ifname,
-               GRADSYNC_LAUNCHED="1", GRADSYNC_LAB=lab.name)
+    extra.setdefault("OMP_NUM_THREADS", os.environ.get(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // lab.world_size))))
+    extra.setdefault("PYTHONUNBUFFERED", "1")  # lines appear as they are printed
+    env = worker_env(rank, lab.world_size, lab.master_addr, master_port, extra,
+                     local_rank=rank % per_host, local_world_size=per_host,
+                     node_rank=rank // per_host, nnodes=len(lab.hosts), restart=restart)
+    env.update(GLOO_SOCKET_IFNAME=lab.hosts[rank // per_host].ifname, GRADSYNC_LAB=lab.name)
     return env
 
 
 def run_command(lab: Lab, command: list[str], env: dict[str, str] | None = None, *,
                 master_port: int = 29500, timeout_s: float | None = None,
                 grace_s: float = 5.0, on_line: OnLine | None = None) -> int:
+    """Run ``command`` once per process slot of ``lab``; the run's exit status (see
+    :func:`run_ranks`)."""
+    return run_ranks(lab, command, env, master_port=master_port, timeout_s=timeout_s,
+                     grace_s=grace_s, on_line=on_line).returncode
+
+
+def run_ranks(lab: Lab, command: list[str], env: dict[str, str] | None = None, *,
+              master_port: int = 29500, timeout_s: float | None = None,
+              grace_s: float = 5.0, on_line: OnLine | None = None,
+              restart: int = 0) -> LaunchResult:
     """Run ``command`` once per process slot of ``lab`` and supervise the ranks.
 
     Args:
@@ -64,10 +76,12 @@ def run_command(lab: Lab, command: list[str], env: dict[str, str] | None = None,
         timeout_s: stop every rank after this many seconds and return 124.
         grace_s: after a rank fails, seconds the others get to exit on their own.
         on_line: called for each output line; default prints ``[rank N] line``.
+        restart: how many times the group was restarted (TORCHELASTIC_RESTART_COUNT).
 
     Returns:
-        0 if every rank exited 0; else the failing rank's code (128 + signal if killed),
-        124 on timeout, 130 / 143 if this process got SIGINT / SIGTERM.
+        The supervisor's result: return code 0 if every rank exited 0; else the failing
+        rank's code (128 + signal if killed), 124 on timeout, 130 / 143 if this process got
+        SIGINT / SIGTERM; the failing rank and why.
 
     Raises:
         LabError: empty command or a bad port.
@@ -77,10 +91,9 @@ def run_command(lab: Lab, command: list[str], env: dict[str, str] | None = None,
     if not 1 <= master_port <= 65535:
         raise LabError(f"port {master_port} is out of range 1-65535")
     cmds = [lab.exec_argv(rank // lab.procs_per_host, command) for rank in range(lab.world_size)]
-    envs = [slot_env(lab, rank, master_port, env) for rank in range(lab.world_size)]
-    result = run_processes(cmds, envs, grace_s=grace_s, timeout_s=timeout_s,
-                           on_line=on_line or _print_line)
-    return result.returncode
+    envs = [slot_env(lab, rank, master_port, env, restart) for rank in range(lab.world_size)]
+    return run_processes(cmds, envs, grace_s=grace_s, timeout_s=timeout_s,
+                         on_line=on_line or _print_line)
 
 
 def lab_launch(lab: Lab, argv: list[str], *, module: str = "gradsync",

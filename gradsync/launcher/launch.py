@@ -20,7 +20,8 @@ import sys
 from ..net import bind_listener, is_loopback
 from .supervise import LaunchResult, run_processes
 
-__all__ = ["LaunchError", "LaunchResult", "check_port_free", "find_free_port", "launch"]
+__all__ = ["LaunchError", "LaunchResult", "check_port_free", "find_free_port", "launch",
+           "worker_env"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,17 +74,27 @@ def check_port_free(addr: str, port: int) -> None:
         raise LaunchError(f"cannot bind {addr}:{port}: {exc.strerror}") from exc
 
 
-def _worker_env(
-    rank: int, nprocs: int, addr: str, port: int, extra: dict[str, str] | None
-) -> dict[str, str]:
+def worker_env(rank: int, world_size: int, addr: str, port: int,
+               extra: dict[str, str] | None = None, *, local_rank: int | None = None,
+               local_world_size: int | None = None, node_rank: int = 0, nnodes: int = 1,
+               restart: int = 0, max_restarts: int = 0) -> dict[str, str]:
+    """The environment of rank ``rank``: ``os.environ``, ``extra``, then what torchrun sets.
+
+    RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK / GROUP_WORLD_SIZE (the
+    node), ROLE_* (one role, "default"), MASTER_ADDR / MASTER_PORT, TORCHELASTIC_RESTART_COUNT
+    / _MAX_RESTARTS / _RUN_ID, so that a script written for torchrun runs unchanged; and
+    GRADSYNC_LAUNCHED=1. One node unless told: the local rank is the rank.
+    """
     env = {**os.environ, **(extra or {})}
     env.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(nprocs),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(nprocs),
-        MASTER_ADDR=addr,
-        MASTER_PORT=str(port),
+        RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank if local_rank is None else local_rank),
+        LOCAL_WORLD_SIZE=str(world_size if local_world_size is None else local_world_size),
+        GROUP_RANK=str(node_rank), GROUP_WORLD_SIZE=str(nnodes),
+        ROLE_NAME="default", ROLE_RANK=str(rank), ROLE_WORLD_SIZE=str(world_size),
+        MASTER_ADDR=addr, MASTER_PORT=str(port),
+        TORCHELASTIC_RESTART_COUNT=str(restart), TORCHELASTIC_MAX_RESTARTS=str(max_restarts),
+        TORCHELASTIC_RUN_ID="none",  # torchrun's value for a static rendezvous
         GRADSYNC_LAUNCHED="1",
     )
     # Without this gloo binds the interface its host name resolves to, which exposes the
@@ -91,6 +102,9 @@ def _worker_env(
     if is_loopback(addr) and "GLOO_SOCKET_IFNAME" not in env:
         env["GLOO_SOCKET_IFNAME"] = "lo"
     return env
+
+
+_worker_env = worker_env  # (the elastic launcher's name for it)
 
 
 def launch(
@@ -139,5 +153,5 @@ def launch(
         "launching %d workers of `python -m %s` on %s:%d", nprocs, module, master_addr, master_port
     )
     cmd = [sys.executable, "-m", module, *argv]
-    envs = [_worker_env(rank, nprocs, master_addr, master_port, env) for rank in range(nprocs)]
+    envs = [worker_env(rank, nprocs, master_addr, master_port, env) for rank in range(nprocs)]
     return run_processes([cmd] * nprocs, envs, grace_s=grace_s, tolerate=frozenset(tolerate))
