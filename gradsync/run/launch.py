@@ -66,7 +66,7 @@ def run(config: RunConfig, cmd: list[str]) -> int:
     logs = None
     if config.log_dir is not None:
         try:
-            logs = RankLogs(config.log_dir, config.redirects, config.tee)
+            logs = RankLogs(config.log_dir, _ranks_here(config), config.redirects, config.tee)
         except ValueError as exc:
             raise UserError(str(exc)) from None
     try:
@@ -77,6 +77,14 @@ def run(config: RunConfig, cmd: list[str]) -> int:
     finally:
         if logs is not None:
             logs.close()
+
+
+def _ranks_here(config: RunConfig) -> list[int]:
+    """The global ranks this launcher starts, in its order."""
+    if config.lab.hosts is not None:
+        return list(range(config.world_size))
+    first = config.node_rank * config.nproc_per_node
+    return list(range(first, first + config.nproc_per_node))
 
 
 def _restarts(config: RunConfig, logs: RankLogs | None,
