@@ -260,6 +260,12 @@ skips it, naming why, where they are unavailable. The check runs only when such 
 selected."""
 
 
+def namespaces() -> set[str]:
+    """The network namespaces that exist now (a lab's are gone once its run ends)."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
 @functools.cache
 def netns_unavailable() -> str | None:
     """Why network namespaces cannot be built here, or None when they can."""

@@ -4,11 +4,10 @@ reaches what it promises (an accuracy, an exact resume, a served answer)."""
 from __future__ import annotations
 
 import re
-import subprocess
 
 import pytest
 
-from tests.helpers import REPO, gradsync, needs_netns
+from tests.helpers import REPO, gradsync, namespaces, needs_netns
 
 EXAMPLES = REPO / "examples"
 
@@ -33,15 +32,11 @@ def test_digits_ddp_under_gradsync_run():
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_digits_ddp_across_a_three_host_lab():
-    before = _namespaces()
+    before = namespaces()
     run = gradsync("run", "--lab", "3", "--rate", "1gbit", str(EXAMPLES / "digits_ddp.py"),
                    "--epochs", "8", timeout=200)
     assert run.returncode == 0, run.stderr[-3000:]
     assert _accuracy(run.stdout) >= 0.93
     assert "on 3 workers" in run.stdout
-    assert _namespaces() == before  # the lab is gone with the run
+    assert namespaces() == before  # the lab is gone with the run
 
-
-def _namespaces() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}

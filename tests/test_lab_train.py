@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from tests.distributed import scaled
-from tests.helpers import ENV, REPO, gradsync, in_process, needs_netns
+from tests.helpers import ENV, REPO, gradsync, in_process, namespaces, needs_netns
 
 pytestmark = pytest.mark.slow
 
-
-def _namespaces() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
 def _final(directory, step):
@@ -31,7 +26,7 @@ def _final(directory, step):
 @pytest.mark.parametrize("arch,workers", [(["--arch", "allreduce", "--algorithm", "ring"], 3),
                                           (["--arch", "ps", "--servers", "1"], 2)])
 def test_lab_training_matches_local_training(tmp_path, arch, workers):
-    before = _namespaces()
+    before = namespaces()
     allreduce = arch[1] == "allreduce"
     common = ["train", "--dtype", "float64", "--steps", "12", "--no-progress", *arch]
 
@@ -44,7 +39,7 @@ def test_lab_training_matches_local_training(tmp_path, arch, workers):
 
     lab = run("lab", "--lab", "3", "--rate", "1gbit")
     local = run("local", "--workers", str(workers))
-    assert _namespaces() == before
+    assert namespaces() == before
     assert lab["workers"] == local["workers"] == workers
     assert lab["eval_loss"] == local["eval_loss"]
     if allreduce:
@@ -101,7 +96,7 @@ def test_lab_commands_through_the_cli(capfd):
     """up, run, status, down as a user types them, through the top-level CLI's main() (the
     `python -m gradsync` entry itself is every other CLI test's); no interpreter start-up."""
     name = "cli-test"
-    before = _namespaces()
+    before = namespaces()
     try:
         up = in_process(capfd, "lab", "up", "--hosts", "2", "--rate", "1gbit", "--name", name)
         assert up.returncode == 0, up.stderr
@@ -112,4 +107,4 @@ def test_lab_commands_through_the_cli(capfd):
         assert name in in_process(capfd, "lab", "status").stdout
     finally:
         in_process(capfd, "lab", "down", "--name", name)
-    assert _namespaces() == before
+    assert namespaces() == before
