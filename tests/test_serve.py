@@ -169,7 +169,8 @@ def test_accuracy_over_http_equals_in_process(server, evaluated):
     assert (got.argmax(1) == y).mean() == (logits.argmax(1) == y).mean() > 0.8
     metrics = server.http.get("/metrics").text
     for replica in ("0", "1"):  # both replicas computed
-        assert f'gradsync_serve_replica_rows_total{{replica="{replica}"}}' in metrics
+        assert f'gradsync_serve_replica_rows_total{{model="{MODEL}",replica="{replica}"}}' \
+            in metrics
 
 
 @pytest.mark.slow

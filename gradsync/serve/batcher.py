@@ -19,7 +19,7 @@ import numpy as np
 
 from ..split import chunk_bounds
 from .metrics import ServeMetrics
-from .replicas import ReplicaPool
+from .replicas import ReplicaCrashed, ReplicaJobError, ReplicaPool
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def split_rows(rows: int, parts: int) -> list[tuple[int, int]]:
 
 @dataclass
 class _Waiting:
-    rows: np.ndarray  # (n, row_size) float32
+    rows: np.ndarray  # (n, row_size), the model's input dtype
     future: asyncio.Future
 
 
@@ -65,7 +65,8 @@ class Batcher:
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def infer(self, rows: np.ndarray) -> np.ndarray:
-        """Logits ``(n, classes)`` for ``rows`` ``(n, row_size)``, computed in some batch.
+        """Outputs ``(n, output row_size)`` for ``rows`` ``(n, row_size)``, computed in some
+        batch.
 
         Raises:
             ReplicaLost, ReplicaJobError: the piece holding some of these rows failed.
@@ -110,10 +111,13 @@ class Batcher:
     async def _compute(self, batch: list[_Waiting]) -> None:
         try:
             rows = np.concatenate([w.rows for w in batch]) if len(batch) > 1 else batch[0].rows
-            self.metrics.batch_rows.observe(len(rows))
+            self.metrics.batch_rows.labels(self.pool.source.name).observe(len(rows))
             pieces = split_rows(len(rows), max(1, self.pool.live))
             results = await asyncio.gather(
                 *(self.pool.infer(rows[a:b]) for a, b in pieces), return_exceptions=True)
+            if len(batch) > 1 and any(_model_failed(r) for r in results):
+                await self._each_alone(batch)
+                return
             start = 0
             for waiting in batch:
                 stop = start + len(waiting.rows)
@@ -123,6 +127,20 @@ class Batcher:
         finally:
             self._in_flight.release()
 
+    async def _each_alone(self, batch: list[_Waiting]) -> None:
+        """The model failed on a piece: one request's rows can do that to the rows batched
+        with it (a token id past the vocabulary), so each request is computed alone and only
+        the guilty one is answered with the error."""
+        results = await asyncio.gather(*(self.pool.infer(w.rows) for w in batch),
+                                       return_exceptions=True)
+        for waiting, result in zip(batch, results):
+            if waiting.future.done():
+                continue
+            if isinstance(result, BaseException):
+                waiting.future.set_exception(result)
+            else:
+                waiting.future.set_result(result)
+
     async def close(self) -> None:
         """Finish the batches in flight; then stop forming batches."""
         if self._tasks:
@@ -130,6 +148,11 @@ class Batcher:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+
+
+def _model_failed(result) -> bool:
+    """Whether a piece's result is the model's error (not a lost or crashed replica)."""
+    return isinstance(result, ReplicaJobError) and not isinstance(result, ReplicaCrashed)
 
 
 def _answer(waiting: _Waiting, start: int, stop: int, pieces: list[tuple[int, int]],

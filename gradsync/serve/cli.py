@@ -1,15 +1,18 @@
-"""`gradsync serve`: the newest committed checkpoint of a training run, over HTTP.
+"""`gradsync serve`: models over HTTP, the Open Inference Protocol (KServe v2).
 
     gradsync train --checkpoint-dir ck --checkpoint-every 50
     gradsync serve --checkpoint-dir ck --replicas 2 --port 8000
+    gradsync serve --model cnn=cnn.pt2 --model lm=lm.pt2 --frontends 2
+    gradsync serve --model mypkg.models:build_model --checkpoint-dir ck
     curl localhost:8000/v2/models/digits-mlp
 
-Start-up: listen on the address (a port in use is one line, exit 2), pick the checkpoint
-(nothing committed: one line, exit 2), start the replicas and wait until each is READY, then
-print one line naming the model and the URL. SIGINT or SIGTERM (to the front or to its whole
-process group: replicas ignore both): stop accepting, start no replacement replica, answer
-the requests in flight (a body still arriving gets 503 at once), stop the replicas, exit 0
-(during start-up: stop what started, exit 130).
+What each --model names is in sources.py. Start-up: listen on the address (a port in use is
+one line, exit 2), resolve the models (a bad --model or nothing committed: one line, exit 2),
+fork the other fronts (frontends.py), start every model's replicas and wait until each is
+READY, then print one line naming the models and the URL. SIGINT or SIGTERM (to the front or
+to its whole process group: replicas ignore both): stop accepting, start no replacement
+replica, answer the requests in flight (a body still arriving gets 503 at once), stop the
+replicas, exit 0 (during start-up: stop what started, exit 130).
 
 What one client may hold is bounded (limits.py): a request's head (431 past 64 KiB, 408 past
 --client-timeout), its body (413 past the limit of --max-request-rows, counted as it
@@ -20,17 +23,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import gc
 import logging
+import os
 import signal
 import socket
 import sys
+from dataclasses import replace
 from importlib.util import find_spec
 
 from ..flags import add_dataclass_arguments, dataclass_from_args
 from .config import ServeConfig
-from .model import ServeError, find_checkpoint, private_copy
+from .frontends import Fronts
+from .model import ServeError, private_copy
+from .sources import ModelSource, model_sources
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +48,18 @@ EXIT_USAGE = 2
 def add_parser(subparsers) -> None:
     """Register ``serve``."""
     serve = subparsers.add_parser(
-        "serve", help="serve a trained checkpoint over the Open Inference Protocol",
-        description="Serve the newest committed checkpoint of --checkpoint-dir over HTTP "
-        "(Open Inference Protocol / KServe v2), dynamically batched across replica processes.")
-    add_dataclass_arguments(serve, ServeConfig)
+        "serve", help="serve models over the Open Inference Protocol",
+        description="Serve models over HTTP (Open Inference Protocol / KServe v2), "
+        "dynamically batched across replica processes: torch.export programs, a "
+        "module:function filled from a checkpoint, or the newest committed checkpoint of "
+        "a `gradsync train --checkpoint-dir`.")
+    add_dataclass_arguments(serve, ServeConfig, exclude={"models"})
+    serve.add_argument(
+        "--model", dest="models", action="append", metavar="[NAME=]SOURCE",
+        help="a model to serve (repeatable): FILE.pt2 (torch.export.save; trusted as code), "
+        "or package.module:function[@CHECKPOINT_DIR] (called with no arguments; the newest "
+        "committed checkpoint's \"model\" state is loaded into it, from --checkpoint-dir "
+        "without @); NAME= names it (default: the file's stem, or the function's name)")
 
 
 def _say(line: str) -> None:
@@ -94,7 +110,8 @@ def main(args: argparse.Namespace) -> int:
         _say(str(exc))
         return EXIT_USAGE
     try:
-        checkpoint = find_checkpoint(config.checkpoint_dir)
+        sources = model_sources(config.models, config.checkpoint_dir, config.row_shape(),
+                                config.input_dtype)
     except ServeError as exc:
         sock.close()
         _say(str(exc))
@@ -103,15 +120,41 @@ def main(args: argparse.Namespace) -> int:
     # stopped and the command says "interrupted" (exit 130).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    fronts = Fronts.fork(config.frontends)
+    if fronts.index:  # a forked front: never return into the caller's stack
+        try:
+            code = _run(config, sources, sock, fronts)
+        except BaseException:  # noqa: BLE001 - interrupted during start-up
+            code = 130
+        os._exit(code)
     try:
-        with private_copy(checkpoint) as kept, \
-                asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_serve(config, kept, sock))
+        return _run(config, sources, sock, fronts)
+    finally:
+        fronts.stop_others()
+        fronts.wait_others()
+
+
+def _run(config: ServeConfig, sources: list[ModelSource], sock: socket.socket,
+         fronts: Fronts) -> int:
+    """One front: private copies of the checkpoints, then the server until it stops."""
+    try:
+        with contextlib.ExitStack() as stack:
+            kept = [_kept(stack, source) for source in sources]
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                return runner.run(_serve(config, kept, sock, fronts))
     except ServeError as exc:
         _say(str(exc))
         return 1
     finally:
         sock.close()
+
+
+def _kept(stack: contextlib.ExitStack, source: ModelSource) -> ModelSource:
+    """``source`` reading its step from a private copy (model.private_copy) while serving."""
+    if source.kind == "program":
+        return source
+    kept = stack.enter_context(private_copy(source.checkpoint()))
+    return replace(source, path=str(kept.directory), source=source.path)
 
 
 def _ignore(signum: int, frame: object) -> None:
@@ -128,10 +171,11 @@ def _loop_factory():
     return uvloop.new_event_loop
 
 
-async def _serve(config: ServeConfig, checkpoint, sock: socket.socket) -> int:
+async def _serve(config: ServeConfig, sources: list[ModelSource], sock: socket.socket,
+                 fronts: Fronts) -> int:
     import uvicorn
 
-    from .app import create_app
+    from .app import Endpoint, create_app
     from .batcher import Batcher
     from .limits import BodyLimit, bounded_protocol
     from .metrics import ServeMetrics
@@ -142,21 +186,31 @@ async def _serve(config: ServeConfig, checkpoint, sock: socket.socket) -> int:
         async def shutdown(self, sockets=None) -> None:
             # Before uvicorn waits for the requests in flight: no replacement replica from
             # now on, and uploads still arriving are answered 503 instead of awaited.
-            pool.stop_replacing()
+            for pool in pools:
+                pool.stop_replacing()
             body_limit.stop()
+            fronts.stop_others()
             await super().shutdown(sockets)
 
     metrics = ServeMetrics()
-    pool = ReplicaPool(checkpoint, config.replicas, config.threads, config.replica_timeout,
-                       metrics)
-    batcher = Batcher(pool, config.max_batch, config.max_delay_ms / 1000, metrics)
+    pools = [ReplicaPool(s, config.replicas, config.threads, config.replica_timeout, metrics)
+             for s in sources]
+    batchers = [Batcher(pool, config.max_batch, config.max_delay_ms / 1000, metrics)
+                for pool in pools]
     try:
-        await pool.start()
-        assert pool.shape is not None
-        spec = ModelSpec(checkpoint.workload, str(checkpoint.step), pool.shape.input_shape,
-                         pool.shape.classes, config.max_request_rows)
-        batcher.start()
-        body_limit = BodyLimit(create_app(spec, pool, batcher, metrics), spec.max_body_bytes(),
+        started = await asyncio.gather(*(pool.start() for pool in pools),
+                                       return_exceptions=True)
+        for error in started:
+            if isinstance(error, BaseException):
+                raise error
+        endpoints = {}
+        for source, pool, batcher in zip(sources, pools, batchers):
+            spec = ModelSpec.from_ready(source.name, source.version, pool.ready,
+                                        config.max_request_rows)
+            endpoints[source.name] = Endpoint(spec, pool, batcher)
+            batcher.start()
+        body_limit = BodyLimit(create_app(endpoints, metrics),
+                               max(e.spec.max_body_bytes() for e in endpoints.values()),
                                config.client_timeout)
         server = Server(uvicorn.Config(
             body_limit, http=bounded_protocol(config.client_timeout), log_level="warning",
@@ -166,16 +220,30 @@ async def _serve(config: ServeConfig, checkpoint, sock: socket.socket) -> int:
         # process; frozen, the collector's full passes skip it instead of stalling every
         # request in flight for ~100 ms about once a second under load.
         gc.freeze()
-        host, port = sock.getsockname()[:2]
-        url_host = f"[{host}]" if ":" in host else host
-        print(f"gradsync serve: {spec.name} step {spec.version} on http://{url_host}:{port} "
-              f"({config.replicas} replicas)", flush=True)
+        await fronts.started()
+        if fronts.index == 0:
+            print(_started_line(config, sources, sock), flush=True)
         # uvicorn re-raises a SIGINT/SIGTERM it caught once it has shut down; a handler that
         # does nothing turns that into the exit 0 of a clean shutdown.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _ignore)
         await server.serve(sockets=[sock])
     finally:
-        await batcher.close()
-        await pool.close()
+        for batcher in batchers:
+            await batcher.close()
+        for pool in pools:
+            await pool.close()
     return 0
+
+
+def _started_line(config: ServeConfig, sources: list[ModelSource], sock: socket.socket
+                  ) -> str:
+    """"gradsync serve: MODEL step N[, MODEL version V ...] on URL (K replicas[...])"."""
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    models = ", ".join(f"{s.name} {'step' if s.kind != 'program' else 'version'} {s.version}"
+                       for s in sources)
+    fronts = f", {config.frontends} fronts" if config.frontends > 1 else ""
+    each = " each" if len(sources) > 1 else ""
+    return (f"gradsync serve: {models} on http://{url_host}:{port} "
+            f"({config.replicas} replicas{each}{fronts})")

@@ -1,7 +1,8 @@
 """What `GET /metrics` reports, in Prometheus's text format.
 
-One registry per server (no module-level metrics), so two servers in one process (tests)
-never mix their counts.
+One registry per front process (no module-level metrics), so two servers in one process
+(tests) never mix their counts; every series but the request counter's unknown-model one is
+labelled by model. With --frontends N, each front counts what it answered.
 """
 
 from __future__ import annotations
@@ -28,17 +29,18 @@ class ServeMetrics:
                                  "request's arrival to its answer", ["model"],
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_rows = Histogram("gradsync_serve_batch_rows", "rows per dynamic batch",
-                                    buckets=_ROW_BUCKETS, registry=r)
+                                    ["model"], buckets=_ROW_BUCKETS, registry=r)
         self.replica_jobs = Counter("gradsync_serve_replica_jobs", "pieces of batches a "
-                                    "replica computed", ["replica"], registry=r)
+                                    "replica computed", ["model", "replica"], registry=r)
         self.replica_rows = Counter("gradsync_serve_replica_rows", "rows a replica computed",
-                                    ["replica"], registry=r)
+                                    ["model", "replica"], registry=r)
         self.replica_restarts = Counter("gradsync_serve_replica_restarts", "replicas that "
-                                        "died and were replaced", ["replica"], registry=r)
+                                        "died and were replaced", ["model", "replica"],
+                                        registry=r)
         self.retries = Counter("gradsync_serve_retries", "pieces of batches sent again "
-                               "after their replica died", registry=r)
+                               "after their replica died", ["model"], registry=r)
         self.replicas_live = Gauge("gradsync_serve_replicas_live", "replicas ready to "
-                                   "compute", registry=r)
+                                   "compute", ["model"], registry=r)
 
     def render(self) -> bytes:
         """The text exposition of every metric."""

@@ -1,5 +1,6 @@
 """The served model: the newest committed checkpoint of a `gradsync train` run, its workload's
-model, in eval mode.
+model, in eval mode; and :class:`Served`, any loaded model as a replica runs it (export.py
+loads the others: programs and module:factory models).
 
 The checkpoint records the workload's name, the settings it was built with (``--hidden``,
 ``--dtype``, ``--seed``) and the model's state; the workload builds the model with those
@@ -14,27 +15,82 @@ the server runs: a replica restarted later still loads the model the server anno
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..checkpoint.format import MARKER, STEP_DIR_RE, CheckpointError, step_dirname
 from ..checkpoint.reader import CheckpointReader
+from .protocol import TensorSpec
+from .wire import DATATYPES, datatype_of, numpy_dtype
 
 log = logging.getLogger(__name__)
 
-# Workloads whose input is not a float tensor (token ids) are not served.
-UNSERVED = {"stdlib-gpt": "it takes token ids, and the server takes FP32 rows"}
-
-
 class ServeError(Exception):
-    """Nothing can be served (no committed checkpoint, an unservable workload): one line."""
+    """Nothing can be served (no committed checkpoint, a model that cannot load): one line."""
+
+
+@dataclass
+class Served:
+    """A loaded model as a replica runs it: ``forward`` maps a batch ``(n, *input.shape)``
+    of the input's dtype to ``(n, *output.shape)`` of the output's; ``argmax``: offer the
+    output's argmax over its last axis as "class" (built-in workloads)."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    input: TensorSpec
+    output: TensorSpec
+    argmax: bool = False
+
+    def ready_json(self) -> bytes:
+        """What the replica says READY with (wire.py): the metadata the front serves."""
+        return json.dumps({"input": self.input.metadata(), "output": self.output.metadata(),
+                           "argmax": self.argmax}).encode()
+
+
+def torch_datatype(dtype: torch.dtype) -> str | None:
+    """The protocol's datatype of a torch dtype that frames carry (None for bf16, bool)."""
+    if dtype in (torch.bfloat16, torch.bool):
+        return None
+    return datatype_of(torch.empty(0, dtype=dtype).numpy().dtype)
+
+
+def described_output(forward, input_spec: TensorSpec, name: str) -> TensorSpec:
+    """The output's spec, from ``forward`` on one row of zeros (valid token ids too).
+
+    Raises:
+        ServeError: the model fails on it, or gives a datatype that frames do not carry.
+    """
+    x = torch.zeros(1, *input_spec.shape, dtype=_torch_dtype(input_spec.datatype))
+    try:
+        with torch.inference_mode():
+            y = forward(x)
+    except Exception as exc:  # noqa: BLE001 - the user's model: say what it raised
+        raise ServeError(f"model {name!r} fails on one row of zeros of shape "
+                         f"{list(x.shape)} ({input_spec.datatype}): "
+                         f"{type(exc).__name__}: {exc}") from None
+    datatype = torch_datatype(y.dtype) if isinstance(y, torch.Tensor) else None
+    if datatype is None or y.dim() < 1 or y.shape[0] != 1:
+        raise ServeError(f"model {name!r} must return one tensor of a served datatype "
+                         f"({', '.join(DATATYPES)}) with the batch first; it returned "
+                         f"{_what(y)}")
+    return TensorSpec(name, datatype, tuple(y.shape[1:]))
+
+
+def _torch_dtype(datatype: str) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, numpy_dtype(datatype))).dtype
+
+
+def _what(y) -> str:
+    return f"{y.dtype} of shape {list(y.shape)}" if isinstance(y, torch.Tensor) \
+        else type(y).__name__
 
 
 @dataclass
@@ -78,8 +134,6 @@ def find_checkpoint(directory: str | Path) -> Checkpoint:
         raise ServeError(f"nothing committed in --checkpoint-dir {directory}: no checkpoint "
                          "to serve (train with --checkpoint-dir and --checkpoint-every)")
     step, _, _, meta = found
-    if meta.workload in UNSERVED:
-        raise ServeError(f"cannot serve {meta.workload}: {UNSERVED[meta.workload]}")
     return Checkpoint(path, step, meta.workload)
 
 
@@ -124,6 +178,14 @@ def load_model(checkpoint: Checkpoint) -> tuple[torch.nn.Module, tuple[int, ...]
     Raises:
         ServeError: the checkpoint no longer loads, or its state does not fit the workload.
     """
+    model, sample = _workload_model(checkpoint)
+    with torch.inference_mode():
+        classes = model(torch.zeros(1, *sample.shape, dtype=sample.dtype)).shape[-1]
+    return model, tuple(sample.shape), int(classes)
+
+
+def _workload_model(checkpoint: Checkpoint) -> tuple[torch.nn.Module, torch.Tensor]:
+    """(the workload's model in eval mode with the checkpoint's state, one input row)."""
     from ..workloads import build_workload
 
     try:
@@ -145,10 +207,26 @@ def load_model(checkpoint: Checkpoint) -> tuple[torch.nn.Module, tuple[int, ...]
         raise ServeError(f"checkpoint step {checkpoint.step} does not fit workload "
                          f"{meta.workload}: {first}") from None
     model.eval()
-    input_shape = tuple(workload.eval_set[0][0].shape)
-    with torch.inference_mode():
-        classes = model(torch.zeros(1, *input_shape, dtype=dtype)).shape[-1]
-    return model, input_shape, int(classes)
+    return model, workload.eval_set[0][0]  # one row: floats, or token ids (stdlib-gpt)
+
+
+def served_workload(checkpoint: Checkpoint) -> Served:
+    """The checkpoint's workload model as a replica runs it: FP32 rows (or INT64 token ids)
+    in, FP32 "logits" out, with their argmax as "class".
+
+    Raises:
+        ServeError: as :func:`load_model`.
+    """
+    model, sample = _workload_model(checkpoint)
+    dtype, floats = next(model.parameters()).dtype, sample.is_floating_point()
+    # Float rows cross as FP32 whatever the model's dtype (as `gradsync train` feeds it).
+    input_spec = TensorSpec("input", "FP32" if floats else "INT64", tuple(sample.shape))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return model(x.to(dtype) if floats else x).float()  # (n, classes) / (n, s, vocab)
+
+    return Served(forward, input_spec, described_output(forward, input_spec, "logits"),
+                  argmax=True)
 
 
 def _recorded(settings: dict, step: int) -> tuple[int, torch.dtype, int]:

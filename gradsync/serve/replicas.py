@@ -22,18 +22,20 @@ import itertools
 import logging
 import os
 import signal
+import json
 import socket
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from . import wire
 from .metrics import ServeMetrics
 from ..checkpoint.format import step_dirname
-from .model import Checkpoint, ServeError
+from .model import ServeError
+from .sources import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -73,33 +75,25 @@ class Replica:
         return f"replica {self.slot} (pid {self.proc.pid})"
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What the replicas said READY with: one row's shape and the logits per row."""
-
-    input_shape: tuple[int, ...]
-    classes: int
-
-
 class ReplicaPool:
-    """``count`` supervised replicas of the model in ``checkpoint``.
+    """``count`` supervised replicas of the model of ``source``.
 
     Args:
-        checkpoint: what every replica loads.
+        source: what every replica loads.
         count: replicas to keep alive.
         threads: torch threads per replica.
         job_timeout_s: longest wait for a piece of work before its replica counts as dead.
         metrics: where per-replica counts go.
     """
 
-    def __init__(self, checkpoint: Checkpoint, count: int, threads: int,
+    def __init__(self, source: ModelSource, count: int, threads: int,
                  job_timeout_s: float, metrics: ServeMetrics):
-        self.checkpoint = checkpoint
+        self.source = source
         self.count = count
         self.threads = threads
         self.job_timeout_s = job_timeout_s
         self.metrics = metrics
-        self.shape: ModelShape | None = None
+        self.ready: dict | None = None  # what the first replica said READY with (JSON)
         self._slots: dict[int, Replica] = {}
         self._jobs = itertools.count(1)
         self._changed = asyncio.Condition()
@@ -136,8 +130,7 @@ class ReplicaPool:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "gradsync.serve.replica", "--fd", str(child.fileno()),
-                 "--checkpoint-dir", str(self.checkpoint.directory),
-                 "--step", str(self.checkpoint.step), "--threads", str(self.threads)],
+                 "--source", self.source.to_json(), "--threads", str(self.threads)],
                 pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
         finally:
             child.close()
@@ -155,21 +148,25 @@ class ReplicaPool:
             message = frame.payload.decode(errors="replace") if frame is not None else \
                 f"exited with status {await self._reap(replica)} before it was ready"
             self._kill(replica)
-            raise ServeError(f"replica {slot} could not start: {message}")
-        dims = struct.unpack(f"<{len(frame.payload) // 4}I", frame.payload)
-        shape = ModelShape(tuple(dims), frame.cols)
-        if self.shape is None:
-            self.shape = shape
-        elif shape != self.shape:
+            raise ServeError(f"{self._model}replica {slot} could not start: {message}")
+        ready = json.loads(frame.payload)
+        if self.ready is None:
+            self.ready = ready
+        elif ready != self.ready:
             self._kill(replica)
-            raise ServeError(f"replica {slot} loaded a model of another shape: {shape}")
+            raise ServeError(f"{self._model}replica {slot} loaded a model of another "
+                             f"shape: {ready}")
         return replica
+
+    @property
+    def _model(self) -> str:
+        return f"model {self.source.name}: "
 
     def _adopt(self, replica: Replica) -> None:
         replica.started = asyncio.get_running_loop().time()
         self._slots[replica.slot] = replica
         self._background(self._watch(replica))
-        self.metrics.replicas_live.set(self.live)
+        self.metrics.replicas_live.labels(self.source.name).set(self.live)
         self._background(self._notify())
 
     def _background(self, coro) -> None:
@@ -201,7 +198,7 @@ class ReplicaPool:
         if not replica.alive:
             return
         replica.alive = False
-        self.metrics.replicas_live.set(self.live)
+        self.metrics.replicas_live.labels(self.source.name).set(self.live)
         self._kill(replica)
         status = await self._reap(replica)
         # The oldest piece still pending is the one it was computing (it answers in order).
@@ -218,7 +215,7 @@ class ReplicaPool:
         replica.pending.clear()
         if self._closing:
             return
-        self.metrics.replica_restarts.labels(str(replica.slot)).inc()
+        self.metrics.replica_restarts.labels(self.source.name, str(replica.slot)).inc()
         await self._replace(replica, status)
 
     async def _replace(self, replica: Replica, status: int | None) -> None:
@@ -228,11 +225,10 @@ class ReplicaPool:
         if asyncio.get_running_loop().time() - replica.started >= STABLE_S:
             self._young_deaths[slot] = 0
         log.warning("%s died (exit status %s)", replica, status)
-        source = self.checkpoint.source
-        if source is not None and not (source / step_dirname(self.checkpoint.step)).exists():
+        source, step = self.source.source, self.source.step
+        if source is not None and not (Path(source) / step_dirname(step)).exists():
             log.warning("step %d is no longer in %s (pruned?): replica %d restarts from the "
-                        "front's private copy in %s", self.checkpoint.step, source, slot,
-                        self.checkpoint.directory)
+                        "front's private copy in %s", step, source, slot, self.source.path)
         while not self._closing:
             deaths = self._young_deaths.get(slot, 0)
             self._young_deaths[slot] = deaths + 1
@@ -281,7 +277,7 @@ class ReplicaPool:
                 raise ReplicaLost(f"no replica alive for {self.job_timeout_s:g} s") from None
 
     async def infer(self, rows: np.ndarray) -> np.ndarray:
-        """Logits ``(n, classes)`` for float32 ``rows`` ``(n, row_size)``, from one replica;
+        """Outputs ``(n, output row_size)`` for ``rows`` ``(n, row_size)``, from one replica;
         sent again once to another if that replica dies.
 
         Raises:
@@ -293,7 +289,7 @@ class ReplicaPool:
             return await self._infer_once(await self._pick(), rows)
         except ReplicaLost as exc:
             log.warning("%s; sending its %d rows to another replica", exc, len(rows))
-            self.metrics.retries.inc()
+            self.metrics.retries.labels(self.source.name).inc()
             return await self._infer_once(await self._pick(), rows)
 
     async def _infer_once(self, replica: Replica, rows: np.ndarray) -> np.ndarray:
@@ -316,8 +312,8 @@ class ReplicaPool:
         finally:
             replica.outstanding_rows -= len(rows)
             replica.pending.pop(job, None)
-        self.metrics.replica_jobs.labels(str(replica.slot)).inc()
-        self.metrics.replica_rows.labels(str(replica.slot)).inc(len(rows))
+        self.metrics.replica_jobs.labels(self.source.name, str(replica.slot)).inc()
+        self.metrics.replica_rows.labels(self.source.name, str(replica.slot)).inc(len(rows))
         return result
 
     async def close(self) -> None:
