@@ -345,9 +345,9 @@ def _checkpointer_saves(rank: int, world: int, directory: str) -> dict | None:
 
     model = small_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ck = Checkpointer(directory, 1, 1, _OneRank(comm.world()), "test", model,
-                      settings={**SETTINGS, "dtype": torch.float64})
-    ck.start(resume=False)
+    ck = Checkpointer(directory, model, every=1, keep=1, arch=_OneRank(comm.world()),
+                      workload="test", settings={**SETTINGS, "dtype": torch.float64})
+    ck.load(resume=False)
     ck.maybe_save(Position(step=1), model, opt)
     return CheckpointManager(directory).load(1)[2].settings
 

@@ -124,13 +124,13 @@ def _fall_back_when_one_rank_cannot_read(rank, world_size, directory):
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     arch = AllReduceArchitecture(comm.world())
-    saver = Checkpointer(directory, 1, 3, arch, "digits-mlp", model)
-    assert saver.start(resume=False) is None
+    saver = Checkpointer(directory, model, every=1, arch=arch, workload="digits-mlp")
+    assert saver.load(resume=False) is None
     for step in (1, 2):
         saver.maybe_save(Position(step, 0, step), model, opt)
     saver._lock.release() if saver._lock else None
     comm.barrier()
-    loader = Checkpointer(directory, 1, 3, arch, "digits-mlp", model)
+    loader = Checkpointer(directory, model, every=1, arch=arch, workload="digits-mlp")
     if rank == 1:  # its view of the newest checkpoint is damaged (e.g. another disk)
         real = loader.manager.load
 
@@ -140,7 +140,7 @@ def _fall_back_when_one_rank_cannot_read(rank, world_size, directory):
             return real(step, **kw)
 
         loader.manager.load = load
-    return loader.start(resume=True).position.step
+    return loader.load(resume=True).position.step
 
 
 @pytest.mark.timeout(120)

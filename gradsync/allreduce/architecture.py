@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from .. import comm
-from ..checkpoint import CheckpointRefusedError
+from ..checkpoint.protocol import commit_agreed
 from ..compress.spec import Compression, make_hook, parse
 from .data_parallel import DataParallel
 
@@ -104,28 +104,7 @@ class AllReduceArchitecture:
         return self._wrap(module if module is not None else self._module, members)
 
     def commit_checkpoint(self, step, commit, written=True):
-        # Every rank's files are on disk before rank 0 commits, and the commit is done before
-        # anyone goes on. A rank whose write failed (a full disk) says so in these two
-        # exchanges instead of leaving, so that all stop together and it alone tells why.
-        self._agree(written, f"could not write checkpoint step {step}")
-        if not written:
-            return  # the caller raises this rank's own error
-        error = None
-        if self.group.rank == 0:
-            try:
-                commit()
-            except Exception as exc:  # noqa: BLE001 - re-raised below, after the others know
-                error = exc
-        self._agree(error is None, f"could not commit checkpoint step {step}")
-        if error is not None:
-            raise error
-
-    def _agree(self, ok: bool, what: str) -> None:
-        """Collective: raise CheckpointRefusedError on this rank if it is fine but another
-        rank is not (a rank that is not fine raises its own error)."""
-        failed = comm.dist_sum(0 if ok else 1, self.group)
-        if failed and ok:
-            raise CheckpointRefusedError(f"{failed} rank(s) {what} (their error says why)")
+        commit_agreed(self.group, step, commit, written)  # the same as a script's
 
     def comm_wait_s(self) -> float:
         return self._done_wait + (self.model.stats.comm_wait_s if self.model is not None

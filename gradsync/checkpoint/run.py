@@ -12,6 +12,19 @@ a fresh run refuses a directory with committed checkpoints unless told to overwr
 checkpoint written with another number of workers resumes a replicated architecture
 (All-Reduce) too, continuing at the same fraction of the epoch, but without the per-rank RNG
 streams.
+
+One class for a user's script and for `gradsync train`. A script hands its objects over once
+and calls two methods::
+
+    ckpt = Checkpointer("ckpt", model, opt, sampler=sampler, batch_size=32, every=50)
+    start = ckpt.start(resume=True)   # agreed across ranks; model, optimizer, sampler and
+    for step in range(start, steps):  # RNG restored; 0 on a fresh run
+        ...
+        ckpt.step(step + 1)           # saves when due
+
+The trainer, which tracks the epoch and the samples consumed itself, uses the two halves
+underneath: :meth:`Checkpointer.load` (agree on a checkpoint, read it) and
+:meth:`Checkpointer.maybe_save`.
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ from .format import (CheckpointError, CheckpointMeta, CheckpointRefusedError,
                      describe_os_error, model_fingerprint)
 from .lock import DirectoryLock, DirectoryLockedError
 from .manager import CheckpointManager
-from .protocol import CheckpointParticipant
+from .protocol import CheckpointParticipant, Replicated
 from .rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -54,35 +67,124 @@ class Resumed:
 
 
 class Checkpointer:
-    """Save and restore the training state of every rank of ``architecture.group``.
+    """Save and restore the training state of every rank of ``arch.group``.
 
     Args:
-        directory: where checkpoints live; ``every``: save each this many steps (None: never).
+        directory: where checkpoints live (every rank must see the same directory).
+        model: the bare model (a ``gradsync.DataParallel`` or DDP wrapper is unwrapped):
+            checkpoints hold its ``state_dict()`` under "model", and its fingerprint, which
+            a resume must match.
+        optimizer: saved and restored with the model (None: the caller passes it to
+            :meth:`maybe_save`). On a Parameter-Server worker its state lives on the
+            servers: ``gradsync.ps``'s ``DistributedOptimizer(..., checkpoint=ckpt)`` puts
+            itself here.
+        sampler: a :class:`~gradsync.data.ShardedSampler` whose epoch and position
+            :meth:`step` records and :meth:`start` restores; needs ``batch_size``.
+        batch_size: samples this rank consumes per step (the DataLoader's batch size).
+        every: save each this many steps (None: never).
         keep: committed checkpoints to keep.
-        architecture: decides who commits, what a checkpoint must match, and how the ranks
-            know each other's files are on disk.
-        model: the bare model (for the fingerprint that a resume must match).
+        arch: who writes, who commits and how the ranks know each other's files are on
+            disk: a trainer architecture, or a ``gradsync.ps.init(...)`` context; None: a
+            replicated run (``gradsync.DataParallel`` or DDP) over the whole world.
+        workload: the run's name, recorded in every checkpoint; a resume must match it.
         settings: what the workload was built with, recorded in every checkpoint's meta so
             that ``gradsync serve`` rebuilds the same model: ``{"workload", "hidden",
             "dtype", "seed"}``, values str, int, float or bool (a ``torch.dtype`` is
             written by name). None records nothing.
+
+    Raises:
+        ValueError: ``sampler`` without ``batch_size``, or ``every`` below 1.
+        RuntimeError: ``arch`` is None and no process group was started.
     """
 
-    def __init__(self, directory: str, every: int | None, keep: int,
-                 architecture: CheckpointParticipant, workload: str, model: torch.nn.Module,
-                 *, settings: dict[str, Any] | None = None):
+    def __init__(self, directory: str, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer | None = None, *, sampler=None,
+                 batch_size: int | None = None, every: int | None = None, keep: int = 3,
+                 arch: CheckpointParticipant | None = None, workload: str = "script",
+                 settings: dict[str, Any] | None = None):
+        if sampler is not None and not batch_size:
+            raise ValueError("a Checkpointer given a sampler needs batch_size (the samples "
+                             "a rank consumes per step) to record where the epoch stands")
+        if every is not None and every < 1:
+            raise ValueError(f"every must be >= 1, not {every}")
         self.every = every
-        self.architecture = architecture
-        self.group = architecture.group
+        self.architecture = arch if arch is not None else Replicated(comm.world())
+        self.group = self.architecture.group
         self.manager = CheckpointManager(directory, keep=keep, rank=self.group.rank,
-                                         committer=self.group.rank == architecture.committer)
+                                         committer=self.group.rank == self.architecture.committer)
         self.workload = workload
-        self.fingerprint = model_fingerprint(model)
+        self.model, self.optimizer = _bare(model), optimizer
+        self.sampler, self.batch_size = sampler, batch_size
+        self.fingerprint = model_fingerprint(self.model)
         self.settings = None if settings is None else {
             k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
             for k, v in settings.items()}
+        self.position = Position()  # where the script stands (start, step)
+        self.resumed: Resumed | None = None  # what start() resumed from
         self._lock: DirectoryLock | None = None  # rank 0 holds it for the whole run
         self._created = False  # rank 0: the directory did not exist before this run
+
+    # --- a script's two calls -----------------------------------------------------------------
+
+    def start(self, resume: bool = False, overwrite: bool = False) -> int:
+        """On every rank, before training: agree on a checkpoint (see :meth:`load`) and put
+        its model, optimizer, sampler position and RNG streams back.
+
+        Returns:
+            The step to continue from: 0 on a fresh run.
+        Raises:
+            CheckpointError: as :meth:`load`.
+        """
+        self.resumed = self.load(resume, overwrite)
+        if self.resumed is None:
+            self.position = Position()
+            return 0
+        pos, state = self.resumed.position, self.resumed.state
+        self.model.load_state_dict(state["model"])
+        # {} on the Parameter Server: its workers hold no optimizer state (the servers do)
+        if self.optimizer is not None and state["optimizer"]:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.sampler is not None:
+            self.sampler.set_epoch(pos.epoch)
+            self.sampler.set_position(min(pos.consumed, self.sampler.num_samples))
+        self.position = Position(pos.step, pos.epoch, pos.consumed)
+        return pos.step
+
+    @property
+    def epoch(self) -> int:
+        """The epoch in progress at the step :meth:`start` resumed (0 on a fresh run)."""
+        return self.position.epoch
+
+    def step(self, step: int) -> bool:
+        """On every worker after optimizer step ``step`` (steps done, counted from 1): save
+        checkpoint ``step`` if one is due. The sampler's epoch, and ``batch_size`` samples
+        per call within it, say where the data stands.
+
+        Returns:
+            Whether a checkpoint was saved.
+        """
+        pos = self.position
+        if self.sampler is not None:
+            if self.sampler.epoch != pos.epoch:  # set_epoch() began another one
+                pos.epoch, pos.consumed = self.sampler.epoch, 0
+            pos.consumed = min(pos.consumed + self.batch_size, self.sampler.num_samples)
+        pos.step = step
+        return self.maybe_save(Position(step, pos.epoch, pos.consumed), self.model,
+                               self.optimizer)
+
+    def close(self) -> None:
+        """Release the directory's lock (rank 0); the process's end releases it too."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the two halves underneath (the trainer calls them) -----------------------------------
 
     def _meta(self, pos: Position) -> CheckpointMeta:
         return CheckpointMeta(pos.step, pos.epoch, self.workload, self.group.size,
@@ -90,13 +192,15 @@ class Checkpointer:
                               settings=self.settings)
 
     def maybe_save(self, pos: Position, model: torch.nn.Module,
-                   optimizer: torch.optim.Optimizer) -> None:
-        """On every worker after each step: save checkpoint ``pos.step`` if one is due."""
+                   optimizer: torch.optim.Optimizer | None) -> bool:
+        """On every worker after each step: save checkpoint ``pos.step`` if one is due;
+        returns whether it was."""
         if self.every is None or pos.step % self.every:
-            return
+            return False
         state = None
         if self.manager.committer:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            state = {"model": _bare(model).state_dict(),
+                     "optimizer": {} if optimizer is None else optimizer.state_dict(),
                      "position": [pos.step, pos.epoch, pos.consumed]}
         error = None
         try:
@@ -112,13 +216,14 @@ class Checkpointer:
             raise
         if error is not None:
             raise error
+        return True
 
     def save_rank_state(self, step: int, rank_state: dict[str, Any]) -> None:
         """On a rank that does not train (a server): write its own state into ``step``."""
         self.manager.save_rank_files(step, per_rank={"rng": capture_rng_state(),
                                                      "state": rank_state})
 
-    def start(self, resume: bool, overwrite: bool = False) -> Resumed | None:
+    def load(self, resume: bool, overwrite: bool = False) -> Resumed | None:
         """On every rank, before training: take the directory and agree on where to start.
 
         Rank 0 locks the directory (one job at a time), then decides: a fresh run refuses a
@@ -239,3 +344,13 @@ def _owners(committed: list[tuple[int, CheckpointMeta]], expect: CheckpointMeta)
 def _steps(steps: list[int]) -> str:
     shown = ", ".join(map(str, steps[-5:]))
     return shown if len(steps) <= 5 else f"..., {shown}"
+
+
+def _bare(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under a wrapper whose state dict prefixes its names (torch's DDP:
+    ``module.``); gradsync's wrappers already give their module's names."""
+    inner = getattr(model, "module", None)
+    if isinstance(inner, torch.nn.Module) and all(
+            k.startswith("module.") for k in model.state_dict()):
+        return inner
+    return model

@@ -35,11 +35,12 @@ def _checkpointer(config: TrainConfig, setup: RunSetup, architecture: Architectu
     spec = config.workload
     # The workload's settings travel with the checkpoint: `gradsync serve` rebuilds the
     # model from them instead of guessing --hidden and --dtype from tensor shapes.
-    checkpointer = Checkpointer(config.checkpoint.dir, config.checkpoint.every,
-                                config.checkpoint.keep, architecture, spec.workload,
-                                setup.workload.model, settings=dataclasses.asdict(spec))
+    checkpointer = Checkpointer(config.checkpoint.dir, setup.workload.model,
+                                every=config.checkpoint.every, keep=config.checkpoint.keep,
+                                arch=architecture, workload=spec.workload,
+                                settings=dataclasses.asdict(spec))
     # Every rank: rank 0 locks the directory and decides; all load the same checkpoint.
-    return checkpointer, checkpointer.start(config.checkpoint.resume, config.checkpoint.overwrite)
+    return checkpointer, checkpointer.load(config.checkpoint.resume, config.checkpoint.overwrite)
 
 
 def train(config: TrainConfig, architecture: Architecture) -> dict | None:
