@@ -3,11 +3,16 @@ reaches what it promises (an accuracy, an exact resume, a served answer)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, gradsync, namespaces, needs_netns
+from tests.distributed import scaled
+from tests.helpers import ENV, REPO, gradsync, namespaces, needs_netns
 
 EXAMPLES = REPO / "examples"
 
@@ -26,6 +31,38 @@ def test_digits_ddp_under_gradsync_run():
                    "--epochs", "8", timeout=150)
     assert run.returncode == 0, run.stderr[-3000:]
     assert _accuracy(run.stdout) >= 0.93
+
+
+def _running(script: str) -> list[int]:
+    """Pids of processes whose command line names ``script`` (none should outlive a run)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and proc.name != str(os.getpid()):
+            try:
+                if script.encode() in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:  # gone meanwhile
+                pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_elastic_digits_loses_a_worker_and_finishes():
+    """gradsync.elastic's State under `gradsync run --elastic`: worker 1 SIGKILLs itself at
+    step 20 (GRADSYNC_ELASTIC_KILL, the fault injection of gradsync/train/elastic.py); the
+    others go on, finish the 8 epochs and reach the accuracy of the undisturbed run."""
+    script = str(EXAMPLES / "elastic_digits.py")
+    run = subprocess.run([sys.executable, "-m", "gradsync", "run", "--elastic",
+                          "--nproc-per-node", "3", "--min-workers", "2", script,
+                          "--epochs", "8"], capture_output=True, text=True,
+                         env={**ENV, "GRADSYNC_ELASTIC_KILL": "1@20"}, cwd=REPO,
+                         timeout=scaled(150))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "worker 1 killed by SIGKILL; the others go on" in run.stderr
+    assert "membership changes: 1" in run.stdout
+    assert _accuracy(run.stdout) >= 0.93
+    assert not _running(script), "processes left behind"
 
 
 @needs_netns
