@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import comm
 from .architecture import PSArchitecture
-from .server import ServerStats
+from .server import ServerConfig, ServerStats
 from .worker import RemoteOptimizer
 
 
@@ -68,6 +68,7 @@ def init(servers: int = 1, consistency: str = "sync", staleness: int = 0,
         ValueError: an option is wrong, or no worker is left (the message says which).
     """
     group = group if group is not None else comm.world()
+    ServerConfig(consistency, staleness, nonfinite=nonfinite)  # ValueError naming the option
     arch = PSArchitecture(servers, consistency, staleness, group, nonfinite=nonfinite,
                           compression=compression, compression_warmup=compression_warmup,
                           server_ranks=server_ranks, partition_mb=partition_mb,
