@@ -29,13 +29,19 @@ every worker exits 3 and the launcher says why. How: gradsync/train/elastic_stat
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+from typing import Callable, TypeVar
 
-from .comm.elastic import STORE_ENV, ElasticStopped, ElasticWorld
-from .train.elastic_state import MembershipChanged, Share, State, run
+from .comm.elastic import STORE_ENV, ElasticDone, ElasticStopped, ElasticWorld
+from .exits import EXIT_AGREED, EXIT_USAGE, say
+from .train.elastic_state import State
+from .train.elastic_sync import MembershipChanged, Share
 
 __all__ = ["ElasticStopped", "ElasticWorld", "MembershipChanged", "Share", "State", "init",
            "run"]
+T = TypeVar("T")
 
 
 def init(timeout_s: float | None = None) -> ElasticWorld:
@@ -53,7 +59,6 @@ def init(timeout_s: float | None = None) -> ElasticWorld:
     A process that no elastic launcher started exits 2 with one line that says so.
     """
     from . import env
-    from .exits import EXIT_USAGE, say
 
     if STORE_ENV not in os.environ or "GRADSYNC_ELASTIC_UID" not in os.environ:
         say("gradsync: error: gradsync.elastic.init() needs gradsync's elastic launcher "
@@ -65,4 +70,29 @@ def init(timeout_s: float | None = None) -> ElasticWorld:
     except ValueError as exc:
         say(f"gradsync: error: {exc}")
         raise SystemExit(EXIT_USAGE) from None
-    return ElasticWorld.from_env(timeout)
+    world = ElasticWorld.from_env(timeout)
+    # Close the last generation's group before the interpreter's finalization, which an
+    # engine thread still alive then can abort (SIGABRT: a finished worker seen as lost).
+    atexit.register(world.abandon)
+    return world
+
+
+def run(func: Callable[..., T]) -> Callable[..., T]:
+    """Decorator (Horovod's ``@hvd.elastic.run``): ``func(state, ...)`` runs once the first
+    generation has formed and agreed on the state, and again after each change of
+    membership (:meth:`State.retry`), until it returns; its value is returned.
+
+    A worker whose run stops leaves here without a traceback (the launcher names why on
+    its last line): exit status 3 when fewer than the minimum of workers are left, 0 for a
+    replacement that came after the run had finished.
+    """
+    @functools.wraps(func)
+    def wrapper(state: State, *args, **kwargs) -> T:
+        try:
+            return state.retry(lambda: func(state, *args, **kwargs))
+        except ElasticStopped:
+            raise SystemExit(EXIT_AGREED) from None
+        except ElasticDone:
+            raise SystemExit(0) from None
+
+    return wrapper

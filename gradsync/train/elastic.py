@@ -57,7 +57,7 @@ class ElasticLoop(State):
         """
         if steps is None and epochs is None:
             raise ValueError("give steps or epochs")
-        return self._retry(lambda: _train(self, step_fn, steps, epochs, on_step))
+        return self.retry(lambda: _train(self, step_fn, steps, epochs, on_step))
 
 
 def _train(state: ElasticLoop, step_fn: StepFn, steps, epochs, on_step) -> Position:

@@ -3,8 +3,9 @@ trains a workload through :class:`~gradsync.train.elastic.ElasticLoop`.
 
     gradsync train --elastic --workers 4 --min-workers 2 --max-restarts 1
 
-The launcher side (:func:`launch`, which starts a script's elastic workers too;
-:func:`run_local` for `gradsync train`) holds the rendezvous store (a file only this user can
+The launcher side (:func:`launch`, which starts a script's elastic workers too, for
+`gradsync run --elastic`: the script joins through :mod:`gradsync.elastic`; :func:`run_local`
+for `gradsync train`) holds the rendezvous store (a file only this user can
 open) and the coordinator in its own process, so a lost worker (rank 0 too) takes nothing
 with it, and supervises the workers with
 :func:`gradsync.launcher.elastic.run_elastic`. The worker side (:func:`run_worker`) is the
@@ -34,7 +35,8 @@ def launch(cmd: list[str], workers: int, *, min_workers: int = 1, max_restarts: 
            env: dict[str, str] | None = None) -> int:
     """Run ``cmd`` as ``workers`` elastic workers on this machine, holding their store and
     coordinator here; the exit status of the run. A script's workers join through
-    ``ElasticWorld.from_env`` (GRADSYNC_ELASTIC_STORE, GRADSYNC_ELASTIC_UID)::
+    ``gradsync.elastic.init()`` (GRADSYNC_ELASTIC_STORE, GRADSYNC_ELASTIC_UID; every worker,
+    a replacement too, has torchrun's variables with WORLD_SIZE ``workers``)::
 
         sys.exit(launch([sys.executable, "train.py"], 4, min_workers=2, max_restarts=1))
 
@@ -43,7 +45,7 @@ def launch(cmd: list[str], workers: int, *, min_workers: int = 1, max_restarts: 
     the workers find it in their environment, which other users cannot read.
     """
     from ..launcher.elastic import run_elastic
-    from ..launcher.launch import _worker_env
+    from ..launcher.launch import worker_env
 
     try:
         coordinator = Coordinator(workers, min_workers, timeout_s)
@@ -53,7 +55,7 @@ def launch(cmd: list[str], workers: int, *, min_workers: int = 1, max_restarts: 
         return 2
 
     def env_of(uid: int) -> dict[str, str]:
-        out = _worker_env(uid, workers, addr, 0, env)
+        out = worker_env(uid, workers, addr, 0, env)
         del out["MASTER_PORT"]  # no store listens on a port
         out.update(coordinator.env(), GRADSYNC_ELASTIC_UID=str(uid))
         return out

@@ -1,24 +1,14 @@
-"""The state of elastic training, and the retry around the training function (Horovod's
+"""The state of elastic training and the retry around the training function (Horovod's
 ``hvd.elastic.State`` and ``@hvd.elastic.run``): the one implementation behind a user's
-script (:mod:`gradsync.elastic`) and `gradsync train --elastic` (ElasticLoop, elastic.py).
-
-    state = State(world, model, make_optimizer, dataset_len=len(ds), batch_size=32)
-
-    @run
-    def train(state):
-        for epoch in range(state.epoch, 5):
-            for indices, weight in state.batches():     # this worker's share of the step
-                state.optimizer.zero_grad()
-                (loss_fn(state.model(x[indices]), y[indices]) * weight).backward()
-                state.optimizer.step()                  # the step is done: position + 1
-                state.commit()                          # a step boundary: joins happen here
+script (:mod:`gradsync.elastic`, whose docstring shows one) and `gradsync train --elastic`
+(ElasticLoop in elastic.py, the same training function written once).
 
 How a change of membership is survived: a collective that fails because a member is lost
-raises CommError out of the function; :func:`run` drops the failed group, the survivors
-form the next generation (gradsync/comm/elastic.py), agree on the newest step any of them
-completed (a completed all-reduce holds every member's gradient, so that state is exact),
-take the model and optimizer state of a survivor at that step by broadcast and call the
-function again: the step that was in flight is done again by the new membership. A
+raises CommError out of the training function; :meth:`State.retry` drops the failed group,
+the survivors form the next generation (gradsync/comm/elastic.py), agree on the newest step
+any of them completed (a completed all-reduce holds every member's gradient, so that state
+is exact), take the model and optimizer state of a survivor at that step by broadcast and
+call the function again: the step that was in flight is done again by the new membership. A
 replacement joins at a step boundary: the group's rank 0 asks the store whether the
 membership changed (:meth:`State.check_host_updates`, in ``commit()`` and before each
 step) and broadcasts the answer; :class:`MembershipChanged` then ends the function and the
@@ -37,12 +27,11 @@ count (the linear scaling rule).
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
 import time
-from typing import Callable, Iterator, NamedTuple, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -51,25 +40,11 @@ from .. import comm
 from ..allreduce.architecture import AllReduceArchitecture
 from ..comm.elastic import ElasticDone, ElasticStopped, ElasticWorld, GenerationTimeout
 from ..data.sampler import ElasticOrder
-from .elastic_sync import AWAIT_ENV, Change, Position, agree_state, drop_frames, kill_self, kill_step
+from .elastic_sync import (AWAIT_ENV, Change, MembershipChanged, Position, Share, agree_state,
+                           drop_frames, kill_self, kill_step)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class Share(NamedTuple):
-    """This worker's part of one step: the sample indices, and the factor for its mean loss
-    (``workers * len(indices) / samples of the step``; 1 unless the shares differ in size,
-    0 for a worker left without a sample at an epoch's end)."""
-
-    indices: list[int]
-    weight: float
-
-
-class MembershipChanged(Exception):
-    """Raised at a step boundary when a newer generation exists (a replacement is ready);
-    :func:`run` forms it and calls the training function again (Horovod's
-    HostsUpdatedInterrupt)."""
 
 
 class State:
@@ -208,7 +183,7 @@ class State:
         step boundary (collective). Call it after ``optimizer.step()``.
 
         Raises:
-            MembershipChanged: a replacement is ready; :func:`run` lets it join.
+            MembershipChanged: a replacement is ready; :meth:`retry` lets it join.
         """
         self._complete()
         self._values = {k: getattr(self, k) for k in self._values}
@@ -286,9 +261,16 @@ class State:
                                        self.position.step, group.size))
             self._noticed = noticed
 
-    def _retry(self, body: Callable[[], T]) -> T:
-        """Run ``body`` until it returns, forming a new generation after each change of
-        membership (see :func:`run`)."""
+    def retry(self, body: Callable[[], T]) -> T:
+        """Run ``body`` until it returns, forming a new generation and agreeing on the state
+        first, and again after each change of membership (``gradsync.elastic.run``).
+
+        Raises:
+            ElasticStopped: fewer than the minimum number of workers are left.
+            ElasticDone: a replacement that came after the run finished.
+            CommError: a failure that is not a lost member (a timeout with every member
+                alive), or no new generation formed within the timeout.
+        """
         pending: BaseException | None = None
         noticed = time.monotonic()
         if self.world.group is None and self.world.uid >= self.initial_workers:
@@ -316,25 +298,3 @@ class State:
                 self.restore()
                 pending = exc
 
-
-def run(func: Callable[..., T]) -> Callable[..., T]:
-    """Decorator (``@hvd.elastic.run``): ``func(state, ...)`` is called again after each
-    change of membership, once the new generation has formed and agreed on the state, until
-    it returns.
-
-    A worker whose run stops exits here without a traceback (the launcher names why on
-    its last line): status 3 when fewer than the minimum of workers are left, 0 for a
-    replacement that came after the run finished.
-    """
-    from ..exits import EXIT_AGREED
-
-    @functools.wraps(func)
-    def wrapper(state: State, *args, **kwargs) -> T:
-        try:
-            return state._retry(lambda: func(state, *args, **kwargs))
-        except ElasticStopped:
-            raise SystemExit(EXIT_AGREED) from None
-        except ElasticDone:
-            raise SystemExit(0) from None
-
-    return wrapper

@@ -1,12 +1,14 @@
-"""The pieces of elastic training around the state (elastic_state.py): the position in the
-data, a membership change as logged, agreeing on the state in a new generation, and the
-fault injection of tests and benchmarks."""
+"""The pieces of elastic training around the state (elastic_state.py): a worker's share of a
+step, the interruption at a step boundary, the position in the data, a membership change as
+logged, agreeing on the state in a new generation, and the fault injection of tests and
+benchmarks."""
 
 from __future__ import annotations
 
 import os
 import signal
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -18,6 +20,21 @@ from .. import comm
 # makes the members wait at step STEP until the membership changes (a replacement is ready),
 # so that a short run still sees the join.
 KILL_ENV, AWAIT_ENV = "GRADSYNC_ELASTIC_KILL", "GRADSYNC_ELASTIC_AWAIT"
+
+
+class Share(NamedTuple):
+    """This worker's part of one step: the sample indices, and the factor for its mean loss
+    (``workers * len(indices) / samples of the step``; 1 unless the shares differ in size,
+    0 for a worker left without a sample at an epoch's end)."""
+
+    indices: list[int]
+    weight: float
+
+
+class MembershipChanged(Exception):
+    """Raised at a step boundary when a newer generation exists (a replacement is ready);
+    :func:`run` forms it and calls the training function again (Horovod's
+    HostsUpdatedInterrupt)."""
 
 
 @dataclass
