@@ -1,7 +1,8 @@
 """`gradsync bench serve`: a closed-loop load generator against `gradsync serve`, 1, 2, ...
-replicas.
+replicas, and 1, 2, ... front processes.
 
     gradsync bench serve --replicas 1,2,3 --clients 8 --duration 10 --plot docs/plots/serve.png
+    gradsync bench serve --frontends 1,2 --replicas 1 --clients 8 --duration 10
 
 Each configuration is a real `gradsync serve` (its own processes) on the same checkpoint: the
 one of ``--checkpoint-dir``, or one written here of the workload's freshly initialised model
@@ -9,8 +10,10 @@ one of ``--checkpoint-dir``, or one written here of the workload's freshly initi
 ``--rows`` rows, wait for its answer and send the next (closed loop, one keep-alive
 connection each, bodies encoded once), first for ``--warmup`` seconds that are not counted,
 then for ``--duration`` seconds. Reported: requests/s and rows/s, p50 and p99 latency, and
-the mean rows per dynamic batch (from the server's /metrics). The load generator runs on the
-same machine and takes its share of the cores.
+the mean rows per dynamic batch (from the server's /metrics), and where the CPU went over the
+measured seconds: the fronts' CPU per request (utime + stime from /proc/PID/stat of the front
+processes), and the cores used by the fronts, by the replicas and by the load generator (this
+process). The load generator runs on the same machine and takes its share of the cores.
 """
 
 from __future__ import annotations
@@ -46,11 +49,13 @@ def write_checkpoint(directory: Path, workload: str, hidden: int) -> None:
     CheckpointManager(directory).save(0, {"model": model.state_dict()}, meta)
 
 
-def _start(args, replicas: int, checkpoint: str) -> tuple[subprocess.Popen, str, str]:
+def _start(args, replicas: int, checkpoint: str, fronts: int = 1
+           ) -> tuple[subprocess.Popen, str, str]:
     """Start `gradsync serve`; returns the process, its URL and the model's name."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "gradsync", "serve", "--checkpoint-dir", checkpoint, "--port",
-         "0", "--replicas", str(replicas), "--max-batch", str(args.max_batch),
+         "0", "--replicas", str(replicas), "--frontends", str(fronts),
+         "--max-batch", str(args.max_batch),
          "--max-delay-ms", str(args.max_delay_ms), "--threads", str(args.threads),
          "--max-request-rows", str(max(args.rows, 1024))],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -71,8 +76,10 @@ def _body(model: str, rows: np.ndarray) -> bytes:
                       ).encode()
 
 
-def load(url: str, model: str, row_shape: list[int], args) -> dict:
-    """Run the closed loop against ``url``; returns requests/s, rows/s, p50/p99 (ms)."""
+def load(url: str, model: str, row_shape: list[int], args, sample=None) -> dict:
+    """Run the closed loop against ``url``; returns requests/s, rows/s, p50/p99 (ms).
+    ``sample()``, if given, is called when the measured seconds begin and when they end
+    (from a thread of its own)."""
     host, port = url.split("//")[1].rsplit(":", 1)
     warm_until = time.monotonic() + args.warmup
     stop_at = warm_until + args.duration
@@ -99,7 +106,14 @@ def load(url: str, model: str, row_shape: list[int], args) -> dict:
         finally:
             conn.close()
 
+    def sampler() -> None:
+        for at in (warm_until, stop_at):
+            time.sleep(max(0.0, at - time.monotonic()))
+            sample()
+
     threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+    if sample is not None:
+        threads.append(threading.Thread(target=sampler))
     for t in threads:
         t.start()
     for t in threads:
@@ -120,18 +134,75 @@ def _mean_batch(url: str) -> float:
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-              if line.startswith("gradsync_serve_batch_rows_")}
-    count = values.get("gradsync_serve_batch_rows_count", 0.0)
-    return values.get("gradsync_serve_batch_rows_sum", 0.0) / count if count else 0.0
+    values = {"sum": 0.0, "count": 0.0}  # over the model label (and one front's counts)
+    for line in text.splitlines():
+        for key in values:
+            if line.startswith(f"gradsync_serve_batch_rows_{key}"):
+                values[key] += float(line.rsplit(" ", 1)[1])
+    return values["sum"] / values["count"] if values["count"] else 0.0
 
 
-def measure(args, checkpoint: str, replicas: int) -> dict:
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) that process ``pid`` has used; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _tree(pid: int) -> tuple[list[int], list[int]]:
+    """(the front processes, the replicas) of the server whose first front is ``pid``."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    fronts, replicas, todo = [pid], [], list(parents.get(pid, []))
+    while todo:
+        child = todo.pop()
+        try:
+            replica = b"gradsync.serve.replica" in Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        (replicas if replica else fronts).append(child)
+        todo += parents.get(child, [])
+    return fronts, replicas
+
+
+class CpuSplit:
+    """CPU seconds of the fronts, the replicas and this process (the load generator) between
+    two calls; ``__call__`` is load()'s ``sample``."""
+
+    def __init__(self, pid: int):
+        self.fronts, self.replicas = _tree(pid)
+        self.samples: list[tuple[float, float, float]] = []
+
+    def __call__(self) -> None:
+        ours = os.times()
+        self.samples.append((sum(map(_cpu_s, self.fronts)), sum(map(_cpu_s, self.replicas)),
+                             ours.user + ours.system))
+
+    def report(self, requests: int, seconds: float) -> dict:
+        if len(self.samples) != 2:
+            return {}
+        (f0, r0, g0), (f1, r1, g1) = self.samples
+        return {"front_cpu_us_per_request": 1e6 * (f1 - f0) / max(requests, 1),
+                "front_cores": (f1 - f0) / seconds, "replica_cores": (r1 - r0) / seconds,
+                "loadgen_cores": (g1 - g0) / seconds}
+
+
+def measure(args, checkpoint: str, replicas: int, fronts: int = 1) -> dict:
     """One configuration: start the server, load it, stop it."""
-    proc, url, model = _start(args, replicas, checkpoint)
+    proc, url, model = _start(args, replicas, checkpoint, fronts)
     try:
         meta = _get_json(url, f"/v2/models/{model}")
-        result = load(url, model, meta["inputs"][0]["shape"][1:], args)
+        cpu = CpuSplit(proc.pid)
+        result = load(url, model, meta["inputs"][0]["shape"][1:], args, cpu)
+        result |= cpu.report(result["requests"], args.duration)
         result["mean_batch_rows"] = _mean_batch(url)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -140,7 +211,7 @@ def measure(args, checkpoint: str, replicas: int) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return {"replicas": replicas, "model": model, **result}
+    return {"replicas": replicas, "frontends": fronts, "model": model, **result}
 
 
 def _get_json(url: str, path: str) -> dict:
@@ -181,7 +252,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--checkpoint-dir", help="serve this (default: a fresh model of --workload)")
     p.add_argument("--workload", default="digits-mlp")
     p.add_argument("--hidden", type=int, default=1024, help="digits-wide, synthetic-mlp")
-    p.add_argument("--replicas", default="1,2,3", help="replica counts, e.g. 1,2,4")
+    p.add_argument("--replicas", default="1,2,3", help="replica counts (per front), e.g. 1,2,4")
+    p.add_argument("--frontends", default="1", help="front process counts, e.g. 1,2: each "
+                   "replica count is measured with each")
     p.add_argument("--clients", type=int, default=8, help="concurrent closed-loop clients")
     p.add_argument("--rows", type=int, default=1, help="rows per request")
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured")
@@ -199,10 +272,14 @@ def main(args) -> int:
         counts = [int(n) for n in args.replicas.split(",")]
     except ValueError:
         return usage(f"--replicas {args.replicas!r}: expected numbers like 1,2,3")
-    if min(counts) < 1 or args.clients < 1 or args.rows < 1 or args.duration <= 0 \
-            or args.warmup < 0:
-        return usage("--replicas, --clients and --rows must be >= 1, --duration > 0, "
-                     "--warmup >= 0")
+    try:
+        fronts = [int(n) for n in args.frontends.split(",")]
+    except ValueError:
+        return usage(f"--frontends {args.frontends!r}: expected numbers like 1,2")
+    if min(counts) < 1 or min(fronts) < 1 or args.clients < 1 or args.rows < 1 \
+            or args.duration <= 0 or args.warmup < 0:
+        return usage("--replicas, --frontends, --clients and --rows must be >= 1, "
+                     "--duration > 0, --warmup >= 0")
     print(f"# {' '.join(['gradsync', *sys.argv[1:]])}")
     print(f"# {machine_line()}")
     with tempfile.TemporaryDirectory(prefix="gradsync-bench-serve-") as tmp:
@@ -211,19 +288,35 @@ def main(args) -> int:
             checkpoint = os.path.join(tmp, "ck")
             write_checkpoint(Path(checkpoint), args.workload, args.hidden)
         rows = []
-        print(f"{'replicas':>8} {'requests/s':>11} {'rows/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'batch rows':>10}")
-        for n in counts:
-            r = measure(args, checkpoint, n)
-            rows.append(r)
-            model = r["model"]
-            print(f"{n:>8} {r['requests_per_s']:>11,.0f} {r['rows_per_s']:>9,.0f} "
-                  f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['mean_batch_rows']:>10.1f}",
-                  flush=True)
+        print(f"{'fronts':>6} {'replicas':>8} {'requests/s':>11} {'rows/s':>9} {'p50 ms':>8} "
+              f"{'p99 ms':>8} {'batch rows':>10} {'front us/req':>12} "
+              f"{'cores: fronts':>13} {'replicas':>8} {'loadgen':>7}")
+        for f in fronts:
+            for n in counts:
+                r = measure(args, checkpoint, n, f)
+                rows.append(r)
+                model = r["model"]
+                print(f"{f:>6} {n:>8} {r['requests_per_s']:>11,.0f} {r['rows_per_s']:>9,.0f} "
+                      f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['mean_batch_rows']:>10.1f} "
+                      f"{r.get('front_cpu_us_per_request', 0):>12.0f} "
+                      f"{r.get('front_cores', 0):>13.2f} {r.get('replica_cores', 0):>8.2f} "
+                      f"{r.get('loadgen_cores', 0):>7.2f}", flush=True)
+        if len(fronts) > 1:
+            _print_speedup(rows, fronts[0])
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "args": vars(args) | {"bench": None},
                                                "machine": machine_line()}, indent=2) + "\n")
     if args.plot:
-        write_plot(args.plot, rows, f"gradsync serve, {model}, {args.clients} "
-                   f"clients x {args.rows} row(s); {machine_line()}")
+        write_plot(args.plot, [r for r in rows if r["frontends"] == fronts[0]],
+                   f"gradsync serve, {model}, {args.clients} clients x {args.rows} row(s); "
+                   f"{machine_line()}")
     return 0
+
+
+def _print_speedup(rows: list[dict], base: int) -> None:
+    """Requests/s of each front count over ``base`` fronts', at equal replicas per front."""
+    first = {r["replicas"]: r["requests_per_s"] for r in rows if r["frontends"] == base}
+    for r in rows:
+        if r["frontends"] != base and first.get(r["replicas"]):
+            print(f"# {r['frontends']} fronts / {base}, {r['replicas']} replicas each: "
+                  f"{r['requests_per_s'] / first[r['replicas']]:.2f}x requests/s")
