@@ -253,8 +253,12 @@ def test_bench_serve_load_generator_and_plot(server, tmp_path, capsys):
     from gradsync.cli import main
 
     args = argparse.Namespace(clients=2, rows=3, duration=0.3, warmup=0.0)
-    result = bench.load(server.url, MODEL, [64], args)
+    cpu = bench.CpuSplit(server.proc.pid)
+    assert len(cpu.fronts) == 1 and len(cpu.replicas) == 2
+    result = bench.load(server.url, MODEL, [64], args, cpu)
     assert result["requests"] > 0
+    split = cpu.report(result["requests"], args.duration)
+    assert split["front_cpu_us_per_request"] > 0 and split["loadgen_cores"] > 0, split
     assert result["rows_per_s"] == pytest.approx(3 * result["requests_per_s"])
     assert 0 < result["p50_ms"] <= result["p99_ms"]
     assert bench._mean_batch(server.url) >= 1
