@@ -74,8 +74,8 @@ def _left_behind(out: Path) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_script_loses_a_worker_takes_a_replacement_and_equals_sgd(tmp_path: Path):
-    # 3 workers, global batch 12 (61 samples: 6 steps an epoch, the last of 1 sample, where
-    # a member gets no sample and weight 0); member 1 SIGKILLed as it starts step 3, the
+    # 3 workers, global batch 12 (107 samples: 9 steps an epoch, the last of 11 samples, cut
+    # 6/5 or 4/4/3, so the weights count); member 1 SIGKILLed as it starts step 3, the
     # survivors redo step 3 with shares of 6; a replacement (member 3) joins at step 7 (the
     # members wait there for it) and takes the state by broadcast, the value kept with the
     # state too.

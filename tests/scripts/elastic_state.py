@@ -7,7 +7,9 @@ SGD with momentum, two epochs.
 
 Every worker writes OUT/pid-UID at start and, once trained, OUT/result-UID.json: the
 parameters, the value ``commits`` kept with the state, the position, the members and the
-membership changes. ``build`` is shared with the test's one-process oracle.
+membership changes. The model, data and optimizer are tests/_elastic_worker.py's, which the
+test's one-process oracle builds too (run from the repository root, or with it on
+PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -19,23 +21,9 @@ from pathlib import Path
 
 import torch
 
-N, FEATURES, CLASSES = 61, 5, 3
-BATCH, WORKERS, LR, EPOCHS = 4, 3, 0.1, 2
+from tests._elastic_worker import N, build, make_optimizer  # the model, data and SGD
 
-
-def build(seed: int = 0):
-    """The model (float64) and the data, the same in every process."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(FEATURES, 16), torch.nn.Tanh(),
-                                torch.nn.Linear(16, CLASSES)).double()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(N, FEATURES, generator=g, dtype=torch.float64)
-    y = torch.randint(0, CLASSES, (N,), generator=g)
-    return model, x, y
-
-
-def make_optimizer(params):
-    return torch.optim.SGD(params, lr=LR, momentum=0.9)
+BATCH, WORKERS, EPOCHS = 4, 3, 2
 
 
 def main(out: Path) -> None:
