@@ -6,8 +6,10 @@
     directory.py whose the directory is (this user's only), staging without symlinks
     lock.py      one job per directory (an advisory flock)
     rng.py       every random stream a rank draws from, saved and restored
-    run.py       the trainer's one entry point: :class:`Checkpointer` (when to save, what a
-                 run saves and restores, agreeing on the step to resume from)
+    guard.py     the fresh-run guard (committed checkpoints refused unless overwritten)
+    run.py       the one entry point of scripts and the trainer: :class:`Checkpointer` (when
+                 to save, what a run saves and restores, agreeing on the step to resume
+                 from); what a replicated run commits with is in protocol.py
 """
 
 from .format import (CheckpointError, CheckpointMeta, CheckpointRefusedError,
@@ -16,9 +18,10 @@ from .lock import DirectoryLock, DirectoryLockedError
 from .manager import CheckpointManager
 from .reader import CheckpointReader
 from .rng import capture_rng_state, restore_rng_state
+from .protocol import Replicated
 from .run import Checkpointer, Position, Resumed
 
 __all__ = ["CheckpointError", "CheckpointManager", "CheckpointMeta", "CheckpointReader",
            "CheckpointRefusedError", "Checkpointer", "DirectoryLock", "DirectoryLockedError",
-           "IncompatibleCheckpointError", "Position", "Resumed", "capture_rng_state",
-           "model_fingerprint", "restore_rng_state"]
+           "IncompatibleCheckpointError", "Position", "Replicated", "Resumed",
+           "capture_rng_state", "model_fingerprint", "restore_rng_state"]

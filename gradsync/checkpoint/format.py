@@ -103,6 +103,16 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def bare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under a wrapper whose state dict prefixes its names (torch's DDP:
+    ``module.``); gradsync's wrappers already give their module's names."""
+    inner = getattr(model, "module", None)
+    if isinstance(inner, torch.nn.Module) and all(
+            k.startswith("module.") for k in model.state_dict()):
+        return inner
+    return model
+
+
 def step_dirname(step: int) -> str:
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")

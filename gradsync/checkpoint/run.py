@@ -11,7 +11,10 @@ its files, all fall back together. One job at a time: rank 0 holds the directory
 a fresh run refuses a directory with committed checkpoints unless told to overwrite them. A
 checkpoint written with another number of workers resumes a replicated architecture
 (All-Reduce) too, continuing at the same fraction of the epoch, but without the per-rank RNG
-streams.
+streams. (A DataLoader without a generator of its own draws a seed from torch's stream
+each time an epoch's iteration starts, once more in a run resumed mid-epoch: with random
+layers such as dropout, pass ``DataLoader(..., generator=torch.Generator())`` for an exact
+resume.)
 
 One class for a user's script and for `gradsync train`. A script hands its objects over once
 and calls two methods::
@@ -37,9 +40,10 @@ import torch
 
 from .. import comm
 from .format import (CheckpointError, CheckpointMeta, CheckpointRefusedError,
-                     describe_os_error, model_fingerprint)
+                     bare_model, describe_os_error, model_fingerprint)
 from .lock import DirectoryLock, DirectoryLockedError
 from .manager import CheckpointManager
+from .guard import fresh_start
 from .protocol import CheckpointParticipant, Replicated
 from .rng import capture_rng_state, restore_rng_state
 
@@ -113,7 +117,7 @@ class Checkpointer:
         self.manager = CheckpointManager(directory, keep=keep, rank=self.group.rank,
                                          committer=self.group.rank == self.architecture.committer)
         self.workload = workload
-        self.model, self.optimizer = _bare(model), optimizer
+        self.model, self.optimizer = bare_model(model), optimizer
         self.sampler, self.batch_size = sampler, batch_size
         self.fingerprint = model_fingerprint(self.model)
         self.settings = None if settings is None else {
@@ -199,7 +203,7 @@ class Checkpointer:
             return False
         state = None
         if self.manager.committer:
-            state = {"model": _bare(model).state_dict(),
+            state = {"model": bare_model(model).state_dict(),
                      "optimizer": {} if optimizer is None else optimizer.state_dict(),
                      "position": [pos.step, pos.epoch, pos.consumed]}
         error = None
@@ -298,20 +302,7 @@ class Checkpointer:
             except OSError as exc:  # a read-only directory: one line, not a traceback
                 raise CheckpointError(describe_os_error(exc, directory)) from None
         if not resume:
-            committed = self.manager.committed()
-            if committed and not overwrite:
-                raise CheckpointError(
-                    f"{directory} already holds committed checkpoints (steps "
-                    f"{_steps([s for s, _ in committed])}); pass --resume to continue from "
-                    "the newest, or --overwrite to replace them")
-            if committed:
-                # Said before anything goes: they may be another workload's.
-                log.warning("--overwrite: removing from %s the checkpoints of %s", directory,
-                            _owners(committed, expect))
-                try:
-                    self.manager.clear()
-                except OSError as exc:
-                    raise CheckpointError(describe_os_error(exc, directory)) from None
+            fresh_start(self.manager, overwrite, expect)  # the fresh-run guard
             return None
         found = self.manager.load_latest_valid(expect, allow_reshard=self.architecture.replicated,
                                                below=below)
@@ -329,28 +320,3 @@ class Checkpointer:
                     directory, why)
         return None
 
-
-def _owners(committed: list[tuple[int, CheckpointMeta]], expect: CheckpointMeta) -> str:
-    """``"workload digits-mlp (allreduce, another workload) steps 2, 4; ..."``, per run."""
-    runs: dict[tuple[str, str], list[int]] = {}
-    for step, meta in committed:
-        runs.setdefault((meta.workload, meta.arch), []).append(step)
-    return "; ".join(
-        f"workload {workload} ({arch}"
-        f"{', another workload' if workload != expect.workload else ''}) steps {_steps(steps)}"
-        for (workload, arch), steps in runs.items())
-
-
-def _steps(steps: list[int]) -> str:
-    shown = ", ".join(map(str, steps[-5:]))
-    return shown if len(steps) <= 5 else f"..., {shown}"
-
-
-def _bare(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under a wrapper whose state dict prefixes its names (torch's DDP:
-    ``module.``); gradsync's wrappers already give their module's names."""
-    inner = getattr(model, "module", None)
-    if isinstance(inner, torch.nn.Module) and all(
-            k.startswith("module.") for k in model.state_dict()):
-        return inner
-    return model

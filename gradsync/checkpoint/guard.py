@@ -1,0 +1,51 @@
+"""The fresh-run guard: a run that does not resume refuses a directory holding committed
+checkpoints, unless told to overwrite them (then it names whose they were and removes them)."""
+
+from __future__ import annotations
+
+import logging
+
+from .format import CheckpointError, CheckpointMeta, describe_os_error
+from .manager import CheckpointManager
+
+log = logging.getLogger(__name__)
+
+
+def fresh_start(manager: CheckpointManager, overwrite: bool, expect: CheckpointMeta) -> None:
+    """On rank 0, holding the directory's lock, before a run that starts at step 0.
+
+    Raises:
+        CheckpointError: committed checkpoints are there and not ``overwrite``, or removing
+            them failed (one line).
+    """
+    directory = manager.directory
+    committed = manager.committed()
+    if committed and not overwrite:
+        raise CheckpointError(
+            f"{directory} already holds committed checkpoints (steps "
+            f"{_steps([s for s, _ in committed])}); pass --resume to continue from "
+            "the newest, or --overwrite to replace them")
+    if committed:
+        # Said before anything goes: they may be another workload's.
+        log.warning("--overwrite: removing from %s the checkpoints of %s", directory,
+                    _owners(committed, expect))
+        try:
+            manager.clear()
+        except OSError as exc:
+            raise CheckpointError(describe_os_error(exc, directory)) from None
+
+
+def _owners(committed: list[tuple[int, CheckpointMeta]], expect: CheckpointMeta) -> str:
+    """``"workload digits-mlp (allreduce, another workload) steps 2, 4; ..."``, per run."""
+    runs: dict[tuple[str, str], list[int]] = {}
+    for step, meta in committed:
+        runs.setdefault((meta.workload, meta.arch), []).append(step)
+    return "; ".join(
+        f"workload {workload} ({arch}"
+        f"{', another workload' if workload != expect.workload else ''}) steps {_steps(steps)}"
+        for (workload, arch), steps in runs.items())
+
+
+def _steps(steps: list[int]) -> str:
+    shown = ", ".join(map(str, steps[-5:]))
+    return shown if len(steps) <= 5 else f"..., {shown}"

@@ -1,0 +1,142 @@
+"""gradsync.checkpoint.Checkpointer from a user's script: a resume is bitwise equal to the run
+that never stopped (model, optimizer, sampler position mid-epoch, RNG), for All-Reduce and
+the Parameter Server; its checkpoints are `gradsync train`'s (the CLI resumes them); the
+directory lock and the fresh-run guard hold for scripts too."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from tests.distributed import run_workers
+from tests.helpers import gradsync
+from tests.test_ps_script import run_script
+
+BATCH, SAMPLES = 4, 40  # 2 ranks: 5 steps per epoch
+
+
+def _train(directory: str, steps: int, resume: bool, every: int = 3):
+    """A DDP-style script with dropout (so the RNG matters) and checkpoints."""
+    import gradsync
+    from gradsync.checkpoint import Checkpointer
+    from gradsync.data import ShardedSampler
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.3), nn.Linear(16, 2)).double()
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(SAMPLES, 6, generator=g, dtype=torch.float64),
+                         torch.randint(0, 2, (SAMPLES,), generator=g))
+    sampler = ShardedSampler(data, shuffle=True, seed=3)
+    # Its own generator: else each epoch's iteration draws a seed from torch's stream, one
+    # more draw in a run resumed mid-epoch than in one that never stopped (dropout differs).
+    loader = DataLoader(data, batch_size=BATCH, sampler=sampler, generator=torch.Generator())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with Checkpointer(directory, model, opt, sampler=sampler, batch_size=BATCH,
+                      every=every) as ckpt:
+        step = start = ckpt.start(resume=resume)
+        epoch = ckpt.epoch
+        net = gradsync.DataParallel(model)
+        while step < steps:
+            sampler.set_epoch(epoch)
+            for x, y in loader:
+                opt.zero_grad()
+                nn.functional.cross_entropy(net(x), y).backward()
+                opt.step()
+                step += 1
+                ckpt.step(step)
+                if step >= steps:
+                    break
+            epoch += 1
+    return start, epoch, [p.detach().clone() for p in model.parameters()]
+
+
+def _straight_and_resumed(rank: int, world: int, tmp: str):
+    straight = _train(f"{tmp}/a", 12, resume=False)[2]
+    _train(f"{tmp}/b", 7, resume=False)  # saves steps 3 and 6; step 7 is lost
+    start, _, resumed = _train(f"{tmp}/b", 12, resume=True)
+    return start, all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+@pytest.mark.timeout(120)
+def test_a_script_resumes_mid_epoch_bitwise(tmp_path: Path):
+    """Stopped at step 7 of 12, resumed from the checkpoint of step 6 (epoch 1, 4 samples in
+    on each rank): the parameters equal those of the run that never stopped."""
+    assert run_workers(_straight_and_resumed, 2, str(tmp_path)) == [(6, True), (6, True)]
+
+
+def _guard_and_lock(rank: int, world: int, directory: str):
+    from gradsync.checkpoint import (CheckpointError, CheckpointRefusedError, Checkpointer,
+                                     CheckpointReader)
+
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def refusal(resume=False, overwrite=False) -> str:
+        ckpt = Checkpointer(directory, model, opt, every=1)
+        try:
+            ckpt.start(resume=resume, overwrite=overwrite)
+        except CheckpointRefusedError:
+            return "refused by rank 0"
+        except CheckpointError as exc:
+            return str(exc)
+        finally:
+            ckpt.close()
+        return "started"
+
+    first = Checkpointer(directory, model, opt, every=1)
+    assert first.start() == 0 and first.step(1)
+    locked = refusal(resume=True)  # the first still holds the directory
+    first.close()
+    fresh = refusal()
+    overwritten = refusal(overwrite=True)
+    return locked, fresh, overwritten, CheckpointReader(directory).committed_steps()
+
+
+@pytest.mark.timeout(120)
+def test_the_lock_and_the_fresh_run_guard_hold_for_scripts(tmp_path: Path):
+    ranks = run_workers(_guard_and_lock, 2, str(tmp_path / "ck"))
+    locked, fresh, overwritten, left = ranks[0]
+    assert "lock" in locked
+    assert "already holds committed checkpoints (steps 1)" in fresh and "--resume" in fresh
+    assert overwritten == "started" and left == []
+    assert ranks[1][:3] == ("refused by rank 0", "refused by rank 0", "started")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("arch", ["allreduce", "ps"])
+def test_a_script_resumes_bitwise_as_the_cli_does(tmp_path: Path, arch: str):
+    """30 steps straight against 15, stopped, resumed to 30 (digits-mlp, a checkpoint every
+    5 steps): the same digest. A PS script's checkpoint is also resumed by `gradsync train
+    --arch ps`, to the same digest (its format is the CLI's)."""
+    world, args = (3, ["--arch", "ps"]) if arch == "ps" else (2, ["--arch", "allreduce"])
+    ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--every", "5"]
+
+    def digest(name: str) -> str:
+        return json.loads((tmp_path / name).read_text())["parameters_sha1"]
+
+    assert run_script(world, *args, "--steps", "30", "--out", str(tmp_path / "a.json")) == 0
+    assert run_script(world, *args, "--steps", "15", *ck, "--out",
+                      str(tmp_path / "b.json")) == 0
+    # a second fresh run on the same directory is refused
+    assert run_script(world, *args, "--steps", "15", *ck, "--out",
+                      str(tmp_path / "c.json")) != 0
+    if arch == "ps":
+        shutil.copytree(tmp_path / "ck", tmp_path / "ck-cli")
+    assert run_script(world, *args, "--steps", "30", *ck, "--resume", "--out",
+                      str(tmp_path / "b.json")) == 0
+    assert digest("b.json") == digest("a.json")
+    if arch == "ps":
+        cli = gradsync("train", "--arch", "ps", "--servers", "1", "--workers", "2",
+                       "--workload", "digits-mlp", "--steps", "30", "--checkpoint-dir",
+                       str(tmp_path / "ck-cli"), "--checkpoint-every", "5", "--resume",
+                       "--no-progress", "--out", str(tmp_path / "cli"))
+        assert cli.returncode == 0, cli.stderr[-3000:]
+        assert json.loads((tmp_path / "cli" / "summary.json").read_text())[
+            "parameters_sha1"] == digest("a.json")
