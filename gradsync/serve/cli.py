@@ -175,11 +175,10 @@ async def _serve(config: ServeConfig, sources: list[ModelSource], sock: socket.s
                  fronts: Fronts) -> int:
     import uvicorn
 
-    from .app import Endpoint, create_app
+    from .app import create_app
     from .batcher import Batcher
     from .limits import BodyLimit, bounded_protocol
     from .metrics import ServeMetrics
-    from .protocol import ModelSpec
     from .replicas import ReplicaPool
 
     class Server(uvicorn.Server):
@@ -198,17 +197,7 @@ async def _serve(config: ServeConfig, sources: list[ModelSource], sock: socket.s
     batchers = [Batcher(pool, config.max_batch, config.max_delay_ms / 1000, metrics)
                 for pool in pools]
     try:
-        started = await asyncio.gather(*(pool.start() for pool in pools),
-                                       return_exceptions=True)
-        for error in started:
-            if isinstance(error, BaseException):
-                raise error
-        endpoints = {}
-        for source, pool, batcher in zip(sources, pools, batchers):
-            spec = ModelSpec.from_ready(source.name, source.version, pool.ready,
-                                        config.max_request_rows)
-            endpoints[source.name] = Endpoint(spec, pool, batcher)
-            batcher.start()
+        endpoints = await _start_endpoints(sources, pools, batchers, config.max_request_rows)
         body_limit = BodyLimit(create_app(endpoints, metrics),
                                max(e.spec.max_body_bytes() for e in endpoints.values()),
                                config.client_timeout)
@@ -234,6 +223,28 @@ async def _serve(config: ServeConfig, sources: list[ModelSource], sock: socket.s
         for pool in pools:
             await pool.close()
     return 0
+
+
+async def _start_endpoints(sources: list[ModelSource], pools: list, batchers: list,
+                           max_rows: int) -> dict:
+    """Every model's replicas started (at once), then its batcher: name -> app.Endpoint.
+
+    Raises:
+        ServeError: a model's replica could not start (the first such error).
+    """
+    from .app import Endpoint
+    from .protocol import ModelSpec
+
+    started = await asyncio.gather(*(pool.start() for pool in pools), return_exceptions=True)
+    for error in started:
+        if isinstance(error, BaseException):
+            raise error
+    endpoints = {}
+    for source, pool, batcher in zip(sources, pools, batchers):
+        spec = ModelSpec.from_ready(source.name, source.version, pool.ready, max_rows)
+        endpoints[source.name] = Endpoint(spec, pool, batcher)
+        batcher.start()
+    return endpoints
 
 
 def _started_line(config: ServeConfig, sources: list[ModelSource], sock: socket.socket
