@@ -128,6 +128,7 @@ def test_script_outside_an_elastic_launcher_is_one_line(tmp_path: Path):
     ({"check_every": 0}, "check_every must be at least 1, got 0"),
     ({"best": "high"}, "values kept with the state must be numbers: best"),
     ({"epoch": 3}, "epoch: a name of State itself, not a value"),
+    ({"rank": 0, "order": 1}, "order, rank: a name of State itself, not a value"),
 ])
 def test_state_refuses_bad_arguments(kwargs: dict, message: str):
     from gradsync.elastic import State

@@ -83,7 +83,7 @@ class State:
                  batch_size: int, initial_workers: int | None = None, rescale: str = "batch",
                  seed: int = 0, shuffle: bool = True, check_every: int = 1,
                  allreduce: dict | None = None, **values: float) -> None:
-        if initial_workers is None:
+        if initial_workers is None:  # the launcher's worker count, replacements' too
             initial_workers = int(os.environ.get("WORLD_SIZE", "0"))
         for name, value, least in (("batch_size", batch_size, 1),
                                    ("initial_workers", initial_workers, 1),
@@ -99,10 +99,9 @@ class State:
         self.world, self.module, self.dataset_len = world, model, dataset_len
         self.batch_size, self.initial_workers, self.rescale = batch_size, initial_workers, rescale
         self.check_every = check_every
-        options = {"algorithm": "native", "topology": "off", **(allreduce or {})}
-        if options["algorithm"] == "auto":
-            options["algorithm"] = "native"
-        self._options = options
+        self._options = {"algorithm": "native", "topology": "off", **(allreduce or {})}
+        if self._options["algorithm"] == "auto":
+            self._options["algorithm"] = "native"
         self.architecture: AllReduceArchitecture | None = None
         # Built before any group exists: the first optimizer imports modules of torch that
         # keep references to the process group of the moment, which would keep a lost
@@ -118,7 +117,7 @@ class State:
         self._kill = kill_step(world.uid)
         self._await = int(os.environ.get(AWAIT_ENV, "-1"))
         self._noticed = 0.0
-        taken = sorted(k for k in values if hasattr(self, k))
+        taken = sorted(k for k in values if k in self.__dict__ or hasattr(State, k))
         if taken:
             raise ValueError(f"{', '.join(taken)}: a name of State itself, not a value")
         self._values = dict(values)          # the committed ones; live ones are attributes
@@ -130,13 +129,16 @@ class State:
     def model(self) -> nn.Module:
         """The model wrapped for this generation (gradsync.DataParallel): call it for the
         forward pass, so that backward averages the gradients over the members."""
-        assert self.architecture is not None and self.architecture.model is not None, \
-            "the model is wrapped once the function decorated with gradsync.elastic.run runs"
+        if self.architecture is None or self.architecture.model is None:
+            raise RuntimeError("the model is wrapped once a generation has formed: use it in "
+                               "the function decorated with gradsync.elastic.run")
         return self.architecture.model
 
     @property
     def group(self) -> comm.Group:
-        assert self.world.group is not None
+        if self.world.group is None:
+            raise RuntimeError("no generation has formed yet: use the group in the function "
+                               "decorated with gradsync.elastic.run")
         return self.world.group
 
     @property
@@ -148,13 +150,11 @@ class State:
         return self.group.size
 
     @property
-    def step(self) -> int:
-        """Steps completed (by every member: the position is agreed)."""
+    def step(self) -> int:  # steps completed (by every member: the position is agreed)
         return self.position.step
 
     @property
-    def epoch(self) -> int:
-        """The epoch the next step belongs to."""
+    def epoch(self) -> int:  # the epoch the next step belongs to
         return self.position.epoch
 
     def global_batch(self, workers: int) -> int:
