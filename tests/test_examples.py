@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import scaled
-from tests.helpers import ENV, REPO, gradsync, namespaces, needs_netns
+from tests.helpers import ENV, REPO, gradsync, namespaces, needs_netns, serve_started, stop_serve
 
 EXAMPLES = REPO / "examples"
 
@@ -23,14 +23,40 @@ def _accuracy(stdout: str) -> float:
     return float(found[-1])
 
 
+def _python(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV,
+                          cwd=REPO, timeout=scaled(timeout))
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(180)
-def test_digits_ddp_under_gradsync_run():
-    """The DDP-tutorial script, wrapper swapped, unchanged under `gradsync run`."""
+@pytest.mark.timeout(300)
+def test_the_users_path_train_export_serve(tmp_path):
+    """The README's path: the DDP-tutorial script (wrapper swapped) unchanged under
+    `gradsync run`, its weights exported with torch.export, served by `gradsync serve`, and
+    queried with tritonclient: the served answers are the model's, to 1e-5."""
+    weights, program = tmp_path / "digits_cnn.pt", tmp_path / "digits_cnn.pt2"
     run = gradsync("run", "--nproc-per-node", "2", str(EXAMPLES / "digits_ddp.py"),
-                   "--epochs", "8", timeout=150)
+                   "--epochs", "8", "--save", str(weights), timeout=150)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert _accuracy(run.stdout) >= 0.93
+    trained = _accuracy(run.stdout)
+    assert trained >= 0.93
+    exported = _python(str(EXAMPLES / "export_and_serve.py"), "export", str(weights),
+                       str(program))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    serve = subprocess.Popen([sys.executable, "-m", "gradsync", "serve", "--port", "0",
+                              "--replicas", "1", "--model", f"digits={program}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=ENV, cwd=REPO)
+    try:
+        url = re.search(r"http://\S+", serve_started(serve, lambda: serve.communicate()[1]))
+        asked = _python(str(EXAMPLES / "export_and_serve.py"), "query", url.group(0),
+                        "digits", "--weights", str(weights))
+    finally:
+        stop_serve(serve)
+    assert asked.returncode == 0, asked.stderr[-3000:]
+    assert f"served accuracy {trained:.4f}" in asked.stdout
+    difference = float(re.search(r"run here ([0-9.e+-]+)", asked.stdout).group(1))
+    assert difference <= 1e-5
 
 
 def _running(script: str) -> list[int]:
