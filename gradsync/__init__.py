@@ -13,7 +13,7 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {"DataParallel": "gradsync.allreduce", "DataParallelNaive": "gradsync.allreduce"}
-_SUBMODULES = ("comm", "allreduce", "ps", "data", "models", "train", "lab", "elastic")
+_SUBMODULES = ("comm", "allreduce", "ps", "checkpoint", "data", "models", "train", "lab", "elastic")
 
 __all__ = ["DataParallel", "DataParallelNaive", "__version__", *_SUBMODULES]
 
