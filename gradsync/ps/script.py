@@ -141,8 +141,8 @@ class PSContext:
 
     # --- workers ------------------------------------------------------------------------------
 
-    def DistributedOptimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,
-                             checkpoint=None) -> "DistributedOptimizer":  # noqa: N802 - Horovod's name
+    def DistributedOptimizer(self, optimizer: torch.optim.Optimizer,  # noqa: N802 - Horovod's
+                             model: nn.Module, checkpoint=None) -> "DistributedOptimizer":
         """Train ``model`` through the servers: its gradients are pushed from backward's
         hooks, and the returned optimizer's ``step()`` pulls the servers' parameters into
         it. Blocks until the servers serve (it pulls their initial values).
