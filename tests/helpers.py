@@ -101,6 +101,15 @@ def alive(pid: int) -> bool:
         return False
 
 
+def run_script(world: int, *args: str, module: str = "tests.scripts.ckpt_digits") -> int:
+    """A test script (``python -m module ARGS``) on ``world`` local ranks under gradsync's
+    launcher; the job's exit code."""
+    from gradsync.launcher import launch
+
+    return launch(list(args), world, module=module, grace_s=1.0,
+                  env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}).returncode
+
+
 def run_and_kill(args: list[str], victim: int, out: Path, timeout: float = 60):
     """Start `gradsync train ARGS --out OUT`, SIGKILL global rank ``victim`` once rank 0 of
     the workers has logged 5 steps; returns (returncode, stderr, seconds from the kill to the

@@ -15,8 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.distributed import run_workers
-from tests.helpers import gradsync
-from tests.test_ps_script import run_script
+from tests.helpers import gradsync, run_script
 
 BATCH, SAMPLES = 4, 40  # 2 ranks: 5 steps per epoch
 

@@ -15,18 +15,9 @@ import torch
 from torch import nn
 
 from tests.distributed import run_workers
-from tests.helpers import BATCH, OPTIMIZERS, REPO, STEPS, global_batch, gradsync, make_model
+from tests.helpers import (BATCH, OPTIMIZERS, STEPS, global_batch, gradsync, make_model,
+                           run_script)
 from tests.helpers import one_process_reference as reference
-
-SCRIPT_ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
-def run_script(world: int, *args: str) -> int:
-    """tests/scripts/ckpt_digits.py ARGS on ``world`` local ranks; its exit code."""
-    from gradsync.launcher import launch
-
-    return launch(list(args), world, module="tests.scripts.ckpt_digits", env=SCRIPT_ENV,
-                  grace_s=1.0).returncode
 
 
 def _train_through_the_api(rank: int, world: int, optimizer: str):
