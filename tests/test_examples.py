@@ -59,6 +59,32 @@ def test_the_users_path_train_export_serve(tmp_path):
     assert difference <= 1e-5
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_char_lm_resumes_exactly(tmp_path):
+    """The compressed (bf16) transformer LM with checkpoints: 30 steps straight, and 20
+    steps then a resume to 30 from the checkpoint at step 20, end with the same parameters
+    bit for bit; a fresh run over those checkpoints is refused in one line."""
+    def lm(ckpt, steps, *extra):
+        run = gradsync("run", "--nproc-per-node", "2", str(EXAMPLES / "char_lm.py"),
+                       "--steps", str(steps), "--every", "10", "--ckpt", str(tmp_path / ckpt),
+                       *extra, timeout=120)
+        return run
+
+    straight = lm("a", 30)
+    first = lm("b", 20)
+    resumed = lm("b", 30, "--resume")
+    for run in (straight, first, resumed):
+        assert run.returncode == 0, run.stderr[-3000:]
+    digest = re.compile(r"parameters ([0-9a-f]{16})")
+    assert digest.search(resumed.stdout).group(1) == digest.search(straight.stdout).group(1)
+    assert digest.search(first.stdout).group(1) != digest.search(straight.stdout).group(1)
+    refused = lm("b", 30)
+    assert refused.returncode == 2
+    assert "already holds committed checkpoints (steps 10, 20, 30)" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def _running(script: str) -> list[int]:
     """Pids of processes whose command line names ``script`` (none should outlive a run)."""
     found = []
