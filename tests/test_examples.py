@@ -60,6 +60,17 @@ def test_the_users_path_train_export_serve(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_digits_on_the_parameter_server():
+    """The same CNN through gradsync.ps from a script: 1 server, 2 workers, sync."""
+    run = gradsync("run", "--nproc-per-node", "3", str(EXAMPLES / "digits_ps.py"),
+                   "--epochs", "8", timeout=150)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _accuracy(run.stdout) >= 0.93
+    assert "on 2 workers and 1 servers (sync)" in run.stdout
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_char_lm_resumes_exactly(tmp_path):
     """The compressed (bf16) transformer LM with checkpoints: 30 steps straight, and 20
