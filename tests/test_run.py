@@ -36,6 +36,7 @@ def test_torchruns_underscore_flags_are_read_up_to_the_script():
     (["--master-port", "70000", "t.py"], "--master-port must be between 1 and 65535"),
     (["--lab", "2", "--nnodes", "2", "t.py"], "does not take --nnodes"),
     (["--rates", "1gbit", "t.py"], "need --lab"),
+    (["--lab", "2", "--rates", "1gbit", "t.py"], "--rates lists 1 rates for 2 hosts"),
     (["no-such-script.py"], "no script no-such-script.py"),
     (["-m", "--no-python", "x"], "-m and --no-python"),
 ])

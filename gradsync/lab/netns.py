@@ -33,6 +33,12 @@ class LabError(Exception):
     """A problem the user can fix (not root, a bad rate, a lab already up); one line."""
 
 
+def check_rates(hosts: int | None, rates: str | None) -> None:
+    """``--rates R1,R2,...`` must name one rate per host of ``--lab N`` (ValueError)."""
+    if rates is not None and hosts is not None and len(rates.split(",")) != hosts:
+        raise ValueError(f"--rates lists {len(rates.split(','))} rates for {hosts} hosts")
+
+
 def parse_rate(text: str) -> int:
     """Parse a tc-style rate ("1gbit", "250mbit", "100kbit", "12.5mbps", "1000000").
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..lab.netns import check_rates
+
 PORT_MAX = 65535
 STREAMS = (0, 1, 2, 3)  # torchrun's codes: none, stdout, stderr, both
 
@@ -58,10 +60,7 @@ class RunLabConfig:
         _at_least(self.procs_per_host, 1, "procs-per-host")
         if self.hosts is None and (self.rates is not None or self.procs_per_host is not None):
             raise ValueError("--rates and --procs-per-host need --lab N")
-        if self.rates is not None and self.hosts is not None \
-                and len(self.rates.split(",")) != self.hosts:
-            raise ValueError(f"--rates lists {len(self.rates.split(','))} rates for "
-                             f"{self.hosts} hosts")
+        check_rates(self.hosts, self.rates)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Literal
 from ..comm import ALL_REDUCE_ALGORITHMS, ENGINES, Topology, check_algorithm
 from ..compress.spec import COMPRESSORS, REGISTRY as COMPRESSOR_TABLE, Compression
 from ..compress.spec import parse as parse_compression
+from ..lab.netns import check_rates
 from ..ps.consistency import MODES
 from ..workloads import WORKLOADS
 from .architecture import ARCHITECTURES, REGISTRY as ARCHITECTURE_TABLE, check_architecture  # noqa: F401
@@ -240,10 +241,7 @@ class LabConfig:
 
     def __post_init__(self) -> None:
         _at_least(self.hosts, 1, "lab")
-        if self.rates is not None and self.hosts is not None \
-                and len(self.rates.split(",")) != self.hosts:
-            raise ValueError(f"--rates lists {len(self.rates.split(','))} rates for "
-                             f"{self.hosts} hosts")
+        check_rates(self.hosts, self.rates)
 
 
 @dataclass
