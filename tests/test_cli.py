@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.distributed import free_port, scaled
-from tests.helpers import ENV, REPO, gradsync, run_and_kill
+from tests.helpers import ENV, REPO, gradsync, retry_finalize_abort, run_and_kill
 from tests.helpers import in_process as _in_process
 from tests.helpers import one_line_error as _one_line_error
 
@@ -142,26 +142,15 @@ def test_killed_worker_fails_the_run_quickly_and_cleanly(tmp_path):
     assert elapsed < timeout / 2, elapsed
 
 
-# torch 2.13's gloo can abort a finished process while the interpreter finalizes: seen once
-# in 62 runs of tests/scripts/ddp_script.py with torch's own DDP (gradsync not involved) on
-# this 2-core machine under load, as "terminate called without an active exception" and
-# exit code -6 with no Python frame. Such a run is retried once; any other failure counts.
-FINALIZE_ABORT = "terminate called without an active exception"
-
-
 def _torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     # torchrun makes a torchelastic_* log directory in TMPDIR and leaves it: give it one of
     # the test's own, removed afterwards.
     with tempfile.TemporaryDirectory(prefix="gradsync-test-torchrun-") as tmp:
-        for attempt in range(2):
-            run = subprocess.run([sys.executable, "-m", "torch.distributed.run",
-                                  "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                                  "--master-port", str(free_port()), *args],
-                                 capture_output=True, text=True, timeout=scaled(timeout),
-                                 env={**ENV, "OMP_NUM_THREADS": "1", "TMPDIR": tmp}, cwd=REPO)
-            if run.returncode == 0 or FINALIZE_ABORT not in run.stderr:
-                break
-    return run
+        return retry_finalize_abort(lambda: subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args],
+            capture_output=True, text=True, timeout=scaled(timeout),
+            env={**ENV, "OMP_NUM_THREADS": "1", "TMPDIR": tmp}, cwd=REPO))
 
 
 @pytest.mark.slow

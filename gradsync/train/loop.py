@@ -158,13 +158,23 @@ class RunLog:
             self.writer.close()
 
 
+def loader_of(dataset, batch_size: int, sampler) -> DataLoader:
+    """A DataLoader over ``sampler`` that never draws from torch's global generator.
+
+    Each iteration of a DataLoader draws a base seed; from the global generator, that draw
+    would shift the stream dropout reads, and a run resumed mid-epoch (which starts one more
+    iteration than the straight run) would no longer equal it bit for bit."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                      generator=torch.Generator())
+
+
 def evaluate(model: torch.nn.Module, workload: Workload, group: comm.Group | None,
              batch_size: int) -> dict[str, float]:
     """Exact evaluation: every held-out sample is seen once across the ranks of ``group``
     (or by this rank alone when ``group`` is None), and their sums are added."""
     replicas, rank = (group.size, group.rank) if group is not None else (1, 0)
     sampler = ShardedSampler(workload.eval_set, replicas, rank, eval_mode=True)
-    loader = DataLoader(workload.eval_set, batch_size=batch_size, sampler=sampler)
+    loader = loader_of(workload.eval_set, batch_size, sampler)
     sums = torch.zeros(3, dtype=torch.float64)
     model.eval()
     with torch.no_grad():

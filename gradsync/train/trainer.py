@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import time
 
-from torch.utils.data import DataLoader
 
 from .. import comm
 from ..checkpoint import Checkpointer, Position
@@ -21,7 +20,7 @@ from ..data import ShardedSampler
 from .architecture import Architecture
 from .config import TrainConfig
 from .loop import (DTYPES, MetricsWriter, RunLog, RunSetup, Tally, evaluate,  # noqa: F401
-                   make_optimizer, parameters_digest, summarize, write_summary)
+                   loader_of, make_optimizer, parameters_digest, summarize, write_summary)
 from .summary import format_summary  # noqa: F401 - the public name it always had
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
         optimizer.load_state_dict(resumed.state["optimizer"])
     sampler = ShardedSampler(workload.train_set, workers, architecture.worker_rank,
                              shuffle=True, seed=config.workload.seed)
-    loader = DataLoader(workload.train_set, batch_size=setup.batch, sampler=sampler)
+    loader = loader_of(workload.train_set, setup.batch, sampler)
     total = setup.total_steps(len(loader))
     log.info("%s: %d parameters, %d workers x batch %d, %d steps", config.workload.workload,
              setup.parameters, workers, setup.batch, total)
