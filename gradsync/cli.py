@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:  # a launcher: it starts without importing torch
+        return _run(argv)
     from .comm.engines import ENGINES
 
     try:  # every GRADSYNC_* variable, checked as flags are: one line, before anything starts
@@ -123,9 +126,7 @@ def _main(argv: list[str] | None) -> int:
 
     adopt_mpi_launcher()  # under mpiexec/srun: RANK, WORLD_SIZE and the engine from MPI's
     parser = _parser()
-    from .run.cli import normalize_argv
-
-    args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
+    args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
@@ -137,8 +138,6 @@ def _main(argv: list[str] | None) -> int:
         return lab_main(args)
     if args.command == "bench":
         return args.bench(args)
-    if args.command == "run":
-        return _run(args)
     if args.command == "serve":
         from .serve.cli import main as serve_main
 
@@ -146,12 +145,22 @@ def _main(argv: list[str] | None) -> int:
     return _train(args)
 
 
-def _run(args: argparse.Namespace) -> int:
-    """`gradsync run`: a user's script on several processes."""
-    from .run.cli import main as run_main
+def _run(argv: list[str]) -> int:
+    """`gradsync run`: a user's script on several processes. Its ranks check their own
+    GRADSYNC_* variables when they use gradsync; the launcher reads only GRADSYNC_LOG."""
+    from .run.cli import add_parser, main as run_main, normalize_argv
 
     try:
-        return run_main(args)
+        level = env.log_level()
+    except ValueError as exc:
+        say(f"gradsync: error: {exc}")
+        return EXIT_USAGE
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    _interrupts_raise()  # the supervisor forwards Ctrl-C to the ranks
+    parser = _Parser(prog="gradsync")
+    add_parser(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    try:
+        return run_main(parser.parse_args(normalize_argv(argv)))
     except UserError as exc:
         say(f"gradsync: error: {exc}")
         return EXIT_USAGE
