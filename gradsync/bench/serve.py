@@ -6,9 +6,9 @@ replicas, and 1, 2, ... front processes.
 
 Each configuration is a real `gradsync serve` (its own processes) on the same checkpoint: the
 one of ``--checkpoint-dir``, or one written here of the workload's freshly initialised model
-(speed does not depend on the weights). ``--clients`` threads each send a request of
-``--rows`` rows, wait for its answer and send the next (closed loop, one keep-alive
-connection each, bodies encoded once), first for ``--warmup`` seconds that are not counted,
+(speed does not depend on the weights). ``--clients`` clients (coroutines of one asyncio
+load generator, loadgen.py) each send a request of ``--rows`` rows, wait for its answer and
+send the next (closed loop, one keep-alive connection each, requests encoded once), first for ``--warmup`` seconds that are not counted,
 then for ``--duration`` seconds. Reported: requests/s and rows/s, p50 and p99 latency, and
 the mean rows per dynamic batch (from the server's /metrics), and where the CPU went over the
 measured seconds: the fronts' CPU per request (utime + stime from /proc/PID/stat of the front
@@ -26,12 +26,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .loadgen import LoadError, run_closed_loop
 from .ranks import usage
 from .report import machine_line
 
@@ -77,55 +77,18 @@ def _body(model: str, rows: np.ndarray) -> bytes:
 
 
 def load(url: str, model: str, row_shape: list[int], args, sample=None) -> dict:
-    """Run the closed loop against ``url``; returns requests/s, rows/s, p50/p99 (ms).
-    ``sample()``, if given, is called when the measured seconds begin and when they end
-    (from a thread of its own)."""
+    """Run the closed loop against ``url`` (loadgen.py); returns requests/s, rows/s, p50/p99
+    (ms). ``sample()``, if given, is called when the measured seconds begin and end."""
     host, port = url.split("//")[1].rsplit(":", 1)
-    warm_until = time.monotonic() + args.warmup
-    stop_at = warm_until + args.duration
-    latencies: list[list[float]] = [[] for _ in range(args.clients)]
-    errors: list[str] = []
-
-    def client(k: int) -> None:
-        rng = np.random.default_rng(k)
-        body = _body(model, rng.random((args.rows, *row_shape), dtype=np.float32))
-        conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        headers = {"content-type": "application/json"}
-        try:
-            while (start := time.monotonic()) < stop_at:
-                conn.request("POST", f"/v2/models/{model}/infer", body, headers)
-                answer = conn.getresponse()
-                answer.read()
-                if answer.status != 200:
-                    errors.append(f"HTTP {answer.status}")
-                    return
-                if start >= warm_until:
-                    latencies[k].append(time.monotonic() - start)
-        except OSError as exc:
-            errors.append(str(exc))
-        finally:
-            conn.close()
-
-    def sampler() -> None:
-        for at in (warm_until, stop_at):
-            time.sleep(max(0.0, at - time.monotonic()))
-            sample()
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
-    if sample is not None:
-        threads.append(threading.Thread(target=sampler))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise SystemExit(f"gradsync bench: a client failed: {errors[0]}")
-    every = sorted(x for mine in latencies for x in mine)
-    return {"requests_per_s": len(every) / args.duration,
-            "rows_per_s": len(every) * args.rows / args.duration,
-            "p50_ms": 1e3 * every[len(every) // 2],
-            "p99_ms": 1e3 * every[min(len(every) - 1, int(len(every) * 0.99))],
-            "requests": len(every)}
+    bodies = [_body(model, np.random.default_rng(k).random((args.rows, *row_shape),
+                                                            dtype=np.float32))
+              for k in range(args.clients)]
+    try:
+        result = run_closed_loop(host, int(port), f"/v2/models/{model}/infer", bodies,
+                                 warmup=args.warmup, duration=args.duration, sample=sample)
+    except LoadError as exc:
+        raise SystemExit(f"gradsync bench: a client failed: {exc}") from None
+    return {**result, "rows_per_s": result["requests_per_s"] * args.rows}
 
 
 def _mean_batch(url: str) -> float:
@@ -182,9 +145,10 @@ class CpuSplit:
         self.samples: list[tuple[float, float, float]] = []
 
     def __call__(self) -> None:
-        ours = os.times()
+        # process_time: this process's CPU to the nanosecond (os.times counts 10 ms ticks, and
+        # the asyncio generator may spend less than one in a short window)
         self.samples.append((sum(map(_cpu_s, self.fronts)), sum(map(_cpu_s, self.replicas)),
-                             ours.user + ours.system))
+                             time.process_time()))
 
     def report(self, requests: int, seconds: float) -> dict:
         if len(self.samples) != 2:
