@@ -39,6 +39,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 
 from . import group as group_mod
 from .engine import TORCH, Engine
@@ -236,16 +237,26 @@ class ElasticWorld:
         if self.group is None:
             return
         self.group.shutdown()
+        old = weakref.ref(self.group.pg) if self.group.pg is not None else None
         self.group.pg = None
         self.group = None
         try:
             group_mod.destroy_process_group()
         except Exception:  # noqa: BLE001 - a group broken by a lost peer
             pass
-        # Anything of the failed step caught in a reference cycle is young: collecting the
-        # young generations costs milliseconds, a full collection with torch loaded 0.2 to
-        # 0.3 s (measured), which was most of the recovery time.
+        # Anything of the failed step caught in a reference cycle is usually young: collecting
+        # the young generations costs milliseconds, a full collection with torch loaded 0.2
+        # to 0.3 s (measured), which was most of the recovery time. When the group survives
+        # that (a cycle of long-lived objects holds it), a peer blocked in one of its
+        # collectives would wait for the whole timeout: then collect everything.
         gc.collect(1)
+        if old is not None and old() is not None:
+            gc.collect()
+            log.info("member %d: the abandoned process group needed a full collection",
+                     self.uid)
+            if old() is not None:
+                log.warning("member %d: the abandoned process group is still referenced; a "
+                            "peer blocked in it waits for the timeout", self.uid)
 
 
     def form(self, newer_than: int | None = None) -> Group:
