@@ -1,12 +1,11 @@
 """gradsync.checkpoint.Checkpointer from a user's script: a resume is bitwise equal to the run
-that never stopped (model, optimizer, sampler position mid-epoch, RNG), for All-Reduce and
-the Parameter Server; its checkpoints are `gradsync train`'s (the CLI resumes them); the
-directory lock and the fresh-run guard hold for scripts too."""
+that never stopped (model, optimizer, sampler position mid-epoch, RNG); the directory lock and
+the fresh-run guard hold for scripts too. (A PS script's resume, and the CLI resuming its
+checkpoint: test_ps_script.py; an All-Reduce script across processes: test_examples.py's
+char_lm.)"""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.distributed import run_workers
-from tests.helpers import gradsync, run_script
 
 BATCH, SAMPLES = 4, 40  # 2 ranks: 5 steps per epoch
 
@@ -105,35 +103,6 @@ def test_the_lock_and_the_fresh_run_guard_hold_for_scripts(tmp_path: Path):
     assert "already holds committed checkpoints (steps 1)" in fresh and "--resume" in fresh
     assert overwritten == "started" and left == []
     assert ranks[1][:3] == ("refused by rank 0", "refused by rank 0", "started")
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_a_ps_script_resumes_bitwise_as_the_cli_does(tmp_path: Path):
-    """30 steps straight against 15, stopped, resumed to 30 (digits-mlp, a checkpoint every
-    5 steps): the same digest. The script's checkpoint is also resumed by `gradsync train
-    --arch ps`, to the same digest (its format is the CLI's). (A script on All-Reduce:
-    test_examples.py's char_lm; the fresh-run guard: the test above.)"""
-    world, args = 3, ["--arch", "ps"]
-    ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--every", "5"]
-
-    def digest(name: str) -> str:
-        return json.loads((tmp_path / name).read_text())["parameters_sha1"]
-
-    assert run_script(world, *args, "--steps", "30", "--out", str(tmp_path / "a.json")) == 0
-    assert run_script(world, *args, "--steps", "15", *ck, "--out",
-                      str(tmp_path / "b.json")) == 0
-    shutil.copytree(tmp_path / "ck", tmp_path / "ck-cli")
-    assert run_script(world, *args, "--steps", "30", *ck, "--resume", "--out",
-                      str(tmp_path / "b.json")) == 0
-    assert digest("b.json") == digest("a.json")
-    cli = gradsync("train", "--arch", "ps", "--servers", "1", "--workers", "2",
-                   "--workload", "digits-mlp", "--steps", "30", "--checkpoint-dir",
-                   str(tmp_path / "ck-cli"), "--checkpoint-every", "5", "--resume",
-                   "--no-progress", "--out", str(tmp_path / "cli"))
-    assert cli.returncode == 0, cli.stderr[-3000:]
-    assert json.loads((tmp_path / "cli" / "summary.json").read_text())[
-        "parameters_sha1"] == digest("a.json")
 
 
 def test_the_trainers_loaders_leave_the_global_rng_alone():

@@ -7,6 +7,7 @@ The end-to-end runs start tests/scripts/ckpt_digits.py under gradsync's launcher
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,23 +91,36 @@ def test_bad_options_are_refused_on_every_rank():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 def test_a_script_ends_with_the_clis_parameters_bit_for_bit(tmp_path: Path):
-    """The same workload, seeds and data order: the same digest as `gradsync train --arch
-    ps`, and the same Parameter-Server figures."""
-    steps = "20"
+    """The same workload, seeds and data order as `gradsync train --arch ps` (20 steps), run
+    by a script in two halves, 10 steps then a resume from its checkpoint at step 10: the
+    same digest, accuracy and Parameter-Server layout as the CLI's straight run. The CLI
+    resumes the script's checkpoint (the same format) to the same digest too."""
     cli = gradsync("train", "--arch", "ps", "--servers", "1", "--workers", "2", "--workload",
-                   "digits-mlp", "--steps", steps, "--no-progress", "--out",
+                   "digits-mlp", "--steps", "20", "--no-progress", "--out",
                    str(tmp_path / "cli"))
     assert cli.returncode == 0, cli.stderr[-3000:]
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
-    assert run_script(3, "--arch", "ps", "--steps", steps, "--out",
+    ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--every", "5"]
+    assert run_script(3, "--arch", "ps", "--steps", "10", *ck, "--out",
+                      str(tmp_path / "half.json")) == 0
+    shutil.copytree(tmp_path / "ck", tmp_path / "ck-cli")
+    assert run_script(3, "--arch", "ps", "--steps", "20", *ck, "--resume", "--out",
                       str(tmp_path / "script.json")) == 0
     ours = json.loads((tmp_path / "script.json").read_text())
     assert ours["parameters_sha1"] == summary["parameters_sha1"]
     assert ours["eval_accuracy"] == summary["eval_accuracy"]  # the workers' group evaluates
-    for key in ("servers", "consistency", "server_updates", "partitions_per_server"):
+    for key in ("servers", "consistency", "partitions_per_server"):
         assert ours["ps"][key] == summary[key], key
+    assert ours["ps"]["server_updates"] == [10]  # one sync update per step after the resume
+    resumed = gradsync("train", "--arch", "ps", "--servers", "1", "--workers", "2",
+                       "--workload", "digits-mlp", "--steps", "20", "--checkpoint-dir",
+                       str(tmp_path / "ck-cli"), "--checkpoint-every", "5", "--resume",
+                       "--no-progress", "--out", str(tmp_path / "cli-resumed"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "cli-resumed" / "summary.json").read_text())[
+        "parameters_sha1"] == summary["parameters_sha1"]
 
 
 @pytest.mark.slow
