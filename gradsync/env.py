@@ -6,7 +6,8 @@ must be a positive number of seconds``; the CLI prints that as one line and exit
 anything starts (:func:`validate`). No torch import: the CLI reads them first.
 
 GRADSYNC_TEST_TIMEOUT_SCALE belongs to the tests; the launcher's own variables
-(GRADSYNC_ELASTIC_*, GRADSYNC_LAUNCHED, GRADSYNC_LAB*) are set by gradsync, not by users.
+(GRADSYNC_ELASTIC_STORE, GRADSYNC_ELASTIC_UID, GRADSYNC_LAUNCHED, GRADSYNC_LAB*) are set by
+gradsync, not by users.
 """
 
 from __future__ import annotations
@@ -58,6 +59,22 @@ def timeout_s(default: float) -> float:
 def heartbeat_s(default: float = 1.0) -> float:
     """GRADSYNC_HEARTBEAT_S: seconds between a rank's heartbeats."""
     return seconds("GRADSYNC_HEARTBEAT_S", default)
+
+
+def elastic_lost_s(default: float = 5.0) -> float:
+    """GRADSYNC_ELASTIC_LOST_S: after how many seconds without a heartbeat an elastic worker
+    is declared lost (default 5, or 5 heartbeat periods if longer).
+
+    Raises:
+        ValueError: not a positive number of seconds, or less than two heartbeat periods.
+    """
+    beat = heartbeat_s()
+    value = seconds("GRADSYNC_ELASTIC_LOST_S", max(default, 5 * beat))
+    if value < 2 * beat:
+        raise _bad("GRADSYNC_ELASTIC_LOST_S", os.environ["GRADSYNC_ELASTIC_LOST_S"],
+                   f"at least two heartbeat periods (GRADSYNC_HEARTBEAT_S={beat:g}): "
+                   f"{2 * beat:g} or more")
+    return value
 
 
 def stall_s(default: float) -> float:
@@ -130,6 +147,7 @@ def validate(engines: tuple[str, ...]) -> None:
     log_level()
     timeout = timeout_s(300.0)
     heartbeat_s()
+    elastic_lost_s()
     stall_s(timeout / 4)
     check()
     role()

@@ -102,7 +102,7 @@ def test_lost_worker_run_equals_sgd_on_the_same_global_batches(tmp_path: Path, r
     # redo step 3 and go on across an epoch's end. "batch": 3 shares of 7, 7, 6 of each
     # global batch of 20 (6 steps per epoch, the last one of 7 samples); "lr": batches of
     # 15 from step 3 on, at 3/4 of the learning rate.
-    from gradsync.comm.elastic import Coordinator
+    from gradsync.comm.coordinator import Coordinator
     from gradsync.launcher.elastic import run_elastic
 
     steps, marker = 9, f"GRADSYNC_TEST_MARK={uuid.uuid4().hex}"

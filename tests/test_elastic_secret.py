@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from gradsync.comm.elastic import STATE, STOP, Coordinator
+from gradsync.comm.coordinator import Coordinator
+from gradsync.comm.elastic import STATE, STOP
 from gradsync.comm.engine import TORCH
 from gradsync.launcher.elastic import run_elastic
 from tests.distributed import scaled

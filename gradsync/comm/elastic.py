@@ -1,12 +1,12 @@
 """Elastic membership: generations of the world, agreed through a store the launcher hosts.
 
 An elastic job's rendezvous store does not live in a worker: the local launcher holds it
-(:class:`Coordinator`), so it outlives the loss of any worker, rank 0 included. It is a file
-in a directory only the launcher's user can enter (mode 0700), named to the workers in their
-environment (``GRADSYNC_ELASTIC_STORE``): another local user can neither read the membership
-nor write a key (the stop among them). A TCPStore would not do: any local process can
-connect to it, and its clients can list every key (``list_keys``), so not even a key prefix
-derived from a secret would stay secret.
+(``Coordinator``, comm/coordinator.py), so it outlives the loss of any worker, rank 0
+included. It is a file in a directory only the launcher's user can enter (mode 0700), named
+to the workers in their environment (``GRADSYNC_ELASTIC_STORE``): another local user can
+neither read the membership nor write a key (the stop among them). A TCPStore would not do:
+any local process can connect to it, and its clients can list every key (``list_keys``), so
+not even a key prefix derived from a secret would stay secret.
 
 Each worker has a member id (``uid``: 0..N-1 for the first workers, N, N+1, ... for
 replacements). The coordinator alone writes the membership, as one key of integers::
@@ -14,6 +14,10 @@ replacements). The coordinator alone writes the membership, as one key of intege
     elastic/state  = "G uid uid uid"   generation G and its members, in group-rank order
     elastic/stop   = "left least"      fewer than --min-workers are left: every worker stops
     elastic/done   = "1"               a member finished: a replacement still waiting leaves
+
+and each worker writes its heartbeat (``elastic/hb/UID``, comm/heartbeat.py): the coordinator
+declares a member silent for GRADSYNC_ELASTIC_LOST_S (a stopped or hung process) lost, and
+the launcher kills it.
 
 It bumps G when the launcher sees a member exit (a loss) and when a replacement it started
 says it is ready (``elastic/ready/UID``, a join). A worker forms generation G
@@ -33,18 +37,19 @@ answer (gradsync/train/elastic.py). Only integers cross the store.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import os
-import shutil
-import tempfile
 import time
 import weakref
 
+from .. import env
 from . import group as group_mod
 from .engine import TORCH, Engine
 from .errors import CommError, CommTimeoutError
 from .group import Group
+from .heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -65,112 +70,8 @@ class GenerationTimeout(CommTimeoutError):
     """No generation holding this worker formed within the timeout."""
 
 
-def host_store(timeout_s: float, engine: Engine = TORCH):
-    """Create the job's store in a fresh private directory (mode 0700, so that no other user
-    can open the file in it, nor learn what it holds); returns (store, path of its file).
-
-    The path travels to the workers in their environment (``/proc/PID/environ`` is readable
-    by the same user only), never on a command line (``/proc/PID/cmdline`` is readable by
-    everyone)."""
-    folder = tempfile.mkdtemp(prefix="gradsync-elastic-")
-    path = os.path.join(folder, "store")
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        return engine.open_store(path, timeout_s), path
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-
-
 def _ints(raw: bytes) -> list[int]:
     return [int(x) for x in raw.decode("ascii").split()]
-
-
-class Coordinator:
-    """The launcher's side: hosts the store and decides every generation.
-
-    Args:
-        workers: the first workers' count; their uids are 0..workers-1.
-        min_workers: fewer live members than this stops the run.
-        timeout_s: the store's timeout.
-        engine: whose store (default torch.distributed's, the one engine with a store).
-
-    The workers find the store through :meth:`env`; :meth:`close` removes it.
-    """
-
-    def __init__(self, workers: int, min_workers: int, timeout_s: float,
-                 engine: Engine = TORCH):
-        self.store, self.path = host_store(timeout_s, engine)
-        self.min_workers = min_workers
-        self.gen, self.members = 0, list(range(workers))
-        self.pending: set[int] = set()  # replacements started, not yet ready
-        self.stopped, self._reason = False, ""
-        self._publish()
-
-    def env(self) -> dict[str, str]:
-        """What a worker's environment needs to reach the store (besides its uid)."""
-        return {STORE_ENV: self.path}
-
-    def close(self) -> None:
-        """Remove the store's directory (after the last worker has ended)."""
-        shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
-
-    @property
-    def stop_reason(self) -> str:
-        """Why the run stops, for the launcher's last line ("" when no stop was asked for):
-        too few workers, or a stop this coordinator did not write (another process of the
-        same user, the only ones that can open the store)."""
-        if self._reason or not self.store.check([STOP]):
-            return self._reason
-        return (f"{STOP} was set in the store by another process, not by this launcher "
-                f"({self.store.get(STOP).decode(errors='replace')!r})")
-
-    def _publish(self) -> None:
-        self.store.set(STATE, " ".join(str(x) for x in [self.gen, *self.members]))
-
-    def lost(self, uid: int) -> bool:
-        """Member (or pending replacement) ``uid`` has exited. Returns False when the run
-        cannot go on (fewer than ``min_workers`` left): the workers are told to stop."""
-        if uid in self.pending:
-            self.pending.discard(uid)
-            return True
-        if uid not in self.members:
-            return True
-        self.members.remove(uid)
-        if len(self.members) < self.min_workers:
-            self.stopped = True
-            self._reason = (f"{len(self.members)} worker(s) left, fewer than "
-                            f"--min-workers {self.min_workers}")
-            self.store.set(STOP, f"{len(self.members)} {self.min_workers}")
-            return False
-        self.gen += 1
-        self._publish()
-        return True
-
-    def finished(self, uid: int) -> None:
-        """Member ``uid`` completed the run: admit nobody any more, and tell a replacement
-        still waiting to join that there is nothing left to join."""
-        self.stopped = True
-        self.store.set(DONE, "1")
-
-    def started(self, uid: int) -> None:
-        """A replacement ``uid`` was started; it joins once it says it is ready."""
-        self.pending.add(uid)
-
-    def poll(self) -> None:
-        """Admit the replacements that are ready (one new generation for all of them)."""
-        ready = sorted(u for u in self.pending if self.store.check([f"elastic/ready/{u}"]))
-        if not ready or self.stopped:
-            return
-        for uid in ready:
-            self.pending.discard(uid)
-            self.store.delete_key(f"elastic/ready/{uid}")
-        self.members += ready
-        self.gen += 1
-        self._publish()
-
-    def num_keys(self) -> int:
-        return self.store.num_keys()
 
 
 class ElasticWorld:
@@ -188,20 +89,26 @@ class ElasticWorld:
                  engine: Engine = TORCH):
         self.store, self.uid, self.timeout_s, self.backend = store, uid, timeout_s, backend
         self.engine = engine
+        self.step = 0  # steps completed, for the heartbeat (State advances it)
+        self.heartbeat: Heartbeat | None = None
         self.gen = -1
         self.members: tuple[int, ...] = ()
         self.group: Group | None = None
 
     @classmethod
     def from_env(cls, timeout_s: float, engine: Engine = TORCH) -> "ElasticWorld":
-        """Open the store GRADSYNC_ELASTIC_STORE names as member GRADSYNC_ELASTIC_UID."""
+        """Open the store GRADSYNC_ELASTIC_STORE names as member GRADSYNC_ELASTIC_UID and
+        start beating (every GRADSYNC_HEARTBEAT_S; stopped at exit)."""
         try:
             path, uid = os.environ[STORE_ENV], int(os.environ["GRADSYNC_ELASTIC_UID"])
         except (KeyError, ValueError):
             raise RuntimeError(f"an elastic worker needs {STORE_ENV} and GRADSYNC_ELASTIC_UID "
                                "(start it with `gradsync train --elastic`)") from None
-        store = engine.open_store(path, timeout_s)
-        return cls(store, uid, timeout_s, engine=engine)
+        world = cls(engine.open_store(path, timeout_s), uid, timeout_s, engine=engine)
+        world.heartbeat = Heartbeat(world.store, uid, env.heartbeat_s(1.0),
+                                    lambda: world.step).start()
+        atexit.register(world.heartbeat.stop)
+        return world
 
     # -- what the coordinator says ----------------------------------------------------------
 

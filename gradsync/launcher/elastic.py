@@ -7,7 +7,9 @@ replacements. When a worker exits with a failure that it did not explain itself 
 or exit code 1), ``policy.lost(uid)`` decides whether the others go on (the coordinator of
 gradsync/comm/elastic.py, which publishes the next generation); while restarts remain a
 replacement is started and announced with ``policy.started(uid)``. ``policy.poll()`` runs
-every ``poll_s`` seconds (it admits replacements that are ready). A worker that exits with
+every ``poll_s`` seconds (it admits replacements that are ready) and returns the workers it
+declares lost, alive but silent (no heartbeat: stopped or hung): each is named on one line
+and its process group SIGKILLed, so that its exit is a loss like any other. A worker that exits with
 a self-explained code (2, 3, 130: a user error, an agreed stop, an interrupt), or a loss
 the policy refuses, stops the run the usual way, on one line that names the policy's
 ``stop_reason`` when it has one: the others get a grace period, then SIGTERM, then
@@ -38,7 +40,7 @@ class ElasticPolicy(Protocol):
     def lost(self, uid: int) -> bool: ...
     def started(self, uid: int) -> None: ...
     def finished(self, uid: int) -> None: ...
-    def poll(self) -> None: ...
+    def poll(self) -> dict[int, float]: ...
 
 
 class _Terminated(Exception):
@@ -70,7 +72,7 @@ def _supervise(workers: list[Worker], start: Callable[[int], None], first_replac
     ones (numbered from ``first_replacement``) while restarts remain."""
     restarts, next_uid = 0, first_replacement
     while procs.running(workers):
-        policy.poll()
+        _kill_silent(workers, policy.poll())
         for w in procs.poll_exits(workers, poll_s):
             assert w.exit is not None
             if not w.exit.failed:
@@ -88,6 +90,16 @@ def _supervise(workers: list[Worker], start: Callable[[int], None], first_replac
                 start(next_uid)
                 next_uid += 1
     return LaunchResult(returncode=0)
+
+
+def _kill_silent(workers: list[Worker], silent: dict[int, float]) -> None:
+    """SIGKILL the process group of each running worker the policy declared lost (uid ->
+    seconds without a heartbeat); SIGKILL ends a stopped process too."""
+    for w in procs.running(workers):
+        if w.rank in silent:
+            print(f"gradsync: worker {w.rank} sent no heartbeat for {silent[w.rank]:.1f} s "
+                  "(stopped or hung); declaring it lost", file=sys.stderr, flush=True)
+            procs.signal_groups([w], signal.SIGKILL)
 
 
 def run_elastic(cmd: list[str], env_of: Callable[[int], dict[str, str]], nprocs: int,

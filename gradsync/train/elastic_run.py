@@ -21,7 +21,8 @@ import time
 from torch.utils.data import default_collate
 
 from .. import comm
-from ..comm.elastic import Coordinator, ElasticWorld
+from ..comm.coordinator import Coordinator
+from ..comm.elastic import ElasticWorld
 from .config import TrainConfig
 from .elastic import ElasticLoop
 from .loop import RunLog, RunSetup, Tally, summarize, write_summary

@@ -227,6 +227,7 @@ class State:
         offset = p.offset + taken
         self.position = Position(p.step + 1, p.epoch + (offset >= self.dataset_len),
                                  offset % self.dataset_len)
+        self.world.step = self.position.step  # for the heartbeat
         if self.changes and math.isnan(self.changes[-1].recover_s):
             change = self.changes[-1]
             change.recover_s = time.monotonic() - self._noticed
