@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gradsync.comm.heartbeat import overdue
+from gradsync.comm.heartbeat import KEY, LEAVING, Watch, encode, overdue
 from tests.distributed import scaled
 from tests.helpers import ENV, REPO, alive, children
 
@@ -29,6 +29,29 @@ def test_overdue_judges_silence_after_a_heartbeat_and_before_the_first():
     assert overdue(31.0, started, changed, lost_s=5.0, startup_s=30.0) == \
         {0: 21.5, 1: 27.0, 2: 31.0, 3: 22.0}
     assert overdue(10.0, {}, changed, lost_s=5.0, startup_s=30.0) == {}  # none judged
+
+
+def test_watch_names_a_silent_member_once_and_not_one_that_leaves(tmp_path: Path):
+    import torch.distributed as dist
+
+    store, now = dist.FileStore(str(tmp_path / "store"), 1), [0.0]
+    watch = Watch(store, lost_s=2.0, startup_s=30.0, clock=lambda: now[0])
+    for uid in (0, 1, 2):
+        watch.start(uid)
+    for t, beating in ((0.5, (0, 1, 2)), (1.0, (0, 2)), (2.0, (0, 2)), (2.4, (0, 2))):
+        now[0] = t
+        for uid in beating:
+            store.set(KEY.format(uid), encode(int(t * 1000), 7))
+        assert watch.check() == {}, t  # 1 silent since 0.5: not yet 2 s
+    store.set(KEY.format(2), encode(LEAVING, 7))  # 2 exits on purpose, beats no more
+    now[0] = 3.0
+    assert watch.check() == {1: pytest.approx(2.5)}
+    now[0] = 10.0
+    store.set(KEY.format(0), encode(10_000, 8))
+    assert watch.check() == {}  # 1 was named once; 2 is leaving, not silent
+    for uid in (0, 1, 2):  # their exits: the keys go
+        watch.forget(uid)
+    assert not any(store.check([KEY.format(uid)]) for uid in (0, 1, 2))
 
 
 def _uid_of(pid: int) -> int | None:

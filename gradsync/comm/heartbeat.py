@@ -120,10 +120,12 @@ class Watch:
         store: the job's store.
         lost_s: the longest silence allowed after a heartbeat.
         startup_s: the longest silence allowed from a member's start to its first heartbeat.
+        clock: the launcher's monotonic clock (a test's own, to run without waiting).
     """
 
-    def __init__(self, store, lost_s: float, startup_s: float):
-        self.store, self.lost_s, self.startup_s = store, lost_s, startup_s
+    def __init__(self, store, lost_s: float, startup_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.store, self.lost_s, self.startup_s, self.clock = store, lost_s, startup_s, clock
         self.check_s = min(0.25, lost_s / 10)  # store reads at most this often
         self.started: dict[int, float] = {}
         self._seen: dict[int, tuple[bytes, float]] = {}  # value, when first read
@@ -131,7 +133,7 @@ class Watch:
 
     def start(self, uid: int) -> None:
         """Member ``uid`` was started: judge it from now on."""
-        self.started[uid] = time.monotonic()
+        self.started[uid] = self.clock()
 
     def forget(self, uid: int) -> None:
         """Member ``uid`` has exited: judge it no more, delete its key."""
@@ -143,7 +145,7 @@ class Watch:
     def check(self) -> dict[int, float]:
         """Read the heartbeats (at most every ``check_s``); the members found silent for
         too long, with their silence in seconds. Each is returned once."""
-        now = time.monotonic()
+        now = self.clock()
         if now < self._next:
             return {}
         self._next = now + self.check_s
