@@ -348,12 +348,17 @@ def serve_started(proc, stderr_tail) -> str:
 
 
 def stop_serve(proc) -> None:
-    """Kill a `gradsync serve` front still running and any replica it leaves."""
+    """Stop a `gradsync serve` front still running as a user does (SIGTERM: it removes its
+    private copy of the served step), SIGKILL it if that fails, and any replica it leaves."""
     if proc.poll() is not None:
         return
     replicas = children(proc.pid)
-    proc.kill()
-    proc.wait()
+    proc.terminate()
+    try:
+        proc.wait(scaled(30))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
     for pid in replicas:  # (they exit by themselves once their socket closes)
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
