@@ -45,6 +45,18 @@ class _FlagSpec:
     optional: bool
 
 
+def flag_meta(text: str, flag: str | None = None) -> dict[str, str]:
+    """A field's metadata: its help, and its flag's name when the field's own would be
+    ambiguous (``field(default=None, metadata=flag_meta("...", flag="checkpoint-dir"))``)."""
+    return {"help": text} if flag is None else {"help": text, "flag": flag}
+
+
+def at_least(value: int | None, least: int, flag: str) -> None:
+    """A config's check of an optional count: ValueError naming ``--flag`` below ``least``."""
+    if value is not None and value < least:
+        raise ValueError(f"--{flag} must be at least {least}, got {value}")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

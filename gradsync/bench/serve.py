@@ -79,24 +79,35 @@ def _body(model: str, rows: np.ndarray) -> bytes:
 def load(url: str, model: str, row_shape: list[int], args, sample=None) -> dict:
     """Run the closed loop against ``url`` (loadgen.py); returns requests/s, rows/s, p50/p99
     (ms). ``sample()``, if given, is called when the measured seconds begin and end."""
-    host, port = url.split("//")[1].rsplit(":", 1)
+    host, port = _host_port(url)
     bodies = [_body(model, np.random.default_rng(k).random((args.rows, *row_shape),
                                                             dtype=np.float32))
               for k in range(args.clients)]
     try:
-        result = run_closed_loop(host, int(port), f"/v2/models/{model}/infer", bodies,
+        result = run_closed_loop(host, port, f"/v2/models/{model}/infer", bodies,
                                  warmup=args.warmup, duration=args.duration, sample=sample)
     except LoadError as exc:
         raise SystemExit(f"gradsync bench: a client failed: {exc}") from None
     return {**result, "rows_per_s": result["requests_per_s"] * args.rows}
 
 
-def _mean_batch(url: str) -> float:
+def _host_port(url: str) -> tuple[str, int]:
+    """``http://HOST:PORT`` -> (HOST, PORT)."""
     host, port = url.split("//")[1].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
+    return host, int(port)
+
+
+def _get(url: str, path: str) -> bytes:
+    conn = http.client.HTTPConnection(*_host_port(url), timeout=30)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+def _mean_batch(url: str) -> float:
+    text = _get(url, "/metrics").decode()
     values = {"sum": 0.0, "count": 0.0}  # over the model label (and one front's counts)
     for line in text.splitlines():
         for key in values:
@@ -179,12 +190,7 @@ def measure(args, checkpoint: str, replicas: int, fronts: int = 1) -> dict:
 
 
 def _get_json(url: str, path: str) -> dict:
-    host, port = url.split("//")[1].rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    conn.request("GET", path)
-    answer = json.loads(conn.getresponse().read())
-    conn.close()
-    return answer
+    return json.loads(_get(url, path))
 
 
 def write_plot(path: str, rows: list[dict], title: str) -> None:

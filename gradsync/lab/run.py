@@ -14,12 +14,11 @@ group is killed before returning.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 
 from ..launcher import EXIT_TIMEOUT, LaunchResult, OnLine, run_processes
-from ..launcher.launch import worker_env
+from ..launcher.launch import rank_env, worker_env
 from .cluster import Lab, up
 from .netns import LabError
 
@@ -42,9 +41,8 @@ def slot_env(lab: Lab, rank: int, master_port: int,
     variables (a host is a node) and the lab's."""
     per_host = lab.procs_per_host
     extra = dict(extra or {})
-    # Share the machine's cores between all ranks instead of one thread per core each.
-    extra.setdefault("OMP_NUM_THREADS", os.environ.get(
-        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // lab.world_size))))
+    # Every host's ranks share this one machine's cores.
+    extra.setdefault("OMP_NUM_THREADS", rank_env(lab.world_size)["OMP_NUM_THREADS"])
     extra.setdefault("PYTHONUNBUFFERED", "1")  # lines appear as they are printed
     env = worker_env(rank, lab.world_size, lab.master_addr, master_port, extra,
                      local_rank=rank % per_host, local_world_size=per_host,

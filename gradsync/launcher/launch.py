@@ -21,7 +21,7 @@ from ..net import bind_listener, is_loopback
 from .supervise import LaunchResult, run_processes
 
 __all__ = ["LaunchError", "LaunchResult", "check_port_free", "find_free_port", "launch",
-           "worker_env"]
+           "rank_env", "worker_env"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,26 +52,38 @@ def find_free_port(addr: str = "127.0.0.1") -> int:
         raise LaunchError(f"cannot bind a port on {addr}: {exc.strerror}") from exc
 
 
-def check_port_free(addr: str, port: int) -> None:
+def check_port_free(addr: str, port: int, flag: str = "--port") -> None:
     """Fail early, with a clear message, if ``port`` is taken on ``addr``.
 
     Args:
         addr: the master address.
         port: the master port.
+        flag: the flag that chooses the port, named in the message.
 
     Raises:
         LaunchError: if the port is out of range, in use, or ``addr`` cannot be bound.
     """
     if not 1 <= port <= 65535:
-        raise LaunchError(f"port {port} is out of range; choose one in 1-65535 with --port")
+        raise LaunchError(f"port {port} is out of range; choose one in 1-65535 with {flag}")
     try:
         bind_listener(addr, port).close()
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise LaunchError(
-                f"port {port} on {addr} is already in use; choose another with --port"
+                f"port {port} on {addr} is already in use; choose another with {flag}"
             ) from exc
         raise LaunchError(f"cannot bind {addr}:{port}: {exc.strerror}") from exc
+
+
+def rank_env(ranks_here: int) -> dict[str, str]:
+    """What every launcher gives the ranks that share this machine, unless the user set it:
+    OMP_NUM_THREADS so that they share its cores instead of each starting one thread per
+    core, and TORCH_CPP_LOG_LEVEL=ERROR: c10d's warnings (with C++ stack traces) when a
+    peer's store connection breaks repeat gradsync's one-line errors, which name the rank
+    (it also hides c10d's warning that lab addresses have no reverse DNS entry)."""
+    threads = str(max(1, (os.cpu_count() or 1) // ranks_here))
+    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
+            "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
 
 
 def worker_env(rank: int, world_size: int, addr: str, port: int,

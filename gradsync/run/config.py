@@ -12,19 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..flags import at_least as _at_least
+from ..flags import flag_meta as _help
 from ..lab.netns import check_rates
 
 PORT_MAX = 65535
 STREAMS = (0, 1, 2, 3)  # torchrun's codes: none, stdout, stderr, both
-
-
-def _help(text: str, flag: str | None = None) -> dict[str, str]:
-    return {"help": text} if flag is None else {"help": text, "flag": flag}
-
-
-def _at_least(value: int | None, least: int, flag: str) -> None:
-    if value is not None and value < least:
-        raise ValueError(f"--{flag} must be at least {least}, got {value}")
 
 
 @dataclass

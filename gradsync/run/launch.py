@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from ..exits import EXIT_INTERRUPTED, UserError, say
 from ..launcher import EXIT_TIMEOUT, LaunchError, LaunchResult, run_processes
-from ..launcher.launch import check_port_free, find_free_port, worker_env
+from ..launcher.launch import check_port_free, find_free_port, rank_env, worker_env
 from .config import RunConfig
 from .logs import RankLogs
 
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MULTINODE_PORT = 29500  # torchrun's default MASTER_PORT
 _FINAL = {0, EXIT_TIMEOUT, EXIT_INTERRUPTED, 128 + 15}  # no restart after these
-_TORCH_QUIET = {"TORCH_CPP_LOG_LEVEL": "ERROR"}  # c10d's C++ warnings repeat our one line
 
 
 def command_of(script: str, args: list[str], *, module: bool = False,
@@ -51,15 +50,10 @@ def command_of(script: str, args: list[str], *, module: bool = False,
     return [sys.executable, script, *args]
 
 
-def _threads(per_host: int) -> dict[str, str]:
-    # Share the cores between the ranks of a host instead of one thread per core each.
-    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
-                                              str(max(1, (os.cpu_count() or 1) // per_host)))}
-
-
 def run(config: RunConfig, cmd: list[str]) -> int:
     """Run ``cmd`` as ``config`` says and return the run's exit status."""
-    extra = {**_threads(config.procs_per_host), **_TORCH_QUIET,
+    # A lab's hosts all share this machine's cores: every rank of it counts.
+    extra = {**rank_env(len(_ranks_here(config))),
              "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1")}
     if config.elastic.elastic:
         return _run_elastic(config, cmd, extra)
@@ -125,10 +119,10 @@ def _master_port(config: RunConfig) -> int:
         else:
             port = config.master_port
         if config.node_rank == 0:
-            check_port_free(addr, port)
+            check_port_free(addr, port, flag="--master-port")
         return port
     except LaunchError as exc:
-        raise UserError(str(exc).replace("--port", "--master-port")) from None
+        raise UserError(str(exc)) from None
 
 
 def _run_here(config: RunConfig, cmd: list[str], extra: dict[str, str],

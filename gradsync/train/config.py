@@ -14,6 +14,8 @@ from typing import Literal
 from ..comm import ALL_REDUCE_ALGORITHMS, ENGINES, Topology, check_algorithm
 from ..compress.spec import COMPRESSORS, REGISTRY as COMPRESSOR_TABLE, Compression
 from ..compress.spec import parse as parse_compression
+from ..flags import at_least as _at_least
+from ..flags import flag_meta as _help
 from ..lab.netns import check_rates
 from ..ps.consistency import MODES
 from ..workloads import WORKLOADS
@@ -24,15 +26,6 @@ CONSISTENCY_MODES = tuple(MODES)
 # (a learning rate of 1e300 turns the first update into Inf; a timeout beyond a week
 # overflows the engine's timedelta long before it helps anyone).
 LR_MAX, TIMEOUT_MAX_S, BUCKET_MAX_MB = 1e3, 7 * 24 * 3600.0, float(1 << 20)
-
-
-def _help(text: str, flag: str | None = None) -> dict[str, str]:
-    return {"help": text} if flag is None else {"help": text, "flag": flag}
-
-
-def _at_least(value: int | None, least: int, flag: str) -> None:
-    if value is not None and value < least:
-        raise ValueError(f"--{flag} must be at least {least}, got {value}")
 
 
 def _positive(value: float | None, most: float, flag: str) -> None:

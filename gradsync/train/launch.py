@@ -8,11 +8,11 @@ an emulated cluster) and supervise them.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..exits import EXIT_INTERRUPTED, SELF_EXPLAINED, UserError, say
 from ..flags import to_argv
+from ..launcher.launch import rank_env
 from .config import TrainConfig
 from .worker import check_writable
 
@@ -32,16 +32,6 @@ def _tolerated(config: TrainConfig) -> frozenset[int]:
                            config.launch.elastic)
 
 
-def _rank_env(config: TrainConfig, ranks_per_machine: int) -> dict[str, str]:
-    # Share the cores between the ranks instead of letting each start one thread per core.
-    threads = str(max(1, (os.cpu_count() or 1) // ranks_per_machine))
-    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
-            # c10d's warnings (with C++ stack traces) when a peer's store connection breaks
-            # repeat what gradsync's own one-line errors say, naming the rank. (It also hides
-            # c10d's warning that lab addresses have no reverse DNS entry.)
-            "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
-
-
 def run_local(config: TrainConfig, interrupts_raise=lambda: None) -> int:
     """Start the run's processes, supervise them, and return the run's exit code.
     ``interrupts_raise`` is called once the launcher forwards Ctrl-C to its ranks."""
@@ -52,7 +42,7 @@ def run_local(config: TrainConfig, interrupts_raise=lambda: None) -> int:
         raise UserError(f"--checkpoint-dir {config.checkpoint.dir} is a file, not a directory")
     if config.lab.hosts:
         return run_in_lab(config, interrupts_raise)
-    env = _rank_env(config, config.launch.workers)
+    env = rank_env(config.launch.workers)
     tolerate = _tolerated(config)
     interrupts_raise()
     if config.launch.elastic and config.arch != "ps":  # the rendezvous store lives here
@@ -78,7 +68,7 @@ def run_in_lab(config: TrainConfig, interrupts_raise=lambda: None) -> int:
     """`--lab N`: bring an emulated cluster up, run one rank per host, take it down."""
     from ..lab import LabError, train_in_lab
 
-    env = _rank_env(config, config.lab.hosts)
+    env = rank_env(config.lab.hosts)
     interrupts_raise()
     rates = config.lab.rates.split(",") if config.lab.rates else None
     try:
