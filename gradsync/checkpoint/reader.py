@@ -126,6 +126,11 @@ class CheckpointReader:
         per_rank = read_file(path / mine, files[mine]) if mine in files else None
         return state, per_rank, meta
 
+    def marked_steps(self) -> list[int]:
+        """Steps whose directory holds a marker, ascending, whether or not it still verifies
+        (to say why none loads)."""
+        return [step for step, path in self._entries() if (path / MARKER).exists()]
+
     def has_entries(self) -> bool:
         """Whether anything named like a checkpoint is here (committed or not)."""
         return bool(self._entries())

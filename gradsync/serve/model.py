@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint.format import MARKER, STEP_DIR_RE, CheckpointError, step_dirname
+from ..checkpoint.format import CheckpointError, step_dirname
 from ..checkpoint.reader import CheckpointReader
 from .protocol import TensorSpec
 from .wire import DATATYPES, datatype_of, numpy_dtype
@@ -119,9 +119,7 @@ def find_checkpoint(directory: str | Path) -> Checkpoint:
     except CheckpointError as exc:
         raise ServeError(str(exc)) from None
     if found is None:
-        committed = sorted(int(m.group(1)) for entry in path.iterdir()
-                           if (m := STEP_DIR_RE.match(entry.name)) and not m.group(2)
-                           and (entry / MARKER).exists())
+        committed = CheckpointReader(path).marked_steps()
         if committed:  # committed once, but none loads now: say why the newest does not
             try:
                 CheckpointReader(path).load(committed[-1])
