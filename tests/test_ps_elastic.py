@@ -90,3 +90,24 @@ def test_lost_worker_stops_or_is_dropped(consistency, elastic, min_workers, rais
     else:
         with pytest.raises(PSProtocolError, match=f"server 0: lost worker rank 2 .*; {raised}"):
             server._on_lost(2, "test")
+
+
+def test_a_reply_to_a_worker_already_gone_is_left_to_its_loss_event(monkeypatch):
+    # The send of a reply can fail before the receiver thread has reported the worker lost
+    # (CI saw it: "lost rank 3 during send" stopped an elastic run). The reply is dropped; the
+    # loss event that follows decides.
+    from gradsync import comm
+    from gradsync.ps import server as server_module
+    from gradsync.ps.protocol import Kind
+
+    def gone(*args, **kwargs):
+        raise comm.PeerLostError("rank 0: lost rank 2 during send (Connection closed by peer)")
+
+    monkeypatch.setattr(server_module, "send_message", gone)
+    server = ParameterServer(torch.zeros(4), 0, [1, 2, 3],
+                             lambda params: torch.optim.SGD(params, lr=0.1),
+                             ServerConfig("sync", elastic=True, min_workers=1))
+    server.reply(2, Kind.PARAMS, torch.zeros(4))
+    assert server.stats.bytes_sent == 0
+    server._on_lost(2, "test")
+    assert server.live == {1, 3}

@@ -154,7 +154,14 @@ class ParameterServer:
         version = self.versions[partition] if self.versions else 0
         header = Header(kind, step=step, shard=self.index, numel=numel, version=version,
                         sender=self.index, status=status, partition=partition)
-        self.replies.started(worker, send_message(header, payload, worker, self.reply_group))
+        try:
+            works = send_message(header, payload, worker, self.reply_group)
+        except comm.CommError as exc:
+            # The worker is gone: its receiver thread reports the loss as an event of its own,
+            # which drops it or stops the run (``_on_lost``); the reply is owed to no one.
+            log.info("server %d: a reply to rank %d was not sent: %s", self.index, worker, exc)
+            return
+        self.replies.started(worker, works)
         self.stats.bytes_sent += 0 if payload is None else numel * payload.element_size()
 
     def answer(self, worker: int, c: int, payload: torch.Tensor, step: int) -> None:
