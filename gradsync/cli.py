@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     from .run.cli import add_parser as add_run_parser
 
     add_run_parser(sub)
+    from .run.rdzv import add_parser as add_rdzv_parser
+
+    add_rdzv_parser(sub)
     from .lab.cli import add_parser as add_lab_parser
 
     add_lab_parser(sub)
@@ -142,6 +145,14 @@ def _main(argv: list[str] | None) -> int:
         from .serve.cli import main as serve_main
 
         return serve_main(args)
+    if args.command == "rdzv":
+        from .run.rdzv import main as rdzv_main
+
+        try:
+            return rdzv_main(args)
+        except UserError as exc:
+            say(f"gradsync: error: {exc}")
+            return EXIT_USAGE
     return _train(args)
 
 

@@ -61,14 +61,14 @@ def heartbeat_s(default: float = 1.0) -> float:
     return seconds("GRADSYNC_HEARTBEAT_S", default)
 
 
-def elastic_lost_s(default: float = 5.0) -> float:
+def elastic_lost_s(default: float = 3.0) -> float:
     """GRADSYNC_ELASTIC_LOST_S: after how many seconds without a heartbeat an elastic worker
-    is declared lost (default 5, or 5 heartbeat periods if longer).
+    is declared lost (default 3, or 5 heartbeat periods if longer).
 
     Raises:
         ValueError: not a positive number of seconds, or less than two heartbeat periods.
     """
-    beat = heartbeat_s()
+    beat = heartbeat_s(0.5)  # an elastic worker's period (comm/elastic.py)
     value = seconds("GRADSYNC_ELASTIC_LOST_S", max(default, 5 * beat))
     if value < 2 * beat:
         raise _bad("GRADSYNC_ELASTIC_LOST_S", os.environ["GRADSYNC_ELASTIC_LOST_S"],

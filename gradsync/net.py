@@ -59,3 +59,27 @@ def listen_fd(addr: str, port: int) -> tuple[int, int]:
     sock.listen(128)
     port = sock.getsockname()[1]
     return sock.detach(), port
+
+
+def route_to(host: str, port: int) -> tuple[str, str]:
+    """(the local address, its interface name) this machine reaches ``host`` from: what a
+    worker's gloo should bind (GLOO_SOCKET_IFNAME) to talk to the hosts of that network.
+    A UDP ``connect`` picks the route without sending anything."""
+    import fcntl
+    import struct
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, port))
+        local = probe.getsockname()[0]
+    if family == socket.AF_INET:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _, name in socket.if_nameindex():
+                try:  # SIOCGIFADDR: the interface's IPv4 address
+                    raw = fcntl.ioctl(s.fileno(), 0x8915,
+                                      struct.pack("256s", name.encode()[:15]))
+                except OSError:
+                    continue
+                if socket.inet_ntoa(raw[20:24]) == local:
+                    return local, name
+    raise OSError(f"no interface holds {local}, the address that reaches {host}")

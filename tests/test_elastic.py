@@ -106,7 +106,7 @@ def test_lost_worker_run_equals_sgd_on_the_same_global_batches(tmp_path: Path, r
     from gradsync.launcher.elastic import run_elastic
 
     steps, marker = 9, f"GRADSYNC_TEST_MARK={uuid.uuid4().hex}"
-    coordinator = Coordinator(ew.WORKERS, 2, scaled(60))
+    coordinator = Coordinator.on_this_host(ew.WORKERS, 2, scaled(60))
     mark_key, mark_value = marker.split("=")
 
     def env_of(uid: int) -> dict[str, str]:
@@ -117,7 +117,8 @@ def test_lost_worker_run_equals_sgd_on_the_same_global_batches(tmp_path: Path, r
 
     try:
         result = run_elastic([sys.executable, "-m", "tests._elastic_worker", str(tmp_path),
-                              str(steps), rescale], env_of, ew.WORKERS, coordinator)
+                              str(steps), rescale], env_of, range(ew.WORKERS),
+                             coordinator)
         keys = sorted(k if isinstance(k, str) else k.decode()
                       for k in coordinator.store.list_keys())
     finally:

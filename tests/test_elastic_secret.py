@@ -157,11 +157,12 @@ def test_another_user_can_neither_read_nor_stop_an_elastic_job(tmp_path: Path):
 def test_a_stop_the_launcher_did_not_write_is_named(capfd):
     # Only the job's own user can open the store; a process of that user that sets the
     # stop key makes the workers exit 3, and the launcher says so on one line.
-    coordinator = Coordinator(1, 1, scaled(10))
+    coordinator = Coordinator.on_this_host(1, 1, scaled(10))
     try:
         TORCH.open_store(coordinator.path, scaled(10)).set(STOP, "0 2")
         result = run_elastic([sys.executable, "-c", "raise SystemExit(3)"],
-                             lambda uid: {**os.environ, **coordinator.env()}, 1, coordinator)
+                             lambda uid: {**os.environ, **coordinator.env()}, [0],
+                             coordinator)
     finally:
         coordinator.close()
     assert result.returncode == 3

@@ -1,7 +1,7 @@
 """The launcher's side of an elastic job: the store it hosts and the coordinator that decides
 every generation (comm/elastic.py describes the keys and the workers' side).
 
-    coordinator = Coordinator(workers=4, min_workers=2, timeout_s=300.0)
+    coordinator = Coordinator.on_this_host(workers=4, min_workers=2, timeout_s=300.0)
     env = coordinator.env()    # GRADSYNC_ELASTIC_STORE, for the workers' environment
     ...                        # lost(), started(), finished(), poll(): gradsync/launcher/elastic.py
     coordinator.close()
@@ -40,39 +40,60 @@ def host_store(timeout_s: float, engine: Engine = TORCH):
 
 
 class Coordinator:
-    """The launcher's side: hosts the store and decides every generation.
+    """Decides every generation of an elastic job, from the losses, joins and ends it is told
+    of and the heartbeats it reads.
 
     Args:
-        workers: the first workers' count; their uids are 0..workers-1.
+        store: the job's store (this process writes the membership into it).
+        members: the first generation's member ids.
         min_workers: fewer live members than this stops the run.
-        timeout_s: the store's timeout.
-        engine: whose store (default torch.distributed's, the one engine with a store).
-        lost_s: a member silent this long is lost (default GRADSYNC_ELASTIC_LOST_S, else 5 s);
-            one that has not beaten yet gets ``timeout_s`` from its start.
+        lost_s: a member silent this long is lost (default GRADSYNC_ELASTIC_LOST_S, else 3 s).
+        startup_s: the longest silence allowed from a member's start to its first heartbeat.
+        path: the store's file, when the store is one (:meth:`on_this_host`; None for a
+            TCPStore served by the rendezvous service, comm/rendezvous.py).
 
-    The workers find the store through :meth:`env`; :meth:`close` removes it.
+    On one host the launcher holds it (:meth:`on_this_host`); across hosts the rendezvous
+    service does. The workers find the store through :meth:`env`; :meth:`close` removes it.
     """
 
-    def __init__(self, workers: int, min_workers: int, timeout_s: float,
-                 engine: Engine = TORCH, lost_s: float | None = None):
-        self.store, self.path = host_store(timeout_s, engine)
+    def __init__(self, store, members: list[int], min_workers: int, *,
+                 lost_s: float | None = None, startup_s: float = 300.0,
+                 path: str | None = None):
+        self.store, self.path = store, path
         lost_s = env.elastic_lost_s() if lost_s is None else lost_s
-        self.watch = Watch(self.store, lost_s, startup_s=timeout_s)
+        self.watch = Watch(self.store, lost_s, startup_s=startup_s)
         self.min_workers = min_workers
-        self.gen, self.members = 0, list(range(workers))
+        self.gen, self.members = 0, list(members)
+        self._next_uid = max(self.members, default=-1) + 1
         self.pending: set[int] = set()  # replacements started, not yet ready
         self.stopped, self._reason = False, ""
         self._publish()
         for uid in self.members:
             self.watch.start(uid)
 
+    @classmethod
+    def on_this_host(cls, workers: int, min_workers: int, timeout_s: float,
+                     engine: Engine = TORCH, lost_s: float | None = None) -> "Coordinator":
+        """The coordinator of one launcher's workers 0..workers-1, with its store in a
+        private file (:func:`host_store`)."""
+        store, path = host_store(timeout_s, engine)
+        return cls(store, list(range(workers)), min_workers, lost_s=lost_s,
+                   startup_s=timeout_s, path=path)
+
     def env(self) -> dict[str, str]:
         """What a worker's environment needs to reach the store (besides its uid)."""
+        assert self.path is not None, "a served store's address is the service's"
         return {STORE_ENV: self.path}
 
     def close(self) -> None:
         """Remove the store's directory (after the last worker has ended)."""
-        shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+        if self.path is not None:
+            shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+
+    def new_uid(self) -> int:
+        """The member id of the next replacement this launcher starts."""
+        self._next_uid += 1
+        return self._next_uid - 1
 
     @property
     def stop_reason(self) -> str:

@@ -41,11 +41,13 @@ import atexit
 import gc
 import logging
 import os
+import threading
 import time
 import weakref
 
 from .. import env
 from . import group as group_mod
+from . import sever
 from .engine import TORCH, Engine
 from .errors import CommError, CommTimeoutError
 from .group import Group
@@ -68,6 +70,15 @@ class ElasticDone(CommError):
 
 class GenerationTimeout(CommTimeoutError):
     """No generation holding this worker formed within the timeout."""
+
+
+def open_job_store(spec: str, timeout_s: float, engine: Engine = TORCH):
+    """A client of the job's store: ``tcp://HOST:PORT`` (the rendezvous service of a job
+    across hosts, comm/rendezvous.py) or the path of the launcher's store file."""
+    if spec.startswith("tcp://"):
+        host, _, port = spec[len("tcp://"):].rpartition(":")
+        return engine.connect_store(host.strip("[]"), int(port), timeout_s)
+    return engine.open_store(spec, timeout_s)
 
 
 def _ints(raw: bytes) -> list[int]:
@@ -94,6 +105,11 @@ class ElasticWorld:
         self.gen = -1
         self.members: tuple[int, ...] = ()
         self.group: Group | None = None
+        # The sockets that are not a group's (the store's client), and the lock that keeps
+        # the heartbeat thread from cutting a group's connections while one is formed.
+        self._keep = sever.sockets()
+        self._forming = threading.Lock()
+        self._severed = -1  # the last generation whose connections were cut
 
     @classmethod
     def from_env(cls, timeout_s: float, engine: Engine = TORCH) -> "ElasticWorld":
@@ -104,11 +120,34 @@ class ElasticWorld:
         except (KeyError, ValueError):
             raise RuntimeError(f"an elastic worker needs {STORE_ENV} and GRADSYNC_ELASTIC_UID "
                                "(start it with `gradsync train --elastic`)") from None
-        world = cls(engine.open_store(path, timeout_s), uid, timeout_s, engine=engine)
-        world.heartbeat = Heartbeat(world.store, uid, env.heartbeat_s(1.0),
-                                    lambda: world.step).start()
+        world = cls(open_job_store(path, timeout_s, engine), uid, timeout_s, engine=engine)
+        world.heartbeat = Heartbeat(world.store, uid, env.heartbeat_s(0.5),
+                                    lambda: world.step, after=world.check_lost).start()
         atexit.register(world.heartbeat.stop)
         return world
+
+    def check_lost(self) -> None:
+        """(The heartbeat thread, after each beat.) When the coordinator has published a
+        generation without a member of this worker's group, or stopped the run, cut the
+        group's connections: a collective blocked on a peer that vanished without closing
+        them (its host's link down) then fails now, not at the timeout (comm/sever.py)."""
+        if self.group is None or self._severed >= self.gen:
+            return
+        try:
+            gen, members = self.latest()
+            gone = set(self.members) - set(members) if gen > self.gen else set()
+        except ElasticStopped:
+            gone = set(self.members)
+        if not gone or not self._forming.acquire(blocking=False):
+            return  # nobody lost, or the main thread is forming the next group already
+        try:
+            if self.group is not None and self._severed < self.gen:
+                self._severed = self.gen
+                cut = sever.sever(self._keep)
+                log.info("member %d: members %s of generation %d are gone; cut %d "
+                         "connections of its group", self.uid, sorted(gone), self.gen, cut)
+        finally:
+            self._forming.release()
 
     # -- what the coordinator says ----------------------------------------------------------
 
@@ -174,7 +213,10 @@ class ElasticWorld:
             ElasticStopped: the coordinator stopped the run.
             GenerationTimeout: no such generation formed within the timeout.
         """
-        newer_than = self.gen if newer_than is None else newer_than
+        with self._forming:
+            return self._form(self.gen if newer_than is None else newer_than)
+
+    def _form(self, newer_than: int) -> Group:
         deadline = time.monotonic() + self.timeout_s
         self.abandon()
         while True:

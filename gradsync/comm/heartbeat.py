@@ -4,7 +4,7 @@ A worker that dies is seen by the launcher at once (its exit); one that is alive
 (SIGSTOP, a process frozen with the GIL held) is not, and without heartbeats its peers wait
 in their collective for the whole timeout. So each worker runs one daemon thread
 (:class:`Heartbeat`, started by ``ElasticWorld.from_env``) that writes one key of integers
-to the job's store every GRADSYNC_HEARTBEAT_S seconds (default 1)::
+to the job's store every GRADSYNC_HEARTBEAT_S seconds (default 0.5)::
 
     elastic/hb/UID = "T STEP"   T: the worker's clock in ms, or -1: it is exiting on purpose
                                 STEP: the steps it has completed
@@ -12,7 +12,7 @@ to the job's store every GRADSYNC_HEARTBEAT_S seconds (default 1)::
 The launcher's coordinator (:class:`Watch`) reads them as it polls and notes, on its own
 monotonic clock, when each value last changed: a worker's clock is never compared with the
 launcher's, so hosts whose clocks disagree would not matter. A member whose heartbeat has
-not changed for ``lost_s`` (GRADSYNC_ELASTIC_LOST_S, default 5 s) is declared lost
+not changed for ``lost_s`` (GRADSYNC_ELASTIC_LOST_S, default 3 s) is declared lost
 (:func:`overdue`): the launcher SIGKILLs it and the ordinary loss path follows. A worker that
 has not beaten yet (a replacement still importing torch and building its model) has
 ``startup_s`` (the store's timeout) from its start instead. The coordinator deletes a
@@ -57,8 +57,10 @@ class Heartbeat:
         step: returns the steps this worker has completed (read at each heartbeat).
     """
 
-    def __init__(self, store, uid: int, interval_s: float, step: Callable[[], int]):
+    def __init__(self, store, uid: int, interval_s: float, step: Callable[[], int],
+                 after: Callable[[], None] | None = None):
         self.store, self.key, self.interval_s, self.step = store, KEY.format(uid), interval_s, step
+        self.after = after  # run after each beat, in the thread (the worker's loss check)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gradsync-elastic-heartbeat",
                                         daemon=True)
@@ -88,6 +90,8 @@ class Heartbeat:
         while not self._stop.wait(self.interval_s):
             try:
                 self._beat()
+                if self.after is not None:
+                    self.after()
             except Exception as exc:  # noqa: BLE001 - the store is gone: the run is ending
                 log.debug("heartbeat stopped: %s", exc)
                 return
@@ -124,8 +128,9 @@ class Watch:
     """
 
     def __init__(self, store, lost_s: float, startup_s: float,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, key: str = KEY):
         self.store, self.lost_s, self.startup_s, self.clock = store, lost_s, startup_s, clock
+        self.key = key  # whose heartbeats: workers (KEY) or the hosts' agents
         self.check_s = min(0.25, lost_s / 10)  # store reads at most this often
         self.started: dict[int, float] = {}
         self._seen: dict[int, tuple[bytes, float]] = {}  # value, when first read
@@ -139,8 +144,8 @@ class Watch:
         """Member ``uid`` has exited: judge it no more, delete its key."""
         self.started.pop(uid, None)
         self._seen.pop(uid, None)
-        if self.store.check([KEY.format(uid)]):
-            self.store.delete_key(KEY.format(uid))
+        if self.store.check([self.key.format(uid)]):
+            self.store.delete_key(self.key.format(uid))
 
     def check(self) -> dict[int, float]:
         """Read the heartbeats (at most every ``check_s``); the members found silent for
@@ -150,7 +155,7 @@ class Watch:
             return {}
         self._next = now + self.check_s
         for uid in list(self.started):
-            key = KEY.format(uid)
+            key = self.key.format(uid)
             if not self.store.check([key]):
                 continue
             raw = self.store.get(key)

@@ -1,9 +1,9 @@
 """Supervise an elastic job: a lost worker does not stop the others, a replacement may start.
 
-    result = run_elastic(cmd, env_of, 4, policy, max_restarts=1)
+    result = run_elastic(cmd, env_of, range(4), policy, max_restarts=1)
 
 Workers are numbered by member id (``uid``): 0..N-1 first, then N, N+1, ... for
-replacements. When a worker exits with a failure that it did not explain itself (a signal,
+replacements (``policy.new_uid()``). When a worker exits with a failure that it did not explain itself (a signal,
 or exit code 1), ``policy.lost(uid)`` decides whether the others go on (the coordinator of
 gradsync/comm/elastic.py, which publishes the next generation); while restarts remain a
 replacement is started and announced with ``policy.started(uid)``. ``policy.poll()`` runs
@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from . import procs
@@ -41,6 +41,7 @@ class ElasticPolicy(Protocol):
     def started(self, uid: int) -> None: ...
     def finished(self, uid: int) -> None: ...
     def poll(self) -> dict[int, float]: ...
+    def new_uid(self) -> int: ...
 
 
 class _Terminated(Exception):
@@ -65,12 +66,11 @@ def _start(workers: list[Worker], uid: int, cmd: list[str],
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def _supervise(workers: list[Worker], start: Callable[[int], None], first_replacement: int,
-               policy: ElasticPolicy, max_restarts: int, grace_s: float,
-               poll_s: float) -> LaunchResult:
+def _supervise(workers: list[Worker], start: Callable[[int], None], policy: ElasticPolicy,
+               max_restarts: int, grace_s: float, poll_s: float) -> LaunchResult:
     """Watch the workers until all have ended or a failure stops the run; replace the lost
-    ones (numbered from ``first_replacement``) while restarts remain."""
-    restarts, next_uid = 0, first_replacement
+    ones (numbered by ``policy.new_uid()``) while restarts remain."""
+    restarts = 0
     while procs.running(workers):
         _kill_silent(workers, policy.poll())
         for w in procs.poll_exits(workers, poll_s):
@@ -86,9 +86,9 @@ def _supervise(workers: list[Worker], start: Callable[[int], None], first_replac
                   file=sys.stderr, flush=True)
             if restarts < max_restarts:
                 restarts += 1
-                policy.started(next_uid)
-                start(next_uid)
-                next_uid += 1
+                uid = policy.new_uid()
+                policy.started(uid)
+                start(uid)
     return LaunchResult(returncode=0)
 
 
@@ -102,10 +102,10 @@ def _kill_silent(workers: list[Worker], silent: dict[int, float]) -> None:
             procs.signal_groups([w], signal.SIGKILL)
 
 
-def run_elastic(cmd: list[str], env_of: Callable[[int], dict[str, str]], nprocs: int,
-                policy: ElasticPolicy, *, max_restarts: int = 0, grace_s: float = 5.0,
-                poll_s: float = 0.05) -> LaunchResult:
-    """Run ``cmd`` as ``nprocs`` elastic workers (environment ``env_of(uid)``) until every
+def run_elastic(cmd: list[str], env_of: Callable[[int], dict[str, str]],
+                uids: Sequence[int], policy: ElasticPolicy, *, max_restarts: int = 0,
+                grace_s: float = 5.0, poll_s: float = 0.05) -> LaunchResult:
+    """Run ``cmd`` as the elastic workers ``uids`` (environment ``env_of(uid)``) until every
     worker has ended.
 
     Returns:
@@ -121,9 +121,9 @@ def run_elastic(cmd: list[str], env_of: Callable[[int], dict[str, str]], nprocs:
         _start(workers, uid, cmd, env_of, launcher, in_main)
 
     try:
-        for uid in range(nprocs):
+        for uid in uids:
             start(uid)
-        return _supervise(workers, start, nprocs, policy, max_restarts, grace_s, poll_s)
+        return _supervise(workers, start, policy, max_restarts, grace_s, poll_s)
     except (KeyboardInterrupt, _Terminated) as exc:
         sig = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
         try:

@@ -29,11 +29,24 @@ class ElasticRunConfig:
         "uses gradsync.elastic"))
     min_workers: int | None = field(default=None, metadata=_help(
         "--elastic: the fewest workers the run goes on with (default: 1)"))
+    rdzv_endpoint: str | None = field(default=None, metadata=_help(
+        "--elastic across hosts: HOST:PORT of the job's `gradsync rdzv`, which this host "
+        "joins with --nproc-per-node workers"))
 
     def __post_init__(self) -> None:
         _at_least(self.min_workers, 1, "min-workers")
         if self.min_workers is not None and not self.elastic:
             raise ValueError("--min-workers needs --elastic")
+        if self.rdzv_endpoint is None:
+            return
+        if not self.elastic:
+            raise ValueError("--rdzv-endpoint needs --elastic")
+        if self.min_workers is not None:
+            raise ValueError("--min-workers of a job across hosts is its service's: "
+                             "`gradsync rdzv --min-workers K`")
+        from .rdzv import parse_endpoint
+
+        parse_endpoint(self.rdzv_endpoint, "--rdzv-endpoint")
 
 
 @dataclass
@@ -107,8 +120,9 @@ class RunConfig:
         if not self.elastic.elastic:
             return
         if self.nnodes > 1 or self.lab.hosts is not None:
-            raise ValueError("--elastic runs the workers of one machine: it does not take "
-                             "--nnodes or --lab yet")
+            raise ValueError("--elastic takes no --nnodes or --lab: across hosts, start "
+                             "`gradsync rdzv --nnodes MIN:MAX` and, on each host, "
+                             "`gradsync run --elastic --rdzv-endpoint HOST:PORT`")
         if self.log_dir is not None:
             raise ValueError("--elastic does not write --log-dir yet: its workers print to "
                              "the console")

@@ -167,7 +167,12 @@ def _run_elastic(config: RunConfig, cmd: list[str], extra: dict[str, str]) -> in
     gradsync.elastic (GRADSYNC_ELASTIC_STORE, GRADSYNC_ELASTIC_UID)."""
     from .. import env as gradsync_env
     from ..train.elastic_run import launch as launch_elastic
+    from ..train.elastic_run import launch_agent
 
+    if config.elastic.rdzv_endpoint is not None:
+        return launch_agent(cmd, config.elastic.rdzv_endpoint, config.nproc_per_node,
+                            max_restarts=config.max_restarts,
+                            timeout_s=gradsync_env.timeout_s(300.0), env=extra)
     return launch_elastic(cmd, config.nproc_per_node,
                           min_workers=config.elastic.min_workers or 1,
                           max_restarts=config.max_restarts, addr=config.master_addr,

@@ -15,6 +15,7 @@ trainer's loop on an elastic membership; the summary adds the membership changes
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -22,7 +23,7 @@ from torch.utils.data import default_collate
 
 from .. import comm
 from ..comm.coordinator import Coordinator
-from ..comm.elastic import ElasticWorld
+from ..comm.elastic import STORE_ENV, ElasticWorld
 from .config import TrainConfig
 from .elastic import ElasticLoop
 from .loop import RunLog, RunSetup, Tally, summarize, write_summary
@@ -49,7 +50,7 @@ def launch(cmd: list[str], workers: int, *, min_workers: int = 1, max_restarts: 
     from ..launcher.launch import worker_env
 
     try:
-        coordinator = Coordinator(workers, min_workers, timeout_s)
+        coordinator = Coordinator.on_this_host(workers, min_workers, timeout_s)
     except (OSError, RuntimeError) as exc:
         print(f"gradsync: error: cannot create the elastic store: {exc}", file=sys.stderr,
               flush=True)
@@ -62,9 +63,60 @@ def launch(cmd: list[str], workers: int, *, min_workers: int = 1, max_restarts: 
         return out
 
     try:
-        result = run_elastic(cmd, env_of, workers, coordinator, max_restarts=max_restarts)
+        result = run_elastic(cmd, env_of, range(workers), coordinator,
+                             max_restarts=max_restarts)
     finally:
         coordinator.close()
+    if result.returncode == 130:
+        print("gradsync: interrupted", file=sys.stderr, flush=True)
+    return result.returncode
+
+
+def launch_agent(cmd: list[str], endpoint: str, nproc: int, *, max_restarts: int = 0,
+                 timeout_s: float = 300.0, env: dict[str, str] | None = None) -> int:
+    """Join the elastic job of the rendezvous service at ``endpoint`` (HOST:PORT, `gradsync
+    rdzv`) with ``nproc`` workers of ``cmd`` on this host, replace a lost one while
+    ``max_restarts`` remain, and return the exit status (comm/agent.py).
+
+    The workers reach the service's store over TCP (GRADSYNC_ELASTIC_STORE=tcp://HOST:PORT)
+    and bind gloo to the interface that reaches the service (GLOO_SOCKET_IFNAME, unless
+    set). An agent cut off from the service kills its workers and exits 1.
+    """
+    from ..comm.agent import Agent, AgentRefused
+    from ..launcher.elastic import run_elastic
+    from ..launcher.launch import worker_env
+    from ..net import route_to
+    from ..run.rdzv import parse_endpoint
+
+    host, port = parse_endpoint(endpoint, "--rdzv-endpoint")
+    extra = dict(env or {})
+    try:
+        addr, ifname = route_to(host, port)
+        agent = Agent.register(host, port, nproc, timeout_s)
+    except AgentRefused as exc:
+        print(f"gradsync: {exc}; this host does not train", file=sys.stderr, flush=True)
+        return 0
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        print(f"gradsync: error: cannot join the job at {endpoint}: "
+              f"{str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+        return 1
+    extra.setdefault("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", ifname))
+    local = {uid: i for i, uid in enumerate(agent.uids)}
+    print(f"gradsync: host {agent.node} ({addr}) trains workers {agent.uids} of "
+          f"{agent.world}", file=sys.stderr, flush=True)
+
+    def env_of(uid: int) -> dict[str, str]:
+        local.setdefault(uid, len(local))
+        out = worker_env(uid, agent.world, host, 0, extra, local_rank=local[uid],
+                         local_world_size=nproc, node_rank=agent.node)
+        del out["MASTER_PORT"]  # the store is the service's
+        out.update({STORE_ENV: f"tcp://{endpoint}", "GRADSYNC_ELASTIC_UID": str(uid)})
+        return out
+
+    try:
+        result = run_elastic(cmd, env_of, list(agent.uids), agent, max_restarts=max_restarts)
+    finally:
+        agent.close()
     if result.returncode == 130:
         print("gradsync: interrupted", file=sys.stderr, flush=True)
     return result.returncode
