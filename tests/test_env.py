@@ -21,8 +21,8 @@ BAD = [
     ("GRADSYNC_CHECK", "maybe", "must be 0 or 1 (or false, true)"),
     ("GRADSYNC_HEARTBEAT_S", "0", "must be a positive number of seconds"),
     ("GRADSYNC_ELASTIC_LOST_S", "x", "must be a positive number of seconds"),
-    ("GRADSYNC_ELASTIC_LOST_S", "1.5", "must be at least two heartbeat periods "
-     "(GRADSYNC_HEARTBEAT_S=1): 2 or more"),
+    ("GRADSYNC_ELASTIC_LOST_S", "0.5", "must be at least two heartbeat periods "
+     "(GRADSYNC_HEARTBEAT_S=0.5): 1 or more"),
     ("GRADSYNC_STALL_S", "nan", "must be a positive number of seconds"),
     ("GRADSYNC_ENGINE", "gloo", "must be one of auto, torch, mpi"),
     ("GRADSYNC_ROLE", "boss", "must be server or worker"),
