@@ -15,6 +15,8 @@ so that no worker of a host that left the job trains on by itself.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 
 from .. import env
@@ -24,6 +26,8 @@ from .heartbeat import LEAVING, encode
 from .rendezvous import AGENT_KEY, FINISHED, LOST, POLL_S, STARTED
 
 log = logging.getLogger(__name__)
+
+REPLACEMENTS = 1_000_000  # the member ids of one host's replacements start at this x (node+1)
 
 
 class AgentRefused(Exception):
@@ -37,6 +41,11 @@ class Agent:
         node: this host's index in the job.
         uids: its first workers' member ids; ``world``: the first generation's worker count
             (WORLD_SIZE of every worker, a joining one's too, as the batch is chosen for it).
+
+    Only one thread of the agent talks to the store (:meth:`_io`): a store call to a service
+    that cannot be reached may block for long (a TCPStore client's calls do not all honour
+    its timeout), and the launcher's loop must go on supervising meanwhile. The loop hands
+    it what to write and reads what it last heard; nothing heard for ``lost_s``: cut off.
     """
 
     def __init__(self, store, node: int, uids: list[int], world: int, lost_s: float):
@@ -44,9 +53,17 @@ class Agent:
         self.lost_s = lost_s
         self.cut_off = False
         self._stop_reason = ""
-        self._next_poll = 0.0
         self._events = 0  # events reported (each its own key: rendezvous.py)
-        self.beat_s, self._next_beat = env.heartbeat_s(0.5), 0.0
+        self._restarts = 0
+        self.beat_s = env.heartbeat_s(0.5)
+        self._writes: queue.SimpleQueue = queue.SimpleQueue()  # (key, value) to set
+        self._kills: dict[int, float] = {}  # heard: uid -> seconds of silence
+        self._stop = ""  # heard: the service's stop ("LEFT LEAST"), "" when none
+        self._heard = time.monotonic()  # when the I/O thread last completed a round
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._io, name="gradsync-agent-io",
+                                        daemon=True)
+        self._thread.start()
 
     @classmethod
     def register(cls, host: str, port: int, nproc: int, timeout_s: float,
@@ -58,7 +75,9 @@ class Agent:
             TimeoutError: no answer within ``timeout_s``.
         """
         lost_s = env.elastic_lost_s()
-        store = engine.connect_store(host, port, timeout_s)
+        # Every store call of the agent waits lost_s at most (the client's socket timeout:
+        # set_timeout later would not change it): a longer wait means it is cut off.
+        store = engine.connect_store(host, port, lost_s)
         node = store.add("rdzv/nodes", 1) - 1
         beat = AGENT_KEY.format(node)
         store.set(beat, encode(_now_ms(), 0))
@@ -75,31 +94,47 @@ class Agent:
             store.set(f"rdzv/left/{node}", "1")
             raise AgentRefused("the job admits no more hosts (it has ended, or trains on "
                                "the most --nnodes allows)")
-        # From here on a store call that waits longer than lost_s means this host is cut off.
-        store.set_timeout(_seconds(lost_s))
         return cls(store, node, list(range(first, first + count)), world, lost_s)
+
+    # -- the I/O thread -------------------------------------------------------------------
+
+    def _io(self) -> None:
+        next_beat = 0.0
+        while True:
+            try:
+                while not self._writes.empty():
+                    self.store.set(*self._writes.get())
+                if self._closing.is_set():
+                    return
+                now = time.monotonic()
+                if now >= next_beat:  # this host's own heartbeat: its agent is alive
+                    next_beat = now + self.beat_s
+                    self.store.set(AGENT_KEY.format(self.node), encode(_now_ms(), 0))
+                for uid in list(self.uids):
+                    if self.store.check([f"elastic/kill/{uid}"]):
+                        self._kills[uid] = int(self.store.get(f"elastic/kill/{uid}")) / 1000
+                if self.store.check([STOP]):
+                    self._stop = self.store.get(STOP).decode()
+                self._heard = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - a reset, a timeout: the service is gone
+                self._cut(f"{str(exc).splitlines()[0][:120]}")
+                return
+            self._closing.wait(0.1)
+
+    def _cut(self, why: str) -> None:
+        if not self.cut_off:
+            self.cut_off = True
+            self._stop_reason = f"host {self.node} lost the rendezvous service ({why})"
 
     # -- the policy of run_elastic ---------------------------------------------------------
 
-    def _call(self, fn, *args):
-        """A store call; a failure (the service unreachable for lost_s) cuts this host off."""
-        if self.cut_off:
-            return None
-        try:
-            return fn(*args)
-        except Exception as exc:  # noqa: BLE001 - a timeout, a reset: the service is gone
-            self.cut_off = True
-            self._stop_reason = (f"host {self.node} lost the rendezvous service "
-                                 f"({str(exc).splitlines()[0][:120]})")
-            return None
-
     def _report(self, kind: int, uid: int) -> None:
-        self._call(self.store.set, f"elastic/event/{self.node}/{self._events}", f"{kind} {uid}")
+        self._writes.put((f"elastic/event/{self.node}/{self._events}", f"{kind} {uid}"))
         self._events += 1
 
     def lost(self, uid: int) -> bool:
         self._report(LOST, uid)
-        return not self.cut_off and not self._call(self.store.check, [STOP])
+        return not self.cut_off and not self._stop
 
     def finished(self, uid: int) -> None:
         self._report(FINISHED, uid)
@@ -109,51 +144,40 @@ class Agent:
         self._report(STARTED, uid)
 
     def new_uid(self) -> int:
-        n = self._call(self.store.add, "elastic/uids", 1)
-        return -1 if n is None else n - 1
+        """A member id for a replacement this agent starts, chosen without asking the service
+        (which may be unreachable): REPLACEMENTS * (node + 1) + k for its k-th, above the
+        service's own ids (``elastic/uids``) and different on every host."""
+        self._restarts += 1
+        return REPLACEMENTS * (self.node + 1) + self._restarts - 1
 
     def poll(self) -> dict[int, float]:
         """The workers of this host the service declared lost (uid -> seconds of silence):
-        the launcher kills them. Cut off from the service: all of them."""
-        now = time.monotonic()
-        if now < self._next_poll:
-            return {}
-        self._next_poll = now + 0.1
-        if now >= self._next_beat:  # this host's own heartbeat: its agent is alive
-            self._next_beat = now + self.beat_s
-            self._call(self.store.set, AGENT_KEY.format(self.node), encode(_now_ms(), 0))
+        the launcher kills them. Cut off from the service (nothing heard for lost_s): all."""
+        silent = time.monotonic() - self._heard
+        if silent > self.lost_s:
+            self._cut(f"nothing heard for {silent:.1f} s")
         if self.cut_off:
             return {uid: self.lost_s for uid in self.uids}
-        kills = {}
-        for uid in self.uids:
-            raw = self._call(self.store.get, f"elastic/kill/{uid}") if self._call(
-                self.store.check, [f"elastic/kill/{uid}"]) else None
-            if raw is not None:
-                kills[uid] = int(raw) / 1000
-        if self.cut_off:
-            return {uid: self.lost_s for uid in self.uids}
-        return kills
+        return dict(self._kills)
 
     @property
     def stop_reason(self) -> str:
         if self._stop_reason:
             return self._stop_reason
-        if self._call(self.store.check, [STOP]):
-            left, least = self.store.get(STOP).decode().split()
+        if self._stop:
+            left, least = self._stop.split()
             return f"{left} worker(s) left, fewer than --min-workers {least}"
         return ""
 
     def close(self) -> None:
-        """Say this host's agent has ended (when the service can still hear it)."""
-        self._call(self.store.set, AGENT_KEY.format(self.node), encode(LEAVING, 0))
-        self._call(self.store.set, f"rdzv/left/{self.node}", "1")
+        """Say this host's agent has ended (when the service can still hear it): the last
+        writes go out within ``lost_s`` or not at all."""
+        self._writes.put((AGENT_KEY.format(self.node), encode(LEAVING, 0)))
+        self._writes.put((f"rdzv/left/{self.node}", "1"))
+        self._closing.set()
+        self._thread.join(timeout=self.lost_s)
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
-
-def _seconds(value: float):
-    import datetime
-
-    return datetime.timedelta(seconds=value)
