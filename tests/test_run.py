@@ -31,7 +31,7 @@ def test_torchruns_underscore_flags_are_read_up_to_the_script():
     (["--nnodes", "2", "--node-rank", "2", "t.py"], "--node-rank must be in 0 .. 1"),
     (["--redirects", "3", "t.py"], "--redirects needs --log-dir"),
     (["--min-workers", "2", "t.py"], "--min-workers needs --elastic"),
-    (["--elastic", "--nnodes", "2", "t.py"], "does not take --nnodes"),
+    (["--elastic", "--nnodes", "2", "t.py"], "takes no --nnodes"),
     (["--elastic", "--nproc-per-node", "2", "--min-workers", "3", "t.py"], "more than"),
     (["--master-port", "70000", "t.py"], "--master-port must be between 1 and 65535"),
     (["--lab", "2", "--nnodes", "2", "t.py"], "does not take --nnodes"),
