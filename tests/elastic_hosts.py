@@ -81,11 +81,11 @@ class Job:
         return [int(u) for u in found.group(1).split(",")]
 
     def steps(self) -> dict[int, list[tuple[int, float]]]:
-        """Each member's completed steps so far: uid -> [(step, time)]."""
+        """Each member's completed steps so far: uid -> [(step, time, workers)]."""
         found = {}
         for path in self.out.glob("steps-*"):
             lines = path.read_text().splitlines()[:-1]  # the last may be half-written
-            found[int(path.name[6:])] = [(int(a), float(b)) for a, b in
+            found[int(path.name[6:])] = [(int(a), float(b), int(c)) for a, b, c in
                                          (line.split() for line in lines)]
         return found
 
@@ -97,11 +97,13 @@ class Job:
                 raise AssertionError(f"no step {step} within {timeout_s} s: {self.logs()}")
             time.sleep(0.05)
 
-    def next_step_after(self, t0: float, timeout_s: float) -> float:
-        """Seconds from ``t0`` to the first step completed after it (by any member)."""
+    def next_step_after(self, t0: float, timeout_s: float, workers: int) -> float:
+        """Seconds from ``t0`` to the first step completed after it by fewer than
+        ``workers`` (a step in flight may still complete with the lost ones)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            after = [t for s in self.steps().values() for _, t in s if t > t0]
+            after = [t for s in self.steps().values() for _, t, n in s
+                     if t > t0 and n < workers]
             if after:
                 return min(after) - t0
             if time.monotonic() > deadline:

@@ -5,8 +5,8 @@ EPOCHS epochs with gradsync.elastic, that records when each step completes.
     gradsync run --elastic --rdzv-endpoint HOST:PORT --nproc-per-node 2 \\
         tests/scripts/elastic_hosts.py OUT EPOCHS [PAUSE_S]
 
-Every worker appends "STEP TIME" to OUT/steps-UID after each step it completes (TIME from
-time.time(): the lab's hosts share this machine's clock) and writes OUT/result-UID.json at
+Every worker appends "STEP TIME SIZE" to OUT/steps-UID after each step it completes (TIME
+from time.time(): the lab's hosts share this machine's clock; SIZE: the workers then) and writes OUT/result-UID.json at
 the end (the members, the changes, the parameters' sum). PAUSE_S (default 0) is slept after
 each step, so that a run lasts long enough for a host to join.
 """
@@ -41,7 +41,7 @@ def main(out: Path, epochs: int, pause_s: float = 0.0) -> None:
                 (loss * weight).backward()
                 state.optimizer.step()
                 state.commit()
-                steps.write(f"{state.step} {time.time():.6f}\n")
+                steps.write(f"{state.step} {time.time():.6f} {state.size}\n")
                 time.sleep(pause_s)
 
     train(state)
