@@ -20,7 +20,7 @@ import threading
 import time
 
 from .. import env
-from .elastic import STOP
+from .elastic import STOP, stop_text
 from .engine import TORCH, Engine
 from .heartbeat import LEAVING, encode
 from .rendezvous import AGENT_KEY, FINISHED, LOST, POLL_S, STARTED
@@ -58,7 +58,7 @@ class Agent:
         self.beat_s = env.heartbeat_s(0.5)
         self._writes: queue.SimpleQueue = queue.SimpleQueue()  # (key, value) to set
         self._kills: dict[int, float] = {}  # heard: uid -> seconds of silence
-        self._stop = ""  # heard: the service's stop ("LEFT LEAST"), "" when none
+        self._stop = b""  # heard: the service's stop ("LEFT LEAST"), empty when none
         self._heard = time.monotonic()  # when the I/O thread last completed a round
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._io, name="gradsync-agent-io",
@@ -75,8 +75,8 @@ class Agent:
             TimeoutError: no answer within ``timeout_s``.
         """
         lost_s = env.elastic_lost_s()
-        # Every store call of the agent waits lost_s at most (the client's socket timeout:
-        # set_timeout later would not change it): a longer wait means it is cut off.
+        # The client's timeout bounds the calls that honour it; the I/O thread (:meth:`_io`)
+        # covers those that do not (seen with a link down).
         store = engine.connect_store(host, port, lost_s)
         node = store.add("rdzv/nodes", 1) - 1
         beat = AGENT_KEY.format(node)
@@ -114,7 +114,7 @@ class Agent:
                     if self.store.check([f"elastic/kill/{uid}"]):
                         self._kills[uid] = int(self.store.get(f"elastic/kill/{uid}")) / 1000
                 if self.store.check([STOP]):
-                    self._stop = self.store.get(STOP).decode()
+                    self._stop = self.store.get(STOP)
                 self._heard = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - a reset, a timeout: the service is gone
                 self._cut(f"{str(exc).splitlines()[0][:120]}")
@@ -164,10 +164,7 @@ class Agent:
     def stop_reason(self) -> str:
         if self._stop_reason:
             return self._stop_reason
-        if self._stop:
-            left, least = self._stop.split()
-            return f"{left} worker(s) left, fewer than --min-workers {least}"
-        return ""
+        return stop_text(self._stop) if self._stop else ""
 
     def close(self) -> None:
         """Say this host's agent has ended (when the service can still hear it): the last

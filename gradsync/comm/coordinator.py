@@ -17,7 +17,7 @@ import shutil
 import tempfile
 
 from .. import env
-from .elastic import DONE, STATE, STOP, STORE_ENV
+from .elastic import DONE, STATE, STOP, STORE_ENV, stop_text
 from .engine import TORCH, Engine
 from .heartbeat import Watch
 
@@ -120,9 +120,9 @@ class Coordinator:
         self.members.remove(uid)
         if len(self.members) < self.min_workers:
             self.stopped = True
-            self._reason = (f"{len(self.members)} worker(s) left, fewer than "
-                            f"--min-workers {self.min_workers}")
-            self.store.set(STOP, f"{len(self.members)} {self.min_workers}")
+            value = f"{len(self.members)} {self.min_workers}"
+            self._reason = stop_text(value.encode())
+            self.store.set(STOP, value)
             return False
         self.gen += 1
         self._publish()

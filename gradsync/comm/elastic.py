@@ -81,6 +81,12 @@ def open_job_store(spec: str, timeout_s: float, engine: Engine = TORCH):
     return engine.open_store(spec, timeout_s)
 
 
+def stop_text(raw: bytes) -> str:
+    """Why the run stopped, from the value of ``elastic/stop`` ("LEFT LEAST")."""
+    left, least = _ints(raw)
+    return f"{left} worker(s) left, fewer than --min-workers {least}"
+
+
 def _ints(raw: bytes) -> list[int]:
     return [int(x) for x in raw.decode("ascii").split()]
 
@@ -157,8 +163,7 @@ class ElasticWorld:
         if self.gen < 0 and self.store.check([DONE]):
             raise ElasticDone("the run finished before this worker could join")
         if self.store.check([STOP]):
-            left, least = _ints(self.store.get(STOP))
-            raise ElasticStopped(f"{left} worker(s) left, fewer than --min-workers {least}")
+            raise ElasticStopped(stop_text(self.store.get(STOP)))
         gen, *members = _ints(self.store.get(STATE))
         return gen, tuple(members)
 

@@ -78,7 +78,6 @@ class RendezvousService:
                  min_workers: int = 1, timeout_s: float = 300.0, last_call_s: float = 2.0,
                  lost_s: float | None = None, engine: Engine = TORCH):
         self.store = engine.serve_store(addr, port, timeout_s)
-        self.port = self.store.port
         self.min_nodes, self.max_nodes, self.min_workers = min_nodes, max_nodes, min_workers
         self.timeout_s, self.last_call_s = timeout_s, last_call_s
         self.lost_s = env.elastic_lost_s() if lost_s is None else lost_s
@@ -188,12 +187,20 @@ class RendezvousService:
             self.nodes[node].uids.add(uid)
             c.started(uid)
             return
-        self.ended.add(uid)
         if kind == LOST:
-            c.lost(uid)
-            self._record(f"lost worker {uid}")
+            self._lose([uid], f"lost worker {uid}")
         elif kind == FINISHED:
+            self.ended.add(uid)
             c.finished(uid)
+
+    def _lose(self, uids: list[int], why: str) -> None:
+        """Members ``uids`` are gone: the next generation goes on without them."""
+        c = self.coordinator
+        assert c is not None
+        for uid in uids:
+            self.ended.add(uid)
+            c.lost(uid)
+        self._record(why)
 
     def _step(self) -> None:
         """One round: new hosts, the agents' events, the heartbeats."""
@@ -210,19 +217,14 @@ class RendezvousService:
             self.store.set(f"elastic/kill/{uid}", str(int(silent * 1000)))
             log.warning("gradsync rdzv: worker %d sent no heartbeat for %.1f s (its host "
                         "is down, cut off, or it hangs); declaring it lost", uid, silent)
-            self.ended.add(uid)
-            c.lost(uid)
-            self._record(f"worker {uid} silent")
+            self._lose([uid], f"worker {uid} silent")
         for index, silent in self.agents.check().items():
             gone = sorted(self.nodes[index].uids & self._live())
             log.warning("gradsync rdzv: host %d's agent sent no heartbeat for %.1f s (the "
                         "host is down or cut off); declaring its workers %s lost", index,
                         silent, gone)
-            for uid in gone:
-                self.ended.add(uid)
-                c.lost(uid)
-            self._record(f"host {index} silent")
-        self._record("joined")
+            self._lose(gone, f"host {index} silent")
+        self._record("joined")  # (c.poll above admits the replacements that are ready)
         for node in self.nodes.values():
             if not node.left and self.store.check([f"rdzv/left/{node.index}"]):
                 node.left = True
@@ -233,7 +235,7 @@ class RendezvousService:
         if self._live():
             return False
         waited = time.monotonic() - (idle_since or time.monotonic())
-        return all(n.left for n in self.nodes.values()) or waited > self.coordinator.watch.lost_s
+        return all(n.left for n in self.nodes.values()) or waited > self.lost_s
 
     def serve(self) -> int:
         """Run the job to its end; 0 when it completed, 1 when it stopped (the reason is

@@ -170,7 +170,10 @@ def _run_elastic(config: RunConfig, cmd: list[str], extra: dict[str, str]) -> in
     from ..train.elastic_run import launch_agent
 
     if config.elastic.rdzv_endpoint is not None:
-        return launch_agent(cmd, config.elastic.rdzv_endpoint, config.nproc_per_node,
+        from .rdzv import parse_endpoint
+
+        host, port = parse_endpoint(config.elastic.rdzv_endpoint, "--rdzv-endpoint")
+        return launch_agent(cmd, host, port, config.nproc_per_node,
                             max_restarts=config.max_restarts,
                             timeout_s=gradsync_env.timeout_s(300.0), env=extra)
     return launch_elastic(cmd, config.nproc_per_node,

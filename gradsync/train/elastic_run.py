@@ -72,10 +72,10 @@ def launch(cmd: list[str], workers: int, *, min_workers: int = 1, max_restarts: 
     return result.returncode
 
 
-def launch_agent(cmd: list[str], endpoint: str, nproc: int, *, max_restarts: int = 0,
+def launch_agent(cmd: list[str], host: str, port: int, nproc: int, *, max_restarts: int = 0,
                  timeout_s: float = 300.0, env: dict[str, str] | None = None) -> int:
-    """Join the elastic job of the rendezvous service at ``endpoint`` (HOST:PORT, `gradsync
-    rdzv`) with ``nproc`` workers of ``cmd`` on this host, replace a lost one while
+    """Join the elastic job of the rendezvous service at ``host:port`` (`gradsync rdzv`)
+    with ``nproc`` workers of ``cmd`` on this host, replace a lost one while
     ``max_restarts`` remain, and return the exit status (comm/agent.py).
 
     The workers reach the service's store over TCP (GRADSYNC_ELASTIC_STORE=tcp://HOST:PORT)
@@ -86,9 +86,8 @@ def launch_agent(cmd: list[str], endpoint: str, nproc: int, *, max_restarts: int
     from ..launcher.elastic import run_elastic
     from ..launcher.launch import worker_env
     from ..net import route_to
-    from ..run.rdzv import parse_endpoint
 
-    host, port = parse_endpoint(endpoint, "--rdzv-endpoint")
+    endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     extra = dict(env or {})
     try:
         addr, ifname = route_to(host, port)
