@@ -7,8 +7,10 @@ The trials print their outcome and the measured save time; show them with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import select
 import signal
 import statistics
 import subprocess
@@ -35,6 +37,7 @@ class _Writer:
         self.proc = subprocess.Popen([sys.executable, "-u", str(WRITER)], text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.child: int | None = None
+        self._pending = b""  # read from the pipe, not yet returned as lines
 
     def run(self, directory: Path, first: int, count: int) -> int:
         self.proc.stdin.write(f"run {directory} {first} {count}\n")
@@ -44,9 +47,19 @@ class _Writer:
         self.child = int(pid)
         return self.child
 
-    def line(self) -> str:
-        line = self.proc.stdout.readline()
-        assert line, "the writer server died"
+    def line(self, timeout: float = scaled(30)) -> str:
+        # Our own buffer on the raw descriptor: select() cannot see lines a file object
+        # has already buffered.
+        fd, deadline = self.proc.stdout.fileno(), time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([fd], [], [], max(left, 0))
+            assert ready, f"no line from the writer in {timeout:.0f} s; child: {_state(self.child)}"
+            chunk = os.read(fd, 65536)
+            assert chunk, "the writer server died"
+            self._pending += chunk
+        raw, self._pending = self._pending.split(b"\n", 1)
+        line = raw.decode()
         assert not line.startswith("error"), line
         return line.strip()
 
@@ -59,13 +72,26 @@ class _Writer:
 
     def close(self) -> None:
         if self.child is not None:  # a failed assertion left a writer running
-            os.kill(self.child, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # reaped by the server already
+                os.kill(self.child, signal.SIGKILL)
         self.proc.stdin.close()
         try:
             self.proc.wait(timeout=scaled(10))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def _state(pid: int | None) -> str:
+    """The kernel's view of a process, for a failure message: a SIGKILLed process that does
+    not exit is in uninterruptible sleep (state D), and wchan says in what."""
+    if pid is None:
+        return "none"
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return f"pid {pid} state {stat} wchan {Path(f'/proc/{pid}/wchan').read_text()}"
+    except OSError:
+        return f"pid {pid} gone"
 
 
 def kill_phase(directory: Path, step: int | None, latest: int | None) -> str:
