@@ -83,3 +83,11 @@ def route_to(host: str, port: int) -> tuple[str, str]:
                 if socket.inet_ntoa(raw[20:24]) == local:
                     return local, name
     raise OSError(f"no interface holds {local}, the address that reaches {host}")
+
+
+def parse_endpoint(text: str, flag: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); ValueError naming ``flag``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{flag} must be HOST:PORT (a port 1-65535), got {text!r}")
+    return host.strip("[]"), int(port)

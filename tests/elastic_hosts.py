@@ -54,7 +54,7 @@ class Job:
     def _spawn(self, name: str, argv: list[str], prefix: list[str]) -> subprocess.Popen:
         log = open(self.out / f"{name}.log", "w")
         return subprocess.Popen([*prefix, *argv], stdout=log, stderr=subprocess.STDOUT,
-                                env=self.env, cwd=REPO)
+                                env=self.env, cwd=self.out)
 
     def start_service(self, addr: str, port: int, prefix: list[str] = ()) -> None:
         self.endpoint = f"{addr}:{port}"
@@ -71,6 +71,14 @@ class Job:
         self.hosts.append(proc)
         return proc
 
+    def start_train_host(self, workers: int, args: list[str]) -> subprocess.Popen:
+        """A host of `gradsync train --elastic --rdzv-endpoint` (a built-in workload)."""
+        proc = self._spawn(f"host-{len(self.hosts)}", [
+            sys.executable, "-m", "gradsync", "train", "--elastic", "--rdzv-endpoint",
+            self.endpoint, "--workers", str(workers), "--no-progress", *args], [])
+        self.hosts.append(proc)
+        return proc
+
     def uids_of(self, index: int) -> list[int]:
         """The member ids host ``index`` was given (from its agent's first line)."""
         import re
@@ -79,6 +87,17 @@ class Job:
         found = re.search(r"trains workers \[([0-9, ]*)\]", text)
         assert found, text
         return [int(u) for u in found.group(1).split(",")]
+
+    def hosts_of(self) -> dict[int, int]:
+        """Each first-generation member's host (node) id, from the agents' first lines."""
+        import re
+
+        found = {}
+        for path in self.out.glob("host-*.log"):
+            for node, uids in re.findall(r"gradsync: host (\d+) \(.*?\) trains workers "
+                                         r"\[([0-9, ]*)\]", path.read_text()):
+                found.update({int(u): int(node) for u in uids.split(",")})
+        return found
 
     def steps(self) -> dict[int, list[tuple[int, float]]]:
         """Each member's completed steps so far: uid -> [(step, time, workers)]."""

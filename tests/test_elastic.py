@@ -146,7 +146,7 @@ def _train(tmp_path: Path, args: list[str], env: dict[str, str]):
                           timeout=scaled(150), cwd=tmp_path)
 
 
-def _digits_oracle_accuracy(steps: int) -> float:
+def _digits_oracle_accuracy(steps: int, global_batch: int = 128) -> float:
     """digits-mlp trained in one process on the global batches (4 x 32) of the run."""
     from gradsync.train.trainer import make_optimizer
     from gradsync.workloads import build_workload, summarize_eval
@@ -156,7 +156,7 @@ def _digits_oracle_accuracy(steps: int) -> float:
     x, y = w.train_set.tensors
     order, epoch, offset = ElasticOrder(len(x), seed=0), 0, 0
     for _ in range(steps):
-        chunk = order.epoch_indices(epoch)[offset:offset + 128]
+        chunk = order.epoch_indices(epoch)[offset:offset + global_batch]
         opt.zero_grad()
         w.loss_fn(w.model(x[chunk]), y[chunk]).backward()
         opt.step()
@@ -175,7 +175,8 @@ def test_rank_0_lost_and_replaced_run_finishes_with_4_workers(tmp_path: Path):
     # joins at step 20 (the members wait there for it, so that a short run sees the join).
     marker = uuid.uuid4().hex
     proc = _train(tmp_path, ["--workers", "4", "--min-workers", "2", "--max-restarts", "1",
-                             "--steps", "60", "--out", "run"],
+                             "--steps", "60", "--out", "run", "--checkpoint-dir", "ck",
+                             "--checkpoint-every", "15", "--keep", "4"],
                   {"GRADSYNC_ELASTIC_KILL": "0@10", "GRADSYNC_ELASTIC_AWAIT": "20",
                    "GRADSYNC_TEST_MARK": marker})
     assert proc.returncode == 0, proc.stderr
@@ -191,15 +192,40 @@ def test_rank_0_lost_and_replaced_run_finishes_with_4_workers(tmp_path: Path):
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(m)["step"] for m in metrics] == list(range(1, 61))
     assert abs(summary["eval_accuracy"] - _digits_oracle_accuracy(60)) <= 0.005
+    # The checkpoints were written by the members of the moment: 3 at step 15, then 4.
+    from gradsync.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(tmp_path / "ck")
+    assert [(step, meta.world_size) for step, meta in manager.committed()] == [
+        (15, 3), (30, 4), (45, 4), (60, 4)]
     assert _survivors(f"GRADSYNC_TEST_MARK={marker}") == []
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_fewer_than_min_workers_stops_the_run(tmp_path: Path):
-    proc = _train(tmp_path, ["--workers", "2", "--min-workers", "2", "--steps", "500"],
-                  {"GRADSYNC_ELASTIC_KILL": "1@5"})
+@pytest.mark.timeout(240)
+def test_a_run_below_min_workers_stops_and_resumes_from_its_newest_checkpoint(tmp_path: Path):
+    # 2 workers, both needed: member 1 is SIGKILLed as it starts step 5, the run stops;
+    # checkpoints 2 and 4 were written by the members. --resume continues from step 4 and
+    # ends with the parameters of a run that was never stopped, bit for bit.
+    common = ["--workers", "2", "--min-workers", "2", "--steps", "8"]
+    ck = ["--checkpoint-dir", "ck", "--checkpoint-every", "2"]
+    proc = _train(tmp_path, [*common, *ck], {"GRADSYNC_ELASTIC_KILL": "1@5"})
     assert proc.returncode == 128 + 9, (proc.returncode, proc.stderr)
     assert "gradsync: worker rank 1 killed by SIGKILL; 1 worker(s) left, fewer than " \
         "--min-workers 2: stopping the other workers" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "ck").glob("step-*")) == \
+        ["step-00000002", "step-00000004"]
+    # A fresh run refuses the directory; --resume takes it.
+    refused = _train(tmp_path, [*common, *ck], {})
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr, refused.stderr
+    resumed = _train(tmp_path, [*common, *ck, "--resume", "--out", "resumed"], {})
+    assert resumed.returncode == 0, resumed.stderr
+    straight = _train(tmp_path, [*common, "--out", "straight"], {})
+    assert straight.returncode == 0, straight.stderr
+    got, want = (json.loads((tmp_path / run / "summary.json").read_text())
+                 for run in ("resumed", "straight"))
+    assert got["steps"] == want["steps"] == 8
+    assert got["parameters_sha1"] == want["parameters_sha1"]
+    metrics = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["step"] for m in metrics] == [5, 6, 7, 8]

@@ -107,3 +107,22 @@ def test_elastic_all_reduce_refuses_a_port_it_would_not_use():
     with pytest.raises(ValueError, match="--port is not used by --elastic"):
         TrainConfig(launch=LaunchConfig(elastic=True, port=29500))
     TrainConfig(arch="ps", launch=LaunchConfig(elastic=True, port=29500))  # the PS's store
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"launch": {"rdzv_endpoint": "h:1"}}, "--rdzv-endpoint needs --elastic"),
+    ({"launch": {"elastic": True, "rdzv_endpoint": "h"}}, "must be HOST:PORT"),
+    ({"arch": "ps", "launch": {"elastic": True, "rdzv_endpoint": "h:1"}},
+     "built for --arch allreduce without --checkpoint-dir"),
+    ({"launch": {"elastic": True, "rdzv_endpoint": "h:1"}, "checkpoint": {"dir": "ck"}},
+     "built for --arch allreduce without --checkpoint-dir"),
+    ({"arch": "ps", "launch": {"elastic": True}, "checkpoint": {"dir": "ck"}},
+     "--arch ps --elastic does not write --checkpoint-dir yet"),
+])
+def test_elastic_refuses_what_it_does_not_do(kwargs: dict, message: str):
+    from gradsync.train.config import CheckpointConfig, LaunchConfig, TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(arch=kwargs.get("arch", "allreduce"),
+                    launch=LaunchConfig(**kwargs["launch"]),
+                    checkpoint=CheckpointConfig(**kwargs.get("checkpoint", {})))

@@ -52,6 +52,13 @@ log = logging.getLogger(__name__)
 NONE, REFUSED = -1, -2  # what rank 0 broadcasts instead of a step
 
 
+def plain_settings(settings: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A workload's settings as the marker stores them (a dtype by its name)."""
+    return None if settings is None else {
+        k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
+        for k, v in settings.items()}
+
+
 @dataclass
 class Position:
     """Where training stands: completed steps, current epoch, samples consumed in it."""
@@ -120,9 +127,7 @@ class Checkpointer:
         self.model, self.optimizer = bare_model(model), optimizer
         self.sampler, self.batch_size = sampler, batch_size
         self.fingerprint = model_fingerprint(self.model)
-        self.settings = None if settings is None else {
-            k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
-            for k, v in settings.items()}
+        self.settings = plain_settings(settings)
         self.position = Position()  # where the script stands (start, step)
         self.resumed: Resumed | None = None  # what start() resumed from
         self._lock: DirectoryLock | None = None  # rank 0 holds it for the whole run

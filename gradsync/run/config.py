@@ -44,7 +44,7 @@ class ElasticRunConfig:
         if self.min_workers is not None:
             raise ValueError("--min-workers of a job across hosts is its service's: "
                              "`gradsync rdzv --min-workers K`")
-        from .rdzv import parse_endpoint
+        from ..net import parse_endpoint
 
         parse_endpoint(self.rdzv_endpoint, "--rdzv-endpoint")
 

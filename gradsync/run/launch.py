@@ -170,7 +170,7 @@ def _run_elastic(config: RunConfig, cmd: list[str], extra: dict[str, str]) -> in
     from ..train.elastic_run import launch_agent
 
     if config.elastic.rdzv_endpoint is not None:
-        from .rdzv import parse_endpoint
+        from ..net import parse_endpoint
 
         host, port = parse_endpoint(config.elastic.rdzv_endpoint, "--rdzv-endpoint")
         return launch_agent(cmd, host, port, config.nproc_per_node,

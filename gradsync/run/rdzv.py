@@ -20,14 +20,7 @@ from dataclasses import dataclass, field
 from ..exits import UserError
 from ..flags import add_dataclass_arguments, dataclass_from_args
 from ..flags import flag_meta as _help
-
-
-def parse_endpoint(text: str, flag: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); ValueError naming ``flag``."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError(f"{flag} must be HOST:PORT (a port 1-65535), got {text!r}")
-    return host.strip("[]"), int(port)
+from ..net import parse_endpoint
 
 
 def parse_nnodes(text: str) -> tuple[int, int]:

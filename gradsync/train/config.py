@@ -207,9 +207,18 @@ class LaunchConfig:
     elastic_check_every: int = field(default=1, metadata=_help(
         "--elastic: look for a joining worker every this many steps (a store read and a "
         "tiny broadcast each time)"))
+    rdzv_endpoint: str | None = field(default=None, metadata=_help(
+        "--elastic across hosts: HOST:PORT of the job's `gradsync rdzv`, which this host "
+        "joins with --workers workers (the service holds --min-workers)"))
 
     def __post_init__(self) -> None:
         _at_least(self.workers, 1, "workers")
+        if self.rdzv_endpoint is not None:
+            from ..net import parse_endpoint
+
+            if not self.elastic:
+                raise ValueError("--rdzv-endpoint needs --elastic")
+            parse_endpoint(self.rdzv_endpoint, "--rdzv-endpoint")
         _at_least(self.min_workers, 1, "min-workers")
         _at_least(self.max_restarts, 0, "max-restarts")
         _at_least(self.elastic_check_every, 1, "elastic-check-every")
@@ -281,10 +290,17 @@ class TrainConfig:
             hooks = [n for n, c in COMPRESSOR_TABLE.items() if c.torch_hook and n != "none"]
             raise ValueError(f"--arch ddp runs torch's own hooks: {', '.join(hooks)}; "
                              f"not {spec}")
-        if self.launch.elastic and (self.arch not in ("allreduce", "ps") or self.checkpoint.dir
-                                    or self.lab.hosts or self.launch.engine == "mpi"):
+        if self.launch.elastic and (self.arch not in ("allreduce", "ps") or self.lab.hosts
+                                    or self.launch.engine == "mpi"):
             raise ValueError("--elastic is built for --arch allreduce and --arch ps on local "
-                             "workers (torch engine), without --checkpoint-dir or --lab")
+                             "workers (torch engine), without --lab")
+        if self.launch.rdzv_endpoint is not None and (self.arch != "allreduce"
+                                                      or self.checkpoint.dir):
+            raise ValueError("--rdzv-endpoint (elastic across hosts) is built for --arch "
+                             "allreduce without --checkpoint-dir")
+        if self.launch.elastic and self.arch == "ps" and self.checkpoint.dir:
+            raise ValueError("--arch ps --elastic does not write --checkpoint-dir yet; "
+                             "--arch allreduce --elastic does")
         if self.launch.elastic and self.arch != "ps" and self.launch.port is not None:
             raise ValueError("--port is not used by --elastic: the job's store is a private "
                              "file, not a port (docs/reliability.md)")

@@ -14,6 +14,7 @@ trainer's loop on an elastic membership; the summary adds the membership changes
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -24,8 +25,10 @@ from torch.utils.data import default_collate
 from .. import comm
 from ..comm.coordinator import Coordinator
 from ..comm.elastic import STORE_ENV, ElasticWorld
+from ..exits import EXIT_USAGE
 from .config import TrainConfig
 from .elastic import ElasticLoop
+from .elastic_checkpoint import ElasticCheckpoints, claim
 from .loop import RunLog, RunSetup, Tally, summarize, write_summary
 from .summary import format_summary
 
@@ -123,11 +126,34 @@ def launch_agent(cmd: list[str], host: str, port: int, nproc: int, *, max_restar
 
 def run_local(config: TrainConfig, env: dict[str, str]) -> int:
     """`gradsync train --elastic`: start the workers here and supervise them."""
+    lock = None
+    if config.checkpoint.dir and config.arch == "allreduce":
+        from ..checkpoint import CheckpointError
+
+        try:  # held here for the whole run: any worker may be lost, this process is not
+            lock = claim(config.checkpoint, config.workload.workload)
+        except CheckpointError as exc:
+            print(f"gradsync: error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_USAGE
+    try:
+        return _launch_local(config, env)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _launch_local(config: TrainConfig, env: dict[str, str]) -> int:
     from ..flags import to_argv
+    from ..net import parse_endpoint
 
     launch_config = config.launch
-    return launch([sys.executable, "-m", "gradsync", "train", *to_argv(config)],
-                  launch_config.workers, min_workers=launch_config.min_workers,
+    cmd = [sys.executable, "-m", "gradsync", "train", *to_argv(config)]
+    if launch_config.rdzv_endpoint is not None:  # one host of a job across hosts
+        host, port = parse_endpoint(launch_config.rdzv_endpoint, "--rdzv-endpoint")
+        return launch_agent(cmd, host, port, launch_config.workers,
+                            max_restarts=launch_config.max_restarts,
+                            timeout_s=launch_config.timeout, env=env)
+    return launch(cmd, launch_config.workers, min_workers=launch_config.min_workers,
                   max_restarts=launch_config.max_restarts, addr=launch_config.addr,
                   timeout_s=launch_config.timeout, env=env)
 
@@ -137,7 +163,10 @@ def run_worker(config: TrainConfig) -> dict | None:
     elastic membership, whose steps come from :class:`ElasticLoop`; rank 0 of the last
     generation prints the summary, which adds the membership changes. Returns the summary."""
     setup = RunSetup.from_config(config)
-    workload, workers = setup.workload, config.launch.workers
+    # The first generation's worker count (the global batch is chosen for it): this host's
+    # --workers alone, or every host's across hosts (the agent sets WORLD_SIZE).
+    workload = setup.workload
+    workers = int(os.environ.get("WORLD_SIZE", config.launch.workers))
     world = ElasticWorld.from_env(config.launch.timeout)
     topology = config.allreduce.topology
     if topology not in ("probe", "off"):  # a file describes the first --workers ranks (uids)
@@ -153,6 +182,8 @@ def run_worker(config: TrainConfig) -> dict | None:
                    "compression": config.compression.spec,
                    "compression_warmup": config.compression.compression_warmup})
     train_set = workload.train_set
+    checkpoints = _checkpoints(config, setup, loop, world.uid < workers)
+    resumed = loop.position.step > 0
 
     def step_fn(model, indices, weight):
         x, y = default_collate([train_set[i] for i in indices])
@@ -163,8 +194,11 @@ def run_worker(config: TrainConfig) -> dict | None:
 
     def on_step(record: dict) -> None:
         if loop.group.rank == 0:  # a later leader continues the metrics of the one before
-            run_log.lead(done=record["step"] - 1, append=bool(loop.changes))
+            run_log.lead(done=record["step"] - 1, append=bool(loop.changes) or resumed)
         run_log.step(record, workers=record["workers"])
+        if checkpoints is not None:
+            checkpoints.maybe_save(loop.position, loop.optimizer, loop.group.rank,
+                                   loop.group.size)
 
     start = time.perf_counter()
     try:
@@ -185,3 +219,20 @@ def run_worker(config: TrainConfig) -> dict | None:
         write_summary(config.output.out, summary)
         print(format_summary(summary, arch), flush=True)
     return summary
+
+
+def _checkpoints(config: TrainConfig, setup: RunSetup, loop: ElasticLoop, first: bool
+                 ) -> ElasticCheckpoints | None:
+    """With --checkpoint-dir: the worker's checkpoints, and with --resume the newest one
+    loaded into ``loop`` (by a worker of the first generation; a replacement takes the
+    members' state by broadcast instead)."""
+    if not config.checkpoint.dir:
+        return None
+    checkpoints = ElasticCheckpoints(config.checkpoint, setup.workload.model,
+                                     config.workload.workload,
+                                     dataclasses.asdict(config.workload))
+    if config.checkpoint.resume and first:
+        position = checkpoints.resume(loop.optimizer)
+        if position is not None:
+            loop.position = position
+    return checkpoints
