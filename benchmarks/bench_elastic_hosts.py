@@ -10,7 +10,9 @@ run an agent with 2 workers of tests/scripts/elastic_hosts.py (`gradsync run --e
 - ``kill``: every process of host 3 (its agent and workers) is SIGKILLed at once, so nobody
   reports the loss; the service sees it through the agent's and workers' silence;
 - ``link``: host 3's interface is taken down (``ip link set ... down``): its processes live
-  on, cut off; the survivors cut their own connections to it once it is declared lost.
+  on, cut off; the survivors cut their own connections to it once it is declared lost;
+- ``stop``: one worker of host 3 is stopped with SIGSTOP (alive, not stepping): its
+  silence declares it lost, its agent SIGKILLs it; the host's other worker trains on.
 
 The recovery time is the first step completed after the failure by the survivors alone (any
 of them; a step in flight may still complete with host 3's workers) minus the failure's time (one clock: the lab's hosts are namespaces of this machine). The survivors
@@ -46,6 +48,8 @@ def trial(lab, failure: str, out: Path, epochs: int) -> float:
         victim = lab.hosts[3]
         if failure == "kill":
             t0 = job.kill_host(2)
+        elif failure == "stop":
+            t0 = job.stop_worker(2)
         else:
             t0 = time.time()
             subprocess.run(["ip", "-n", victim.ns, "link", "set", victim.ifname, "down"],
@@ -65,8 +69,8 @@ def trial(lab, failure: str, out: Path, epochs: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--failures", nargs="+", default=["kill", "link"],
-                        choices=["kill", "link"])
+    parser.add_argument("--failures", nargs="+", default=["kill", "link", "stop"],
+                        choices=["kill", "link", "stop"])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--keep", action="store_true", help="keep each trial's logs")
     args = parser.parse_args()

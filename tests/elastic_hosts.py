@@ -141,6 +141,15 @@ class Job:
                 pass
         return t0
 
+    def stop_worker(self, index: int) -> float:
+        """SIGSTOP one worker of host ``index`` (the first child of its agent); returns when."""
+        agent = self.hosts[index].pid
+        worker = min(int(k) for task in Path(f"/proc/{agent}/task").iterdir()
+                     for k in (task / "children").read_text().split())
+        t0 = time.time()
+        os.kill(worker, signal.SIGSTOP)
+        return t0
+
     def finish(self, timeout_s: float) -> tuple[int, list[int]]:
         """Wait for the service and every host: (service's code, hosts' codes)."""
         deadline = time.monotonic() + timeout_s
