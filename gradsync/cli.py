@@ -22,7 +22,7 @@ import threading
 
 from . import env
 from .exits import EXIT_INTERRUPTED, EXIT_USAGE, UserError, say, under_launcher
-from .flags import add_dataclass_arguments, dataclass_from_args
+from .flags import add_dataclass_arguments, config_from_args
 
 
 class _Parser(argparse.ArgumentParser):
@@ -182,10 +182,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train.config import TrainConfig
 
     try:
-        try:
-            config = dataclass_from_args(TrainConfig, args)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        config = config_from_args(TrainConfig, args)
         if under_launcher():
             from .train.worker import run_rank
 

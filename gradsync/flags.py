@@ -184,6 +184,17 @@ def _add_arguments(parser: Any, cls: type, exclude: typing.AbstractSet[str]) -> 
         _add_arguments(group, sub, exclude)
 
 
+def config_from_args(cls: type[T], namespace: argparse.Namespace) -> T:
+    """:func:`dataclass_from_args` for a command's main: a refused value is a user's error
+    (one line, exit 2), not a traceback."""
+    from .exits import UserError
+
+    try:
+        return dataclass_from_args(cls, namespace)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def dataclass_from_args(cls: type[T], namespace: argparse.Namespace) -> T:
     """Build ``cls`` from the values that :func:`add_dataclass_arguments` parsed.
 

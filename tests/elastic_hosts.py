@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,25 +80,22 @@ class Job:
         self.hosts.append(proc)
         return proc
 
-    def uids_of(self, index: int) -> list[int]:
-        """The member ids host ``index`` was given (from its agent's first line)."""
-        import re
-
+    def _agent_line(self, index: int) -> tuple[int, list[int]]:
+        """Host ``index``'s node id and first member ids, from its agent's first line
+        (``gradsync: host NODE (ADDR) trains workers [UIDS] of WORLD``)."""
         text = (self.out / f"host-{index}.log").read_text()
-        found = re.search(r"trains workers \[([0-9, ]*)\]", text)
+        found = re.search(r"gradsync: host (\d+) \(.*?\) trains workers \[([0-9, ]*)\]", text)
         assert found, text
-        return [int(u) for u in found.group(1).split(",")]
+        return int(found.group(1)), [int(u) for u in found.group(2).split(",")]
+
+    def uids_of(self, index: int) -> list[int]:
+        """The member ids host ``index`` was given."""
+        return self._agent_line(index)[1]
 
     def hosts_of(self) -> dict[int, int]:
-        """Each first-generation member's host (node) id, from the agents' first lines."""
-        import re
-
-        found = {}
-        for path in self.out.glob("host-*.log"):
-            for node, uids in re.findall(r"gradsync: host (\d+) \(.*?\) trains workers "
-                                         r"\[([0-9, ]*)\]", path.read_text()):
-                found.update({int(u): int(node) for u in uids.split(",")})
-        return found
+        """Each first-generation member's host (node) id."""
+        lines = [self._agent_line(i) for i in range(len(self.hosts))]
+        return {uid: node for node, uids in lines for uid in uids}
 
     def steps(self) -> dict[int, list[tuple[int, float]]]:
         """Each member's completed steps so far: uid -> [(step, time, workers)]."""

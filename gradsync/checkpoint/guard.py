@@ -1,14 +1,36 @@
-"""The fresh-run guard: a run that does not resume refuses a directory holding committed
-checkpoints, unless told to overwrite them (then it names whose they were and removes them)."""
+"""Taking a checkpoint directory for one run (:func:`take_directory`), and the fresh-run
+guard: a run that does not resume refuses a directory holding committed checkpoints, unless
+told to overwrite them (then it names whose they were and removes them)."""
 
 from __future__ import annotations
 
 import logging
 
 from .format import CheckpointError, CheckpointMeta, describe_os_error
+from .lock import DirectoryLock, DirectoryLockedError
 from .manager import CheckpointManager
 
 log = logging.getLogger(__name__)
+
+
+def take_directory(manager: CheckpointManager) -> tuple[DirectoryLock, bool]:
+    """Create the directory if it is missing, lock it for this run (held until released or
+    the process exits) and remove a crashed run's staging directories (every save stages
+    afresh). Returns the lock and whether the directory was created.
+
+    Raises:
+        CheckpointError: another user's directory, another job holds the lock, or the file
+            system refused (one line).
+    """
+    created = manager.create()  # refuses another user's directory
+    try:
+        lock = DirectoryLock(manager.directory)
+        manager.remove_staging()
+    except DirectoryLockedError as exc:
+        raise CheckpointError(str(exc)) from None
+    except OSError as exc:  # a read-only directory: one line, not a traceback
+        raise CheckpointError(describe_os_error(exc, manager.directory)) from None
+    return lock, created
 
 
 def fresh_start(manager: CheckpointManager, overwrite: bool, expect: CheckpointMeta) -> None:

@@ -40,10 +40,10 @@ import torch
 
 from .. import comm
 from .format import (CheckpointError, CheckpointMeta, CheckpointRefusedError,
-                     bare_model, describe_os_error, model_fingerprint)
-from .lock import DirectoryLock, DirectoryLockedError
+                     bare_model, model_fingerprint)
+from .lock import DirectoryLock
 from .manager import CheckpointManager
-from .guard import fresh_start
+from .guard import fresh_start, take_directory
 from .protocol import CheckpointParticipant, Replicated
 from .rng import capture_rng_state, restore_rng_state
 
@@ -298,14 +298,7 @@ class Checkpointer:
         ``load_latest_valid`` read and verified it, or None to start afresh."""
         directory = self.manager.directory
         if self._lock is None:
-            self._created = self.manager.create()  # refuses another user's directory
-            try:
-                self._lock = DirectoryLock(directory)
-                self.manager.remove_staging()  # a crashed run's; every save stages afresh
-            except DirectoryLockedError as exc:
-                raise CheckpointError(str(exc)) from None
-            except OSError as exc:  # a read-only directory: one line, not a traceback
-                raise CheckpointError(describe_os_error(exc, directory)) from None
+            self._lock, self._created = take_directory(self.manager)
         if not resume:
             fresh_start(self.manager, overwrite, expect)  # the fresh-run guard
             return None

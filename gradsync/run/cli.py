@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..exits import UserError
-from ..flags import add_dataclass_arguments, dataclass_from_args
+from ..flags import add_dataclass_arguments, config_from_args
 from .config import RunConfig
 
 # Flags with a value, in their dashed form, for normalize_argv (bools and -m take none).
@@ -67,10 +66,7 @@ def main(args: argparse.Namespace) -> int:
     """Run the script as the flags say; the run's exit status."""
     from .launch import command_of, run
 
-    try:
-        config = dataclass_from_args(RunConfig, args)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    config = config_from_args(RunConfig, args)
     cmd = command_of(args.script, args.script_args, module=args.module,
                      no_python=args.no_python)
     return run(config, cmd)

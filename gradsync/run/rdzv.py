@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..exits import UserError
-from ..flags import add_dataclass_arguments, dataclass_from_args
+from ..flags import add_dataclass_arguments, config_from_args
 from ..flags import flag_meta as _help
 from ..net import parse_endpoint
 
@@ -76,10 +76,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from ..comm.rendezvous import RendezvousService
 
-    try:
-        config = dataclass_from_args(RdzvConfig, args)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    config = config_from_args(RdzvConfig, args)
     host, port = parse_endpoint(config.endpoint, "--endpoint")
     low, high = parse_nnodes(config.nnodes)
     try:

@@ -24,10 +24,8 @@ import logging
 
 from torch import nn
 
-from ..checkpoint import CheckpointError, CheckpointManager, CheckpointMeta, DirectoryLock
-from ..checkpoint import DirectoryLockedError, model_fingerprint
-from ..checkpoint.format import describe_os_error
-from ..checkpoint.guard import fresh_start
+from ..checkpoint import CheckpointManager, CheckpointMeta, DirectoryLock, model_fingerprint
+from ..checkpoint.guard import fresh_start, take_directory
 from ..checkpoint.run import plain_settings
 from .config import CheckpointConfig
 from .elastic_sync import Position
@@ -47,14 +45,7 @@ def claim(config: CheckpointConfig, workload: str) -> DirectoryLock:
             checkpoints a fresh run would overwrite (one line).
     """
     manager = CheckpointManager(config.dir, keep=config.keep)
-    created = manager.create()  # refuses another user's directory
-    try:
-        lock = DirectoryLock(config.dir)
-        manager.remove_staging()  # a crashed run's; every save stages afresh
-    except DirectoryLockedError as exc:
-        raise CheckpointError(str(exc)) from None
-    except OSError as exc:
-        raise CheckpointError(describe_os_error(exc, manager.directory)) from None
+    lock, created = take_directory(manager)
     try:
         if not config.resume:
             fresh_start(manager, config.overwrite, CheckpointMeta(0, 0, workload, 1, TAG, ""))
