@@ -111,3 +111,37 @@ def test_a_reply_to_a_worker_already_gone_is_left_to_its_loss_event(monkeypatch)
     assert server.stats.bytes_sent == 0
     server._on_lost(2, "test")
     assert server.live == {1, 3}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_lost_worker_or_server_restarts_the_run_from_its_checkpoint_bit_for_bit(tmp_path):
+    """--max-restarts: killing a worker (rank 3), and in another run a server (rank 0), makes
+    the launcher restart every rank from the newest checkpoint (each server reloads its
+    shard's file, the steps since are redone); the run ends equal to the bit to one that was
+    never disturbed, its metrics hold each step once, and the summary counts the restart."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import ENV, REPO
+
+    args = ["--arch", "ps", "--servers", "2", "--workers", "4", "--steps", "60",
+            "--checkpoint-every", "5", "--timeout", str(TIMEOUT)]
+    ref = subprocess.run([sys.executable, "-m", "gradsync", "train", *args, "--no-progress",
+                          "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "ref")],
+                         env=ENV, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    assert ref.returncode == 0, ref.stderr
+    expected = json.loads((tmp_path / "ref" / "summary.json").read_text())["parameters_sha1"]
+    for victim in (3, 0):
+        out = tmp_path / f"killed-{victim}"
+        code, stderr, _, summary = run_and_kill(
+            [*args, "--elastic", "--max-restarts", "1", "--checkpoint-dir", str(out / "ck")],
+            victim, out)
+        assert code == 0, stderr
+        assert re.search(rf"worker rank {victim} killed by SIGKILL; restarting every rank from "
+                         r"the newest checkpoint in .* \(restart 1 of 1\)", stderr), stderr
+        assert summary["parameters_sha1"] == expected and summary["restarts"] == 1, summary
+        assert 0 < summary["steps_run"] < 60, summary  # resumed, not started over
+        steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
+        assert steps == list(range(1, 61)), steps

@@ -117,7 +117,9 @@ def test_elastic_all_reduce_refuses_a_port_it_would_not_use():
     ({"launch": {"elastic": True, "rdzv_endpoint": "h:1"}, "checkpoint": {"dir": "ck"}},
      "built for --arch allreduce without --checkpoint-dir"),
     ({"arch": "ps", "launch": {"elastic": True}, "checkpoint": {"dir": "ck"}},
-     "--arch ps --elastic does not write --checkpoint-dir yet"),
+     "--arch ps --elastic takes --max-restarts with --checkpoint-dir"),
+    ({"arch": "ps", "launch": {"elastic": True, "max_restarts": 1}},
+     "--arch ps --elastic takes --max-restarts with --checkpoint-dir"),
 ])
 def test_elastic_refuses_what_it_does_not_do(kwargs: dict, message: str):
     from gradsync.train.config import CheckpointConfig, LaunchConfig, TrainConfig

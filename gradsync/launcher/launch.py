@@ -129,6 +129,8 @@ def launch(
     grace_s: float = 5.0,
     module: str = "gradsync",
     tolerate: frozenset[int] = frozenset(),
+    restart: int = 0,
+    max_restarts: int = 0,
 ) -> LaunchResult:
     """Run ``python -m module *argv`` in ``nprocs`` worker processes and supervise them.
 
@@ -148,6 +150,8 @@ def launch(
         module: the module the workers run.
         tolerate: ranks whose failure is reported but does not stop the others (the
             workers of an asynchronous parameter server, which the servers drop).
+        restart, max_restarts: this start's number and the caller's limit, given to the
+            workers as torchrun does (TORCHELASTIC_RESTART_COUNT / _MAX_RESTARTS).
 
     Returns:
         A LaunchResult naming the root-cause rank and reason when a worker failed.
@@ -165,5 +169,6 @@ def launch(
         "launching %d workers of `python -m %s` on %s:%d", nprocs, module, master_addr, master_port
     )
     cmd = [sys.executable, "-m", module, *argv]
-    envs = [worker_env(rank, nprocs, master_addr, master_port, env) for rank in range(nprocs)]
+    envs = [worker_env(rank, nprocs, master_addr, master_port, env, restart=restart,
+                       max_restarts=max_restarts) for rank in range(nprocs)]
     return run_processes([cmd] * nprocs, envs, grace_s=grace_s, tolerate=frozenset(tolerate))

@@ -101,7 +101,7 @@ class PSArchitecture:
                    compression_warmup=config.compression.compression_warmup,
                    server_ranks=config.ps.server_ranks, partition_mb=config.ps.partition_mb,
                    topology=topology if topology not in ("probe", "off") else links,
-                   elastic=config.launch.elastic, min_workers=config.launch.min_workers)
+                   elastic=config.launch.drops_lost, min_workers=config.launch.min_workers)
 
     def _layout(self, model):
         return shard_layout([p for p in model.parameters() if p.requires_grad],

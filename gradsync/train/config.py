@@ -195,12 +195,13 @@ class LaunchConfig:
     elastic: bool = field(default=False, metadata=_help(
         "elastic training (--arch allreduce, local workers): a lost worker does not stop the "
         "run, the others go on from the last step they completed; --arch ps: the servers drop "
-        "a lost worker and wait for the live ones (docs/reliability.md)"))
+        "a lost worker and wait for the live ones, or with --max-restarts every rank restarts "
+        "from the newest checkpoint (docs/reliability.md)"))
     min_workers: int = field(default=1, metadata=_help(
         "--elastic: stop the run when fewer workers than this are left"))
     max_restarts: int = field(default=0, metadata=_help(
         "--elastic: start up to this many replacement workers, each joining at a step "
-        "boundary"))
+        "boundary (--arch ps: restart every rank from the newest checkpoint this many times)"))
     elastic_rescale: Literal["batch", "lr"] = field(default="batch", metadata=_help(
         "--elastic, when the worker count changes: keep the global batch (batch: each "
         "worker's share changes) or each worker's batch, scaling the learning rate (lr)"))
@@ -210,6 +211,12 @@ class LaunchConfig:
     rdzv_endpoint: str | None = field(default=None, metadata=_help(
         "--elastic across hosts: HOST:PORT of the job's `gradsync rdzv`, which this host "
         "joins with --workers workers (the service holds --min-workers)"))
+
+    @property
+    def drops_lost(self) -> bool:
+        """--elastic without --max-restarts: a PS's servers drop a lost worker and go on (with
+        restarts nothing is dropped: the run restarts from a checkpoint instead)."""
+        return self.elastic and not self.max_restarts
 
     def __post_init__(self) -> None:
         _at_least(self.workers, 1, "workers")
@@ -298,15 +305,14 @@ class TrainConfig:
                                                       or self.checkpoint.dir):
             raise ValueError("--rdzv-endpoint (elastic across hosts) is built for --arch "
                              "allreduce without --checkpoint-dir")
-        if self.launch.elastic and self.arch == "ps" and self.checkpoint.dir:
-            raise ValueError("--arch ps --elastic does not write --checkpoint-dir yet; "
-                             "--arch allreduce --elastic does")
         if self.launch.elastic and self.arch != "ps" and self.launch.port is not None:
             raise ValueError("--port is not used by --elastic: the job's store is a private "
                              "file, not a port (docs/reliability.md)")
-        if self.launch.elastic and self.arch == "ps" and self.launch.max_restarts:
-            raise ValueError("--arch ps --elastic drops lost workers; no replacement joins "
-                             "(--max-restarts is for --arch allreduce)")
+        if self.launch.elastic and self.arch == "ps" and (
+                bool(self.launch.max_restarts) != bool(self.checkpoint.dir)):
+            raise ValueError("--arch ps --elastic takes --max-restarts with --checkpoint-dir "
+                             "(a loss restarts every rank from the newest checkpoint) or neither "
+                             "(a lost worker is dropped, and its state could not be saved)")
         if self.arch == "ps" and not spec.compressor.ps:
             raise ValueError(f"--compression {spec.name} is for --arch allreduce (its low-rank "
                              "factors need an all-reduce); the PS takes " + ", ".join(

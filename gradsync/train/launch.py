@@ -8,6 +8,7 @@ an emulated cluster) and supervise them.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..exits import EXIT_INTERRUPTED, SELF_EXPLAINED, UserError, say
@@ -28,6 +29,8 @@ def _tolerated(config: TrainConfig) -> frozenset[int]:
                                      config.processes)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if config.launch.elastic and not config.launch.drops_lost:
+        return frozenset()  # every loss restarts the run (_supervise)
     return tolerated_ranks(servers, config.processes, config.ps.consistency,
                            config.launch.elastic)
 
@@ -49,14 +52,32 @@ def run_local(config: TrainConfig, interrupts_raise=lambda: None) -> int:
         from .elastic_run import run_local as run_elastic
 
         return run_elastic(config, env)
+    return _supervise(config, env, tolerate)
+
+
+def _supervise(config: TrainConfig, env: dict[str, str], tolerate: frozenset[int]) -> int:
+    """Run the ranks to the end. `--arch ps --elastic --max-restarts R`: a lost rank (a worker
+    or a server) stops the others, and the whole run starts again from its newest checkpoint,
+    up to R times (torchrun's model: every server reloads its shard's file, so the steps
+    since that checkpoint are redone and no sample is lost or repeated)."""
     from ..launcher import LaunchError, launch
 
-    try:
-        result = launch(["train", *to_argv(config)], config.processes,
-                        master_addr=config.launch.addr, master_port=config.launch.port, env=env,
-                        tolerate=tolerate)
-    except LaunchError as exc:
-        raise UserError(str(exc)) from None
+    restarts = config.launch.max_restarts if config.launch.elastic else 0
+    argv = to_argv(config)
+    for attempt in range(restarts + 1):
+        try:
+            result = launch(["train", *argv], config.processes, master_addr=config.launch.addr,
+                            master_port=config.launch.port, env=env, tolerate=tolerate,
+                            restart=attempt, max_restarts=restarts)
+        except LaunchError as exc:
+            raise UserError(str(exc)) from None
+        if result.returncode in (0, *SELF_EXPLAINED) or result.failed_rank is None \
+                or attempt == restarts:
+            break
+        say(f"gradsync: worker rank {result.failed_rank} {result.reason}; restarting every "
+            f"rank from the newest checkpoint in {config.checkpoint.dir} (restart "
+            f"{attempt + 1} of {restarts})")
+        argv = to_argv(replace(config, checkpoint=replace(config.checkpoint, resume=True)))
     if result.returncode == EXIT_INTERRUPTED:
         say("gradsync: interrupted")
     elif result.returncode not in SELF_EXPLAINED and result.failed_rank is not None:

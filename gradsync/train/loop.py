@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,14 +88,17 @@ class RunSetup:
 class MetricsWriter:
     """metrics.jsonl (one line per step) and summary.json under ``out``, rank 0 only."""
 
-    def __init__(self, out: str | None, enabled: bool, append: bool = False):
+    def __init__(self, out: str | None, enabled: bool, append: bool = False,
+                 done: int | None = None):
         self.dir = Path(out) if (out and enabled) else None
         self._file = None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
+            path = self.dir / "metrics.jsonl"
+            if append and done is not None and path.exists():
+                _keep_steps_to(path, done)
             # A resumed run (or a later elastic leader) continues the metrics before it.
-            self._file = open(self.dir / "metrics.jsonl", "a" if append else "w",
-                              encoding="utf-8")
+            self._file = open(path, "a" if append else "w", encoding="utf-8")
 
     def step(self, record: dict) -> None:
         if self._file is not None:
@@ -109,6 +113,21 @@ class MetricsWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _keep_steps_to(path: Path, done: int) -> None:
+    """Drop the records of steps after ``done`` (a run resumed from an older checkpoint
+    redoes them) and a last line cut short by a kill; the file is replaced atomically."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= done:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def write_summary(out: str | Path | None, summary: dict) -> None:
@@ -134,7 +153,7 @@ class RunLog:
         """This rank reports from now on; ``done`` steps are behind (the bar starts there)."""
         if self.writer is not None:
             return
-        self.writer = MetricsWriter(self.output.out, True, append=append)
+        self.writer = MetricsWriter(self.output.out, True, append=append, done=done)
         if self.output.progress:
             from tqdm import tqdm
 
@@ -239,5 +258,8 @@ def summarize(setup: RunSetup, arch: Architecture, model: torch.nn.Module, tally
         "comm_wait_s": tail[1].item() * wall, "compute_s": (1 - tail[1].item()) * wall,
         "bytes_per_step_per_worker": None if tally.sent is None else tally.sent / done,
         # Runs that must agree to the bit (another algorithm, another network) compare this.
-        "parameters_sha1": parameters_digest(model), **extra,
+        "parameters_sha1": parameters_digest(model),
+        # starts of the whole run before this one (torchrun's count; gradsync's launcher sets
+        # it for `--arch ps --elastic --max-restarts`)
+        "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), **extra,
     }

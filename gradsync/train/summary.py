@@ -42,6 +42,9 @@ def format_summary(s: dict, architecture: Architecture) -> str:
     if changes:
         lines.append(f"  membership         {len(changes)} change{'s' * (len(changes) > 1)}: "
                      + "; ".join(_change(c) for c in changes))
+    if s.get("restarts"):
+        lines.append(f"  restarts           {s['restarts']} (every rank started again from the "
+                     "newest checkpoint)")
     skipped = s.get("nonfinite_skipped", 0)
     skipped = sum(skipped) if isinstance(skipped, list) else skipped
     if skipped:
