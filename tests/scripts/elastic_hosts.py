@@ -7,7 +7,7 @@ EPOCHS epochs with gradsync.elastic, that records when each step completes.
 
 Every worker appends "STEP TIME SIZE" to OUT/steps-UID after each step it completes (TIME
 from time.time(): the lab's hosts share this machine's clock; SIZE: the workers then) and writes OUT/result-UID.json at
-the end (the members, the changes, the parameters' sum). PAUSE_S (default 0) is slept after
+the end (the members, the changes, the parameters' sum, the accuracy on the data). PAUSE_S (default 0) is slept after
 each step, so that a run lasts long enough for a host to join.
 """
 
@@ -47,7 +47,8 @@ def main(out: Path, epochs: int, pause_s: float = 0.0) -> None:
     train(state)
     result = {"members": list(world.members), "step": state.step,
               "changes": [vars(c) for c in state.changes],
-              "param_sum": float(sum(p.detach().double().sum() for p in model.parameters()))}
+              "param_sum": float(sum(p.detach().double().sum() for p in model.parameters())),
+              "accuracy": float((model(x).argmax(1) == y).double().mean())}
     (out / f"result-{world.uid}.json").write_text(json.dumps(result))
 
 
