@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     from .bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    from .plan.cli import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     from .serve.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub)
@@ -145,6 +148,14 @@ def _main(argv: list[str] | None) -> int:
         from .serve.cli import main as serve_main
 
         return serve_main(args)
+    if args.command == "plan":
+        from .plan.cli import main as plan_main
+
+        try:
+            return plan_main(args)
+        except UserError as exc:
+            say(f"gradsync: error: {exc}")
+            return EXIT_USAGE
     if args.command == "rdzv":
         from .run.rdzv import main as rdzv_main
 

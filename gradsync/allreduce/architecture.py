@@ -62,7 +62,8 @@ class AllReduceArchitecture:
         self.model = DataParallel(module, group=self.group, algorithm=self.algorithm,
                                   bucket_cap_mb=self.bucket_cap_mb, nonfinite=self.nonfinite,
                                   topology=_members_topology(self.topology, members))
-        hook = make_hook(self.compression, self.group, self.compression_warmup)
+        hook = make_hook(self.compression, self.group, self.compression_warmup,
+                         algorithm=self.algorithm)
         if hook is not None:
             self._hook_state = hook[0]
             self.model.register_comm_hook(*hook)

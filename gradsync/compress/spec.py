@@ -136,8 +136,9 @@ def warmup_hook(state: WarmupState, bucket: GradBucket):
 
 
 def make_hook(compression: Compression | str, group: comm.Group | None = None,
-              warmup: int = 0) -> tuple[object, object] | None:
-    """(state, hook) for ``DataParallel.register_comm_hook``, or None for ``none``."""
+              warmup: int = 0, algorithm: str = "auto") -> tuple[object, object] | None:
+    """(state, hook) for ``DataParallel.register_comm_hook``, or None for ``none``;
+    ``algorithm``: the all-reduce the hook's collectives run (the run's --algorithm)."""
     compression = parse(compression)
     entry = compression.compressor
     if entry.build is None:
@@ -146,9 +147,9 @@ def make_hook(compression: Compression | str, group: comm.Group | None = None,
     factory = getattr(importlib.import_module(f"{__package__}.{module}"), function)
     # cast(name, group); topk(ratio, group); powersgd(rank, group)
     arg = compression.name if compression.arg is None else compression.arg
-    state, hook = factory(arg, group=group)
+    state, hook = factory(arg, group=group, algorithm=algorithm)
     if warmup > 0:
         # The plain steps count in the compressor's stats: one set of figures for the run.
-        plain = HookState(group, stats=state.stats)
+        plain = HookState(group, algorithm, stats=state.stats)
         return WarmupState(warmup, state, hook, plain), warmup_hook
     return state, hook

@@ -1,0 +1,121 @@
+"""`gradsync plan`: the model's arithmetic on profiles written by hand, and the command.
+(Its accuracy against real runs is a benchmark: docs/benchmarks.md, section 16.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gradsync.plan.cluster import PAYLOAD, Cluster
+from gradsync.plan.predict import Candidate, candidates, overlap, predict, rank
+from gradsync.plan.profile import Profile
+from tests.helpers import ENV, REPO
+from tests.distributed import scaled
+
+MB = 1 << 20
+
+
+def _profile(**kw) -> Profile:
+    # 8 MB of gradients in 4 parameters of 2 MB, ready 1, 2, 3 and 4 ms into a 4 ms backward.
+    base = dict(workload="w", batch=10, forward_s=0.002, backward_s=0.004, optimizer_s=0.001,
+                data_s=0.0, grads=[(0.001 * (i + 1), 2 * MB) for i in range(4)],
+                codecs={"fp16": (0.0, 0.5)})
+    return Profile(**{**base, **kw})
+
+
+def test_overlap_runs_each_transfer_after_it_is_ready_and_the_one_before():
+    assert overlap([]) == 0.0
+    assert overlap([(1.0, 0.5), (1.2, 0.5), (3.0, 0.1)]) == pytest.approx(3.1)
+
+
+def test_chunks_keep_parameters_whole_and_carry_the_last_ready_time():
+    p = _profile()
+    assert p.chunks(5 * MB) == [(0.002, 4 * MB), (0.004, 4 * MB)]
+    assert p.chunks(1) == p.grads  # a parameter larger than the cap is a chunk alone
+    assert p.chunks(100 * MB) == [(0.004, 8 * MB)]
+
+
+def test_a_slow_network_leaves_the_ring_on_the_link_and_names_it():
+    # 2 hosts x 1 rank, 8 Mbit/s (1 MB/s): a 25 MB bucket (all 8 MB) at the end of backward,
+    # ring wire bytes 2 (p-1)/p x 8 MB = 8 MB -> 8 s; nothing overlaps.
+    cluster = Cluster((1e6, 1e6), latency_s=0.0)
+    pred = predict(_profile(), cluster, Candidate("allreduce", "native"))
+    assert pred.exposed_s == pytest.approx(8 * MB / 1e6, rel=1e-3)
+    assert pred.step_s == pytest.approx(0.002 + 0.004 + 8 * MB / 1e6 + 0.001, rel=1e-3)
+    assert pred.bottleneck == "links (all equally busy)" and pred.workers == 2
+    half = predict(_profile(), cluster, Candidate("allreduce", "native", compression="fp16"))
+    assert half.exposed_s == pytest.approx(pred.exposed_s / 2, rel=1e-3)
+
+
+def test_a_fast_network_hides_behind_backward():
+    # Buckets of one 2 MB parameter each, ready every 100 ms: each is done (about 2 ms of the
+    # ranks' own copying) long before the next; only the last one's shows after backward.
+    slow_backward = _profile(backward_s=0.4, grads=[(0.1 * (i + 1), 2 * MB) for i in range(4)])
+    cluster = Cluster((1e12, 1e12), latency_s=0.0)
+    pred = predict(slow_backward, cluster, Candidate("allreduce", "native", bucket_mb=2))
+    assert pred.bottleneck == "compute" and 0 < pred.exposed_s < 0.005
+
+
+def test_ps_bytes_land_on_the_servers_host_and_fewer_workers_train():
+    # 3 hosts x 1 rank, PS k=1: server host 0 receives 2 x 8 MB and sends 2 x 8 MB; at
+    # 16 MB/s that is 1 s a step, the link of host 0.
+    cluster = Cluster((16e6,) * 3, latency_s=0.0)
+    pred = predict(_profile(), cluster, Candidate("ps", servers=1))
+    assert pred.workers == 2 and pred.bottleneck == "link of host 0"
+    assert 16 * MB / 16e6 <= pred.step_s < 16 * MB / 16e6 + 0.05
+    two = predict(_profile(), Cluster((16e6,) * 4, latency_s=0.0), Candidate("ps", servers=2))
+    assert two.step_s < pred.step_s  # two server links share the load of 2 workers
+
+
+def test_candidates_follow_the_clusters_shape_and_rank_by_throughput():
+    p = _profile()
+    names = {c.label for c in candidates(Cluster((1e9, 1e9, 2e8), 2), p)}
+    assert {"allreduce aware", "allreduce hierarchical", "ps k=3", "allreduce native fp16"} <= names
+    assert "allreduce shm" not in names and "ps k=4" not in names
+    assert "allreduce shm" in {c.label for c in candidates(Cluster((1e9,), 2), p, False)}
+    preds = rank(p, Cluster((1e6,) * 3), candidates(Cluster((1e6,) * 3), p))
+    rates = [q.samples_per_s(p.batch) for q in preds]
+    assert rates == sorted(rates, reverse=True)
+
+
+def test_cluster_flags_are_payload_rates_and_bad_ones_are_named():
+    c = Cluster.parse(2, 1, "100mbit", latency_us=5)
+    assert c.rates == (100e6 / 8 * PAYLOAD,) * 2 and c.cores is None
+    assert c.latency_s == pytest.approx(5e-6)
+    with pytest.raises(ValueError, match="lists 1 rates for 2 hosts"):
+        Cluster.parse(2, 1, rates="1gbit")
+    with pytest.raises(ValueError, match="cannot parse rate"):
+        Cluster.parse(1, 1, "fast")
+
+
+@pytest.mark.timeout(120)
+def test_plan_measures_a_workload_and_emits_the_best_flags(tmp_path):
+    """The command end to end: a measured profile saved, read back, ranked as JSON, and the
+    first row's flags emitted; a bad flag is one line, exit 2."""
+    profile = tmp_path / "p.json"
+
+    def plan(*args):
+        return subprocess.run([sys.executable, "-m", "gradsync", "plan", *args],
+                              capture_output=True, text=True, env=ENV, cwd=REPO,
+                              timeout=scaled(100))
+
+    run = plan("--hosts", "3", "--rate", "100mbit", "--procs-per-host", "1", "--lab",
+               "--save-profile", str(profile), "--emit", "json")
+    assert run.returncode == 0, run.stderr
+    ranked = json.loads(run.stdout)
+    assert Profile.load(profile).workload == "digits-mlp" and len(ranked) > 10
+    flags = plan("--profile", str(profile), "--hosts", "3", "--rate", "100mbit",
+                 "--procs-per-host", "1", "--lab", "--emit", "flags")
+    assert flags.returncode == 0, flags.stderr
+    assert flags.stdout.split() == ["--workload", "digits-mlp", "--batch-size", "32",
+                                    "--hidden", "1024", *ranked[0]["flags"], "--lab", "3",
+                                    "--rates", "100mbit,100mbit,100mbit"]
+    table = plan("--profile", str(profile), "--hosts", "2", "--rate", "1gbit", "--scaling",
+                 "--top", "3", "--no-compression")
+    assert table.returncode == 0 and "bottleneck" in table.stdout and "1024" in table.stdout
+    bad = plan("--hosts", "2", "--rates", "1gbit")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "--rates lists 1 rates for 2 hosts" in bad.stderr
