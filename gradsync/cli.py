@@ -151,20 +151,21 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "plan":
         from .plan.cli import main as plan_main
 
-        try:
-            return plan_main(args)
-        except UserError as exc:
-            say(f"gradsync: error: {exc}")
-            return EXIT_USAGE
+        return _reported(plan_main, args)
     if args.command == "rdzv":
         from .run.rdzv import main as rdzv_main
 
-        try:
-            return rdzv_main(args)
-        except UserError as exc:
-            say(f"gradsync: error: {exc}")
-            return EXIT_USAGE
+        return _reported(rdzv_main, args)
     return _train(args)
+
+
+def _reported(main, args: argparse.Namespace) -> int:
+    """``main(args)``; a UserError it raises is one line on stderr and exit 2."""
+    try:
+        return main(args)
+    except UserError as exc:
+        say(f"gradsync: error: {exc}")
+        return EXIT_USAGE
 
 
 def _run(argv: list[str]) -> int:
@@ -181,11 +182,7 @@ def _run(argv: list[str]) -> int:
     _interrupts_raise()  # the supervisor forwards Ctrl-C to the ranks
     parser = _Parser(prog="gradsync")
     add_parser(parser.add_subparsers(dest="command", metavar="COMMAND"))
-    try:
-        return run_main(parser.parse_args(normalize_argv(argv)))
-    except UserError as exc:
-        say(f"gradsync: error: {exc}")
-        return EXIT_USAGE
+    return _reported(run_main, parser.parse_args(normalize_argv(argv)))
 
 
 def _train(args: argparse.Namespace) -> int:

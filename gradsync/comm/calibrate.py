@@ -13,8 +13,9 @@ from .cost_model import CostModel, shape
 from .group import Group, resolve
 
 
-def _median_time(fn, repeat: int) -> float:
-    fn()  # warm-up: first use sets up connections
+def median_time(fn, repeat: int) -> float:
+    """The median seconds of ``repeat`` calls of ``fn`` after one warm-up call."""
+    fn()  # warm-up: a first use sets up connections, allocates, compiles
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -36,12 +37,12 @@ def calibrate(group: Group | None = None, *, small: int = 1 << 10, large: int = 
     if p == 1:
         return CostModel()
     x, y = torch.ones(large // 4), torch.ones(large // 4)
-    gamma = _median_time(lambda: x.add_(y), repeat) / large
+    gamma = median_time(lambda: x.add_(y), repeat) / large
     # shm runs only when every rank is on one host, which the group's topology says.
     measured = tuple(a for a in ALGORITHMS if a != "shm" or one_host(group))
     fitted = []
     for algorithm in measured:
-        t = {size: _median_time(lambda b=torch.zeros(size // 4): all_reduce(
+        t = {size: median_time(lambda b=torch.zeros(size // 4): all_reduce(
                  b, group=group, algorithm=algorithm), repeat) for size in (small, large)}
         m_small, w_small, r_small = shape(algorithm, small, p)
         _, w_large, r_large = shape(algorithm, large, p)

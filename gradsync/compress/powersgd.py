@@ -138,7 +138,7 @@ def orthogonalize_(matrix: torch.Tensor, epsilon: float = 0.0) -> torch.Tensor:
     return matrix
 
 
-def _split(state: PowerSGDState, grads: list[torch.Tensor]):
+def split_matrices(state: PowerSGDState, grads: list[torch.Tensor]):
     """(matrices (n, m) worth compressing, the other gradients), views of the bucket."""
     matrices, dense = [], []
     for g in grads:
@@ -228,7 +228,7 @@ def powersgd_hook(state: PowerSGDState, bucket: GradBucket) -> comm.Work:
 
     with Timer(stats):
         residual = _add_residual(state, index, buf)
-        matrices, dense = _split(state, bucket.gradients())
+        matrices, dense = split_matrices(state, bucket.gradients())
         packed = torch.cat([g.reshape(-1) for g in dense]) if dense else buf.new_empty(0)
     dense_work = _all_reduce_async(state, packed, group)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..comm.topology import HostLink, Topology
 
@@ -56,6 +57,7 @@ class Cluster:
         ranks = self.ranks if ranks is None else ranks
         return max(1.0, ranks / self.cores) if self.cores else 1.0
 
+    @cached_property  # the predictions read it once per bucket
     def topology(self) -> Topology:
         L = self.procs_per_host
         return Topology(tuple(HostLink(f"h{i}", tuple(range(i * L, (i + 1) * L)), rate)

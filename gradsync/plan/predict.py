@@ -34,7 +34,7 @@ else the busiest link ("link of host 3"), "server CPU", or "latency" (per-messag
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..comm.algorithms.registry import REGISTRY
 from ..comm.cost_model import DEFAULT_COST_MODEL, CostModel, network_time, shape
@@ -75,7 +75,6 @@ class Prediction:
     compute_s: float
     exposed_s: float  # what the transfers add after backward
     bottleneck: str
-    detail: dict = field(default_factory=dict)
 
     def samples_per_s(self, batch: int) -> float:
         return self.workers * batch / self.step_s
@@ -124,7 +123,7 @@ def predict(profile: Profile, cluster: Cluster, cand: Candidate,
         timed = [(r * slow, _all_reduce_s(cluster, cand, n, frac, cost, slow)
                   + codec_s * n / profile.grad_bytes) for r, n in chunks]
         opt = profile.optimizer_s * slow
-        bottleneck = _link_bottleneck(cluster, cand, profile.grad_bytes * frac, cost)
+        bottleneck = _link_bottleneck(cluster, cand)
     else:
         timed, bottleneck = _ps_chunks(profile, cluster, cand, frac, codec_s, slow, cost)
         opt = 0.0  # the servers step, inside the chunks' time
@@ -133,8 +132,7 @@ def predict(profile: Profile, cluster: Cluster, cand: Candidate,
     step = f + b + exposed + opt
     if exposed < 0.05 * step:
         bottleneck = "compute"
-    return Prediction(cand, workers, step, f + b + opt, exposed, bottleneck,
-                      {"chunks": len(timed), "wire_fraction": frac})
+    return Prediction(cand, workers, step, f + b + opt, exposed, bottleneck)
 
 
 def _all_reduce_s(cluster: Cluster, cand: Candidate, n: float, frac: float,
@@ -154,11 +152,11 @@ def _all_reduce_s(cluster: Cluster, cand: Candidate, n: float, frac: float,
     rounds = 3 if cand.compression.startswith("powersgd") else 1
     messages = shape(algo, float(wire), p)[0]
     local = cost.predict(algo, int(wire), p) * slow
-    net = network_time(cluster.topology(), algo, int(wire)) if cluster.hosts > 1 else 0.0
+    net = network_time(cluster.topology, algo, int(wire)) if cluster.hosts > 1 else 0.0
     return max(local, net) + messages * cluster.latency_s + (rounds - 1) * messages * alpha
 
 
-def _link_bottleneck(cluster: Cluster, cand: Candidate, wire: float, cost: CostModel) -> str:
+def _link_bottleneck(cluster: Cluster, cand: Candidate) -> str:
     if cluster.hosts == 1:
         return "memory copies"
     if cand.algorithm == "aware" or not cluster.unequal:

@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from torch.utils.data import default_collate
 
+from ..comm.calibrate import median_time
+
 # The compressors whose cost is measured, as `--compression` spells them.
 CODECS = ("fp16", "bf16", "topk:0.01", "powersgd:2")
 
@@ -121,10 +123,11 @@ def measure(workload: str, batch: int | None = None, *, steps: int = 12, seed: i
     grads = [(statistics.median(o[i] for o in offsets),
               params[i].numel() * params[i].element_size()) for i in order]
     med = [statistics.median(p[k] for p in phases) for k in range(3)]
+
     def step(m: torch.nn.Module) -> None:
         w.loss_fn(m(x), y).backward()
 
-    return Profile(workload, batch, *med, _median(collate, steps), grads,
+    return Profile(workload, batch, *med, median_time(collate, steps), grads,
                    codecs(model, step, steps), hidden)
 
 
@@ -133,55 +136,43 @@ def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repe
     """Per compressor of :data:`CODECS`: (seconds a step spends in it, wire fraction). Each
     is timed through gradsync's own hook on a one-rank world (its collectives move nothing,
     its encoding and decoding run as in a run), as the step time of the wrapped model minus
-    that of the plain wrapped model; the wire fraction is each format's arithmetic."""
+    that of the plain wrapped model. The wire fraction is each format's arithmetic on one
+    bucket of every gradient: halves 0.5; top-k its k values and int64 indices; PowerSGD
+    r (n + m) for each matrix its hook compresses, the rest dense."""
     from .. import comm
     from ..allreduce import DataParallel
+    from ..compress.powersgd import split_matrices
     from ..compress.spec import make_hook
+    from ..compress.topk import INDEX_BYTES
     from ..launcher import find_free_port
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    dense = sum(p.numel() * p.element_size() for p in params)
+    params = [p.detach() for p in model.parameters() if p.requires_grad]
+    numel = sum(p.numel() for p in params)
+    size = params[0].element_size()
     group = comm.init_process_group("gloo", rank=0, world_size=1, master_addr="127.0.0.1",
                                     master_port=find_free_port())
     try:
-        def timed(spec: str | None) -> float:
+        def timed(spec: str | None) -> tuple[float, object]:
             dp = DataParallel(copy.deepcopy(model), group=group, topology=None)
             hook = make_hook(spec, group) if spec else None
             if hook is not None:
                 dp.register_comm_hook(*hook)
-            return _median(lambda: step(dp), repeat)
+            return median_time(lambda: step(dp), repeat), hook and hook[0]
 
-        base = timed(None)
+        base, _ = timed(None)
         out = {}
         for spec in CODECS:
+            seconds, state = timed(spec)
             name, _, arg = spec.partition(":")
             if name in ("fp16", "bf16"):
                 frac = 0.5
             elif name == "topk":
-                k = sum(math.ceil(float(arg) * p.numel()) for p in params)
-                frac = k * (params[0].element_size() + 8) / dense
+                frac = math.ceil(float(arg) * numel) * (size + INDEX_BYTES) / (numel * size)
             else:
-                frac = sum(_powersgd_numel(p, int(arg)) * p.element_size()
-                           for p in params) / dense
-            out[spec] = (max(0.0, timed(spec) - base), frac)
+                matrices, dense = split_matrices(state, params)
+                frac = (sum(min(*m.shape, int(arg)) * sum(m.shape) for m in matrices)
+                        + sum(d.numel() for d in dense)) / numel
+            out[spec] = (max(0.0, seconds - base), frac)
         return out
     finally:
         comm.destroy_process_group()
-
-
-def _powersgd_numel(g: torch.Tensor, rank: int) -> int:
-    if g.dim() < 2:
-        return g.numel()
-    n, m = g.shape[0], g.numel() // g.shape[0]
-    r = min(rank, n, m)
-    return (n + m) * r if (n + m) * r < n * m else n * m
-
-
-def _median(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
