@@ -2,6 +2,7 @@
 
     import gradsync
     model = gradsync.DataParallel(model)      # All-Reduce architecture
+    model = gradsync.ShardedDataParallel(model, torch.optim.Adam, stage=2)   # ZeRO
     sampler = gradsync.data.ShardedSampler(dataset)
 
 Attributes are imported on first use, so that tools which need no torch (`gradsync lab`,
@@ -12,10 +13,11 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {"DataParallel": "gradsync.allreduce", "DataParallelNaive": "gradsync.allreduce"}
+_LAZY = {"DataParallel": "gradsync.allreduce", "DataParallelNaive": "gradsync.allreduce",
+         "ShardedDataParallel": "gradsync.zero"}
 _SUBMODULES = ("comm", "allreduce", "ps", "checkpoint", "data", "models", "train", "lab", "elastic")
 
-__all__ = ["DataParallel", "DataParallelNaive", "__version__", *_SUBMODULES]
+__all__ = ["DataParallel", "DataParallelNaive", "ShardedDataParallel", "__version__", *_SUBMODULES]
 
 
 def __getattr__(name: str):

@@ -1,0 +1,198 @@
+"""ShardedDataParallel: the module wrapper, its backward hooks and its gradient collectives.
+
+During backward a hook on each parameter moves its gradient, divided by N, into its
+bucket's ``grad_flat`` (the layout of layout.py); once a bucket is complete its collective
+starts while autograd goes on with earlier layers, in bucket index order on every rank:
+
+    stage 1   all_reduce(grad_flat)              grad_flat kept; param.grad is its slot
+    stage 2   reduce_scatter(grad_flat) -> (k,)  grad_flat dropped at launch; param.grad None
+
+A callback at the end of backward waits for them and points each bucket's ``piece.grad``
+at this rank's averaged piece (stage 1: a view into grad_flat; stage 2: the (k,) result).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import torch
+from torch import nn
+
+from .. import comm
+from ..allreduce.bucket_reduce import attach_topology, bucket_algorithms
+from .layout import ShardedBucket, shard_parameters
+from .optimizer import ShardedOptimizer
+
+STAGES = (1, 2)
+
+
+class ShardedDataParallel(nn.Module):
+    """Data parallelism with the optimizer state (stage 1) and also the gradients (stage 2)
+    sharded across the ranks of ``group`` (ZeRO, Rajbhandari et al. 2020).
+
+    Args:
+        module: the model; every rank builds the same architecture (rank 0's values win).
+        optimizer_class: e.g. ``torch.optim.Adam``; built on this rank's pieces only, with
+            ``**defaults`` (torch's ``ZeroRedundancyOptimizer`` signature). Step it through
+            :attr:`optimizer`, whose ``step()`` ends with the parameters' all-gather.
+        stage: 1 or 2.
+        group: the ranks to shard over (default: all).
+        bucket_cap_mb: size of a bucket in MiB: the unit of overlap with backward.
+        algorithm: the stage-1 all-reduce's algorithm (as DataParallel's ``algorithm``);
+            reduce-scatter and all-gather run ``auto`` (shared memory on one host).
+        topology: as DataParallel's (what ``auto`` takes into account).
+        broadcast_buffers: copy rank 0's buffers before each forward that syncs.
+    Raises:
+        ValueError: unknown stage or optimizer arguments; a rank whose pieces are all
+            padding (a model with fewer elements than ranks).
+        CollectiveMismatchError: ranks hold different parameters.
+    """
+
+    def __init__(self, module: nn.Module, optimizer_class=torch.optim.Adam, *, stage: int = 1,
+                 group: comm.Group | None = None, bucket_cap_mb: float = 25.0,
+                 algorithm: str = "auto", topology: "comm.Topology | str | None" = "probe",
+                 broadcast_buffers: bool = True, **defaults):
+        super().__init__()
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if bucket_cap_mb <= 0:
+            raise ValueError(f"bucket_cap_mb must be positive, got {bucket_cap_mb}")
+        comm.check_algorithm(algorithm)
+        if group is None:
+            group = comm.world() if comm.is_initialized() else comm.init_process_group()
+        self.module, self.group, self.stage = module, group, stage
+        self.broadcast_buffers = broadcast_buffers
+        attach_topology(group, topology)
+        comm.verify_tensors(group, "parameters and buffers",
+                            [(n, p.detach()) for n, p in module.named_parameters()]
+                            + list(module.named_buffers()))
+        params = [p for p in module.parameters() if p.requires_grad]
+        self._buckets: list[ShardedBucket] = shard_parameters(
+            params, int(bucket_cap_mb * (1 << 20)), group.size, group.rank)
+        with torch.no_grad():
+            for b in self._buckets:  # rank 0's values, one broadcast per bucket
+                comm.broadcast(b.flat, src=0, group=group)
+            for t in module.buffers():
+                comm.broadcast(t, src=0, group=group)
+        self._algorithms = bucket_algorithms(self._buckets, algorithm, group)
+        if stage == 1:
+            for b in self._buckets:
+                b.grad_flat = torch.zeros_like(b.flat)
+        for b in self._buckets:
+            for i, p in enumerate(b.params):
+                p.register_post_accumulate_grad_hook(partial(self._on_grad, b, i))
+        self._require_sync = True
+        self._reset_step()
+        self.optimizer = ShardedOptimizer(self._buckets, group, optimizer_class, **defaults)
+
+    # --- nn.Module surface -----------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        if self.broadcast_buffers and self._require_sync and torch.is_grad_enabled():
+            for t in self.module.buffers():
+                comm.broadcast(t, src=0, group=self.group)
+        return self.module(*args, **kwargs)
+
+    def state_dict(self, *args, **kwargs):
+        """The wrapped module's full state dict (parameters are whole between steps)."""
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if assign:
+            raise ValueError("assign=True would move parameters out of their flat buckets")
+        return self.module.load_state_dict(state_dict, strict=strict)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally (full-size ``param.grad`` in both stages); the first
+        backward outside the block averages and shards the sum."""
+        previous, self._require_sync = self._require_sync, False
+        try:
+            yield
+        finally:
+            self._require_sync = previous
+
+    @property
+    def buckets(self) -> list[ShardedBucket]:
+        return self._buckets
+
+    # --- gradient synchronisation ----------------------------------------------------------
+
+    def _reset_step(self) -> None:
+        for b in self._buckets:
+            b.ready.clear()
+        self._works: list[tuple[ShardedBucket, comm.Work, torch.Tensor | None]] = []
+        self._next = 0
+        self._callback_queued = False
+
+    def _on_grad(self, bucket: ShardedBucket, i: int, param: torch.Tensor) -> None:
+        if not self._require_sync:
+            return
+        if not self._callback_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+            self._callback_queued = True
+        if i in bucket.ready:
+            raise RuntimeError("a parameter received a gradient twice in one step; wrap all "
+                               "but the last backward in no_sync()")
+        self._adopt_grad(bucket, i, param.grad)
+        bucket.ready.add(i)
+        if bucket.is_full():
+            self._launch_ready()
+
+    def _adopt_grad(self, bucket: ShardedBucket, i: int, grad: torch.Tensor | None) -> None:
+        """Put ``grad`` / N into its slot of ``grad_flat`` (dividing first, as DataParallel
+        does, costs no extra pass and keeps low-precision sums from overflowing)."""
+        if bucket.grad_flat is None:  # stage 2: the bucket's first gradient of this step
+            bucket.grad_flat = torch.zeros_like(bucket.flat)
+        view, n, param = bucket.grad_view(i), self.group.size, bucket.params[i]
+        if grad is None:  # unused in this step: contributes zero
+            view.zero_()
+        elif grad.data_ptr() == view.data_ptr():
+            view.div_(n)  # stage 1: accumulated in place in its slot under no_sync()
+        else:
+            torch.div(grad, n, out=view)
+        # Stage 2 frees the full-size gradient: only this rank's piece survives the step.
+        param.grad = view if self.stage == 1 else None
+
+    def _launch_ready(self) -> None:
+        # Strict index order: bucket b+1 never starts before bucket b on any rank.
+        while self._next < len(self._buckets) and self._buckets[self._next].is_full():
+            b = self._buckets[self._next]
+            if self.stage == 1:
+                work = comm.all_reduce_async(b.grad_flat, op="sum", group=self.group,
+                                             algorithm=self._algorithms[b.index])
+                out = None
+            else:
+                out = torch.empty(b.k, dtype=b.flat.dtype)
+                # reduce_scatter_async copies its input list into its own staging buffer
+                # before returning, so grad_flat can go now.
+                work = comm.reduce_scatter_async(out, b.pieces(b.grad_flat), op="sum",
+                                                 group=self.group)
+                b.grad_flat = None
+            self._works.append((b, work, out))
+            self._next += 1
+
+    def _finish_backward(self) -> None:
+        for b in self._buckets:  # parameters without a gradient in this step count as zero
+            for i in range(len(b.params)):
+                if i not in b.ready:
+                    self._adopt_grad(b, i, b.params[i].grad)
+                    b.ready.add(i)
+        self._launch_ready()
+        try:
+            for b, work, out in self._works:
+                work.wait()
+                if b.piece is not None:
+                    self._set_piece_grad(b, out)
+        finally:
+            self._reset_step()
+
+    def _set_piece_grad(self, b: ShardedBucket, out: torch.Tensor | None) -> None:
+        real = b.piece.numel()
+        if out is None:  # stage 1: a view of the all-reduced bucket, like param.grad
+            b.piece.grad = b.grad_flat[b.rank * b.k:b.rank * b.k + real]
+        elif b.piece.grad is None:
+            b.piece.grad = out[:real]
+        else:  # stage 2 without zero_grad(): synced steps add up, as .grad does
+            b.piece.grad.add_(out[:real])
