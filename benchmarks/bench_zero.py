@@ -9,8 +9,9 @@ Two parts in one launch of ``--workers`` ranks (float32 Adam, cross-entropy on r
    the shard pieces' ``.grad``) and the optimizer state, after ``optimizer.step()``, against
    ZeRO's float32-Adam formulas (DP 16, stage 1 8 + 8/N, stage 2 4 + 12/N bytes per
    parameter). DataParallel runs ``algorithm="native"`` here: its one-host default puts
-   the buckets in shared memory with a slot per rank, which this count cannot split. Transient buffers (a stage-2 bucket while it is filled, the collectives'
-   staging) are not model state and not counted.
+   the buckets in shared memory with a slot per rank, which this count cannot split.
+   Transient buffers (a stage-2 bucket while it is filled, the collectives' staging) are
+   not model state and not counted.
 2. Throughput: the three variants of a smaller MLP (``--tp-hidden``, ``--tp-layers``) are
    alive together; after a warm-up, each round runs each for ``--steps`` timed steps in an
    order shuffled per round; a round's time is the slowest rank's.
@@ -217,7 +218,8 @@ def report(args: argparse.Namespace, raw: dict, cmd: str, mach: dict) -> dict:
         print(f"  {r['variant']:<8} {r['params'] * mb:11.1f} {r['grads'] * mb:10.1f} "
               f"{r['optimizer'] * mb:10.1f} {r['total_max_rank'] * mb:10.1f} "
               f"{r['bytes_per_param']:8.3f} {r['formula']:8.3f} {100 * r['vs_formula']:+9.2f}%")
-    print("  zero-3   not built (formula 16/N = %.3f B/param)" % formula_bytes_per_param("zero-3", n))
+    print(f"  zero-3   not built (formula 16/N = {formula_bytes_per_param('zero-3', n):.3f} "
+          "B/param)")
     tp = raw["throughput"]
     summary = {v: summarize(tp["rates"][v]) for v in VARIANTS}
     print(f"#\n# 2. samples/s (whole job), MLP 784-{args.tp_hidden}x{args.tp_layers}-10 "

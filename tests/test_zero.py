@@ -3,8 +3,9 @@ every rank, and stage 1 against torch's ZeroRedundancyOptimizer.
 
 Float64 makes the comparison tight: the only difference left is the order of additions in
 the average. The model has 115 parameters, which 2, 3 and 4 do not divide, and a tiny bucket
-cap spreads it over several buckets, each padded differently. One world of 4 processes runs
-every check (tests/distributed.py's run_checks); worlds of 2 and 3 are sub-groups of it.
+cap spreads it over two buckets (of 31 and 84 elements; one bucket of 115 is a variant). One
+world of 4 processes runs every check (tests/distributed.py's run_checks); worlds of 2 and 3
+are sub-groups of it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ WORLD = 4
 SIZES = (2, 3, 4)
 OPTIMIZERS = {"sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
               "adam": (torch.optim.Adam, {"lr": 0.01})}
-TINY_CAP = 0.0002  # MiB, about 200 bytes: 91 + 24 float64 elements make 3 buckets
+TINY_CAP = 0.0002  # MiB, about 200 bytes: 2 buckets, of 31 (uneven) and 84 float64 elements
 
 
 def _model(seed: int) -> nn.Module:
@@ -145,7 +146,8 @@ def _what_is_kept(rank, world):
         sdp.optimizer.step()  # Adam creates its state in the first step
         state = sum(t.numel() for s in sdp.optimizer.state.values() for t in s.values()
                     if t.dim() > 0)
-        out[stage] = {"exp_avg+sq": state,
+        out[stage] = {"exp_avg+sq": state, "buckets": len(sdp.buckets),
+                      "launched in backward": sdp.launched_during_backward,
                       "param grads": [p.grad is not None for p in sdp.module.parameters()],
                       "piece grads": sum(b.piece.grad.numel() for b in sdp.buckets
                                          if b.piece is not None)}
@@ -208,6 +210,8 @@ def test_each_rank_keeps_only_its_shard(world):
         # Adam's two moments over the shards add up to the model, each element once.
         assert sum(k[stage]["exp_avg+sq"] for k in kept) == 2 * total
         assert sum(k[stage]["piece grads"] for k in kept) == total
+        # Every bucket's collective started from the hooks, while backward ran.
+        assert all(k[stage]["launched in backward"] == k[stage]["buckets"] == 2 for k in kept)
     assert all(all(k[1]["param grads"]) for k in kept)      # stage 1: whole gradients
     assert not any(any(k[2]["param grads"]) for k in kept)  # stage 2: only the pieces
 

@@ -83,6 +83,7 @@ class ShardedDataParallel(nn.Module):
             for i, p in enumerate(b.params):
                 p.register_post_accumulate_grad_hook(partial(self._on_grad, b, i))
         self._require_sync = True
+        self.launched_during_backward = 0
         self._reset_step()
         self.optimizer = ShardedOptimizer(self._buckets, group, optimizer_class, **defaults)
 
@@ -174,6 +175,9 @@ class ShardedDataParallel(nn.Module):
             self._next += 1
 
     def _finish_backward(self) -> None:
+        # Buckets whose collective the hooks started while autograd still ran (all of
+        # them, unless some parameter got no gradient): the overlap with backward.
+        self.launched_during_backward = self._next
         for b in self._buckets:  # parameters without a gradient in this step count as zero
             for i in range(len(b.params)):
                 if i not in b.ready:
