@@ -119,3 +119,72 @@ def test_plan_measures_a_workload_and_emits_the_best_flags(tmp_path):
     bad = plan("--hosts", "2", "--rates", "1gbit")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "--rates lists 1 rates for 2 hosts" in bad.stderr
+
+
+def test_auto_chooses_plans_first_row_on_unequal_links_and_honours_restrictions():
+    """`--arch auto`'s chooser on a described cluster (3 hosts, one 100 Mbit link): with no
+    restriction, `gradsync plan`'s first row; restrictions keep only what they name."""
+    from gradsync.plan import choose
+
+    p, cluster = _profile(), Cluster.parse(3, 1, rates="1gbit,1gbit,100mbit")
+    ranked = rank(p, cluster, candidates(cluster, p))
+    choice = choose(p, cluster)
+    assert choice.candidate == ranked[0].candidate
+    assert choice.runner_up.candidate == ranked[1].candidate
+    line = choice.line()
+    assert line.count("\n") == 0 and ranked[0].candidate.label in line
+    assert f"{1e3 * ranked[0].step_s:.2f} ms/step" in line and ranked[0].bottleneck in line
+    assert choose(p, cluster, compression="fp16").candidate.compression == "fp16"
+    assert choose(p, cluster, compression="none").candidate.compression == "none"
+    assert choose(p, cluster, servers=2, compression="none").candidate == Candidate(
+        "ps", servers=2)
+    assert choose(p, cluster, algorithm="ring").candidate.algorithm == "ring"
+    with pytest.raises(ValueError, match="no measurement of --compression topk:0.01"):
+        choose(p, cluster, compression="topk:0.01")
+    # One host, a PS beside --workers 2: predicted with its server as a third rank.
+    one = Cluster.parse(1, 2, shared=True)
+    ps = choose(p, one, arch="ps", extra_servers=True)
+    assert ps.best.workers == 2 and ps.candidate.servers == 1
+
+
+def test_auto_refuses_what_it_cannot_plan_in_one_line(monkeypatch):
+    from gradsync.train.config import LaunchConfig, PSConfig, TrainConfig
+
+    with pytest.raises(ValueError, match="--arch auto plans for a fixed set of ranks"):
+        TrainConfig(arch="auto", launch=LaunchConfig(elastic=True))
+    with pytest.raises(ValueError, match="--consistency async needs --arch ps"):
+        TrainConfig(arch="auto", ps=PSConfig(consistency="async"))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="gradsync's own launcher"):
+        TrainConfig(arch="auto")
+
+
+def _train(*args, timeout=100):
+    return subprocess.run([sys.executable, "-m", "gradsync", "train", *args],
+                          capture_output=True, text=True, env=ENV, cwd=REPO,
+                          timeout=scaled(timeout))
+
+
+@pytest.mark.timeout(150)
+def test_train_arch_auto_on_loopback_runs_the_choice_and_says_why(tmp_path):
+    """One host: auto plans, says so in one line, picks no compression, and the run's
+    summary names what it chose; a bad combination is one line, exit 2."""
+    run = _train("--arch", "auto", "--workers", "2", "--steps", "6", "--no-progress",
+                 "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    said = [line for line in run.stderr.splitlines() if "--arch auto" in line]
+    assert len(said) == 1 and said[0].startswith("gradsync: --arch auto chose "), run.stderr
+    assert "ms/step predicted" in said[0] and "runner-up" in said[0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    chosen = summary["auto"]["chosen"]
+    assert chosen["configuration"] in said[0] and "--compression" not in chosen["flags"]
+    assert summary["arch"] == chosen["flags"][1] != "auto"
+    assert summary.get("compression", "none") == "none"
+    bad = _train("--arch", "auto", "--elastic", "--steps", "2")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "--arch auto plans for a fixed set of ranks" in bad.stderr
+    none_left = _train("--arch", "auto", "--compression", "powersgd:2", "--servers", "2",
+                       "--steps", "2")
+    assert none_left.returncode == 2 and none_left.stderr.count("\n") == 1, none_left.stderr
+    assert "--arch auto: no configuration" in none_left.stderr

@@ -5,7 +5,15 @@ best one, and check the prediction against real runs.
                  ready, the compressors' costs
     cluster.py   the cluster described: hosts, ranks per host, links, latency
     predict.py   the model: overlap of transfers with backward, all-reduce and PS costs
+    choice.py    the best configuration a run allows, and the line that says why
+                 (`gradsync train --arch auto`; scripts: ``choose(measure(...), cluster)``)
     report.py    the ranking, the best one's flags, the scaling table and plot
     validate.py  run the configurations and print predicted vs measured
     cli.py       the command
 """
+
+from .choice import Choice, choose
+from .cluster import Cluster
+from .profile import Profile, measure
+
+__all__ = ["Choice", "Cluster", "Profile", "choose", "measure"]

@@ -42,6 +42,12 @@ from .cluster import Cluster
 from .profile import Profile
 
 PS_MESSAGE_S = 150e-6  # a push or a reply handled in Python, each end (fitted: docs/plan.md)
+# On one host DataParallel's plain shm buckets live in shared memory and are reduced where
+# they lie: about 3 S of memory traffic per rank for S bytes (comm/shared_buckets.py). A
+# compressed bucket goes through its hook and an ordinary shm all-reduce instead, which copies
+# into the segment and back out: about 5.5 S for the same S (gradsync train, digits-wide,
+# 2 ranks: shm 5.7 ms a step, shm fp16 7.9 ms, shm bf16 14.5 ms; docs/plan.md).
+SHM_HOOK_TRAFFIC = 5.5 / 3
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,8 @@ def _all_reduce_s(cluster: Cluster, cand: Candidate, n: float, frac: float,
     rounds = 3 if cand.compression.startswith("powersgd") else 1
     messages = shape(algo, float(wire), p)[0]
     local = cost.predict(algo, int(wire), p) * slow
+    if algo == "shm" and cand.compression != "none":
+        local *= SHM_HOOK_TRAFFIC  # no resident buckets behind a hook
     net = network_time(cluster.topology, algo, int(wire)) if cluster.hosts > 1 else 0.0
     return max(local, net) + messages * cluster.latency_s + (rounds - 1) * messages * alpha
 

@@ -84,9 +84,9 @@ class Profile:
 
 
 def measure(workload: str, batch: int | None = None, *, steps: int = 12, seed: int = 0,
-            hidden: int = 1024) -> Profile:
+            hidden: int = 1024, specs: tuple[str, ...] = CODECS) -> Profile:
     """Time ``steps`` steps of ``workload`` (after two warm-up steps) in this process, one
-    thread; the medians of each phase."""
+    thread; the medians of each phase, and the cost of each compressor in ``specs``."""
     from ..train.loop import make_optimizer
     from ..workloads import build_workload
 
@@ -128,12 +128,12 @@ def measure(workload: str, batch: int | None = None, *, steps: int = 12, seed: i
         w.loss_fn(m(x), y).backward()
 
     return Profile(workload, batch, *med, median_time(collate, steps), grads,
-                   codecs(model, step, steps), hidden)
+                   codecs(model, step, steps, specs), hidden)
 
 
-def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repeat: int
-           ) -> dict[str, tuple[float, float]]:
-    """Per compressor of :data:`CODECS`: (seconds a step spends in it, wire fraction). Each
+def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repeat: int,
+           specs: tuple[str, ...] = CODECS) -> dict[str, tuple[float, float]]:
+    """Per compressor of ``specs``: (seconds a step spends in it, wire fraction). Each
     is timed through gradsync's own hook on a one-rank world (its collectives move nothing,
     its encoding and decoding run as in a run), as the step time of the wrapped model minus
     that of the plain wrapped model. The wire fraction is each format's arithmetic on one
@@ -146,6 +146,8 @@ def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repe
     from ..compress.topk import INDEX_BYTES
     from ..launcher import find_free_port
 
+    if not specs:
+        return {}
     params = [p.detach() for p in model.parameters() if p.requires_grad]
     numel = sum(p.numel() for p in params)
     size = params[0].element_size()
@@ -161,7 +163,7 @@ def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repe
 
         base, _ = timed(None)
         out = {}
-        for spec in CODECS:
+        for spec in specs:
             seconds, state = timed(spec)
             name, _, arg = spec.partition(":")
             if name in ("fp16", "bf16"):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import comm
+from ..exits import under_launcher
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -97,13 +98,45 @@ REGISTRY: dict[str, ArchitectureEntry] = {e.name: e for e in (
                       "one process, no wrapper", baseline=True),
 )}
 ARCHITECTURES: tuple[str, ...] = tuple(REGISTRY)
+AUTO = "auto"
+"""Not an architecture: ``--arch auto`` has the launcher plan at start-up and run the best
+configuration of the table's (train/auto.py); the ranks never see it."""
+ARCH_HELP = (
+    "architecture: " + ", ".join(n for n, e in REGISTRY.items() if not e.baseline)
+    + "; baselines for comparison: " + ", ".join(
+        f"{n} ({e.help})" for n, e in REGISTRY.items() if e.baseline)
+    + f"; {AUTO}: plan at start-up and run the best (docs/plan.md)")
 
 
 def check_architecture(name: str) -> ArchitectureEntry:
     """The table's entry for ``--arch name``; ValueError listing them otherwise."""
     if name not in REGISTRY:
-        raise ValueError(f"unknown --arch {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"unknown --arch {name!r}; choose one of {', '.join(ARCHITECTURES)}"
+                         f", or {AUTO}")
     return REGISTRY[name]
+
+
+def check_auto(config) -> None:
+    """What ``--arch auto`` cannot plan for in ``config`` (a TrainConfig), each a one-line
+    ValueError. (The flags auto reads as restrictions, e.g. --compression: train/auto.py.)"""
+
+    refusals = (
+        (under_launcher(), "is chosen by gradsync's own launcher before the ranks start; under "
+                           "torchrun or mpiexec pass the flags `gradsync plan --emit flags` prints"),
+        (config.launch.elastic, "plans for a fixed set of ranks; with --elastic pass --arch "
+                                "allreduce or --arch ps (`gradsync plan` ranks them)"),
+        (config.launch.engine == "mpi", "predicts gloo's algorithms; with --engine mpi pass "
+                                        "--arch allreduce or --arch ps"),
+        (config.ps.consistency != "sync", "predicts synchronous training; --consistency "
+                                          f"{config.ps.consistency} needs --arch ps"),
+        (config.ps.server_ranks is not None, "places a PS's servers on the first ranks; "
+                                             "--server-ranks needs --arch ps"),
+        (config.checkpoint.resume, "may choose another configuration than the one that wrote "
+                                   "the checkpoint; with --resume pass that run's --arch flags"),
+    )
+    for refused, why in refusals:
+        if refused:
+            raise ValueError(f"--arch {AUTO} {why}")
 
 
 def build_architecture(config: "TrainConfig", group: comm.Group,

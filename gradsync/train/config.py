@@ -19,7 +19,7 @@ from ..flags import flag_meta as _help
 from ..lab.netns import check_rates
 from ..ps.consistency import MODES
 from ..workloads import WORKLOADS
-from .architecture import ARCHITECTURES, REGISTRY as ARCHITECTURE_TABLE, check_architecture  # noqa: F401
+from .architecture import ARCH_HELP, AUTO, check_architecture, check_auto
 
 CONSISTENCY_MODES = tuple(MODES)
 # Upper bounds of the positive float flags: beyond them a value is a typo, not a setting
@@ -266,10 +266,7 @@ class OutputConfig:
 class TrainConfig:
     """What to train, on how many workers, with which architecture."""
 
-    arch: str = field(default="allreduce", metadata=_help(
-        "architecture: " + ", ".join(n for n, e in ARCHITECTURE_TABLE.items() if not e.baseline)
-        + "; baselines for comparison: " + ", ".join(
-            f"{n} ({e.help})" for n, e in ARCHITECTURE_TABLE.items() if e.baseline)))
+    arch: str = field(default="allreduce", metadata=_help(ARCH_HELP))
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     allreduce: AllReduceConfig = field(default_factory=AllReduceConfig)
@@ -286,7 +283,7 @@ class TrainConfig:
         return self.launch.workers + (self.ps.servers if self.arch == "ps" else 0)
 
     def __post_init__(self) -> None:
-        check_architecture(self.arch)
+        check_auto(self) if self.arch == AUTO else check_architecture(self.arch)
         if self.arch == "local" and self.launch.workers != 1:
             raise ValueError(f"--arch local trains one process alone; use --workers 1, "
                              f"not {self.launch.workers}")

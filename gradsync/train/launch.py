@@ -4,6 +4,7 @@ an emulated cluster) and supervise them.
     gradsync train --workers 4          # four local ranks, each runs gradsync.train.worker
     gradsync train --lab 3 --rate 1gbit # one rank per emulated host
     gradsync train --elastic ...        # the rendezvous store lives here (elastic_run.py)
+    gradsync train --arch auto ...      # plan first, here, then run the best (auto.py)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from ..exits import EXIT_INTERRUPTED, SELF_EXPLAINED, UserError, say
 from ..flags import to_argv
 from ..launcher.launch import rank_env
+from .architecture import AUTO
 from .config import TrainConfig
 from .worker import check_writable
 
@@ -43,6 +45,14 @@ def run_local(config: TrainConfig, interrupts_raise=lambda: None) -> int:
     if config.checkpoint.dir and Path(config.checkpoint.dir).exists() \
             and not Path(config.checkpoint.dir).is_dir():
         raise UserError(f"--checkpoint-dir {config.checkpoint.dir} is a file, not a directory")
+    if config.arch == AUTO:  # plan here, once; the ranks get the chosen flags
+        from .auto import record, resolve
+
+        config, choice = resolve(config)
+        code = run_local(config, interrupts_raise)
+        if code == 0:
+            record(config.output.out, choice)
+        return code
     if config.lab.hosts:
         return run_in_lab(config, interrupts_raise)
     env = rank_env(config.launch.workers)
