@@ -111,12 +111,43 @@ def test_auto_picks_hierarchical_for_several_ranks_per_host():
 
 # --- on live groups -----------------------------------------------------------------------
 
+def _hosts_at_start_up(rank, n):
+    """Before anything probes: the world and its sub-groups know their hosts, and a small
+    all_reduce with the default algorithm runs on shared memory (as in any script)."""
+    import dataclasses
+
+    import torch
+
+    from gradsync import comm
+
+    world = comm.world()
+    half = comm.new_group([0, 1])
+    shm = comm.REGISTRY["shm"]
+    seen = []
+
+    def spy(*args):  # the shared-memory algorithm, noting that it ran
+        seen.append(True)
+        return shm.run(*args)
+
+    comm.REGISTRY["shm"] = dataclasses.replace(shm, run=spy)
+    try:
+        t = torch.full((256,), float(rank))
+        comm.all_reduce(t)
+    finally:
+        comm.REGISTRY["shm"] = shm
+    return (world.topology.to_json(), half and half.topology.to_json(), bool(seen),
+            t[0].item())
+
+
 def _detect_and_probe(rank, n, hosts):
     import os
 
     from gradsync import comm
 
     single = comm.probe_topology()
+    # The hosts found at start-up would send the probe's own small all-reduces through
+    # shared memory, which refuses the fake hosts below; forget them first.
+    comm.set_topology(None)
     os.environ["GRADSYNC_HOST"] = f"fake{rank % hosts}"  # ranks r, r+hosts, ... share a host
     try:
         multi = comm.probe_topology(budget_s=30.0)
@@ -124,6 +155,15 @@ def _detect_and_probe(rank, n, hosts):
         del os.environ["GRADSYNC_HOST"]
     comm.set_topology(multi)
     return single.to_json(), multi.to_json(), comm.world().topology == multi
+
+
+@pytest.mark.timeout(180)
+def test_start_up_knows_the_hosts_and_auto_takes_shared_memory(world):
+    for rank, (hosts, half, took_shm, total) in enumerate(world["hosts at start-up"]):
+        assert json.loads(hosts) == {"hosts": [{"name": "h0", "ranks": [0, 1, 2, 3]}]}
+        assert (half is None) == (rank >= 2)
+        assert half is None or json.loads(half) == {"hosts": [{"name": "h0", "ranks": [0, 1]}]}
+        assert took_shm and total == 0 + 1 + 2 + 3
 
 
 @pytest.mark.timeout(180)
@@ -147,6 +187,7 @@ def _probe_out_of_budget(rank, n):
     group = first_ranks(3)
     if group is None:
         return None
+    comm.set_topology(None, group)  # as in _detect_and_probe
     os.environ["GRADSYNC_HOST"] = f"fake{rank}"
     records = []
     handler = logging.Handler()
@@ -252,7 +293,8 @@ def test_data_parallel_auto_uses_the_topology_and_the_result_does_not_depend_on_
 
 # One world of 4 runs every check of this file (a world of 3 is its first 3 ranks); the
 # refused topologies come last.
-CHECKS = [("probe", _detect_and_probe, (2,)),
+CHECKS = [("hosts at start-up", _hosts_at_start_up, ()),
+          ("probe", _detect_and_probe, (2,)),
           ("probe past its budget", _probe_out_of_budget, ()),
           ("auto, unequal", _train, ((1, 1, 1, .25), "auto")),
           ("auto, equal", _train, ((1, 1, 1, 1), "auto")),

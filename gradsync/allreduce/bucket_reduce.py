@@ -20,8 +20,10 @@ log = logging.getLogger("gradsync.allreduce.data_parallel")
 
 def attach_topology(group: comm.Group, topology) -> None:
     """Give ``group`` the topology DataParallel was asked for (collective)."""
-    if topology is None or (topology == "probe" and group.topology is not None):
-        return
+    known = group.topology
+    if topology is None or (topology == "probe" and known is not None
+                            and (known.measured or len(known.hosts) == 1)):
+        return  # measured already (start-up only tells the hosts apart)
     if topology == "probe":
         topology = comm.probe_topology(group)
     elif not isinstance(topology, comm.Topology):

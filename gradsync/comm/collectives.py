@@ -154,8 +154,7 @@ def _all_reduce(tensor, op, group, algorithm, cost_model, async_op):
     check_algorithm(algorithm)
     nbytes = tensor.numel() * tensor.element_size()
     if algorithm == "auto":
-        algorithm = (cost_model or DEFAULT_COST_MODEL).choose(nbytes, group.size,
-                                                              topology=group.topology)
+        algorithm = _auto(group, cost_model or DEFAULT_COST_MODEL, nbytes)
     _prologue(group, "all_reduce", tensor, algorithm=algorithm, reduce_op=op.value)
     what = f"all_reduce({algorithm})"
     flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
@@ -177,6 +176,20 @@ def _all_reduce(tensor, op, group, algorithm, cost_model, async_op):
         return done()
 
     return _own(group, run, async_op)
+
+
+def _auto(group: Group, cost_model: CostModel, nbytes: int) -> str:
+    """The cost model's choice for ``nbytes`` on ``group``, remembered per group, model
+    and topology: a loss average called every step should not pay for the prediction
+    (about 30 us of Python) each time."""
+    key = (id(cost_model), id(group.topology), nbytes)
+    choice = group.auto_choices.get(key)
+    if choice is None:
+        if len(group.auto_choices) > 4096:
+            group.auto_choices.clear()
+        choice = cost_model.choose(nbytes, group.size, topology=group.topology)
+        group.auto_choices[key] = choice
+    return choice
 
 
 # --- the other collectives, on the engine -------------------------------------------------------

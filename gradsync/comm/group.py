@@ -18,12 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .. import env
 from ..net import is_loopback
 from .engine import TORCH, Engine
 from .engines import start_engine
 from .monitor import Monitor
-from .topology import Topology
+from .topology import Topology, group_hosts, host_key
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class Group:
     monitor: Monitor | None = None    # the world group's heartbeat Monitor
     engine: Engine = TORCH            # start-up, point-to-point, native collectives
     topology: Topology | None = None  # hosts and links, for aware/hierarchical (topology.py)
+    auto_choices: dict = field(default_factory=dict)  # all_reduce's "auto", by size (collectives)
     # Own algorithms run on one thread per group, so that async calls keep their issue
     # order on every rank; point-to-point messages then always pair up.
     _executor: ThreadPoolExecutor | None = None
@@ -145,6 +148,7 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
         group = world()
         group.check = group.check or check
         _start_monitor(group, _ENGINE.adopt())
+        _detect_hosts(group)
         return group
     rank = _env_int("RANK", rank)
     world_size = _env_int("WORLD_SIZE", world_size)
@@ -161,7 +165,20 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
     group.timeout_s = timeout_s
     group.check = check
     _start_monitor(group, store)
+    _detect_hosts(group)
     return group
+
+
+def _detect_hosts(group: Group) -> None:
+    """Learn which ranks share a host (one all-gather of each rank's host key; no rates),
+    so that ``auto`` takes shared memory in any script whose ranks share a machine, not
+    only under DataParallel, which probes the links as well."""
+    if group.topology is not None or group.size == 1:
+        return
+    key = torch.tensor([host_key()], dtype=torch.int64)
+    keys = [torch.empty_like(key) for _ in range(group.size)]
+    group.engine.all_gather(keys, key, group.pg).wait()
+    group.topology = group_hosts([int(k) for k in keys])
 
 
 def join_store(store, rank: int, world_size: int, *, prefix: str = "",
@@ -243,8 +260,12 @@ def new_group(ranks: list[int], *, timeout_s: float | None = None,
     pg = parent.engine.new_group(ranks, timeout_s)
     if parent.rank not in ranks:
         return None
+    hosts = None
+    if parent.topology is not None:  # the members' hosts, as the world found them (no rates)
+        hosts = group_hosts([parent.topology.host_of(r) for r in ranks])
     return Group(pg=pg, ranks=tuple(ranks), rank=ranks.index(parent.rank), timeout_s=timeout_s,
-                 check=parent.check if check is None else check, engine=parent.engine)
+                 check=parent.check if check is None else check, engine=parent.engine,
+                 topology=hosts)
 
 
 def resolve(group: Group | None) -> Group:

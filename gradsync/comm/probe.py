@@ -148,3 +148,4 @@ def set_topology(topology: Topology | None, group: Group | None = None) -> None:
                           for i, (d, h) in enumerate(rows))
         raise CollectiveMismatchError(f"ranks disagree on the topology:\n{table}")
     group.topology = topology
+    group.auto_choices.clear()
