@@ -3,9 +3,10 @@
 For each size from ``minbytes`` to ``maxbytes`` (times ``stepfactor``), every algorithm runs
 the collective once per iteration, in an order that rotates from one iteration to the next,
 so that drift and a noisy neighbour hit every algorithm alike. Before a call the buffers are
-refilled and the ranks meet in a barrier; a call's time is the slowest rank's, and a size's
-figure is the median over its iterations (fewer above 16 MiB, so that large sizes do not
-dominate the run).
+refilled and the ranks meet in a barrier; below 256 KiB a sample times a loop of calls and
+divides (nccl-tests' way), so that small sizes report the collective and not the barrier and
+timer around it. A sample's time is the slowest rank's, and a size's figure is the median over
+its iterations (fewer above 16 MiB, so that large sizes do not dominate the run).
 
 Inputs are small integers, so every result is exact in every dtype and is compared bit for
 bit with its closed form: rank r holds v(r, i) = (i + r) mod P + 1 at global index i, with
@@ -258,6 +259,29 @@ class Case:
 
 # --- the sweep ---------------------------------------------------------------------------------
 
+LOOP_BYTES = 256 << 10          # below this a timed sample is a loop of calls, as in nccl-tests
+MAX_LOOP_CALLS = 50
+
+
+def loop_calls(nbytes: int) -> int:
+    """Calls per timed sample: one for large sizes; for small ones a loop whose time is
+    divided by its length, so that the barrier before it and the timer's own cost (tens of
+    microseconds) do not count as the collective's."""
+    return max(1, min(MAX_LOOP_CALLS, LOOP_BYTES // max(1, nbytes)))
+
+
+def _timed(case: Case, algorithm: str, calls: int, group) -> float:
+    """Seconds per call of ``calls`` back-to-back calls, started together after a barrier
+    (each call reduces the previous one's output: the values are not checked here)."""
+    from .. import comm
+
+    case.reset()
+    comm.barrier(group)
+    start = time.perf_counter()
+    for _ in range(calls):
+        case.run(algorithm)
+    return (time.perf_counter() - start) / calls
+
 def run_sweep(cfg: SweepConfig, group=None) -> dict:
     """Measure ``cfg`` on ``group`` (collective: every rank calls it with the same config).
 
@@ -299,15 +323,15 @@ def run_sweep(cfg: SweepConfig, group=None) -> dict:
         total = cfg.warmup_iters + n_iter
         times = torch.zeros(len(algos), total, dtype=torch.float64)
         wrong = torch.zeros(len(algos), dtype=torch.float64)
+        calls = loop_calls(nbytes)
         for it in range(total):
             for k in range(len(algos)):
                 j = (it + k) % len(algos)
-                case.reset()
-                comm.barrier(group)
-                start = time.perf_counter()
-                case.run(algos[j])
-                times[j, it] = time.perf_counter() - start
+                times[j, it] = _timed(case, algos[j], calls, group)
                 if (cfg.check or it == 0) and algos[j] != MEMORY_BOUND:
+                    if calls > 1:  # the loop fed each call the last one's output: redo one
+                        case.reset()
+                        case.run(algos[j])
                     wrong[j] += case.wrong()
         comm.all_reduce(times, op="max", group=group, algorithm="native")
         comm.all_reduce(wrong, op="sum", group=group, algorithm="native")
