@@ -156,8 +156,15 @@ class TorchDistributed:
     def is_initialized(self) -> bool:
         return dist.is_initialized()
 
+    _known: tuple = (None, 0, 0)     # the last world seen: (pg, rank, size)
+
     def world(self):
-        return dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+        # Every call with group=None asks this; torch's get_rank / get_world_size cost a few
+        # us each, so they are asked again only when the default group is another one.
+        pg = dist.group.WORLD
+        if pg is not self._known[0]:
+            self._known = (pg, dist.get_rank(), dist.get_world_size())
+        return self._known
 
     def new_group(self, ranks: list[int], timeout_s: float):
         return dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))

@@ -98,7 +98,9 @@ def shm_all_reduce(buf: torch.Tensor, op: ReduceOp, p2p: P2P) -> None:
     if n * buf.element_size() <= SMALL_BYTES:
         # Every rank reduces the whole (small) buffer itself, in rank order as below (so
         # the same bits): one wait per call instead of two, no out area, no copy out.
-        _reduce_piece(seg, buf, 0, n, n, op)
+        buf.copy_(seg.slot(0, n, buf.dtype))
+        for j in range(1, p):
+            combine_(buf, seg.slot(j, n, buf.dtype), op)
         _post(seg, DONE, s, r)
         return
     a, b = chunk_bounds(n, p)[r]
