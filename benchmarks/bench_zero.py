@@ -4,15 +4,16 @@ Two parts in one launch of ``--workers`` ranks (float32 Adam, cross-entropy on r
 
 1. Memory: an MLP 784-H-...-H-10 (``--hidden`` H, ``--layers`` hidden layers; the default,
    13 x 2048, has 52 M parameters) is wrapped as ``dp`` (DataParallel + torch.optim.Adam),
-   ``zero-1`` and ``zero-2``, one at a time (built, one step, measured, freed). Measured are
-   the bytes of every distinct storage behind the parameters, the gradients (``param.grad``,
-   the shard pieces' ``.grad``) and the optimizer state, after ``optimizer.step()``, against
-   ZeRO's float32-Adam formulas (DP 16, stage 1 8 + 8/N, stage 2 4 + 12/N bytes per
+   ``zero-1``, ``zero-2`` and ``zero-3``, one at a time (built, one step, measured, freed). Measured are
+   the bytes of every distinct storage behind the parameters (stage 3: its shards; the
+   whole parameters are freed between steps), the gradients (``param.grad``, the shard
+   pieces' ``.grad``) and the optimizer state, after ``optimizer.step()``, against ZeRO's
+   float32-Adam formulas (DP 16, stage 1 8 + 8/N, stage 2 4 + 12/N, stage 3 16/N bytes per
    parameter). DataParallel runs ``algorithm="native"`` here: its one-host default puts
    the buckets in shared memory with a slot per rank, which this count cannot split.
-   Transient buffers (a stage-2 bucket while it is filled, the collectives' staging) are
-   not model state and not counted.
-2. Throughput: the three variants of a smaller MLP (``--tp-hidden``, ``--tp-layers``) are
+   Transient buffers (a stage-2 bucket while it is filled, a stage-3 layer while it is
+   gathered, the collectives' staging) are not model state and not counted.
+2. Throughput: the four variants of a smaller MLP (``--tp-hidden``, ``--tp-layers``) are
    alive together; after a warm-up, each round runs each for ``--steps`` timed steps in an
    order shuffled per round; a round's time is the slowest rank's.
 
@@ -36,7 +37,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
 from benchmarks import command, describe_machine, machine, run_workers, summarize, write_json
 
 MODULE = "benchmarks.bench_zero"
-VARIANTS = ("dp", "zero-1", "zero-2")
+VARIANTS = ("dp", "zero-1", "zero-2", "zero-3")
 
 
 def formula_bytes_per_param(variant: str, n: int) -> float:
@@ -99,8 +100,12 @@ def model_state_bytes(model, opt) -> dict:
                 total += s.nbytes()
         return total
 
-    params = list(model.module.parameters())
-    pieces = [b.piece for b in getattr(model, "buckets", []) if b.piece is not None]
+    buckets = getattr(model, "buckets", [])
+    # Stage 3's parameter values live in its (k,) shards; stages 1-2's pieces share the
+    # flat buckets' storage, counted once.
+    params = list(model.module.parameters()) + [b.shard for b in buckets
+                                                 if b.shard is not None]
+    pieces = [b.piece for b in buckets if b.piece is not None]
     grads = [t.grad for t in params + pieces if t.grad is not None]
     state = [v for s in opt.state.values() for v in s.values() if hasattr(v, "untyped_storage")]
     return {"params": count(params), "grads": count(grads), "optimizer": count(state)}
@@ -120,13 +125,13 @@ def _memory(args, rank: int) -> dict:
     gen = torch.Generator().manual_seed(1000 + rank)
     x, y = torch.randn(args.batch, 784, generator=gen), torch.randint(0, 10, (args.batch,))
     out = {}
-    for name in VARIANTS:  # one at a time: a 52 M model in three copies would not be fair
+    for name in VARIANTS:  # one at a time: a 52 M model in four copies would not be fair
         # DataParallel's default on one host keeps its buckets in a segment shared by the
         # ranks (N slots, mapped by each): "native" keeps them private, the plain 4 B/param.
         model, opt = _build(name, args.hidden, args.layers, dp_algorithm="native")
         _one_step(model, opt, x, y)
         out[name] = {**model_state_bytes(model, opt),
-                     "n_params": sum(p.numel() for p in model.module.parameters())}
+                     "n_params": sum(p.numel() for p in model.state_dict().values())}
         del model, opt
     return out
 
@@ -158,9 +163,11 @@ def _throughput(args, rank: int) -> dict:
         for name in shuffler.sample(VARIANTS, len(VARIANTS)):
             seconds = timed(name, args.steps)
             rates[name].append(args.batch * args.steps * comm.get_world_size() / seconds)
-    ref = list(models["dp"][0].module.parameters())
+    # state_dict(): stage 3 gathers its parameters for it (collective, on every rank).
+    ref = list(models["dp"][0].state_dict().values())
     drift = {name: max((a - b).abs().max().item() for a, b in
-                       zip(models[name][0].module.parameters(), ref)) for name in VARIANTS[1:]}
+                       zip(models[name][0].state_dict().values(), ref))
+             for name in VARIANTS[1:]}
     return {"rates": rates, "max_param_diff_vs_dp": drift,
             "n_params": sum(p.numel() for p in ref)}
 
@@ -218,8 +225,6 @@ def report(args: argparse.Namespace, raw: dict, cmd: str, mach: dict) -> dict:
         print(f"  {r['variant']:<8} {r['params'] * mb:11.1f} {r['grads'] * mb:10.1f} "
               f"{r['optimizer'] * mb:10.1f} {r['total_max_rank'] * mb:10.1f} "
               f"{r['bytes_per_param']:8.3f} {r['formula']:8.3f} {100 * r['vs_formula']:+9.2f}%")
-    print(f"  zero-3   not built (formula 16/N = {formula_bytes_per_param('zero-3', n):.3f} "
-          "B/param)")
     tp = raw["throughput"]
     summary = {v: summarize(tp["rates"][v]) for v in VARIANTS}
     print(f"#\n# 2. samples/s (whole job), MLP 784-{args.tp_hidden}x{args.tp_layers}-10 "

@@ -75,7 +75,9 @@ def _train(group, kind, opt_name, make=_model, accumulate=1, cap=TINY_CAP):
                 loss = nn.functional.mse_loss(wrapped(x[lo:lo + BATCH]), y[lo:lo + BATCH])
                 (loss / accumulate).backward()
         opt.step()
-    return [p.detach().numpy().copy() for p in model.parameters()]
+    # Stage 3 holds only shards between steps: its state_dict() gathers the parameters.
+    full = wrapped.state_dict() if kind == 3 else dict(model.named_parameters())
+    return [full[name].detach().numpy().copy() for name, _ in model.named_parameters()]
 
 
 class _null:
@@ -92,7 +94,7 @@ def _stages(rank, world, size):
     if group is None:
         return None
     return {(kind, opt): _train(group, kind, opt)
-            for kind in ("dp", 1, 2) for opt in OPTIMIZERS}
+            for kind in ("dp", 1, 2, 3) for opt in OPTIMIZERS}
 
 
 def _variants(rank, world):
@@ -101,7 +103,7 @@ def _variants(rank, world):
 
     g = comm.world()
     out = {}
-    for kind in ("dp", 1, 2):
+    for kind in ("dp", 1, 2, 3):
         out["accumulate", kind] = _train(g, kind, "adam", accumulate=3)
         out["one bucket", kind] = _train(g, kind, "adam", cap=25.0)
         out["mixed", kind] = _train(g, kind, "adam", make=_Mixed)
@@ -138,9 +140,13 @@ def _what_is_kept(rank, world):
     import gradsync
 
     out = {}
-    for stage in (1, 2):
-        sdp = gradsync.ShardedDataParallel(_model(0), torch.optim.Adam, stage=stage,
+    for stage in (1, 2, 3):
+        model = _model(0)
+        sdp = gradsync.ShardedDataParallel(model, torch.optim.Adam, stage=stage,
                                            bucket_cap_mb=TINY_CAP, lr=0.01)
+        seen = []  # stage 3, before the last layer's forward: (first, last) layer's numel
+        model[2].register_forward_pre_hook(
+            lambda m, a: seen.append((model[0].weight.numel(), model[2].weight.numel())))
         x, y = global_batch(0, BATCH)
         nn.functional.mse_loss(sdp(x), y).backward()
         sdp.optimizer.step()  # Adam creates its state in the first step
@@ -150,8 +156,27 @@ def _what_is_kept(rank, world):
                       "launched in backward": sdp.launched_during_backward,
                       "param grads": [p.grad is not None for p in sdp.module.parameters()],
                       "piece grads": sum(b.piece.grad.numel() for b in sdp.buckets
-                                         if b.piece is not None)}
+                                         if b.piece is not None),
+                      "param bytes": _storage_bytes(model.parameters()),
+                      "shard elements": sum(b.shard.numel() for b in sdp.buckets
+                                            if b.shard is not None),
+                      "seen in forward": seen}
+        if stage == 3:
+            g = sdp.gatherer
+            out[stage]["gathers"] = (g.gathers, g.prefetched)
+            with torch.no_grad():  # a forward outside autograd gathers and frees as well
+                out[stage]["eval"] = sdp(x).numpy()
+                full = _model(0)
+                full.load_state_dict(sdp.state_dict())  # collective in stage 3
+                out[stage]["eval full"] = full(x).numpy()
+            out[stage]["param bytes after eval"] = _storage_bytes(model.parameters())
     return out
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (as benchmarks/bench_zero.py)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors}.values())
 
 
 CHECKS = [*((f"stages {size}", _stages, (size,)) for size in SIZES),
@@ -176,7 +201,7 @@ def test_stages_match_data_parallel_to_1e_12(world, size):
     results = world[f"stages {size}"][:size]
     for opt in OPTIMIZERS:
         want = results[0]["dp", opt]
-        for stage in (1, 2):
+        for stage in (1, 2, 3):
             for rank_result in results:
                 _close(rank_result[stage, opt], want)
             for a, b in zip(results[-1][stage, opt], results[0][stage, opt]):
@@ -186,7 +211,7 @@ def test_stages_match_data_parallel_to_1e_12(world, size):
 @pytest.mark.timeout(180)
 def test_no_sync_one_bucket_and_mixed_dtypes_match_data_parallel(world):
     for rank_result in world["variants"]:
-        for stage in (1, 2):
+        for stage in (1, 2, 3):
             _close(rank_result["accumulate", stage], rank_result["accumulate", "dp"])
             _close(rank_result["one bucket", stage], rank_result["one bucket", "dp"])
             got, want = rank_result["mixed", stage], rank_result["mixed", "dp"]
@@ -206,7 +231,7 @@ def test_stage_1_matches_torch_zero_redundancy_optimizer(world, size):
 def test_each_rank_keeps_only_its_shard(world):
     kept = world["kept"]
     total = sum(p.numel() for p in _model(0).parameters())  # 115
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         # Adam's two moments over the shards add up to the model, each element once.
         assert sum(k[stage]["exp_avg+sq"] for k in kept) == 2 * total
         assert sum(k[stage]["piece grads"] for k in kept) == total
@@ -214,6 +239,23 @@ def test_each_rank_keeps_only_its_shard(world):
         assert all(k[stage]["launched in backward"] == k[stage]["buckets"] == 2 for k in kept)
     assert all(all(k[1]["param grads"]) for k in kept)      # stage 1: whole gradients
     assert not any(any(k[2]["param grads"]) for k in kept)  # stage 2: only the pieces
+    assert all(k[1]["param bytes"] == k[2]["param bytes"] == 8 * total + 8 for k in kept)
+
+
+@pytest.mark.timeout(180)
+def test_stage_3_keeps_only_its_shard_of_the_parameters_at_rest(world):
+    kept = [k[3] for k in world["kept"]]
+    # Layers of 91 and 24 elements, padded to multiples of 4: 92 + 24, 29 + 6 per rank.
+    assert [k["shard elements"] for k in kept] == [29] * WORLD
+    for k in kept:
+        assert not any(k["param grads"])
+        assert k["param bytes"] == k["param bytes after eval"] == 0  # whole ones freed
+        # Before the last layer's forward: the first layer freed, the last one gathered.
+        assert k["seen in forward"] == [(0, 21)] * 2  # training forward, then eval
+        # Each layer gathered for forward and again for backward; the second of each
+        # pair started while the first computed.
+        assert k["gathers"] == (4, 2)
+        np.testing.assert_array_equal(k["eval"], k["eval full"])
 
 
 def test_unknown_stage_is_refused():

@@ -12,6 +12,10 @@ bucket's gradient is one reduce-scatter the moment backward completes it. One co
 shard of a whole dtype's buffer would instead need a reduce per (bucket, owner) pair, or
 one reduce-scatter after backward; with a single bucket per dtype (a large
 ``bucket_cap_mb``) the two layouts are the same.
+
+Stage 3 passes ``units`` (one list of parameters per layer, stage3.py) so that no bucket spans
+two layers, and calls :func:`own_pieces`: each piece then lives in its own (k,) ``shard``,
+because ``flat``'s storage is freed at rest.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ class ShardedBucket:
             what the shard optimizer steps (None when this rank's piece is all padding).
         grad_flat: (N * k,) gradients of ``params`` divided by N; stage 1 keeps it, stage 2
             holds it only while the bucket is filled.
+        unit: the layer (stage 3) whose parameters these are; 0 when there are no units.
+        shard: stage 3: (k,) this rank's piece with its padding, in storage of its own (the
+            all-gather's input); ``piece`` is a view of its real elements. None in stages 1-2.
     """
 
     index: int
@@ -50,6 +57,8 @@ class ShardedBucket:
     piece: nn.Parameter | None = None
     grad_flat: torch.Tensor | None = None
     ready: set[int] = field(default_factory=set)
+    unit: int = 0
+    shard: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -72,19 +81,24 @@ class ShardedBucket:
         return len(self.ready) == len(self.params)
 
 
-def shard_parameters(params: list[nn.Parameter], cap_bytes: int, size: int,
-                     rank: int) -> list[ShardedBucket]:
+def shard_parameters(params: list[nn.Parameter], cap_bytes: int, size: int, rank: int,
+                     units: list[list[int]] | None = None) -> list[ShardedBucket]:
     """Move ``params`` into padded flat buckets (``param.data`` becomes a view) and make
     each bucket's piece for ``rank`` of ``size`` ranks.
 
     Args:
         params: trainable parameters in registration order; their values are kept.
         cap_bytes: a bucket closes once it holds at least this many bytes.
+        units: indices into ``params``, one list per unit in registration order; a bucket
+            holds parameters of one unit only (later units' buckets first: backward order).
     Returns:
         The buckets in launch order.
     """
+    groups = [list(range(len(params)))] if units is None else units
+    plan = [(u, [groups[u][i] for i in members]) for u in reversed(range(len(groups)))
+            for members in assign_buckets([params[i] for i in groups[u]], cap_bytes)]
     buckets = []
-    for index, members in enumerate(assign_buckets(params, cap_bytes)):
+    for index, (unit, members) in enumerate(plan):
         chosen = [params[i] for i in members]
         offsets, numel = [], 0
         for p in chosen:
@@ -97,9 +111,18 @@ def shard_parameters(params: list[nn.Parameter], cap_bytes: int, size: int,
                 view = flat[offset:offset + p.numel()].view_as(p)
                 view.copy_(p.data)
                 p.data = view  # the old storage is freed: parameters now live in ``flat``
-        bucket = ShardedBucket(index, chosen, offsets, numel, flat, size, rank)
+        bucket = ShardedBucket(index, chosen, offsets, numel, flat, size, rank, unit=unit)
         real = bucket.real(rank)
         if real:
             bucket.piece = nn.Parameter(flat[rank * k:rank * k + real])
         buckets.append(bucket)
     return buckets
+
+
+def own_pieces(buckets: list[ShardedBucket]) -> None:
+    """Stage 3: copy each bucket's piece (with its padding) into a (k,) ``shard`` of its own
+    and make ``piece`` a view of it, so that ``flat``'s storage can be freed."""
+    for b in buckets:
+        b.shard = b.pieces(b.flat)[b.rank].clone()
+        if b.piece is not None:
+            b.piece = nn.Parameter(b.shard[:b.piece.numel()])

@@ -33,6 +33,8 @@ class ShardedOptimizer:
             raise ValueError(f"rank {group.rank} owns no parameter element: the model "
                              f"has fewer elements than the {group.size} ranks")
         self.optimizer: torch.optim.Optimizer = optimizer_class(pieces, **defaults)
+        # Stage 3 sets False: its parameters are gathered per layer before each use.
+        self.gather_after_step = True
 
     @property
     def param_groups(self) -> list[dict]:
@@ -43,9 +45,10 @@ class ShardedOptimizer:
         return self.optimizer.state
 
     def step(self, closure=None):
-        """Step this rank's pieces, then all-gather the parameters (collective)."""
+        """Step this rank's pieces, then all-gather the parameters (collective; stages 1-2)."""
         loss = self.optimizer.step(closure)
-        self.gather_parameters()
+        if self.gather_after_step:
+            self.gather_parameters()
         return loss
 
     def gather_parameters(self) -> None:

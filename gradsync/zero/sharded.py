@@ -8,7 +8,9 @@ starts while autograd goes on with earlier layers, in bucket index order on ever
     stage 2   reduce_scatter(grad_flat) -> (k,)  grad_flat dropped at launch; param.grad None
 
 A callback at the end of backward waits for them and points each bucket's ``piece.grad``
-at this rank's averaged piece (stage 1: a view into grad_flat; stage 2: the (k,) result).
+at this rank's averaged piece (stage 1: a view into grad_flat; stages 2-3: the (k,) result).
+Stage 3 reduces as stage 2 does and also frees each bucket's parameters once its gradient
+is complete; the gathering around forward and backward is stage3.py's.
 """
 
 from __future__ import annotations
@@ -21,28 +23,31 @@ from torch import nn
 
 from .. import comm
 from ..allreduce.bucket_reduce import attach_topology, bucket_algorithms
-from .layout import ShardedBucket, shard_parameters
+from .layout import ShardedBucket, own_pieces, shard_parameters
 from .optimizer import ShardedOptimizer
+from .stage3 import ParameterGatherer, layer_units
 
-STAGES = (1, 2)
+STAGES = (1, 2, 3)
 
 
 class ShardedDataParallel(nn.Module):
-    """Data parallelism with the optimizer state (stage 1) and also the gradients (stage 2)
-    sharded across the ranks of ``group`` (ZeRO, Rajbhandari et al. 2020).
+    """Data parallelism with the optimizer state (stage 1), also the gradients (stage 2) and
+    also the parameters (stage 3) sharded across the ranks of ``group`` (ZeRO, Rajbhandari
+    et al. 2020).
 
     Args:
         module: the model; every rank builds the same architecture (rank 0's values win).
         optimizer_class: e.g. ``torch.optim.Adam``; built on this rank's pieces only, with
             ``**defaults`` (torch's ``ZeroRedundancyOptimizer`` signature). Step it through
             :attr:`optimizer`, whose ``step()`` ends with the parameters' all-gather.
-        stage: 1 or 2.
+        stage: 1, 2 or 3.
         group: the ranks to shard over (default: all).
         bucket_cap_mb: size of a bucket in MiB: the unit of overlap with backward.
         algorithm: the stage-1 all-reduce's algorithm (as DataParallel's ``algorithm``);
             reduce-scatter and all-gather run ``auto`` (shared memory on one host).
         topology: as DataParallel's (what ``auto`` takes into account).
         broadcast_buffers: copy rank 0's buffers before each forward that syncs.
+        prefetch: stage 3: start the next layer's all-gather while this one computes.
     Raises:
         ValueError: unknown stage or optimizer arguments; a rank whose pieces are all
             padding (a model with fewer elements than ranks).
@@ -52,7 +57,7 @@ class ShardedDataParallel(nn.Module):
     def __init__(self, module: nn.Module, optimizer_class=torch.optim.Adam, *, stage: int = 1,
                  group: comm.Group | None = None, bucket_cap_mb: float = 25.0,
                  algorithm: str = "auto", topology: "comm.Topology | str | None" = "probe",
-                 broadcast_buffers: bool = True, **defaults):
+                 broadcast_buffers: bool = True, prefetch: bool = True, **defaults):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -68,8 +73,9 @@ class ShardedDataParallel(nn.Module):
                             [(n, p.detach()) for n, p in module.named_parameters()]
                             + list(module.named_buffers()))
         params = [p for p in module.parameters() if p.requires_grad]
+        modules, units = layer_units(module, params) if stage == 3 else ([], None)
         self._buckets: list[ShardedBucket] = shard_parameters(
-            params, int(bucket_cap_mb * (1 << 20)), group.size, group.rank)
+            params, int(bucket_cap_mb * (1 << 20)), group.size, group.rank, units)
         with torch.no_grad():
             for b in self._buckets:  # rank 0's values, one broadcast per bucket
                 comm.broadcast(b.flat, src=0, group=group)
@@ -85,7 +91,14 @@ class ShardedDataParallel(nn.Module):
         self._require_sync = True
         self.launched_during_backward = 0
         self._reset_step()
+        self.gatherer: ParameterGatherer | None = None
+        if stage == 3:  # from here on only this rank's shards hold parameter values
+            own_pieces(self._buckets)
+            self.gatherer = ParameterGatherer(modules, self._buckets, group,
+                                              self._queue_finish, prefetch)
+            self.gatherer.settle()
         self.optimizer = ShardedOptimizer(self._buckets, group, optimizer_class, **defaults)
+        self.optimizer.gather_after_step = stage < 3
 
     # --- nn.Module surface -----------------------------------------------------------------
 
@@ -93,16 +106,32 @@ class ShardedDataParallel(nn.Module):
         if self.broadcast_buffers and self._require_sync and torch.is_grad_enabled():
             for t in self.module.buffers():
                 comm.broadcast(t, src=0, group=self.group)
-        return self.module(*args, **kwargs)
+        out = self.module(*args, **kwargs)
+        if self.gatherer is not None:  # prefetches nobody used: waited for and freed
+            self.gatherer.settle()
+        return out
 
     def state_dict(self, *args, **kwargs):
-        """The wrapped module's full state dict (parameters are whole between steps)."""
-        return self.module.state_dict(*args, **kwargs)
+        """The wrapped module's full state dict (parameters are whole between steps; stage
+        3 gathers them, so there every rank must call it)."""
+        with self._whole():
+            return {k: v.clone() for k, v in self.module.state_dict(*args, **kwargs).items()}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Whole parameters into the flat buckets (stage 3: collective; each rank keeps
+        its shards of them)."""
         if assign:
             raise ValueError("assign=True would move parameters out of their flat buckets")
-        return self.module.load_state_dict(state_dict, strict=strict)
+        with self._whole():
+            result = self.module.load_state_dict(state_dict, strict=strict)
+            for b in self._buckets:
+                if b.shard is not None:
+                    with torch.no_grad():
+                        b.shard.copy_(b.pieces(b.flat)[b.rank])
+        return result
+
+    def _whole(self):
+        return self.gatherer.gathered() if self.gatherer is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -127,12 +156,15 @@ class ShardedDataParallel(nn.Module):
         self._next = 0
         self._callback_queued = False
 
-    def _on_grad(self, bucket: ShardedBucket, i: int, param: torch.Tensor) -> None:
-        if not self._require_sync:
-            return
+    def _queue_finish(self) -> None:
         if not self._callback_queued:
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
             self._callback_queued = True
+
+    def _on_grad(self, bucket: ShardedBucket, i: int, param: torch.Tensor) -> None:
+        if not self._require_sync:
+            return
+        self._queue_finish()
         if i in bucket.ready:
             raise RuntimeError("a parameter received a gradient twice in one step; wrap all "
                                "but the last backward in no_sync()")
@@ -153,7 +185,7 @@ class ShardedDataParallel(nn.Module):
             view.div_(n)  # stage 1: accumulated in place in its slot under no_sync()
         else:
             torch.div(grad, n, out=view)
-        # Stage 2 frees the full-size gradient: only this rank's piece survives the step.
+        # Stages 2-3 free the full-size gradient: only this rank's piece survives the step.
         param.grad = view if self.stage == 1 else None
 
     def _launch_ready(self) -> None:
@@ -171,10 +203,16 @@ class ShardedDataParallel(nn.Module):
                 work = comm.reduce_scatter_async(out, b.pieces(b.grad_flat), op="sum",
                                                  group=self.group)
                 b.grad_flat = None
+                if self.gatherer is not None:  # the bucket's backward is over
+                    self.gatherer.free(b)
             self._works.append((b, work, out))
             self._next += 1
 
     def _finish_backward(self) -> None:
+        if not self._require_sync:  # stage 3 under no_sync(): only back to rest
+            self._callback_queued = False
+            self.gatherer.settle()
+            return
         # Buckets whose collective the hooks started while autograd still ran (all of
         # them, unless some parameter got no gradient): the overlap with backward.
         self.launched_during_backward = self._next
@@ -191,6 +229,8 @@ class ShardedDataParallel(nn.Module):
                     self._set_piece_grad(b, out)
         finally:
             self._reset_step()
+            if self.gatherer is not None:
+                self.gatherer.settle()
 
     def _set_piece_grad(self, b: ShardedBucket, out: torch.Tensor | None) -> None:
         real = b.piece.numel()
