@@ -188,3 +188,18 @@ def test_train_arch_auto_on_loopback_runs_the_choice_and_says_why(tmp_path):
                        "--steps", "2")
     assert none_left.returncode == 2 and none_left.stderr.count("\n") == 1, none_left.stderr
     assert "--arch auto: no configuration" in none_left.stderr
+
+
+def test_on_one_host_a_half_cast_saves_no_work_and_auto_does_not_pick_it():
+    """One host has no wire: fp16 halves no adds, and its shm bucket loses the resident
+    shared-memory path, so even a free cast ranks below its uncompressed twin."""
+    big = _profile(codecs={"fp16": (0.0, 0.5), "bf16": (0.0, 0.5)})
+    one = Cluster.parse(1, 2, shared=True)
+    for algo in ("shm", "native"):
+        plain = predict(big, one, Candidate("allreduce", algo))
+        for half in ("fp16", "bf16"):
+            assert predict(big, one, Candidate("allreduce", algo, compression=half)
+                           ).step_s >= plain.step_s
+    from gradsync.plan import choose
+
+    assert choose(big, one, extra_servers=True).candidate.compression == "none"

@@ -45,9 +45,9 @@ PS_MESSAGE_S = 150e-6  # a push or a reply handled in Python, each end (fitted: 
 # On one host DataParallel's plain shm buckets live in shared memory and are reduced where
 # they lie: about 3 S of memory traffic per rank for S bytes (comm/shared_buckets.py). A
 # compressed bucket goes through its hook and an ordinary shm all-reduce instead, which copies
-# into the segment and back out: about 5.5 S for the same S (gradsync train, digits-wide,
-# 2 ranks: shm 5.7 ms a step, shm fp16 7.9 ms, shm bf16 14.5 ms; docs/plan.md).
+# into the segment and back out: about 5.5 S for the same S (docs/plan.md).
 SHM_HOOK_TRAFFIC = 5.5 / 3
+HALF_CASTS = ("fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,10 @@ def _all_reduce_s(cluster: Cluster, cand: Candidate, n: float, frac: float,
         return 2 * (p - 1) * alpha + (p - 1) * wire / min(cluster.rates)
     rounds = 3 if cand.compression.startswith("powersgd") else 1
     messages = shape(algo, float(wire), p)[0]
-    local = cost.predict(algo, int(wire), p) * slow
+    # One host has no wire: the all-reduce is the ranks' own work, and a half cast keeps
+    # every element to add (CPU adds halves element by element, no faster than floats).
+    work = n if cluster.hosts == 1 and cand.compression in HALF_CASTS else wire
+    local = cost.predict(algo, int(work), p) * slow
     if algo == "shm" and cand.compression != "none":
         local *= SHM_HOOK_TRAFFIC  # no resident buckets behind a hook
     net = network_time(cluster.topology, algo, int(wire)) if cluster.hosts > 1 else 0.0
