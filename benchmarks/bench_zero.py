@@ -4,8 +4,8 @@ Two parts in one launch of ``--workers`` ranks (float32 Adam, cross-entropy on r
 
 1. Memory: an MLP 784-H-...-H-10 (``--hidden`` H, ``--layers`` hidden layers; the default,
    13 x 2048, has 52 M parameters) is wrapped as ``dp`` (DataParallel + torch.optim.Adam),
-   ``zero-1``, ``zero-2`` and ``zero-3``, one at a time (built, one step, measured, freed). Measured are
-   the bytes of every distinct storage behind the parameters (stage 3: its shards; the
+   ``zero-1``, ``zero-2`` and ``zero-3``, one at a time (built, one step, measured,
+   freed). Measured are the bytes of every distinct storage behind the parameters (stage 3: its shards; the
    whole parameters are freed between steps), the gradients (``param.grad``, the shard
    pieces' ``.grad``) and the optimizer state, after ``optimizer.step()``, against ZeRO's
    float32-Adam formulas (DP 16, stage 1 8 + 8/N, stage 2 4 + 12/N, stage 3 16/N bytes per

@@ -10,6 +10,10 @@ are sub-groups of it.
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -56,7 +60,7 @@ def _train(group, kind, opt_name, make=_model, accumulate=1, cap=TINY_CAP):
     micro-batch k is rows (k * n + r) * BATCH of the step's global batch."""
     import gradsync
 
-    rank, n = group.rank, group.size
+    rank = group.rank
     cls, defaults = OPTIMIZERS[opt_name]
     model = make(seed=rank)  # different init per rank: wrapping must copy rank 0's
     if kind == "dp":
@@ -66,7 +70,13 @@ def _train(group, kind, opt_name, make=_model, accumulate=1, cap=TINY_CAP):
         wrapped = gradsync.ShardedDataParallel(model, cls, stage=kind, group=group,
                                                bucket_cap_mb=cap, **defaults)
         opt = wrapped.optimizer
-    for step in range(STEPS):
+    _run(group, wrapped, opt, range(STEPS), accumulate)
+    return _params(wrapped, model)
+
+
+def _run(group, wrapped, opt, steps, accumulate=1):
+    rank, n = group.rank, group.size
+    for step in steps:
         x, y = global_batch(step, n * accumulate * BATCH)
         opt.zero_grad()
         for k in range(accumulate):
@@ -75,8 +85,13 @@ def _train(group, kind, opt_name, make=_model, accumulate=1, cap=TINY_CAP):
                 loss = nn.functional.mse_loss(wrapped(x[lo:lo + BATCH]), y[lo:lo + BATCH])
                 (loss / accumulate).backward()
         opt.step()
-    # Stage 3 holds only shards between steps: its state_dict() gathers the parameters.
-    full = wrapped.state_dict() if kind == 3 else dict(model.named_parameters())
+
+
+def _params(wrapped, model):
+    """Whole parameters as arrays; stage 3 holds only shards between steps, so its
+    state_dict() gathers them (collective)."""
+    full = wrapped.state_dict() if getattr(wrapped, "stage", 0) == 3 \
+        else dict(model.named_parameters())
     return [full[name].detach().numpy().copy() for name, _ in model.named_parameters()]
 
 
@@ -170,6 +185,8 @@ def _what_is_kept(rank, world):
                 full.load_state_dict(sdp.state_dict())  # collective in stage 3
                 out[stage]["eval full"] = full(x).numpy()
             out[stage]["param bytes after eval"] = _storage_bytes(model.parameters())
+            sdp.load_state_dict(_model(5).state_dict())  # into the shards (collective)
+            out[stage]["loaded"] = [t.numpy() for t in sdp.state_dict().values()]
     return out
 
 
@@ -179,15 +196,87 @@ def _storage_bytes(tensors) -> int:
                 for t in tensors}.values())
 
 
+def _sharded(group, stage, cap=TINY_CAP, seed=0):
+    import gradsync
+
+    model = _model(seed)
+    return model, gradsync.ShardedDataParallel(model, torch.optim.Adam, stage=stage,
+                                               group=group, bucket_cap_mb=cap, lr=0.01)
+
+
+def _resume_same_world(rank, world):
+    """Per stage: 5 steps, save, 5 more steps; and a fresh wrapper (another init) that
+    loads the checkpoint and takes the same 5 steps. Adam, world 4."""
+    from gradsync import comm
+
+    g, out, half = comm.world(), {}, STEPS // 2
+    for stage in (1, 2, 3):
+        where = Path(os.environ["ZERO_CKPT"]) / f"same-{stage}"
+        model, sdp = _sharded(g, stage)
+        _run(g, sdp, sdp.optimizer, range(half))
+        sdp.save_sharded(where)
+        _run(g, sdp, sdp.optimizer, range(half, STEPS))
+        fresh_model, fresh = _sharded(g, stage, seed=7)
+        fresh.load_sharded(where)
+        _run(g, fresh, fresh.optimizer, range(half, STEPS))
+        out[stage] = {"uninterrupted": _params(sdp, model),
+                      "resumed": _params(fresh, fresh_model)}
+    return out
+
+
+def _reshard(rank, world, save_stage, load_stage, size):
+    """5 steps of ``save_stage`` on 4 ranks, saved; loaded into ``load_stage`` on ``size``
+    ranks (another layout: stage 3 buckets per layer, stages 1-2 by the cap), 5 more steps;
+    against DataParallel on 4 ranks, then on ``size`` (model and Adam state carried over)."""
+    import gradsync
+    from gradsync import comm
+    from gradsync.zero import full_state_dict
+
+    where, half = Path(os.environ["ZERO_CKPT"]) / f"reshard-{save_stage}", STEPS // 2
+    model, sdp = _sharded(comm.world(), save_stage)
+    _run(comm.world(), sdp, sdp.optimizer, range(half))
+    sdp.save_sharded(where)
+    saved = _params(sdp, model)
+    dp_model = _model(rank)
+    dp = gradsync.DataParallel(dp_model, bucket_cap_mb=TINY_CAP)
+    dp_opt = torch.optim.Adam(dp.parameters(), lr=0.01)
+    _run(comm.world(), dp, dp_opt, range(half))
+    group = _group(size)
+    if group is None:
+        return None
+    new_model, new = _sharded(group, load_stage, cap=25.0, seed=3)
+    new.load_sharded(where)
+    _run(group, new, new.optimizer, range(half, STEPS))
+    dp2_model = _model(0)
+    dp2_model.load_state_dict(dp_model.state_dict())
+    dp2 = gradsync.DataParallel(dp2_model, group=group, bucket_cap_mb=TINY_CAP)
+    dp2_opt = torch.optim.Adam(dp2.parameters(), lr=0.01)
+    dp2_opt.load_state_dict(dp_opt.state_dict())
+    _run(group, dp2, dp2_opt, range(half, STEPS))
+    plain = _model(11)  # for serving: whole parameters, no process group needed
+    plain.load_state_dict(full_state_dict(where))
+    return {"resharded": _params(new, new_model), "dp": _params(dp2, dp2_model),
+            "saved": saved, "plain": [p.detach().numpy() for p in plain.parameters()]}
+
+
 CHECKS = [*((f"stages {size}", _stages, (size,)) for size in SIZES),
           ("variants", _variants, ()),
           *((f"torch zero {size}", _torch_zero, (size,)) for size in SIZES),
-          ("kept", _what_is_kept, ())]
+          ("kept", _what_is_kept, ()),
+          ("resume", _resume_same_world, ()),
+          ("reshard 3 -> 3", _reshard, (3, 3, 2)),
+          ("reshard 2 -> 3", _reshard, (2, 3, 3)),
+          ("reshard 3 -> 1", _reshard, (3, 1, 3))]
 
 
 @pytest.fixture(scope="module")
-def world():
-    return run_checks(CHECKS, WORLD, timeout=170)
+def checkpoints(tmp_path_factory):
+    return tmp_path_factory.mktemp("zero-checkpoints")
+
+
+@pytest.fixture(scope="module")
+def world(checkpoints):
+    return run_checks(CHECKS, WORLD, timeout=170, env={"ZERO_CKPT": str(checkpoints)})
 
 
 def _close(got, want, rtol=1e-12, atol=1e-13):
@@ -256,6 +345,8 @@ def test_stage_3_keeps_only_its_shard_of_the_parameters_at_rest(world):
         # pair started while the first computed.
         assert k["gathers"] == (4, 2)
         np.testing.assert_array_equal(k["eval"], k["eval full"])
+        for a, b in zip(k["loaded"], _model(5).state_dict().values(), strict=True):
+            np.testing.assert_array_equal(a, b.numpy())
 
 
 def test_unknown_stage_is_refused():
@@ -263,3 +354,44 @@ def test_unknown_stage_is_refused():
 
     with pytest.raises(ValueError, match="stage must be one of"):
         gradsync.ShardedDataParallel(_model(0), stage=4)
+
+
+@pytest.mark.timeout(180)
+def test_resume_from_a_sharded_checkpoint_is_bitwise_exact(world):
+    for rank_result in world["resume"]:
+        for stage in (1, 2, 3):
+            got, want = rank_result[stage]["resumed"], rank_result[stage]["uninterrupted"]
+            for a, b in zip(got, want, strict=True):
+                assert np.array_equal(a, b), stage
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case", ["reshard 3 -> 3", "reshard 2 -> 3", "reshard 3 -> 1"])
+def test_a_checkpoint_of_4_ranks_resumes_on_fewer_and_loads_into_a_plain_model(world, case):
+    results = world[case]
+    size = 2 if case == "reshard 3 -> 3" else 3
+    assert results[size:] == [None] * (WORLD - size)
+    for rank_result in results[:size]:
+        _close(rank_result["resharded"], rank_result["dp"])
+        for a, b in zip(rank_result["plain"], rank_result["saved"], strict=True):
+            assert np.array_equal(a, b)  # the whole parameters, exactly
+
+
+@pytest.mark.timeout(180)
+def test_an_altered_or_unfinished_checkpoint_is_refused(world, checkpoints, tmp_path):
+    from gradsync.checkpoint import CheckpointError
+    from gradsync.zero import full_state_dict
+
+    src = checkpoints / "same-3"
+    altered = tmp_path / "altered"
+    shutil.copytree(src, altered)
+    shard = altered / "shard-00002-of-00004.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        full_state_dict(altered)
+    (altered / "meta.json").unlink()  # what a save that died before its commit leaves
+    with pytest.raises(CheckpointError, match="missing"):
+        full_state_dict(altered)
+    assert not list(src.glob("*.tmp"))  # every file renamed into place

@@ -1,5 +1,6 @@
 """Sharded data parallelism (ZeRO, Rajbhandari et al. 2020): each of N ranks keeps only
-1/N of the optimizer state (stage 1) and also of the gradients (stage 2).
+1/N of the optimizer state (stage 1), also of the gradients (stage 2) and also of the
+parameters between uses (stage 3).
 
     model = gradsync.ShardedDataParallel(model, torch.optim.Adam, stage=2, lr=1e-3)
     opt = model.optimizer                     # steps this rank's shard, then all-gathers
@@ -16,12 +17,15 @@ as torch's ``ZeroRedundancyOptimizer`` does, so stage 1 replaces DDP plus that o
 
     layout     flat padded buckets, one piece per rank (balanced by bytes, per dtype)
     optimizer  ShardedOptimizer: the torch optimizer over the pieces; all-gather after step
-    sharded    ShardedDataParallel: hooks, all-reduce (1) or reduce-scatter (2), no_sync
+    sharded    ShardedDataParallel: hooks, all-reduce (1) or reduce-scatter (2, 3), no_sync
+    stage3     ParameterGatherer: per-layer all-gather before forward and backward, free after
+    checkpoint save_sharded / load_sharded (re-sharding), full_state_dict for a plain model
 """
 
+from .checkpoint import full_state_dict
 from .layout import ShardedBucket, shard_parameters
 from .optimizer import ShardedOptimizer
 from .sharded import STAGES, ShardedDataParallel
 
 __all__ = ["STAGES", "ShardedBucket", "ShardedDataParallel", "ShardedOptimizer",
-           "shard_parameters"]
+           "full_state_dict", "shard_parameters"]

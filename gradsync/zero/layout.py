@@ -43,6 +43,7 @@ class ShardedBucket:
         grad_flat: (N * k,) gradients of ``params`` divided by N; stage 1 keeps it, stage 2
             holds it only while the bucket is filled.
         unit: the layer (stage 3) whose parameters these are; 0 when there are no units.
+        shapes: the parameters' shapes (stage 3's are (0,) placeholders at rest).
         shard: stage 3: (k,) this rank's piece with its padding, in storage of its own (the
             all-gather's input); ``piece`` is a view of its real elements. None in stages 1-2.
     """
@@ -59,6 +60,7 @@ class ShardedBucket:
     ready: set[int] = field(default_factory=set)
     unit: int = 0
     shard: torch.Tensor | None = None
+    shapes: list[torch.Size] = field(default_factory=list)
 
     @property
     def k(self) -> int:
@@ -111,7 +113,8 @@ def shard_parameters(params: list[nn.Parameter], cap_bytes: int, size: int, rank
                 view = flat[offset:offset + p.numel()].view_as(p)
                 view.copy_(p.data)
                 p.data = view  # the old storage is freed: parameters now live in ``flat``
-        bucket = ShardedBucket(index, chosen, offsets, numel, flat, size, rank, unit=unit)
+        bucket = ShardedBucket(index, chosen, offsets, numel, flat, size, rank, unit=unit,
+                               shapes=[p.shape for p in chosen])
         real = bucket.real(rank)
         if real:
             bucket.piece = nn.Parameter(flat[rank * k:rank * k + real])

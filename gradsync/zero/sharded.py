@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import comm
 from ..allreduce.bucket_reduce import attach_topology, bucket_algorithms
+from . import checkpoint
 from .layout import ShardedBucket, own_pieces, shard_parameters
 from .optimizer import ShardedOptimizer
 from .stage3 import ParameterGatherer, layer_units
@@ -73,6 +74,9 @@ class ShardedDataParallel(nn.Module):
                             [(n, p.detach()) for n, p in module.named_parameters()]
                             + list(module.named_buffers()))
         params = [p for p in module.parameters() if p.requires_grad]
+        # Names of the sharded parameters, for checkpoints (by id: stage 3 swaps .data).
+        self.param_names = {id(p): name for name, p in module.named_parameters()
+                            if p.requires_grad}
         modules, units = layer_units(module, params) if stage == 3 else ([], None)
         self._buckets: list[ShardedBucket] = shard_parameters(
             params, int(bucket_cap_mb * (1 << 20)), group.size, group.rank, units)
@@ -132,6 +136,18 @@ class ShardedDataParallel(nn.Module):
 
     def _whole(self):
         return self.gatherer.gathered() if self.gatherer is not None else contextlib.nullcontext()
+
+    def save_sharded(self, directory) -> None:
+        """Each rank writes its shard of the parameters and optimizer state into
+        ``directory``, rank 0 then meta.json (collective; atomic per file, meta.json last).
+        Load with :meth:`load_sharded` (any world size) or, into a plain module,
+        ``gradsync.zero.full_state_dict(directory)``; see zero/checkpoint.py."""
+        checkpoint.save_sharded(self, directory)
+
+    def load_sharded(self, directory) -> None:
+        """Restore a :meth:`save_sharded` checkpoint, re-sharded if it was written by
+        another world size or layout (collective)."""
+        checkpoint.load_sharded(self, directory)
 
     @contextlib.contextmanager
     def no_sync(self):

@@ -83,7 +83,6 @@ class ParameterGatherer:
         self.group, self.prefetch, self._on_backward = group, prefetch, on_backward
         self.units = [[b for b in buckets if b.unit == u] for u in range(len(modules))]
         self._pending: dict[int, comm.Work] = {}
-        self._shapes = {id(p): p.shape for b in buckets for p in b.params}
         self.gathers = self.prefetched = 0
         for u, m in enumerate(modules):
             m.register_forward_pre_hook(partial(self._before_forward, u))
@@ -99,8 +98,7 @@ class ParameterGatherer:
         if b.index in self._pending or self.is_gathered(b):
             return False
         b.flat.untyped_storage().resize_(b.flat.numel() * b.flat.element_size())
-        for p, offset in zip(b.params, b.offsets):
-            shape = self._shapes[id(p)]
+        for p, offset, shape in zip(b.params, b.offsets, b.shapes):
             p.data = b.flat[offset:offset + shape.numel()].view(shape)
         # Input: this rank's (k,) shard; output: the N (k,) pieces of flat, written in place
         # so that every parameter view (and every view autograd saved) sees the values.
