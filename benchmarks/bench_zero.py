@@ -5,14 +5,15 @@ Two parts in one launch of ``--workers`` ranks (float32 Adam, cross-entropy on r
 1. Memory: an MLP 784-H-...-H-10 (``--hidden`` H, ``--layers`` hidden layers; the default,
    13 x 2048, has 52 M parameters) is wrapped as ``dp`` (DataParallel + torch.optim.Adam),
    ``zero-1``, ``zero-2`` and ``zero-3``, one at a time (built, one step, measured,
-   freed). Measured are the bytes of every distinct storage behind the parameters (stage 3: its shards; the
-   whole parameters are freed between steps), the gradients (``param.grad``, the shard
-   pieces' ``.grad``) and the optimizer state, after ``optimizer.step()``, against ZeRO's
-   float32-Adam formulas (DP 16, stage 1 8 + 8/N, stage 2 4 + 12/N, stage 3 16/N bytes per
-   parameter). DataParallel runs ``algorithm="native"`` here: its one-host default puts
-   the buckets in shared memory with a slot per rank, which this count cannot split.
-   Transient buffers (a stage-2 bucket while it is filled, a stage-3 layer while it is
-   gathered, the collectives' staging) are not model state and not counted.
+   freed). Measured are the bytes of every distinct storage behind the parameters (stage
+   3: its shards; the whole parameters are freed between steps), the gradients
+   (``param.grad``, the shard pieces' ``.grad``) and the optimizer state, after
+   ``optimizer.step()``, against ZeRO's float32-Adam formulas (DP 16, stage 1 8 + 8/N,
+   stage 2 4 + 12/N, stage 3 16/N bytes per parameter). DataParallel runs
+   ``algorithm="native"`` here: its one-host default puts the buckets in shared memory
+   with a slot per rank, which this count cannot split. Transient buffers (a stage-2
+   bucket while it is filled, a stage-3 layer while it is gathered, the collectives'
+   staging) are not model state and not counted.
 2. Throughput: the four variants of a smaller MLP (``--tp-hidden``, ``--tp-layers``) are
    alive together; after a warm-up, each round runs each for ``--steps`` timed steps in an
    order shuffled per round; a round's time is the slowest rank's.
