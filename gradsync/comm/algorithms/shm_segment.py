@@ -111,6 +111,9 @@ class Segment:
         self.lines = [[(phase * self.p + rank) * 8 for rank in range(self.p)]
                       for phase in range(PHASES)]
         self._views: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+        # With more ranks than cores a spinning waiter holds the core a laggard needs:
+        # yield at once instead (4 ranks on 2 cores: 1 KiB took ~1 ms a call spinning).
+        self.spins = SPINS if self.p <= len(os.sched_getaffinity(0)) else 0
 
     def slot(self, i: int, n: int, dtype: torch.dtype) -> torch.Tensor:
         """Slot ``i`` (i == p: the output area) as ``n`` elements of ``dtype``; the view is
@@ -245,7 +248,7 @@ def wait_for(seg: Segment, phase: int, seq: int, p2p: P2P, only: int | None = No
     lines = seg.lines[phase] if only is None else [seg.lines[phase][only]]
     positions = range(seg.p) if only is None else [only]
     reached = seg.reached
-    for _ in range(SPINS):
+    for _ in range(seg.spins):
         if reached(lines, seq):
             return
     start = time.monotonic()
