@@ -20,6 +20,7 @@ from ..lab.netns import check_rates
 from ..ps.consistency import MODES
 from ..workloads import WORKLOADS
 from .architecture import ARCH_HELP, AUTO, check_architecture, check_auto
+from .observe_config import ObserveConfig
 
 CONSISTENCY_MODES = tuple(MODES)
 # Upper bounds of the positive float flags: beyond them a value is a typo, not a setting
@@ -276,6 +277,7 @@ class TrainConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     lab: LabConfig = field(default_factory=LabConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
 
     @property
     def processes(self) -> int:

@@ -1,0 +1,18 @@
+"""The observability section of `gradsync train`'s configuration (docs/observability.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..flags import flag_meta as _help
+
+
+@dataclass
+class ObserveConfig:
+    """Observability."""
+
+    timeline: str | None = field(default=None, metadata=_help(
+        "write a Chrome-trace timeline of every rank to this JSON file (Perfetto, "
+        "chrome://tracing); each rank writes FILE.rank<N> as it runs, rank 0 merges them"))
+    tensorboard: str | None = field(default=None, metadata=_help(
+        "write TensorBoard scalars (rank 0) under this directory"))
