@@ -1,0 +1,324 @@
+"""Horovod's tensor collectives on gradsync.comm: each call is one comm collective (or a
+short fixed sequence of them), with Horovod's semantics.
+
+- The plain forms return a new tensor; the ``_`` forms write into the argument.
+- ``*_async`` forms return a :class:`Handle`; ``poll(h)`` says whether it finished,
+  ``synchronize(h)`` waits and returns the result. allreduce and broadcast overlap for
+  real (comm's async collectives); allgather, alltoall and reducescatter run several
+  collectives in sequence (a shape exchange first), so their handles are already complete
+  when returned.
+- Roots (``root_rank``) are global ranks, also in a process set, as in Horovod.
+- ``Average`` is a sum followed by ``postscale_factor / size``; ``prescale_factor`` scales
+  the input first. Integer tensors are scaled in float64 and truncated back, as Horovod's
+  C++ ``ScaleBuffer`` does.
+- ``name=`` is accepted and used only in error messages.
+- Results are detached: unlike Horovod's, these calls are not autograd functions.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import comm
+from .basics import Average, ProcessSet, global_process_set, resolve_op, root_in
+from .compression import Compression
+from .shapes import exchange_shapes, split_rows
+
+
+class Handle:
+    """An operation in flight; ``wait()`` finishes it once and returns its result."""
+
+    def __init__(self, work: comm.Work | None, finish, result=None):
+        self._work, self._finish, self._result, self._done = work, finish, result, False
+
+    def is_completed(self) -> bool:
+        return self._done or self._work is None or self._work.is_completed()
+
+    def wait(self):
+        if not self._done:
+            if self._work is not None:
+                self._work.wait()
+            if self._finish is not None:
+                self._result = self._finish()
+            self._done = True
+        return self._result
+
+
+def poll(handle: Handle) -> bool:
+    """Whether the operation of ``handle`` has finished (never blocks)."""
+    return handle.is_completed()
+
+
+def synchronize(handle: Handle):
+    """Wait for ``handle``'s operation and return its result."""
+    return handle.wait()
+
+
+def _done(result) -> Handle:
+    return Handle(None, None, result)
+
+
+def _scale_(tensor: torch.Tensor, factor: float) -> None:
+    if factor == 1.0:
+        return
+    if tensor.is_floating_point() or tensor.is_complex():
+        tensor.mul_(factor)
+    else:  # integers: through float64, truncated back (Horovod's ScaleBuffer)
+        tensor.copy_((tensor.double() * factor).to(tensor.dtype))
+
+
+# --- allreduce ---------------------------------------------------------------------------------
+
+def _allreduce_into(output: torch.Tensor, op, prescale_factor: float, postscale_factor: float,
+                    compression, process_set: ProcessSet) -> Handle:
+    """All-reduce ``output`` (the caller's copy, or the tensor itself) in place."""
+    group = process_set.resolve()
+    _scale_(output, prescale_factor)
+    payload, ctx = compression.compress(output)   # e.g. (numel,) float16 for fp16
+    wire = comm.ReduceOp.SUM if op is Average else op
+    work = comm.all_reduce_async(payload, op=wire, group=group)
+    post = postscale_factor / group.size if op is Average else postscale_factor
+
+    def finish():
+        result = compression.decompress(payload, ctx)
+        if result is not output:
+            output.copy_(result)
+        _scale_(output, post)
+        return output
+
+    return Handle(work, finish)
+
+
+def allreduce_async_(tensor, average=None, name=None, op=None, prescale_factor=1.0,
+                     postscale_factor=1.0, process_set=global_process_set,
+                     compression=Compression.none) -> Handle:
+    """Start an all-reduce of ``tensor`` in place; see :func:`allreduce`."""
+    op = resolve_op(op, average)
+    handle = _allreduce_into(tensor.data, op, prescale_factor, postscale_factor, compression,
+                             process_set)
+    return Handle(handle, lambda: tensor)  # the argument itself, not its .data alias
+
+
+def allreduce_async(tensor, average=None, name=None, op=None, prescale_factor=1.0,
+                    postscale_factor=1.0, process_set=global_process_set,
+                    compression=Compression.none) -> Handle:
+    """Start an all-reduce into a new tensor; ``synchronize(handle)`` returns it."""
+    op = resolve_op(op, average)
+    return _allreduce_into(tensor.detach().clone(), op, prescale_factor, postscale_factor,
+                           compression, process_set)
+
+
+def allreduce(tensor, average=None, name=None, compression=Compression.none, op=None,
+              prescale_factor=1.0, postscale_factor=1.0, process_set=global_process_set):
+    """The reduction of ``tensor`` over the process set, as a new tensor.
+
+    Args:
+        average: deprecated; True is ``op=Average``, False ``op=Sum``.
+        op: Average (default), Sum, Min, Max or Product.
+        prescale_factor, postscale_factor: multiply the input before / the result after.
+    Raises:
+        ValueError: Adasum; both ``op`` and ``average``; a process set this rank is not in.
+    """
+    return allreduce_async(tensor, average, name, op, prescale_factor, postscale_factor,
+                           process_set, compression).wait()
+
+
+def allreduce_(tensor, average=None, name=None, op=None, prescale_factor=1.0,
+               postscale_factor=1.0, process_set=global_process_set):
+    """:func:`allreduce` in place; returns ``tensor``."""
+    return allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor,
+                            process_set).wait()
+
+
+def grouped_allreduce_async_(tensors, average=None, name=None, op=None, prescale_factor=1.0,
+                             postscale_factor=1.0, process_set=global_process_set,
+                             compression=Compression.none) -> Handle:
+    """All-reduce a list of tensors in place, fused: one all-reduce per dtype."""
+    op = resolve_op(op, average)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t.data)
+    parts = []
+    for members in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in members])  # (sum of numels,)
+        parts.append((members, flat, _allreduce_into(flat, op, prescale_factor,
+                                                     postscale_factor, compression,
+                                                     process_set)))
+
+    def finish():
+        for members, flat, handle in parts:
+            handle.wait()
+            offset = 0
+            for t in members:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+        return list(tensors)
+
+    return Handle(None, finish)
+
+
+def grouped_allreduce_async(tensors, *args, **kwargs) -> Handle:
+    return grouped_allreduce_async_([t.detach().clone() for t in tensors], *args, **kwargs)
+
+
+def grouped_allreduce(tensors, average=None, name=None, compression=Compression.none,
+                      op=None, prescale_factor=1.0, postscale_factor=1.0,
+                      process_set=global_process_set) -> list[torch.Tensor]:
+    """:func:`allreduce` of each tensor, fused into one all-reduce per dtype."""
+    return grouped_allreduce_async(tensors, average, name, op, prescale_factor,
+                                   postscale_factor, process_set, compression).wait()
+
+
+def grouped_allreduce_(tensors, average=None, name=None, op=None, prescale_factor=1.0,
+                       postscale_factor=1.0, process_set=global_process_set):
+    return grouped_allreduce_async_(tensors, average, name, op, prescale_factor,
+                                    postscale_factor, process_set).wait()
+
+
+# --- broadcast ---------------------------------------------------------------------------------
+
+def broadcast_async_(tensor, root_rank, name=None, process_set=global_process_set) -> Handle:
+    """Start copying global rank ``root_rank``'s ``tensor`` into ``tensor`` everywhere."""
+    group = process_set.resolve()
+    work = comm.broadcast_async(tensor.data, src=root_in(group, root_rank), group=group)
+    return Handle(work, lambda: tensor)
+
+
+def broadcast_async(tensor, root_rank, name=None, process_set=global_process_set) -> Handle:
+    return broadcast_async_(tensor.detach().clone(), root_rank, name, process_set)
+
+
+def broadcast(tensor, root_rank, name=None, process_set=global_process_set):
+    """Global rank ``root_rank``'s ``tensor``, as a new tensor on every member."""
+    return broadcast_async(tensor, root_rank, name, process_set).wait()
+
+
+def broadcast_(tensor, root_rank, name=None, process_set=global_process_set):
+    """:func:`broadcast` in place; returns ``tensor``."""
+    return broadcast_async_(tensor, root_rank, name, process_set).wait()
+
+
+# --- allgather, alltoall, reducescatter ----------------------------------------------------------
+
+def _gather_padded(group: comm.Group, tensor: torch.Tensor, rows: int) -> list[torch.Tensor]:
+    """Every member's ``tensor`` padded to (rows, *rest) with zeros: one all-gather."""
+    padded = torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype)
+    padded[:tensor.shape[0]] = tensor
+    out = [torch.empty_like(padded) for _ in range(group.size)]
+    return comm.all_gather(out, padded, group=group)
+
+
+def allgather(tensor, name=None, process_set=global_process_set) -> torch.Tensor:
+    """Every member's ``tensor`` concatenated along dim 0, in rank order; the first
+    dimension may differ between ranks, the others and the dtype must not.
+
+    Raises:
+        ValueError: on every rank, when the ranks' shapes or dtypes do not fit together.
+    """
+    group = process_set.resolve()
+    tensor = tensor.detach()
+    shapes = exchange_shapes(group, tensor, "allgather", name, same_first=False)
+    sizes = [s[0] for s in shapes]
+    gathered = _gather_padded(group, tensor, max(sizes))
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
+
+
+def allgather_async(tensor, name=None, process_set=global_process_set) -> Handle:
+    return _done(allgather(tensor, name, process_set))
+
+
+def alltoall(tensor, splits=None, name=None, process_set=global_process_set):
+    """Send rows ``splits[j]`` of ``tensor`` (consecutive, from the top) to member j.
+
+    Args:
+        splits: rows per destination (default: dim 0 split evenly; it must divide).
+    Returns:
+        ``(output, received_splits)``: the rows received, in source order, and how many
+        came from each source. (They travel through one padded all-gather: every rank
+        receives every rank's tensor, size times the bytes of a true all-to-all.)
+    Raises:
+        ValueError: on every rank, when a rank's splits do not fit its tensor.
+    """
+    group = process_set.resolve()
+    tensor, p = tensor.detach(), group.size
+    if splits is None:
+        splits = [tensor.shape[0] // p] * p if tensor.dim() and tensor.shape[0] % p == 0 \
+            else None
+    splits = None if splits is None else [int(s) for s in torch.as_tensor(splits).tolist()]
+    fits = (splits is not None and len(splits) == p and min(splits) >= 0
+            and tensor.dim() > 0 and sum(splits) == tensor.shape[0])
+    shapes = exchange_shapes(group, tensor, "alltoall", name, same_first=False, ok=fits,
+                             why="splits must be one count >= 0 per rank summing to dim 0")
+    mine = torch.tensor(splits, dtype=torch.int64)
+    table = comm.all_gather([torch.empty_like(mine) for _ in range(p)], mine, group=group)
+    gathered = _gather_padded(group, tensor, max(s[0] for s in shapes))
+    me, pieces, received = group.rank, [], []
+    for j, row in enumerate(table):
+        start = int(row[:me].sum())
+        pieces.append(gathered[j][start:start + int(row[me])])
+        received.append(int(row[me]))
+    return torch.cat(pieces), torch.tensor(received, dtype=torch.int64)
+
+
+def alltoall_async(tensor, splits=None, name=None, process_set=global_process_set) -> Handle:
+    return _done(alltoall(tensor, splits, name, process_set))
+
+
+def reducescatter(tensor, name=None, compression=Compression.none, op=Average,
+                  process_set=global_process_set, prescale_factor=1.0, postscale_factor=1.0):
+    """Reduce ``tensor`` (the same shape on every member) and give member r its share of
+    dim 0: ``dim0 // size`` rows, one more for the first ``dim0 % size`` members.
+
+    Raises:
+        ValueError: on every rank, when shapes differ; Adasum.
+    """
+    group, op = process_set.resolve(), resolve_op(op)
+    shapes = exchange_shapes(group, tensor.detach(), "reducescatter", name, same_first=True)
+    counts = split_rows(shapes[0][0], group.size)
+    rows = max(counts)
+    data = tensor.detach().clone()
+    _scale_(data, prescale_factor)
+    payload, ctx = compression.compress(data)
+    pieces, start = [], 0
+    for n in counts:  # (rows, *rest) each, zero-padded: comm's pieces are equal
+        piece = torch.zeros((rows, *payload.shape[1:]), dtype=payload.dtype)
+        piece[:n] = payload[start:start + n]
+        pieces.append(piece)
+        start += n
+    out = torch.empty_like(pieces[0])
+    wire = comm.ReduceOp.SUM if op is Average else op
+    comm.reduce_scatter(out, pieces, op=wire, group=group)
+    result = compression.decompress(out[:counts[group.rank]], ctx).clone()
+    _scale_(result, postscale_factor / group.size if op is Average else postscale_factor)
+    return result
+
+
+def reducescatter_async(tensor, name=None, compression=Compression.none, op=Average,
+                        process_set=global_process_set, prescale_factor=1.0,
+                        postscale_factor=1.0) -> Handle:
+    return _done(reducescatter(tensor, name, compression, op, process_set, prescale_factor,
+                               postscale_factor))
+
+
+# --- barrier, join -------------------------------------------------------------------------------
+
+def barrier(process_set=global_process_set) -> None:
+    """Block until every member has arrived."""
+    comm.barrier(process_set.resolve())
+
+
+def join(device=-1, process_set=global_process_set) -> int:
+    """Wait for every member; return the global rank that arrived last (by each rank's
+    wall clock: across hosts, as good as their clocks agree).
+
+    Unlike Horovod's, a rank that has joined does not stand in with zeros for the
+    all-reduces its peers still start: call join only once every rank has issued all its
+    collectives (e.g. at the end of training), not to even out unequal batch counts.
+    """
+    group = process_set.resolve()
+    now = torch.tensor([time.time()], dtype=torch.float64)
+    times = comm.all_gather([torch.empty_like(now) for _ in range(group.size)], now,
+                            group=group)
+    return group.ranks[max(range(group.size), key=lambda r: float(times[r]))]
