@@ -139,3 +139,17 @@ def test_digits_ddp_across_a_three_host_lab():
     assert "on 3 workers" in run.stdout
     assert namespaces() == before  # the lab is gone with the run
 
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_horovod_digits_runs_with_one_import_changed():
+    """A Horovod-style script (`import gradsync.horovod as hvd`: init, broadcast_parameters,
+    broadcast_optimizer_state, DistributedOptimizer, allreduce of the test counts) under
+    `gradsync run`, with fp16 gradients: it reaches the DataParallel example's accuracy."""
+    run = retry_finalize_abort(lambda: gradsync(
+        "run", "--nproc-per-node", "2", str(EXAMPLES / "horovod_digits.py"), "--epochs", "8",
+        "--fp16-allreduce", timeout=150))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _accuracy(run.stdout) >= 0.93
+    assert "on 2 workers" in run.stdout
