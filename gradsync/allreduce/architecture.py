@@ -49,7 +49,12 @@ class AllReduceArchitecture:
     @classmethod
     def from_config(cls, config, group: comm.Group, links=None) -> "AllReduceArchitecture":
         """From a TrainConfig (--algorithm, --bucket-cap-mb, --topology, --compression ...);
-        ``links`` are not needed: DataParallel probes the group (or reads --topology)."""
+        ``links`` are not needed: DataParallel probes the group (or reads --topology).
+        ``--zero N`` hands over to gradsync/zero/architecture.py (ShardedDataParallel)."""
+        if config.allreduce.zero:
+            from ..zero.architecture import ZeroArchitecture
+
+            return ZeroArchitecture.from_config(config, group, links)
         return cls(group, algorithm=config.allreduce.algorithm,
                    bucket_cap_mb=config.allreduce.bucket_cap_mb,
                    nonfinite=config.optim.on_nonfinite, topology=config.allreduce.topology,

@@ -19,6 +19,7 @@ from ..flags import flag_meta as _help
 from ..lab.netns import check_rates
 from ..ps.consistency import MODES
 from ..workloads import WORKLOADS
+from ..zero.architecture import check_zero
 from .architecture import ARCH_HELP, AUTO, check_architecture, check_auto
 from .observe_config import ObserveConfig
 
@@ -85,6 +86,9 @@ class AllReduceConfig:
     topology: str = field(default="probe", metadata=_help(
         "the hosts and links auto takes into account: probe (measure them when the ranks "
         "span several hosts), off, or a JSON file from `gradsync bench topology --save`"))
+    zero: Literal[0, 1, 2, 3] = field(default=0, metadata=_help(
+        "ZeRO stage (docs/zero.md): shard the optimizer state (1), also the gradients (2), "
+        "also the parameters (3) across the workers; 0: off"))
 
     def __post_init__(self) -> None:
         check_algorithm(self.algorithm)
@@ -286,6 +290,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_auto(self) if self.arch == AUTO else check_architecture(self.arch)
+        check_zero(self)
         if self.arch == "local" and self.launch.workers != 1:
             raise ValueError(f"--arch local trains one process alone; use --workers 1, "
                              f"not {self.launch.workers}")
