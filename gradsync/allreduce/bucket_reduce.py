@@ -9,6 +9,7 @@ bookkeeping of its backward hooks (``data_parallel.py``).
 from __future__ import annotations
 
 import logging
+import time
 
 from .. import comm
 from ..compress.bucket import GradBucket, result_tensor
@@ -77,3 +78,39 @@ def hook_work(hook, state, bucket: Bucket, buckets: int, group: comm.Group) -> c
         return bucket.flat
 
     return comm.Work(finish)
+
+
+class BucketTrace:
+    """The timeline spans of a step's bucket collectives (``--timeline``): launch to the
+    moment their completion was observed. gradsync cannot see the engine finish a
+    collective, so completion is the first of: a later bucket's launch that finds it done,
+    or its ``wait()`` returning; an upper bound, tight while backward keeps launching."""
+
+    def __init__(self, timeline, buckets: list[Bucket], algorithms: list[str]):
+        self.timeline = timeline
+        self.bytes = [b.flat.numel() * b.flat.element_size() for b in buckets]
+        self.algorithms = algorithms
+        for b, algorithm in enumerate(algorithms):
+            timeline.name_row(100 + b, f"bucket {b} ({algorithm}, {self.bytes[b] / 1e6:.2f} MB)")
+        self._spans: list[list] = []  # [work, launch, end or None] in launch order
+
+    def launched(self, work: comm.Work) -> None:
+        now = time.perf_counter()
+        for span in self._spans:
+            if span[2] is None and span[0].is_completed():
+                span[2] = now
+        self._spans.append([work, now, None])
+
+    def completed(self, k: int) -> None:
+        """Bucket ``k``'s ``wait()`` returned."""
+        if self._spans[k][2] is None:
+            self._spans[k][2] = time.perf_counter()
+
+    def finish_step(self, wait_start: float, wait_end: float) -> None:
+        """Record the wait at the end of backward and the step's collectives."""
+        tl = self.timeline
+        tl.record("wait for communication", wait_start, wait_end)
+        for b, (_, start, end) in enumerate(self._spans):
+            tl.record("all-reduce", start, end if end is not None else wait_end, tid=100 + b,
+                      bucket=b, algorithm=self.algorithms[b], bytes=self.bytes[b])
+        self._spans = []

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .. import comm
-from .bucket_reduce import attach_topology, bucket_algorithms, hook_work, share_buckets
+from .bucket_reduce import (BucketTrace, attach_topology, bucket_algorithms, hook_work,
+                            share_buckets)
 from .buckets import Bucket, build_buckets
 from .nonfinite import NONFINITE_POLICIES, NonFiniteGradientError, describe, find_culprits
 
@@ -118,6 +119,7 @@ class DataParallel(nn.Module):
                     partial(self._on_grad, b, i)))
         self._hook = self._hook_state = None
         self._require_sync = True
+        self._trace: BucketTrace | None = None  # --timeline; None: no cost but a test
         self._reset_step()
 
     # --- nn.Module surface -----------------------------------------------------------------
@@ -157,6 +159,12 @@ class DataParallel(nn.Module):
         if not callable(hook):
             raise TypeError(f"hook must be callable as hook(state, bucket), got {hook!r}")
         self._hook, self._hook_state = hook, state
+
+    def set_timeline(self, timeline) -> None:
+        """Record each bucket's collective and the wait at the end of backward into
+        ``timeline`` (a :class:`gradsync.observe.Timeline`; None stops)."""
+        self._trace = None if timeline is None else BucketTrace(
+            timeline, self._buckets, self.bucket_algorithms)
 
     def bucket_layout(self) -> list[list[str]]:
         """Parameter names per bucket, in launch order."""
@@ -237,6 +245,8 @@ class DataParallel(nn.Module):
             else:
                 work = hook_work(self._hook, self._hook_state, self._buckets[self._next],
                                  len(self._buckets), self.group)
+            if self._trace is not None:
+                self._trace.launched(work)
             self._works.append(work)
             self._next += 1
 
@@ -279,9 +289,14 @@ class DataParallel(nn.Module):
             log.warning("skipping the update of step %d: %s", step, text)
 
     def _wait_all(self) -> None:
-        start = time.perf_counter()
+        start, trace = time.perf_counter(), self._trace
         try:
-            for work in self._works:
+            for k, work in enumerate(self._works):
                 work.wait()
+                if trace is not None:
+                    trace.completed(k)
         finally:
-            self.stats.comm_wait_s += time.perf_counter() - start
+            end = time.perf_counter()
+            self.stats.comm_wait_s += end - start
+            if trace is not None:
+                trace.finish_step(start, end)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,12 +78,20 @@ class RunSetup:
     def parameters(self) -> int:
         return sum(p.numel() for p in self.workload.model.parameters())
 
-    def forward_backward(self, model: torch.nn.Module, x, y, weight: float = 1.0) -> float:
+    def forward_backward(self, model: torch.nn.Module, x, y, weight: float = 1.0,
+                         timeline=None) -> float:
         """One step's forward and backward; the mean loss is scaled by ``weight`` (1 unless
-        the ranks' shares of a step differ in size). Returns the unscaled loss."""
+        the ranks' shares of a step differ in size). Returns the unscaled loss. With a
+        ``timeline`` (gradsync.observe.Timeline) both are recorded in it."""
+        start = time.perf_counter() if timeline is not None else 0.0
         loss = self.workload.loss_fn(model(x), y)
+        mid = time.perf_counter() if timeline is not None else 0.0
         (loss * weight if weight != 1.0 else loss).backward()
-        return loss.item()
+        value = loss.item()
+        if timeline is not None:
+            timeline.record("forward", start, mid)
+            timeline.record("backward", mid, time.perf_counter())
+        return value
 
 
 class MetricsWriter:
@@ -148,6 +157,7 @@ class RunLog:
         self.losses: list[float] = []
         self.writer: MetricsWriter | None = None
         self.bar = None
+        self.timeline = None  # this rank's gradsync.observe.Timeline (--timeline), flushed per step
 
     def lead(self, done: int, append: bool) -> None:
         """This rank reports from now on; ``done`` steps are behind (the bar starts there)."""
@@ -163,6 +173,8 @@ class RunLog:
     def step(self, record: dict, **postfix) -> None:
         self.step_times.append(record["step_time_s"])
         self.losses.append(record["loss"])
+        if self.timeline is not None:
+            self.timeline.flush()
         if self.writer is not None:
             self.writer.step(record)
         if self.bar is not None:
@@ -175,6 +187,8 @@ class RunLog:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.timeline is not None:
+            self.timeline.close()
 
 
 def loader_of(dataset, batch_size: int, sampler) -> DataLoader:

@@ -17,6 +17,7 @@ import time
 from .. import comm
 from ..checkpoint import Checkpointer, Position
 from ..data import ShardedSampler
+from ..observe import merge_ranks, open_timeline
 from .architecture import Architecture
 from .config import TrainConfig
 from .loop import (DTYPES, MetricsWriter, RunLog, RunSetup, Tally, evaluate,  # noqa: F401
@@ -50,11 +51,15 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
     """
     setup = RunSetup.from_config(config)
     workload = setup.workload
+    # Every rank, servers too: aligning the clocks is collective on the whole group.
+    timeline = open_timeline(config.observe.timeline, architecture.group)
     checkpointer, resumed = _checkpointer(config, setup, architecture)
     if not architecture.is_worker:
         architecture.serve(workload.model, setup.optimizer_for,
                            save=checkpointer.save_rank_state if checkpointer else None,
                            restored=resumed.rank_state if resumed else None)
+        if timeline is not None:
+            timeline.close()  # (the PS's own events are not recorded yet)
         return None
     pos = resumed.position if resumed else Position()
     if resumed:  # (a PS worker then pulls the servers' restored shards over it)
@@ -74,6 +79,10 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
         log.warning("the checkpoint resumed is at step %d and the run has %d steps: nothing "
                     "left to train (raise --steps or --epochs)", pos.step, total)
     run_log = RunLog(config.output, total)
+    if timeline is not None:
+        run_log.timeline = timeline
+        if hasattr(model, "set_timeline"):  # an architecture that records its collectives
+            model.set_timeline(timeline)
     if rank0:
         run_log.lead(done=pos.step, append=pos.step > 0)
     sent_before, wait_before = architecture.bytes_sent(), architecture.comm_wait_s()
@@ -91,6 +100,10 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
     summary = summarize(setup, architecture, model, tally, run_log, wall)
     if rank0:
         write_summary(config.output.out, summary)
+    if rank0 and timeline is not None:
+        # summarize() is collective on the workers, so each has closed its file by now.
+        merged = merge_ranks(config.observe.timeline, architecture.group.size)
+        log.info("timeline of ranks %s: %s", merged, config.observe.timeline)
     return summary
 
 
@@ -102,6 +115,7 @@ def _loop(setup: RunSetup, architecture: Architecture, model, optimizer, sampler
     from there)."""
     step, epoch = pos.step, pos.epoch
     (wait0, sent0), compress0 = before, architecture.compress_s()
+    tl = run_log.timeline
     while step < total:
         sampler.set_epoch(epoch)
         consumed = 0
@@ -110,16 +124,24 @@ def _loop(setup: RunSetup, architecture: Architecture, model, optimizer, sampler
             consumed = pos.consumed
         for x, y in loader:
             comm.set_step(step)
+            if tl is not None:
+                tl.step = step + 1  # numbered as in metrics.jsonl
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss = setup.forward_backward(model, x, y)
+            loss = setup.forward_backward(model, x, y, timeline=tl)
+            t_opt = time.perf_counter()
             optimizer.step()
             elapsed = time.perf_counter() - t0
             step += 1
             consumed += len(x)
+            if tl is not None:
+                tl.record("optimizer step", t_opt, t0 + elapsed)
+                tl.record("step", t0, t0 + elapsed)
             if checkpointer is not None:
-                checkpointer.maybe_save(Position(step, epoch, consumed), setup.workload.model,
-                                        optimizer)
+                t_save = time.perf_counter()
+                if checkpointer.maybe_save(Position(step, epoch, consumed),
+                                           setup.workload.model, optimizer) and tl is not None:
+                    tl.record("checkpoint write", t_save, time.perf_counter())
             run_log.step({"step": step, "epoch": epoch, "loss": loss, "step_time_s": elapsed,
                           "comm_wait_s": architecture.comm_wait_s() - wait0,
                           "bytes_sent": (architecture.bytes_sent() or 0) - sent0,

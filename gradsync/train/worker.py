@@ -34,6 +34,9 @@ def _check_launcher(config: TrainConfig) -> None:
     """--elastic needs gradsync's own launcher: it hosts the store or lets a worker go."""
     if not config.launch.elastic:
         return
+    if config.observe.timeline or config.observe.tensorboard:
+        raise UserError("--timeline and --tensorboard are not built for --elastic yet "
+                        "(docs/observability.md)")
     if config.arch != "ps" and "GRADSYNC_ELASTIC_UID" not in os.environ:
         raise UserError("--elastic needs gradsync's own launcher (run `gradsync train "
                         "--elastic` without torchrun): it hosts the rendezvous store")

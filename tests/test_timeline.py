@@ -1,0 +1,168 @@
+"""--timeline (gradsync/observe/): the file stays valid JSON at every moment, a SIGKILL
+included; a run's timeline has a row per rank whose step events account for the measured
+step time, bucket events that name the summary's algorithms, and clocks aligned."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import pytest
+
+from gradsync.observe import Timeline, load, merge_ranks, rank_path
+from tests.distributed import scaled
+from tests.helpers import ENV, REPO, gradsync, run_and_kill
+
+# A child that writes a timeline without end: it says "ready" after 50 flushes, then goes on
+# until killed, so the kill lands among its writes.
+WRITER = """
+import sys, time
+from gradsync.observe import Timeline
+tl = Timeline(sys.argv[1])
+n = 0
+while True:
+    t = time.perf_counter()
+    for k in range(8):
+        tl.record("e", t, t + 1e-4, tid=100 + k, bytes=n, algorithm="ring" * (n % 7))
+    tl.flush()
+    n += 1
+    if n == 50:
+        print("ready", flush=True)
+"""
+
+
+def test_the_file_parses_after_every_flush_and_holds_the_events(tmp_path):
+    path = tmp_path / "t.json"
+    with Timeline(path, rank=3) as tl:
+        first = len(load(path))  # the metadata rows, flushed at once
+        t = time.perf_counter()
+        for step in range(1, 4):
+            tl.step = step
+            tl.record("forward", t, t + 0.002, tid=0)
+            tl.record("all-reduce", t, t + 0.001, tid=101, algorithm="ring", bytes=4096)
+            tl.flush()
+            events = load(path)  # still open: no closing step yet
+            assert len(events) == first + 2 * step
+    spans = [e for e in load(path) if e["ph"] == "X"]
+    assert {e["pid"] for e in load(path)} == {3}
+    assert [e["args"]["step"] for e in spans] == [1, 1, 2, 2, 3, 3]
+    assert spans[0]["dur"] == pytest.approx(2000.0, abs=0.2)
+    assert spans[1]["args"] == {"algorithm": "ring", "bytes": 4096, "step": 1}
+    # One event per line, as the trace format's JSON array form (a truncated copy loads too).
+    lines = path.read_text().splitlines()
+    assert lines[0] == "[" and lines[-1] == "]" and len(lines) == len(load(path)) + 2
+
+
+@pytest.mark.timeout(60)
+def test_a_writer_killed_mid_run_leaves_a_file_that_parses(tmp_path):
+    path = tmp_path / "killed.json"
+    for trial in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], env=ENV, cwd=REPO,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=scaled(10))
+        finally:
+            proc.kill()
+        events = load(path)
+        assert sum(e["ph"] == "X" for e in events) >= 50 * 8
+
+
+def test_merge_ranks_puts_every_rank_file_found_into_one(tmp_path):
+    path = tmp_path / "trace.json"
+    for rank in (0, 1, 3):  # rank 2's file is elsewhere (another host)
+        with Timeline(rank_path(path, rank), rank=rank) as tl:
+            tl.record("forward", 1.0, 1.5)
+    assert merge_ranks(path, 4) == [0, 1, 3]
+    events = load(path)
+    assert {e["pid"] for e in events} == {0, 1, 3}
+    assert sum(e["name"] == "forward" for e in events) == 3
+
+
+# --- a run of gradsync train ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """2 workers, 2 buckets or more, 12 steps: the timeline, metrics and summary."""
+    root = tmp_path_factory.mktemp("timeline")
+    trace = root / "trace.json"
+    proc = gradsync("train", "--workers", "2", "--steps", "12", "--bucket-cap-mb", "0.03",
+                    "--no-progress", "--timeline", str(trace), "--out", str(root / "out"))
+    assert proc.returncode == 0, proc.stderr
+    metrics = [json.loads(line) for line in (root / "out/metrics.jsonl").open()]
+    return load(trace), metrics, json.loads((root / "out/summary.json").read_text())
+
+
+def _by_step(events, pid):
+    steps = defaultdict(dict)
+    for e in events:
+        if e["ph"] == "X" and e["pid"] == pid and e["tid"] == 0:
+            steps[e["args"]["step"]][e["name"]] = e
+    return steps
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_row_per_rank_whose_steps_account_for_the_step_time(run):
+    events, metrics, _ = run
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert names == {0: "rank 0", 1: "rank 1"}
+    for pid in (0, 1):
+        steps = _by_step(events, pid)
+        assert sorted(steps) == list(range(1, 13))
+        ratios = []
+        for step, spans in steps.items():
+            assert {"forward", "backward", "wait for communication", "optimizer step",
+                    "step"} <= set(spans), (pid, step, spans)
+            parts = sum(spans[k]["dur"] for k in ("forward", "backward", "optimizer step"))
+            whole = spans["step"]["dur"]
+            if pid == 0:  # the step span is the step time metrics.jsonl reports
+                assert whole == pytest.approx(1e6 * metrics[step - 1]["step_time_s"], rel=1e-3)
+            assert parts <= whole + 1
+            wait, backward = spans["wait for communication"], spans["backward"]
+            assert backward["ts"] <= wait["ts"] <= wait["ts"] + wait["dur"] \
+                <= backward["ts"] + backward["dur"] + 1
+            ratios.append(parts / whole)
+        # The spans leave out zero_grad and the gaps between them; on 2 shared cores a
+        # preemption can land in a gap, so one step in a few dozen falls to about 0.75.
+        assert statistics.median(ratios) >= 0.8 and min(ratios) >= 0.5, (pid, ratios)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_bucket_events_name_the_summarys_algorithms_on_aligned_clocks(run):
+    events, _, summary = run
+    algorithms = summary["bucket_algorithms"]
+    assert len(algorithms) >= 2
+    spans = {(e["pid"], e["args"]["step"], e["args"]["bucket"]): e for e in events
+             if e["name"] == "all-reduce"}
+    assert len(spans) == 2 * 12 * len(algorithms)
+    clock = {e["pid"]: e["args"] for e in events if e["name"] == "clock aligned"}
+    assert clock[0]["offset_to_rank0_s"] == 0.0 and clock[1]["rounds"] == 5
+    assert abs(clock[1]["offset_to_rank0_s"]) < 0.05  # one host: the true offset is 0
+    slack = 1e6 * clock[1]["spread_s"] + 1000
+    for (pid, step, bucket), e in spans.items():
+        assert e["args"]["algorithm"] == algorithms[bucket]
+        assert e["args"]["bytes"] > 0
+        # A collective cannot finish on one rank before the other rank started it.
+        other = spans[(1 - pid, step, bucket)]
+        assert other["ts"] <= e["ts"] + e["dur"] + slack, (pid, step, bucket)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_run_killed_midway_leaves_rank_files_that_parse(tmp_path):
+    trace = tmp_path / "trace.json"
+    _, _, _, summary = run_and_kill(["--workers", "2", "--steps", "400", "--timeline",
+                                     str(trace)], victim=1, out=tmp_path / "out")
+    assert summary is None and not trace.exists()  # no merge: the run failed
+    for rank in (0, 1):
+        events = load(rank_path(trace, rank))
+        assert sum(e["name"] == "step" for e in events) >= 4, rank
