@@ -1,6 +1,7 @@
-"""--timeline (gradsync/observe/): the file stays valid JSON at every moment, a SIGKILL
-included; a run's timeline has a row per rank whose step events account for the measured
-step time, bucket events that name the summary's algorithms, and clocks aligned."""
+"""--timeline and --tensorboard (gradsync/observe/): the timeline stays valid JSON at every
+moment, a SIGKILL included; a run's timeline has a row per rank whose step events account
+for the measured step time, bucket events that name the summary's algorithms, and clocks
+aligned; TensorBoard's own reader finds the scalars."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from collections import defaultdict
 
 import pytest
 
-from gradsync.observe import Timeline, load, merge_ranks, rank_path
+from gradsync.observe import TensorBoardLog, Timeline, load, merge_ranks, rank_path
 from tests.distributed import scaled
 from tests.helpers import ENV, REPO, gradsync, run_and_kill
 
@@ -86,18 +87,49 @@ def test_merge_ranks_puts_every_rank_file_found_into_one(tmp_path):
     assert sum(e["name"] == "forward" for e in events) == 3
 
 
+def _scalars(root):
+    """{tag: [(step, value)]} of the one run under ``root``, read by TensorBoard itself."""
+    accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator")
+    [run_dir] = [p for p in root.iterdir() if p.is_dir()]
+    acc = accumulator.EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+            for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_split_each_step_from_the_cumulative_counters(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    tb = TensorBoardLog(tmp_path, global_batch=64, lr=0.05)
+    for n, (wait, sent) in enumerate([(0.01, 1000), (0.03, 3000), (0.03, 4000)], start=1):
+        tb.step({"step": n, "loss": 1.0 / n, "step_time_s": 0.04, "comm_wait_s": wait,
+                 "bytes_sent": sent, "compress_s": 0.0})
+    tb.finish({"steps": 3, "eval_accuracy": 0.75, "eval_loss": 0.5})
+    got = _scalars(tmp_path)
+    approx = lambda v: pytest.approx(v, rel=1e-6)  # noqa: E731 - stored as float32
+    assert got["time/wait_s"] == [(1, approx(0.01)), (2, approx(0.02)), (3, approx(0.0))]
+    assert got["time/compute_s"] == [(1, approx(0.03)), (2, approx(0.02)), (3, approx(0.04))]
+    assert got["comm/bytes_per_step"] == [(1, 1000), (2, 2000), (3, 1000)]
+    assert got["perf/samples_per_s"][0] == (1, approx(1600))
+    assert got["train/loss"][1] == (2, 0.5) and got["train/lr"][2] == (3, approx(0.05))
+    assert got["eval/accuracy"] == [(3, 0.75)] and "comm/compression_ratio" not in got
+
+
 # --- a run of gradsync train ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """2 workers, 2 buckets or more, 12 steps: the timeline, metrics and summary."""
+    """2 workers, 2 buckets or more, 12 steps: the timeline, metrics, summary and the
+    TensorBoard directory."""
     root = tmp_path_factory.mktemp("timeline")
     trace = root / "trace.json"
     proc = gradsync("train", "--workers", "2", "--steps", "12", "--bucket-cap-mb", "0.03",
-                    "--no-progress", "--timeline", str(trace), "--out", str(root / "out"))
+                    "--no-progress", "--timeline", str(trace), "--out", str(root / "out"),
+                    "--tensorboard", str(root / "runs"))
     assert proc.returncode == 0, proc.stderr
     metrics = [json.loads(line) for line in (root / "out/metrics.jsonl").open()]
-    return load(trace), metrics, json.loads((root / "out/summary.json").read_text())
+    return (load(trace), metrics, json.loads((root / "out/summary.json").read_text()),
+            root / "runs")
 
 
 def _by_step(events, pid):
@@ -111,7 +143,7 @@ def _by_step(events, pid):
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_row_per_rank_whose_steps_account_for_the_step_time(run):
-    events, metrics, _ = run
+    events, metrics, _, _ = run
     names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
     assert names == {0: "rank 0", 1: "rank 1"}
     for pid in (0, 1):
@@ -138,7 +170,7 @@ def test_a_row_per_rank_whose_steps_account_for_the_step_time(run):
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_bucket_events_name_the_summarys_algorithms_on_aligned_clocks(run):
-    events, _, summary = run
+    events, _, summary, _ = run
     algorithms = summary["bucket_algorithms"]
     assert len(algorithms) >= 2
     spans = {(e["pid"], e["args"]["step"], e["args"]["bucket"]): e for e in events
@@ -166,3 +198,17 @@ def test_a_run_killed_midway_leaves_rank_files_that_parse(tmp_path):
     for rank in (0, 1):
         events = load(rank_path(trace, rank))
         assert sum(e["name"] == "step" for e in events) >= 4, rank
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_tensorboard_has_the_runs_scalars(run):
+    _, metrics, summary, runs = run
+    got = _scalars(runs)
+    assert {"train/loss", "train/lr", "perf/samples_per_s", "time/compute_s", "time/wait_s",
+            "comm/bytes_per_step", "eval/accuracy", "eval/loss"} <= set(got)
+    assert [s for s, _ in got["train/loss"]] == list(range(1, 13))
+    assert [v for _, v in got["train/loss"]] == pytest.approx([m["loss"] for m in metrics])
+    assert got["eval/accuracy"] == [(12, pytest.approx(summary["eval_accuracy"]))]
+    for (_, c), (_, w), m in zip(got["time/compute_s"], got["time/wait_s"], metrics):
+        assert c + w == pytest.approx(m["step_time_s"], rel=1e-5)

@@ -1,12 +1,14 @@
 """Seeing where a run's time goes: a Chrome-trace timeline of every rank (``timeline.py``),
-its clocks aligned at start-up (``clock.py``); docs/observability.md.
+its clocks aligned at start-up (``clock.py``), TensorBoard scalars (``tensorboard.py``);
+docs/observability.md.
 
     with gradsync.observe.Timeline("trace.json") as tl:   # a script, one process
         t0 = time.perf_counter(); ...; tl.record("forward", t0, time.perf_counter())
 """
 
 from .clock import Clock, align_clocks
+from .tensorboard import TensorBoardLog
 from .timeline import Timeline, load, merge_ranks, open_timeline, rank_path
 
-__all__ = ["Clock", "Timeline", "align_clocks", "load", "merge_ranks", "open_timeline",
-           "rank_path"]
+__all__ = ["Clock", "TensorBoardLog", "Timeline", "align_clocks", "load", "merge_ranks",
+           "open_timeline", "rank_path"]

@@ -158,6 +158,7 @@ class RunLog:
         self.writer: MetricsWriter | None = None
         self.bar = None
         self.timeline = None  # this rank's gradsync.observe.Timeline (--timeline), flushed per step
+        self.scalars = None   # the leader's gradsync.observe.TensorBoardLog (--tensorboard)
 
     def lead(self, done: int, append: bool) -> None:
         """This rank reports from now on; ``done`` steps are behind (the bar starts there)."""
@@ -177,6 +178,8 @@ class RunLog:
             self.timeline.flush()
         if self.writer is not None:
             self.writer.step(record)
+        if self.scalars is not None:
+            self.scalars.step(record)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.4f}",

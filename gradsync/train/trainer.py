@@ -17,7 +17,7 @@ import time
 from .. import comm
 from ..checkpoint import Checkpointer, Position
 from ..data import ShardedSampler
-from ..observe import merge_ranks, open_timeline
+from ..observe import TensorBoardLog, merge_ranks, open_timeline
 from .architecture import Architecture
 from .config import TrainConfig
 from .loop import (DTYPES, MetricsWriter, RunLog, RunSetup, Tally, evaluate,  # noqa: F401
@@ -85,6 +85,9 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
             model.set_timeline(timeline)
     if rank0:
         run_log.lead(done=pos.step, append=pos.step > 0)
+        if config.observe.tensorboard:
+            run_log.scalars = TensorBoardLog(config.observe.tensorboard,
+                                             setup.batch * workers, setup.lr)
     sent_before, wait_before = architecture.bytes_sent(), architecture.comm_wait_s()
     start = time.perf_counter()
     try:
@@ -100,6 +103,8 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
     summary = summarize(setup, architecture, model, tally, run_log, wall)
     if rank0:
         write_summary(config.output.out, summary)
+    if run_log.scalars is not None:
+        run_log.scalars.finish(summary)
     if rank0 and timeline is not None:
         # summarize() is collective on the workers, so each has closed its file by now.
         merged = merge_ranks(config.observe.timeline, architecture.group.size)
