@@ -59,7 +59,7 @@ def test_zero_trains_the_parameters_of_the_plain_run(plain, tmp_path, stage):
     assert run["zero_stage"] == stage and f"ZeRO stage {stage}" in run["stdout"]
     assert plain.get("zero_stage") is None
     assert run["parameters_sha1"] == plain["parameters_sha1"]
-    assert run["steps"] == plain["steps"] == 30
+    assert run["steps"] == plain["steps"] == 30 and run["parameters"] == plain["parameters"]
 
 
 def _state(directory, step: int) -> dict:

@@ -110,9 +110,11 @@ class ZeroArchitecture:
     def finish(self) -> dict:
         out = {"algorithm": self.algorithm, "nonfinite_skipped": 0, "zero_stage": self.stage}
         if self.model is not None and self.stage == 3:
-            # At rest a stage-3 module's parameters are empty: digest them whole (collective).
+            # At rest a stage-3 module's parameters are empty: digest and count them whole
+            # (collective; the summary takes these over its own).
             with self.model.gatherer.gathered():
                 out["parameters_sha1"] = _digest(self.model.module)
+                out["parameters"] = sum(p.numel() for p in self.model.module.parameters())
         return out
 
     def summary_head(self, s: dict) -> str:
