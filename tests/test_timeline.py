@@ -16,7 +16,10 @@ from collections import defaultdict
 
 import pytest
 
-from gradsync.observe import TensorBoardLog, Timeline, load, merge_ranks, rank_path
+import torch
+
+from gradsync.observe import (StragglerWatch, TensorBoardLog, Timeline, find_stragglers, load,
+                              merge_ranks, rank_path, waited_for)
 from tests.distributed import scaled
 from tests.helpers import ENV, REPO, gradsync, run_and_kill
 
@@ -113,6 +116,59 @@ def test_tensorboard_scalars_split_each_step_from_the_cumulative_counters(tmp_pa
     assert got["perf/samples_per_s"][0] == (1, approx(1600))
     assert got["train/loss"][1] == (2, 0.5) and got["train/lr"][2] == (3, approx(0.05))
     assert got["eval/accuracy"] == [(3, 0.75)] and "comm/compression_ratio" not in got
+
+
+def test_waited_for_charges_each_step_to_its_last_rank():
+    compute = torch.tensor([[1.0, 1.0, 4.0],     # (ranks, steps)
+                            [2.0, 1.0, 1.0],
+                            [1.0, 1.0, 1.0]])
+    # step 1: rank 1 last, the others waited 1 s each; step 3: rank 0, 3 s each; step 2: tie
+    assert waited_for(compute) == [3.0, 1.0, 0.0]
+    assert waited_for(compute[:1]) == [0.0]
+
+
+class _FakeWatch(StragglerWatch):
+    """StragglerWatch over fake timings of every rank: no processes."""
+
+    def __init__(self, times, window):
+        group = type("G", (), {"rank": 0, "size": times.shape[0]})()
+        super().__init__(group, window)
+        self.times = times
+
+    def _gather(self, mine):
+        steps = len(self.compute)
+        return self.times[:, steps - len(mine):steps]
+
+
+def _noisy(ranks, steps, slow=None, factor=1.5, from_step=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = 0.01 * (1 + 0.15 * torch.rand(ranks, steps, generator=g, dtype=torch.float64))
+    if slow is not None:
+        t[slow, from_step:] *= factor
+    return t
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 8])
+def test_a_rank_at_half_speed_is_named_within_20_steps_and_none_otherwise(ranks, caplog):
+    assert find_stragglers(_noisy(ranks, 40)) == []
+    found = find_stragglers(_noisy(ranks, 40, slow=ranks - 1))
+    assert [r for r, _ in found] == [ranks - 1]
+    # (an even count's median is the lower middle value: with 2 ranks, the faster one)
+    assert found[0][1] == pytest.approx(1.5, rel=0.1)
+    # one slow step in five is noise, not a straggler
+    spiky = _noisy(ranks, 40)
+    spiky[0, ::5] *= 3
+    assert find_stragglers(spiky) == []
+    times = _noisy(ranks, 60, slow=1, factor=2.0, from_step=25)
+    watch = _FakeWatch(times, window=10)
+    with caplog.at_level("WARNING", logger="gradsync.observe"):
+        for step in range(60):
+            watch.step({"step": step + 1, "step_time_s": times[0, step].item() + 0.5,
+                        "comm_wait_s": 0.5 * (step + 1)})
+            if step + 1 == 45:  # 20 steps after it slowed down
+                assert "straggler: worker 1 computed" in caplog.text, caplog.text
+    assert "steps 1-10" not in caplog.text and "steps 21-30" not in caplog.text
+    assert len([r for r in caplog.records if "straggler" in r.message]) == 1  # named once
 
 
 # --- a run of gradsync train ---------------------------------------------------------------
@@ -212,3 +268,13 @@ def test_tensorboard_has_the_runs_scalars(run):
     assert got["eval/accuracy"] == [(12, pytest.approx(summary["eval_accuracy"]))]
     for (_, c), (_, w), m in zip(got["time/compute_s"], got["time/wait_s"], metrics):
         assert c + w == pytest.approx(m["step_time_s"], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_summary_has_every_workers_compute_and_wait(run):
+    _, metrics, summary, _ = run
+    compute, waited = summary["compute_s_per_worker"], summary["waited_for_s_per_worker"]
+    assert len(compute) == len(waited) == 2 and isinstance(summary["stragglers"], list)
+    total = sum(m["step_time_s"] for m in metrics)
+    assert 0 < compute[0] <= total + 1e-6 and min(waited) >= 0

@@ -94,12 +94,14 @@ class BucketTrace:
             timeline.name_row(100 + b, f"bucket {b} ({algorithm}, {self.bytes[b] / 1e6:.2f} MB)")
         self._spans: list[list] = []  # [work, launch, end or None] in launch order
 
-    def launched(self, work: comm.Work) -> None:
+    def launched(self, work: comm.Work, start: float) -> None:
+        """The next bucket's collective was started at ``start`` (stamped before the call:
+        an algorithm may do its work inside it)."""
         now = time.perf_counter()
         for span in self._spans:
             if span[2] is None and span[0].is_completed():
                 span[2] = now
-        self._spans.append([work, now, None])
+        self._spans.append([work, start, None])
 
     def completed(self, k: int) -> None:
         """Bucket ``k``'s ``wait()`` returned."""

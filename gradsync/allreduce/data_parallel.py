@@ -237,6 +237,7 @@ class DataParallel(nn.Module):
         while self._next < len(self._buckets) and self._buckets[self._next].is_full():
             flat = self._buckets[self._next].flat
             self._local_finite &= comm.all_finite(flat)
+            launch = time.perf_counter() if self._trace is not None else 0.0
             if self._hook is None and self._shared is not None:
                 work = self._shared.all_reduce_async(self._next, op="sum")
             elif self._hook is None:
@@ -246,7 +247,7 @@ class DataParallel(nn.Module):
                 work = hook_work(self._hook, self._hook_state, self._buckets[self._next],
                                  len(self._buckets), self.group)
             if self._trace is not None:
-                self._trace.launched(work)
+                self._trace.launched(work, launch)
             self._works.append(work)
             self._next += 1
 

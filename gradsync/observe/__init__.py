@@ -1,5 +1,5 @@
 """Seeing where a run's time goes: a Chrome-trace timeline of every rank (``timeline.py``),
-its clocks aligned at start-up (``clock.py``), TensorBoard scalars (``tensorboard.py``);
+its clocks aligned at start-up (``clock.py``), TensorBoard scalars (``tensorboard.py``), stragglers named (``stragglers.py``);
 docs/observability.md.
 
     with gradsync.observe.Timeline("trace.json") as tl:   # a script, one process
@@ -7,8 +7,10 @@ docs/observability.md.
 """
 
 from .clock import Clock, align_clocks
+from .stragglers import StragglerWatch, find_stragglers, waited_for
 from .tensorboard import TensorBoardLog
 from .timeline import Timeline, load, merge_ranks, open_timeline, rank_path
 
-__all__ = ["Clock", "TensorBoardLog", "Timeline", "align_clocks", "load", "merge_ranks",
-           "open_timeline", "rank_path"]
+__all__ = ["Clock", "StragglerWatch", "TensorBoardLog", "Timeline", "align_clocks",
+           "find_stragglers", "load", "merge_ranks", "open_timeline", "rank_path",
+           "waited_for"]

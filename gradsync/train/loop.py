@@ -159,6 +159,7 @@ class RunLog:
         self.bar = None
         self.timeline = None  # this rank's gradsync.observe.Timeline (--timeline), flushed per step
         self.scalars = None   # the leader's gradsync.observe.TensorBoardLog (--tensorboard)
+        self.stragglers = None  # every worker's gradsync.observe.StragglerWatch (collective)
 
     def lead(self, done: int, append: bool) -> None:
         """This rank reports from now on; ``done`` steps are behind (the bar starts there)."""
@@ -176,6 +177,8 @@ class RunLog:
         self.losses.append(record["loss"])
         if self.timeline is not None:
             self.timeline.flush()
+        if self.stragglers is not None:
+            self.stragglers.step(record)
         if self.writer is not None:
             self.writer.step(record)
         if self.scalars is not None:

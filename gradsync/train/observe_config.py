@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..flags import at_least as _at_least
 from ..flags import flag_meta as _help
 
 
@@ -16,3 +17,9 @@ class ObserveConfig:
         "chrome://tracing); each rank writes FILE.rank<N> as it runs, rank 0 merges them"))
     tensorboard: str | None = field(default=None, metadata=_help(
         "write TensorBoard scalars (rank 0) under this directory"))
+    straggler_window: int = field(default=20, metadata=_help(
+        "every this many steps, name a worker whose compute time stayed above 1.2x the "
+        "workers' median (one small all-gather); 0: off"))
+
+    def __post_init__(self) -> None:
+        _at_least(self.straggler_window, 0, "straggler-window")

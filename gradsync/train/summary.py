@@ -34,6 +34,8 @@ def format_summary(s: dict, architecture: Architecture) -> str:
               f"  time               compute {s['compute_s']:.2f} s, waiting on communication "
               f"{s['comm_wait_s']:.2f} s ({comm_pct:.0f} %)",
               "  communicated       " + _communicated(s)]
+    if "compute_s_per_worker" in s:
+        lines.append(_stragglers(s))
     if s.get("compression", "none") != "none":
         lines.append(f"  compression        {s['compression']}: "
                      f"{s['compression_ratio']:.1f}x fewer gradient bytes than uncompressed"
@@ -60,6 +62,16 @@ def _communicated(s: dict) -> str:
     if set(s.get("bucket_algorithms") or ()) == {"shm"}:
         line += " (the gradients went through shared memory)"
     return line
+
+
+def _stragglers(s: dict) -> str:
+    """Per worker: its compute time, and how long the others waited for it."""
+    line = "  per worker         " + "; ".join(
+        f"{r}: compute {c:.2f} s (others waited {w:.2f} s for it)" for r, (c, w) in enumerate(
+            zip(s["compute_s_per_worker"], s["waited_for_s_per_worker"])))
+    named = "; ".join(f"worker {x['worker']} at {x['factor']:.2f}x the median compute"
+                      for x in s["stragglers"])
+    return line + "\n  stragglers         " + (named or "none (no worker above 1.2x the median)")
 
 
 def _change(c: dict) -> str:

@@ -17,7 +17,7 @@ import time
 from .. import comm
 from ..checkpoint import Checkpointer, Position
 from ..data import ShardedSampler
-from ..observe import TensorBoardLog, merge_ranks, open_timeline
+from ..observe import StragglerWatch, TensorBoardLog, merge_ranks, open_timeline
 from .architecture import Architecture
 from .config import TrainConfig
 from .loop import (DTYPES, MetricsWriter, RunLog, RunSetup, Tally, evaluate,  # noqa: F401
@@ -79,6 +79,9 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
         log.warning("the checkpoint resumed is at step %d and the run has %d steps: nothing "
                     "left to train (raise --steps or --epochs)", pos.step, total)
     run_log = RunLog(config.output, total)
+    if config.observe.straggler_window and architecture.eval_group is not None:
+        run_log.stragglers = StragglerWatch(architecture.eval_group,
+                                            config.observe.straggler_window)
     if timeline is not None:
         run_log.timeline = timeline
         if hasattr(model, "set_timeline"):  # an architecture that records its collectives
@@ -101,6 +104,8 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
                   waited_s=architecture.comm_wait_s() - wait_before,
                   sent=None if sent is None else sent - (sent_before or 0))
     summary = summarize(setup, architecture, model, tally, run_log, wall)
+    if run_log.stragglers is not None:
+        summary.update(run_log.stragglers.report())
     if rank0:
         write_summary(config.output.out, summary)
     if run_log.scalars is not None:

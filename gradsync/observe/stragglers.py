@@ -1,0 +1,99 @@
+"""Stragglers named: which worker computes persistently slower than the others, and how long
+the others waited for it (pytorch RFC 71303: "DDP is highly sensitive to stragglers").
+
+A step's compute time on a rank is its step time less its wait for communication at the
+end of backward. In a synchronous step every rank waits for the last one to finish
+computing, so the rank with the largest compute time of a step makes each other rank wait
+the difference; summed over the run, that is the time the others waited for it.
+
+The rule: a rank is a straggler over a window of steps when its compute time exceeds
+``ratio`` times the median of the ranks' in at least ``PERSIST`` of the steps (once is
+noise: a page fault, a preemption on a shared core). For an even count of ranks the median
+is the lower middle value (torch's), so with 2 workers the slower is compared with the
+faster. The trainer checks it every
+``--straggler-window`` steps with one all-gather of the window's times, and rank 0 logs a
+warning naming the rank and its factor.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .. import comm
+
+log = logging.getLogger("gradsync.observe")
+PERSIST = 0.8   # share of a window's steps a rank must be slow in
+
+
+def find_stragglers(compute: torch.Tensor, ratio: float = 1.2) -> list[tuple[int, float]]:
+    """Ranks slower than ``ratio`` x the median in at least PERSIST of the steps.
+
+    Args:
+        compute: (ranks, steps) compute seconds.
+    Returns:
+        (rank, factor) pairs, factor the rank's median of compute / the step's median.
+    """
+    if compute.shape[0] < 2 or compute.shape[1] == 0:
+        return []
+    median = compute.median(dim=0).values.clamp_min(1e-12)            # (steps,)
+    factor = compute / median                                           # (ranks, steps)
+    slow = (factor > ratio).double().mean(dim=1)                        # (ranks,)
+    return [(r, factor[r].median().item()) for r in range(compute.shape[0])
+            if slow[r].item() >= PERSIST]
+
+
+def waited_for(compute: torch.Tensor) -> list[float]:
+    """Per rank: seconds the other ranks spent, on average, waiting for it to finish
+    computing, over the steps in which it was the last (``compute``: (ranks, steps))."""
+    ranks = compute.shape[0]
+    if ranks < 2:
+        return [0.0] * ranks
+    last = compute.argmax(dim=0)                                        # (steps,)
+    lost = (compute.max(dim=0).values - compute).sum(dim=0) / (ranks - 1)  # (steps,)
+    return [lost[last == r].sum().item() for r in range(ranks)]
+
+
+class StragglerWatch:
+    """Every rank's compute time per step; every ``window`` steps, the warning on rank 0
+    (collective on ``group``: each worker calls :meth:`step` at every step)."""
+
+    def __init__(self, group: "comm.Group", window: int, ratio: float = 1.2):
+        self.group, self.window, self.ratio = group, window, ratio
+        self.compute: list[float] = []
+        self._wait_before = 0.0
+        self._named: set[int] = set()
+
+    def step(self, record: dict) -> None:
+        """One step's record (metrics.jsonl's: ``comm_wait_s`` counts from the loop start)."""
+        wait = record.get("comm_wait_s", 0.0) - self._wait_before
+        self._wait_before = record.get("comm_wait_s", 0.0)
+        self.compute.append(max(record["step_time_s"] - max(wait, 0.0), 0.0))
+        if len(self.compute) % self.window == 0:
+            self._check(record["step"])
+
+    def _gather(self, times: list[float]) -> torch.Tensor:
+        mine = torch.tensor(times, dtype=torch.float64)
+        rows = [torch.empty_like(mine) for _ in range(self.group.size)]
+        comm.all_gather(rows, mine, group=self.group, algorithm="native")
+        return torch.stack(rows)                                        # (ranks, steps)
+
+    def _check(self, step: int) -> None:
+        found = find_stragglers(self._gather(self.compute[-self.window:]), self.ratio)
+        named = {r for r, _ in found}
+        if self.group.rank == 0 and named != self._named:
+            for r, factor in found:
+                log.warning("straggler: worker %d computed %.2fx the median of the workers "
+                            "in steps %d-%d", r, factor, step - self.window + 1, step)
+            if not found:
+                log.warning("no straggler in steps %d-%d", step - self.window + 1, step)
+        self._named = named
+
+    def report(self) -> dict:
+        """The summary's figures over the whole run (collective), the same on every rank."""
+        compute = self._gather(self.compute)
+        return {"compute_s_per_worker": compute.sum(dim=1).tolist(),
+                "waited_for_s_per_worker": waited_for(compute),
+                "stragglers": [{"worker": r, "factor": f}
+                               for r, f in find_stragglers(compute, self.ratio)]}
