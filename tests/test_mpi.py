@@ -93,7 +93,11 @@ def test_engine_table_lists_names_and_chooses_from_the_environment(monkeypatch):
     assert get_engine("mpi") is MPI_ENGINE
     for var in ("GRADSYNC_ENGINE", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK",
                 "TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
+        # setenv first, so that monkeypatch restores the variable's absence afterwards:
+        # adopt_mpi_launcher below sets RANK and WORLD_SIZE in this process, and a later
+        # test would otherwise believe it runs under a launcher.
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     assert comm.choose_engine() == "torch"
     monkeypatch.setenv("PMI_RANK", "1")
     monkeypatch.setenv("PMI_SIZE", "2")

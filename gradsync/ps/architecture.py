@@ -71,6 +71,11 @@ class PSArchitecture:
         self.reply_group = (comm.new_group(list(range(group.size)))
                             if comm.is_initialized() and group.size == comm.world().size
                             else group)
+        if self.reply_group is not group:
+            # A rank returns from the group's set-up once its own connections are up; one
+            # that then fails at once (a malformed first push) and exits would cut a slower
+            # peer's set-up short with gloo's "connection closed by peer" (seen once in CI).
+            comm.barrier(self.reply_group)
         self.workers = [r for r in range(group.size) if r not in self.servers]
         self.config = ServerConfig(consistency, staleness if MODES[consistency].bounded else 0,
                                    max_steps, nonfinite, self.compression,
