@@ -113,6 +113,14 @@ def command(module: str, argv: list[str]) -> str:
     return shlex.join([python, "-m", module, *argv])
 
 
+def add_worker_flags(parser) -> None:
+    """The hidden flags :func:`run_workers` passes to each rank of a benchmark."""
+    import argparse
+
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", help=argparse.SUPPRESS)
+
+
 def run_workers(module: str, argv: list[str], nprocs: int) -> dict:
     """Run ``python -m module *argv --worker --result-file F`` on ``nprocs`` ranks.
 

@@ -15,7 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks import command, describe_machine, machine, run_workers, summarize, write_json
+from benchmarks import (add_worker_flags, command, describe_machine, machine, run_workers,
+                        summarize, write_json)
 
 SIZES = (1 << 10, 1 << 20)
 ALGORITHMS = ("native", "ring")
@@ -56,8 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--json", help="write the figures to this file")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--result-file", help=argparse.SUPPRESS)
+    add_worker_flags(parser)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)

@@ -40,7 +40,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (`make bench`): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import command, describe_machine, machine, run_workers, summarize, write_json
+from benchmarks import (add_worker_flags, command, describe_machine, machine, run_workers,
+                        summarize, write_json)
 
 MODULE = "benchmarks.bench_dataparallel"
 VARIANTS = ("gradsync-auto", "gradsync-native", "gradsync-ring", "gradsync-tree", "ddp", "no-comm",
@@ -57,8 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=20, help="rounds (repetitions) per variant")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first")
     p.add_argument("--json", metavar="FILE", help="write the results to FILE")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--result-file", help=argparse.SUPPRESS)
+    add_worker_flags(p)
     args = p.parse_args(argv)
     for name in ("workers", "hidden", "batch", "steps", "rounds"):
         if getattr(args, name) < 1:

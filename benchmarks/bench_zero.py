@@ -35,7 +35,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import command, describe_machine, machine, run_workers, summarize, write_json
+from benchmarks import (add_worker_flags, command, describe_machine, machine, run_workers,
+                        summarize, write_json)
 
 MODULE = "benchmarks.bench_zero"
 VARIANTS = ("dp", "zero-1", "zero-2", "zero-3")
@@ -59,8 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=7, help="rounds")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     p.add_argument("--json", metavar="FILE", help="write the results to FILE")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--result-file", help=argparse.SUPPRESS)
+    add_worker_flags(p)
     args = p.parse_args(argv)
     for name in ("workers", "hidden", "layers", "tp_hidden", "tp_layers", "batch", "steps",
                  "rounds"):

@@ -15,38 +15,11 @@ of the test set with ``hvd.allreduce``.
 import argparse
 
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import gradsync.horovod as hvd  # was: import horovod.torch as hvd
-
-
-class DigitsCNN(nn.Module):
-    """(N, 1, 8, 8) images -> (N, 10) logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),    # (N, 16, 8, 8)
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),   # (N, 32, 8, 8)
-            nn.MaxPool2d(2))                              # (N, 32, 4, 4)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(),
-                                  nn.Linear(64, 10))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def digits(train: bool) -> TensorDataset:
-    """The digits as (N, 1, 8, 8) floats in [0, 1] and labels; a fixed 80/20 split."""
-    images, labels = load_digits(return_X_y=True)
-    x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16
-    y = torch.tensor(labels)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    cut = int(0.8 * len(y))
-    keep = order[:cut] if train else order[cut:]
-    return TensorDataset(x[keep], y[keep])
+from digits_ddp import DigitsCNN, digits  # the model and data of the DDP example
 
 
 def test_accuracy(model: nn.Module, data: TensorDataset) -> float:
