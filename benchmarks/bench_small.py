@@ -41,7 +41,6 @@ def main() -> None:
 
     from gradsync import comm
     from gradsync.comm.collectives import _auto
-    from gradsync.comm.cost_model import DEFAULT_COST_MODEL
 
     torch.set_num_threads(1)
     group = comm.init_process_group()
@@ -68,7 +67,7 @@ def main() -> None:
         mpich, ours_s = (statistics.median(times[k]) for k in ("mpich", "gradsync"))
         rows.append({"bytes": nbytes, "mpich_us": 1e6 * mpich, "gradsync_us": 1e6 * ours_s,
                      "ratio": ours_s / mpich, "exact": exact,
-                     "auto_chose": _auto(group, DEFAULT_COST_MODEL, nbytes)})
+                     "auto_chose": _auto(group, None, nbytes)})
     if rank == 0:
         print(f"{p} ranks under mpiexec, {args.calls} calls a loop, median of {args.rounds}")
         print(f"{'bytes':>7} {'MPICH us':>9} {'gradsync us':>12} {'ratio':>6}  auto  exact")

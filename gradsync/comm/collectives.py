@@ -154,7 +154,7 @@ def _all_reduce(tensor, op, group, algorithm, cost_model, async_op):
     check_algorithm(algorithm)
     nbytes = tensor.numel() * tensor.element_size()
     if algorithm == "auto":
-        algorithm = _auto(group, cost_model or DEFAULT_COST_MODEL, nbytes)
+        algorithm = _auto(group, cost_model, nbytes)
     _prologue(group, "all_reduce", tensor, algorithm=algorithm, reduce_op=op.value)
     what = f"all_reduce({algorithm})"
     flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
@@ -178,17 +178,19 @@ def _all_reduce(tensor, op, group, algorithm, cost_model, async_op):
     return _own(group, run, async_op)
 
 
-def _auto(group: Group, cost_model: CostModel, nbytes: int) -> str:
-    """The cost model's choice for ``nbytes`` on ``group``, remembered per group, model
-    and topology: a loss average called every step should not pay for the prediction
-    (about 30 us of Python) each time."""
-    key = (id(cost_model), id(group.topology), nbytes)
-    choice = group.auto_choices.get(key)
+def _auto(group: Group, cost_model: CostModel | None, nbytes: int) -> str:
+    """The cost model's choice for ``nbytes`` on ``group``. The default model's choice is
+    remembered per group and size (``set_topology`` forgets them): a loss average called
+    every step should not pay for the prediction (about 30 us of Python) each time. A
+    caller's own model may change between calls, so it is asked every time."""
+    if cost_model is not None:
+        return cost_model.choose(nbytes, group.size, topology=group.topology)
+    choice = group.auto_choices.get(nbytes)
     if choice is None:
         if len(group.auto_choices) > 4096:
             group.auto_choices.clear()
-        choice = cost_model.choose(nbytes, group.size, topology=group.topology)
-        group.auto_choices[key] = choice
+        choice = DEFAULT_COST_MODEL.choose(nbytes, group.size, topology=group.topology)
+        group.auto_choices[nbytes] = choice
     return choice
 
 

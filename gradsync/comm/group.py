@@ -70,7 +70,7 @@ class Group:
     monitor: Monitor | None = None    # the world group's heartbeat Monitor
     engine: Engine = TORCH            # start-up, point-to-point, native collectives
     topology: Topology | None = None  # hosts and links, for aware/hierarchical (topology.py)
-    auto_choices: dict = field(default_factory=dict)  # all_reduce's "auto", by size (collectives)
+    auto_choices: dict = field(default_factory=dict)  # auto's choice by size; set_topology clears
     # Own algorithms run on one thread per group, so that async calls keep their issue
     # order on every rank; point-to-point messages then always pair up.
     _executor: ThreadPoolExecutor | None = None
@@ -170,15 +170,21 @@ def init_process_group(backend: str | None = None, *, rank: int | None = None,
 
 
 def _detect_hosts(group: Group) -> None:
-    """Learn which ranks share a host (one all-gather of each rank's host key; no rates),
-    so that ``auto`` takes shared memory in any script whose ranks share a machine, not
-    only under DataParallel, which probes the links as well."""
+    """Learn which ranks share a host, so that ``auto`` takes shared memory in any script
+    whose ranks share a machine, not only under DataParallel, which probes the links too."""
     if group.topology is not None or group.size == 1:
         return
+    group.topology = gather_hosts(group)
+    group.auto_choices.clear()
+
+
+def gather_hosts(group: Group) -> Topology:
+    """Which ranks of ``group`` share a host: one all-gather of each rank's host key (no
+    rates; collective). Raises the engine's RuntimeError."""
     key = torch.tensor([host_key()], dtype=torch.int64)
     keys = [torch.empty_like(key) for _ in range(group.size)]
     group.engine.all_gather(keys, key, group.pg).wait()
-    group.topology = group_hosts([int(k) for k in keys])
+    return group_hosts([int(k) for k in keys])
 
 
 def join_store(store, rank: int, world_size: int, *, prefix: str = "",

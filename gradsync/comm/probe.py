@@ -25,10 +25,10 @@ import torch
 
 from .check import all_gather_rows
 from .collectives import broadcast, dist_sum
-from .errors import CollectiveMismatchError
-from .group import Group, resolve
+from .errors import CollectiveMismatchError, translate
+from .group import Group, gather_hosts, resolve
 from .p2p import P2P
-from .topology import HostLink, Topology, group_hosts, host_key
+from .topology import HostLink, Topology
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,10 @@ def detect_topology(group: Group | None = None) -> Topology:
     """Which ranks share a host (collective; no rates). Hosts are told apart by host name
     and network namespace."""
     group = resolve(group)
-    rows = all_gather_rows(group, torch.tensor([host_key()], dtype=torch.int64),
-                            "topology detection")
-    keys = [row[0] for row in rows]
-    return group_hosts(keys)
+    try:
+        return gather_hosts(group)
+    except RuntimeError as exc:
+        raise translate(exc, what="topology detection", rank=group.rank) from exc
 
 
 def _fan_in(p2p: P2P, reps: list[int], target: int, nbytes: int, tag: int,
