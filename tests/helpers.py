@@ -163,6 +163,16 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int
 OPS = ["sum", "avg", "max", "min", "prod"]
 
 
+def raised(fn, *args, **kwargs) -> str:
+    """``fn(*args, **kwargs)``'s error as "Type: message" (a check returns it to the test);
+    fails when it raises none."""
+    try:
+        fn(*args, **kwargs)
+    except (ValueError, TypeError, AssertionError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    raise AssertionError(f"{fn.__name__} did not raise")
+
+
 def lengths(n: int) -> list[int]:
     """Tensor lengths for a world of ``n``: empty, one, shorter than n, uneven, large-ish."""
     return sorted({0, 1, max(n - 1, 0), 7 * n + 3, 1031})
