@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from gradsync.observe import (StragglerWatch, TensorBoardLog, Timeline, find_stragglers, load,
-                              merge_ranks, rank_path, waited_for)
+                              merge_ranks, rank_path, waited_for, write_run_plots)
 from tests.distributed import scaled
 from tests.helpers import ENV, REPO, gradsync, run_and_kill
 
@@ -278,3 +278,55 @@ def test_the_summary_has_every_workers_compute_and_wait(run):
     assert len(compute) == len(waited) == 2 and isinstance(summary["stragglers"], list)
     total = sum(m["step_time_s"] for m in metrics)
     assert 0 < compute[0] <= total + 1e-6 and min(waited) >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_out_directory_has_the_plots_of_the_run(run, tmp_path):
+    from gradsync.observe.plots import per_step_split, per_worker_split, read_run
+
+    _, metrics, summary, runs = run
+    out = runs.parent / "out"
+    assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "step_time.png"}
+    assert all((out / "plots" / n).read_bytes()[:4] == b"\x89PNG" for n in ("loss.png",
+                                                                             "step_time.png"))
+    records, read = read_run(out)
+    compute, wait = per_step_split(records)
+    assert [c + w for c, w in zip(compute, wait)] == pytest.approx(
+        [m["step_time_s"] for m in metrics])
+    split = per_worker_split(read)
+    assert split["compute"] == summary["compute_s_per_worker"]
+    for r in range(2):  # compute + waiting + other is the worker's loop time
+        assert sum(split[k][r] for k in split) == pytest.approx(
+            summary["wall_s_per_worker"][r], rel=1e-6)
+    # A killed run's files (no summary.json, a last line cut short) still draw.
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(m) + "\n" for m in metrics[:5]) + '{"step": 6, "lo')
+    assert [p.name for p in write_run_plots(tmp_path)] == ["loss.png", "step_time.png"]
+
+
+def test_the_summary_counts_shared_memory_bytes_beside_the_network():
+    from gradsync.allreduce.architecture import AllReduceArchitecture
+    from gradsync.train.summary import _communicated
+
+    s = {"bytes_per_step_per_worker": 0.0, "bucket_algorithms": ["shm"]}
+    assert _communicated({**s, "shm_bytes_per_step_per_worker": 1_234_000}) == (
+        "0.000 MB over the network + 1.234 MB through shared memory per step per worker")
+    assert "went through shared memory" in _communicated(s)  # a comm that does not count them
+    assert _communicated({"bytes_per_step_per_worker": None}) == "not measured (torch DDP)"
+    assert hasattr(AllReduceArchitecture, "bytes_shm")
+
+
+def test_bench_plots_use_a_log_axis_only_where_values_span_decades():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gradsync.bench.report import log_scale_if_wide
+
+    fig, ax = plt.subplots()
+    assert not log_scale_if_wide(ax, [1, 2, 4]) and ax.get_xscale() == "linear"
+    assert log_scale_if_wide(ax, [8, 1 << 20], "y", decades=2) and ax.get_yscale() == "log"
+    assert not log_scale_if_wide(ax, [0.0, 5.0])  # one positive value: nothing to span
+    plt.close(fig)

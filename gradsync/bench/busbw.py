@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 from .sweep import FACTORS, SweepConfig, format_size
+from .report import log_scale_if_wide
 
 # --- bounds in a lab ---------------------------------------------------------------------------
 
@@ -154,8 +155,11 @@ def write_plot(path: str, report: dict) -> None:
     where = (f"{report['world']} lab hosts, links "
              + ",".join(_rate(b) for b in dict.fromkeys(lab["rates_bits"])) if lab
              else f"{report['world']} ranks")
-    ax.set(xlabel="size S (bytes)", ylabel="busbw (GB/s)", ylim=(0, None),
+    ax.set(xlabel="size S (bytes)", ylabel="busbw (GB/s)",
            title=f"{report['op']} {report['dtype']} {report['redop']}, {where}")
+    # busbw of small sizes is decades below the large ones': a log axis keeps them visible.
+    if not log_scale_if_wide(ax, [r["busbw_gbs"] for r in report["rows"]], "y", decades=2):
+        ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()

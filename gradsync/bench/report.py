@@ -47,6 +47,18 @@ def bound_ps_s(nbytes: int, n: int, k: int, rate: str) -> float:
     return max(nbytes / b, n * nbytes / (k * b))
 
 
+def log_scale_if_wide(ax, values, axis: str = "x", decades: float = 1.0, base: int = 10
+                      ) -> bool:
+    """Put ``axis`` of ``ax`` on a log scale when the positive ``values`` span more than
+    ``decades`` decades: on a linear axis the small ones crowd into the first pixels (busbw
+    at 8 B is a thousandth of busbw at 64 MiB). Returns True when it did."""
+    positive = [v for v in values if v and v > 0]
+    if len(positive) < 2 or max(positive) < min(positive) * 10 ** decades:
+        return False
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log", base=base)
+    return True
+
+
 def write_plot(path: str, rows: list[dict]) -> None:
     """Throughput and scaling efficiency against workers, one line per architecture."""
     try:
@@ -73,8 +85,13 @@ def write_plot(path: str, rows: list[dict]) -> None:
               title="scaling efficiency")
     from matplotlib.ticker import MaxNLocator
 
+    counts = sorted({r["workers"] for r in rows})
     for ax in (left, right):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if log_scale_if_wide(ax, counts, base=2):  # 1, 2, 4 ... 64 workers
+            ax.set_xticks(counts, [str(c) for c in counts])
+            ax.minorticks_off()
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -18,6 +18,7 @@ warning naming the rank and its factor.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -62,6 +63,8 @@ class StragglerWatch:
     def __init__(self, group: "comm.Group", window: int, ratio: float = 1.2):
         self.group, self.window, self.ratio = group, window, ratio
         self.compute: list[float] = []
+        self.step_s: list[float] = []
+        self._span: list[float] = []  # perf_counter at the first step's start, at the last's end
         self._wait_before = 0.0
         self._named: set[int] = set()
 
@@ -70,6 +73,9 @@ class StragglerWatch:
         wait = record.get("comm_wait_s", 0.0) - self._wait_before
         self._wait_before = record.get("comm_wait_s", 0.0)
         self.compute.append(max(record["step_time_s"] - max(wait, 0.0), 0.0))
+        self.step_s.append(record["step_time_s"])
+        now = time.perf_counter()
+        self._span = [self._span[0] if self._span else now - record["step_time_s"], now]
         if len(self.compute) % self.window == 0:
             self._check(record["step"])
 
@@ -93,7 +99,13 @@ class StragglerWatch:
     def report(self) -> dict:
         """The summary's figures over the whole run (collective), the same on every rank."""
         compute = self._gather(self.compute)
+        # Per worker, the time in its steps (compute plus waiting on communication) and its
+        # loop's wall time (first step's start to last step's end): the plots split them.
+        span = self._span[1] - self._span[0] if self._span else 0.0
+        times = self._gather([sum(self.step_s), span])                 # (ranks, 2)
         return {"compute_s_per_worker": compute.sum(dim=1).tolist(),
+                "step_s_per_worker": times[:, 0].tolist(),
+                "wall_s_per_worker": times[:, 1].tolist(),
                 "waited_for_s_per_worker": waited_for(compute),
                 "stragglers": [{"worker": r, "factor": f}
                                for r, f in find_stragglers(compute, self.ratio)]}

@@ -17,6 +17,9 @@ class ObserveConfig:
         "chrome://tracing); each rank writes FILE.rank<N> as it runs, rank 0 merges them"))
     tensorboard: str | None = field(default=None, metadata=_help(
         "write TensorBoard scalars (rank 0) under this directory"))
+    plots: bool = field(default=True, metadata=_help(
+        "with --out DIR: draw the loss, accuracy and step-time plots into DIR/plots at the "
+        "end (needs matplotlib)"))
     straggler_window: int = field(default=20, metadata=_help(
         "every this many steps, name a worker whose compute time stayed above 1.2x the "
         "workers' median (one small all-gather); 0: off"))

@@ -17,7 +17,8 @@ import time
 from .. import comm
 from ..checkpoint import Checkpointer, Position
 from ..data import ShardedSampler
-from ..observe import StragglerWatch, TensorBoardLog, merge_ranks, open_timeline
+from ..observe import (StragglerWatch, TensorBoardLog, merge_ranks, open_timeline,
+                       write_run_plots)
 from .architecture import Architecture
 from .config import TrainConfig
 from .loop import (DTYPES, MetricsWriter, RunLog, RunSetup, Tally, evaluate,  # noqa: F401
@@ -108,6 +109,8 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
         summary.update(run_log.stragglers.report())
     if rank0:
         write_summary(config.output.out, summary)
+        if config.output.out and config.observe.plots:
+            write_run_plots(config.output.out)
     if run_log.scalars is not None:
         run_log.scalars.finish(summary)
     if rank0 and timeline is not None:
