@@ -43,7 +43,8 @@ class AllReduceArchitecture:
         self.model: DataParallel | None = None
         # What earlier generations measured (elastic training rebuilds the wrapper).
         self._done_wait = self._done_compress = 0.0
-        self._done_bytes = self._done_skipped = 0
+        self._done_bytes = self._done_skipped = self._done_shm = self._done_steps = 0
+        self._shm_start = 0  # bytes_shm() when the loop began (after the start-up broadcast)
         self._module = None
 
     @classmethod
@@ -75,7 +76,9 @@ class AllReduceArchitecture:
         return self.model
 
     def prepare(self, model, make_optimizer, start_step=0):
-        return self._wrap(model), make_optimizer(self.model.parameters())
+        wrapped = self._wrap(model)
+        self._shm_start = self.bytes_shm()
+        return wrapped, make_optimizer(self.model.parameters())
 
     def serve(self, model, make_optimizer, save=None, restored=None):
         raise RuntimeError("every rank of the All-Reduce architecture is a worker")
@@ -93,6 +96,8 @@ class AllReduceArchitecture:
             handle.remove()
         old._works = []  # (a failed step leaves its handles there)
         self._done_bytes += self.group.stats.bytes_sent
+        self._done_shm += _shm_bytes(self.group)
+        self._done_steps += old.stats.sync_steps
         if self._hook_state is not None:
             self._done_compress += self._hook_state.stats.compress_s
         self.model = self._hook_state = None
@@ -119,6 +124,11 @@ class AllReduceArchitecture:
     def bytes_sent(self) -> int:
         return self._done_bytes + self.group.stats.bytes_sent
 
+    def bytes_shm(self) -> int:
+        """Bytes this rank has moved through shared memory so far (the shm algorithm's
+        buckets: a one-host run sends nothing over the network)."""
+        return self._done_shm + _shm_bytes(self.group)
+
     def compress_s(self) -> float:
         return self._done_compress + (self._hook_state.stats.compress_s
                                       if self._hook_state is not None else 0.0)
@@ -126,9 +136,12 @@ class AllReduceArchitecture:
     def finish(self) -> dict:
         if self.model is None:
             return {"algorithm": self.algorithm, "nonfinite_skipped": 0}
+        steps = self._done_steps + self.model.stats.sync_steps
         out = {"algorithm": self.algorithm,
                "nonfinite_skipped": self._done_skipped + self.model.stats.skipped_steps,
-               "bucket_algorithms": self.model.bucket_algorithms}
+               "bucket_algorithms": self.model.bucket_algorithms,
+               "shm_bytes_per_step_per_worker": (self.bytes_shm() - self._shm_start)
+               / max(steps, 1)}
         if self._hook_state is not None:
             stats = self._hook_state.stats
             out.update(compression=str(self.compression), compression_ratio=stats.ratio,
@@ -205,6 +218,11 @@ def _members_topology(topology, members: list[int] | None):
                         m in h.ranks for h in topology.hosts)])
         return None
     return comm.Topology(tuple(hosts))
+
+
+def _shm_bytes(group: comm.Group) -> int:
+    """The group's shared-memory byte count (0 with a comm that does not count it yet)."""
+    return getattr(group.stats, "bytes_shm", 0)
 
 
 def _buckets(algorithms: list[str]) -> str:

@@ -58,8 +58,13 @@ def _communicated(s: dict) -> str:
     sent = s["bytes_per_step_per_worker"]
     if sent is None:
         return "not measured (torch DDP)"
+    shm = s.get("shm_bytes_per_step_per_worker") or 0
+    if shm:
+        return (f"{sent / 1e6:.3f} MB over the network + {shm / 1e6:.3f} MB through shared "
+                "memory per step per worker")
     line = f"{sent / 1e6:.3f} MB sent per step per worker"
     if set(s.get("bucket_algorithms") or ()) == {"shm"}:
+        # A comm that does not count its shared-memory bytes (group.stats.bytes_shm) yet.
         line += " (the gradients went through shared memory)"
     return line
 
