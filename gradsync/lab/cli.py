@@ -1,6 +1,7 @@
 """`gradsync lab`: the argparse wiring of up / down / status / run.
 
     gradsync lab up --hosts 3 --rate 200mbit [--rates 1gbit,1gbit,250mbit] [--name NAME]
+                    [--cpus 0.5,max,max]
     gradsync lab run [--name NAME] -- python -m gradsync bench collectives -b 16M -e 16M
     gradsync lab status
     gradsync lab down [--name NAME] [--all]
@@ -39,6 +40,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--procs-per-host", type=int, default=1, metavar="P",
                    help="process slots per host for `lab run` (default 1)")
     p.add_argument("--name", help="the lab's name (default: its prefix gs-XXXX)")
+    p.add_argument("--cpus", metavar="C1,C2,...",
+                   help="CPU cap per host in cores, for all its processes together (a cgroup's "
+                        "cpu.max), e.g. 0.5,max,max: host 0 at half a core; one value caps "
+                        "every host (default: none)")
 
     p = sub.add_parser("down", help="remove a lab", description="Remove a lab and everything "
                        "it created; a lab that is already gone is not an error.")
@@ -61,17 +66,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return lab
 
 
+def _cap(host) -> str:
+    return f"  {host.cpus:g} cpus" if host.cpus else ""
+
+
 def _print_lab(lab: Lab) -> None:
     rates = ",".join(format_rate(h.rate) for h in lab.hosts)
     print(f"{lab.name}: {len(lab.hosts)} hosts on {lab.subnet}, links {rates}")
     for h in lab.hosts:
         print(f"  h{h.index}  {h.addr:<15} {format_rate(h.rate):>9}  namespace {h.ns}, "
-              f"interface {h.ifname}")
+              f"interface {h.ifname}{_cap(h)}")
 
 
 def _up(args: argparse.Namespace) -> int:
     rates = [r.strip() for r in args.rates.split(",")] if args.rates else None
-    lab = up(args.hosts, args.rate, rates, args.procs_per_host, args.name)
+    lab = up(args.hosts, args.rate, rates, args.procs_per_host, args.name, cpus=args.cpus)
     _print_lab(lab)
     print(f"run commands with `gradsync lab run --name {lab.name} -- COMMAND`; "
           f"remove it with `gradsync lab down --name {lab.name}`")
@@ -105,7 +114,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"{lab.name}  {len(lab.hosts)} hosts x {lab.procs_per_host} procs  {lab.subnet}  "
               f"{state}")
         for h in lab.hosts:
-            print(f"  h{h.index}  {h.addr:<15} {format_rate(h.rate):>9}")
+            print(f"  h{h.index}  {h.addr:<15} {format_rate(h.rate):>9}{_cap(h)}")
     return 0
 
 

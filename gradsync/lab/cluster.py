@@ -25,7 +25,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import netns, network
+from . import cpu, netns, network
 from .netns import LabError, parse_rate
 
 DEFAULT_LAB_DIR = "/run/gradsync/labs"
@@ -53,6 +53,10 @@ class Host:
     addr: str
     rate: int
     """Link rate in bits/s, enforced in both directions."""
+    cpus: float | None = None
+    """CPU cap in cores for all the host's processes together (None: uncapped)."""
+    cgroup: str | None = None
+    """The cgroup that enforces ``cpus`` (gradsync/lab/cpu.py), None when uncapped."""
 
 
 @dataclass
@@ -89,8 +93,12 @@ class Lab:
         return [h.ns for h in self.hosts] + [self.switch_ns]
 
     def exec_argv(self, host: int, argv: list[str]) -> list[str]:
-        """``argv`` run inside host ``host``'s namespace (``ip netns exec NS argv...``)."""
-        return ["ip", "netns", "exec", self.hosts[host].ns, *argv]
+        """``argv`` run inside host ``host``'s namespace (``ip netns exec NS argv...``),
+        and inside its CPU cap's cgroup when it has one."""
+        h = self.hosts[host]
+        inside = ["ip", "netns", "exec", h.ns, *argv]
+        # The cgroup is joined before: `ip netns exec` mounts a fresh /sys, without cgroups.
+        return cpu.join_argv(h.cgroup, inside) if h.cgroup else inside
 
     def alive(self) -> bool:
         """True if every namespace of the lab exists."""
@@ -209,7 +217,7 @@ def _pick_subnet(labs: list[Lab]) -> str:
 
 
 def _plan(hosts: int, rates: list[int], procs_per_host: int, name: str | None,
-          directory: Path) -> Lab:
+          directory: Path, cpus: list[float | None]) -> Lab:
     labs = status()
     existing_ns = netns.list_netns()
     prefix = _pick_prefix(existing_ns)
@@ -223,7 +231,8 @@ def _plan(hosts: int, rates: list[int], procs_per_host: int, name: str | None,
         labs.remove(lab)  # a stale record (its namespaces are gone): reuse the name
     net = ipaddress.IPv4Network(_pick_subnet(labs))
     host_list = [Host(index=i, ns=f"{prefix}-h{i}", ifname=f"{prefix}-h{i}",
-                      port=f"{prefix}-s{i}", addr=str(net[i + 1]), rate=rates[i])
+                      port=f"{prefix}-s{i}", addr=str(net[i + 1]), rate=rates[i],
+                      cpus=cpus[i], cgroup=cpu.cap_path(f"{prefix}-h{i}") if cpus[i] else None)
                  for i in range(hosts)]
     return Lab(name=name, prefix=prefix, subnet=str(net), switch_ns=f"{prefix}-sw",
                bridge=f"{prefix}-br", hosts=host_list, procs_per_host=procs_per_host,
@@ -231,7 +240,7 @@ def _plan(hosts: int, rates: list[int], procs_per_host: int, name: str | None,
 
 
 def up(hosts: int, rate: str = "1gbit", rates: list[str] | None = None,
-       procs_per_host: int = 1, name: str | None = None) -> Lab:
+       procs_per_host: int = 1, name: str | None = None, cpus: str | None = None) -> Lab:
     """Create a lab of ``hosts`` emulated hosts whose links run at ``rate`` each way.
 
     Args:
@@ -240,12 +249,14 @@ def up(hosts: int, rate: str = "1gbit", rates: list[str] | None = None,
         rates: one rate per host instead, for unequal links.
         procs_per_host: process slots per host, for :func:`~gradsync.lab.run.lab_launch`.
         name: the lab's name; default its unique prefix (``gs-XXXX``).
+        cpus: per-host CPU caps in cores, "0.5,max,max" (gradsync/lab/cpu.py); one value
+            caps every host; None or "max": uncapped.
 
     Returns:
         The :class:`Lab`, recorded in the state directory; use it as a context manager.
 
     Raises:
-        LabError: not root, no ip/tc, bad arguments, a lab of that name is already up, or a
+        LabError: not root, no ip/tc, no cgroups for ``cpus``, bad arguments, a lab of that name is already up, or a
             command failed (everything created so far is removed first).
     """
     if not 1 <= hosts <= _MAX_HOSTS:
@@ -257,9 +268,12 @@ def up(hosts: int, rate: str = "1gbit", rates: list[str] | None = None,
     if rates is not None and len(rates) != hosts:
         raise LabError(f"--rates gives {len(rates)} rates for {hosts} hosts; give one per host")
     bits = [parse_rate(r) for r in rates] if rates is not None else [parse_rate(rate)] * hosts
+    caps = cpu.parse_cpus(cpus, hosts) if cpus else [None] * hosts
+    if any(caps):
+        cpu.cgroup_root()  # no cgroups: one line before anything is created
     netns.check_tools()  # after the arguments: a typo is reported the same for everyone
     with _locked() as directory:
-        lab = _plan(hosts, bits, procs_per_host, name, directory)
+        lab = _plan(hosts, bits, procs_per_host, name, directory, caps)
         _write_state(lab)  # first, so that a crash from here on leaves a record to clean up
     try:
         network.create(lab)

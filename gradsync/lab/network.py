@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 
-from . import netns
+from . import cpu, netns
 
 
 @contextlib.contextmanager
@@ -42,6 +42,8 @@ def create(lab) -> None:
         netns.ip("addr", "add", f"{h.addr}/{prefix_len}", "dev", h.ifname, ns=h.ns)
         netns.ip("link", "set", h.ifname, "up", ns=h.ns)
         netns.shape(h.ns, h.ifname, h.rate)  # host -> switch
+        if h.cgroup:
+            cpu.create(h.cgroup, h.cpus)
 
 
 def destroy(lab) -> None:
@@ -57,5 +59,8 @@ def destroy(lab) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             netns.del_netns(ns)
+        for h in lab.hosts:  # after its processes were killed
+            if h.cgroup:
+                cpu.remove(h.cgroup)
         with contextlib.suppress(FileNotFoundError):
             lab.state_path.unlink()
