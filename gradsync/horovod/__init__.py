@@ -9,6 +9,7 @@ what maps to what and what differs (objects never pickled, no Adasum, join).
     collectives   allreduce, allgather, broadcast, alltoall, reducescatter, barrier, join
     objects       objects as JSON plus raw tensors; parameters and optimizer state
     optimizer     DistributedOptimizer on gradsync's buckets, overlapped with backward
+    elastic       hvd.elastic: run, TorchState, ElasticSampler on gradsync.elastic
 
 Launch: ``gradsync run --nproc-per-node N script.py`` (or torchrun), or ``mpiexec -n N
 python script.py``.
@@ -26,6 +27,7 @@ from .collectives import (Handle, allgather, allgather_async, allreduce, allredu
                           grouped_allreduce, grouped_allreduce_, grouped_allreduce_async,
                           grouped_allreduce_async_, join, poll, reducescatter,
                           reducescatter_async, synchronize)
+from . import elastic
 from .compression import Compression
 from .objects import (allgather_object, broadcast_object, broadcast_optimizer_state,
                       broadcast_parameters)
@@ -37,7 +39,7 @@ __all__ = [
     "allgather_async", "allgather_object", "allreduce", "allreduce_", "allreduce_async",
     "allreduce_async_", "alltoall", "alltoall_async", "barrier", "broadcast", "broadcast_",
     "broadcast_async", "broadcast_async_", "broadcast_object", "broadcast_optimizer_state",
-    "broadcast_parameters", "ccl_built", "cross_rank", "cross_size", "cuda_built",
+    "broadcast_parameters", "ccl_built", "elastic", "cross_rank", "cross_size", "cuda_built",
     "ddl_built", "global_process_set", "gloo_built", "gloo_enabled", "grouped_allreduce",
     "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_", "init",
     "is_homogeneous", "is_initialized", "join", "local_rank", "local_size", "mpi_built",

@@ -8,7 +8,10 @@ MPI launcher's (``mpiexec -n N``), as :func:`gradsync.comm.init_process_group` d
 
 from __future__ import annotations
 
+import os
+
 from .. import comm
+from ..comm.elastic import STORE_ENV
 from ..comm.mpi_launcher import adopt_mpi_launcher
 from ..comm.ops import as_op
 
@@ -55,8 +58,13 @@ def init(comm_ranks=None, process_sets=None) -> None:
         raise ValueError("hvd.init(comm=...) is not supported: gradsync runs on the "
                          "launcher's whole world; use hvd.ProcessSet for sub-groups")
     if not comm.is_initialized():
-        adopt_mpi_launcher()  # mpiexec/srun: RANK and WORLD_SIZE from MPI's variables
-        comm.init_process_group()
+        if os.environ.get(STORE_ENV):  # `gradsync run --elastic`: join the job's generation
+            from .elastic import join_job
+
+            join_job()
+        else:
+            adopt_mpi_launcher()  # mpiexec/srun: RANK and WORLD_SIZE from MPI's variables
+            comm.init_process_group()
     for process_set in process_sets or ():
         add_process_set(process_set)
 

@@ -134,18 +134,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
             sparse_as_dense
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         self._names = _names(named_parameters, params)
-        self._hook = self._hook_state = None
-        if compression.spec.name != "none":
-            if self.op is not Average or gradient_predivide_factor != 1.0:
-                raise ValueError(f"compression {compression.spec} averages: it needs "
-                                 "op=Average and gradient_predivide_factor=1")
-            self._hook_state, self._hook = make_hook(compression.spec, self.group)
-        # Average: divide by f on the way in, multiply by f / size after (Horovod's split);
-        # f = 1 divides by size on the way in and needs no pass after. A hook averages.
-        f, n = gradient_predivide_factor, self.group.size
-        average = self.op is Average and self._hook is None
-        self._divide = (f if f != 1.0 else n) if average else 1.0
-        self._post = f / n if average and f != 1.0 else 1.0
+        if compression.spec.name != "none" and (self.op is not Average
+                                                or gradient_predivide_factor != 1.0):
+            raise ValueError(f"compression {compression.spec} averages: it needs "
+                             "op=Average and gradient_predivide_factor=1")
+        self._compression, self._predivide = compression, gradient_predivide_factor
+        self.regroup(self.group)
         cap = int(bucket_cap_mb * (1 << 20))
         self._buckets = [_bucket(i, b) for i, b in enumerate(plan_buckets(params, groups, cap))]
         self._where = {id(p): (b, i) for b, bucket in enumerate(self._buckets)
@@ -154,6 +148,22 @@ class DistributedOptimizer(torch.optim.Optimizer):
                          for p in params]
         self._synchronized, self._should_synchronize = False, True
         self._reset()
+
+    def regroup(self, group: comm.Group) -> None:
+        """Reduce over ``group`` from now on (hvd.elastic: each new generation's world);
+        gradients of a backward pass in flight are dropped."""
+        self.group, self._works = group, []
+        self._hook = self._hook_state = None
+        if self._compression.spec.name != "none":
+            self._hook_state, self._hook = make_hook(self._compression.spec, group)
+        # Average: divide by f on the way in, multiply by f / size after (Horovod's split);
+        # f = 1 divides by size on the way in and needs no pass after. A hook averages.
+        f, n = self._predivide, group.size
+        average = self.op is Average and self._hook is None
+        self._divide = (f if f != 1.0 else n) if average else 1.0
+        self._post = f / n if average and f != 1.0 else 1.0
+        if hasattr(self, "_buckets"):
+            self._reset()
 
     # --- the wrapped optimizer's surface ---------------------------------------------------
 
@@ -169,6 +179,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         self.optimizer.load_state_dict(state_dict)
+
+    def register_step_pre_hook(self, hook):
+        return self.optimizer.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook):
+        return self.optimizer.register_step_post_hook(hook)
 
     def add_param_group(self, param_group) -> None:
         raise ValueError("add parameter groups to the optimizer before wrapping it in "
