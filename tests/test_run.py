@@ -137,3 +137,61 @@ def test_two_nodes_form_one_group(tmp_path):
     assert [r["sum"] for r in reports] == [6] * 4
     assert [(r["LOCAL_RANK"], r["GROUP_RANK"], r["WORLD_SIZE"]) for r in reports] == \
         [("0", "0", "4"), ("1", "0", "4"), ("0", "1", "4"), ("1", "1", "4")]
+
+
+# --- horovodrun's flags (gradsync/run/horovodrun.py) -------------------------------------------
+
+def _resolved(tmp_path, *argv: str):
+    """The RunConfig `gradsync run ARGV t.py` would run, parsed here (no worker starts)."""
+    import argparse
+
+    from gradsync.flags import dataclass_from_args
+    from gradsync.run.cli import add_parser
+    from gradsync.run.config import RunConfig
+    from gradsync.run.horovodrun import resolve
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(normalize_argv(["run", *argv, str(tmp_path / "t.py"), "-np"]))
+    assert args.script_args == ["-np"]  # the script's own flags are left alone
+    return resolve(dataclass_from_args(RunConfig, args))
+
+
+def test_horovodruns_flags_map_onto_the_launchers(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# one host\nlocalhost slots=3\n")
+    cases = {
+        ("-np", "4"): (4, None, None, False, None),
+        ("-np", "2", "-H", "localhost:4"): (2, None, None, False, None),
+        ("-H", "127.0.0.1:4",): (4, None, None, False, None),
+        ("--hostfile", str(hostfile)): (3, None, None, False, None),
+        ("-H", "h0:2,h1:2,h2:2"): (1, 3, 2, False, None),
+        ("-np", "3", "--min-np", "2", "--max-np", "3"): (3, None, None, True, 2),
+    }
+    for argv, want in cases.items():
+        c = _resolved(tmp_path, *argv)
+        assert (c.nproc_per_node, c.lab.hosts, c.lab.procs_per_host, c.elastic.elastic,
+                c.elastic.min_workers) == want, argv
+    lab = _resolved(tmp_path, "-H", "h1:2,h0:2")
+    assert lab.world_size == 4 and lab.procs_per_host == 2
+    assert _resolved(tmp_path, "--timeline-filename", "t.json").timeline == "t.json"
+    assert _resolved(tmp_path, "--nproc-per-node", "2") == _resolved(tmp_path, "-np", "2")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-H", "gpu1:4,gpu2:4", "t.py"], "not over ssh on gpu1, gpu2"),
+    (["-np", "5", "-H", "localhost:4", "t.py"], "-np 5 is more than the 4 slots"),
+    (["-np", "2", "--min-np", "1", "--max-np", "4", "t.py"], "does not add more"),
+    (["-np", "2", "--max-np", "1", "t.py"], "--max-np 1 is less than -np 2"),
+    (["-np", "2", "--nproc-per-node", "3", "t.py"], "pass one of them"),
+    (["-H", "h0:2,h1:1", "t.py"], "same number of ranks on every host"),
+    (["-H", "h0:2,h2:2", "t.py"], "a lab of 2 hosts is h0..h1"),
+    (["-H", "localhost:x", "t.py"], "is not HOST:SLOTS"),
+    (["--hostfile", "/no/such/hosts", "t.py"], "--hostfile /no/such/hosts"),
+    (["-H", "localhost:2", "--hostfile", "h", "t.py"], "either -H or --hostfile"),
+    (["-H", "h0:1,h1:1", "--min-np", "1", "t.py"], "--elastic takes no --nnodes or --lab"),
+    (["--timeline", "a.json", "--timeline-filename", "b.json", "t.py"], "not both"),
+])
+def test_bad_horovodrun_flags_are_one_line(capfd, tmp_path, args, needle):
+    (tmp_path / "t.py").write_text("")
+    one_line_error(in_process(capfd, "run", *args[:-1], str(tmp_path / "t.py")), needle)

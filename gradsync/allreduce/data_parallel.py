@@ -121,6 +121,8 @@ class DataParallel(nn.Module):
         self._require_sync = True
         self._trace: BucketTrace | None = None  # --timeline; None: no cost but a test
         self._reset_step()
+        from ..run.timeline import script_timeline  # a script under `gradsync run --timeline`
+        self.set_timeline(script_timeline(group))
 
     # --- nn.Module surface -----------------------------------------------------------------
 

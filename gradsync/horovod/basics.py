@@ -14,6 +14,7 @@ from .. import comm
 from ..comm.elastic import STORE_ENV
 from ..comm.mpi_launcher import adopt_mpi_launcher
 from ..comm.ops import as_op
+from ..run.timeline import script_timeline
 
 # Horovod's ops are module constants; gradsync's ReduceOp values serve as them.
 Average = comm.ReduceOp.AVG
@@ -65,6 +66,7 @@ def init(comm_ranks=None, process_sets=None) -> None:
         else:
             adopt_mpi_launcher()  # mpiexec/srun: RANK and WORLD_SIZE from MPI's variables
             comm.init_process_group()
+        script_timeline(comm.world())  # HOROVOD_TIMELINE / `gradsync run --timeline`
     for process_set in process_sets or ():
         add_process_set(process_set)
 

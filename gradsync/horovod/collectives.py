@@ -22,6 +22,7 @@ import time
 import torch
 
 from .. import comm
+from . import trace
 from .basics import Average, ProcessSet, global_process_set, resolve_op, root_in
 from .compression import Compression
 from .shapes import exchange_shapes, split_rows
@@ -30,8 +31,10 @@ from .shapes import exchange_shapes, split_rows
 class Handle:
     """An operation in flight; ``wait()`` finishes it once and returns its result."""
 
-    def __init__(self, work: comm.Work | None, finish, result=None):
+    def __init__(self, work: comm.Work | None, finish, result=None, name=None, tensor=None):
         self._work, self._finish, self._result, self._done = work, finish, result, False
+        # (name, start, tensor) of the span on the script's timeline; None: not recorded
+        self._span = (name, trace.perf_counter(), tensor) if name and trace.is_on() else None
 
     def is_completed(self) -> bool:
         return self._done or self._work is None or self._work.is_completed()
@@ -43,6 +46,8 @@ class Handle:
             if self._finish is not None:
                 self._result = self._finish()
             self._done = True
+            if self._span is not None:
+                trace.record(*self._span)
         return self._result
 
 
@@ -98,7 +103,8 @@ def allreduce_async_(tensor, average=None, name=None, op=None, prescale_factor=1
     op = resolve_op(op, average)
     handle = _allreduce_into(tensor.data, op, prescale_factor, postscale_factor, compression,
                              process_set)
-    return Handle(handle, lambda: tensor)  # the argument itself, not its .data alias
+    # the argument itself, not its .data alias
+    return Handle(handle, lambda: tensor, name="allreduce", tensor=tensor)
 
 
 def allreduce_async(tensor, average=None, name=None, op=None, prescale_factor=1.0,
@@ -106,8 +112,9 @@ def allreduce_async(tensor, average=None, name=None, op=None, prescale_factor=1.
                     compression=Compression.none) -> Handle:
     """Start an all-reduce into a new tensor; ``synchronize(handle)`` returns it."""
     op = resolve_op(op, average)
-    return _allreduce_into(tensor.detach().clone(), op, prescale_factor, postscale_factor,
-                           compression, process_set)
+    handle = _allreduce_into(tensor.detach().clone(), op, prescale_factor, postscale_factor,
+                             compression, process_set)
+    return Handle(handle, handle.wait, name="allreduce", tensor=tensor)
 
 
 def allreduce(tensor, average=None, name=None, compression=Compression.none, op=None,
@@ -156,7 +163,7 @@ def grouped_allreduce_async_(tensors, average=None, name=None, op=None, prescale
                 offset += t.numel()
         return list(tensors)
 
-    return Handle(None, finish)
+    return Handle(None, finish, name="grouped_allreduce")
 
 
 def grouped_allreduce_async(tensors, *args, **kwargs) -> Handle:
@@ -183,7 +190,7 @@ def broadcast_async_(tensor, root_rank, name=None, process_set=global_process_se
     """Start copying global rank ``root_rank``'s ``tensor`` into ``tensor`` everywhere."""
     group = process_set.resolve()
     work = comm.broadcast_async(tensor.data, src=root_in(group, root_rank), group=group)
-    return Handle(work, lambda: tensor)
+    return Handle(work, lambda: tensor, name="broadcast", tensor=tensor)
 
 
 def broadcast_async(tensor, root_rank, name=None, process_set=global_process_set) -> Handle:
@@ -210,6 +217,7 @@ def _gather_padded(group: comm.Group, tensor: torch.Tensor, rows: int) -> list[t
     return comm.all_gather(out, padded, group=group)
 
 
+@trace.traced("allgather")
 def allgather(tensor, name=None, process_set=global_process_set) -> torch.Tensor:
     """Every member's ``tensor`` concatenated along dim 0, in rank order; the first
     dimension may differ between ranks, the others and the dtype must not.
@@ -229,6 +237,7 @@ def allgather_async(tensor, name=None, process_set=global_process_set) -> Handle
     return _done(allgather(tensor, name, process_set))
 
 
+@trace.traced("alltoall")
 def alltoall(tensor, splits=None, name=None, process_set=global_process_set):
     """Send rows ``splits[j]`` of ``tensor`` (consecutive, from the top) to member j.
 
@@ -266,6 +275,7 @@ def alltoall_async(tensor, splits=None, name=None, process_set=global_process_se
     return _done(alltoall(tensor, splits, name, process_set))
 
 
+@trace.traced("reducescatter")
 def reducescatter(tensor, name=None, compression=Compression.none, op=Average,
                   process_set=global_process_set, prescale_factor=1.0, postscale_factor=1.0):
     """Reduce ``tensor`` (the same shape on every member) and give member r its share of
@@ -304,11 +314,13 @@ def reducescatter_async(tensor, name=None, compression=Compression.none, op=Aver
 
 # --- barrier, join -------------------------------------------------------------------------------
 
+@trace.traced("barrier")
 def barrier(process_set=global_process_set) -> None:
     """Block until every member has arrived."""
     comm.barrier(process_set.resolve())
 
 
+@trace.traced("join")
 def join(device=-1, process_set=global_process_set) -> int:
     """Wait for every member; return the global rank that arrived last (by each rank's
     wall clock: across hosts, as good as their clocks agree).

@@ -27,15 +27,17 @@ dynamically created subclass.
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from functools import partial
 
 import torch
 
 from .. import comm
-from ..allreduce.bucket_reduce import hook_work
+from ..allreduce.bucket_reduce import BucketTrace, hook_work
 from ..allreduce.buckets import Bucket, assign_buckets
 from ..compress.spec import make_hook
+from ..run.timeline import script_timeline
 from .basics import Average, global_process_set, resolve_op
 from .compression import Compression
 from .shapes import split_rows
@@ -148,6 +150,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
                          for p in params]
         self._synchronized, self._should_synchronize = False, True
         self._reset()
+        timeline = script_timeline(self.group)  # `gradsync run --timeline`, HOROVOD_TIMELINE
+        self._trace = None if timeline is None else BucketTrace(
+            timeline, self._buckets, [self._compression.spec.name if self._hook else "native"]
+            * len(self._buckets))
 
     def regroup(self, group: comm.Group) -> None:
         """Reduce over ``group`` from now on (hvd.elastic: each new generation's world);
@@ -210,7 +216,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
                               "all-reduced twice", stacklevel=2)
             self.synchronize()
         self._synchronized = False
-        return self.optimizer.step(closure)
+        if self._trace is None:
+            return self.optimizer.step(closure)
+        start = time.perf_counter()
+        result = self.optimizer.step(closure)
+        self._trace.timeline.record("optimizer step", start, time.perf_counter())
+        return result
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -231,10 +242,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     self._adopt(bucket, i, self._dense(p))
                     bucket.ready.add(i)
         self._launch_ready()
-        for bucket, work in zip(self._buckets, self._works):
+        wait_start = time.perf_counter()
+        for k, (bucket, work) in enumerate(zip(self._buckets, self._works)):
             work.wait()
+            if self._trace is not None:
+                self._trace.completed(k)
             if self._post != 1.0:
                 bucket.flat.mul_(self._post)
+        if self._trace is not None:
+            self._trace.finish_step(wait_start, time.perf_counter())
         self._reset()
         self._synchronized = True
 
@@ -288,6 +304,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         while len(self._works) < len(self._buckets) and \
                 self._buckets[len(self._works)].is_full():
             bucket = self._buckets[len(self._works)]
+            start = time.perf_counter()
             if self._hook is not None:
                 work = hook_work(self._hook, self._hook_state, bucket, len(self._buckets),
                                  self.group)
@@ -295,3 +312,5 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 wire = comm.ReduceOp.SUM if self.op is Average else self.op
                 work = comm.all_reduce_async(bucket.flat, op=wire, group=self.group)
             self._works.append(work)
+            if self._trace is not None:
+                self._trace.launched(work, start)

@@ -2,6 +2,7 @@
 
     gradsync run [FLAGS] train.py [ARGS ...]
     gradsync run [FLAGS] -m package.module [ARGS ...]
+    gradsync run -np 4 [-H localhost:4] train.py       # horovodrun's flags (horovodrun.py)
 
 Everything after the script (or module) is the script's own. torchrun's underscore spellings
 of the flags (``--nproc_per_node``) are accepted too.
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..exits import UserError
 from ..flags import add_dataclass_arguments, config_from_args
 from .config import RunConfig
+from .horovodrun import SHORT, resolve
 
 # Flags with a value, in their dashed form, for normalize_argv (bools and -m take none).
 _NO_VALUE = {"--elastic", "--no-elastic", "--module", "--no-python", "--standalone",
@@ -43,7 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def normalize_argv(argv: list[str]) -> list[str]:
     """``run --nproc_per_node 2 t.py --my_flag`` -> ``run --nproc-per-node 2 t.py --my_flag``:
-    torchrun's underscore spellings, up to the script (whose arguments are left alone)."""
+    torchrun's underscore spellings, and horovodrun's ``-np`` / ``-H`` as ``--num-proc`` /
+    ``--hosts``, up to the script (whose arguments are left alone)."""
     if not argv or argv[0] != "run":
         return argv
     out, i = ["run"], 1
@@ -52,6 +56,7 @@ def normalize_argv(argv: list[str]) -> list[str]:
         if not token.startswith("-"):  # the script: the rest is its own
             return out + argv[i:]
         name, eq, value = token.partition("=")
+        name = SHORT.get(name, name)  # horovodrun's -np N, -H HOSTS
         if name.startswith("--"):
             name = "--" + name[2:].replace("_", "-")
         out.append(name + eq + value)
@@ -67,6 +72,10 @@ def main(args: argparse.Namespace) -> int:
     from .launch import command_of, run
 
     config = config_from_args(RunConfig, args)
+    try:
+        config = resolve(config)  # horovodrun's flags as the launcher's own
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     cmd = command_of(args.script, args.script_args, module=args.module,
                      no_python=args.no_python)
     return run(config, cmd)

@@ -3,7 +3,8 @@
 The flags are derived from these fields (gradsync/flags.py), so their names are torchrun's:
 ``--nproc-per-node``, ``--nnodes``, ``--node-rank``, ``--master-addr``, ``--master-port``,
 ``--max-restarts``, ``--log-dir``, ``--redirects``, ``--tee`` (torchrun's underscore spellings,
-``--nproc_per_node``, are accepted too: see :func:`gradsync.run.launch.normalize_argv`).
+``--nproc_per_node``, are accepted too: see :func:`gradsync.run.cli.normalize_argv`), and
+horovodrun's (``-np``, ``-H``, ...: horovodrun.py maps them onto these).
 Validation is here, one line per mistake, before anything starts. No torch import.
 """
 
@@ -15,6 +16,7 @@ from typing import Literal
 from ..flags import at_least as _at_least
 from ..flags import flag_meta as _help
 from ..lab.netns import check_rates
+from .horovodrun import HorovodRunConfig
 
 PORT_MAX = 65535
 STREAMS = (0, 1, 2, 3)  # torchrun's codes: none, stdout, stderr, both
@@ -93,8 +95,12 @@ class RunConfig:
         "stderr, 3 both; --redirects wins)"))
     timeout: float | None = field(default=None, metadata=_help(
         "stop every rank after this many seconds (exit 124)"))
+    timeline: str | None = field(default=None, metadata=_help(
+        "the script's collectives (Horovod facade, DataParallel) as a Chrome-trace timeline "
+        "in this JSON file, every rank's merged at the end (GRADSYNC_TIMELINE)"))
     elastic: ElasticRunConfig = field(default_factory=ElasticRunConfig)
     lab: RunLabConfig = field(default_factory=RunLabConfig)
+    horovod: HorovodRunConfig = field(default_factory=HorovodRunConfig)
 
     def __post_init__(self) -> None:
         _at_least(self.nproc_per_node, 1, "nproc-per-node")

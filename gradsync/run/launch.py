@@ -55,6 +55,20 @@ def run(config: RunConfig, cmd: list[str]) -> int:
     # A lab's hosts all share this machine's cores: every rank of it counts.
     extra = {**rank_env(len(_ranks_here(config))),
              "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1")}
+    if config.timeline is None:
+        return _run(config, cmd, extra)
+    path = os.path.abspath(config.timeline)
+    extra["GRADSYNC_TIMELINE"] = path  # gradsync/run/timeline.py, in each rank
+    try:
+        return _run(config, cmd, extra)
+    finally:
+        from .timeline import merge_here
+
+        merge_here(path, len(_ranks_here(config)) if config.elastic.elastic else
+                   config.world_size)
+
+
+def _run(config: RunConfig, cmd: list[str], extra: dict[str, str]) -> int:
     if config.elastic.elastic:
         return _run_elastic(config, cmd, extra)
     logs = None
