@@ -158,10 +158,51 @@ def check_process_set(rank, n):
 
 
 def check_barrier_join(rank, n):
+    """Uneven data: rank r has r + 1 batches. At batch k the n - k ranks still active sum
+    (or average over all n) their tensors and gradients; the joined ranks add zeros."""
     import gradsync.horovod as hvd
 
     hvd.barrier()
-    return hvd.join()
+    w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = hvd.DistributedOptimizer(torch.optim.SGD([w], lr=1.0))
+    for k in range(rank + 1):
+        active = n - k
+        assert hvd.allreduce(torch.ones(4), op=hvd.Sum).tolist() == [active] * 4
+        assert hvd.allreduce(torch.ones(2, dtype=torch.int64), op=hvd.Sum).tolist() == \
+            [active] * 2
+        opt.zero_grad()
+        (w * (rank + 1)).sum().backward()      # gradient rank + 1 everywhere
+        opt.synchronize()
+        want = sum(r + 1 for r in range(k, n)) / n   # the active ranks' sum over all n
+        assert torch.allclose(w.grad, torch.full((3,), want, dtype=torch.float64)), (k, w.grad)
+    last = hvd.join()
+    # Something a joined rank cannot stand in for: one error on every rank, world intact.
+    refused = raised(hvd.join) if rank == 0 else raised(hvd.broadcast, torch.ones(1), 0)
+    hvd.barrier()
+    return last, refused
+
+
+def check_elastic_sampler(rank, n):
+    """10 samples in order over n ranks, padded from the start; after each rank records
+    its first 2, the 10 - 2n left are cut again over the n ranks."""
+    import gradsync.horovod as hvd
+
+    def cut(left):
+        total = -(-len(left) // n) * n
+        return (left + left[:total - len(left)])[rank:total:n]
+
+    sampler = hvd.elastic.ElasticSampler(list(range(10)), shuffle=False)
+    assert list(sampler) == cut(list(range(10))) and len(sampler) == len(cut(list(range(10))))
+    sampler.record_batch(0, 2)
+    done = {i for r in range(n) for i in (list(range(10)) * 2)[r:r + 2 * n:n]}
+    sampler.sync()
+    assert sampler.processed == done
+    assert list(sampler) == cut([i for i in range(10) if i not in done])
+    state = sampler.state_dict()
+    sampler.set_epoch(1)
+    assert sampler.processed == set() and sampler.epoch == 1
+    sampler.load_state_dict(state)
+    assert list(sampler) == cut([i for i in range(10) if i not in done])
 
 
 def check_objects(rank, n):
@@ -192,6 +233,7 @@ CHECKS = [
     ("process_set", check_process_set, ()),
     ("barrier_join", check_barrier_join, ()),
     ("objects", check_objects, ()),
+    ("elastic_sampler", check_elastic_sampler, ()),
 ]
 
 
@@ -243,9 +285,18 @@ def test_process_set(world):
 
 
 @pytest.mark.timeout(150)
-def test_barrier_and_join(world):
-    last = world["barrier_join"]
-    assert len(set(last)) == 1 and 0 <= last[0] < WORLD
+def test_join_stands_in_with_zeros_and_returns_the_last_rank(world):
+    for rank, (last, refused) in enumerate(world["barrier_join"]):
+        assert last == WORLD - 1
+        if rank == 0:
+            assert "other than an all-reduce was started while this rank had" in refused
+        else:
+            assert "hvd.broadcast while 1 rank(s) have called hvd.join()" in refused
+
+
+@pytest.mark.timeout(150)
+def test_elastic_sampler_cuts_what_nobody_processed(world):
+    world["elastic_sampler"]
 
 
 @pytest.mark.timeout(150)

@@ -12,12 +12,13 @@ short fixed sequence of them), with Horovod's semantics.
   the input first. Integer tensors are scaled in float64 and truncated back, as Horovod's
   C++ ``ScaleBuffer`` does.
 - ``name=`` is accepted and used only in error messages.
+- Each operation on the global process set is announced first for ``hvd.join()``
+  (join.py: one small all-reduce, overlapped for all-reduces).
 - Results are detached: unlike Horovod's, these calls are not autograd functions.
 """
 
 from __future__ import annotations
 
-import time
 
 import torch
 
@@ -25,6 +26,7 @@ from .. import comm
 from . import trace
 from .basics import Average, ProcessSet, global_process_set, resolve_op, root_in
 from .compression import Compression
+from .join import OTHER, negotiate, negotiate_allreduce
 from .shapes import exchange_shapes, split_rows
 
 
@@ -83,6 +85,7 @@ def _allreduce_into(output: torch.Tensor, op, prescale_factor: float, postscale_
     _scale_(output, prescale_factor)
     payload, ctx = compression.compress(output)   # e.g. (numel,) float16 for fp16
     wire = comm.ReduceOp.SUM if op is Average else op
+    negotiate_allreduce(payload, wire, process_set)
     work = comm.all_reduce_async(payload, op=wire, group=group)
     post = postscale_factor / group.size if op is Average else postscale_factor
 
@@ -189,6 +192,7 @@ def grouped_allreduce_(tensors, average=None, name=None, op=None, prescale_facto
 def broadcast_async_(tensor, root_rank, name=None, process_set=global_process_set) -> Handle:
     """Start copying global rank ``root_rank``'s ``tensor`` into ``tensor`` everywhere."""
     group = process_set.resolve()
+    negotiate(OTHER, process_set=process_set, name="broadcast")
     work = comm.broadcast_async(tensor.data, src=root_in(group, root_rank), group=group)
     return Handle(work, lambda: tensor, name="broadcast", tensor=tensor)
 
@@ -226,6 +230,7 @@ def allgather(tensor, name=None, process_set=global_process_set) -> torch.Tensor
         ValueError: on every rank, when the ranks' shapes or dtypes do not fit together.
     """
     group = process_set.resolve()
+    negotiate(OTHER, process_set=process_set, name="allgather")
     tensor = tensor.detach()
     shapes = exchange_shapes(group, tensor, "allgather", name, same_first=False)
     sizes = [s[0] for s in shapes]
@@ -245,30 +250,38 @@ def alltoall(tensor, splits=None, name=None, process_set=global_process_set):
         splits: rows per destination (default: dim 0 split evenly; it must divide).
     Returns:
         ``(output, received_splits)``: the rows received, in source order, and how many
-        came from each source. (They travel through one padded all-gather: every rank
-        receives every rank's tensor, size times the bytes of a true all-to-all.)
+        came from each source. The counts travel in one all-gather, the rows point to
+        point (each pair's rows once; empty pieces not at all).
     Raises:
         ValueError: on every rank, when a rank's splits do not fit its tensor.
     """
     group = process_set.resolve()
-    tensor, p = tensor.detach(), group.size
+    negotiate(OTHER, process_set=process_set, name="alltoall")
+    tensor, p = tensor.detach().contiguous(), group.size
     if splits is None:
         splits = [tensor.shape[0] // p] * p if tensor.dim() and tensor.shape[0] % p == 0 \
             else None
     splits = None if splits is None else [int(s) for s in torch.as_tensor(splits).tolist()]
     fits = (splits is not None and len(splits) == p and min(splits) >= 0
             and tensor.dim() > 0 and sum(splits) == tensor.shape[0])
-    shapes = exchange_shapes(group, tensor, "alltoall", name, same_first=False, ok=fits,
-                             why="splits must be one count >= 0 per rank summing to dim 0")
+    exchange_shapes(group, tensor, "alltoall", name, same_first=False, ok=fits,
+                    why="splits must be one count >= 0 per rank summing to dim 0")
     mine = torch.tensor(splits, dtype=torch.int64)
     table = comm.all_gather([torch.empty_like(mine) for _ in range(p)], mine, group=group)
-    gathered = _gather_padded(group, tensor, max(s[0] for s in shapes))
-    me, pieces, received = group.rank, [], []
-    for j, row in enumerate(table):
-        start = int(row[:me].sum())
-        pieces.append(gathered[j][start:start + int(row[me])])
-        received.append(int(row[me]))
-    return torch.cat(pieces), torch.tensor(received, dtype=torch.int64)
+    me = group.rank
+    received = [int(row[me]) for row in table]         # rows from each source
+    out = torch.empty((sum(received), *tensor.shape[1:]), dtype=tensor.dtype)
+    sent = [0, *torch.tensor(splits).cumsum(0).tolist()]
+    got = [0, *torch.tensor(received).cumsum(0).tolist()]
+    out[got[me]:got[me + 1]] = tensor[sent[me]:sent[me + 1]]
+    works = []
+    for j in range(p):
+        if j != me:  # (splits[j], *rest) to j; (received[j], *rest) from j
+            works.append(comm.isend(tensor[sent[j]:sent[j + 1]], j, group, what="alltoall"))
+            works.append(comm.irecv(out[got[j]:got[j + 1]], j, group, what="alltoall"))
+    for work in works:
+        work.wait()
+    return out, torch.tensor(received, dtype=torch.int64)
 
 
 def alltoall_async(tensor, splits=None, name=None, process_set=global_process_set) -> Handle:
@@ -285,6 +298,7 @@ def reducescatter(tensor, name=None, compression=Compression.none, op=Average,
         ValueError: on every rank, when shapes differ; Adasum.
     """
     group, op = process_set.resolve(), resolve_op(op)
+    negotiate(OTHER, process_set=process_set, name="reducescatter")
     shapes = exchange_shapes(group, tensor.detach(), "reducescatter", name, same_first=True)
     counts = split_rows(shapes[0][0], group.size)
     rows = max(counts)
@@ -310,27 +324,3 @@ def reducescatter_async(tensor, name=None, compression=Compression.none, op=Aver
                         postscale_factor=1.0) -> Handle:
     return _done(reducescatter(tensor, name, compression, op, process_set, prescale_factor,
                                postscale_factor))
-
-
-# --- barrier, join -------------------------------------------------------------------------------
-
-@trace.traced("barrier")
-def barrier(process_set=global_process_set) -> None:
-    """Block until every member has arrived."""
-    comm.barrier(process_set.resolve())
-
-
-@trace.traced("join")
-def join(device=-1, process_set=global_process_set) -> int:
-    """Wait for every member; return the global rank that arrived last (by each rank's
-    wall clock: across hosts, as good as their clocks agree).
-
-    Unlike Horovod's, a rank that has joined does not stand in with zeros for the
-    all-reduces its peers still start: call join only once every rank has issued all its
-    collectives (e.g. at the end of training), not to even out unequal batch counts.
-    """
-    group = process_set.resolve()
-    now = torch.tensor([time.time()], dtype=torch.float64)
-    times = comm.all_gather([torch.empty_like(now) for _ in range(group.size)], now,
-                            group=group)
-    return group.ranks[max(range(group.size), key=lambda r: float(times[r]))]

@@ -40,6 +40,7 @@ from ..compress.spec import make_hook
 from ..run.timeline import script_timeline
 from .basics import Average, global_process_set, resolve_op
 from .compression import Compression
+from .join import OPTIMIZER, negotiate, register_optimizer
 from .shapes import split_rows
 
 BUCKET_CAP_MB = 25.0  # gradsync DataParallel's default (Horovod's fusion buffer: 64 MB)
@@ -127,6 +128,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  bucket_cap_mb: float = BUCKET_CAP_MB):
         # No Optimizer.__init__: the wrapped optimizer owns param_groups and state.
         self.optimizer, self.group, self.op = optimizer, process_set.resolve(), resolve_op(op)
+        self._process_set, self._join_index = process_set, register_optimizer(self)
         if backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be >= 1, got "
                              f"{backward_passes_per_step}")
@@ -303,14 +305,25 @@ class DistributedOptimizer(torch.optim.Optimizer):
         # Strict index order: bucket k+1 never starts before bucket k on any rank.
         while len(self._works) < len(self._buckets) and \
                 self._buckets[len(self._works)].is_full():
+            if not self._works:  # a step's first bucket: announced for hvd.join()
+                negotiate(OPTIMIZER, self._join_index, process_set=self._process_set)
             bucket = self._buckets[len(self._works)]
             start = time.perf_counter()
-            if self._hook is not None:
-                work = hook_work(self._hook, self._hook_state, bucket, len(self._buckets),
-                                 self.group)
-            else:
-                wire = comm.ReduceOp.SUM if self.op is Average else self.op
-                work = comm.all_reduce_async(bucket.flat, op=wire, group=self.group)
+            work = self._launch(bucket)
             self._works.append(work)
             if self._trace is not None:
                 self._trace.launched(work, start)
+
+    def _launch(self, bucket: Bucket) -> comm.Work:
+        if self._hook is not None:
+            return hook_work(self._hook, self._hook_state, bucket, len(self._buckets),
+                             self.group)
+        wire = comm.ReduceOp.SUM if self.op is Average else self.op
+        return comm.all_reduce_async(bucket.flat, op=wire, group=self.group)
+
+    def contribute_zeros(self) -> None:
+        """(hvd.join, on a rank that has joined.) Reduce zeros in place of each bucket, as
+        the active ranks reduce their gradients; this rank's own gradients are untouched."""
+        works = [self._launch(_bucket(b.index, b.params)) for b in self._buckets]
+        for work in works:
+            work.wait()
