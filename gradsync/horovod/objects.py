@@ -24,6 +24,7 @@ import torch
 
 from .. import comm
 from .basics import global_process_set, root_in
+from .join import OTHER, negotiate
 from .shapes import DTYPES
 
 _DTYPE_NAMES = {str(d).replace("torch.", ""): d for d in DTYPES}
@@ -120,6 +121,7 @@ def broadcast_object(obj, root_rank=0, name=None, process_set=global_process_set
             without pickle (the message says what and where).
     """
     group = process_set.resolve()
+    negotiate(OTHER, process_set=process_set, name="broadcast_object")  # for hvd.join
     src = root_in(group, root_rank)
     status, frame = _frame_or_error(obj) if group.rank == src else (0, b"")
     header = torch.tensor([status, len(frame)], dtype=torch.int64)
@@ -140,6 +142,7 @@ def allgather_object(obj, name=None, process_set=global_process_set) -> list:
         TypeError: on every rank, naming each rank whose object cannot be sent.
     """
     group = process_set.resolve()
+    negotiate(OTHER, process_set=process_set, name="allgather_object")  # for hvd.join
     status, frame = _frame_or_error(obj)
     header = torch.tensor([status, len(frame)], dtype=torch.int64)
     headers = comm.all_gather([torch.empty_like(header) for _ in range(group.size)], header,
@@ -169,6 +172,7 @@ def broadcast_parameters(params, root_rank=0, process_set=global_process_set) ->
         ValueError: an entry that is not a tensor.
     """
     group = process_set.resolve()
+    negotiate(OTHER, process_set=process_set, name="broadcast_parameters")  # for hvd.join
     items = sorted(params.items()) if isinstance(params, dict) else \
         [p if isinstance(p, tuple) else (None, p) for p in params]
     named = []
