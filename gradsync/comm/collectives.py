@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from . import check
-from .algorithms import REGISTRY
+from .algorithms import REGISTRY, shm_fast
 from .algorithms.collective_registry import (BROADCAST_ALGORITHMS, CollectiveAlgorithm,
                                              choose_collective_algorithm)
 from .algorithms.registry import ALL_REDUCE_ALGORITHMS, check_algorithm
@@ -145,16 +145,21 @@ def all_reduce(tensor: torch.Tensor, op: ReduceOp | str = ReduceOp.SUM,
         ValueError / TypeError: unknown algorithm or op; avg on an integer tensor.
         CommError: a peer was lost or the timeout expired (the message names the rank).
     """
+    if cost_model is None and shm_fast.try_all_reduce(tensor, op, group, algorithm):
+        return tensor   # a small call on one host, planned by an earlier call (shm_fast.py)
     return _all_reduce(tensor, op, group, algorithm, cost_model, async_op=False)
 
 
 def _all_reduce(tensor, op, group, algorithm, cost_model, async_op):
+    given = (tensor.shape, tensor.dtype, op, algorithm)    # shm_fast's key for this call
     group, op = resolve(group), as_op(op)
     check_op_dtype(op, tensor.dtype)
     check_algorithm(algorithm)
     nbytes = tensor.numel() * tensor.element_size()
     if algorithm == "auto":
         algorithm = _auto(group, cost_model, nbytes)
+    if cost_model is None and not async_op:
+        shm_fast.remember(group, given, op, algorithm, nbytes, tensor)
     _prologue(group, "all_reduce", tensor, algorithm=algorithm, reduce_op=op.value)
     what = f"all_reduce({algorithm})"
     flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)

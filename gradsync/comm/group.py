@@ -34,13 +34,15 @@ DEFAULT_TIMEOUT_S = 300.0
 
 @dataclass
 class CommStats:
-    """Counters a group keeps: calls made and bytes this rank sent."""
+    """Counters a group keeps: calls made, bytes this rank sent, and bytes this rank wrote
+    into shared memory (the shm algorithms: its slot, its piece of the output)."""
 
     calls: int = 0
     bytes_sent: int = 0
+    bytes_shm: int = 0
 
     def snapshot(self) -> dict[str, int]:
-        return {"calls": self.calls, "bytes_sent": self.bytes_sent}
+        return {"calls": self.calls, "bytes_sent": self.bytes_sent, "bytes_shm": self.bytes_shm}
 
 
 @dataclass(eq=False)
@@ -71,6 +73,7 @@ class Group:
     engine: Engine = TORCH            # start-up, point-to-point, native collectives
     topology: Topology | None = None  # hosts and links, for aware/hierarchical (topology.py)
     auto_choices: dict = field(default_factory=dict)  # auto's choice by size; set_topology clears
+    small_plans: dict = field(default_factory=dict)   # all_reduce's compiled path: shm_fast.py
     # Own algorithms run on one thread per group, so that async calls keep their issue
     # order on every rank; point-to-point messages then always pair up.
     _executor: ThreadPoolExecutor | None = None
@@ -249,6 +252,12 @@ def world() -> Group:
         _world.clear()
         _world[id(pg)] = group
     return group
+
+
+def last_world() -> Group | None:
+    """The world's Group as :func:`world` last found it, without asking the engine (a few us
+    under MPI): for algorithms/shm_fast.py, whose plans were made through world()."""
+    return next(iter(_world.values()), None)
 
 
 def new_group(ranks: list[int], *, timeout_s: float | None = None,

@@ -60,6 +60,11 @@ def _post(seg: Segment, phase: int, s: int, rank: int) -> None:
     seg.post(phase, rank, s)        # after a fence: the data before the flag
 
 
+def _wrote(p2p: P2P, nbytes: int) -> None:
+    """Count bytes this rank writes into shared memory (the group's ``stats.bytes_shm``)."""
+    p2p.group.stats.bytes_shm += nbytes
+
+
 def _reduce_piece(seg: Segment, out: torch.Tensor, a: int, b: int, n: int, op: ReduceOp) -> None:
     """``out`` (b - a,) := slot 0[a:b] op slot 1[a:b] op ... in rank order: the same bits
     whichever rank computes it."""
@@ -93,6 +98,7 @@ def shm_all_reduce(buf: torch.Tensor, op: ReduceOp, p2p: P2P) -> None:
         return
     seg, s = _begin(p2p, n * buf.element_size())
     seg.slot(r, n, buf.dtype).copy_(buf)
+    _wrote(p2p, n * buf.element_size())
     _post(seg, ARRIVED, s, r)
     wait_for(seg, ARRIVED, s, p2p)
     if n * buf.element_size() <= SMALL_BYTES:
@@ -106,6 +112,7 @@ def shm_all_reduce(buf: torch.Tensor, op: ReduceOp, p2p: P2P) -> None:
     a, b = chunk_bounds(n, p)[r]
     if b > a:
         _reduce_piece(seg, seg.slot(p, n, buf.dtype)[a:b], a, b, n, op)
+        _wrote(p2p, (b - a) * buf.element_size())
     _post(seg, DONE, s, r)
     wait_for(seg, DONE, s, p2p)
     buf.copy_(seg.slot(p, n, buf.dtype))
@@ -122,6 +129,7 @@ def shm_reduce_scatter(buf: torch.Tensor, op: ReduceOp, p2p: P2P) -> tuple[int, 
         return a, b
     seg, s = _begin(p2p, n * buf.element_size())
     seg.slot(r, n, buf.dtype).copy_(buf)
+    _wrote(p2p, n * buf.element_size())
     _post(seg, ARRIVED, s, r)
     wait_for(seg, ARRIVED, s, p2p)
     if b > a:
@@ -141,6 +149,7 @@ def shm_all_gather(buf: torch.Tensor, bounds: list[tuple[int, int]], p2p: P2P) -
     seg, s = _begin(p2p, widest * buf.element_size())
     a, b = bounds[r]
     seg.slot(r, b - a, buf.dtype).copy_(buf[a:b])
+    _wrote(p2p, (b - a) * buf.element_size())
     _post(seg, ARRIVED, s, r)
     wait_for(seg, ARRIVED, s, p2p)
     for j, (a, b) in enumerate(bounds):
@@ -172,6 +181,7 @@ def shm_broadcast(buf: torch.Tensor, root: int, p2p: P2P) -> None:
     seg, s = _begin(p2p, n * buf.element_size())
     if r == root:
         seg.slot(r, n, buf.dtype).copy_(buf)
+        _wrote(p2p, n * buf.element_size())
     _post(seg, ARRIVED, s, r)
     if r != root:
         wait_for(seg, ARRIVED, s, p2p, only=root)
@@ -205,6 +215,7 @@ def resident_all_reduce(seg: Segment, offset: int, n: int, dtype, op: ReduceOp,
     def region(j: int) -> torch.Tensor:
         return seg.slot(j, (offset + size) // dtype.itemsize, dtype)[offset // dtype.itemsize:]
 
+    _wrote(p2p, size)    # its reduced piece and the others' pieces, into its own region
     _post(seg, ARRIVED, s, r)
     wait_for(seg, ARRIVED, s, p2p)
     bounds = chunk_bounds(n, p)

@@ -114,6 +114,9 @@ class Segment:
         # With more ranks than cores a spinning waiter holds the core a laggard needs:
         # yield at once instead (4 ranks on 2 cores: 1 KiB took ~1 ms a call spinning).
         self.spins = SPINS if self.p <= len(os.sched_getaffinity(0)) else 0
+        # For the compiled small path (shm_fast.py): the mapping's address, slot 0's offset.
+        self.base, self.header = self.data.data_ptr(), _header(self.p)
+        self.cspins = 4096 if self.spins else 0     # paused checks in C before yielding
 
     def slot(self, i: int, n: int, dtype: torch.dtype) -> torch.Tensor:
         """Slot ``i`` (i == p: the output area) as ``n`` elements of ``dtype``; the view is
