@@ -38,25 +38,130 @@ def _matrix(rank, n):
             for op in OPS:
                 if op == "avg" and not dtype.is_floating_point:
                     continue
-                t = torch.from_numpy(rank_input(rank, length, op)).to(dtype)
-                comm.all_reduce(t, op=op, algorithm="shm")
-                want = torch.from_numpy(expected(n, length, op)).to(dtype)
-                if not torch.equal(t, want):
-                    failures.append(f"{dtype} len={length} {op}: got {t[:5].tolist()} "
-                                    f"want {want[:5].tolist()}")
-                digests[(str(dtype), length, op)] = _digest(t)
-    return failures, digests, os.environ["MASTER_PORT"]
+                # Twice: the first call plans, the second takes the compiled path where the
+                # plan allows it (algorithms/shm_fast.py); both are held to the closed form.
+                for call in range(2):
+                    t = torch.from_numpy(rank_input(rank, length, op)).to(dtype)
+                    comm.all_reduce(t, op=op, algorithm="shm")
+                    want = torch.from_numpy(expected(n, length, op)).to(dtype)
+                    if not torch.equal(t, want):
+                        failures.append(f"{dtype} len={length} {op} call {call}: got "
+                                        f"{t[:5].tolist()} want {want[:5].tolist()}")
+                    digests[(str(dtype), length, op, call)] = _digest(t)
+    compiled = _compiled_against_python(rank, n)
+    return failures, digests, os.environ["MASTER_PORT"], compiled, _without_extension(rank, n)
+
+
+def _counting(shm_fast):
+    """Count the all-reduces through the C extension (a stand-in module that delegates)."""
+    class Counting:
+        calls = 0
+
+        def all_reduce(self, *args):
+            Counting.calls += args[-1] == 0     # not the resumptions after a long wait
+            return real.all_reduce(*args)
+
+    real = shm_fast._shmfast
+    shm_fast._shmfast = Counting()
+    return Counting, real
+
+
+def _compiled_against_python(rank, n):
+    """The compiled path against the Python path on random inputs (any other order of
+    operations shows in the bits), at lengths around SMALL_BYTES (64 KiB), above which calls
+    keep the Python path's two phases. Returns (mismatches, C calls per (dtype, length),
+    bytes_shm per call on either path)."""
+    from gradsync import comm
+    from gradsync.comm.algorithms import shm_fast
+    from gradsync.comm.cost_model import DEFAULT_COST_MODEL
+
+    if shm_fast._shmfast is None:
+        return ["the extension gradsync.comm._shmfast is not built"], {}, set()
+    stats, gen = comm.world().stats, torch.Generator().manual_seed(rank)
+    counting, real = _counting(shm_fast)
+    bad, calls, written = [], {}, set()
+    try:
+        for dtype in (torch.float32, torch.float64, torch.int32, torch.int64):
+            limit = (64 << 10) // dtype.itemsize
+            for length in (1, 3, limit - 1, limit, limit + 1):
+                before = counting.calls
+                comm.world().small_plans.clear()    # _matrix planned some of these shapes
+                for op in OPS if dtype.is_floating_point else ("sum", "max", "min", "prod"):
+                    x = (torch.randn(length, generator=gen, dtype=torch.float64) * 4).to(dtype) \
+                        if dtype.is_floating_point else \
+                        torch.randint(-2**20, 2**20, (length,), generator=gen, dtype=dtype)
+                    oracle = x.clone()
+                    comm.all_reduce(oracle, op=op, algorithm="shm", cost_model=DEFAULT_COST_MODEL)
+                    for call in range(2):   # plan, then the compiled path
+                        got, start = x.clone(), stats.bytes_shm
+                        comm.all_reduce(got, op=op, algorithm="shm")
+                        written.add((length * dtype.itemsize, stats.bytes_shm - start))
+                        if not torch.equal(got, oracle):
+                            bad.append(f"{dtype} len={length} {op} call {call}")
+                calls[(str(dtype), length)] = counting.calls - before
+    finally:
+        shm_fast._shmfast = real
+    return bad, calls, written
+
+
+def _without_extension(rank, n):
+    """Without the extension (as where it did not build) calls take the Python path, and its
+    import failure is one debug line."""
+    import importlib
+    import logging
+    import sys
+
+    import gradsync.comm
+    from gradsync import comm
+    from gradsync.comm.algorithms import shm_fast
+
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    shm_fast.log.addHandler(handler)
+    shm_fast.log.setLevel(logging.DEBUG)
+    saved = sys.modules.pop("gradsync.comm._shmfast", None)
+    sys.modules["gradsync.comm._shmfast"] = None      # the import raises ImportError
+    had = gradsync.comm.__dict__.pop("_shmfast", None)
+    try:
+        importlib.reload(shm_fast)
+        comm.world().small_plans.clear()
+        out = []
+        for _ in range(3):
+            t = torch.full((5,), float(rank + 1))
+            out.append(comm.all_reduce(t, algorithm="shm").tolist())
+        plans = list(comm.world().small_plans.values())
+        return shm_fast._shmfast, out, plans, [r.getMessage() for r in records]
+    finally:
+        shm_fast.log.removeHandler(handler)
+        sys.modules["gradsync.comm._shmfast"] = saved
+        if had is not None:
+            gradsync.comm._shmfast = had
+        importlib.reload(shm_fast)
+        comm.world().small_plans.clear()
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("world_size", [1, 2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_shm_every_dtype_length_op(world_size):
     results = run_workers(_matrix, world_size, timeout=55)
-    for rank, (failures, _, _) in enumerate(results):
+    for rank, (failures, _, _, _, _) in enumerate(results):
         assert not failures, f"rank {rank}:\n" + "\n".join(failures[:20])
     for key in results[0][1]:
-        assert len({d[key] for _, d, _ in results}) == 1, f"results differ across ranks: {key}"
+        assert len({r[1][key] for r in results}) == 1, f"results differ across ranks: {key}"
     assert not _leftovers(results[0][2])
+    for rank, (_, _, _, (bad, calls, written), fallback) in enumerate(results):
+        assert not bad, f"rank {rank}: compiled path differs from the Python path: {bad}"
+        for (dtype, length), count in calls.items():
+            small = world_size > 1 and length * (8 if "64" in dtype else 4) <= 64 << 10
+            # One C call per op (the second call of each); none above 64 KiB or alone.
+            assert count == ((5 if "float" in dtype else 4) if small else 0), (dtype, length)
+        for nbytes, got in written:     # small: the slot; larger: the slot and a piece of out
+            assert got == nbytes if world_size > 1 and nbytes <= 64 << 10 else \
+                nbytes < got < 2 * nbytes if world_size > 1 else got == 0, (nbytes, got)
+        module, out, plans, logged = fallback
+        assert module is None and plans == [None] and out == [[sum(range(1, world_size + 1))] * 5] * 3
+        assert len(logged) == 1 and "_shmfast is not available" in logged[0], logged
 
 
 def _many_and_growing(rank, n):
