@@ -169,3 +169,41 @@ def _title(summary: dict) -> str:
         return "an unfinished run (no summary.json)"
     return (f"{summary.get('workload', '?')} on {summary.get('workers', '?')} workers, "
             f"arch {summary.get('arch', '?')}, {summary.get('steps', '?')} steps")
+
+
+def draw_timeline(trace: str | Path, png: str | Path, steps: tuple[int, int] = (5, 6)) -> Path:
+    """A picture of a ``--timeline`` file: one band per rank, its compute row and its buckets'
+    rows, for the spans of ``steps`` (first, last); what Perfetto shows, as a PNG (the
+    README's screenshot). Raises ImportError without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        raise ImportError("drawing a timeline needs matplotlib (pip install 'gradsync[plot]')")
+    events = json.loads(Path(trace).read_text(encoding="utf-8"))
+    spans = [e for e in events if e.get("ph") == "X"
+             and steps[0] <= e.get("args", {}).get("step", -1) <= steps[1]]
+    rows = sorted({(e["pid"], e["tid"]) for e in spans})
+    where = {row: i for i, row in enumerate(rows)}
+    t0 = min(e["ts"] for e in spans)
+    colours = {"step": "#dddddd", "forward": "#4c72b0", "backward": "#55a868",
+               "wait for communication": "#c44e52", "optimizer step": "#8172b2",
+               "checkpoint write": "#937860"}
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.4))
+    for e in spans:
+        y = where[(e["pid"], e["tid"])]
+        nested = e["name"] == "wait for communication"  # inside backward: drawn thinner
+        ax.barh(-y, e["dur"] / 1e3, left=(e["ts"] - t0) / 1e3, height=0.45 if nested else 0.8,
+                color=colours.get(e["name"], "#dd8452"), edgecolor="none",
+                zorder=1 if e["name"] == "step" else 3 if nested else 2)  # step underneath
+    ax.set_yticks([-i for i in range(len(rows))],
+                  [f"rank {p} " + ("compute" if t == 0 else f"bucket {t - 100}")
+                   for p, t in rows], fontsize=7)
+    ax.set_xlabel("ms")
+    names = [n for n in colours if any(e["name"] == n for e in spans)] + ["all-reduce (bucket)"]
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colours.get(n, "#dd8452"))
+                       for n in names], labels=names, fontsize=7, ncol=len(names),
+              loc="upper center", bbox_to_anchor=(0.5, 1.18), frameon=False)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return Path(png)
