@@ -56,10 +56,12 @@ class ShardedOptimizer:
         all started before the first wait."""
         works = []
         for b in self.buckets:
-            # (k,) input: this rank's piece with its padding; a copy, because the output
-            # list's entry ``rank`` is that same memory.
-            mine = b.pieces(b.flat)[b.rank].clone()
-            works.append(comm.all_gather_async(b.pieces(b.flat), mine, group=self.group))
+            # (k,) input: this rank's piece with its padding, which is also the output
+            # list's entry ``rank``: every engine and algorithm stages the input into a
+            # (N * k,) buffer before writing the outputs, so the aliasing is safe and saves
+            # a copy of the piece.
+            pieces = b.pieces(b.flat)
+            works.append(comm.all_gather_async(pieces, pieces[b.rank], group=self.group))
         for work in works:
             work.wait()
 
