@@ -203,3 +203,44 @@ def test_on_one_host_a_half_cast_saves_no_work_and_auto_does_not_pick_it():
     from gradsync.plan import choose
 
     assert choose(big, one, extra_servers=True).candidate.compression == "none"
+
+
+def test_buckets_close_as_dataparallels_do():
+    # The first bucket closes at 1 MiB (one 2 MB parameter), the next ones at the cap.
+    p = _profile()
+    assert p.buckets(25 * MB) == [(0.001, 2 * MB), (0.004, 6 * MB)]
+    assert p.buckets(4 * MB) == [(0.001, 2 * MB), (0.003, 4 * MB), (0.004, 2 * MB)]
+
+
+def test_compressed_hooks_encode_in_backward_and_wait_a_hop_per_collective():
+    """No alpha, beta or gamma: what is left is the hooks' own shape. Bucket 0 (2 MB, ready
+    at 1 ms) and bucket 1 (6 MB, at 4 ms); a 4 ms codec, compute x2 on 4 ranks and 2 cores,
+    one scheduling hop H per collective."""
+    from gradsync.comm.algorithms.registry import REGISTRY
+    from gradsync.comm.cost_model import CostModel
+    from gradsync.plan.hooks import HOP_S
+
+    free = CostModel({a: (0.0, 0.0) for a in REGISTRY}, gamma=0.0)
+    prof = _profile(codecs={"powersgd:2": (0.004, 0.01, 0.5), "topk:0.01": (0.004, 0.03, 1.0)})
+    H, ms = HOP_S, 1e-3
+    shared = Cluster((1e15, 1e15), procs_per_host=2, latency_s=0.0, cores=2)
+    # PowerSGD: calls 1 + 3 ms inside an 8 ms backward; two collectives started per bucket
+    # (bucket 1's from 12 ms); after backward each bucket's Q all-reduce waits for all of
+    # them, then its decode (1, 3 ms).
+    end = 12 * ms + 2 * H
+    end += H + 1 * ms
+    end += H + 3 * ms
+    psgd = predict(prof, shared, Candidate("allreduce", "native", compression="powersgd:2"),
+                   free)
+    assert psgd.step_s == pytest.approx(4 * ms + end + 2 * ms)
+    assert psgd.exposed_s == pytest.approx(end - 8 * ms)
+    # top-k: the whole codec is the selection (2 + 6 ms in backward), two gathers a bucket,
+    # nothing to decode after them.
+    topk = predict(prof, shared, Candidate("allreduce", "native", compression="topk:0.01"),
+                   free)
+    assert topk.step_s == pytest.approx(4 * ms + 16 * ms + 2 * H + 2 * ms)
+    # A core per rank: no hop, and the codec's decode is all that follows backward.
+    alone = Cluster((1e15, 1e15), latency_s=0.0)
+    psgd = predict(prof, alone, Candidate("allreduce", "native", compression="powersgd:2"),
+                   free)
+    assert psgd.step_s == pytest.approx(2 * ms + (4 + 2) * ms + 2 * ms + 1 * ms)

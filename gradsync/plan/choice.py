@@ -37,10 +37,10 @@ class Choice:
     def candidate(self) -> Candidate:
         return self.best.candidate
 
-    def line(self) -> str:
+    def line(self, who: str = "--arch auto") -> str:
         """One line: the choice, its predicted ms/step and bottleneck, the runner-up's."""
         best, second = self.best, self.runner_up
-        out = (f"--arch auto chose {best.candidate.label} ({1e3 * best.step_s:.2f} ms/step "
+        out = (f"{who} chose {best.candidate.label} ({1e3 * best.step_s:.2f} ms/step "
                f"predicted, bottleneck: {best.bottleneck})")
         out += (f"; runner-up {second.candidate.label} ({1e3 * second.step_s:.2f} ms/step)"
                 if second else "; no other candidate")

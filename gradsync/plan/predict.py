@@ -15,8 +15,8 @@ done, and lasts d_i::
 All-reduce, chunk of n bytes (c the compressor's wire fraction, e its encode+decode share):
 d = max(the ranks' own work, the busiest host link) + messages x latency + e, from the
 cost model of ``algorithm="auto"`` (comm/cost_model.py: per-algorithm alpha and beta for
-the CPU side, the topology's links for the wire). top-k is two all-gathers (values and
-indices) of c n per rank; PowerSGD runs three all-reduces of c n together.
+the CPU side, the topology's links for the wire). top-k and PowerSGD, whose hooks encode
+inside backward and decode and (PowerSGD) all-reduce again after it: hooks.py.
 
 Parameter Server with k dedicated server ranks (ranks 0..k-1, as gradsync places them) and
 N = ranks - k workers, server s holding a share g_s of the G gradient bytes (by its link
@@ -39,14 +39,10 @@ from dataclasses import dataclass
 from ..comm.algorithms.registry import REGISTRY
 from ..comm.cost_model import DEFAULT_COST_MODEL, CostModel, network_time, shape
 from .cluster import Cluster
+from .hooks import SHM_HOOK_TRAFFIC, hook_step, hooked
 from .profile import Profile
 
 PS_MESSAGE_S = 150e-6  # a push or a reply handled in Python, each end (fitted: docs/plan.md)
-# On one host DataParallel's plain shm buckets live in shared memory and are reduced where
-# they lie: about 3 S of memory traffic per rank for S bytes (comm/shared_buckets.py). A
-# compressed bucket goes through its hook and an ordinary shm all-reduce instead, which copies
-# into the segment and back out: about 5.5 S for the same S (docs/plan.md).
-SHM_HOOK_TRAFFIC = 5.5 / 3
 HALF_CASTS = ("fp16", "bf16")
 
 
@@ -122,8 +118,16 @@ def predict(profile: Profile, cluster: Cluster, cand: Candidate,
     workers = ranks - cand.servers if cand.arch == "ps" else ranks
     slow = cluster.slowdown()
     f, b = (profile.data_s + profile.forward_s) * slow, profile.backward_s * slow
-    codec_s, frac = profile.codecs.get(cand.compression, (0.0, 1.0))
+    codec_s, frac = profile.codecs.get(cand.compression, (0.0, 1.0))[:2]
     codec_s *= slow
+    if cand.arch == "allreduce" and hooked(cand.compression) and ranks > 1:
+        backward, end = hook_step(profile, cluster, cand.algorithm, cand.compression,
+                                  cand.bucket_mb * (1 << 20), cost, slow)
+        exposed, opt = end - b, profile.optimizer_s * slow
+        bottleneck = ("compute" if exposed < 0.05 * (f + end + opt)
+                      else _link_bottleneck(cluster, cand) if frac * profile.grad_bytes
+                      / min(cluster.rates) > 0.5 * (end - backward) else "latency (messages)")
+        return Prediction(cand, workers, f + end + opt, f + b + opt, exposed, bottleneck)
     if cand.arch == "allreduce":
         chunks = profile.chunks(cand.bucket_mb * (1 << 20))
         timed = [(r * slow, _all_reduce_s(cluster, cand, n, frac, cost, slow)
@@ -143,19 +147,14 @@ def predict(profile: Profile, cluster: Cluster, cand: Candidate,
 
 def _all_reduce_s(cluster: Cluster, cand: Candidate, n: float, frac: float,
                   cost: CostModel, slow: float = 1.0) -> float:
-    """One chunk of ``n`` dense bytes: the ranks' own work (the cost model's alphas and betas,
-    slowed on shared cores) or the busiest link, whichever is longer, plus each message's
-    latency. top-k: two all-gathers (values, int64 indices) of c n per rank; PowerSGD: three
-    all-reduces (P, Q, the vectors it leaves dense) of c n together."""
+    """One chunk of ``n`` dense bytes, plain or cast to halves (top-k and PowerSGD:
+    hooks.py): the ranks' own work (the cost model's alphas and betas, slowed on shared
+    cores) or the busiest link, whichever is longer, plus each message's latency."""
     p = cluster.ranks
     if p <= 1:
         return 0.0
     algo = cand.algorithm if cand.algorithm in REGISTRY else "native"
     wire = n * frac
-    alpha = cost.links[algo][0] * slow + cluster.latency_s
-    if cand.compression.startswith("topk"):
-        return 2 * (p - 1) * alpha + (p - 1) * wire / min(cluster.rates)
-    rounds = 3 if cand.compression.startswith("powersgd") else 1
     messages = shape(algo, float(wire), p)[0]
     # One host has no wire: the all-reduce is the ranks' own work, and a half cast keeps
     # every element to add (CPU adds halves element by element, no faster than floats).
@@ -164,7 +163,7 @@ def _all_reduce_s(cluster: Cluster, cand: Candidate, n: float, frac: float,
     if algo == "shm" and cand.compression != "none":
         local *= SHM_HOOK_TRAFFIC  # no resident buckets behind a hook
     net = network_time(cluster.topology, algo, int(wire)) if cluster.hosts > 1 else 0.0
-    return max(local, net) + messages * cluster.latency_s + (rounds - 1) * messages * alpha
+    return max(local, net) + messages * cluster.latency_s
 
 
 def _link_bottleneck(cluster: Cluster, cand: Candidate) -> str:

@@ -7,8 +7,10 @@ steps of one process (one thread, as each rank of a run has on a shared machine)
 - ``grads``: for each parameter, in the order backward produces its gradient, the seconds
   from the start of backward to that moment and the gradient's bytes (what a bucket or a
   partition waits for before it can be sent);
-- ``codecs``: per compressor, the seconds to compress and decompress one step's gradients
-  and the fraction of the dense bytes that crosses the wire.
+- ``codecs``: per compressor, the seconds to compress and decompress one step's gradients,
+  the fraction of the dense bytes that crosses the wire, and the share of those seconds
+  spent inside the hook call (during backward, on the training thread) rather than at its
+  wait (after backward).
 
 Nothing here communicates; the predictions (predict.py) add the network.
 """
@@ -20,7 +22,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -45,10 +47,11 @@ class Profile:
     """Collating one batch from the dataset, as the trainer does each step."""
     grads: list[tuple[float, int]]
     """(seconds after backward starts, bytes) per parameter, in the order they become ready."""
-    codecs: dict[str, tuple[float, float]] = field(default_factory=dict)
+    codecs: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """compression spec -> (seconds per step to encode and decode, wire bytes / dense bytes,
+    the share of the seconds spent at launch; profiles saved before it have no share)."""
     hidden: int = 1024
     """The workload's width (synthetic-mlp, digits-wide)."""
-    """compression spec -> (seconds per step to encode and decode, wire bytes / dense bytes)."""
 
     @property
     def grad_bytes(self) -> int:
@@ -57,6 +60,26 @@ class Profile:
     @property
     def compute_s(self) -> float:
         return self.data_s + self.forward_s + self.backward_s + self.optimizer_s
+
+    def buckets(self, cap_bytes: float) -> list[tuple[float, int]]:
+        """DataParallel's buckets (allreduce/buckets.py): in the order the gradients become
+        ready, a bucket closes once it holds ``cap_bytes`` (the first: at most 1 MiB).
+        (ready time of its last parameter, bytes) each."""
+        out: list[tuple[float, int]] = []
+        ready, size = 0.0, 0
+        for t, b in self.grads:
+            ready, size = t, size + b
+            if size >= (min(cap_bytes, 1 << 20) if not out else cap_bytes):
+                out.append((ready, size))
+                size = 0
+        if size:
+            out.append((ready, size))
+        return out
+
+    def launch_share(self, spec: str) -> float:
+        """The share of ``spec``'s codec time spent in the hook call (0.5 when unknown)."""
+        codec = self.codecs.get(spec, ())
+        return codec[2] if len(codec) > 2 else 0.5
 
     def chunks(self, cap_bytes: float) -> list[tuple[float, int]]:
         """The gradients cut into consecutive chunks of at most ``cap_bytes`` (a parameter
@@ -90,15 +113,57 @@ def measure(workload: str, batch: int | None = None, *, steps: int = 12, seed: i
     from ..train.loop import make_optimizer
     from ..workloads import build_workload
 
-    torch.set_num_threads(1)
     w = build_workload(workload, seed=seed, hidden=hidden)
     batch = batch or w.default_batch_size
-    model = w.model
-    optimizer = make_optimizer(w.optimizer, model.parameters(), w.default_lr)
+
     def collate():
         return default_collate([w.train_set[i % len(w.train_set)] for i in range(batch)])
 
-    x, y = collate()
+    profile = measure_module(
+        w.model, collate(), w.loss_fn, steps=steps, specs=specs, name=workload,
+        optimizer=lambda params: make_optimizer(w.optimizer, params, w.default_lr))
+    return replace(profile, data_s=median_time(collate, steps), hidden=hidden)
+
+
+def measure_module(module: torch.nn.Module, sample: tuple, loss_fn: Callable, *,
+                   optimizer: Callable | None = None, steps: int = 12,
+                   specs: tuple[str, ...] = CODECS, group=None, name: str = "module"
+                   ) -> Profile:
+    """Time a copy of ``module`` on ``sample`` = (inputs, targets), one thread (the caller's
+    thread count is restored after).
+
+    Args:
+        module: the model (left untouched: a deep copy is timed).
+        sample: one batch, (inputs, targets); the batch is the inputs' first dimension.
+        loss_fn: ``loss_fn(module(inputs), targets)``.
+        optimizer: ``optimizer(params)``; default SGD (the step's cost is what matters).
+        steps: timed steps, after two warm-up steps.
+        specs: the compressors to time (see :func:`codecs`).
+        group: a one-rank group to time the compressors' hooks on (a script whose world is
+            up); None: a one-rank world of its own.
+        name: the profile's workload name.
+    Returns:
+        The :class:`Profile` (no data loading: ``data_s`` 0).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = copy.deepcopy(module)
+        make = optimizer or (lambda params: torch.optim.SGD(params, lr=1e-3))
+        x, y = sample
+        med, grads = _phases(model, make(model.parameters()), x, y, loss_fn, steps)
+
+        def step(m: torch.nn.Module) -> None:
+            loss_fn(m(x), y).backward()
+
+        return Profile(name, len(x), *med, 0.0, grads,
+                       codecs(model, step, steps, specs, group))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _phases(model, optimizer, x, y, loss_fn, steps: int):
+    """([forward, backward, optimizer] medians, [(ready after backward starts, bytes)])."""
     params = [p for p in model.parameters() if p.requires_grad]
     ready: dict[int, float] = {}
     for i, p in enumerate(params):
@@ -110,7 +175,7 @@ def measure(workload: str, batch: int | None = None, *, steps: int = 12, seed: i
         optimizer.zero_grad(set_to_none=True)
         ready.clear()
         t0 = time.perf_counter()
-        loss = w.loss_fn(model(x), y)
+        loss = loss_fn(model(x), y)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
@@ -122,21 +187,19 @@ def measure(workload: str, batch: int | None = None, *, steps: int = 12, seed: i
     order = sorted(range(len(params)), key=lambda i: statistics.median(o[i] for o in offsets))
     grads = [(statistics.median(o[i] for o in offsets),
               params[i].numel() * params[i].element_size()) for i in order]
-    med = [statistics.median(p[k] for p in phases) for k in range(3)]
-
-    def step(m: torch.nn.Module) -> None:
-        w.loss_fn(m(x), y).backward()
-
-    return Profile(workload, batch, *med, median_time(collate, steps), grads,
-                   codecs(model, step, steps, specs), hidden)
+    return [statistics.median(p[k] for p in phases) for k in range(3)], grads
 
 
 def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repeat: int,
-           specs: tuple[str, ...] = CODECS) -> dict[str, tuple[float, float]]:
-    """Per compressor of ``specs``: (seconds a step spends in it, wire fraction). Each
-    is timed through gradsync's own hook on a one-rank world (its collectives move nothing,
-    its encoding and decoding run as in a run), as the step time of the wrapped model minus
-    that of the plain wrapped model. The wire fraction is each format's arithmetic on one
+           specs: tuple[str, ...] = CODECS, group=None) -> dict[str, tuple[float, float, float]]:
+    """Per compressor of ``specs``: (seconds a step spends in it, wire fraction, launch
+    share). Each is timed through gradsync's own hook on a one-rank world (its collectives
+    move nothing, its encoding and decoding run as in a run): the median over steps of the
+    seconds spent in the hook's calls and their handles' waits (timing the hook itself, not
+    the step with it minus the step without, whose difference drowns in the noise of a
+    busy machine). The launch share is the part spent in the calls (PowerSGD: error
+    feedback and P = M Q; top-k: the selection), during backward, rather than in the waits
+    (the rest, after backward). The wire fraction is each format's arithmetic on one
     bucket of every gradient: halves 0.5; top-k its k values and int64 indices; PowerSGD
     r (n + m) for each matrix its hook compresses, the rest dense."""
     from .. import comm
@@ -151,20 +214,29 @@ def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repe
     params = [p.detach() for p in model.parameters() if p.requires_grad]
     numel = sum(p.numel() for p in params)
     size = params[0].element_size()
-    group = comm.init_process_group("gloo", rank=0, world_size=1, master_addr="127.0.0.1",
-                                    master_port=find_free_port())
+    own = group is None  # else the caller's one-rank group, left as it is
+    if own:
+        group = comm.init_process_group("gloo", rank=0, world_size=1, master_addr="127.0.0.1",
+                                        master_port=find_free_port())
     try:
-        def timed(spec: str | None) -> tuple[float, object]:
+        def timed(spec: str) -> tuple[float, object, float]:
             dp = DataParallel(copy.deepcopy(model), group=group, topology=None)
-            hook = make_hook(spec, group) if spec else None
-            if hook is not None:
-                dp.register_comm_hook(*hook)
-            return median_time(lambda: step(dp), repeat), hook and hook[0]
+            state, hook = make_hook(spec, group)
+            split = [0.0, 0.0]  # seconds in the hook calls, in their waits, this step
+            dp.register_comm_hook(state, _split_timer(hook, split))
+            step(dp)  # warm-up
+            per_step = []
+            for _ in range(repeat):
+                split[:] = [0.0, 0.0]
+                step(dp)
+                per_step.append(tuple(split))
+            total = statistics.median(a + b for a, b in per_step)
+            launch = statistics.median(a for a, _ in per_step)
+            return total, state, min(1.0, launch / max(total, 1e-12))
 
-        base, _ = timed(None)
         out = {}
         for spec in specs:
-            seconds, state = timed(spec)
+            seconds, state, share = timed(spec)
             name, _, arg = spec.partition(":")
             if name in ("fp16", "bf16"):
                 frac = 0.5
@@ -174,7 +246,26 @@ def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repe
                 matrices, dense = split_matrices(state, params)
                 frac = (sum(min(*m.shape, int(arg)) * sum(m.shape) for m in matrices)
                         + sum(d.numel() for d in dense)) / numel
-            out[spec] = (max(0.0, seconds - base), frac)
+            out[spec] = (seconds, frac, share)
         return out
     finally:
-        comm.destroy_process_group()
+        if own:
+            comm.destroy_process_group()
+
+
+def _split_timer(hook, split: list[float]):
+    """``hook`` adding its call's seconds to split[0] and its handle's wait's to split[1]."""
+    from .. import comm
+
+    def timed(state, bucket):
+        start = time.perf_counter()
+        handle = hook(state, bucket)
+        split[0] += time.perf_counter() - start
+
+        def finish():
+            start = time.perf_counter()
+            result = handle.wait()
+            split[1] += time.perf_counter() - start
+            return result
+        return comm.Work(finish)
+    return timed
