@@ -32,7 +32,7 @@ from ..group import Group, last_world, world
 from ..ops import ReduceOp
 from ..p2p import P2P
 from .shm import ARRIVED, DONE, SMALL_BYTES
-from .shm_segment import drop, segment, wait_for
+from .shm_segment import Segment, drop, segment, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class Plan:
     op: int                     # OPS code
     what: str                   # the name errors give the call: "all_reduce(shm)"
     topology: object            # the group's topology when auto chose; another one re-plans
+    seg: Segment | None = None  # the group's segment for the members, while not retired
 
 
 def remember(group: Group, key: tuple, op: ReduceOp, chosen: str, nbytes: int,
@@ -91,33 +92,42 @@ def try_all_reduce(tensor: torch.Tensor, op, group: Group | None, algorithm: str
     if (plan is None or group.check or group._pending or not tensor.is_contiguous()
             or tensor.requires_grad or not tensor.is_cpu or plan.topology is not group.topology):
         return False
-    seg = group.__dict__.get("_shm_segments", {}).get(plan.members)
-    stats = group.stats
+    stats, seg = group.stats, plan.seg
     stats.calls += 1
     group.seq += 1
     group.current_op = "all_reduce"
     group.op_started = time.monotonic()
     try:
-        if seg is None or seg.capacity < plan.nbytes:   # collective: every rank comes here
-            seg = segment(_p2p(group, plan), plan.nbytes)
+        if seg is None or seg.retired or seg.capacity < plan.nbytes:
+            # collective (every rank comes here in the same call): the cached segment, or
+            # a new one
+            seg = plan.seg = segment(_p2p(group, plan), plan.nbytes)
         seg.seq += 1
-        args = [seg.base, seg.header, seg.capacity, seg.p, group.rank, seg.seq,
-                tensor.data_ptr(), plan.numel, plan.dtype, plan.op, seg.cspins, YIELDS, 0]
-        stage = _shmfast.all_reduce(*args)
-        while stage:    # a bounded wait ran out: Python's waits time out and name the rank
-            p2p = _p2p(group, plan)
-            if stage == 1:
-                wait_for(seg, DONE, seg.seq - 1, p2p)
-            else:
-                wait_for(seg, ARRIVED, seg.seq, p2p)
-            args[-1] = stage
-            stage = _shmfast.all_reduce(*args)
+        stage = _shmfast.all_reduce(seg.base, seg.header, seg.capacity, seg.p, group.rank,
+                                    seg.seq, tensor.data_ptr(), plan.numel, plan.dtype,
+                                    plan.op, seg.cspins, YIELDS, 0)
+        if stage:
+            _resume(group, plan, seg, tensor, stage)
     except BaseException:
         drop(_p2p(group, plan))     # as shm._guarded: a later call makes a new segment
         raise
     stats.bytes_shm += plan.nbytes
     group.finished_seq = group.seq
     return True
+
+
+def _resume(group: Group, plan: Plan, seg: Segment, tensor: torch.Tensor, stage: int) -> None:
+    """A bounded wait in C ran out: Python's waits time out and name the rank (or find the
+    peer's process gone); then C goes on from where it stopped."""
+    while stage:
+        p2p = _p2p(group, plan)
+        if stage == 1:
+            wait_for(seg, DONE, seg.seq - 1, p2p)
+        else:
+            wait_for(seg, ARRIVED, seg.seq, p2p)
+        stage = _shmfast.all_reduce(seg.base, seg.header, seg.capacity, seg.p, group.rank,
+                                    seg.seq, tensor.data_ptr(), plan.numel, plan.dtype,
+                                    plan.op, seg.cspins, YIELDS, stage)
 
 
 def _p2p(group: Group, plan: Plan) -> P2P:

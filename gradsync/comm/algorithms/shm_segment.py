@@ -102,6 +102,7 @@ class Segment:
     flags: np.ndarray           # (3, p, 8) int64: arrived, done, gathered; column 0 used
     pids: list[int]             # members' pids, for liveness checks; -1: another pid namespace
     seq: int = 0                # calls made on this segment
+    retired: bool = False       # replaced by a bigger one or dropped: holders look again
 
     def __post_init__(self) -> None:
         # The counters as Python ints through a memoryview (flat int64 index of
@@ -284,14 +285,16 @@ def segment(p2p: P2P, nbytes: int) -> Segment:
     cache = p2p.group.__dict__.setdefault("_shm_segments", {})
     seg = cache.get(p2p.members)
     if seg is None or seg.capacity < nbytes:
-        cache.pop(p2p.members, None)
+        old = cache.pop(p2p.members, None)
+        if old is not None:
+            old.retired = True
         seg = attach(p2p, nbytes, seg)
         cache[p2p.members] = seg
     return seg
 
 
-
-
 def drop(p2p: P2P) -> None:
     """Forget the view's segment after a failed call: a later call makes a new one."""
-    p2p.group.__dict__.get("_shm_segments", {}).pop(p2p.members, None)
+    seg = p2p.group.__dict__.get("_shm_segments", {}).pop(p2p.members, None)
+    if seg is not None:
+        seg.retired = True
