@@ -5,6 +5,7 @@ best one, and check the prediction against real runs.
                  ready, the compressors' costs
     cluster.py   the cluster described: hosts, ranks per host, links, latency
     predict.py   the model: overlap of transfers with backward, all-reduce and PS costs
+    hooks.py     top-k's and PowerSGD's hooks: encoding in backward, the rest after it
     choice.py    the best configuration a run allows, and the line that says why
                  (`gradsync train --arch auto`; scripts: ``choose(measure(...), cluster)``)
     report.py    the ranking, the best one's flags, the scaling table and plot
@@ -14,6 +15,6 @@ best one, and check the prediction against real runs.
 
 from .choice import Choice, choose
 from .cluster import Cluster
-from .profile import Profile, measure
+from .profile import Profile, measure, measure_module
 
-__all__ = ["Choice", "Cluster", "Profile", "choose", "measure"]
+__all__ = ["Choice", "Cluster", "Profile", "choose", "measure", "measure_module"]
