@@ -35,6 +35,7 @@ class ShardedOptimizer:
         self.optimizer: torch.optim.Optimizer = optimizer_class(pieces, **defaults)
         # Stage 3 sets False: its parameters are gathered per layer before each use.
         self.gather_after_step = True
+        self.gather_algorithm = "auto"  # ShardedDataParallel's shard_algorithm
 
     @property
     def param_groups(self) -> list[dict]:
@@ -61,7 +62,8 @@ class ShardedOptimizer:
             # (N * k,) buffer before writing the outputs, so the aliasing is safe and saves
             # a copy of the piece.
             pieces = b.pieces(b.flat)
-            works.append(comm.all_gather_async(pieces, pieces[b.rank], group=self.group))
+            works.append(comm.all_gather_async(pieces, pieces[b.rank], group=self.group,
+                                               algorithm=self.gather_algorithm))
         for work in works:
             work.wait()
 

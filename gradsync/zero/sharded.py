@@ -45,7 +45,8 @@ class ShardedDataParallel(nn.Module):
         group: the ranks to shard over (default: all).
         bucket_cap_mb: size of a bucket in MiB: the unit of overlap with backward.
         algorithm: the stage-1 all-reduce's algorithm (as DataParallel's ``algorithm``);
-            reduce-scatter and all-gather run ``auto`` (shared memory on one host).
+            reduce-scatter and all-gather run ``auto`` (shared memory on one host), or the
+            engine's own when this is ``native``.
         topology: as DataParallel's (what ``auto`` takes into account).
         broadcast_buffers: copy rank 0's buffers before each forward that syncs.
         prefetch: stage 3: start the next layer's all-gather while this one computes.
@@ -68,6 +69,9 @@ class ShardedDataParallel(nn.Module):
         if group is None:
             group = comm.world() if comm.is_initialized() else comm.init_process_group()
         self.module, self.group, self.stage = module, group, stage
+        # The reduce-scatter's and all-gather's algorithm: "native" keeps every collective on
+        # the engine (no shared-memory segment), anything else lets "auto" choose.
+        self.shard_algorithm = "native" if algorithm == "native" else "auto"
         self.broadcast_buffers = broadcast_buffers
         attach_topology(group, topology)
         comm.verify_tensors(group, "parameters and buffers",
@@ -105,9 +109,11 @@ class ShardedDataParallel(nn.Module):
         if stage == 3:  # from here on only this rank's shards hold parameter values
             own_pieces(self._buckets)
             self.gatherer = ParameterGatherer(modules, self._buckets, group,
-                                              self._queue_finish, prefetch)
+                                              self._queue_finish, prefetch,
+                                              self.shard_algorithm)
             self.gatherer.settle()
         self.optimizer = ShardedOptimizer(self._buckets, group, optimizer_class, **defaults)
+        self.optimizer.gather_algorithm = self.shard_algorithm
         self.optimizer.gather_after_step = stage < 3
 
     # --- nn.Module surface -----------------------------------------------------------------
@@ -228,7 +234,8 @@ class ShardedDataParallel(nn.Module):
                 # reduce_scatter_async copies its input list into its own staging buffer
                 # before returning, so grad_flat can go now.
                 work = comm.reduce_scatter_async(out, b.pieces(b.grad_flat), op="sum",
-                                                 group=self.group)
+                                                 group=self.group,
+                                                 algorithm=self.shard_algorithm)
                 b.grad_flat = None
                 if self.gatherer is not None:  # the bucket's backward is over
                     self.gatherer.free(b)

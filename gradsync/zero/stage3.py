@@ -79,8 +79,10 @@ class ParameterGatherer:
     """
 
     def __init__(self, modules: list[nn.Module], buckets: list[ShardedBucket],
-                 group: comm.Group, on_backward, prefetch: bool = True):
+                 group: comm.Group, on_backward, prefetch: bool = True,
+                 algorithm: str = "auto"):
         self.group, self.prefetch, self._on_backward = group, prefetch, on_backward
+        self.algorithm = algorithm  # the all-gathers' (ShardedDataParallel.shard_algorithm)
         self.units = [[b for b in buckets if b.unit == u] for u in range(len(modules))]
         self._pending: dict[int, comm.Work] = {}
         self.gathers = self.prefetched = 0
@@ -103,7 +105,8 @@ class ParameterGatherer:
         # Input: this rank's (k,) shard; output: the N (k,) pieces of flat, written in place
         # so that every parameter view (and every view autograd saved) sees the values.
         self._pending[b.index] = comm.all_gather_async(b.pieces(b.flat), b.shard,
-                                                       group=self.group)
+                                                       group=self.group,
+                                                       algorithm=self.algorithm)
         self.gathers += 1
         return True
 
