@@ -4,8 +4,9 @@ Gradients are fused into gradsync's buckets (gradsync/allreduce/buckets.py, fill
 reverse registration order, the order backward produces them). A post-accumulate hook on
 each parameter copies its gradient into the bucket, divided on the way in for Average (one
 pass, as DataParallel does), and points ``param.grad`` at that slice; the moment a bucket is
-full its all-reduce starts (comm.all_reduce_async, or a gradsync compression hook through
-DataParallel's ``hook_work``), overlapping the rest of backward. Buckets start strictly in
+full its all-reduce starts (comm.all_reduce_async with the algorithm DataParallel would
+choose, in shared memory when every rank is on one host; or a gradsync compression hook
+through DataParallel's ``hook_work``), overlapping the rest of backward. Buckets start strictly in
 index order on every rank, so the ranks pair up the same collectives. ``step()`` (or
 ``synchronize()``) waits for them; a parameter whose gradient never came is all-reduced
 then (as zeros when it has none), as in Horovod.
@@ -35,71 +36,15 @@ import torch
 
 from .. import comm
 from ..allreduce.bucket_reduce import BucketTrace, hook_work
-from ..allreduce.buckets import Bucket, assign_buckets
+from ..allreduce.buckets import Bucket
 from ..compress.spec import make_hook
 from ..run.timeline import script_timeline
 from .basics import Average, global_process_set, resolve_op
 from .compression import Compression
 from .join import OPTIMIZER, negotiate, register_optimizer
-from .shapes import split_rows
+from .fusion import _bucket, _names, place_buckets, plan_buckets
 
 BUCKET_CAP_MB = 25.0  # gradsync DataParallel's default (Horovod's fusion buffer: 64 MB)
-
-
-def plan_buckets(params: list, groups, cap_bytes: int) -> list[list]:
-    """Parameters per bucket, one dtype each: gradsync's size-capped buckets (``groups``
-    None), ``groups`` buckets of about equal parameter counts (an int), or the given lists
-    (the parameters in none of them in size-capped buckets after).
-
-    Raises:
-        ValueError: ``groups`` < 1, or a parameter listed twice.
-    """
-    if groups is None:
-        chosen = [[params[i] for i in m] for m in assign_buckets(params, cap_bytes)]
-    elif isinstance(groups, int):
-        if groups < 1:
-            raise ValueError(f"groups must be >= 1, got {groups}")
-        order, chosen, start = params[::-1], [], 0  # backward's order
-        for n in split_rows(len(params), min(groups, len(params))):
-            chosen.append(order[start:start + n])
-            start += n
-    else:
-        chosen = [list(g) for g in groups]
-        listed = [id(p) for g in chosen for p in g]
-        if len(listed) != len(set(listed)):
-            raise ValueError("a parameter appears in more than one of groups")
-        rest = [p for p in params if id(p) not in set(listed)]
-        chosen += [[rest[i] for i in m] for m in assign_buckets(rest, cap_bytes)]
-    out = []
-    for members in chosen:  # a bucket is one flat tensor: one dtype
-        by_dtype: dict[torch.dtype, list] = {}
-        for p in members:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        out.extend(by_dtype.values())
-    return [b for b in out if b]
-
-
-def _bucket(index: int, params: list) -> Bucket:
-    offsets, total = [], 0
-    for p in params:
-        offsets.append(total)
-        total += p.numel()
-    return Bucket(index, params, offsets, torch.zeros(total, dtype=params[0].dtype))
-
-
-def _names(named_parameters, params: list) -> dict[int, str]:
-    """Names for error messages; Horovod's checks on ``named_parameters``."""
-    if named_parameters is None:
-        return {id(p): f"allreduce.noname.{i}" for i, p in enumerate(params)}
-    named = list(named_parameters)
-    names = [n for n, _ in named]
-    if len(set(names)) != len(names):
-        raise ValueError(f"parameter names in named_parameters must be unique: {names}")
-    by_id = {id(p): n for n, p in named}
-    if any(id(p) not in by_id for p in params):
-        raise ValueError("named_parameters was specified, but one or more model parameters "
-                         "were not named: name every parameter the optimizer holds")
-    return by_id
 
 
 class DistributedOptimizer(torch.optim.Optimizer):
@@ -150,17 +95,24 @@ class DistributedOptimizer(torch.optim.Optimizer):
                        for i, p in enumerate(bucket.params)}
         self._handles = [p.register_post_accumulate_grad_hook(partial(self._on_grad, p))
                          for p in params]
+        plain_sum = self._hook is None and self.op in (Average, comm.ReduceOp.SUM)
+        self._algorithms, self._shared = place_buckets(self._buckets, self.group, plain_sum)
         self._synchronized, self._should_synchronize = False, True
         self._reset()
         timeline = script_timeline(self.group)  # `gradsync run --timeline`, HOROVOD_TIMELINE
         self._trace = None if timeline is None else BucketTrace(
-            timeline, self._buckets, [self._compression.spec.name if self._hook else "native"]
-            * len(self._buckets))
+            timeline, self._buckets, [self._compression.spec.name if self._hook else a
+                                      for a in self._algorithms])
 
     def regroup(self, group: comm.Group) -> None:
         """Reduce over ``group`` from now on (hvd.elastic: each new generation's world);
         gradients of a backward pass in flight are dropped."""
         self.group, self._works = group, []
+        if getattr(self, "_shared", None) is not None:  # the old group's shared memory
+            for bucket in self._buckets:
+                bucket.flat = bucket.flat.clone()
+            self._shared = None
+        self._algorithms = ["native"] * len(getattr(self, "_buckets", ()))
         self._hook = self._hook_state = None
         if self._compression.spec.name != "none":
             self._hook_state, self._hook = make_hook(self._compression.spec, group)
@@ -318,12 +270,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self._hook is not None:
             return hook_work(self._hook, self._hook_state, bucket, len(self._buckets),
                              self.group)
+        if self._shared is not None:  # the gradients are in shared memory already
+            return self._shared.all_reduce_async(bucket.index, op="sum")
         wire = comm.ReduceOp.SUM if self.op is Average else self.op
-        return comm.all_reduce_async(bucket.flat, op=wire, group=self.group)
+        return comm.all_reduce_async(bucket.flat, op=wire, group=self.group,
+                                     algorithm=self._algorithms[bucket.index])
 
     def contribute_zeros(self) -> None:
         """(hvd.join, on a rank that has joined.) Reduce zeros in place of each bucket, as
-        the active ranks reduce their gradients; this rank's own gradients are untouched."""
-        works = [self._launch(_bucket(b.index, b.params)) for b in self._buckets]
+        the active ranks reduce their gradients (in shared memory: in the buckets, where
+        this rank's gradients were)."""
+        if self._shared is not None:
+            for bucket in self._buckets:
+                bucket.flat.zero_()
+        works = [self._launch(b if self._shared is not None else _bucket(b.index, b.params))
+                 for b in self._buckets]
         for work in works:
             work.wait()
