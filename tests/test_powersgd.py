@@ -46,8 +46,10 @@ def gradients(step: int, rank: int, low_rank: int = 0) -> torch.Tensor:
     return torch.cat([p.reshape(-1) for p in parts])
 
 
-def _hook_steps(rank, world, size, steps, r, low_rank):
-    """The hook on a bucket of every rank's ``gradients``, on a world of ``size``."""
+def _hook_steps(rank, world, size, steps, r, low_rank, split=0):
+    """The hook on a bucket of every rank's ``gradients``, on a world of ``size``; with
+    ``split`` two buckets, of the first ``split`` tensors and of the rest (one step's two
+    all-reduces carry both)."""
     from gradsync.compress import GradBucket
 
     group = first_ranks(size)
@@ -55,18 +57,23 @@ def _hook_steps(rank, world, size, steps, r, low_rank):
         return None
     params = [nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in SHAPES]
     offsets = [sum(_numels()[:i]) for i in range(len(SHAPES))]
-    bucket = GradBucket(0, torch.zeros(sum(_numels()), dtype=torch.float64), params, offsets,
-                        True, group)
+    flat = torch.zeros(sum(_numels()), dtype=torch.float64)
+    cuts = [(0, split), (split, len(SHAPES))] if split else [(0, len(SHAPES))]
+    ends = offsets + [flat.numel()]
+    buckets = [GradBucket(b, flat[offsets[lo]:ends[hi]], params[lo:hi],
+                          [o - offsets[lo] for o in offsets[lo:hi]], b == len(cuts) - 1, group)
+               for b, (lo, hi) in enumerate(cuts)]
     state, hook = powersgd(r, random_seed=SEED)
     out = []
     for step in range(steps):
-        bucket.buffer().copy_(gradients(step, rank, low_rank))
+        flat.copy_(gradients(step, rank, low_rank))
         calls = group.stats.calls
-        result = hook(state, bucket).wait().clone()
+        for work in [hook(state, bucket) for bucket in buckets]:
+            work.wait()
+        residual = torch.cat([state.residuals[b] for b in range(len(cuts))])
         # numpy across the process boundary: torch tensors would travel as shared memory
         # that vanishes with the worker.
-        out.append((result.numpy(), state.residuals[0].numpy().copy(),
-                    group.stats.calls - calls))
+        out.append((flat.numpy().copy(), residual.numpy(), group.stats.calls - calls))
     return out, state.stats.snapshot()
 
 
@@ -79,7 +86,7 @@ def test_lossless_on_gradients_of_rank_r(world3):
         for out, _ in results:
             result, _, calls = out[step]
             torch.testing.assert_close(torch.from_numpy(result), mean, rtol=1e-12, atol=1e-12)
-            assert calls == 3  # uncompressed part, P, Q
+            assert calls == 2  # the uncompressed part with P, then Q
     # Closed form of the bytes: P (n, r), Q (m, r) and the uncompressed tensors, vs all.
     dense = sum(n for i, n in enumerate(_numels()) if i not in COMPRESSED)
     lowrank = sum((n + m) * r for n, m in COMPRESSED.values())
@@ -93,8 +100,11 @@ def test_lossless_on_gradients_of_rank_r(world3):
 @pytest.fixture(scope="module")
 def lossy_run(world3):
     """World 3, rank 2, full-rank gradients: 4 steps of what each rank got back."""
+    return _lossy(world3["lossy"])
+
+
+def _lossy(per_rank):
     world, r = 3, 2
-    per_rank = world3["lossy"]
     return world, r, [[(torch.from_numpy(result), torch.from_numpy(residual), calls)
                        for result, residual, calls in out] for out, _ in per_rank]
 
@@ -108,12 +118,24 @@ def test_results_bitwise_identical_across_ranks(lossy_run):
 
 
 @pytest.mark.timeout(180)
-def test_matches_naive_oracle_step_by_step(lossy_run):
+def test_matches_naive_oracle_step_by_step(lossy_run, world3):
     world, r, per_rank = lossy_run
+    shapes = [(m, min(n, m, r)) for n, m in COMPRESSED.values()]
+    state = PowerSGDState(random_seed=SEED)
+    _check_oracle(world, per_rank, state.draw_q(shapes, torch.float64))
+    # Two buckets, one matrix each: each bucket draws its own Q, in bucket order; their
+    # all-reduces are one step's two (the uncompressed tensors with P, then Q).
+    state = PowerSGDState(random_seed=SEED)
+    qs = [q for shape in shapes for q in state.draw_q([shape], torch.float64)]
+    per_rank = _lossy(world3["two buckets"])[2]
+    assert all(calls == 2 for out in per_rank for _, _, calls in out)
+    _check_oracle(world, per_rank, qs)
+
+
+def _check_oracle(world, per_rank, qs):
+    """Each rank's results and residuals, step by step, against naive_powersgd_step
+    starting from ``qs`` (one per compressed matrix)."""
     sizes = _numels()
-    qs = PowerSGDState(random_seed=SEED).draw_q([(m, min(n, m, r))
-                                                for n, m in COMPRESSED.values()],
-                                               torch.float64)
     residuals = [torch.zeros(sum(sizes), dtype=torch.float64) for _ in range(world)]
     for step in range(len(per_rank[0])):
         ms = [(gradients(step, k) + residuals[k]).split(sizes) for k in range(world)]
@@ -258,6 +280,7 @@ def test_digits_mlp_with_rank_2_reaches_95_percent(world3):
 # all of them); the checks of 2 ranks run on a sub-group of it.
 CHECKS = [("lossless", _hook_steps, (2, 3, 2, 2)),  # world 2, 3 steps, rank 2, low-rank grads
           ("lossy", _hook_steps, (3, 4, 2, 0)),     # world 3, 4 steps, rank 2, full rank
+          ("two buckets", _hook_steps, (3, 4, 2, 0, 2)),  # the same in two buckets
           ("torch", _three_runs, (2,)),
           ("digits", _digits, (2, 20))]
 
