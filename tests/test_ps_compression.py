@@ -250,9 +250,10 @@ def _malformed(rank, group, case):
     ps_model, opt = arch.prepare(model, OPTIMIZERS["sgd"])
     if rank == BAD:
         from gradsync import comm
+        from gradsync.ps.protocol import PAYLOAD_TAG, TAG
 
-        for message in _bad_push(case, 266):  # topk_count(531, 0.5)
-            comm.send(message, 0, group)
+        for i, message in enumerate(_bad_push(case, 266)):  # topk_count(531, 0.5)
+            comm.send(message, 0, group, TAG if i == 0 else PAYLOAD_TAG)
         ps_model._pushed = [True]  # noqa: SLF001 - pushed by hand; wait for the answer
         with pytest.raises(PSProtocolError) as exc:
             opt.step()

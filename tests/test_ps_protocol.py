@@ -134,11 +134,14 @@ def _session(rank, group, case, consistency, nonfinite):
         return ("lost", str(exc))
     first = 0
     if rank == BAD:
+        from gradsync.ps.protocol import PAYLOAD_TAG, TAG
+
         for i, message in enumerate(_bad_messages(case, ps_model.layout.shard_numel(0))):
+            tag = TAG if i == 0 else PAYLOAD_TAG  # a header, then its payload
             if case == BEYOND and i == 1:  # never asked for by the server: never completes
-                _UNSENT.append(comm.isend(message, 0, group))
+                _UNSENT.append(comm.isend(message, 0, group, tag))
             else:
-                comm.send(message, 0, group)
+                comm.send(message, 0, group, tag)
         ps_model._pushed = [True]  # noqa: SLF001 - pushed by hand; wait for the answer
         try:
             opt.step()

@@ -33,12 +33,11 @@ def feed(server, rx: Receiver, worker: int, put: Callable[[tuple], None],
         closed: set once ``server.serve()`` has returned; a failure after that is the group
             torn down under us, not worth a log line.
     """
-    step, skip = server.step, server.config.nonfinite == "skip"
-    seen: set[int] = set()  # partitions this worker pushed in ``step``
+    skip = server.config.nonfinite == "skip"
     while True:
         try:
             # the versions only grow: a push valid against them stays valid.
-            msg = rx.receive(step, lambda: max(server.versions, default=0), seen)
+            msg = rx.receive(lambda: max(server.versions, default=0))
         except comm.CommError as exc:
             put(("lost", worker, str(exc)))
             return
@@ -56,9 +55,6 @@ def feed(server, rx: Receiver, worker: int, put: Callable[[tuple], None],
             put(("checkpoint", worker, msg.header))
             continue
         if msg.status == Status.OK or (msg.status == Status.NON_FINITE and skip):
-            seen.add(msg.header.partition)
-            if len(seen) == server.partitions:  # the step's last partition
-                step, seen = msg.header.step + 1, set()
             server.stats.bytes_received += msg.nbytes  # as pushed: compressed or not
             put(("push", worker, msg))
             continue

@@ -19,8 +19,10 @@ server, and every reply, is
              ERROR, STATS (server -> worker): the tensor alone;
              SAVED has none
 
-on tag 0 of the pair, so the two parts of a message arrive in order; :func:`send_message`
-frames both for the workers' sends and the servers' replies. A worker pushes every partition
+headers on tag 0 of the pair (``TAG``), payloads on tag 1 (``PAYLOAD_TAG``): each stream
+arrives in order, and a server posts the receives of a worker's next headers ahead, while
+the payloads before them still travel (``receive.py``). :func:`send_message` frames both for
+the workers' sends and the servers' replies. A worker pushes every partition
 of every step once, in any order; a server answers each worker's partitions in the order that
 worker pushed them, so the worker's receives, posted at each push, match its replies.
 
@@ -61,7 +63,8 @@ HEADER_LEN = 11
 HEADER_BYTES = HEADER_LEN * 8
 END_BYTES = END.to_bytes(8, sys.byteorder)  # as an int64 tensor holds it
 NOT_END_BYTES = bytes(b ^ 0xFF for b in END_BYTES)  # differs from END in every byte
-TAG = 0
+TAG = 0          # headers
+PAYLOAD_TAG = 1  # payloads: a stream of their own, so headers can run ahead of them
 
 # Payload dtypes on the wire; 0 is "no payload".
 DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
@@ -175,7 +178,7 @@ def send_message(header: Header, payload: torch.Tensor | None, dst: int,
     """
     works = [comm.isend(header.encode(), dst, group, TAG, what=what)]
     if payload is not None:
-        works.append(comm.isend(payload, dst, group, TAG, what=what))
+        works.append(comm.isend(payload, dst, group, PAYLOAD_TAG, what=what))
     return works
 
 

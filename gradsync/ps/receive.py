@@ -17,12 +17,16 @@ written cost no memory), armed before the receive:
   land: too short. Leftovers of the previous message cannot pass, as every buffer is armed
   again before its receive.
 
-Gloo sends a message only once its receive is posted, so the receive of a worker's next
-header is posted while the current payload is still on the wire. A payload's receive is
-posted only once its header is in and declares a size that fits the buffer (with its
-slack): a message declared longer than that is never asked for, so gloo never sends it, and
-its sender is named and dropped like any other that overran, instead of aborting the server.
-(The cost: a payload waits for its header's round trip before it may leave the worker.)
+Gloo sends a message only once its receive is posted. Headers travel on a tag of their own
+(``protocol.TAG``), payloads on another (``PAYLOAD_TAG``), so the receives of the headers a
+worker will surely send next (the rest of the step's pushes) are posted ahead, and a step's
+headers cross at once instead of each behind the payload before it. A payload's receive is
+posted only once its header is in and declares a size that fits the buffer (with its slack):
+a message declared longer than that is never asked for, so gloo never sends it, and its
+sender is named and dropped like any other that overran, instead of aborting the server. As
+the headers are in early, each payload's receive is posted while the payloads before it are
+still on the wire: a payload no longer waits for its header's round trip (which, behind the
+replies queued on the server's link, cost a step at 200 Mbit/s tens of milliseconds).
 Every message from a worker has a payload (END alone after DONE and CHECKPOINT).
 
 Then :func:`protocol.validate` checks the header's fields, and a PUSH's payload is received
@@ -43,6 +47,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,13 +55,14 @@ import torch
 
 from .. import comm
 from .compression import PushRules, decode, densify
-from .protocol import (CODE_DTYPES, END_BYTES, HEADER_BYTES, HEADER_LEN, NOT_END_BYTES, TAG,
-                       Header, Kind, Status, payload_nbytes, validate)
+from .protocol import (CODE_DTYPES, END_BYTES, HEADER_BYTES, HEADER_LEN, NOT_END_BYTES,
+                       PAYLOAD_TAG, TAG, Header, Kind, Status, payload_nbytes, validate)
 
 SLACK_BYTES = 4 << 20  # beyond the expected end of any message; only the canary is written
 CANARY_BYTES = 256     # armed right after the expected end
 _NOT_IN_END = [b for b in range(256) if b not in END_BYTES]
 TRAILER_BYTES = len(END_BYTES)
+AHEAD = 32  # header receives posted ahead at most (each buffer: a payload's capacity)
 
 
 @dataclass
@@ -84,11 +90,13 @@ class Receiver:
         max_steps: pushes of steps >= this are rejected (None: no limit).
         checkpoints: whether CHECKPOINT requests are taken.
         rules: per partition, the compressed pushes taken beside dense ones (default: none).
+        step: the step of this worker's first push (the server's, restored or 0).
     """
 
     def __init__(self, peer: int, group: comm.Group | None, shard: int,
                  parts: list[tuple[int, torch.dtype]], max_steps: int | None = None,
-                 checkpoints: bool = False, rules: list[PushRules] | None = None):
+                 checkpoints: bool = False, rules: list[PushRules] | None = None,
+                 step: int = 0):
         self.peer, self.group, self.shard = peer, group, shard
         self.parts = list(parts)
         self.max_steps, self.checkpoints = max_steps, checkpoints
@@ -98,62 +106,43 @@ class Receiver:
         self.payload_bytes = max([r.max_nbytes(d, n) for (n, d), r in zip(self.parts, self.rules)],
                                  default=0)
         self.capacity = self.payload_bytes + TRAILER_BYTES + SLACK_BYTES
-        # Two header buffers: the next header's receive is posted while a payload arrives.
-        self._headers = [torch.empty(HEADER_BYTES + self.capacity, dtype=torch.uint8)
-                         for _ in range(2)]
-        self._flip = 0
-        self._next: tuple | None = None  # the next header's receive, posted early
+        # Header receives posted ahead, oldest first: (buffer, armed bytes, work); buffers
+        # of headers taken, for the next ones; headers taken, in order, each (header,
+        # status, detail, its payload's receive or None, the step expected of it).
+        self._posted: deque[tuple[torch.Tensor, torch.Tensor, comm.Work]] = deque()
+        self._spare: list[torch.Tensor] = []
+        self._taken: deque[tuple] = deque()
+        self._step, self._seen = step, set()  # what the next header must be
+        self._ended = False  # after DONE or a fault, no header is taken
         # the payload buffer's armed prefix: any payload, END and the canary
         self._fill = -(-(self.payload_bytes + TRAILER_BYTES + CANARY_BYTES) // 8) * 8
         # Canaries a sender cannot guess; not torch's generator, which the training seeds.
         self._rng = random.Random(os.urandom(16))
+        self._post_headers()
 
-    def receive(self, step: int, version: Callable[[], int],
-                seen: frozenset[int] | set[int] = frozenset()) -> Message:
-        """Receive one message; the next push from this worker must be of ``step``, of a
-        partition not in ``seen`` (those it pushed in this step), computed on a version <=
-        ``version()``, asked once the header is in (the server's version grows while we
-        wait, and the worker may have seen the newest).
+    def receive(self, version: Callable[[], int]) -> Message:
+        """Receive this worker's next message. Its header must follow the ones before it
+        (the pushes of a step, one per partition, then the next step's; a CHECKPOINT
+        between steps) and name a version <= ``version()``, asked once the header is in
+        (the server's version grows while we wait, and the worker may have seen the newest).
 
         Raises:
             CommError: the worker was lost, or sent nothing within the timeout.
         """
-        header, armed, work = self._next or self._post_header(step)
-        self._next = None
-        work.wait()
-        h = Header.decode(header[:HEADER_BYTES].view(torch.int64))
-        status, detail = self._check(header, 0, HEADER_BYTES, armed, "header")
-        first = self._expect[0] if self._expect else (0, None, None, None)
-        if status == Status.OK:
-            status, detail = validate(h, shard=self.shard, numel=first[0], step=step,
-                                      dtype=first[1], version=version(), peer=self.peer,
-                                      max_steps=self.max_steps, checkpoints=self.checkpoints,
-                                      half=first[2], max_k=first[3],
-                                      parts=self._expect or None, seen=seen)
-        framed = status not in (Status.TOO_LONG, Status.TOO_SHORT, Status.BAD_MAGIC)
-        push = h.kind in (Kind.PUSH, Kind.PUSH_SPARSE)
-        # A payload follows (END alone after DONE and CHECKPOINT). Even after a bad header it
-        # is received (and dropped) when its declared size fits, so that the sender's send
-        # completes and it reads our ERROR. One that does not fit is never asked for: gloo
-        # sends nothing into a receive that is not posted, so it cannot abort us.
-        numel, dtype, rules = first[0], first[1], self.rules[0] if self.rules else PushRules()
-        if 0 <= h.partition < len(self.parts):
-            (numel, dtype), rules = self.parts[h.partition], self.rules[h.partition]
-        nbytes = payload_nbytes(h, dtype or torch.float32) if push else 0
-        if not framed or (status != Status.OK and not push) \
-                or not 0 <= nbytes <= self.payload_bytes + SLACK_BYTES - CANARY_BYTES:
+        if not self._taken:
+            self._take(version, block=True)
+        while self._take(version, block=False):
+            pass  # headers already in: their payloads' receives go out now, not in turn
+        h, status, detail, received, step = self._taken.popleft()
+        if received is None:
             return self._verdict(h, status, detail, step)
-        buf, word, pay = self._post_payload(h.step)
-        if status == Status.OK and h.kind != Kind.DONE:
-            # Gloo sends a message only once its receive is posted, and says so over the
-            # connection: post the next header's receive now, while this payload is on the
-            # wire, so that the sender never waits for it.
-            self._next = self._post_header(h.step)
+        buf, word, pay, nbytes = received
         pay.wait()
         if status == Status.OK:
             status, detail = self._check_payload(buf, nbytes, word)
-        if status != Status.OK or not push:
+        if status != Status.OK or h.kind not in (Kind.PUSH, Kind.PUSH_SPARSE):
             return self._verdict(h, status, detail, step)
+        (numel, dtype), rules = self.parts[h.partition], self.rules[h.partition]
         # (nbytes,) of the buffer; the slack stays attached, unwritten
         status, detail, values, indices = decode(h.kind, h.numel, CODE_DTYPES[h.dtype],
                                                  buf[:nbytes], numel)
@@ -167,20 +156,71 @@ class Receiver:
         grad = densify(values, indices, dtype, numel, rules)
         return Message(h, payload=grad, nbytes=nbytes)
 
-    def _post_header(self, step: int):
-        """Post the receive of the next message's header, armed."""
-        header = self._headers[self._flip]
-        self._flip ^= 1
-        armed = self._arm(header, 0, HEADER_BYTES)
-        work = comm.irecv(header, self.peer, self.group, TAG,
-                          what=f"wait for the push of step {step}")
-        return header, armed, work
+    def _take(self, version: Callable[[], int], block: bool) -> bool:
+        """Take the oldest posted header (``block``: wait for it; else only if it is in):
+        check it, post its payload's receive when the size it declares fits, and post the
+        receives of the headers still to come. Returns whether a header was taken."""
+        if not self._posted or (not block and not self._posted[0][2].is_completed()):
+            return False
+        buf, armed, work = self._posted.popleft()
+        work.wait()
+        self._spare.append(buf)
+        h = Header.decode(buf[:HEADER_BYTES].view(torch.int64))
+        status, detail = self._check(buf, 0, HEADER_BYTES, armed, "header")
+        first = self._expect[0] if self._expect else (0, None, None, None)
+        if status == Status.OK:
+            status, detail = validate(h, shard=self.shard, numel=first[0], step=self._step,
+                                      dtype=first[1], version=version(), peer=self.peer,
+                                      max_steps=self.max_steps, checkpoints=self.checkpoints,
+                                      half=first[2], max_k=first[3],
+                                      parts=self._expect or None, seen=self._seen)
+        framed = status not in (Status.TOO_LONG, Status.TOO_SHORT, Status.BAD_MAGIC)
+        push = h.kind in (Kind.PUSH, Kind.PUSH_SPARSE)
+        # A payload follows (END alone after DONE and CHECKPOINT). Even after a bad header it
+        # is received (and dropped) when its declared size fits, so that the sender's send
+        # completes and it reads our ERROR. One that does not fit is never asked for: gloo
+        # sends nothing into a receive that is not posted, so it cannot abort us.
+        dtype = first[1]
+        if 0 <= h.partition < len(self.parts):
+            dtype = self.parts[h.partition][1]
+        nbytes = payload_nbytes(h, dtype or torch.float32) if push else 0
+        received = None
+        if framed and (status == Status.OK or push) \
+                and 0 <= nbytes <= self.payload_bytes + SLACK_BYTES - CANARY_BYTES:
+            received = (*self._post_payload(h.step), nbytes)
+        self._taken.append((h, status, detail, received, self._step))
+        if status != Status.OK or h.kind == Kind.DONE:
+            self._ended = True  # nothing after this message is taken
+        elif push:
+            self._seen.add(h.partition)
+            if len(self._seen) == len(self.parts):  # the step's last partition
+                self._step, self._seen = h.step + 1, set()
+        self._post_headers()
+        return True
+
+    def _post_headers(self) -> None:
+        """Keep the receives of the headers this worker will surely send posted, up to
+        ``AHEAD``: the rest of this step's pushes and one more (the next step's first push,
+        a CHECKPOINT or DONE); between steps only that one. Gloo sends a message only once
+        its receive is posted, so the headers of a step cross at once, and every payload's
+        receive is posted as soon as its header is in, while the payloads before it are
+        still on the wire: no payload waits for its header's round trip."""
+        if self._ended:
+            return
+        want = min(len(self.parts) - len(self._seen) + 1 if self._seen else 1, AHEAD)
+        while len(self._posted) < want:
+            buf = self._spare.pop() if self._spare else \
+                torch.empty(HEADER_BYTES + self.capacity, dtype=torch.uint8)
+            armed = self._arm(buf, 0, HEADER_BYTES)
+            work = comm.irecv(buf, self.peer, self.group, TAG,
+                              what=f"wait for the push of step {self._step}")
+            self._posted.append((buf, armed, work))
 
     def _post_payload(self, step: int):
         """Post the receive of a payload whose header is in and fits, armed."""
         buf = torch.empty(self.capacity, dtype=torch.uint8)  # fresh: the gradient is a view
         word = self._arm_payload(buf)
-        pay = comm.irecv(buf, self.peer, self.group, TAG, what=f"push of step {step}")
+        pay = comm.irecv(buf, self.peer, self.group, PAYLOAD_TAG, what=f"push of step {step}")
         return buf, word, pay
 
     def _arm_payload(self, buf: torch.Tensor) -> bytes:

@@ -192,7 +192,7 @@ class ParameterServer:
         """
         rx = Receiver(worker, self.group, self.index,
                       [(p.numel(), p.dtype) for p in self.params], self.config.max_steps,
-                      checkpoints=self.save is not None, rules=self.rules)
+                      checkpoints=self.save is not None, rules=self.rules, step=self.step)
         self._receivers.append(rx)  # its receives posted early live as long as the server
         feed(self, rx, worker, self._inbox.put, self._closed)
 

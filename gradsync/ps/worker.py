@@ -22,8 +22,8 @@ from torch import nn
 from .. import comm
 from ..compress.spec import Compression
 from .compression import PushCompressor, check_compression
-from .protocol import (DTYPE_CODES, END_BYTES, TAG, Header, Kind, PSProtocolError, ServerStats,
-                       Status, empty_header, send_message, status_text)
+from .protocol import (DTYPE_CODES, END_BYTES, PAYLOAD_TAG, TAG, Header, Kind, PSProtocolError,
+                       ServerStats, Status, empty_header, send_message, status_text)
 from .sharding import Part, ShardLayout, gather_part, scatter_part
 
 
@@ -169,7 +169,8 @@ class PSWorker(nn.Module):
         k = self._parts[g].shard
         header, what = empty_header(), f"pull of shard {k} at step {self.step_count}"
         hw = comm.irecv(header, self.servers[k], self.reply_group, TAG, what=what)
-        pw = comm.irecv(self._pull_bufs[g], self.servers[k], self.reply_group, TAG, what=what)
+        pw = comm.irecv(self._pull_bufs[g], self.servers[k], self.reply_group, PAYLOAD_TAG,
+                        what=what)
         self._replies.append((g, header, hw, pw))
         self._posted.add(g)
 
@@ -253,7 +254,7 @@ class PSWorker(nn.Module):
         for k, server in enumerate(self.servers):
             header, buf = empty_header(), torch.empty(ServerStats.size(), dtype=torch.float64)
             comm.recv(header, server, self.reply_group, TAG, what="end of training")
-            comm.recv(buf, server, self.reply_group, TAG, what="end of training")
+            comm.recv(buf, server, self.reply_group, PAYLOAD_TAG, what="end of training")
             stats.append(ServerStats.from_tensor(buf))
         self._wait_sends()
         return stats
