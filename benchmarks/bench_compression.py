@@ -3,7 +3,7 @@ PowerSGD hook, measured in one run.
 
     python -m benchmarks.bench_compression --lab-rate 100mbit          # 3 lab hosts (root)
     python -m benchmarks.bench_compression                             # 3 local workers
-    python -m benchmarks.bench_compression --configs ddp,powersgd:4 --rounds 1
+    python -m benchmarks.bench_compression --configs ddp,torch-powersgd:R,powersgd:R --rounds 1
 
 Every configuration is a real ``gradsync train`` of the same workload, seed and global
 batch (digits-wide: 1.1 M parameters, 4.4 MB of gradients per step, so the network can set
@@ -26,10 +26,11 @@ from pathlib import Path
 
 from benchmarks import describe_machine, machine
 
-# label -> gradsync train flags; "torch:" rows are torch's DDP with torch's own hooks.
+# label -> gradsync train flags; "ddp" and "torch-" rows are torch's DDP, the latter with
+# torch's own hook; R is --rank.
 CONFIGS = {
     "ddp": ["--arch", "ddp"],
-    "ddp+powersgd:R (torch)": ["--arch", "ddp", "--compression", "powersgd:{rank}"],
+    "torch-powersgd:R": ["--arch", "ddp", "--compression", "powersgd:{rank}"],
     "allreduce": ["--arch", "allreduce"],
     "fp16": ["--arch", "allreduce", "--compression", "fp16"],
     "bf16": ["--arch", "allreduce", "--compression", "bf16"],
