@@ -59,7 +59,7 @@ def init(comm_ranks=None, process_sets=None) -> None:
         raise ValueError("hvd.init(comm=...) is not supported: gradsync runs on the "
                          "launcher's whole world; use hvd.ProcessSet for sub-groups")
     if not comm.is_initialized():
-        if os.environ.get(STORE_ENV):  # `gradsync run --elastic`: join the job's generation
+        if in_elastic_job():  # `gradsync run --elastic`: join the job's generation
             from .elastic import join_job
 
             join_job()
@@ -69,6 +69,11 @@ def init(comm_ranks=None, process_sets=None) -> None:
         script_timeline(comm.world())  # HOROVOD_TIMELINE / `gradsync run --timeline`
     for process_set in process_sets or ():
         add_process_set(process_set)
+
+
+def in_elastic_job() -> bool:
+    """Whether this process is a worker of `gradsync run --elastic` (hvd.elastic)."""
+    return bool(os.environ.get(STORE_ENV))
 
 
 def shutdown() -> None:

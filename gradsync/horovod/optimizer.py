@@ -39,7 +39,7 @@ from ..allreduce.bucket_reduce import BucketTrace, hook_work
 from ..allreduce.buckets import Bucket
 from ..compress.spec import make_hook
 from ..run.timeline import script_timeline
-from .basics import Average, global_process_set, resolve_op
+from .basics import Average, global_process_set, in_elastic_job, resolve_op
 from .compression import Compression
 from .join import OPTIMIZER, negotiate, register_optimizer
 from .fusion import _bucket, _names, place_buckets, plan_buckets
@@ -96,7 +96,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._handles = [p.register_post_accumulate_grad_hook(partial(self._on_grad, p))
                          for p in params]
         plain_sum = self._hook is None and self.op in (Average, comm.ReduceOp.SUM)
-        self._algorithms, self._shared = place_buckets(self._buckets, self.group, plain_sum)
+        if not in_elastic_job():  # (there a replacement builds its optimizer alone)
+            self._algorithms, self._shared = place_buckets(self._buckets, self.group,
+                                                           plain_sum)
         self._synchronized, self._should_synchronize = False, True
         self._reset()
         timeline = script_timeline(self.group)  # `gradsync run --timeline`, HOROVOD_TIMELINE
@@ -111,7 +113,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if getattr(self, "_shared", None) is not None:  # the old group's shared memory
             for bucket in self._buckets:
                 bucket.flat = bucket.flat.clone()
-            self._shared = None
+        self._shared = None
         self._algorithms = ["native"] * len(getattr(self, "_buckets", ()))
         self._hook = self._hook_state = None
         if self._compression.spec.name != "none":
