@@ -144,6 +144,17 @@ def _other_collectives(rank, n):
     works = [comm.all_reduce_async(torch.full((100,), float(rank)), algorithm=a)
              for a in ("ring", "native", "tree", "ring")]
     checks["async"] = all(w.wait().tolist() == [float(n * (n - 1) // 2)] * 100 for w in works)
+
+    # A script's default all_reduce, repeated (on one host the compiled small path serves it
+    # from the second call: comm/algorithms/shm_fast.py), between async calls, which keep
+    # their issue order, and on a non-contiguous view of the same shape (6,).
+    outs = []
+    for _ in range(3):
+        outs.append(comm.all_reduce(torch.full((6,), float(rank))))
+        work = comm.all_reduce_async(torch.full((6,), float(rank)))
+        outs += [comm.all_reduce(torch.full((6,), float(rank))), work.wait()]
+    outs.append(comm.all_reduce(torch.full((6, 2), float(rank))[:, 0]))
+    checks["default_path"] = all(o.tolist() == [float(n * (n - 1) // 2)] * 6 for o in outs)
     comm.barrier()
     return checks
 
