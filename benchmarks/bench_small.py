@@ -65,15 +65,18 @@ def main() -> None:
         world.Allreduce(MPI.IN_PLACE, theirs, op=MPI.SUM)
         exact = bool(torch.equal(ours, expected)) and bool((theirs == expected.numpy()).all())
         mpich, ours_s = (statistics.median(times[k]) for k in ("mpich", "gradsync"))
+        # "C": the loop ran through the compiled small path (comm/algorithms/shm_fast.py).
+        plan = group.small_plans.get((ours.shape, ours.dtype, comm.ReduceOp.SUM, "auto"))
         rows.append({"bytes": nbytes, "mpich_us": 1e6 * mpich, "gradsync_us": 1e6 * ours_s,
                      "ratio": ours_s / mpich, "exact": exact,
-                     "auto_chose": _auto(group, None, nbytes)})
+                     "auto_chose": _auto(group, None, nbytes),
+                     "path": "C" if plan is not None else "Python"})
     if rank == 0:
         print(f"{p} ranks under mpiexec, {args.calls} calls a loop, median of {args.rounds}")
-        print(f"{'bytes':>7} {'MPICH us':>9} {'gradsync us':>12} {'ratio':>6}  auto  exact")
+        print(f"{'bytes':>7} {'MPICH us':>9} {'gradsync us':>12} {'ratio':>6}  auto  path  exact")
         for row in rows:
             print(f"{row['bytes']:>7} {row['mpich_us']:>9.1f} {row['gradsync_us']:>12.1f} "
-                  f"{row['ratio']:>6.2f}  {row['auto_chose']}  {row['exact']}")
+                  f"{row['ratio']:>6.2f}  {row['auto_chose']}  {row['path']}  {row['exact']}")
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"ranks": p, "calls": args.calls, "rows": rows}, f, indent=1)
