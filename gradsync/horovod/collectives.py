@@ -85,11 +85,13 @@ def _allreduce_into(output: torch.Tensor, op, prescale_factor: float, postscale_
     _scale_(output, prescale_factor)
     payload, ctx = compression.compress(output)   # e.g. (numel,) float16 for fp16
     wire = comm.ReduceOp.SUM if op is Average else op
-    negotiate_allreduce(payload, wire, process_set)
+    header = negotiate_allreduce(payload, wire, process_set)
     work = comm.all_reduce_async(payload, op=wire, group=group)
     post = postscale_factor / group.size if op is Average else postscale_factor
 
     def finish():
+        if header is not None:
+            header.wait()
         result = compression.decompress(payload, ctx)
         if result is not output:
             output.copy_(result)

@@ -52,34 +52,37 @@ def _header(group: comm.Group, kind: int, a: int = 0, b: int = 0, c: int = 0,
 
 
 def negotiate(kind: int, a: int = 0, b: int = 0, c: int = 0, process_set=global_process_set,
-              name: str = "") -> None:
+              name: str = "") -> comm.Work | None:
     """(An active rank, before an operation on the global set.) Tell joined ranks what comes;
-    for OTHER operations wait and refuse while a rank has joined.
+    for OTHER operations wait and refuse while a rank has joined. Returns the header's
+    handle for the caller to wait on with its operation (None: nothing in flight).
 
     Raises:
         ValueError: an operation other than an all-reduce while a rank has joined.
     """
     if process_set is not global_process_set:
-        return
+        return None
     group = process_set.resolve()
     if group.size == 1:
-        return
+        return None
     _COUNT[0] += 1
     header, work = _header(group, kind, a, b, c)
-    if kind == OTHER:
-        work.wait()
-        if int(header[0]):
-            raise ValueError(f"hvd.{name} while {int(header[0])} rank(s) have called "
-                             "hvd.join(): only all-reduces (and DistributedOptimizer) go on "
-                             "after a rank has joined")
+    if kind != OTHER:
+        return work  # (an unwaited handle left at exit can abort the process)
+    work.wait()
+    if int(header[0]):
+        raise ValueError(f"hvd.{name} while {int(header[0])} rank(s) have called "
+                         "hvd.join(): only all-reduces (and DistributedOptimizer) go on "
+                         "after a rank has joined")
+    return None
 
 
-def negotiate_allreduce(payload: torch.Tensor, op, process_set) -> None:
+def negotiate_allreduce(payload: torch.Tensor, op, process_set) -> comm.Work | None:
     """Before the all-reduce of ``payload`` (its wire dtype and op)."""
     if payload.dtype not in DTYPES:
-        negotiate(OTHER, process_set=process_set, name=f"allreduce of {payload.dtype}")
-        return
-    negotiate(ALLREDUCE, payload.numel(), DTYPES.index(payload.dtype),
+        return negotiate(OTHER, process_set=process_set,
+                         name=f"allreduce of {payload.dtype}")
+    return negotiate(ALLREDUCE, payload.numel(), DTYPES.index(payload.dtype),
               OPS.index(comm.ReduceOp(op)), process_set=process_set)
 
 

@@ -207,6 +207,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 bucket.flat.mul_(self._post)
         if self._trace is not None:
             self._trace.finish_step(wait_start, time.perf_counter())
+        if self._header is not None:
+            self._header.wait()
         self._reset()
         self._synchronized = True
 
@@ -216,6 +218,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         for bucket in self._buckets:
             bucket.ready.clear()
         self._works: list[comm.Work] = []
+        self._header: comm.Work | None = None  # this step's announcement for hvd.join()
         self._delay = {key: self.backward_passes_per_step for key in self._where}
 
     def _dense(self, p) -> torch.Tensor | None:
@@ -260,7 +263,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         while len(self._works) < len(self._buckets) and \
                 self._buckets[len(self._works)].is_full():
             if not self._works:  # a step's first bucket: announced for hvd.join()
-                negotiate(OPTIMIZER, self._join_index, process_set=self._process_set)
+                self._header = negotiate(OPTIMIZER, self._join_index,
+                                         process_set=self._process_set)
             bucket = self._buckets[len(self._works)]
             start = time.perf_counter()
             work = self._launch(bucket)
