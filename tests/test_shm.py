@@ -81,7 +81,8 @@ def _compiled_against_python(rank, n):
     counting, real = _counting(shm_fast)
     bad, calls, written = [], {}, set()
     try:
-        for dtype in (torch.float32, torch.float64, torch.int32, torch.int64):
+        for dtype in (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16,
+                      torch.int8, torch.uint8):
             limit = (64 << 10) // dtype.itemsize
             for length in (1, 3, limit - 1, limit, limit + 1):
                 before = counting.calls
@@ -89,7 +90,8 @@ def _compiled_against_python(rank, n):
                 for op in OPS if dtype.is_floating_point else ("sum", "max", "min", "prod"):
                     x = (torch.randn(length, generator=gen, dtype=torch.float64) * 4).to(dtype) \
                         if dtype.is_floating_point else \
-                        torch.randint(-2**20, 2**20, (length,), generator=gen, dtype=dtype)
+                        torch.randint(0 if dtype == torch.uint8 else -100, 100, (length,),
+                                      generator=gen, dtype=dtype)  # sums, products wrap
                     oracle = x.clone()
                     comm.all_reduce(oracle, op=op, algorithm="shm", cost_model=DEFAULT_COST_MODEL)
                     for call in range(2):   # plan, then the compiled path
@@ -98,7 +100,7 @@ def _compiled_against_python(rank, n):
                         written.add((length * dtype.itemsize, stats.bytes_shm - start))
                         if not torch.equal(got, oracle):
                             bad.append(f"{dtype} len={length} {op} call {call}")
-                calls[(str(dtype), length)] = counting.calls - before
+                calls[(str(dtype), length * dtype.itemsize)] = counting.calls - before
     finally:
         shm_fast._shmfast = real
     return bad, calls, written
@@ -152,10 +154,10 @@ def test_shm_every_dtype_length_op(world_size):
     assert not _leftovers(results[0][2])
     for rank, (_, _, _, (bad, calls, written), fallback) in enumerate(results):
         assert not bad, f"rank {rank}: compiled path differs from the Python path: {bad}"
-        for (dtype, length), count in calls.items():
-            small = world_size > 1 and length * (8 if "64" in dtype else 4) <= 64 << 10
+        for (dtype, nbytes), count in calls.items():
+            small = world_size > 1 and nbytes <= 64 << 10
             # One C call per op (the second call of each); none above 64 KiB or alone.
-            assert count == ((5 if "float" in dtype else 4) if small else 0), (dtype, length)
+            assert count == ((5 if "float" in dtype else 4) if small else 0), (dtype, nbytes)
         for nbytes, got in written:     # small: the slot; larger: the slot and a piece of out
             assert got == nbytes if world_size > 1 and nbytes <= 64 << 10 else \
                 nbytes < got < 2 * nbytes if world_size > 1 else got == 0, (nbytes, got)
