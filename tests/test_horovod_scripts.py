@@ -1,9 +1,10 @@
-"""hvd.elastic (gradsync/horovod/elastic.py): a Horovod elastic script, only its import
-changed, under `gradsync run --elastic` with horovodrun's flags survives a SIGKILLed worker
-and takes a replacement in."""
+"""Horovod-style scripts, only their import changed, under `gradsync run` with horovodrun's
+flags: the synthetic benchmark with a timeline (gradsync/run/timeline.py), and the elastic
+script (hvd.elastic) surviving a SIGKILLed worker and taking a replacement in."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -15,6 +16,33 @@ from tests.distributed import scaled
 from tests.helpers import ENV, REPO, retry_finalize_abort
 
 SCRIPT = REPO / "examples" / "horovod_elastic.py"
+SYNTHETIC = REPO / "examples" / "horovod_synthetic.py"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_synthetic_benchmark_with_horovodruns_flags_writes_a_timeline(tmp_path):
+    trace = tmp_path / "trace.json"
+    run = retry_finalize_abort(lambda: subprocess.run(
+        [sys.executable, "-m", "gradsync", "run", "-np", "2", "-H", "localhost:2",
+         "--timeline-filename", str(trace), str(SYNTHETIC), "--model", "cnn", "--batch-size",
+         "8", "--num-warmup-batches", "1",
+         "--num-batches-per-iter", "2", "--num-iters", "2"], capture_output=True, text=True,
+        timeout=scaled(100), env=ENV, cwd=REPO))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "replicas agree: True" in run.stdout
+    assert re.search(r"total samples/sec on 2 workers: [0-9.]+ \+-[0-9.]+", run.stdout)
+    assert f"gradsync: timeline of ranks 0..1: {trace}" in run.stderr
+    spans = [(e["pid"], e["name"], e.get("tid")) for e in json.loads(trace.read_text())
+             if e["ph"] == "X"]
+    steps = 1 + 2 * 2  # warm-up, then iterations of batches
+    for rank in (0, 1):
+        # every step: the one bucket's all-reduce (the CNN's 0.55 MB of gradients), the
+        # wait for it and the optimizer step; then the checksum's two hvd.allreduce calls
+        assert spans.count((rank, "optimizer step", 0)) == steps
+        assert spans.count((rank, "wait for communication", 0)) == steps
+        assert spans.count((rank, "all-reduce", 100)) == steps
+        assert spans.count((rank, "allreduce", 0)) == 2
 
 
 @pytest.mark.slow
