@@ -25,13 +25,15 @@ from .lowrank import mm, orthogonalize_, split_by_rank, views
 
 @dataclass
 class BucketPart:
-    """One bucket's share of a step. Shapes: ``buf`` (numel,) the bucket, matrices (n, m)
-    views of it, ``ps`` (n, r) views of ``p_flat``, ``qs`` (m, r) views of ``q_flat``,
-    ``packed`` the uncompressed tensors end to end."""
+    """One bucket's share of a step. Shapes: ``buf`` (numel,) the bucket, ``outs`` (n, m)
+    views of it, ``matrices`` the same views of M (the residual, with error feedback),
+    ``ps`` (n, r) views of ``p_flat``, ``qs`` (m, r) views of ``q_flat``, ``packed`` M's
+    uncompressed tensors end to end, ``dense`` where they go back in the bucket."""
 
     buf: torch.Tensor
     residual: torch.Tensor | None
     matrices: list[torch.Tensor]
+    outs: list[torch.Tensor]
     dense: list[torch.Tensor]
     packed: torch.Tensor
     p_flat: torch.Tensor
@@ -48,11 +50,16 @@ def compress_bucket(state, bucket: GradBucket, world: int) -> BucketPart:
     buf = bucket.buffer()                                  # (numel,) this rank's gradients
     stats.buckets += 1
     stats.bytes_dense += bus_bytes(buf.numel() * buf.element_size(), world)
+    rank, rate = state.matrix_approximation_rank, state.min_compression_rate
     with Timer(stats):
         residual = _add_residual(state, index, buf)
-        matrices, dense = split_by_rank(state.matrix_approximation_rank,
-                                        state.min_compression_rate, bucket.gradients())
-        packed = torch.cat([g.reshape(-1) for g in dense]) if dense else buf.new_empty(0)
+        grads = bucket.gradients()                          # views of buf
+        m = buf if residual is None else residual           # (numel,) M: the gradients + residual
+        outs, dense = split_by_rank(rank, rate, grads)
+        # the same views of M: split_by_rank orders by shape alone, so both lists align
+        matrices, m_dense = split_by_rank(rank, rate, [m[o:o + g.numel()].view_as(g)
+                                                       for o, g in zip(bucket.offsets(), grads)])
+        packed = torch.cat([g.reshape(-1) for g in m_dense]) if dense else buf.new_empty(0)
         ranks = [min(*mat.shape, state.matrix_approximation_rank) for mat in matrices]
         q_shapes = [(mat.shape[1], r) for mat, r in zip(matrices, ranks)]
         q_flat = _starting_q(state, index, q_shapes, buf)
@@ -65,7 +72,7 @@ def compress_bucket(state, bucket: GradBucket, world: int) -> BucketPart:
             mm(mat, q, out=p)
     stats.bytes_sent += sum(bus_bytes(t.numel() * t.element_size(), world)
                             for t in (packed, p_flat, q_flat))
-    return BucketPart(buf, residual, matrices, dense, packed, p_flat, ps, q_flat, qs)
+    return BucketPart(buf, residual, matrices, outs, dense, packed, p_flat, ps, q_flat, qs)
 
 
 class Step:
@@ -118,8 +125,8 @@ class Step:
             second.div_(world)                             # Q = mean over ranks of M^T P
             _scatter(second, [part.q_flat for part in self.parts])
             for part in self.parts:
-                for mat, p, q in zip(part.matrices, part.ps, part.qs):
-                    mm(p, q.t(), out=mat)                  # M ~ P Q^T, (n, m), in the bucket
+                for out, p, q in zip(part.outs, part.ps, part.qs):
+                    mm(p, q.t(), out=out)                  # M ~ P Q^T, (n, m), in the bucket
                 if part.residual is not None:
                     # Over the whole bucket, as torch's hook: for the uncompressed part it
                     # is own minus average, which sums to zero over ranks; either way, per
@@ -145,16 +152,16 @@ def _scatter(flat: torch.Tensor, parts: list[torch.Tensor]) -> None:
 
 
 def _add_residual(state, index: int, buf: torch.Tensor) -> torch.Tensor | None:
-    """Error feedback: add to ``buf`` (numel,) what bucket ``index`` failed to send before,
-    and return the residual (numel,) holding that sum, from which the step takes the result
-    off at the end. None: no error feedback."""
+    """Error feedback: add ``buf`` (numel,) to what bucket ``index`` failed to send before,
+    in the residual (numel,), which then holds M and is returned; the step takes the result
+    off it at the end. (Torch's hook adds into the bucket and copies the sum: the same sum,
+    one pass over the bucket more.) None: no error feedback."""
     if not state.use_error_feedback:
         return None
     residual = state.residuals.get(index)
     if residual is None:
         residual = state.residuals[index] = torch.zeros_like(buf)
-    buf.add_(residual)
-    residual.copy_(buf)                # M + old residual; the result is taken off at the end
+    residual.add_(buf)                 # M = gradients + old residual
     return residual
 
 
