@@ -191,6 +191,7 @@ def test_horovodruns_flags_map_onto_the_launchers(tmp_path):
     (["-H", "localhost:2", "--hostfile", "h", "t.py"], "either -H or --hostfile"),
     (["-H", "h0:1,h1:1", "--min-np", "1", "t.py"], "--elastic takes no --nnodes or --lab"),
     (["--timeline", "a.json", "--timeline-filename", "b.json", "t.py"], "not both"),
+    (["-np", "2", "--min-np", "1", "--timeline", "a.json", "t.py"], "not built for --elastic"),
 ])
 def test_bad_horovodrun_flags_are_one_line(capfd, tmp_path, args, needle):
     (tmp_path / "t.py").write_text("")

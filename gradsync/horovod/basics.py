@@ -66,7 +66,7 @@ def init(comm_ranks=None, process_sets=None) -> None:
         else:
             adopt_mpi_launcher()  # mpiexec/srun: RANK and WORLD_SIZE from MPI's variables
             comm.init_process_group()
-        script_timeline(comm.world())  # HOROVOD_TIMELINE / `gradsync run --timeline`
+            script_timeline(comm.world())  # HOROVOD_TIMELINE / `gradsync run --timeline`
     for process_set in process_sets or ():
         add_process_set(process_set)
 

@@ -132,6 +132,9 @@ class RunConfig:
         if self.log_dir is not None:
             raise ValueError("--elastic does not write --log-dir yet: its workers print to "
                              "the console")
+        if self.timeline is not None:
+            raise ValueError("--timeline is not built for --elastic yet (each generation "
+                             "would need its clocks aligned again)")
         if (self.elastic.min_workers or 1) > self.nproc_per_node:
             raise ValueError(f"--min-workers {self.elastic.min_workers} is more than "
                              f"--nproc-per-node {self.nproc_per_node}")

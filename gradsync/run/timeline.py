@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import os
 
+from ..comm.elastic import STORE_ENV
 from ..observe.clock import align_clocks
 from ..observe.timeline import Timeline, rank_path
 
@@ -44,7 +45,7 @@ def script_timeline(group):
     """This rank's timeline (opened at the first call: collective on ``group``), or None
     when no FILE was asked for."""
     path = timeline_path()
-    if path is None:
+    if path is None or os.environ.get(STORE_ENV):  # not built for elastic jobs
         return None
     if path not in _OPEN:
         timeline = ScriptTimeline(rank_path(path, group.rank), group.rank, align_clocks(group))
