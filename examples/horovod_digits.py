@@ -4,7 +4,8 @@ Horovod's ``pytorch_mnist.py`` pattern with one line changed: ``import gradsync.
 hvd`` instead of ``import horovod.torch as hvd``. Launch it with gradsync's launcher (or
 torchrun), or with MPI::
 
-    gradsync run --nproc-per-node 2 examples/horovod_digits.py --epochs 8
+    gradsync run -np 2 examples/horovod_digits.py --epochs 8           # horovodrun's flags
+    gradsync run -H h0:1,h1:1,h2:1 examples/horovod_digits.py        # a 3-host lab (root)
     torchrun --nproc-per-node 2 examples/horovod_digits.py --epochs 8
     mpiexec -n 2 python examples/horovod_digits.py --epochs 8
 
