@@ -6,14 +6,15 @@ what maps to what and what differs (objects never pickled, no Adasum, join).
     basics        init, size/rank queries from the hosts' topology, ops, ProcessSet
     compression   Horovod's compress/decompress contract over gradsync's compressors
     shapes        the header exchange that makes mismatched shapes one error on every rank
-    collectives   allreduce, allgather, broadcast, alltoall, reducescatter
+    collectives   allreduce, allgather, broadcast, handles
+    exchange      alltoall, reducescatter
     join          join (uneven data: joined ranks contribute zeros), barrier
     objects       objects as JSON plus raw tensors; parameters and optimizer state
     optimizer     DistributedOptimizer on gradsync's buckets, overlapped with backward
     elastic       hvd.elastic: run, TorchState, ElasticSampler on gradsync.elastic
 
-Launch: ``gradsync run --nproc-per-node N script.py`` (or torchrun), or ``mpiexec -n N
-python script.py``.
+Launch: ``gradsync run -np N script.py`` (horovodrun's flags; or torchrun's), torchrun, or
+``mpiexec -n N python script.py``.
 """
 
 from .basics import (ADASUM_ERROR, Adasum, Average, Max, Min, ProcessSet, Product, Sum,
@@ -23,13 +24,13 @@ from .basics import (ADASUM_ERROR, Adasum, Average, Max, Min, ProcessSet, Produc
                      mpi_enabled, mpi_threads_supported, nccl_built, rank,
                      remove_process_set, rocm_built, shutdown, size)
 from .collectives import (Handle, allgather, allgather_async, allreduce, allreduce_,
-                          allreduce_async, allreduce_async_, alltoall, alltoall_async,
-                          broadcast, broadcast_, broadcast_async, broadcast_async_,
-                          grouped_allreduce, grouped_allreduce_, grouped_allreduce_async,
-                          grouped_allreduce_async_, poll, reducescatter,
-                          reducescatter_async, synchronize)
+                          allreduce_async, allreduce_async_, broadcast, broadcast_,
+                          broadcast_async, broadcast_async_, grouped_allreduce,
+                          grouped_allreduce_, grouped_allreduce_async,
+                          grouped_allreduce_async_, poll, synchronize)
 from . import elastic
 from .compression import Compression
+from .exchange import alltoall, alltoall_async, reducescatter, reducescatter_async
 from .join import barrier, join
 from .objects import (allgather_object, broadcast_object, broadcast_optimizer_state,
                       broadcast_parameters)

@@ -60,7 +60,7 @@ def init(comm_ranks=None, process_sets=None) -> None:
                          "launcher's whole world; use hvd.ProcessSet for sub-groups")
     if not comm.is_initialized():
         if in_elastic_job():  # `gradsync run --elastic`: join the job's generation
-            from .elastic import join_job
+            from .elastic_job import join_job
 
             join_job()
         else:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 
 import torch
 
@@ -40,6 +39,7 @@ from .. import elastic as gradsync_elastic
 from ..comm.errors import CommError
 from ..train.elastic_state import State
 from ..train.elastic_sync import MembershipChanged, Position, agree_state
+from .elastic_job import JOB
 from .optimizer import DistributedOptimizer
 from .sampler import ElasticSampler
 
@@ -56,29 +56,6 @@ class HostsUpdatedInterrupt(MembershipChanged):
     def __init__(self, skip_sync: bool = False):
         super().__init__("the hosts were updated")
         self.skip_sync = skip_sync
-
-
-# Horovod's API is global (hvd.elastic.TorchState(model, optimizer) names no job): the one
-# ElasticWorld hvd.init() joined lives here, in a one-element list.
-_JOB: list = []
-
-
-def join_job() -> None:
-    """hvd.init() under `gradsync run --elastic`: join the job and its first generation now,
-    so that hvd.size() and hvd.rank() answer before the training function runs."""
-    world = gradsync_elastic.init()
-    # A first optimizer built while a group exists keeps it referenced (State's comment):
-    # build one before any group forms.
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    if world.uid >= int(os.environ.get("WORLD_SIZE", "0")):
-        world.announce_ready()  # a replacement: ask for a place in the next generation
-    try:
-        world.form()
-    except gradsync_elastic.ElasticStopped:
-        raise SystemExit(3) from None
-    except gradsync_elastic.ElasticDone:
-        raise SystemExit(0) from None
-    _JOB[:] = [world]
 
 
 class _Snapshot:
@@ -144,7 +121,7 @@ class TorchState(State):
     step = None   # scripts write ``for state.epoch in range(state.epoch, n)``
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs):
-        if not _JOB:
+        if not JOB:
             raise RuntimeError("hvd.elastic.TorchState needs an elastic job: start the script "
                                "with `gradsync run --elastic ...` and call hvd.init() first")
         samplers = {k: v for k, v in kwargs.items() if isinstance(v, ElasticSampler)}
@@ -154,7 +131,7 @@ class TorchState(State):
         if bad:
             raise ValueError(f"values kept with the state must be numbers: {', '.join(bad)}")
         # dataset_len and batch_size are State.batches()'s, which Horovod scripts do not use.
-        super().__init__(_JOB[0], model, optimizer, dataset_len=1, batch_size=1)
+        super().__init__(JOB[0], model, optimizer, dataset_len=1, batch_size=1)
         self.samplers, self.reset_callbacks = samplers, []
         self.__dict__.update(samplers)
         self._values = dict(values)
