@@ -9,8 +9,7 @@ from .protocol import PSProtocolError
 from .script import DistributedOptimizer, PSContext, init
 from .server import ParameterServer, ServerConfig, ServerStats
 from .sharding import ShardLayout, shard_layout
-from .remote_optimizer import RemoteOptimizer
-from .worker import PSWorker
+from .worker import PSWorker, RemoteOptimizer
 
 __all__ = ["DistributedOptimizer", "PSArchitecture", "PSContext", "PSProtocolError",
            "PSWorker", "ParameterServer", "RemoteOptimizer", "ServerConfig", "ServerStats",
