@@ -29,7 +29,7 @@ class _Shard:
         self.live, self.partitions, self.step = set(workers), partitions, 0
         self.stats, self.applied, self.answered = ServerStats(), {}, []
 
-    def apply(self, c, grad):
+    def apply(self, c, grad, step=0, workers=1, worker=None):  # (the last three: trace.py)
         self.applied[c] = grad.tolist()
 
     def snapshot(self, c):

@@ -16,7 +16,9 @@ disk flush per step).
 
 Rows: ``pid`` is the rank; ``tid`` 0 its computation (step, forward, backward, the wait for
 communication, optimizer step, checkpoint writes, nested), ``tid`` 100 + k the collective of
-gradient bucket k (launch to observed completion). Every event's ``args`` holds the step.
+gradient bucket k (launch to observed completion), ``tid`` 200 + k a Parameter-Server run's
+traffic with server k (its partitions' pushes and pulls on a worker, their updates on server
+k itself: ``gradsync/ps/trace.py``). Every event's ``args`` holds the step.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pathlib import Path
 
 from .clock import Clock, align_clocks
 
-COMPUTE, BUCKETS = 0, 100  # tids: the rank's computation; bucket k's collective is 100 + k
+# tids: the rank's computation; bucket k's collective is 100 + k; PS server k's row 200 + k
+COMPUTE, BUCKETS, SERVERS = 0, 100, 200
 _TAIL = b"\n]\n"
 
 

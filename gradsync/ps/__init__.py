@@ -9,7 +9,8 @@ from .protocol import PSProtocolError
 from .script import DistributedOptimizer, PSContext, init
 from .server import ParameterServer, ServerConfig, ServerStats
 from .sharding import ShardLayout, shard_layout
-from .worker import PSWorker, RemoteOptimizer
+from .remote_optimizer import RemoteOptimizer
+from .worker import PSWorker
 
 __all__ = ["DistributedOptimizer", "PSArchitecture", "PSContext", "PSProtocolError",
            "PSWorker", "ParameterServer", "RemoteOptimizer", "ServerConfig", "ServerStats",

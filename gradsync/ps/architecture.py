@@ -26,9 +26,11 @@ from .compression import check_compression
 from .consistency import MODES
 from .placement import link_topology, server_weights, slowest_rate
 from .placement import server_ranks as resolve_servers
+from .remote_optimizer import RemoteOptimizer
 from .server import ParameterServer, ServerConfig, ServerStats
 from .sharding import gather_part, partition_bytes_for, shard_layout
-from .worker import PSWorker, RemoteOptimizer
+from .trace import ServerTrace
+from .worker import PSWorker
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class PSArchitecture:
         self.replicated = False
         self.worker: PSWorker | None = None
         self.server_stats: ServerStats | None = None
+        self.timeline = None  # a server's --timeline (set_timeline); a worker's is its PSWorker's
         links = link_topology(topology, group.size)
         self.weights = server_weights(links, self.servers)  # per server, its share of bytes
         rate = slowest_rate(links)
@@ -120,6 +123,10 @@ class PSArchitecture:
                                num_workers=self.num_workers, reply_group=self.reply_group)
         return self.worker, RemoteOptimizer(self.worker)
 
+    def set_timeline(self, timeline) -> None:
+        """A server rank records each partition's update in ``timeline`` (``trace.py``)."""
+        self.timeline = timeline
+
     def serve(self, model, make_optimizer, save=None, restored=None) -> ServerStats:
         layout = self._layout(model)
         k = self.servers.index(self.group.rank)
@@ -129,6 +136,8 @@ class PSArchitecture:
                  for part in layout.parts(k)]
         server = ParameterServer(parts, k, self.workers, make_optimizer, self.config, self.group,
                                  save=save, reply_group=self.reply_group)
+        if self.timeline is not None:
+            server.trace = ServerTrace(self.timeline, k, [p.nbytes for p in layout.parts(k)])
         if restored is not None:
             server.load_state_dict(restored)
         self.server_stats = server.serve()

@@ -85,7 +85,7 @@ class Sync(Consistency):
             total = grads[min(grads)].clone()
             for v in sorted(grads)[1:]:
                 total.add_(grads[v])
-            server.apply(c, total.div_(len(grads)))
+            server.apply(c, total.div_(len(grads)), step, workers=len(grads))
         snapshot = server.snapshot(c)
         for v in sorted(grads):
             server.answer(v, c, snapshot, step)
@@ -140,7 +140,7 @@ class Async(Consistency):
             # Each push is 1/N of a synchronous step, so that the learning rate that suits
             # sync training (gradient averaged over N workers) suits async too.
             for p, (_, g) in sorted(parts.items()):
-                server.apply(p, g.div_(len(server.live)))
+                server.apply(p, g.div_(len(server.live)), step, worker=worker)
             stats.updates += 1
         parts.clear()
         self.answer(worker, step)

@@ -40,7 +40,7 @@ from torch import nn
 from .. import comm
 from .architecture import PSArchitecture
 from .server import ServerConfig, ServerStats
-from .worker import RemoteOptimizer
+from .remote_optimizer import RemoteOptimizer
 
 
 def init(servers: int = 1, consistency: str = "sync", staleness: int = 0,

@@ -32,7 +32,6 @@ sender is dropped like a lost worker and the others train on. No message kills t
 
 from __future__ import annotations
 
-import copy
 import logging
 import queue
 import threading
@@ -49,6 +48,8 @@ from .inbox import feed
 from .protocol import Header, Kind, PSProtocolError, ServerStats, Status, send_message
 from .receive import Message, Receiver
 from .replies import Replies
+from .server_state import load_shard_state, shard_state
+from .trace import ServerTrace
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class ParameterServer:
         self.mode = MODES[config.consistency](self)
         self.rules = [PushRules.of(config.compression, p.dtype, p.numel(), len(self.workers))
                       for p in self.params]
+        self.trace: ServerTrace | None = None  # --timeline: its updates (``trace.py``)
 
     @property
     def version(self) -> int:
@@ -111,39 +113,13 @@ class ParameterServer:
     # --- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The shard (numel,) when it has one dtype, else its partitions ("parts"), the
-        partitions' optimizer states, their versions and the workers' step; a copy, which
-        later updates leave alone."""
-        values = [p.detach().clone() for p in self.params]
-        state = ({"shard": torch.cat(values)} if len({v.dtype for v in values}) == 1
-                 else {"parts": values})
-        optimizers = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
-        # one partition: the optimizer's own state dict, as a checkpoint held before partitions
-        return {**state, "optimizer": optimizers[0] if len(optimizers) == 1 else optimizers,
-                "versions": list(self.versions), "version": self.version, "step": self.step}
+        """The shard, its optimizer states, versions and the workers' step: a copy, which
+        later updates leave alone (``server_state.py``)."""
+        return shard_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()`` of a checkpoint (same shard layout and partitions)."""
-        parts = state.get("parts")
-        if parts is None:  # one dtype: the shard, cut as this run cuts it
-            sizes = [p.numel() for p in self.params]
-            shard = state["shard"]
-            parts = list(shard.split(sizes)) if shard.numel() == sum(sizes) else [shard]
-        have = [(tuple(p.shape), p.dtype) for p in self.params]
-        got = [(tuple(p.shape), p.dtype) for p in parts]
-        optimizers = state["optimizer"]
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        if have != got or len(optimizers) != len(have):
-            raise ValueError(f"server {self.index}: the checkpoint's partitions are {got}, "
-                             f"this run's {have} (--ps-partition-mb and the links decide "
-                             "them; resume with the same)")
-        with torch.no_grad():
-            for p, t in zip(self.params, parts):
-                p.copy_(t)
-        for o, s in zip(self.optimizers, optimizers):
-            o.load_state_dict(s)
-        self.versions = [int(v) for v in state.get("versions", [state["version"]] * len(have))]
-        self.step = int(state["step"])
+        load_shard_state(self, state)
 
     # --- what the consistency modes use -------------------------------------------------------
 
@@ -170,13 +146,18 @@ class ParameterServer:
         for first, (values, at) in self.replies.ready(worker, c, (payload, step)):
             self.reply(worker, Kind.PARAMS, values, step=at, partition=first)
 
-    def apply(self, c: int, grad: torch.Tensor) -> None:
-        """One optimizer step of partition ``c`` with ``grad`` (numel,)."""
+    def apply(self, c: int, grad: torch.Tensor, step: int = 0, workers: int = 1,
+              worker: int | None = None) -> None:
+        """One optimizer step of partition ``c`` with ``grad`` (numel,): the pushes of
+        ``step`` by ``workers`` workers averaged (async, ssp: ``worker``'s), for the trace."""
         start = time.perf_counter()
         self.params[c].grad = grad
         self.optimizers[c].step()
         self.versions[c] += 1
-        self.stats.busy_s += time.perf_counter() - start
+        end = time.perf_counter()
+        self.stats.busy_s += end - start
+        if self.trace is not None:
+            self.trace.update(c, start, end, step, workers, worker)
 
     def snapshot(self, c: int) -> torch.Tensor:
         """A copy of partition ``c`` (numel,) to send, which later updates leave alone."""
@@ -223,6 +204,8 @@ class ParameterServer:
         while self.live - self.done:
             event, worker, data = self._inbox.get()
             handlers[event](worker, data)
+        if self.trace is not None:  # complete before the first worker merges the files
+            self.trace.flush()
         for w in sorted(self.done & self.live):
             self.reply(w, Kind.STATS, self.stats.to_tensor())
         self.replies.drain()

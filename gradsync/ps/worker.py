@@ -5,10 +5,11 @@ counts down the pieces of each partition; the moment a partition's gradients are
 (late layers first, as backward produces them) it is pushed to its server while backward goes
 on, and the receive of the server's reply to it is posted at once. A sync server sums a
 partition as soon as every worker's piece of it is in and answers at once, so this worker
-pulls partition c while it still pushes c + 1 (BytePS's pipelining). ``optimizer.step()`` (a
-:class:`RemoteOptimizer`) waits for the replies and writes the fresh parameters into the
-model: the update itself happens on the servers. Under ``compression`` the push is a half
-cast or the top-k entries (``compression.py``); pulls stay full precision.
+pulls partition c while it still pushes c + 1 (BytePS's pipelining). ``optimizer.step()``
+(a :class:`RemoteOptimizer`, ``remote_optimizer.py``) waits for the replies and writes the
+fresh parameters into the model: the update itself happens on the servers. Under
+``compression`` the push is a half cast or the top-k entries (``compression.py``); pulls stay
+full precision. ``set_timeline`` records each partition's push and pull (``trace.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .compression import PushCompressor, check_compression
 from .protocol import (DTYPE_CODES, END_BYTES, PAYLOAD_TAG, TAG, Header, Kind, PSProtocolError,
                        ServerStats, Status, empty_header, send_message, status_text)
 from .sharding import Part, ShardLayout, gather_part, scatter_part
+from .trace import WorkerTrace
 
 
 _END = torch.frombuffer(bytearray(END_BYTES), dtype=torch.uint8)  # the payload of DONE, CHECKPOINT
@@ -98,6 +100,7 @@ class PSWorker(nn.Module):
         # Receives posted, in posting order: a server answers in the order we pushed.
         self._replies: list[tuple[int, torch.Tensor, comm.Work, comm.Work]] = []
         self._posted: set[int] = set()
+        self._trace: WorkerTrace | None = None  # --timeline (set_timeline)
         self._reset()
         self._pull_all()  # the servers' initial values, so every replica starts equal
         for i, p in enumerate(self._params):
@@ -111,6 +114,13 @@ class PSWorker(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def set_timeline(self, timeline) -> None:
+        """Record each partition's push and pull in ``timeline`` (a
+        :class:`gradsync.observe.Timeline`, flushed by the caller once per step; None stops;
+        ``trace.py``)."""
+        self._trace = None if timeline is None else WorkerTrace(timeline, self._parts,
+                                                                self.servers)
 
     # --- push ---------------------------------------------------------------------------------
 
@@ -135,6 +145,14 @@ class PSWorker(nn.Module):
                 self._push(g)
 
     def _push(self, g: int) -> None:
+        if self._trace is None:
+            self._send_push(g)
+            return
+        start = time.perf_counter()
+        self._trace.push(g, start, self._send_push(g), self.step_count)
+
+    def _send_push(self, g: int) -> int:
+        """Push partition ``g``; returns its payload's bytes as sent."""
         part = self._parts[g]
         k = part.shard
         # Gradients not there yet (None) are parameters without one this step: zeros.
@@ -150,12 +168,14 @@ class PSWorker(nn.Module):
                         version=self.versions[g], sender=self.rank, dtype=code,
                         partition=part.index)
         self._send(k, header, wire, f"push of shard {k} at step {self.step_count}")
-        self.bytes_pushed += wire.numel() - len(END_BYTES)
+        nbytes = wire.numel() - len(END_BYTES)
+        self.bytes_pushed += nbytes
         self.bytes_dense += payload.numel() * payload.element_size()
         self._post_reply(g)
         self._done.add(g)
         self._left[k] -= 1
         self._pushed[k] = self._left[k] == 0
+        return nbytes
 
     def _send(self, k: int, header: Header, payload: torch.Tensor | None, what: str) -> None:
         self._works += send_message(header, payload, self.servers[k], self.group, what)
@@ -187,26 +207,38 @@ class PSWorker(nn.Module):
         for g in range(len(self._parts)):
             if g not in self._posted:
                 self._post_reply(g)
-        start = time.perf_counter()
-        for g, header, hw, pw in self._replies:
-            part = self._parts[g]
-            k = part.shard
-            hw.wait()
-            pw.wait()
-            h = Header.decode(header)
-            if h.kind == Kind.ERROR:
-                raise PSProtocolError(f"server {k} (rank {self.servers[k]}) rejected rank "
-                                      f"{self.rank}'s message: {status_text(h.status)}")
-            if h.kind != Kind.PARAMS or h.shard != k or h.partition != part.index:
-                raise PSProtocolError(f"unexpected reply from server {k}: kind {h.kind}, "
-                                      f"shard {h.shard}, partition {h.partition}")
-            scatter_part(self._pull_bufs[g], self.layout, part, self._params)
-            self.versions[g] = h.version
-            self.bytes_pulled += part.nbytes
+        start, trace = time.perf_counter(), self._trace
+        for reply in self._replies:
+            if trace is None:
+                self._load(*reply)
+            else:
+                t = time.perf_counter()
+                self._load(*reply)
+                trace.pull(reply[0], t, self.step_count, self.versions[reply[0]])
         self._replies.clear()
         self._posted.clear()
         self._wait_sends()
-        self.comm_wait_s += time.perf_counter() - start
+        end = time.perf_counter()
+        self.comm_wait_s += end - start
+        if trace is not None:
+            trace.waited(start, end, self.step_count)
+
+    def _load(self, g: int, header: torch.Tensor, hw: comm.Work, pw: comm.Work) -> None:
+        """Wait for partition ``g``'s reply and write its parameters into the model."""
+        part = self._parts[g]
+        k = part.shard
+        hw.wait()
+        pw.wait()
+        h = Header.decode(header)
+        if h.kind == Kind.ERROR:
+            raise PSProtocolError(f"server {k} (rank {self.servers[k]}) rejected rank "
+                                  f"{self.rank}'s message: {status_text(h.status)}")
+        if h.kind != Kind.PARAMS or h.shard != k or h.partition != part.index:
+            raise PSProtocolError(f"unexpected reply from server {k}: kind {h.kind}, "
+                                  f"shard {h.shard}, partition {h.partition}")
+        scatter_part(self._pull_bufs[g], self.layout, part, self._params)
+        self.versions[g] = h.version
+        self.bytes_pulled += part.nbytes
 
     def step(self) -> None:
         """Finish the step: wait for every server's parameters and load them."""
@@ -258,28 +290,3 @@ class PSWorker(nn.Module):
             stats.append(ServerStats.from_tensor(buf))
         self._wait_sends()
         return stats
-
-
-class RemoteOptimizer:
-    """The optimizer a PS worker trains with: ``step()`` pulls what the servers computed."""
-
-    def __init__(self, worker: PSWorker):
-        self.worker = worker
-
-    def state_dict(self) -> dict:
-        return {}  # the optimizer state lives on the servers, in their checkpoint files
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict:
-            raise ValueError("a parameter-server worker holds no optimizer state; the "
-                             "servers restore theirs")
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.worker._params:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
-
-    def step(self) -> None:
-        self.worker.step()

@@ -56,11 +56,13 @@ def train(config: TrainConfig, architecture: Architecture) -> dict | None:
     timeline = open_timeline(config.observe.timeline, architecture.group)
     checkpointer, resumed = _checkpointer(config, setup, architecture)
     if not architecture.is_worker:
+        if timeline is not None and hasattr(architecture, "set_timeline"):
+            architecture.set_timeline(timeline)  # a PS server records its updates
         architecture.serve(workload.model, setup.optimizer_for,
                            save=checkpointer.save_rank_state if checkpointer else None,
                            restored=resumed.rank_state if resumed else None)
         if timeline is not None:
-            timeline.close()  # (the PS's own events are not recorded yet)
+            timeline.close()
         return None
     pos = resumed.position if resumed else Position()
     if resumed:  # (a PS worker then pulls the servers' restored shards over it)
