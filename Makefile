@@ -17,15 +17,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m gradsync train
 
-# Everything; what CI runs. Two xdist workers (tests/conftest.py says how tests are grouped).
-XDIST := -n 2 --dist loadgroup
+# Everything; what CI runs.
 test: $(STAMP)
-	$(PY) -m pytest -q $(XDIST)
+	$(PY) -m pytest -q
 
 # The edit-test loop: every package, without the tests marked slow (end-to-end runs of
 # gradsync train/serve/bench, mpiexec, labs, the largest worlds); about 90 s on 2 cores.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q $(XDIST) -m "not slow"
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dataparallel.py

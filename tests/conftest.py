@@ -1,12 +1,6 @@
 """pytest-timeout's per-test limits follow GRADSYNC_TEST_TIMEOUT_SCALE, like every other
 timeout in the tests (tests/distributed.py reads it); tests marked ``netns`` skip where
-network namespaces cannot be built.
-
-`make test` runs the suite on two pytest-xdist workers (``-n 2 --dist loadgroup``): one
-worker alone keeps about one core busy, since most tests wait on processes they started.
-Each test module stays on one worker (its shared multi-process world is built once), and
-every test that builds network namespaces runs on the same worker, one at a time, because
-those tests check that ``ip netns list`` and ``ip link`` are the same after them as before."""
+network namespaces cannot be built."""
 
 from __future__ import annotations
 
@@ -28,11 +22,7 @@ def _default_timeout(config: pytest.Config) -> float | None:
     return None
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        group = "netns" if item.get_closest_marker("netns") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
     if TIMEOUT_SCALE == 1:
         return
     default = _default_timeout(config)
