@@ -101,7 +101,13 @@ def test_a_stopped_worker_is_declared_lost_within_the_heartbeat_bound(tmp_path: 
     assert stderr.count("sent no heartbeat") == 1, stderr  # not the replacement
     assert "member 3 joined at step 100; 3 workers" in stderr, stderr
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 201))
+    steps = [r["step"] for r in records]
+    # Each step once, in order. The step in flight at the SIGSTOP may have completed on a
+    # survivor but not on rank 0 (its ring was cut after the survivor's last chunk); the
+    # survivors then take that survivor's state, and rank 0 has no loss of its own to log.
+    first_of_two = next(r["step"] for r in records if r["workers"] == 2)
+    assert steps == sorted(set(steps)) and steps[-1] == 200, steps
+    assert set(range(1, 201)) - set(steps) <= {first_of_two - 1}, steps
     # From the SIGSTOP to the first step the 2 survivors completed: the bound, plus a
     # heartbeat period and the launcher's check, plus the re-forming; nowhere near 120 s.
     recovered = next(r["time"] for r in records if r["workers"] == 2) - stopped_at
