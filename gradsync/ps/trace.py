@@ -4,22 +4,23 @@ Row ``200 + k`` of a rank's row group is its traffic with server k:
 
 - on a worker ("server k (rank R)"), per step and per partition of shard k: ``push``, from
   gathering the partition's gradient (and compressing it) to handing its header and payload
-  to the engine, and ``pull``, from the moment the step's end starts waiting for the
-  server's reply to its parameters being loaded into the model. The compute row adds
-  ``wait for communication`` (every pull of the step, inside ``optimizer step``). A push
-  goes on over the wire after its span ends: gloo says a send is done only once it is waited
-  for, so its arrival cannot be stamped; the pull of the first partition holds that time.
-- on server k ("server k (updates)"), ``update``: one optimizer step of a partition. In sync mode one
-  per partition and step (``workers``: the gradients averaged into it); in async and ssp one
-  per partition and worker's push (``worker``: its rank).
+  to the engine, and ``pull``, from the moment the end of the step turns to this partition's
+  reply (replies are taken in push order, one after another) to its parameters being loaded
+  into the model. The compute row adds ``wait for communication`` (every pull of the step,
+  inside ``optimizer step``). A push goes on over the wire after its span ends: gloo says a
+  send is done only once it is waited for, so its arrival cannot be stamped; the pulls hold
+  that time.
+- on server k ("server k (updates)"), ``update``: one optimizer step of a partition. In sync
+  mode one per partition and step (``workers``: the gradients averaged into it); in async
+  and ssp one per partition and worker's push (``worker``: its rank).
 
 ``args``: ``step`` (numbered as in metrics.jsonl: the protocol counts steps from 0),
 ``partition`` (its index within the shard), ``bytes`` (a push's as sent, compressed or not; a
 pull's and an update's as the partition holds them) and ``server`` (k); a pull adds the
 ``version`` the server's reply carried.
 
-Recording costs nothing without ``--timeline`` beyond one ``None`` check per partition (the
-worker's and server's ``trace`` attribute); with it, a few microseconds per event, written
+Recording costs nothing without ``--timeline`` beyond one ``None`` check per partition
+(``PSWorker._trace``, ``ParameterServer.trace``); with it, a few microseconds per event, written
 once per step (the trainer flushes a worker's; a server flushes its own, see
 :class:`ServerTrace`).
 """
