@@ -5,7 +5,8 @@ the collective once per iteration, in an order that rotates from one iteration t
 so that drift and a noisy neighbour hit every algorithm alike. Before a call the buffers are
 refilled and the ranks meet in a barrier; below 256 KiB a sample times a loop of calls and
 divides (nccl-tests' way), so that small sizes report the collective and not the barrier and
-timer around it. A sample's time is the slowest rank's, and a size's figure is the median over
+timer around it: a loop of about 2 ms, its length set from the first iteration's slowest
+rank (1,333 calls of 1.5 us). A sample's time is the slowest rank's, and a size's figure is the median over
 its iterations (fewer above 16 MiB, so that large sizes do not dominate the run).
 
 Inputs are small integers, so every result is exact in every dtype and is compared bit for
@@ -260,14 +261,21 @@ class Case:
 # --- the sweep ---------------------------------------------------------------------------------
 
 LOOP_BYTES = 256 << 10          # below this a timed sample is a loop of calls, as in nccl-tests
-MAX_LOOP_CALLS = 50
+LOOP_TARGET_S = 2e-3            # ... of about this long (the barrier's skew is 1-10 us)
+MAX_LOOP_CALLS = 2000
 
 
-def loop_calls(nbytes: int) -> int:
+def loop_calls(nbytes: int, per_call_s: float | None = None) -> int:
     """Calls per timed sample: one for large sizes; for small ones a loop whose time is
     divided by its length, so that the barrier before it and the timer's own cost (tens of
-    microseconds) do not count as the collective's."""
-    return max(1, min(MAX_LOOP_CALLS, LOOP_BYTES // max(1, nbytes)))
+    microseconds) do not count as the collective's. With ``per_call_s`` (the slowest rank's,
+    from a first sample) the loop lasts about LOOP_TARGET_S: a 1.5 us call then runs 1,333
+    times, a 1.5 ms one once."""
+    if nbytes >= LOOP_BYTES:
+        return 1
+    if per_call_s is None:
+        return max(1, min(50, LOOP_BYTES // max(1, nbytes)))
+    return max(1, min(MAX_LOOP_CALLS, round(LOOP_TARGET_S / max(per_call_s, 1e-9))))
 
 
 def _timed(case: Case, algorithm: str, calls: int, group) -> float:
@@ -281,6 +289,36 @@ def _timed(case: Case, algorithm: str, calls: int, group) -> float:
     for _ in range(calls):
         case.run(algorithm)
     return (time.perf_counter() - start) / calls
+
+def _measure_size(case: Case, algos: tuple[str, ...], nbytes: int, total: int, check: bool,
+                  group):
+    """``total`` samples of each algorithm on one size, in an order rotating per iteration;
+    returns (times (len(algos), total) in s per call, the slowest rank's; wrong (len(algos),)
+    summed over the ranks)."""
+    import torch
+
+    from .. import comm
+
+    times = torch.zeros(len(algos), total, dtype=torch.float64)
+    wrong = torch.zeros(len(algos), dtype=torch.float64)
+    calls = [loop_calls(nbytes)] * len(algos)
+    for it in range(total):
+        if it == 1:  # every rank's loops as long as the slowest rank's first sample asks
+            first = times[:, 0].clone()
+            comm.all_reduce(first, op="max", group=group, algorithm="native")
+            calls = [loop_calls(nbytes, float(t)) for t in first]
+        for k in range(len(algos)):
+            j = (it + k) % len(algos)
+            times[j, it] = _timed(case, algos[j], calls[j], group)
+            if (check or it == 0) and algos[j] != MEMORY_BOUND:
+                if calls[j] > 1:  # the loop fed each call the last one's output: redo one
+                    case.reset()
+                    case.run(algos[j])
+                wrong[j] += case.wrong()
+    comm.all_reduce(times, op="max", group=group, algorithm="native")
+    comm.all_reduce(wrong, op="sum", group=group, algorithm="native")
+    return times, wrong
+
 
 def run_sweep(cfg: SweepConfig, group=None) -> dict:
     """Measure ``cfg`` on ``group`` (collective: every rank calls it with the same config).
@@ -318,26 +356,16 @@ def run_sweep(cfg: SweepConfig, group=None) -> dict:
         algos += (MEMORY_BOUND,)  # the floor of the shm path, measured in the same run
     rows, auto_chose = [], {}
     for nbytes, count in cfg.sizes(n):
+        # Below LOOP_BYTES the memory-bound pass is a few torch calls' overhead (~14 us),
+        # not memory time: no floor to show there.
+        size_algos = tuple(a for a in algos if a != MEMORY_BOUND or nbytes >= LOOP_BYTES)
         case = Case(cfg, count, rank, n)
         n_iter = cfg.iterations(nbytes)
-        total = cfg.warmup_iters + n_iter
-        times = torch.zeros(len(algos), total, dtype=torch.float64)
-        wrong = torch.zeros(len(algos), dtype=torch.float64)
-        calls = loop_calls(nbytes)
-        for it in range(total):
-            for k in range(len(algos)):
-                j = (it + k) % len(algos)
-                times[j, it] = _timed(case, algos[j], calls, group)
-                if (cfg.check or it == 0) and algos[j] != MEMORY_BOUND:
-                    if calls > 1:  # the loop fed each call the last one's output: redo one
-                        case.reset()
-                        case.run(algos[j])
-                    wrong[j] += case.wrong()
-        comm.all_reduce(times, op="max", group=group, algorithm="native")
-        comm.all_reduce(wrong, op="sum", group=group, algorithm="native")
+        times, wrong = _measure_size(case, size_algos, nbytes, cfg.warmup_iters + n_iter,
+                                     cfg.check, group)
         if cfg.op == "all_reduce":
             auto_chose[nbytes] = DEFAULT_COST_MODEL.choose(nbytes, n, topology=group.topology)
-        for j, algo in enumerate(algos):
+        for j, algo in enumerate(size_algos):
             rows.append({"bytes": nbytes, "count": count, "algorithm": algo, "iters": n_iter,
                          "time_us": spread((1e6 * times[j, cfg.warmup_iters:]).tolist()),
                          "wrong": int(wrong[j].item())})
