@@ -29,6 +29,9 @@ from .optimizer import ShardedOptimizer
 from .stage3 import ParameterGatherer, layer_units
 
 STAGES = (1, 2, 3)
+# Stages 2-3: reduce-scatters left in flight during backward (each holds its bucket's
+# staging copy); more waits for none sooner, fewer could stall backward on the network.
+IN_FLIGHT = 2
 
 
 class ShardedDataParallel(nn.Module):
@@ -241,6 +244,15 @@ class ShardedDataParallel(nn.Module):
                     self.gatherer.free(b)
             self._works.append((b, work, out))
             self._next += 1
+            if self.stage > 1:
+                # Each reduce-scatter in flight holds a (N * k,) staging copy of its bucket's
+                # gradient (comm's reduce_scatter_async), released only when its Work is
+                # waited and dropped: left to the end of backward, that is a full-size
+                # gradient of every bucket at once, more than DataParallel's. Waiting for
+                # all but the last IN_FLIGHT keeps that at IN_FLIGHT buckets; the comm
+                # thread runs them in order, so the oldest is usually done by now.
+                while len(self._works) > IN_FLIGHT:
+                    self._complete(*self._works.pop(0))
 
     def _finish_backward(self) -> None:
         if not self._require_sync:  # stage 3 under no_sync(): only back to rest
@@ -257,14 +269,19 @@ class ShardedDataParallel(nn.Module):
                     b.ready.add(i)
         self._launch_ready()
         try:
-            for b, work, out in self._works:
-                work.wait()
-                if b.piece is not None:
-                    self._set_piece_grad(b, out)
+            while self._works:
+                self._complete(*self._works.pop(0))
         finally:
             self._reset_step()
             if self.gatherer is not None:
                 self.gatherer.settle()
+
+    def _complete(self, b: ShardedBucket, work: comm.Work, out: torch.Tensor | None) -> None:
+        """Wait for bucket ``b``'s collective and give its piece the averaged gradient
+        (the caller drops ``work``, and with it the collective's staging buffer)."""
+        work.wait()
+        if b.piece is not None:
+            self._set_piece_grad(b, out)
 
     def _set_piece_grad(self, b: ShardedBucket, out: torch.Tensor | None) -> None:
         real = b.piece.numel()
