@@ -6,9 +6,13 @@ end of backward. In a synchronous step every rank waits for the last one to fini
 computing, so the rank with the largest compute time of a step makes each other rank wait
 the difference; summed over the run, that is the time the others waited for it.
 
-The rule: a rank is a straggler over a window of steps when its compute time exceeds
-``ratio`` times the median of the ranks' in at least ``PERSIST`` of the steps (once is
-noise: a page fault, a preemption on a shared core). For an even count of ranks the median
+The rule: a rank is a straggler over a window of steps when its compute time summed over
+the window, less its slowest tenth of steps (at least one: a page fault, a preemption on a
+shared core), exceeds ``ratio`` times the median of the ranks' such sums. A sum, not a count
+of slow steps: a host capped by a CPU quota (docker's ``--cpus``, cgroup ``cpu.max``) runs
+at full speed until its quota of a 100 ms period is spent and then not at all, so it is
+slow in bursts, a few steps in a window, each by a large factor; what the others wait is
+the excess of the sum either way. For an even count of ranks the median
 is the lower middle value (torch's), so with 2 workers the slower is compared with the
 faster. The trainer checks it every
 ``--straggler-window`` steps with one all-gather of the window's times, and rank 0 logs a
@@ -25,24 +29,25 @@ import torch
 from .. import comm
 
 log = logging.getLogger("gradsync.observe")
-PERSIST = 0.8   # share of a window's steps a rank must be slow in
+TRIM = 0.1   # share of a window's steps, each rank's slowest, left out of its sum
 
 
 def find_stragglers(compute: torch.Tensor, ratio: float = 1.2) -> list[tuple[int, float]]:
-    """Ranks slower than ``ratio`` x the median in at least PERSIST of the steps.
+    """Ranks whose compute summed over the steps, less their slowest TRIM of steps, exceeds
+    ``ratio`` x the median rank's.
 
     Args:
         compute: (ranks, steps) compute seconds.
     Returns:
-        (rank, factor) pairs, factor the rank's median of compute / the step's median.
+        (rank, factor) pairs, factor the rank's trimmed sum / the median of the trimmed sums.
     """
-    if compute.shape[0] < 2 or compute.shape[1] == 0:
+    ranks, steps = compute.shape
+    if ranks < 2 or steps == 0:
         return []
-    median = compute.median(dim=0).values.clamp_min(1e-12)            # (steps,)
-    factor = compute / median                                           # (ranks, steps)
-    slow = (factor > ratio).double().mean(dim=1)                        # (ranks,)
-    return [(r, factor[r].median().item()) for r in range(compute.shape[0])
-            if slow[r].item() >= PERSIST]
+    keep = steps - max(1, round(TRIM * steps)) if steps > 1 else 1
+    trimmed = compute.sort(dim=1).values[:, :keep].sum(dim=1)              # (ranks,)
+    factor = trimmed / trimmed.median().clamp_min(1e-12)                  # (ranks,)
+    return [(r, factor[r].item()) for r in range(ranks) if factor[r].item() > ratio]
 
 
 def waited_for(compute: torch.Tensor) -> list[float]:
