@@ -18,6 +18,14 @@ Every variant runs ``algorithm="native"`` (the engine's collectives): on one hos
 default puts buckets in shared-memory segments whose pages every rank maps, which a
 per-process peak counts once per rank that touches them.
 
+glibc's malloc raises its mmap threshold to the size of each large block freed (up to 32
+MiB), after which stage 3's 16 MiB gathered layers and the collectives' staging buffers
+come from the heap, whose freed holes it keeps: measured on one stage-3 rank (52 M
+params), in-use heap 388 MiB but 909 MiB held and VmRSS 1117 MiB. So every launch runs with
+``MALLOC_MMAP_THRESHOLD_=131072`` (:data:`ALLOCATOR_ENV`: glibc's default threshold, held
+fixed), which returns such blocks to the system when they are freed; ``--glibc-dynamic``
+measures glibc's default behaviour instead.
+
 ``--limit-mib M`` runs each launch in a memory cgroup of its own (cgroup v2 ``memory.max``,
 or v1 ``memory.limit_in_bytes``; created under /sys/fs/cgroup and removed after, so it
 needs root) holding the launcher and all its ranks: a variant that needs more is killed by
@@ -48,6 +56,8 @@ from benchmarks.bench_zero import VARIANTS, formula_bytes_per_param
 
 MODULE = "benchmarks.bench_zero_memory"
 MIB = 1 << 20
+# glibc's default mmap threshold (128 KiB), fixed: setting it turns off the dynamic raise.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     p.add_argument("--limit-mib", type=int, default=0,
                    help="memory limit of each launch (all its ranks together); 0: none")
+    p.add_argument("--glibc-dynamic", action="store_true",
+                   help=f"leave glibc's dynamic mmap threshold on (not {ALLOCATOR_ENV})")
     p.add_argument("--json", metavar="FILE", help="write the results to FILE")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # one launch's variant
     add_worker_flags(p)
@@ -130,6 +142,12 @@ def _worker(args: argparse.Namespace) -> None:
     elif args.variant == "zero-3":
         model.state_dict()  # collective in stage 3 (rank 0's call above)
     comm.destroy_process_group()
+    # Leave without the interpreter's finalization, as gradsync train's ranks do
+    # (cli._exit_rank): torch 2.13's gloo can abort a finished process there ("terminate
+    # called without an active exception"), seen here in 2 of 9 zero-2 launches.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # --- one launch per variant, optionally in a memory cgroup -------------------------------
@@ -183,7 +201,8 @@ def _launch_one(args: argparse.Namespace, argv: list[str], variant: str) -> dict
     with tempfile.TemporaryDirectory(prefix="gradsync-bench-") as tmp:
         out = Path(tmp) / "one.json"
         cmd = [sys.executable, "-m", MODULE, *argv, "--variant", variant, "--json", str(out)]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(REPO),
+               **({} if args.glibc_dynamic else ALLOCATOR_ENV)}
         if args.limit_mib:
             with MemoryCgroup(args.limit_mib * MIB) as cg:
                 proc = subprocess.run(cg.prefix() + cmd, env=env, capture_output=True, text=True)
@@ -204,6 +223,7 @@ def report(args: argparse.Namespace, results: list[dict], cmd: str, mach: dict) 
     print(f"# peak memory per rank, {n} ranks, MLP 784-{args.hidden}x{args.layers}-10, "
           f"float32 Adam, batch {args.batch}/rank, {args.steps} steps{limit}")
     print(f"# machine: {describe_machine(mach)}\n# command: {cmd}")
+    print(f"# allocator: {allocator(args)}")
     print(f"  {'variant':<8} {'state MiB':>9} {'B/param':>8} {'formula':>8} {'vs':>7} "
           f"{'peak MiB':>9} {'peak-state':>10} {'job peak MiB':>12}")
     for r in results:
@@ -216,6 +236,12 @@ def report(args: argparse.Namespace, results: list[dict], cmd: str, mach: dict) 
         print(f"  {r['variant']:<8} {state / MIB:9.1f} {bpp:8.3f} {want:8.3f} "
               f"{100 * (bpp / want - 1):+6.2f}% {peak / MIB:9.1f} {(peak - state) / MIB:10.1f}"
               f"{job}")
+
+
+def allocator(args: argparse.Namespace) -> str:
+    if args.glibc_dynamic:
+        return "glibc defaults (dynamic mmap threshold)"
+    return " ".join(f"{k}={v}" for k, v in ALLOCATOR_ENV.items())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     report(args, results, cmd, mach)
     if args.json:
         write_json(args.json, {"benchmark": "zero-memory", "command": cmd, "machine": mach,
-                               "limit_mib": args.limit_mib, "results": results})
+                               "limit_mib": args.limit_mib, "allocator": allocator(args),
+                               "results": results})
 
 
 def _without(argv: list[str], flag: str) -> list[str]:
