@@ -118,6 +118,27 @@ def test_tensorboard_scalars_split_each_step_from_the_cumulative_counters(tmp_pa
     assert got["eval/accuracy"] == [(3, 0.75)] and "comm/compression_ratio" not in got
 
 
+def test_a_comm_hooks_call_is_a_span_inside_backward_and_plain_launches_are_not(tmp_path):
+    from gradsync.allreduce.bucket_reduce import BucketTrace
+
+    class Done:
+        def is_completed(self):
+            return True
+
+    bucket = type("B", (), {"flat": torch.zeros(4)})()
+    with Timeline(tmp_path / "t.json") as tl:
+        trace = BucketTrace(tl, [bucket, bucket], ["ring", "ring"])
+        start = time.perf_counter()
+        trace.launched(Done(), start, hooked=True)     # a compressor's hook: encode + launch
+        trace.launched(Done(), time.perf_counter())   # no hook: the collective only
+        trace.finish_step(time.perf_counter(), time.perf_counter())
+    spans = [e for e in load(tmp_path / "t.json") if e["ph"] == "X"]
+    hooks = [e for e in spans if e["name"] == "comm hook (compress)"]
+    assert [(e["tid"], e["args"]["bucket"]) for e in hooks] == [(0, 0)]
+    assert hooks[0]["ts"] >= 0 and hooks[0]["dur"] >= 0
+    assert [e["args"]["bucket"] for e in spans if e["name"] == "all-reduce"] == [0, 1]
+
+
 def test_waited_for_charges_each_step_to_its_last_rank():
     compute = torch.tensor([[1.0, 1.0, 4.0],     # (ranks, steps)
                             [2.0, 1.0, 1.0],

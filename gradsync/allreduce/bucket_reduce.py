@@ -93,11 +93,16 @@ class BucketTrace:
         for b, algorithm in enumerate(algorithms):
             timeline.name_row(100 + b, f"bucket {b} ({algorithm}, {self.bytes[b] / 1e6:.2f} MB)")
         self._spans: list[list] = []  # [work, launch, end or None] in launch order
+        self._hooks: list[tuple[float, float, int]] = []  # (start, end, bucket) hook calls
 
-    def launched(self, work: comm.Work, start: float) -> None:
+    def launched(self, work: comm.Work, start: float, hooked: bool = False) -> None:
         """The next bucket's collective was started at ``start`` (stamped before the call:
-        an algorithm may do its work inside it)."""
+        an algorithm may do its work inside it); ``hooked``: by a comm hook, whose call (a
+        compressor's encoding and the launch of its collectives, inside backward) becomes a
+        span of its own on the compute row."""
         now = time.perf_counter()
+        if hooked:
+            self._hooks.append((start, now, len(self._spans)))
         for span in self._spans:
             if span[2] is None and span[0].is_completed():
                 span[2] = now
@@ -112,6 +117,9 @@ class BucketTrace:
         """Record the wait at the end of backward and the step's collectives."""
         tl = self.timeline
         tl.record("wait for communication", wait_start, wait_end)
+        for start, end, b in self._hooks:
+            tl.record("comm hook (compress)", start, end, bucket=b)
+        self._hooks = []
         for b, (_, start, end) in enumerate(self._spans):
             tl.record("all-reduce", start, end if end is not None else wait_end, tid=100 + b,
                       bucket=b, algorithm=self.algorithms[b], bytes=self.bytes[b])

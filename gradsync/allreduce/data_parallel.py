@@ -249,7 +249,7 @@ class DataParallel(nn.Module):
                 work = hook_work(self._hook, self._hook_state, self._buckets[self._next],
                                  len(self._buckets), self.group)
             if self._trace is not None:
-                self._trace.launched(work, launch)
+                self._trace.launched(work, launch, hooked=self._hook is not None)
             self._works.append(work)
             self._next += 1
 

@@ -186,17 +186,18 @@ def draw_timeline(trace: str | Path, png: str | Path, steps: tuple[int, int] = (
     t0 = min(e["ts"] for e in spans)
     colours = {"step": "#dddddd", "forward": "#4c72b0", "backward": "#55a868",
                "wait for communication": "#c44e52", "optimizer step": "#8172b2",
-               "checkpoint write": "#937860"}
+               "checkpoint write": "#937860", "comm hook (compress)": "#da8bc3"}
+    inside = ("wait for communication", "comm hook (compress)")  # within backward
     fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.4))
     for e in spans:
         y = where[(e["pid"], e["tid"])]
-        nested = e["name"] == "wait for communication"  # inside backward: drawn thinner
+        nested = e["name"] in inside  # inside backward: drawn thinner
         ax.barh(-y, e["dur"] / 1e3, left=(e["ts"] - t0) / 1e3, height=0.45 if nested else 0.8,
                 color=colours.get(e["name"], "#dd8452"), edgecolor="none",
                 zorder=1 if e["name"] == "step" else 3 if nested else 2)  # step underneath
     ax.set_yticks([-i for i in range(len(rows))],
-                  [f"rank {p} " + ("compute" if t == 0 else f"bucket {t - 100}")
-                   for p, t in rows], fontsize=7)
+                  [f"rank {p} " + ("compute" if t == 0 else f"bucket {t - 100}" if t < 200
+                                   else f"server {t - 200}") for p, t in rows], fontsize=7)
     ax.set_xlabel("ms")
     names = [n for n in colours if any(e["name"] == n for e in spans)] + ["all-reduce (bucket)"]
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colours.get(n, "#dd8452"))
