@@ -136,11 +136,12 @@ def _worker(args: argparse.Namespace) -> None:
     rows = [torch.empty_like(mine) for _ in range(group.size)]
     comm.all_gather(rows, mine, algorithm="native")
     if group.rank == 0:
-        n_params = sum(p.numel() for p in model.state_dict().values())
+        # Counted from the buckets: stage 3's state_dict() would gather the whole model on
+        # every rank, which a memory limit (the cgroup's peak) would count.
+        n_params = (sum(b.numel for b in model.buckets) if hasattr(model, "buckets")
+                    else sum(p.numel() for p in model.parameters()))
         Path(args.result_file).write_text(json.dumps(
             {"n_params": n_params, "per_rank": [r.tolist() for r in rows]}))
-    elif args.variant == "zero-3":
-        model.state_dict()  # collective in stage 3 (rank 0's call above)
     comm.destroy_process_group()
     # Leave without the interpreter's finalization, as gradsync train's ranks do
     # (cli._exit_rank): torch 2.13's gloo can abort a finished process there ("terminate
