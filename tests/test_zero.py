@@ -187,6 +187,14 @@ def _what_is_kept(rank, world):
             out[stage]["param bytes after eval"] = _storage_bytes(model.parameters())
             sdp.load_state_dict(_model(5).state_dict())  # into the shards (collective)
             out[stage]["loaded"] = [t.numpy() for t in sdp.state_dict().values()]
+    for stage in (2, 3):  # a bucket per parameter: more buckets than reduce-scatters kept
+        sdp = gradsync.ShardedDataParallel(_model(0), torch.optim.Adam, stage=stage,
+                                           bucket_cap_mb=1e-9, lr=0.01)
+        held = []  # reduce-scatters in flight after each gradient (gradsync's hook first)
+        for p in sdp.module.parameters():
+            p.register_post_accumulate_grad_hook(lambda p: held.append(len(sdp._works)))
+        nn.functional.mse_loss(sdp(x), y).backward()
+        out[stage]["in flight"] = (len(sdp.buckets), max(held))
     return out
 
 
@@ -329,6 +337,10 @@ def test_each_rank_keeps_only_its_shard(world):
     assert all(all(k[1]["param grads"]) for k in kept)      # stage 1: whole gradients
     assert not any(any(k[2]["param grads"]) for k in kept)  # stage 2: only the pieces
     assert all(k[1]["param bytes"] == k[2]["param bytes"] == 8 * total + 8 for k in kept)
+    # Stages 2-3 wait for older reduce-scatters during backward (each holds a staging copy
+    # of its bucket), not all at its end: 4 buckets, at most IN_FLIGHT in flight.
+    from gradsync.zero.sharded import IN_FLIGHT
+    assert all(k[s]["in flight"] == (4, IN_FLIGHT) for k in kept for s in (2, 3))
 
 
 @pytest.mark.timeout(180)
