@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import command, describe_machine, machine, write_json
-from benchmarks.bench_zero import VARIANTS
+from benchmarks.bench_zero import PEER, VARIANTS
 from benchmarks.bench_zero_memory import MIB, _launch_one, allocator
 
 MODULE = "benchmarks.bench_zero_largest"
@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-layers", type=int, default=64, help="stop searching above this")
     p.add_argument("--batch", type=int, default=32, help="samples per rank per step")
     p.add_argument("--steps", type=int, default=2, help="steps per launch")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    p.add_argument("--variants", default=",".join(VARIANTS + (PEER,)),
+                   help="comma-separated; fsdp2: torch's fully_shard (bench_zero_fsdp.py)")
     p.add_argument("--glibc-dynamic", action="store_true",
                    help="leave glibc's dynamic mmap threshold on (bench_zero_memory.py)")
     p.add_argument("--json", metavar="FILE", help="write the results to FILE")
@@ -47,9 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("limit_mib", "workers", "hidden", "start", "max_layers", "batch", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    unknown = set(args.variants.split(",")) - set(VARIANTS + (PEER,))
     if unknown:
-        p.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        p.error(f"unknown variants {sorted(unknown)}; choose from "
+                f"{', '.join(VARIANTS + (PEER,))}")
     return args
 
 

@@ -1,5 +1,5 @@
-"""Peak memory per rank of DataParallel and ShardedDataParallel stages 1-3, and which of
-them train under a memory limit.
+"""Peak memory per rank of DataParallel, ShardedDataParallel stages 1-3 and torch's FSDP2
+(``fsdp2``, bench_zero_fsdp.py), and which of them train under a memory limit.
 
 Each variant runs in a launch of its own (fresh processes, so the peak belongs to it):
 ``--workers`` ranks build the MLP 784-H-...-H-10 (``--hidden``, ``--layers``; the default
@@ -52,7 +52,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
 
 from benchmarks import (REPO, add_worker_flags, command, describe_machine, machine,
                         run_workers, write_json)
-from benchmarks.bench_zero import VARIANTS, formula_bytes_per_param
+from benchmarks.bench_zero import PEER, VARIANTS, formula_bytes_per_param
 
 MODULE = "benchmarks.bench_zero_memory"
 MIB = 1 << 20
@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=13, help="hidden layers")
     p.add_argument("--batch", type=int, default=32, help="samples per rank per step")
     p.add_argument("--steps", type=int, default=3, help="steps per variant")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    p.add_argument("--variants", default=",".join(VARIANTS + (PEER,)),
+                   help="comma-separated; fsdp2: torch's fully_shard (bench_zero_fsdp.py)")
     p.add_argument("--limit-mib", type=int, default=0,
                    help="memory limit of each launch (all its ranks together); 0: none")
     p.add_argument("--glibc-dynamic", action="store_true",
@@ -80,9 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("workers", "hidden", "layers", "batch", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    unknown = set(args.variants.split(",")) - set(VARIANTS + (PEER,))
     if unknown:
-        p.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        p.error(f"unknown variants {sorted(unknown)}; choose from "
+                f"{', '.join(VARIANTS + (PEER,))}")
     return args
 
 
