@@ -335,3 +335,18 @@ def test_lab_probe_finds_the_slow_host_and_aware_hierarchical_are_exact(tmp_path
     *fast, slow = (h["rate_mbit"] for h in hosts)
     assert all(slow < f <= 105 for f in fast) and 0 < slow <= 26.5, hosts
     assert not list((tmp_path / "labs").glob("*.json"))
+
+
+def test_bench_train_zero_specs_run_the_stage_and_bound_stage_3_at_1_5x():
+    from argparse import Namespace
+
+    from gradsync.bench.train import Config, table
+
+    assert Config("zero:2", 3).flags() == ["--arch", "allreduce", "--zero", "2"]
+    run = {"samples_per_s_median_step": 100.0, "step_time_ms_median": 50.0, "steps_run": 10,
+           "comm_wait_s": 0.1, "bytes_per_step_per_worker": 1, "parameters": 1_000_000}
+    rows = table({Config(s, 3): [run] for s in ("allreduce", "zero:1", "zero:3")},
+                 Namespace(lab_rate="1gbit", lab_rates=None))
+    bounds = {r["arch"]: r["bound_ms"] for r in rows}
+    assert bounds["zero:1"] == bounds["allreduce"]
+    assert bounds["zero:3"] == pytest.approx(1.5 * bounds["allreduce"])

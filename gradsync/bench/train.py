@@ -30,7 +30,7 @@ from .report import bound_allreduce_s, bound_ps_s, machine_line, write_plot
 class Config:
     """One measured configuration: an architecture spec and a worker count."""
 
-    spec: str       # "allreduce[:ALGO]", "ps:K", "ps:K:colocated", "ddp" or "local"
+    spec: str       # "allreduce[:ALGO]", "zero:S", "ps:K", "ps:K:colocated", "ddp" or "local"
     workers: int
 
     @property
@@ -50,6 +50,8 @@ class Config:
         kind, _, arg = self.spec.partition(":")
         if kind == "allreduce":
             return ["--arch", "allreduce", "--algorithm", arg or "auto"]
+        if kind == "zero":  # ZeRO stage S on the all-reduce architecture
+            return ["--arch", "allreduce", "--zero", arg]
         if kind == "ps":
             return ["--arch", "ps", "--servers", str(self.servers)] + \
                 ["--server-ranks", "colocated"] * self.colocated
@@ -149,10 +151,13 @@ def table(results: dict[Config, list[dict]], args) -> list[dict]:
                "parameters": runs[0]["parameters"]}
         if args.lab_rate and not args.lab_rates and config.arch != "local":
             nbytes = 4 * runs[0]["parameters"]
-            # co-located servers: BytePS's bound is all-reduce's
+            # co-located servers: BytePS's bound is all-reduce's; ZeRO stages 1-2 move
+            # all-reduce's bytes (reduce-scatter + all-gather), stage 3 1.5x (the parameters
+            # all-gathered twice, ZeRO's section 7)
             bound = (bound_ps_s(nbytes, config.workers, config.servers, args.lab_rate)
                      if config.arch == "ps" and not config.colocated
-                     else bound_allreduce_s(nbytes, config.workers, args.lab_rate))
+                     else bound_allreduce_s(nbytes, config.workers, args.lab_rate)
+                     * (1.5 if config.spec == "zero:3" else 1.0))
             row["bound_ms"], row["vs_bound"] = 1e3 * bound, step_s / bound
         rows.append(row)
     return rows
@@ -185,7 +190,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=40, help="steps per run")
     p.add_argument("--workers", default="2", help="worker counts, e.g. 1,2,3")
     p.add_argument("--archs", default="allreduce,ddp",
-                   help="comma-separated: allreduce[:ALGO], ps:K (K dedicated servers), "
+                   help="comma-separated: allreduce[:ALGO], zero:S (ZeRO stage S), ps:K (K "
+                        "dedicated servers), "
                         "ps:K:colocated (a server beside each worker, K = workers, "
                         "needs --lab-rate), ddp (local is always added)")
     p.add_argument("--ps-partition-mb", type=float, default=None,
