@@ -99,7 +99,11 @@ class ZeroArchitecture:
         commit_agreed(self.group, step, commit, written)
 
     def comm_wait_s(self) -> float:
-        return self.optimizer.gather_s if self.optimizer is not None else 0.0
+        """Waiting on communication: backward's end for its reduce-scatters (all-reduces in
+        stage 1), and stages 1-2's all-gather of the parameters after the step."""
+        if self.model is None or self.optimizer is None:
+            return 0.0
+        return self.model.comm_wait_s + self.optimizer.gather_s
 
     def bytes_sent(self) -> int:
         return self.group.stats.bytes_sent

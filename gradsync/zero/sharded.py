@@ -16,6 +16,7 @@ is complete; the gathering around forward and backward is stage3.py's.
 from __future__ import annotations
 
 import contextlib
+import time
 from functools import partial
 
 import torch
@@ -107,6 +108,7 @@ class ShardedDataParallel(nn.Module):
                 p.register_post_accumulate_grad_hook(partial(self._on_grad, b, i))
         self._require_sync = True
         self.launched_during_backward = 0
+        self.comm_wait_s = 0.0  # backward's end waiting on its collectives, as DataParallel's
         self._reset_step()
         self.gatherer: ParameterGatherer | None = None
         if stage == 3:  # from here on only this rank's shards hold parameter values
@@ -268,10 +270,12 @@ class ShardedDataParallel(nn.Module):
                     self._adopt_grad(b, i, b.params[i].grad)
                     b.ready.add(i)
         self._launch_ready()
+        start = time.perf_counter()
         try:
             while self._works:
                 self._complete(*self._works.pop(0))
         finally:
+            self.comm_wait_s += time.perf_counter() - start
             self._reset_step()
             if self.gatherer is not None:
                 self.gatherer.settle()
