@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
 
 from benchmarks import command, describe_machine, machine, write_json
 from benchmarks.bench_zero import PEER, VARIANTS
-from benchmarks.bench_zero_memory import MIB, _launch_one, allocator
+from benchmarks.bench_zero_memory import MIB, _launch_one, allocator, check_args
 
 MODULE = "benchmarks.bench_zero_largest"
 
@@ -45,13 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="leave glibc's dynamic mmap threshold on (bench_zero_memory.py)")
     p.add_argument("--json", metavar="FILE", help="write the results to FILE")
     args = p.parse_args(argv)
-    for name in ("limit_mib", "workers", "hidden", "start", "max_layers", "batch", "steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    unknown = set(args.variants.split(",")) - set(VARIANTS + (PEER,))
-    if unknown:
-        p.error(f"unknown variants {sorted(unknown)}; choose from "
-                f"{', '.join(VARIANTS + (PEER,))}")
+    check_args(p, args, ("limit_mib", "workers", "hidden", "start", "max_layers", "batch",
+                         "steps"))
     return args
 
 

@@ -78,14 +78,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant", help=argparse.SUPPRESS)  # one launch's variant
     add_worker_flags(p)
     args = p.parse_args(argv)
-    for name in ("workers", "hidden", "layers", "batch", "steps"):
+    check_args(p, args, ("workers", "hidden", "layers", "batch", "steps"))
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, counts) -> None:
+    """``p.error`` (exit 2) unless every flag in ``counts`` is at least 1 and every one of
+    ``--variants`` is known (this benchmark's and bench_zero_largest.py's)."""
+    for name in counts:
         if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     unknown = set(args.variants.split(",")) - set(VARIANTS + (PEER,))
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from "
                 f"{', '.join(VARIANTS + (PEER,))}")
-    return args
 
 
 # --- worker --------------------------------------------------------------------------------
