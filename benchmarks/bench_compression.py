@@ -4,6 +4,7 @@ PowerSGD hook, measured in one run.
     python -m benchmarks.bench_compression --lab-rate 100mbit          # 3 lab hosts (root)
     python -m benchmarks.bench_compression                             # 3 local workers
     python -m benchmarks.bench_compression --configs ddp,torch-powersgd:R,powersgd:R --rounds 1
+    python -m benchmarks.bench_compression --lab-rate 100mbit --rounds 1 --configs ddp,torch-powersgd:R,powersgd:R,powersgd-bf16-warmup:R
 
 Every configuration is a real ``gradsync train`` of the same workload, seed and global
 batch (digits-wide: 1.1 M parameters, 4.4 MB of gradients per step, so the network can set
@@ -36,6 +37,9 @@ CONFIGS = {
     "bf16": ["--arch", "allreduce", "--compression", "bf16"],
     "topk:0.01": ["--arch", "allreduce", "--compression", "topk:0.01"],
     "powersgd:R": ["--arch", "allreduce", "--compression", "powersgd:{rank}"],
+    # The same, its warm-up steps' all-reduces in bf16 (torch's hook sends them in float32).
+    "powersgd-bf16-warmup:R": ["--arch", "allreduce", "--compression", "powersgd:{rank}",
+                               "--warmup-compression", "bf16"],
 }
 
 

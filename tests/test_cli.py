@@ -59,6 +59,11 @@ def test_bad_input_gets_one_clear_line(tmp_path, capfd):
     refused(["--compression", "powersgd:0"], "powersgd:0", "rank")
     refused(["--compression", "zip"], "zip", "fp16")
     refused(["--compression-warmup", "-1"], "--compression-warmup")
+    refused(["--warmup-compression", "int8"], "--warmup-compression", "int8")
+    refused(["--compression", "powersgd:2", "--warmup-compression", "bf16"],
+            "--warmup-compression", "--compression-warmup")
+    refused(["--arch", "ps", "--compression", "topk:0.1", "--compression-warmup", "2",
+             "--warmup-compression", "bf16"], "--warmup-compression", "allreduce")
     refused(["--arch", "ps", "--compression", "powersgd:2"], "powersgd", "allreduce")
     refused(["--arch", "ddp", "--compression", "topk:0.1"], "--arch ddp", "topk")
     refused(["--arch", "local", "--workers", "1", "--compression", "fp16"], "--arch local")

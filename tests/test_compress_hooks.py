@@ -93,6 +93,7 @@ def _casts_vs_ddp(rank, n, name):
 
     from gradsync import comm
     from gradsync.compress.cast import cast
+    from gradsync.compress.spec import make_hook
 
     torch_hook = {"fp16": default_hooks.fp16_compress_hook,
                   "bf16": default_hooks.bf16_compress_hook}[name]
@@ -117,6 +118,9 @@ def _casts_vs_ddp(rank, n, name):
 
     runs = {"plain": run(_gradsync()),
             "ours": run(_gradsync(*cast(name))),
+            # --warmup-compression: PowerSGD's warm-up steps (all of this run) sent as casts.
+            "warmup": run(_gradsync(*make_hook("powersgd:1", warmup=STEPS,
+                                               warmup_compression=name))),
             "ddp": run(ddp),
             # DDP's hook itself on gradsync, with each state DDP accepts for it.
             "torch_hook_none": run(_gradsync(None, torch_hook)),
@@ -137,6 +141,8 @@ def test_casts_train_like_ddps_own_hooks(cast_runs):
         assert torch.equal(runs["ours"], runs["ddp"]), (runs["ours"] - runs["ddp"]).abs().max()
         # ... and the test can fail: rounding to half precision changed the parameters.
         assert not torch.allclose(runs["ours"], runs["plain"], rtol=1e-4, atol=1e-6), name
+        # A compressor's warm-up steps with --warmup-compression are this very cast.
+        assert torch.equal(runs["warmup"], runs["ours"]), name
     assert torch.equal(results[0]["ours"], results[1]["ours"])
 
 

@@ -29,7 +29,8 @@ class AllReduceArchitecture:
     def __init__(self, group: comm.Group, *, algorithm: str = "auto",
                  bucket_cap_mb: float = 25.0, nonfinite: str = "error",
                  topology: "str | comm.Topology | None" = "probe",
-                 compression: "Compression | str" = "none", compression_warmup: int = 0):
+                 compression: "Compression | str" = "none", compression_warmup: int = 0,
+                 warmup_compression: str = "none"):
         self.group = group
         self.worker_rank = group.rank
         self.num_workers = group.size
@@ -39,6 +40,7 @@ class AllReduceArchitecture:
         # "off" ignores the network; "probe" measures it; else a topology (file).
         self.topology = None if topology == "off" else topology
         self.compression, self.compression_warmup = parse(compression), compression_warmup
+        self.warmup_compression = warmup_compression
         self._hook_state = None
         self.model: DataParallel | None = None
         # What earlier generations measured (elastic training rebuilds the wrapper).
@@ -60,7 +62,8 @@ class AllReduceArchitecture:
                    bucket_cap_mb=config.allreduce.bucket_cap_mb,
                    nonfinite=config.optim.on_nonfinite, topology=config.allreduce.topology,
                    compression=config.compression.spec,
-                   compression_warmup=config.compression.compression_warmup)
+                   compression_warmup=config.compression.compression_warmup,
+                   warmup_compression=config.compression.warmup_compression)
 
     def _wrap(self, module, members: list[int] | None = None) -> DataParallel:
         """Wrap ``module`` in DataParallel over ``self.group`` with the comm hook
@@ -69,7 +72,7 @@ class AllReduceArchitecture:
                                   bucket_cap_mb=self.bucket_cap_mb, nonfinite=self.nonfinite,
                                   topology=_members_topology(self.topology, members))
         hook = make_hook(self.compression, self.group, self.compression_warmup,
-                         algorithm=self.algorithm)
+                         algorithm=self.algorithm, warmup_compression=self.warmup_compression)
         if hook is not None:
             self._hook_state = hook[0]
             self.model.register_comm_hook(*hook)

@@ -16,7 +16,11 @@ from typing import Callable
 
 from .. import comm
 from .bucket import GradBucket
+from .cast import CastState, cast_hook, half_dtype
 from .default import HookState, allreduce_hook
+
+# What the warm-up steps (before a compressor starts) may send: "none" is the bucket as it is.
+WARMUP_COMPRESSIONS = ("none", "fp16", "bf16")
 
 
 def _ratio(text: str) -> float:
@@ -112,13 +116,14 @@ def parse(spec: "str | Compression") -> Compression:
 
 @dataclass
 class WarmupState:
-    """Plain all-reduce (with ``plain``'s state) for the first ``steps`` steps, then
-    ``inner``."""
+    """``plain_hook`` (with ``plain``'s state: a plain or half-precision all-reduce) for the
+    first ``steps`` steps, then ``inner``."""
 
     steps: int
     inner_state: object
     inner: object
     plain: HookState
+    plain_hook: Callable = allreduce_hook
     step: int = 0
 
     @property
@@ -131,15 +136,27 @@ def warmup_hook(state: WarmupState, bucket: GradBucket):
     if bucket.is_last():
         state.step += 1
     if warm:
-        return allreduce_hook(state.plain, bucket)
+        return state.plain_hook(state.plain, bucket)
     return state.inner(state.inner_state, bucket)
 
 
+def check_warmup_compression(name: str) -> str:
+    """``name`` if the warm-up steps can send it; ValueError naming the choices otherwise."""
+    if name not in WARMUP_COMPRESSIONS:
+        raise ValueError(f"--warmup-compression {name!r}: choose one of "
+                         f"{', '.join(WARMUP_COMPRESSIONS)}")
+    return name
+
+
 def make_hook(compression: Compression | str, group: comm.Group | None = None,
-              warmup: int = 0, algorithm: str = "auto") -> tuple[object, object] | None:
+              warmup: int = 0, algorithm: str = "auto",
+              warmup_compression: str = "none") -> tuple[object, object] | None:
     """(state, hook) for ``DataParallel.register_comm_hook``, or None for ``none``;
-    ``algorithm``: the all-reduce the hook's collectives run (the run's --algorithm)."""
+    ``algorithm``: the all-reduce the hook's collectives run (the run's --algorithm);
+    ``warmup_compression``: fp16 or bf16 casts the ``warmup`` steps' buckets (half their
+    bytes, when they are the largest part of a run that compresses afterwards)."""
     compression = parse(compression)
+    check_warmup_compression(warmup_compression)
     entry = compression.compressor
     if entry.build is None:
         return None
@@ -150,6 +167,11 @@ def make_hook(compression: Compression | str, group: comm.Group | None = None,
     state, hook = factory(arg, group=group, algorithm=algorithm)
     if warmup > 0:
         # The plain steps count in the compressor's stats: one set of figures for the run.
-        plain = HookState(group, algorithm, stats=state.stats)
-        return WarmupState(warmup, state, hook, plain), warmup_hook
+        if warmup_compression == "none":
+            plain, plain_hook = HookState(group, algorithm, stats=state.stats), allreduce_hook
+        else:
+            plain = CastState(group, algorithm, stats=state.stats,
+                              dtype=half_dtype(warmup_compression))
+            plain_hook = cast_hook
+        return WarmupState(warmup, state, hook, plain, plain_hook), warmup_hook
     return state, hook

@@ -13,6 +13,7 @@ from typing import Literal
 
 from ..comm import ALL_REDUCE_ALGORITHMS, ENGINES, Topology, check_algorithm
 from ..compress.spec import COMPRESSORS, REGISTRY as COMPRESSOR_TABLE, Compression
+from ..compress.spec import WARMUP_COMPRESSIONS, check_warmup_compression
 from ..compress.spec import parse as parse_compression
 from ..flags import at_least as _at_least
 from ..flags import flag_meta as _help
@@ -106,11 +107,20 @@ class CompressionConfig:
         f"{', '.join(n for n, c in COMPRESSOR_TABLE.items() if not c.ps)}: all-reduce only)"))
     compression_warmup: int = field(default=0, metadata=_help(
         "steps sent uncompressed before compression starts"))
+    warmup_compression: Literal[WARMUP_COMPRESSIONS] = field(default="none", metadata=_help(
+        "what the --compression-warmup steps send: none (the gradients as they are), fp16 or "
+        "bf16 (half the bytes; --arch allreduce)"))
 
     def __post_init__(self) -> None:
         # Parsed once, here; the object travels to the hooks, the PS workers and servers.
         self._spec = parse_compression(self.compression)  # a ValueError names what is wrong
         _at_least(self.compression_warmup, 0, "compression-warmup")
+        check_warmup_compression(self.warmup_compression)
+        if self.warmup_compression != "none" and (self.compression_warmup == 0
+                                                  or self._spec.name == "none"):
+            raise ValueError(f"--warmup-compression {self.warmup_compression} casts the "
+                             "--compression-warmup steps before a compressor starts: it needs "
+                             "--compression and --compression-warmup N > 0")
 
     @property
     def spec(self) -> Compression:
@@ -317,6 +327,9 @@ class TrainConfig:
             raise ValueError("--arch ps --elastic takes --max-restarts with --checkpoint-dir "
                              "(a loss restarts every rank from the newest checkpoint) or neither "
                              "(a lost worker is dropped, and its state could not be saved)")
+        if self.compression.warmup_compression != "none" and self.arch != "allreduce":
+            raise ValueError("--warmup-compression is built for --arch allreduce (a cast in "
+                             f"its warm-up hook), not --arch {self.arch}")
         if self.arch == "ps" and not spec.compressor.ps:
             raise ValueError(f"--compression {spec.name} is for --arch allreduce (its low-rank "
                              "factors need an all-reduce); the PS takes " + ", ".join(

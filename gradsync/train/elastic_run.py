@@ -180,7 +180,8 @@ def run_worker(config: TrainConfig) -> dict | None:
                    "nonfinite": config.optim.on_nonfinite,
                    "topology": topology,
                    "compression": config.compression.spec,
-                   "compression_warmup": config.compression.compression_warmup})
+                   "compression_warmup": config.compression.compression_warmup,
+                   "warmup_compression": config.compression.warmup_compression})
     train_set = workload.train_set
     checkpoints = _checkpoints(config, setup, loop, world.uid < workers)
     resumed = loop.position.step > 0
