@@ -89,7 +89,10 @@ def _run(group, wrapped, opt, steps, accumulate=1):
 
 def _params(wrapped, model):
     """Whole parameters as arrays; stage 3 holds only shards between steps, so its
-    state_dict() gathers them (collective)."""
+    state_dict() gathers them (collective); stages 1-2's all-gather after the step runs
+    until the next forward, so reading them by hand waits for it first."""
+    if hasattr(wrapped, "wait_for_parameters"):
+        wrapped.wait_for_parameters()
     full = wrapped.state_dict() if getattr(wrapped, "stage", 0) == 3 \
         else dict(model.named_parameters())
     return [full[name].detach().numpy().copy() for name, _ in model.named_parameters()]

@@ -26,7 +26,6 @@ rank 0 briefly holds the whole optimizer state, the memory ZeRO saves otherwise.
 from __future__ import annotations
 
 import hashlib
-import time
 
 import torch
 
@@ -99,11 +98,13 @@ class ZeroArchitecture:
         commit_agreed(self.group, step, commit, written)
 
     def comm_wait_s(self) -> float:
-        """Waiting on communication: backward's end for its reduce-scatters (all-reduces in
-        stage 1), and stages 1-2's all-gather of the parameters after the step."""
+        """Waiting on communication: backward's end for its reduce-scatters, and stages
+        1-2's waits for the all-gather of the parameters after the step (in the next
+        forward's layers, or wherever parameters were read first)."""
         if self.model is None or self.optimizer is None:
             return 0.0
-        return self.model.comm_wait_s + self.optimizer.gather_s
+        regather = self.model.optimizer.regather
+        return self.model.comm_wait_s + (regather.wait_s if regather is not None else 0.0)
 
     def bytes_sent(self) -> int:
         return self.group.stats.bytes_sent
@@ -113,6 +114,8 @@ class ZeroArchitecture:
 
     def finish(self) -> dict:
         out = {"algorithm": self.algorithm, "nonfinite_skipped": 0, "zero_stage": self.stage}
+        if self.model is not None:  # the summary digests the parameters after this
+            self.model.wait_for_parameters()
         if self.model is not None and self.stage == 3:
             # At rest a stage-3 module's parameters are empty: digest and count them whole
             # (collective; the summary takes these over its own).
@@ -147,7 +150,6 @@ class ConsolidatingOptimizer:
 
     def __init__(self, sdp: ShardedDataParallel, every: int | None, start_step: int = 0):
         self.sdp, self.inner, self.every, self.steps = sdp, sdp.optimizer, every, start_step
-        self.gather_s = 0.0  # waiting on the parameters' all-gather after each step
         self._full: dict | None = None
         self._full_model: dict | None = None
         self._params = list(sdp.module.parameters())
@@ -164,11 +166,7 @@ class ConsolidatingOptimizer:
         self.inner.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure=None):
-        loss = self.inner.optimizer.step(closure)
-        if self.inner.gather_after_step:
-            start = time.perf_counter()
-            self.inner.gather_parameters()
-            self.gather_s += time.perf_counter() - start
+        loss = self.inner.step(closure)  # stages 1-2: the all-gather left running
         self.steps += 1
         if self.every and self.steps % self.every == 0:
             self._full = _consolidate(self.sdp, self._params)

@@ -1,5 +1,5 @@
 """The shard optimizer: an ordinary torch optimizer over this rank's pieces, then the
-parameters' all-gather.
+parameters' all-gather (launched; the next forward waits for it, regather.py).
 
 The inner optimizer sees one leaf per bucket, ``bucket.piece`` (<= k,), which shares its
 storage with the bucket's flat parameters, so stepping it updates the model in place and its
@@ -15,11 +15,13 @@ import torch
 
 from .. import comm
 from .layout import ShardedBucket
+from .regather import RegatherAfterStep
 
 
 class ShardedOptimizer:
     """``optimizer_class(**defaults)`` over this rank's pieces; :meth:`step` then
-    all-gathers every bucket so that each rank holds the whole updated model again.
+    all-gathers every bucket so that each rank holds the whole updated model again (in the
+    background: :meth:`wait_for_parameters`).
 
     Raises:
         ValueError: this rank owns no element (fewer elements than ranks).
@@ -33,9 +35,8 @@ class ShardedOptimizer:
             raise ValueError(f"rank {group.rank} owns no parameter element: the model "
                              f"has fewer elements than the {group.size} ranks")
         self.optimizer: torch.optim.Optimizer = optimizer_class(pieces, **defaults)
-        # Stage 3 sets False: its parameters are gathered per layer before each use.
-        self.gather_after_step = True
-        self.gather_algorithm = "auto"  # ShardedDataParallel's shard_algorithm
+        # ShardedDataParallel sets it for stages 1-2 (stage 3 gathers per layer before use).
+        self.regather: RegatherAfterStep | None = None
 
     @property
     def param_groups(self) -> list[dict]:
@@ -46,26 +47,26 @@ class ShardedOptimizer:
         return self.optimizer.state
 
     def step(self, closure=None):
-        """Step this rank's pieces, then all-gather the parameters (collective; stages 1-2)."""
+        """Step this rank's pieces, then launch the parameters' all-gather (collective;
+        stages 1-2), which the next forward waits for layer by layer (regather.py)."""
+        self.wait_for_parameters()  # a step with no forward since the last one
         loss = self.optimizer.step(closure)
-        if self.gather_after_step:
-            self.gather_parameters()
+        if self.regather is not None:
+            self.regather.start()
         return loss
 
+    def wait_for_parameters(self) -> None:
+        """Wait for the all-gathers of the last :meth:`step` (every rank's pieces in every
+        rank's flat buckets). Stages 1-2; nothing to wait for in stage 3."""
+        if self.regather is not None:
+            self.regather.wait()
+
     def gather_parameters(self) -> None:
-        """Every rank's pieces into every rank's flat buckets: one all-gather per bucket,
-        all started before the first wait."""
-        works = []
-        for b in self.buckets:
-            # (k,) input: this rank's piece with its padding, which is also the output
-            # list's entry ``rank``: every engine and algorithm stages the input into a
-            # (N * k,) buffer before writing the outputs, so the aliasing is safe and saves
-            # a copy of the piece.
-            pieces = b.pieces(b.flat)
-            works.append(comm.all_gather_async(pieces, pieces[b.rank], group=self.group,
-                                               algorithm=self.gather_algorithm))
-        for work in works:
-            work.wait()
+        """Every rank's pieces into every rank's flat buckets, here and now (collective;
+        stages 1-2)."""
+        if self.regather is not None:
+            self.regather.start()
+            self.regather.wait()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the pieces' gradients and the full-size ones of the wrapped module."""

@@ -1,16 +1,21 @@
 """ShardedDataParallel: the module wrapper, its backward hooks and its gradient collectives.
 
 During backward a hook on each parameter moves its gradient, divided by N, into its
-bucket's ``grad_flat`` (the layout of layout.py); once a bucket is complete its collective
-starts while autograd goes on with earlier layers, in bucket index order on every rank:
+bucket's ``grad_flat`` (the layout of layout.py); once a bucket is complete its
+reduce-scatter starts while autograd goes on with earlier layers, in bucket index order on
+every rank (each rank receives the sum of its own (k,) piece: DataParallel's bytes on a
+ring, half an all-reduce):
 
-    stage 1   all_reduce(grad_flat)              grad_flat kept; param.grad is its slot
+    stage 1   reduce_scatter(grad_flat) -> its own piece of grad_flat   grad_flat kept;
+              param.grad is its slot (averaged on this rank's piece, the local gradient / N
+              elsewhere)
     stage 2   reduce_scatter(grad_flat) -> (k,)  grad_flat dropped at launch; param.grad None
 
 A callback at the end of backward waits for them and points each bucket's ``piece.grad``
 at this rank's averaged piece (stage 1: a view into grad_flat; stages 2-3: the (k,) result).
 Stage 3 reduces as stage 2 does and also frees each bucket's parameters once its gradient
-is complete; the gathering around forward and backward is stage3.py's.
+is complete; the gathering around forward and backward is stage3.py's. Stages 1-2's
+all-gather after the step is regather.py's.
 """
 
 from __future__ import annotations
@@ -23,15 +28,16 @@ import torch
 from torch import nn
 
 from .. import comm
-from ..allreduce.bucket_reduce import attach_topology, bucket_algorithms
+from ..allreduce.bucket_reduce import attach_topology
 from . import checkpoint
 from .layout import ShardedBucket, own_pieces, shard_parameters
 from .optimizer import ShardedOptimizer
+from .regather import RegatherAfterStep
 from .stage3 import ParameterGatherer, layer_units
 
 STAGES = (1, 2, 3)
-# Stages 2-3: reduce-scatters left in flight during backward (each holds its bucket's
-# staging copy); more waits for none sooner, fewer could stall backward on the network.
+# Reduce-scatters left in flight during backward (each holds its bucket's staging copy);
+# more waits for none sooner, fewer could stall backward on the network.
 IN_FLIGHT = 2
 
 
@@ -44,16 +50,20 @@ class ShardedDataParallel(nn.Module):
         module: the model; every rank builds the same architecture (rank 0's values win).
         optimizer_class: e.g. ``torch.optim.Adam``; built on this rank's pieces only, with
             ``**defaults`` (torch's ``ZeroRedundancyOptimizer`` signature). Step it through
-            :attr:`optimizer`, whose ``step()`` ends with the parameters' all-gather.
+            :attr:`optimizer`, whose ``step()`` launches the parameters' all-gather.
         stage: 1, 2 or 3.
         group: the ranks to shard over (default: all).
         bucket_cap_mb: size of a bucket in MiB: the unit of overlap with backward.
-        algorithm: the stage-1 all-reduce's algorithm (as DataParallel's ``algorithm``);
-            reduce-scatter and all-gather run ``auto`` (shared memory on one host), or the
-            engine's own when this is ``native``.
+        algorithm: ``native`` keeps every collective on the engine; otherwise the
+            reduce-scatters run shared memory on one host and gradsync's ring across hosts
+            (gloo's own reduce-scatter moves an all-reduce's bytes), the all-gathers
+            ``auto`` (shared memory on one host, else the engine's ring).
         topology: as DataParallel's (what ``auto`` takes into account).
         broadcast_buffers: copy rank 0's buffers before each forward that syncs.
-        prefetch: stage 3: start the next layer's all-gather while this one computes.
+        prefetch: stage 3: start the next layer's all-gather while this one computes;
+            stages 1-2: the all-gather after ``step()`` runs while the next forward
+            computes, each layer waiting for its own parameters (False: ``step()`` waits;
+            see :meth:`wait_for_parameters`).
     Raises:
         ValueError: unknown stage or optimizer arguments; a rank whose pieces are all
             padding (a model with fewer elements than ranks).
@@ -73,11 +83,16 @@ class ShardedDataParallel(nn.Module):
         if group is None:
             group = comm.world() if comm.is_initialized() else comm.init_process_group()
         self.module, self.group, self.stage = module, group, stage
-        # The reduce-scatter's and all-gather's algorithm: "native" keeps every collective on
-        # the engine (no shared-memory segment), anything else lets "auto" choose.
-        self.shard_algorithm = "native" if algorithm == "native" else "auto"
         self.broadcast_buffers = broadcast_buffers
         attach_topology(group, topology)
+        # "native" keeps every collective on the engine (no shared-memory segment). Else:
+        # gloo's reduce_scatter moves an all-reduce's bytes (3-host lab, 1 Gbit: 8.4 MB in
+        # 103.5 ms, gradsync's ring 57.5 ms), so across hosts it is the ring; gloo's
+        # all-gather is a ring already (0.84 of the link), which "auto" keeps.
+        one_host = group.topology is not None and len(group.topology.hosts) == 1
+        self.shard_algorithm = "native" if algorithm == "native" else "auto"
+        self.reduce_algorithm = ("native" if algorithm == "native" else
+                                 "auto" if one_host else "ring")
         comm.verify_tensors(group, "parameters and buffers",
                             [(n, p.detach()) for n, p in module.named_parameters()]
                             + list(module.named_buffers()))
@@ -93,16 +108,9 @@ class ShardedDataParallel(nn.Module):
                 comm.broadcast(b.flat, src=0, group=group)
             for t in module.buffers():
                 comm.broadcast(t, src=0, group=group)
-        self._algorithms = bucket_algorithms(self._buckets, algorithm, group)
-        # Stage 1 on one host: the gradient buckets live in shared memory, as DataParallel's
-        # do (allreduce/bucket_reduce.py share_buckets), so the hooks write each gradient
-        # straight into this rank's slot and the all-reduce leaves the average there: no
-        # copy into or out of the segment (2 x 4 bytes/param of memory traffic per step).
-        self._shared = _share_gradients(self._buckets, self._algorithms, group, stage)
-        if stage == 1:
+        if stage == 1:  # whole gradients kept (8 + 8/N bytes/param with Adam in float32)
             for b in self._buckets:
-                b.grad_flat = (self._shared.buffer(b.index) if self._shared is not None
-                               else torch.zeros_like(b.flat))
+                b.grad_flat = torch.zeros_like(b.flat)
         for b in self._buckets:
             for i, p in enumerate(b.params):
                 p.register_post_accumulate_grad_hook(partial(self._on_grad, b, i))
@@ -118,8 +126,9 @@ class ShardedDataParallel(nn.Module):
                                               self.shard_algorithm)
             self.gatherer.settle()
         self.optimizer = ShardedOptimizer(self._buckets, group, optimizer_class, **defaults)
-        self.optimizer.gather_algorithm = self.shard_algorithm
-        self.optimizer.gather_after_step = stage < 3
+        if stage < 3:
+            self.optimizer.regather = RegatherAfterStep(module, self._buckets, group,
+                                                        self.shard_algorithm, prefetch)
 
     # --- nn.Module surface -----------------------------------------------------------------
 
@@ -130,7 +139,14 @@ class ShardedDataParallel(nn.Module):
         out = self.module(*args, **kwargs)
         if self.gatherer is not None:  # prefetches nobody used: waited for and freed
             self.gatherer.settle()
+        self.wait_for_parameters()  # (layers that did not run in this forward)
         return out
+
+    def wait_for_parameters(self) -> None:
+        """Stages 1-2: wait for the all-gather of the last ``optimizer.step()``. Needed
+        before reading parameters by hand; forward, state dicts, checkpoints and the next
+        step wait by themselves (regather.py)."""
+        self.optimizer.wait_for_parameters()
 
     def state_dict(self, *args, **kwargs):
         """The wrapped module's full state dict (parameters are whole between steps; stage
@@ -159,11 +175,13 @@ class ShardedDataParallel(nn.Module):
         ``directory``, rank 0 then meta.json (collective; atomic per file, meta.json last).
         Load with :meth:`load_sharded` (any world size) or, into a plain module,
         ``gradsync.zero.full_state_dict(directory)``; see zero/checkpoint.py."""
+        self.wait_for_parameters()
         checkpoint.save_sharded(self, directory)
 
     def load_sharded(self, directory) -> None:
         """Restore a :meth:`save_sharded` checkpoint, re-sharded if it was written by
         another world size or layout (collective)."""
+        self.wait_for_parameters()
         checkpoint.load_sharded(self, directory)
 
     @contextlib.contextmanager
@@ -228,33 +246,26 @@ class ShardedDataParallel(nn.Module):
         # Strict index order: bucket b+1 never starts before bucket b on any rank.
         while self._next < len(self._buckets) and self._buckets[self._next].is_full():
             b = self._buckets[self._next]
-            if self.stage == 1:
-                work = (self._shared.all_reduce_async(b.index, op="sum")
-                        if self._shared is not None else
-                        comm.all_reduce_async(b.grad_flat, op="sum", group=self.group,
-                                              algorithm=self._algorithms[b.index]))
-                out = None
-            else:
-                out = torch.empty(b.k, dtype=b.flat.dtype)
-                # reduce_scatter_async copies its input list into its own staging buffer
-                # before returning, so grad_flat can go now.
-                work = comm.reduce_scatter_async(out, b.pieces(b.grad_flat), op="sum",
-                                                 group=self.group,
-                                                 algorithm=self.shard_algorithm)
+            pieces = b.pieces(b.grad_flat)  # N views of (k,)
+            # reduce_scatter_async copies its input list into its own staging buffer before
+            # returning, so stage 1 can receive into its own piece of grad_flat (where
+            # param.grad sees it) and stages 2-3 can drop grad_flat now.
+            out = None if self.stage == 1 else torch.empty(b.k, dtype=b.flat.dtype)
+            work = comm.reduce_scatter_async(pieces[b.rank] if out is None else out, pieces,
+                                             op="sum", group=self.group,
+                                             algorithm=self.reduce_algorithm)
+            if self.stage > 1:
                 b.grad_flat = None
                 if self.gatherer is not None:  # the bucket's backward is over
                     self.gatherer.free(b)
             self._works.append((b, work, out))
             self._next += 1
-            if self.stage > 1:
-                # Each reduce-scatter in flight holds a (N * k,) staging copy of its bucket's
-                # gradient (comm's reduce_scatter_async), released only when its Work is
-                # waited and dropped: left to the end of backward, that is a full-size
-                # gradient of every bucket at once, more than DataParallel's. Waiting for
-                # all but the last IN_FLIGHT keeps that at IN_FLIGHT buckets; the comm
-                # thread runs them in order, so the oldest is usually done by now.
-                while len(self._works) > IN_FLIGHT:
-                    self._complete(*self._works.pop(0))
+            # Each reduce-scatter in flight holds a (N * k,) staging copy of its bucket's
+            # gradient until its Work is waited and dropped: left to the end of backward,
+            # a full-size gradient of every bucket at once. Waiting for all but the last
+            # IN_FLIGHT bounds that; the oldest is usually done by now (run in order).
+            while len(self._works) > IN_FLIGHT:
+                self._complete(*self._works.pop(0))
 
     def _finish_backward(self) -> None:
         if not self._require_sync:  # stage 3 under no_sync(): only back to rest
@@ -289,19 +300,9 @@ class ShardedDataParallel(nn.Module):
 
     def _set_piece_grad(self, b: ShardedBucket, out: torch.Tensor | None) -> None:
         real = b.piece.numel()
-        if out is None:  # stage 1: a view of the all-reduced bucket, like param.grad
+        if out is None:  # stage 1: its averaged piece of grad_flat, as in param.grad
             b.piece.grad = b.grad_flat[b.rank * b.k:b.rank * b.k + real]
         elif b.piece.grad is None:
             b.piece.grad = out[:real]
         else:  # stage 2 without zero_grad(): synced steps add up, as .grad does
             b.piece.grad.add_(out[:real])
-
-
-def _share_gradients(buckets: list[ShardedBucket], algorithms: list[str], group: comm.Group,
-                     stage: int) -> "comm.SharedBuckets | None":
-    """Stage 1's gradient buckets in one shared-memory segment when every bucket's
-    all-reduce is ``shm`` (one host), else None. Stages 2-3 keep a bucket's gradient only
-    while it fills, which a persistent segment would not."""
-    if stage != 1 or group.size == 1 or any(a != "shm" for a in algorithms):
-        return None
-    return comm.SharedBuckets([(b.flat.numel(), b.flat.dtype) for b in buckets], group)
