@@ -28,7 +28,8 @@ def format_summary(s: dict, architecture: Architecture) -> str:
                      "already")
         return "\n".join(lines)
     comm_pct = 100 * s["comm_wait_s"] / s["wall_s"] if s["wall_s"] else 0.0
-    lines += [f"  train loss         {s['train_loss']:.4f} (mean of the last 20 steps)",
+    tail = min(20, s.get("steps_run") or 20)  # loop.py's summarize averages at most 20
+    lines += [f"  train loss         {s['train_loss']:.4f} (mean of the last {tail} steps)",
               f"  throughput         {s['samples_per_s']:,.0f} samples/s in {s['wall_s']:.1f} s "
               f"(median step {s['step_time_ms_median']:.1f} ms)",
               f"  time               compute {s['compute_s']:.2f} s, waiting on communication "
