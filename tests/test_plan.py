@@ -212,35 +212,56 @@ def test_buckets_close_as_dataparallels_do():
     assert p.buckets(4 * MB) == [(0.001, 2 * MB), (0.003, 4 * MB), (0.004, 2 * MB)]
 
 
-def test_compressed_hooks_encode_in_backward_and_wait_a_hop_per_collective():
+def test_compressed_hooks_encode_in_backward_and_wait_a_hop_per_message():
     """No alpha, beta or gamma: what is left is the hooks' own shape. Bucket 0 (2 MB, ready
     at 1 ms) and bucket 1 (6 MB, at 4 ms); a 4 ms codec, compute x2 on 4 ranks and 2 cores,
-    one scheduling hop H per collective."""
+    a scheduling hop h = HOP_S (1 - 1/2)(2 - 1) per message (a native all-reduce of 4 ranks:
+    6 messages; an all-gather: 3)."""
     from gradsync.comm.algorithms.registry import REGISTRY
     from gradsync.comm.cost_model import CostModel
     from gradsync.plan.hooks import HOP_S
 
     free = CostModel({a: (0.0, 0.0) for a in REGISTRY}, gamma=0.0)
     prof = _profile(codecs={"powersgd:2": (0.004, 0.01, 0.5), "topk:0.01": (0.004, 0.03, 1.0)})
-    H, ms = HOP_S, 1e-3
+    h, ms = HOP_S / 2, 1e-3
     shared = Cluster((1e15, 1e15), procs_per_host=2, latency_s=0.0, cores=2)
-    # PowerSGD: calls 1 + 3 ms inside an 8 ms backward; two collectives started per bucket
-    # (bucket 1's from 12 ms); after backward each bucket's Q all-reduce waits for all of
-    # them, then its decode (1, 3 ms).
-    end = 12 * ms + 2 * H
-    end += H + 1 * ms
-    end += H + 3 * ms
+    # PowerSGD: calls 1 + 3 ms inside an 8 ms backward; the last call (at 12 ms) starts the
+    # all-reduce of every P; after it the whole decode (4 ms) and Q's all-reduce: two
+    # collectives a step, whatever the buckets.
+    end = 12 * ms + 6 * h + 4 * ms + 6 * h
     psgd = predict(prof, shared, Candidate("allreduce", "native", compression="powersgd:2"),
                    free)
     assert psgd.step_s == pytest.approx(4 * ms + end + 2 * ms)
     assert psgd.exposed_s == pytest.approx(end - 8 * ms)
-    # top-k: the whole codec is the selection (2 + 6 ms in backward), two gathers a bucket,
-    # nothing to decode after them.
+    many = predict(prof, shared, Candidate("allreduce", "native", compression="powersgd:2",
+                                           bucket_mb=2), free)  # 4 buckets, same path
+    assert many.step_s == pytest.approx(psgd.step_s)
+    # top-k: the whole codec is the selection (2 + 6 ms in backward), two gathers a bucket
+    # (bucket 0's end inside backward), nothing to decode after them.
     topk = predict(prof, shared, Candidate("allreduce", "native", compression="topk:0.01"),
                    free)
-    assert topk.step_s == pytest.approx(4 * ms + 16 * ms + 2 * H + 2 * ms)
+    assert topk.step_s == pytest.approx(4 * ms + 16 * ms + 6 * h + 2 * ms)
     # A core per rank: no hop, and the codec's decode is all that follows backward.
     alone = Cluster((1e15, 1e15), latency_s=0.0)
     psgd = predict(prof, alone, Candidate("allreduce", "native", compression="powersgd:2"),
                    free)
     assert psgd.step_s == pytest.approx(2 * ms + (4 + 2) * ms + 2 * ms + 1 * ms)
+
+
+def test_powersgd_splits_its_wire_between_its_two_all_reduces():
+    """1 MB/s links, 2 hosts: a native all-reduce puts its bytes on the wire (2 (p-1)/p = 1x);
+    the first all-reduce carries the recorded share of the wire (P and the vectors), the
+    second the rest (Q): the sum is the whole wire whatever the share."""
+    from gradsync.comm.algorithms.registry import REGISTRY
+    from gradsync.comm.cost_model import CostModel
+
+    free = CostModel({a: (0.0, 0.0) for a in REGISTRY}, gamma=0.0)
+    cluster = Cluster((1e6, 1e6), latency_s=0.0)
+    steps = []
+    for first in (0.5, 0.8):
+        prof = _profile(codecs={"powersgd:2": (0.0, 0.01, 0.5, first)})
+        assert prof.first_share("powersgd:2") == first
+        steps.append(predict(prof, cluster, Candidate("allreduce", "native",
+                                                      compression="powersgd:2"), free).step_s)
+    wire = 0.01 * 8 * MB / 1e6
+    assert steps == pytest.approx([0.002 + 0.004 + wire + 0.001] * 2, rel=1e-4)  # whole bytes

@@ -8,24 +8,26 @@ order (allreduce/data_parallel.py). What each hook does at those two moments:
   thread: backward waits for it), then two all-gathers, values and int64 indices, started
   on the engine; at the wait, the two gathers' end and the scatter-add of every rank's
   values (the decode).
-- PowerSGD (compress/powersgd.py): at the call, error feedback and P = M Q, then two
-  all-reduces started (the uncompressed vectors, P); at the wait, orthogonalising P and
-  Q = M^T P, then a third all-reduce (Q) that the wait blocks on, then M = P Q^T. Q's
-  all-reduce is queued behind every collective started during backward.
+- PowerSGD (compress/powersgd.py, powersgd_step.py): at each call, error feedback and
+  P = M Q; the last bucket's call starts one all-reduce of every bucket's uncompressed
+  vectors and P; the first wait blocks on it, orthogonalises every P, computes Q = M^T P,
+  runs a second all-reduce (every Q) and blocks on it, then M = P Q^T. Two collectives a
+  step, whatever the buckets, one after the other.
 
 So a step is::
 
     backward' = B + sum of the calls' encoding          (the calls run inside backward)
-    end_i     = max(launch_i, end_{i-1}) + the started collectives of bucket i
-    after backward, per bucket in order:  t = max(t, end_i) [+ Q's all-reduce] + decode_i
+    top-k:    end_i = max(launch_i, end_{i-1}) + bucket i's two gathers
+              after backward, per bucket in order: t = max(t, end_i) + decode_i
+    PowerSGD: t = max(backward', launch_last + all-reduce(vectors, P)) + decode
+                  + all-reduce(Q)
     step      = D + F + t + O
 
 A collective of small messages is latency-bound: each of its messages on the critical path
 costs the algorithm's alpha, the link's latency, and, when more ranks than cores share the
-machine, the wait for the receiving rank to be scheduled again (``HOP_S`` times the cores'
-oversubscription, ranks / cores - 1: with spare cores a receiver wakes at once). This hop
-is what a one-rank timing of the hook cannot see, and what the model before it missed
-(docs/benchmarks.md, section 16).
+machine, the wait for the receiving rank to be scheduled again (a hop, :func:`hop_s`; with
+a core per rank a receiver wakes at once). The hop is what a one-rank timing of the hook
+cannot see (docs/benchmarks.md, section 16).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from ..comm.cost_model import CostModel, network_time, shape
 from .cluster import Cluster
 from .profile import Profile
 
-# A message's wait for its receiver to get a core back, per unit of oversubscription
-# (ranks / cores - 1), fitted to the lab's compressed rows (docs/plan.md).
-HOP_S = 2.4e-3
+# A message's wait for its receiver to get a core back is HOP_S (1 - 1/s)(s - 1) at s =
+# ranks / cores > 1 (hop_s); HOP_S was fitted to the lab's collectives timed inside
+# PowerSGD's hook (docs/plan.md: 2.7 ms from 3 ranks on 2 cores, 2.6 ms from 4).
+HOP_S = 2.6e-3
 HOOKED = ("topk", "powersgd")
 # On one host DataParallel's plain shm buckets live in shared memory and are reduced where
 # they lie: about 3 S of memory traffic per rank for S bytes (comm/shared_buckets.py). A
@@ -54,34 +57,54 @@ def hook_step(profile: Profile, cluster: Cluster, algorithm: str, compression: s
               bucket_bytes: float, cost: CostModel, slow: float) -> tuple[float, float]:
     """(backward with the hook calls in it, the end of the last bucket's wait), seconds
     from the start of backward, for a multi-rank all-reduce with ``compression``'s hook."""
-    codec_s, frac = profile.codecs.get(compression, (0.0, 1.0))[:2]
+    step = _topk_step if compression.startswith("topk") else _powersgd_step
+    return step(profile, cluster, algorithm, compression, bucket_bytes, cost, slow)
+
+
+def _topk_step(profile, cluster, algorithm, compression, bucket_bytes, cost, slow):
+    """Per bucket: the selection inside backward, then two all-gathers (values, indices)
+    in a row on the engine; after backward, bucket by bucket, their end and the decode."""
+    codec_s, frac = profile.codecs[compression][:2]
     share, G = profile.launch_share(compression), profile.grad_bytes
-    topk = compression.startswith("topk")
-    started, ends, extra, engine = [], [], 0.0, 0.0
+    ends, sizes, extra, engine = [], [], 0.0, 0.0
     for ready, n in profile.buckets(bucket_bytes):
-        encode = codec_s * slow * share * n / G
-        extra += encode  # backward stops for the call
-        wire = frac * n
-        if topk:  # values and indices, one gather each
-            t = collective_s(cluster, "gather", wire, 2, cost, slow)
-        else:     # the vectors and P; Q later
-            t = collective_s(cluster, algorithm, wire / 2, 2, cost, slow)
-        engine = max(engine, ready * slow + extra) + t
+        extra += codec_s * slow * share * n / G  # backward stops for the call
+        engine = max(engine, ready * slow + extra) + collective_s(
+            cluster, "gather", frac * n, 2, cost, slow)
         ends.append(engine)
-        started.append((n, wire))
+        sizes.append(n)
     backward = profile.backward_s * slow + extra
     t = backward
-    for (n, wire), end in zip(started, ends):
-        t = max(t, end if topk else ends[-1])
-        if not topk:  # Q's all-reduce, behind everything started in backward
-            t += collective_s(cluster, algorithm, wire / 2, 1, cost, slow)
-        t += codec_s * slow * (1 - share) * n / G
+    for n, end in zip(sizes, ends):
+        t = max(t, end) + codec_s * slow * (1 - share) * n / G
+    return backward, t
+
+
+def _powersgd_step(profile, cluster, algorithm, compression, bucket_bytes, cost, slow):
+    """Per bucket: error feedback and P = M Q inside backward; at the last bucket one
+    all-reduce of every bucket's vectors and P; at the first wait, after it, the
+    orthogonalisation and Q = M^T P of every bucket, one all-reduce of every Q, and
+    M = P Q^T (compress/powersgd_step.py): two collectives a step, both on the path."""
+    codec_s, frac = profile.codecs[compression][:2]
+    share, G = profile.launch_share(compression), profile.grad_bytes
+    extra, launch = 0.0, 0.0
+    for ready, n in profile.buckets(bucket_bytes):
+        extra += codec_s * slow * share * n / G  # backward stops for the call
+        launch = ready * slow + extra               # the last bucket's call starts the first
+    backward = profile.backward_s * slow + extra
+    wire, first = frac * G, profile.first_share(compression)
+    t = max(backward, launch + collective_s(cluster, algorithm, first * wire, 1, cost, slow))
+    t += codec_s * slow * (1 - share)  # decoding: between the two and after the second
+    t += collective_s(cluster, algorithm, (1 - first) * wire, 1, cost, slow)
     return backward, t
 
 
 def hop_s(cluster: Cluster) -> float:
-    """A message's wait for its receiver to be scheduled (0 with a core per rank)."""
-    return HOP_S * (cluster.slowdown() - 1)
+    """A message's wait for its receiver to be scheduled (0 with a core per rank): with s
+    ranks per core the receiver is off a core with probability (s - 1) / s (R - C of R
+    ranks wait for the C cores), and then waits for s - 1 ranks' slices, HOP_S each."""
+    s = cluster.slowdown()
+    return HOP_S * (1 - 1 / s) * (s - 1)
 
 
 def collective_s(cluster: Cluster, algorithm: str, wire: float, count: int,
@@ -89,7 +112,7 @@ def collective_s(cluster: Cluster, algorithm: str, wire: float, count: int,
     """``count`` collectives in a row, ``wire`` bytes per rank in all (split among them),
     with ``algorithm`` ("gather": the engine's ring all-gather, p - 1 messages, every rank
     receiving the others' bytes): the ranks' own work or the busiest link, whichever is
-    longer, plus each message's alpha and latency and each collective's scheduling wait."""
+    longer, plus each message's alpha, latency and scheduling wait (hop)."""
     p = cluster.ranks
     latency = cluster.latency_s if cluster.hosts > 1 else 0.0
     if algorithm == "gather":
@@ -104,4 +127,4 @@ def collective_s(cluster: Cluster, algorithm: str, wire: float, count: int,
         if algorithm == "shm":
             local *= SHM_HOOK_TRAFFIC  # no resident buckets behind a hook
         net = network_time(cluster.topology, algorithm, int(wire)) if cluster.hosts > 1 else 0.0
-    return max(local, net) + count * (messages * (alpha * slow + latency) + hop_s(cluster))
+    return max(local, net) + count * messages * (alpha * slow + latency + hop_s(cluster))

@@ -49,7 +49,8 @@ class Profile:
     """(seconds after backward starts, bytes) per parameter, in the order they become ready."""
     codecs: dict[str, tuple[float, ...]] = field(default_factory=dict)
     """compression spec -> (seconds per step to encode and decode, wire bytes / dense bytes,
-    the share of the seconds spent at launch; profiles saved before it have no share)."""
+    the share of the seconds spent at launch; PowerSGD: the share of the wire bytes in its
+    first all-reduce. Profiles saved before them lack the last fields)."""
     hidden: int = 1024
     """The workload's width (synthetic-mlp, digits-wide)."""
 
@@ -80,6 +81,12 @@ class Profile:
         """The share of ``spec``'s codec time spent in the hook call (0.5 when unknown)."""
         codec = self.codecs.get(spec, ())
         return codec[2] if len(codec) > 2 else 0.5
+
+    def first_share(self, spec: str) -> float:
+        """PowerSGD: the share of ``spec``'s wire bytes in its first all-reduce (the
+        uncompressed vectors and every P; the rest is every Q). 0.5 when unknown."""
+        codec = self.codecs.get(spec, ())
+        return codec[3] if len(codec) > 3 else 0.5
 
     def chunks(self, cap_bytes: float) -> list[tuple[float, int]]:
         """The gradients cut into consecutive chunks of at most ``cap_bytes`` (a parameter
@@ -191,9 +198,9 @@ def _phases(model, optimizer, x, y, loss_fn, steps: int):
 
 
 def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repeat: int,
-           specs: tuple[str, ...] = CODECS, group=None) -> dict[str, tuple[float, float, float]]:
+           specs: tuple[str, ...] = CODECS, group=None) -> dict[str, tuple[float, ...]]:
     """Per compressor of ``specs``: (seconds a step spends in it, wire fraction, launch
-    share). Each is timed through gradsync's own hook on a one-rank world (its collectives
+    share[, PowerSGD: the first all-reduce's share of the wire]). Each is timed through gradsync's own hook on a one-rank world (its collectives
     move nothing, its encoding and decoding run as in a run): the median over steps of the
     seconds spent in the hook's calls and their handles' waits (timing the hook itself, not
     the step with it minus the step without, whose difference drowns in the noise of a
@@ -201,7 +208,8 @@ def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repe
     feedback and P = M Q; top-k: the selection), during backward, rather than in the waits
     (the rest, after backward). The wire fraction is each format's arithmetic on one
     bucket of every gradient: halves 0.5; top-k its k values and int64 indices; PowerSGD
-    r (n + m) for each matrix its hook compresses, the rest dense."""
+    r (n + m) for each matrix its hook compresses, the rest dense; its first all-reduce
+    carries r n of each matrix (P) and the dense rest, its second r m (Q)."""
     from .. import comm
     from ..allreduce import DataParallel
     from ..compress.powersgd import split_matrices
@@ -244,8 +252,12 @@ def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repe
                 frac = math.ceil(float(arg) * numel) * (size + INDEX_BYTES) / (numel * size)
             else:
                 matrices, dense = split_matrices(state, params)
-                frac = (sum(min(*m.shape, int(arg)) * sum(m.shape) for m in matrices)
-                        + sum(d.numel() for d in dense)) / numel
+                p_and_dense = (sum(min(*m.shape, int(arg)) * m.shape[0] for m in matrices)
+                               + sum(d.numel() for d in dense))
+                q = sum(min(*m.shape, int(arg)) * m.shape[1] for m in matrices)
+                frac = (p_and_dense + q) / numel
+                out[spec] = (seconds, frac, share, p_and_dense / max(p_and_dense + q, 1))
+                continue
             out[spec] = (seconds, frac, share)
         return out
     finally:
