@@ -112,6 +112,13 @@ def _reads_wait(rank, world):
         _, fresh = _sharded(stage, seed=9)
         fresh.load_sharded(where)
         got["checkpoint"] = [t.numpy().copy() for t in fresh.state_dict().values()]
+        whole = twin.state_dict()  # the state of step 2, loaded right after step 3
+        both(3)
+        pending.append(sdp.optimizer.regather.pending)
+        model.load_state_dict(whole)  # the module's own: must not race the gathers
+        pending.append(sdp.optimizer.regather.pending)
+        got["loaded"] = [t.numpy().copy() for t in whole.values()]  # (what it loaded)
+        got["after load"] = [t.numpy().copy() for t in model.state_dict().values()]
         out[stage] = {"got": got, "want": want, "pending": pending}
     return out
 
@@ -231,7 +238,10 @@ def test_state_dicts_and_checkpoints_right_after_step_wait_for_the_gather(world)
             r = rank_result[stage]
             for what in ("wrapper", "module", "checkpoint"):
                 _equal(r["got"][what], r["want"][what])
-            assert r["pending"] == [4, 0] * 3  # 4 buckets in flight; each read waited
+            # load_state_dict() right after a step: the loaded values stay (no gather
+            # finishing later overwrites them).
+            _equal(r["got"]["after load"], r["got"]["loaded"])
+            assert r["pending"] == [4, 0] * 4  # 4 buckets in flight; each read waited
 
 
 @pytest.mark.timeout(130)
