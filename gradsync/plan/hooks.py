@@ -24,10 +24,12 @@ So a step is::
     step      = D + F + t + O
 
 A collective of small messages is latency-bound: each of its messages on the critical path
-costs the algorithm's alpha, the link's latency, and, when more ranks than cores share the
-machine, the wait for the receiving rank to be scheduled again (a hop, :func:`hop_s`; with
-a core per rank a receiver wakes at once). The hop is what a one-rank timing of the hook
-cannot see (docs/benchmarks.md, section 16).
+costs the link's latency and the receiver's wake-up: the algorithm's alpha (fitted on
+loopback with a core per rank, where a message's cost is mostly its receiver waking) or,
+when more ranks than cores share the machine, the wait for the receiver to be scheduled
+again (a hop, :func:`hop_s`), whichever is longer; the hop includes the wake-up, so not
+both. The hop is what a one-rank timing of the hook cannot see (docs/benchmarks.md,
+section 16).
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ from .cluster import Cluster
 from .profile import Profile
 
 # A message's wait for its receiver to get a core back is HOP_S (1 - 1/s)(s - 1) at s =
-# ranks / cores > 1 (hop_s); HOP_S was fitted to the lab's collectives timed inside
-# PowerSGD's hook (docs/plan.md: 2.7 ms from 3 ranks on 2 cores, 2.6 ms from 4).
-HOP_S = 2.6e-3
+# ranks / cores > 1 (hop_s); HOP_S was fitted to the step times of the compressed lab rows
+# of 3 and 4 ranks on 2 cores (docs/plan.md), one constant for both.
+HOP_S = 3.0e-3
 HOOKED = ("topk", "powersgd")
 # On one host DataParallel's plain shm buckets live in shared memory and are reduced where
 # they lie: about 3 S of memory traffic per rank for S bytes (comm/shared_buckets.py). A
@@ -112,7 +114,7 @@ def collective_s(cluster: Cluster, algorithm: str, wire: float, count: int,
     """``count`` collectives in a row, ``wire`` bytes per rank in all (split among them),
     with ``algorithm`` ("gather": the engine's ring all-gather, p - 1 messages, every rank
     receiving the others' bytes): the ranks' own work or the busiest link, whichever is
-    longer, plus each message's alpha, latency and scheduling wait (hop)."""
+    longer, plus each message's latency and the longer of its alpha and its hop."""
     p = cluster.ranks
     latency = cluster.latency_s if cluster.hosts > 1 else 0.0
     if algorithm == "gather":
@@ -127,4 +129,5 @@ def collective_s(cluster: Cluster, algorithm: str, wire: float, count: int,
         if algorithm == "shm":
             local *= SHM_HOOK_TRAFFIC  # no resident buckets behind a hook
         net = network_time(cluster.topology, algorithm, int(wire)) if cluster.hosts > 1 else 0.0
-    return max(local, net) + count * messages * (alpha * slow + latency + hop_s(cluster))
+    wake = max(alpha * slow, hop_s(cluster))
+    return max(local, net) + count * messages * (wake + latency)
