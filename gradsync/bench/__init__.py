@@ -5,7 +5,7 @@ def add_parser(subparsers) -> None:
     """Register ``bench`` and its sub-commands."""
     from . import train
 
-    bench = subparsers.add_parser("bench", help="measure collectives and training throughput",
+    bench = subparsers.add_parser("bench", help="measure collectives, training throughput and memory",
                                   description="Benchmarks; every figure comes with the machine "
                                   "and the command that reproduces it.")
     sub = bench.add_subparsers(dest="bench_command", metavar="SUBCOMMAND", required=True)
@@ -21,3 +21,6 @@ def add_parser(subparsers) -> None:
     from . import serve
 
     serve.add_parser(sub)
+    from . import memory
+
+    memory.add_parser(sub)

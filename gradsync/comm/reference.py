@@ -40,3 +40,23 @@ def torch_ddp(module: nn.Module, group: Group | None = None, bucket_cap_mb: floa
         raise ValueError(f"torch's DDP has no built-in hook for --compression {compression}; "
                          f"it offers {', '.join(TORCH_HOOKS)}")
     return ddp
+
+
+def torch_fsdp2(module: nn.Module, group: Group | None = None) -> nn.Module:
+    """Shard ``module`` with torch's FSDP2 (``fully_shard``) over ``group``'s ranks, as its
+    documentation wraps a model: each ``nn.Linear`` a unit, then the root, on a 1-D CPU
+    device mesh (the default process group's, which must be ``group``'s); parameters,
+    gradients and optimizer state become DTensors sharded on dim 0 (ZeRO stage 3)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    size = resolve(group).size
+    if size != dist.get_world_size():
+        raise ValueError("torch_fsdp2 shards over the default process group's ranks only")
+    mesh = init_device_mesh("cpu", (size,))
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            fully_shard(m, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module

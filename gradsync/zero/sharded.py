@@ -30,6 +30,7 @@ from torch import nn
 from .. import comm
 from ..allreduce.bucket_reduce import attach_topology
 from . import checkpoint
+from .buffers import FillBuffers
 from .layout import ShardedBucket, own_pieces, shard_parameters
 from .optimizer import ShardedOptimizer
 from .regather import RegatherAfterStep
@@ -111,6 +112,7 @@ class ShardedDataParallel(nn.Module):
         if stage == 1:  # whole gradients kept (8 + 8/N bytes/param with Adam in float32)
             for b in self._buckets:
                 b.grad_flat = torch.zeros_like(b.flat)
+        self._fill = FillBuffers(self._buckets)  # stages 2-3: grad_flat while it fills
         for b in self._buckets:
             for i, p in enumerate(b.params):
                 p.register_post_accumulate_grad_hook(partial(self._on_grad, b, i))
@@ -230,7 +232,7 @@ class ShardedDataParallel(nn.Module):
         if bucket.grad_flat is None:  # stage 2: the bucket's first gradient of this step
             # Every parameter's slot is written below (a gradient or zeros), so only the
             # padding (< N elements) needs zeroing: one pass over the bucket less per step.
-            bucket.grad_flat = torch.empty_like(bucket.flat)
+            bucket.grad_flat = self._fill.take(bucket)  # borrowed: zero/buffers.py
             bucket.grad_flat[bucket.numel:].zero_()
         view, n, param = bucket.grad_view(i), self.group.size, bucket.params[i]
         if grad is None:  # unused in this step: contributes zero
@@ -256,6 +258,7 @@ class ShardedDataParallel(nn.Module):
                                              algorithm=self.reduce_algorithm)
             if self.stage > 1:
                 b.grad_flat = None
+                self._fill.give_back(b)
                 if self.gatherer is not None:  # the bucket's backward is over
                     self.gatherer.free(b)
             self._works.append((b, work, out))

@@ -9,9 +9,9 @@ forward; and a bucket of the stage 1-2 layout can span two layers, so it could b
 only after counting which of its users have run.
 
 At rest each bucket keeps only its ``shard`` (k,); ``flat`` (N * k,) keeps its shape but its
-storage is resized to 0 bytes, and each parameter's ``.data`` is an empty (0,) tensor (an
-access at rest fails on the shape instead of reading freed memory). Resizing the same
-storage back (rather than allocating a new tensor) keeps valid every view of it that
+storage holds 0 bytes, and each parameter's ``.data`` is an empty (0,) tensor (an access
+at rest fails on the shape instead of reading freed memory). Giving the same storage its
+memory back (rather than allocating a new tensor) keeps valid every view of it that
 autograd saved in forward, which is why backward can use them once the unit is gathered
 again (and the parameters are views into ``flat`` again):
 
@@ -20,6 +20,12 @@ again (and the parameters are views into ``flat`` again):
     output grad hook    backward reached the unit: gather it, start the previous unit's
     bucket complete     (sharded.py) reduce-scatter its gradient, free the bucket
     end of forward / backward   wait for every gather, free every bucket
+
+A gathered bucket's memory is borrowed from :class:`~gradsync.zero.buffers.GatherBuffers`,
+a few persistent buffers sized to the largest bucket, swapped into the storage and out
+again (so the storage, and every view of it, stays the same object), instead of a fresh
+block at each gather; before a large unit's forward and backward the free pages of glibc's
+heaps go back to the system (buffers.py says why both).
 
 "Next" is registration order (the order of ``module.modules()``), which is forward order
 for the usual models; a wrong guess costs a gather that waits, never a wrong value.
@@ -37,6 +43,7 @@ import torch
 from torch import nn
 
 from .. import comm
+from .buffers import GatherBuffers, release_free_pages
 from .layout import ShardedBucket
 
 
@@ -66,6 +73,12 @@ def _tensors(obj):
             yield from _tensors(item)
 
 
+# A unit at least this large (its buckets, gathered) returns glibc's free pages before its
+# forward and its backward. The holes that pile up are full-size layers and gradients of
+# the large layers; a small layer's blocks are reused by the next small allocations.
+TRIM_BYTES = 1 << 20
+
+
 class ParameterGatherer:
     """Gathers and frees the units of stage 3 from module hooks.
 
@@ -86,6 +99,16 @@ class ParameterGatherer:
         self.units = [[b for b in buckets if b.unit == u] for u in range(len(modules))]
         self._pending: dict[int, comm.Work] = {}
         self.gathers = self.prefetched = 0
+        # Three units in flight (see GatherBuffers), each of up to `most` buckets.
+        most = max((len(bs) for bs in self.units), default=0)
+        self.buffers = GatherBuffers(max((b.flat.numel() * b.flat.element_size()
+                                          for b in buckets), default=0), 3 * most)
+        self._lent: dict[int, torch.UntypedStorage] = {}  # bucket index -> shell
+        # Units whose transients are large enough to leave heap holes worth returning
+        # (buffers.release_free_pages); a small layer's (a LayerNorm) are not, and trimming
+        # walks every free chunk of every arena.
+        self._trim = [sum(b.flat.numel() * b.flat.element_size() for b in bs) >= TRIM_BYTES
+                      for bs in self.units]
         for u, m in enumerate(modules):
             m.register_forward_pre_hook(partial(self._before_forward, u))
             m.register_forward_hook(partial(self._after_forward, u))
@@ -99,7 +122,13 @@ class ParameterGatherer:
     def _start(self, b: ShardedBucket) -> bool:
         if b.index in self._pending or self.is_gathered(b):
             return False
-        b.flat.untyped_storage().resize_(b.flat.numel() * b.flat.element_size())
+        storage, nbytes = b.flat.untyped_storage(), b.flat.numel() * b.flat.element_size()
+        shell = self.buffers.lend(storage) if nbytes <= self.buffers.nbytes else None
+        if shell is not None:
+            self._lent[b.index] = shell
+        else:
+            storage.resize_(nbytes)
+            self.buffers.resized += 1
         for p, offset, shape in zip(b.params, b.offsets, b.shapes):
             p.data = b.flat[offset:offset + shape.numel()].view(shape)
         # Input: this rank's (k,) shard; output: the N (k,) pieces of flat, written in place
@@ -117,7 +146,11 @@ class ParameterGatherer:
             work.wait()
         for p in b.params:
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        b.flat.untyped_storage().resize_(0)
+        shell = self._lent.pop(b.index, None)
+        if shell is not None:
+            self.buffers.take_back(b.flat.untyped_storage(), shell)
+        else:
+            b.flat.untyped_storage().resize_(0)
 
     # --- units -----------------------------------------------------------------------------
 
@@ -157,6 +190,8 @@ class ParameterGatherer:
     # --- hooks -----------------------------------------------------------------------------
 
     def _before_forward(self, u: int, module, args) -> None:
+        if self._trim[u]:  # the previous layer's holes (gloo's flat output of its gather)
+            release_free_pages()
         self.gather(u)
         if self.prefetch:
             self.start(u + 1, ahead=True)
@@ -173,6 +208,8 @@ class ParameterGatherer:
         # The gradient of the unit's output is ready, so its backward comes next: the
         # parameters (and the views of them that autograd saved) must be whole again.
         self._on_backward()
+        if self._trim[u]:  # the next layer's (its gradient, comm's staging of its bucket)
+            release_free_pages()
         self.gather(u)
         if self.prefetch:
             self.start(u - 1, ahead=True)
