@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 import torch
 
@@ -108,21 +109,56 @@ class FillBuffers:
             self._free[b.flat.dtype].append(buf)
 
 
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None (another libc, or none found)."""
+def _glibc():
+    """glibc's (malloc_trim,), or None (another libc)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
+        return (libc.malloc_trim,)
     except (OSError, AttributeError):
         return None
 
 
-_TRIM = _malloc_trim()
+_GLIBC = _glibc()
 
 
-def release_free_pages() -> None:
+def resident_bytes() -> int:
+    """This process's resident memory (VmRSS), from /proc/self/statm; 0 where unreadable."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def release_free_pages() -> bool:
     """Give the free pages inside glibc's heaps back to the system (``malloc_trim(0)``:
     ``madvise(MADV_DONTNEED)`` on free chunks; the heap's layout and settings stay as they
-    are). A no-op without glibc."""
-    if _TRIM is not None:
-        _TRIM(0)
+    are). Whatever is given back is faulted in and zeroed again when reused, which is the
+    cost of a fixed mmap threshold, so callers do it only once holes have piled up
+    (:class:`HoleWatch`). Returns whether it trimmed; a no-op without glibc."""
+    if _GLIBC is None:
+        return False
+    _GLIBC[0](0)
+    return True
+
+
+class HoleWatch:
+    """Return glibc's free pages once the process has grown ``slack`` bytes within a step
+    (since :meth:`start`, or the last trim): steady steps, whose transients reuse the same
+    holes, never trim (no page is faulted in twice), and what other code does between the
+    steps is not counted; a step that piles up new holes trims every ``slack`` bytes."""
+
+    def __init__(self, slack: int):
+        self.slack, self.trims = slack, 0
+        self._mark = resident_bytes()
+
+    def start(self) -> None:
+        self._mark = resident_bytes()
+
+    def check(self) -> None:
+        if resident_bytes() > self._mark + self.slack and release_free_pages():
+            self.trims += 1
+            self._mark = resident_bytes()

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .. import comm
-from .buffers import GatherBuffers, release_free_pages
+from .buffers import GatherBuffers, HoleWatch
 from .layout import ShardedBucket
 
 
@@ -77,6 +77,8 @@ def _tensors(obj):
 # forward and its backward. The holes that pile up are full-size layers and gradients of
 # the large layers; a small layer's blocks are reused by the next small allocations.
 TRIM_BYTES = 1 << 20
+# Growth of the process (in largest buckets) that the hooks let pass before trimming.
+SLACK_BUCKETS = 4
 
 
 class ParameterGatherer:
@@ -88,7 +90,8 @@ class ParameterGatherer:
         on_backward: called when backward reaches a unit (queues the end-of-backward work).
         prefetch: start the next unit's all-gather while this one computes.
     Attributes:
-        gathers: all-gathers started; prefetched: of which started ahead of their unit.
+        gathers: all-gathers started; prefetched: of which started ahead of their unit;
+        holes: when the free heap pages went back (``holes.trims``: how often).
     """
 
     def __init__(self, modules: list[nn.Module], buckets: list[ShardedBucket],
@@ -109,6 +112,7 @@ class ParameterGatherer:
         # walks every free chunk of every arena.
         self._trim = [sum(b.flat.numel() * b.flat.element_size() for b in bs) >= TRIM_BYTES
                       for bs in self.units]
+        self.holes = HoleWatch(SLACK_BUCKETS * self.buffers.nbytes)
         for u, m in enumerate(modules):
             m.register_forward_pre_hook(partial(self._before_forward, u))
             m.register_forward_hook(partial(self._after_forward, u))
@@ -190,8 +194,10 @@ class ParameterGatherer:
     # --- hooks -----------------------------------------------------------------------------
 
     def _before_forward(self, u: int, module, args) -> None:
-        if self._trim[u]:  # the previous layer's holes (gloo's flat output of its gather)
-            release_free_pages()
+        if u == 0:  # a step starts: growth is counted from here
+            self.holes.start()
+        elif self._trim[u]:  # the previous layer's holes (gloo's flat output of its gather)
+            self.holes.check()
         self.gather(u)
         if self.prefetch:
             self.start(u + 1, ahead=True)
@@ -209,7 +215,7 @@ class ParameterGatherer:
         # parameters (and the views of them that autograd saved) must be whole again.
         self._on_backward()
         if self._trim[u]:  # the next layer's (its gradient, comm's staging of its bucket)
-            release_free_pages()
+            self.holes.check()
         self.gather(u)
         if self.prefetch:
             self.start(u - 1, ahead=True)
