@@ -2,8 +2,8 @@
 
 Stages 2-3 make full-size (N * k,) tensors that live for a moment, several per layer per
 step: stage 3's gathered parameters (twice per layer: forward and backward) and the
-gradient bucket while it fills (stages 2-3). Allocated and freed each time, a (16 MiB for a
-2048 x 2048 Linear) block goes to glibc's malloc, which raises its mmap threshold to the
+gradient bucket while it fills (stages 2-3). Allocated and freed each time, each block (16
+MiB for a 2048 x 2048 Linear) goes to glibc's malloc, which raises its mmap threshold to the
 size of the first such block freed and from then on serves them from its heap, where the
 holes they leave are kept and fragmented by the smaller blocks between them: measured with
 glibc's defaults, stage 3 peaked above DataParallel per rank and trained a smaller model
@@ -14,10 +14,12 @@ the blocks, but slows everything else in the process (DataParallel 0.67x).
 
 The full-size transients that are not gradsync's own (autograd's gradient of a layer, comm's
 staging copy of a bucket, gloo's flat output of an all-gather) still leave such holes, so
-stage 3 also hands the free pages of glibc's heaps back with ``malloc_trim(0)`` around each
-large layer (:func:`release_free_pages`): a one-off call, not a setting, made only by stage
-3; measured, it brought stage 3's peak per rank from 890 to about 400 MiB above the
-process's start (52 M parameters, 4 ranks; docs/benchmarks.md section 17).
+stage 3 also hands the free pages of glibc's heaps back with ``malloc_trim(0)``
+(:class:`HoleWatch`), only once the process has grown within a step: a one-off call, not a
+setting, made only by stage 3. Measured with glibc's defaults (52 M parameters, 4 ranks),
+stage 3's peak per rank above the process's start went from 976 to 508 MiB (the buffers
+alone: 890), and the largest MLP it trains under 3000 MiB from 22.6 M to 60.4 M
+parameters (DataParallel: 26.8 M); docs/benchmarks.md section 17.
 """
 
 from __future__ import annotations
