@@ -143,7 +143,10 @@ def _main(argv: list[str] | None) -> int:
 
         return lab_main(args)
     if args.command == "bench":
-        return args.bench(args)
+        code = args.bench(args)
+        if under_launcher():  # one rank of a benchmark: it ends as a training rank does
+            _exit_rank(code, float(getattr(args, "timeout", None) or 60.0))
+        return code
     if args.command == "serve":
         from .serve.cli import main as serve_main
 

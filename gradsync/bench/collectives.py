@@ -28,9 +28,9 @@ import sys
 from pathlib import Path
 
 from ..comm import ENGINE_REGISTRY
+from ..exits import under_launcher
 from . import busbw
-from .ranks import (add_placement_flags, check_placement, lab_from_env, run_for_result,
-                    under_launcher, usage)
+from .ranks import add_placement_flags, check_placement, lab_from_env, run_for_result, usage
 from .report import machine_line
 from .sweep import ALGORITHMS, DTYPES, REDOPS, SweepConfig, format_size, parse_size
 

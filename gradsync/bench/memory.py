@@ -36,7 +36,8 @@ from pathlib import Path
 from ..exits import UserError
 from ..flags import add_dataclass_arguments, at_least, config_from_args, flag_meta, to_argv
 from .memory_rank import PEER, VARIANTS
-from .ranks import under_launcher, usage
+from ..exits import under_launcher
+from .ranks import usage
 from .report import machine_line
 
 MIB = 1 << 20

@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-EXIT_USAGE = 2
-
-
-def under_launcher() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+from ..exits import EXIT_USAGE
 
 
 def usage(message: str) -> int:

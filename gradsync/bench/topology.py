@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from .ranks import (EXIT_USAGE, add_placement_flags, check_placement, run_for_result,
-                    under_launcher, usage)
+from ..exits import EXIT_USAGE, under_launcher
+from .ranks import add_placement_flags, check_placement, run_for_result, usage
 from .report import machine_line
 
 
