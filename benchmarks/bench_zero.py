@@ -105,34 +105,6 @@ def _build(name: str, hidden: int, layers: int, dp_algorithm: str = "auto",
     return sdp, sdp.optimizer
 
 
-def model_state_bytes(model, opt) -> dict:
-    """Bytes of the distinct storages behind parameters, gradients and optimizer state
-    (each storage counted once, in the first category that reaches it)."""
-    if not hasattr(model, "module"):  # FSDP2: the model itself, its DTensors' local shards
-        from benchmarks.bench_zero_fsdp import fsdp2_state_bytes
-        return fsdp2_state_bytes(model, opt)
-    seen: set[int] = set()
-
-    def count(tensors) -> int:
-        total = 0
-        for t in tensors:
-            s = t.untyped_storage()
-            if s.data_ptr() not in seen:
-                seen.add(s.data_ptr())
-                total += s.nbytes()
-        return total
-
-    buckets = getattr(model, "buckets", [])
-    # Stage 3's parameter values live in its (k,) shards; stages 1-2's pieces share the
-    # flat buckets' storage, counted once.
-    params = list(model.module.parameters()) + [b.shard for b in buckets
-                                                 if b.shard is not None]
-    pieces = [b.piece for b in buckets if b.piece is not None]
-    grads = [t.grad for t in params + pieces if t.grad is not None]
-    state = [v for s in opt.state.values() for v in s.values() if hasattr(v, "untyped_storage")]
-    return {"params": count(params), "grads": count(grads), "optimizer": count(state)}
-
-
 def _one_step(model, opt, x, y) -> None:
     import torch.nn.functional as F
 
@@ -143,6 +115,8 @@ def _one_step(model, opt, x, y) -> None:
 
 def _memory(args, rank: int) -> dict:
     import torch
+
+    from gradsync.bench.memory_rank import model_state_bytes
 
     gen = torch.Generator().manual_seed(1000 + rank)
     x, y = torch.randn(args.batch, 784, generator=gen), torch.randint(0, 10, (args.batch,))

@@ -13,47 +13,15 @@ NAME = "fsdp2"
 
 def build_fsdp2(hidden: int, layers: int):
     """(FSDP2 model, torch.optim.Adam over its sharded parameters); collective. Same seed
-    and architecture as bench_zero's other variants."""
+    and architecture as bench_zero's other variants (gradsync.comm.reference.torch_fsdp2)."""
     import torch
-    from torch import nn
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
+    from gradsync.comm.reference import torch_fsdp2
     from gradsync.models import MLP
 
     torch.manual_seed(0)
-    model = MLP(784, [hidden] * layers, 10)
-    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            fully_shard(m, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = torch_fsdp2(MLP(784, [hidden] * layers, 10))
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
-
-
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def fsdp2_state_bytes(model, opt) -> dict:
-    """This rank's bytes of parameters, gradients and optimizer state (the local shards;
-    the unsharded parameters are freed after forward and backward)."""
-    seen: set[int] = set()
-
-    def count(tensors) -> int:
-        total = 0
-        for t in map(_local, tensors):
-            s = t.untyped_storage()
-            if s.data_ptr() not in seen:
-                seen.add(s.data_ptr())
-                total += s.nbytes()
-        return total
-
-    params = list(model.parameters())
-    return {"params": count(params),
-            "grads": count(p.grad for p in params if p.grad is not None),
-            "optimizer": count(v for s in opt.state.values() for v in s.values()
-                               if hasattr(v, "untyped_storage") and v.dim() > 0)}
 
 
 def full_parameters(model) -> list:
