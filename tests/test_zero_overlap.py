@@ -160,6 +160,7 @@ def _across_hosts(rank, world):
     import gradsync
     import torch.distributed as dist
     from gradsync import comm
+    from gradsync.comm.collectives import resolve_auto
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     out = {}
@@ -172,7 +173,9 @@ def _across_hosts(rank, world):
         for step in range(STEPS):
             _step(sdp, step, world, rank)
         sdp.wait_for_parameters()
-        out[stage] = {"algorithms": (sdp.reduce_algorithm, sdp.shard_algorithm),
+        # what "auto" runs for the reduce-scatters on this group, and the all-gathers' name
+        reduce_scatter = resolve_auto(group, "reduce_scatter", sdp.shard_algorithm).name
+        out[stage] = {"algorithms": (reduce_scatter, sdp.shard_algorithm),
                       "params": _whole(model), "in flight": max(held)}
     dp_model = _model(0)
     dp = gradsync.DataParallel(dp_model, bucket_cap_mb=PER_PARAM)

@@ -210,7 +210,8 @@ def one_host(group: Group) -> bool:
 def resolve_auto(group: Group, collective: str, algorithm: str) -> CollectiveAlgorithm:
     """The table entry (algorithms/collective_registry.py) of ``collective`` that
     ``algorithm`` names on ``group``: ``auto`` is shared memory when the group's topology
-    says one host, else the engine's own.
+    says one host, else the table's choice across hosts (the engine's own but for
+    reduce-scatter, gradsync's ring).
 
     Raises:
         ValueError: unknown algorithm (the message lists them).

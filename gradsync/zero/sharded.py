@@ -86,14 +86,10 @@ class ShardedDataParallel(nn.Module):
         self.module, self.group, self.stage = module, group, stage
         self.broadcast_buffers = broadcast_buffers
         attach_topology(group, topology)
-        # "native" keeps every collective on the engine (no shared-memory segment). Else:
-        # gloo's reduce_scatter moves an all-reduce's bytes (3-host lab, 1 Gbit: 8.4 MB in
-        # 103.5 ms, gradsync's ring 57.5 ms), so across hosts it is the ring; gloo's
-        # all-gather is a ring already (0.84 of the link), which "auto" keeps.
-        one_host = group.topology is not None and len(group.topology.hosts) == 1
+        # "native" keeps every collective on the engine (no shared-memory segment); "auto"
+        # is shared memory on one host, else gradsync's ring for the reduce-scatters and the
+        # engine's all-gather (comm/algorithms/collective_registry.py).
         self.shard_algorithm = "native" if algorithm == "native" else "auto"
-        self.reduce_algorithm = ("native" if algorithm == "native" else
-                                 "auto" if one_host else "ring")
         comm.verify_tensors(group, "parameters and buffers",
                             [(n, p.detach()) for n, p in module.named_parameters()]
                             + list(module.named_buffers()))
@@ -255,7 +251,7 @@ class ShardedDataParallel(nn.Module):
             out = None if self.stage == 1 else torch.empty(b.k, dtype=b.flat.dtype)
             work = comm.reduce_scatter_async(pieces[b.rank] if out is None else out, pieces,
                                              op="sum", group=self.group,
-                                             algorithm=self.reduce_algorithm)
+                                             algorithm=self.shard_algorithm)
             if self.stage > 1:
                 b.grad_flat = None
                 self._fill.give_back(b)

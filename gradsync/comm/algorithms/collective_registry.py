@@ -33,13 +33,15 @@ class CollectiveAlgorithm:
     Args:
         name: what users pass as ``algorithm=``.
         run: the collective's signature (module docstring); None: the engine's own.
-        one_host: what ``auto`` picks when the group's topology puts every rank on one host
-            (otherwise ``auto`` is the table's first entry, the engine's own).
+        one_host: what ``auto`` picks when the group's topology puts every rank on one host.
+        across_hosts: what ``auto`` picks otherwise; where no entry says so, the table's
+            first entry (the engine's own).
     """
 
     name: str
     run: Callable | None
     one_host: bool = False
+    across_hosts: bool = False
 
 
 def _table(*algorithms: CollectiveAlgorithm) -> dict[str, CollectiveAlgorithm]:
@@ -59,7 +61,9 @@ COLLECTIVE_REGISTRY: dict[str, dict[str, CollectiveAlgorithm]] = {
     ),
     "reduce_scatter": _table(
         CollectiveAlgorithm("native", None),
-        CollectiveAlgorithm("ring", ring_reduce_scatter_pieces),
+        # gloo's own moves about an all-reduce's bytes (3 lab hosts at 1 Gbit, 8.4 MB:
+        # 103.5 ms, the ring 57.5 ms; docs/benchmarks.md section 17).
+        CollectiveAlgorithm("ring", ring_reduce_scatter_pieces, across_hosts=True),
         CollectiveAlgorithm("shm", shm_reduce_scatter_pieces, one_host=True),
     ),
 }
@@ -94,7 +98,8 @@ def check_collective_algorithm(collective: str, name: str) -> str:
 def choose_collective_algorithm(collective: str, name: str, one_host: bool
                                 ) -> CollectiveAlgorithm:
     """The entry ``name`` stands for (checked); ``auto``: the one-host entry when every rank
-    of the group is on one host, else the first entry (the engine's own).
+    of the group is on one host, else the across-hosts entry, or the first (the engine's
+    own) where there is none.
 
     Raises:
         ValueError: as :func:`check_collective_algorithm`; ``all_reduce`` is not here
@@ -108,4 +113,4 @@ def choose_collective_algorithm(collective: str, name: str, one_host: bool
         return table[name]
     if one_host:
         return next(a for a in table.values() if a.one_host)
-    return next(iter(table.values()))
+    return next((a for a in table.values() if a.across_hosts), next(iter(table.values())))
