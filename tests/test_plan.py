@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -265,3 +266,39 @@ def test_powersgd_splits_its_wire_between_its_two_all_reduces():
                                                       compression="powersgd:2"), free).step_s)
     wire = 0.01 * 8 * MB / 1e6
     assert steps == pytest.approx([0.002 + 0.004 + wire + 0.001] * 2, rel=1e-4)  # whole bytes
+
+
+def test_lab_runs_procs_per_host_ranks_on_each_host(monkeypatch):
+    """`--lab N --procs-per-host P` (plumbing only, no lab): the flag is a field of the
+    train config, refused without --lab, handed to the lab with N x P ranks' threads, and
+    `plan --validate` / `--emit flags` pass the plan's ranks per host on."""
+    import gradsync.lab as lab_mod
+    from gradsync.cli import _parser
+    from gradsync.flags import dataclass_from_args, to_argv
+    from gradsync.plan.validate import train_argv
+    from gradsync.train import launch
+    from gradsync.train.config import TrainConfig
+
+    def config(*argv):
+        return dataclass_from_args(TrainConfig, _parser().parse_args(["train", *argv]))
+
+    two = config("--lab", "3", "--rate", "200mbit", "--procs-per-host", "2")
+    assert two.lab.procs_per_host == 2 and "--procs-per-host=2" in to_argv(two)
+    with pytest.raises(ValueError, match="--procs-per-host needs --lab"):
+        config("--procs-per-host", "2")
+    seen = {}
+
+    def fake_train_in_lab(hosts, rate, rates, argv, env, *, procs_per_host=1):
+        seen.update(hosts=hosts, per=procs_per_host, threads=env["OMP_NUM_THREADS"])
+        return 0
+
+    monkeypatch.setattr(lab_mod, "train_in_lab", fake_train_in_lab)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert launch.run_in_lab(two) == 0
+    assert seen == {"hosts": 3, "per": 2, "threads": str(max(1, os.cpu_count() // 6))}
+    prof = _profile()
+    cluster = Cluster.parse(3, 2, "200mbit", shared=True)
+    pred = predict(prof, cluster, Candidate("allreduce", "hierarchical"))
+    argv = train_argv(prof, cluster, pred, 20, ["200mbit"] * 3)
+    assert argv[-6:] == ["--lab", "3", "--rates", "200mbit,200mbit,200mbit",
+                         "--procs-per-host", "2"]

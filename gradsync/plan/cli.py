@@ -62,9 +62,6 @@ class PlanConfig:
             raise ValueError(f"--batch-size must be >= 1, not {self.batch_size}")
         if self.validate and self.hosts > 1 and not self.lab:
             raise ValueError("--validate runs on this machine (--hosts 1) or in a lab (--lab)")
-        if self.validate and self.hosts > 1 and self.procs_per_host != 1:
-            raise ValueError("--validate in a lab runs one rank per host, as gradsync train "
-                             "--lab does: pass --procs-per-host 1")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

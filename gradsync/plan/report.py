@@ -34,7 +34,9 @@ def emit_flags(best: Prediction, cluster: Cluster, config, profile: Profile) -> 
         return flags + ["--workers", str(best.workers)]
     if config.lab:
         rates = config.rates or ",".join([config.rate] * cluster.hosts)
-        return flags + ["--lab", str(cluster.hosts), "--rates", rates]
+        per = ["--procs-per-host", str(cluster.procs_per_host)] if cluster.procs_per_host > 1 \
+            else []
+        return flags + ["--lab", str(cluster.hosts), "--rates", rates, *per]
     return flags  # across real hosts: with torchrun / gradsync run's own world flags
 
 

@@ -2,8 +2,8 @@
 beside the predicted one.
 
 Each configuration is one `gradsync train` of the profiled workload and batch, for
-``steps`` steps, on this machine (one host) or in a lab of the plan's hosts (root; one rank
-per host, as `gradsync train --lab` runs); the measured figure is the summary's median step
+``steps`` steps, on this machine (one host) or in a lab of the plan's hosts (root; the
+plan's ranks per host, `gradsync train --lab N --procs-per-host P`); the measured figure is the summary's median step
 time, which leaves out start-up and the first steps.
 """
 
@@ -28,9 +28,8 @@ def train_argv(profile: Profile, cluster: Cluster, pred: Prediction, steps: int,
     argv = [*workload_flags(profile), *cand.flags(), "--steps", str(steps), "--no-progress"]
     if cluster.hosts == 1:
         return argv + ["--workers", str(pred.workers)]
-    if cluster.procs_per_host != 1:
-        raise ValueError("--validate runs a lab of one rank per host (gradsync train --lab)")
-    return argv + ["--lab", str(cluster.hosts), "--rates", ",".join(rates or [])]
+    return argv + ["--lab", str(cluster.hosts), "--rates", ",".join(rates or []),
+                   "--procs-per-host", str(cluster.procs_per_host)]
 
 
 def measure(argv: list[str], timeout_s: float = 600) -> float | None:

@@ -82,8 +82,9 @@ def _cluster(config: TrainConfig):
     lab = config.lab
     if lab.hosts:
         rates = lab.rates or ",".join([lab.rate] * lab.hosts)
-        cluster = Cluster.parse(lab.hosts, 1, rates=rates, shared=True)
-        return cluster, f"a lab of {lab.hosts} hosts ({rates})", False
+        cluster = Cluster.parse(lab.hosts, lab.procs_per_host, rates=rates, shared=True)
+        per = f" x {lab.procs_per_host} ranks" if lab.procs_per_host > 1 else ""
+        return cluster, f"a lab of {lab.hosts} hosts{per} ({rates})", False
     path, workers = _topology_file(config), config.launch.workers
     if path:
         try:

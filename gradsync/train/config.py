@@ -257,14 +257,20 @@ class LabConfig:
     """Emulated cluster (root; docs/lab.md)."""
 
     hosts: int | None = field(default=None, metadata=_help(
-        "run on N emulated hosts with shaped links, one rank each; --workers is then N, or N "
-        "minus the servers", flag="lab"))
+        "run on N emulated hosts with shaped links, --procs-per-host ranks each; --workers "
+        "is then N x procs-per-host, minus the servers", flag="lab"))
     rate: str = field(default="1gbit", metadata=_help("--lab: every link's rate (tc units)"))
     rates: str | None = field(default=None, metadata=_help(
         "--lab: one rate per host, e.g. 1gbit,1gbit,250mbit"))
+    procs_per_host: int = field(default=1, metadata=_help(
+        "--lab: ranks per host (torchrun's --nproc-per-node): ranks h x P .. h x P + P - 1 "
+        "share host h's link; the PS's servers are ranks 0..k-1"))
 
     def __post_init__(self) -> None:
         _at_least(self.hosts, 1, "lab")
+        _at_least(self.procs_per_host, 1, "procs-per-host")
+        if self.hosts is None and self.procs_per_host != 1:
+            raise ValueError("--procs-per-host needs --lab N")
         check_rates(self.hosts, self.rates)
 
 

@@ -2,7 +2,7 @@
 an emulated cluster) and supervise them.
 
     gradsync train --workers 4          # four local ranks, each runs gradsync.train.worker
-    gradsync train --lab 3 --rate 1gbit # one rank per emulated host
+    gradsync train --lab 3 --rate 1gbit # one rank per emulated host (--procs-per-host P: P)
     gradsync train --elastic ...        # the rendezvous store lives here (elastic_run.py)
     gradsync train --arch auto ...      # plan first, here, then run the best (auto.py)
 """
@@ -96,13 +96,16 @@ def _supervise(config: TrainConfig, env: dict[str, str], tolerate: frozenset[int
 
 
 def run_in_lab(config: TrainConfig, interrupts_raise=lambda: None) -> int:
-    """`--lab N`: bring an emulated cluster up, run one rank per host, take it down."""
+    """`--lab N`: bring an emulated cluster up, run --procs-per-host ranks per host (LOCAL_RANK,
+    LOCAL_WORLD_SIZE and the host's interface from the lab's slots), take it down."""
     from ..lab import LabError, train_in_lab
 
-    env = rank_env(config.lab.hosts)
+    lab = config.lab
+    env = rank_env(lab.hosts * lab.procs_per_host)  # every host's ranks share these cores
     interrupts_raise()
-    rates = config.lab.rates.split(",") if config.lab.rates else None
+    rates = lab.rates.split(",") if lab.rates else None
     try:
-        return train_in_lab(config.lab.hosts, config.lab.rate, rates, to_argv(config), env)
+        return train_in_lab(lab.hosts, lab.rate, rates, to_argv(config), env,
+                            procs_per_host=lab.procs_per_host)
     except LabError as exc:
         raise UserError(str(exc)) from None
