@@ -41,12 +41,16 @@ class Job:
         epochs, pause_s: the script's epochs and pause after each step.
         nnodes, min_workers: the service's flags.
         env: extra environment of every process.
+        joiner: the script's JOINER (the run ends with the epoch in which a member with
+            this id or a later one has joined), or None.
     """
 
     def __init__(self, out: Path, epochs: int, nnodes: str, min_workers: int = 1,
-                 env: dict[str, str] | None = None, pause_s: float = 0.0):
+                 env: dict[str, str] | None = None, pause_s: float = 0.0,
+                 joiner: int | None = None):
         self.out, self.epochs, self.nnodes, self.min_workers = out, epochs, nnodes, min_workers
         self.pause_s = pause_s
+        self.script_args = [str(epochs), str(pause_s), *([] if joiner is None else [str(joiner)])]
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.service: subprocess.Popen | None = None
         self.hosts: list[subprocess.Popen] = []
@@ -68,7 +72,7 @@ class Job:
         proc = self._spawn(f"host-{len(self.hosts)}", [
             sys.executable, "-m", "gradsync", "run", "--elastic", "--rdzv-endpoint",
             self.endpoint, "--nproc-per-node", str(nproc), SCRIPT, str(self.out),
-            str(self.epochs), str(self.pause_s)], list(prefix))
+            *self.script_args], list(prefix))
         self.hosts.append(proc)
         return proc
 

@@ -19,7 +19,9 @@ from tests.test_elastic import _digits_oracle_accuracy
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_host_killed_whole_is_dropped_and_a_new_host_joins(tmp_path):
-    job = Job(tmp_path, epochs=100, nnodes="3:3", min_workers=2, pause_s=0.02,
+    # Up to 100 epochs, long enough for the joiner (member 3) to come in on a busy machine;
+    # the run ends with the epoch in which it joined.
+    job = Job(tmp_path, epochs=100, nnodes="3:3", min_workers=2, pause_s=0.02, joiner=3,
               env={"GRADSYNC_TIMEOUT": str(scaled(60))})
     try:
         job.start_service("127.0.0.1", find_free_port("127.0.0.1"))
