@@ -58,9 +58,13 @@ def copy_of(directory, tmp_path):
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_resume_is_bitwise_exact(tmp_path, straight, name):
     # 23 steps per epoch at 2 workers x 32: step 20 is mid-epoch, 40 is in the next one.
+    # The run cut after step 20: the straight run's checkpoints without those after 20 (a
+    # run of 25 steps would have written the same step 20 and no later checkpoint).
     arch = ARCHS[name]
-    train(*arch, "--steps", "25", "--checkpoint-dir", str(tmp_path / "cut"))
-    run = train(*arch, "--steps", "40", "--checkpoint-dir", str(tmp_path / "cut"), "--resume",
+    cut = shutil.copytree(straight(name), tmp_path / "cut")
+    for step in (30, 40):
+        shutil.rmtree(cut / f"step-{step:08d}")
+    run = train(*arch, "--steps", "40", "--checkpoint-dir", str(cut), "--resume",
                 "--out", str(tmp_path / "out"))
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 20, run.stderr
     a, b = final_model(straight(name), 40), final_model(tmp_path / "cut", 40)

@@ -3,7 +3,8 @@
 Both compute every element as the same chain of ``combine_`` calls, so on random floats
 (where a different order of additions would show in the last bits) their results must be
 bitwise equal, for every world size, length, segment size, dtype and op tried here; small
-``segment_bytes`` give many segments per chunk, lengths below p give empty chunks.
+``segment_bytes`` give many segments per chunk, lengths below p give empty chunks. One world
+of 4 processes runs every gloo check (a world of n < 4 is its first n ranks, as a group).
 
 A second, process-free test runs the pipelined ring on threads over a stand-in for gloo's
 point-to-point semantics (a send leaves once its receive is posted, reading the send buffer
@@ -20,8 +21,8 @@ import pytest
 import torch
 
 from gradsync.split import chunk_bounds
-from tests.distributed import run_workers, scaled
-from tests.helpers import digest
+from tests.distributed import run_checks, scaled
+from tests.helpers import digest, first_ranks
 
 SEGMENT_BYTES = [4, 100, 1 << 20]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -40,19 +41,24 @@ def _input(rank: int, length: int, dtype: torch.dtype, op: str) -> torch.Tensor:
     return t.to(dtype)
 
 
-def _compare(rank, n, members=None):
-    """For every case, (pipelined, step-by-step) pairs to be equal: the all-reduce's digests,
-    the reduce-scatter's bounds and its piece's digests, the pieces form's digests."""
+def _compare(rank, world, n, members=None):
+    """On a world of ``n`` (world ranks 0..n-1), or on the view ``members`` of the world: for
+    every case, (pipelined, step-by-step) pairs to be equal: the all-reduce's digests, the
+    reduce-scatter's bounds and its piece's digests, the pieces form's digests."""
     from gradsync import comm
     from gradsync.comm.algorithms import ring
     from gradsync.comm.ops import ReduceOp
     from gradsync.comm.p2p import P2P
 
-    p2p = P2P(comm.world(), "test")
     if members is not None:
         if rank not in members:
             return {}
-        p2p = p2p.view(members)
+        p2p = P2P(comm.world(), "test").view(members)
+    else:
+        group = first_ranks(n)
+        if group is None:
+            return None
+        p2p = P2P(group, "test")
     p, r = p2p.size, p2p.rank
     out = {}
     for seg in SEGMENT_BYTES:
@@ -91,8 +97,8 @@ def _check(results):
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_pipelined_ring_is_bitwise_the_stepwise_ring(world_size):
-    results = run_workers(_compare, world_size, timeout=230)
+def test_pipelined_ring_is_bitwise_the_stepwise_ring(world, world_size):
+    results = world[f"ring {world_size}"][:world_size]
     _check(results)
     # Every rank ends with the same all-reduce bits.
     for key in results[0]:
@@ -100,29 +106,43 @@ def test_pipelined_ring_is_bitwise_the_stepwise_ring(world_size):
 
 
 @pytest.mark.timeout(240)
-def test_pipelined_ring_on_a_view_of_the_group():
+def test_pipelined_ring_on_a_view_of_the_group(world):
     # Ranks 0, 2, 3 of 4 as a ring of 3: peers are positions in the view; rank 1 sits out.
-    results = run_workers(_compare, 4, [0, 2, 3], timeout=230)
+    results = world["view"]
     assert results[1] == {}
     _check(results)
 
 
-def _closed_form(rank, n):
-    from gradsync import comm
+def _closed_form(rank, world, n):
     from gradsync.comm.algorithms.ring import ring_reduce_scatter
     from gradsync.comm.ops import ReduceOp
     from gradsync.comm.p2p import P2P
 
-    t = torch.arange(1001, dtype=torch.float64) * (rank + 1)
-    a, b = ring_reduce_scatter(t, ReduceOp.SUM, P2P(comm.world(), "test"), segment_bytes=64)
+    group = first_ranks(n)
+    if group is None:
+        return None
+    t = torch.arange(1001, dtype=torch.float64) * (group.rank + 1)
+    a, b = ring_reduce_scatter(t, ReduceOp.SUM, P2P(group, "test"), segment_bytes=64)
     return a, b, t[a:b].numpy()
 
 
-@pytest.mark.timeout(120)
-def test_pipelined_reduce_scatter_closed_form():
+@pytest.mark.timeout(240)
+def test_pipelined_reduce_scatter_closed_form(world):
     n = 3
-    for a, b, piece in run_workers(_closed_form, n):
+    for a, b, piece in world["closed form 3"][:n]:
         np.testing.assert_array_equal(piece, np.arange(a, b, dtype=np.float64) * n * (n + 1) / 2)
+
+
+# One world of 4 runs every check above (a start-up for all); a world of n < 4 is world
+# ranks 0..n-1.
+CHECKS = [*((f"ring {n}", _compare, (n,)) for n in (2, 3, 4)),
+          ("view", _compare, (4, [0, 2, 3])),
+          ("closed form 3", _closed_form, (3,))]
+
+
+@pytest.fixture(scope="module")
+def world():
+    return run_checks(CHECKS, 4, timeout=230)
 
 
 # --- a stand-in for gloo's point-to-point, on threads -------------------------------------
