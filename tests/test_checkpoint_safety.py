@@ -44,12 +44,7 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
                                    *QUICK, "--checkpoint-dir", str(ck)))
     assert str(ck) in line and "--resume" in line and "--overwrite" in line, line
     assert committed(ck) == [2, 4]
-    run = gradsync("train", "--workload", "synthetic-mlp", "--hidden", "16", *QUICK[:-1], "2",
-                   "--checkpoint-dir", str(ck), "--overwrite")
-    assert run.returncode == 0, run.stderr
-    assert "the checkpoints of workload digits-mlp (allreduce, another workload) steps 2, 4" \
-        in run.stderr, run.stderr
-    assert committed(ck) == [2]
+    # (--overwrite on such a directory, naming what it removes: test_checkpoint_hardening.py)
 
 
 @pytest.mark.slow
