@@ -216,16 +216,17 @@ def test_buckets_close_as_dataparallels_do():
 def test_compressed_hooks_encode_in_backward_and_wait_a_hop_per_message():
     """No alpha, beta or gamma: what is left is the hooks' own shape. Bucket 0 (2 MB, ready
     at 1 ms) and bucket 1 (6 MB, at 4 ms); a 4 ms codec, compute x2 on 4 ranks and 2 cores,
-    a scheduling hop h = HOP_S (1 - 1/2)(2 - 1) per message (a native all-reduce of 4 ranks:
-    6 messages; an all-gather: 3)."""
+    a hop per message h = 2 s ENDPOINT_CPU_S + WAKE_S (1 - 1/s) at s = 2 (a native
+    all-reduce of 4 ranks: 6 messages; an all-gather: 3). One host of 4 ranks: no wire and
+    no CPU floor (the lab's), the hooks' shape alone."""
     from gradsync.comm.algorithms.registry import REGISTRY
     from gradsync.comm.cost_model import CostModel
-    from gradsync.plan.hooks import HOP_S
+    from gradsync.plan.shared import ENDPOINT_CPU_S, WAKE_S
 
     free = CostModel({a: (0.0, 0.0) for a in REGISTRY}, gamma=0.0)
     prof = _profile(codecs={"powersgd:2": (0.004, 0.01, 0.5), "topk:0.01": (0.004, 0.03, 1.0)})
-    h, ms = HOP_S / 2, 1e-3
-    shared = Cluster((1e15, 1e15), procs_per_host=2, latency_s=0.0, cores=2)
+    h, ms = 4 * ENDPOINT_CPU_S + WAKE_S / 2, 1e-3
+    shared = Cluster((1e15,), procs_per_host=4, latency_s=0.0, cores=2)
     # PowerSGD: calls 1 + 3 ms inside an 8 ms backward; the last call (at 12 ms) starts the
     # all-reduce of every P; after it the whole decode (4 ms) and Q's all-reduce: two
     # collectives a step, whatever the buckets.
@@ -302,3 +303,27 @@ def test_lab_runs_procs_per_host_ranks_on_each_host(monkeypatch):
     argv = train_argv(prof, cluster, pred, 20, ["200mbit"] * 3)
     assert argv[-6:] == ["--lab", "3", "--rates", "200mbit,200mbit,200mbit",
                          "--procs-per-host", "2"]
+
+
+def test_a_lab_step_is_at_least_every_ranks_cpu_over_the_cores(monkeypatch):
+    """5 lab hosts on 2 cores, links, alphas and the wake-up free: tiny messages, so the
+    step is the CPU budget, (5 x (profiled step + the loop) + 5 x 8 x 2 message ends) / 2 cores for a native
+    all-reduce of one bucket (8 messages a rank on its critical path, each sent and
+    received); a real cluster (no shared cores) has no such floor."""
+    from gradsync.comm.algorithms.registry import REGISTRY
+    from gradsync.comm.cost_model import CostModel
+    from gradsync.plan import shared
+    from gradsync.plan.shared import ENDPOINT_CPU_S, LOOP_CPU_S
+
+    monkeypatch.setattr(shared, "WAKE_S", 0.0)
+    free = CostModel({a: (0.0, 0.0) for a in REGISTRY}, gamma=0.0)
+    ms = 1e-3
+    prof = _profile(forward_s=0.0, backward_s=0.1 * ms, optimizer_s=0.0,
+                    grads=[(0.1 * ms, 1000)])
+    lab = Cluster((1e15,) * 5, latency_s=0.0, cores=2)
+    pred = predict(prof, lab, Candidate("allreduce", "native"), free)
+    floor = (5 * (0.1 * ms + LOOP_CPU_S) + 5 * 8 * 2 * ENDPOINT_CPU_S) / 2
+    assert pred.step_s == pytest.approx(floor) and pred.bottleneck.startswith("CPU")
+    real = predict(prof, Cluster((1e15,) * 5, latency_s=0.0), Candidate("allreduce", "native"),
+                   free)
+    assert real.step_s < floor / 5

@@ -24,12 +24,10 @@ So a step is::
     step      = D + F + t + O
 
 A collective of small messages is latency-bound: each of its messages on the critical path
-costs the link's latency and the receiver's wake-up: the algorithm's alpha (fitted on
-loopback with a core per rank, where a message's cost is mostly its receiver waking) or,
-when more ranks than cores share the machine, the wait for the receiver to be scheduled
-again (a hop, :func:`hop_s`), whichever is longer; the hop includes the wake-up, so not
-both. The hop is what a one-rank timing of the hook cannot see (docs/benchmarks.md,
-section 16).
+costs the link's latency and a hop, the algorithm's alpha (at least the lab's per-message
+cost when the hosts are namespaces of this machine) stretched by the s ranks that share
+each core (shared.py: measured in lab runs from 2 to 6 hosts on 2 cores). The hop is what
+a one-rank timing of the hook cannot see (docs/benchmarks.md, section 16).
 """
 
 from __future__ import annotations
@@ -37,11 +35,8 @@ from __future__ import annotations
 from ..comm.cost_model import CostModel, network_time, shape
 from .cluster import Cluster
 from .profile import Profile
+from .shared import message_s
 
-# A message's wait for its receiver to get a core back is HOP_S (1 - 1/s)(s - 1) at s =
-# ranks / cores > 1 (hop_s); HOP_S was fitted to the step times of the compressed lab rows
-# of 3 and 4 ranks on 2 cores (docs/plan.md), one constant for both.
-HOP_S = 3.0e-3
 HOOKED = ("topk", "powersgd")
 # On one host DataParallel's plain shm buckets live in shared memory and are reduced where
 # they lie: about 3 S of memory traffic per rank for S bytes (comm/shared_buckets.py). A
@@ -101,20 +96,12 @@ def _powersgd_step(profile, cluster, algorithm, compression, bucket_bytes, cost,
     return backward, t
 
 
-def hop_s(cluster: Cluster) -> float:
-    """A message's wait for its receiver to be scheduled (0 with a core per rank): with s
-    ranks per core the receiver is off a core with probability (s - 1) / s (R - C of R
-    ranks wait for the C cores), and then waits for s - 1 ranks' slices, HOP_S each."""
-    s = cluster.slowdown()
-    return HOP_S * (1 - 1 / s) * (s - 1)
-
-
 def collective_s(cluster: Cluster, algorithm: str, wire: float, count: int,
                  cost: CostModel, slow: float) -> float:
     """``count`` collectives in a row, ``wire`` bytes per rank in all (split among them),
     with ``algorithm`` ("gather": the engine's ring all-gather, p - 1 messages, every rank
-    receiving the others' bytes): the ranks' own work or the busiest link, whichever is
-    longer, plus each message's latency and the longer of its alpha and its hop."""
+    receiving the others' bytes): the ranks' own work, the busiest link or the messages'
+    hops (shared.message_s), whichever is longest, plus each message's latency."""
     p = cluster.ranks
     latency = cluster.latency_s if cluster.hosts > 1 else 0.0
     if algorithm == "gather":
@@ -125,9 +112,22 @@ def collective_s(cluster: Cluster, algorithm: str, wire: float, count: int,
     else:
         alpha, beta = cost.links[algorithm]
         messages, moved, reduced = shape(algorithm, wire / count, p)
+        messages = critical_messages(cluster, algorithm, messages)
         local = count * (moved * beta + reduced * cost.gamma) * slow
         if algorithm == "shm":
             local *= SHM_HOOK_TRAFFIC  # no resident buckets behind a hook
         net = network_time(cluster.topology, algorithm, int(wire)) if cluster.hosts > 1 else 0.0
-    wake = max(alpha * slow, hop_s(cluster))
-    return max(local, net) + count * messages * (wake + latency)
+    # The hops (CPU, wake-ups) overlap the bytes on the links: while one rank waits for a
+    # core, the others' bytes are still crossing theirs (A's bandwidth-bound rings measured
+    # at their wire time, section 16), so the longer of the three, not their sum.
+    hops = count * messages * message_s(cluster, alpha)
+    return max(local, net, hops) + count * messages * latency
+
+
+def critical_messages(cluster: Cluster, algorithm: str, messages: float) -> float:
+    """The messages on one all-reduce's critical path: ``hierarchical`` runs a ring across
+    the hosts (2 (h - 1)) between a shared-memory reduce and broadcast on each host (one
+    step each), where the flat formula counts a ring over every rank."""
+    if algorithm == "hierarchical" and cluster.procs_per_host > 1:
+        return 2 * (cluster.hosts - 1) + 2
+    return messages

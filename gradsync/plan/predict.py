@@ -27,6 +27,10 @@ server also sums N pushes and steps its shard (N g_s gamma + O g_s / G), and eac
 costs ``PS_MESSAGE_S`` of Python at both ends; a partition lasts the longer of its wire
 time and that work, since the pipeline overlaps them.
 
+Ranks that share one machine's cores (a lab): each message of a collective costs a hop
+that grows with the ranks per core, and no step is shorter than all ranks' CPU work over
+the cores (shared.py).
+
 Each prediction names its bottleneck: "compute" when the transfers hide behind backward,
 else the busiest link ("link of host 3"), "server CPU", or "latency" (per-message costs).
 """
@@ -34,13 +38,14 @@ else the busiest link ("link of host 3"), "server CPU", or "latency" (per-messag
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..comm.algorithms.registry import REGISTRY
 from ..comm.cost_model import DEFAULT_COST_MODEL, CostModel, network_time, shape
 from .cluster import Cluster
-from .hooks import SHM_HOOK_TRAFFIC, hook_step, hooked
+from .hooks import SHM_HOOK_TRAFFIC, collective_s, critical_messages, hook_step, hooked
 from .profile import Profile
+from .shared import collective_ends, cpu_floor_s, wake_s
 
 PS_MESSAGE_S = 150e-6  # a push or a reply handled in Python, each end (fitted: docs/plan.md)
 HALF_CASTS = ("fp16", "bf16")
@@ -127,7 +132,8 @@ def predict(profile: Profile, cluster: Cluster, cand: Candidate,
         bottleneck = ("compute" if exposed < 0.05 * (f + end + opt)
                       else _link_bottleneck(cluster, cand) if frac * profile.grad_bytes
                       / min(cluster.rates) > 0.5 * (end - backward) else "latency (messages)")
-        return Prediction(cand, workers, f + end + opt, f + b + opt, exposed, bottleneck)
+        return _floored(Prediction(cand, workers, f + end + opt, f + b + opt, exposed,
+                                   bottleneck), _cpu_floor(profile, cluster, cand, cost))
     if cand.arch == "allreduce":
         chunks = profile.chunks(cand.bucket_mb * (1 << 20))
         timed = [(r * slow, _all_reduce_s(cluster, cand, n, frac, cost, slow)
@@ -142,7 +148,49 @@ def predict(profile: Profile, cluster: Cluster, cand: Candidate,
     step = f + b + exposed + opt
     if exposed < 0.05 * step:
         bottleneck = "compute"
-    return Prediction(cand, workers, step, f + b + opt, exposed, bottleneck)
+    return _floored(Prediction(cand, workers, step, f + b + opt, exposed, bottleneck),
+                    _cpu_floor(profile, cluster, cand, cost))
+
+
+def _floored(pred: Prediction, floor: float) -> Prediction:
+    """``pred``, or the CPU budget's step where that is longer (shared.py)."""
+    if floor <= pred.step_s:
+        return pred
+    return replace(pred, step_s=floor, exposed_s=pred.exposed_s + floor - pred.step_s,
+                   bottleneck="CPU (ranks sharing cores)")
+
+
+def _cpu_floor(profile: Profile, cluster: Cluster, cand: Candidate, cost: CostModel
+               ) -> float:
+    """All ranks' CPU per step over the cores they share, in a lab (shared.cpu_floor_s):
+    each worker's profiled step and codec, the servers' sums and optimizer, and the message
+    ends of the step's collectives (PS: a push and a reply per worker and partition)."""
+    if not cluster.cores or cluster.hosts == 1:
+        return 0.0  # one host: shared memory and loopback, the cost model's own terms
+    p, G = cluster.ranks, profile.grad_bytes
+    codec_s = profile.codecs.get(cand.compression, (0.0,))[0]
+    if cand.arch == "ps":
+        workers = p - cand.servers
+        share = math.ceil(G / cand.servers / _partition_bytes(cluster))
+        partitions = cand.servers * share  # each server's shard cut into partitions
+        return cpu_floor_s(cluster, profile.compute_s - profile.optimizer_s + codec_s, workers,
+                           workers * G * cost.gamma + profile.optimizer_s,
+                           4 * workers * partitions)
+    algo = cand.algorithm if cand.algorithm in REGISTRY else "native"
+    buckets = len(profile.buckets(cand.bucket_mb * (1 << 20)))
+    if cand.compression.startswith("topk"):
+        ends = buckets * 2 * collective_ends(p - 1, p)
+    else:
+        count = 2 if cand.compression.startswith("powersgd") else buckets
+        messages = critical_messages(cluster, algo, shape(algo, G / count, p)[0])
+        ends = count * collective_ends(messages, p)
+    return cpu_floor_s(cluster, profile.compute_s + codec_s, p, 0.0, ends)
+
+
+def _partition_bytes(cluster: Cluster) -> int:
+    from ..ps.sharding import partition_bytes_for
+
+    return partition_bytes_for(min(cluster.rates))
 
 
 def _all_reduce_s(cluster: Cluster, cand: Candidate, n: float, frac: float,
@@ -155,6 +203,8 @@ def _all_reduce_s(cluster: Cluster, cand: Candidate, n: float, frac: float,
         return 0.0
     algo = cand.algorithm if cand.algorithm in REGISTRY else "native"
     wire = n * frac
+    if cluster.hosts > 1:  # bytes or link, then each message's latency and hop
+        return collective_s(cluster, algo, wire, 1, cost, slow)
     messages = shape(algo, float(wire), p)[0]
     # One host has no wire: the all-reduce is the ranks' own work, and a half cast keeps
     # every element to add (CPU adds halves element by element, no faster than floats).
@@ -177,8 +227,6 @@ def _link_bottleneck(cluster: Cluster, cand: Candidate) -> str:
 def _ps_chunks(profile: Profile, cluster: Cluster, cand: Candidate, frac: float,
                codec_s: float, slow: float, cost: CostModel):
     """The partitions as (ready, duration), and the bottleneck, for a PS candidate."""
-    from ..ps.sharding import partition_bytes_for
-
     k, L, G = cand.servers, cluster.procs_per_host, profile.grad_bytes
     workers = cluster.ranks - k
     server_rates = [cluster.rates[s // L] for s in range(k)]
@@ -199,12 +247,12 @@ def _ps_chunks(profile: Profile, cluster: Cluster, cand: Candidate, frac: float,
     busiest = max(range(cluster.hosts), key=lambda h: wire_s[h])
     # The busiest server's CPU: sum N pushes, step its shard (on shared cores, slowed).
     cpu_s = max(share) * (workers * G * cost.gamma + profile.optimizer_s) * slow
-    partition = partition_bytes_for(min(cluster.rates))
-    chunks = profile.chunks(partition)
+    chunks = profile.chunks(_partition_bytes(cluster))
     per_chunk = 2 * PS_MESSAGE_S * slow * max(workers / max(k, 1), 1)
     # The wire and the two ends' Python run at once on different partitions (pipelined).
+    # A push and its reply each wait for their receiver to get a core (shared.wake_s).
     timed = [(r * slow, max(wire_s[busiest] * n / G, (cpu_s + codec_s) * n / G + per_chunk)
-              + 2 * cluster.latency_s) for r, n in chunks]
+              + 2 * (cluster.latency_s + wake_s(cluster))) for r, n in chunks]
     if cpu_s > wire_s[busiest] and cpu_s > per_chunk * len(chunks):
         bottleneck = "server CPU"
     elif per_chunk * len(chunks) > wire_s[busiest]:
