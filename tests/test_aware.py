@@ -6,7 +6,8 @@ ranks) with a topology attached whose rates give some ranks no shard at all (the
 host" case), on small integers stored in each dtype so that the NumPy expectation is exact
 (tests/helpers.py's inputs); each worker returns digests so the parent can check the
 results are bitwise identical across ranks. Small ``chunk_bytes``
-make a 1031-element tensor travel as dozens of pipelined chunks without a large tensor.
+make a tensor of a few hundred elements travel as dozens of pipelined chunks (many more than
+the WINDOW of 2 in flight) without a large tensor.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tests.helpers import DTYPES, OPS, expected, first_ranks, lengths, rank_inpu
 from tests.helpers import digest as _digest
 
 G = 125e6  # 1 Gbit/s in bytes/s
+CHUNKED = 263  # elements of the all-reduce cut into 32-byte chunks (a prime: uneven cuts)
 
 # Per world size: link rates (bytes/s). 3: ranks 1 and 2 own nothing; 4: all unequal, all
 # owning; 5: rank 4 is ten times slower and owns nothing (test_weights checks these claims).
@@ -109,11 +111,13 @@ def _all_reduce_cases(rank, world, n):
                 t = _input(rank, length, op, dtype)
                 comm.all_reduce(t, op=op, group=group, algorithm="aware")
                 check((str(dtype), length, op), t, expected(n, length, op))
-        # 1031 elements in 32-byte chunks: 65-258 chunks, all pipelined.
+        # 263 elements in 32-byte chunks: 17-66 chunks (the last one shorter), all pipelined
+        # through WINDOW = 2 slots. (Each chunk costs 2(n-1) messages: 1031 elements, 65-258
+        # chunks, made these three quarters of the module's time, for the same code path.)
         for op in ("sum", "max", "prod"):
-            t = _input(rank, 1031, op, dtype)
+            t = _input(rank, CHUNKED, op, dtype)
             aware_all_reduce(t, ReduceOp(op), P2P(group, "test"), chunk_bytes=32)
-            check((str(dtype), "chunked", op), t, expected(n, 1031, op))
+            check((str(dtype), "chunked", op), t, expected(n, CHUNKED, op))
     # A few MiB at the default chunk size, through the public call.
     big = 3 * 2**20 // 4 + 5
     t = _input(rank, big, "sum", torch.float32)
