@@ -100,9 +100,8 @@ def collective_s(cluster: Cluster, algorithm: str, wire: float, count: int,
                  cost: CostModel, slow: float) -> float:
     """``count`` collectives in a row, ``wire`` bytes per rank in all (split among them),
     with ``algorithm`` ("gather": the engine's ring all-gather, p - 1 messages, every rank
-    receiving the others' bytes): the ranks' own work or the busiest link, whichever is
-    longer, and the messages' hops (shared.message_s: overlapping the bytes in an
-    all-reduce, after them in a gather), plus each message's latency."""
+    receiving the others' bytes): the ranks' own work, the busiest link or the messages'
+    hops (shared.message_s), whichever is longest, plus each message's latency."""
     p = cluster.ranks
     latency = cluster.latency_s if cluster.hosts > 1 else 0.0
     if algorithm == "gather":
@@ -118,14 +117,12 @@ def collective_s(cluster: Cluster, algorithm: str, wire: float, count: int,
         if algorithm == "shm":
             local *= SHM_HOOK_TRAFFIC  # no resident buckets behind a hook
         net = network_time(cluster.topology, algorithm, int(wire)) if cluster.hosts > 1 else 0.0
-    # An all-reduce's ring keeps chunks in flight (gloo's ring_chunked, gradsync's
-    # pipelined ring): while one rank waits for a core the others' bytes still cross their
-    # links, so its hops overlap the bytes (A's bandwidth-bound rings measured at their wire
-    # time, section 16). The engine's all-gather forwards, at each step, the block it has
-    # just received: a step's bytes land, then its hop; they add.
-    hops = count * messages * message_s(cluster, alpha)
-    if algorithm == "gather":
-        return max(local, net) + hops + count * messages * latency
+    # The hops (CPU, wake-ups) overlap the bytes on the links: while one rank waits for a
+    # core, the others' bytes are still crossing theirs (A's bandwidth-bound rings measured
+    # at their wire time, A's top-k below its bytes plus its hops; section 16), so the
+    # longest of the three, not their sum.
+    fan = p - 1 if algorithm == "aware" else 1
+    hops = count * messages * message_s(cluster, alpha, fan)
     return max(local, net, hops) + count * messages * latency
 
 

@@ -139,7 +139,9 @@ def predict(profile: Profile, cluster: Cluster, cand: Candidate,
         timed = [(r * slow, _all_reduce_s(cluster, cand, n, frac, cost, slow)
                   + codec_s * n / profile.grad_bytes) for r, n in chunks]
         opt = profile.optimizer_s * slow
-        bottleneck = _link_bottleneck(cluster, cand)
+        wire = frac * profile.grad_bytes / min(cluster.rates)  # the slowest link's share
+        bottleneck = (_link_bottleneck(cluster, cand) if cluster.hosts == 1
+                      or wire > 0.5 * sum(d for _, d in timed) else "latency (messages)")
     else:
         timed, bottleneck = _ps_chunks(profile, cluster, cand, frac, codec_s, slow, cost)
         opt = 0.0  # the servers step, inside the chunks' time
@@ -183,7 +185,8 @@ def _cpu_floor(profile: Profile, cluster: Cluster, cand: Candidate, cost: CostMo
     else:
         count = 2 if cand.compression.startswith("powersgd") else buckets
         messages = critical_messages(cluster, algo, shape(algo, G / count, p)[0])
-        ends = count * collective_ends(messages, p)
+        fan = p - 1 if algo == "aware" else 1  # aware's rounds reach every peer at once
+        ends = count * collective_ends(messages * fan, p)
     return cpu_floor_s(cluster, profile.compute_s + codec_s, p, 0.0, ends)
 
 

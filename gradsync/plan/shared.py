@@ -43,16 +43,17 @@ LOOP_CPU_S = 0.78e-3
 WAKE_S = 0.75e-3
 
 
-def message_s(cluster: Cluster, alpha: float) -> float:
+def message_s(cluster: Cluster, alpha: float, fan: int = 1) -> float:
     """One message on a collective's critical path. With a core per rank: its alpha. With s
-    ranks per core (s > 1): every rank sends and receives one message at each step of the
-    collective, 2 s ENDPOINT_CPU_S of CPU per core, if that is longer than alpha; and the
+    ranks per core (s > 1): every rank sends and receives ``fan`` messages at each step of
+    the collective (1 in a ring; p - 1 in aware's rounds, which send to every peer at
+    once), 2 fan s ENDPOINT_CPU_S of CPU per core, if that is longer than alpha; and the
     receiver finds the cores taken with probability 1 - 1/s (the share of runnable ranks
     off a core), then waits WAKE_S for one."""
     s = cluster.slowdown()
     if s <= 1:
         return alpha
-    return max(alpha, 2 * s * ENDPOINT_CPU_S) + wake_s(cluster)
+    return max(alpha, 2 * fan * s * ENDPOINT_CPU_S) + wake_s(cluster)
 
 
 def wake_s(cluster: Cluster) -> float:
