@@ -32,7 +32,7 @@ OPS = ["sum", "max", "prod"]
 def _lengths(n: int, segment_bytes: int) -> list[int]:
     # 1001 at 4-byte segments (hundreds of segments a chunk, two thirds of this module's
     # time) is left out: 7n + 3 there already cuts each chunk into several segments, 1001
-    # at 100 bytes into ten or more, and the threads test below runs 100-250 a chunk (tags).
+    # at 100 bytes into five or more, and the threads test below runs 100-250 a chunk (tags).
     return [1, max(n - 1, 1), 7 * n + 3] + ([1001] if segment_bytes > 4 else [])
 
 
