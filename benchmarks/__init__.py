@@ -52,14 +52,15 @@ def describe_machine(m: dict, watch: dict | None = None) -> str:
     return text
 
 
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy, steal) clock ticks of the whole machine since boot, from /proc/stat."""
+def _machine_busy_s() -> tuple[float, float]:
+    """(busy, steal) seconds of the whole machine since boot (all cores)."""
+    from gradsync.bench.procstat import machine_cpu_s
+
     try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        cpu = machine_cpu_s()
     except (OSError, ValueError):
-        return 0, 0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return user + nice + system + irq + softirq, steal
+        return 0.0, 0.0
+    return sum(cpu[k] for k in ("user", "nice", "system", "irq", "softirq")), cpu["steal"]
 
 
 def _own_cpu_s() -> float:
@@ -79,17 +80,16 @@ class CpuWatch:
 
     def __enter__(self) -> "CpuWatch":
         self._t, self._cpu, (self._busy, self._steal) = (time.monotonic(), _own_cpu_s(),
-                                                         _cpu_jiffies())
+                                                         _machine_busy_s())
         return self
 
     def __exit__(self, *exc) -> None:
         wall = max(1e-9, time.monotonic() - self._t)
-        tick = os.sysconf("SC_CLK_TCK")
-        busy, steal = _cpu_jiffies()
+        busy, steal = _machine_busy_s()
         own = _own_cpu_s() - self._cpu
         self.result = {"wall_s": round(wall, 1),
-                       "foreign_cores": round(max(0.0, (busy - self._busy) / tick - own) / wall, 2),
-                       "steal_cores": round((steal - self._steal) / tick / wall, 2)}
+                       "foreign_cores": round(max(0.0, busy - self._busy - own) / wall, 2),
+                       "steal_cores": round((steal - self._steal) / wall, 2)}
 
 
 def summarize(values: list[float]) -> dict:

@@ -23,36 +23,17 @@ import tempfile
 import time
 from pathlib import Path
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def machine() -> dict[str, float]:
-    """Seconds of every core together since boot, by kind (the first line of /proc/stat)."""
-    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
-    values = open("/proc/stat").readline().split()[1:1 + len(names)]
-    return {n: int(v) / TICK for n, v in zip(names, values)}
+from gradsync.bench.procstat import descendants, machine_cpu_s, process_cpu_s
 
 
 def tree(root: int) -> dict[int, tuple[float, float]]:
     """(user, system) seconds of ``root`` and every process under it, by pid."""
-    parent, times = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()  # after the command's name
-        parent[int(entry)] = int(fields[1])
-        times[int(entry)] = (int(fields[11]) / TICK, int(fields[12]) / TICK)
     out = {}
-    for pid in times:
-        p = pid
-        while p > 1 and p != root:
-            p = parent.get(p, 0)
-        if p == root:
-            out[pid] = times[pid]
+    for pid in descendants(root):
+        try:
+            out[pid] = process_cpu_s(pid)
+        except OSError:
+            continue  # exited since the listing
     return out
 
 
@@ -64,7 +45,7 @@ def steps_done(metrics: Path) -> int:
 
 
 def snapshot(root: int, metrics: Path) -> dict:
-    return {"t": time.monotonic(), "step": steps_done(metrics), "machine": machine(),
+    return {"t": time.monotonic(), "step": steps_done(metrics), "machine": machine_cpu_s(),
             "ranks": tree(root)}
 
 

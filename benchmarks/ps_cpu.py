@@ -20,27 +20,7 @@ import os
 import subprocess
 import time
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
-    return out
-
-
-def _tree(pid: int) -> list[int]:
-    todo, seen = [pid], []
-    while todo:
-        p = todo.pop()
-        seen.append(p)
-        todo += _children(p)
-    return seen
+from gradsync.bench.procstat import descendants, machine_cpu_s, process_cpu_s
 
 
 def _rank(pid: int) -> str | None:
@@ -55,18 +35,10 @@ def _rank(pid: int) -> str | None:
     return None
 
 
-def _cpu(pid: int) -> tuple[float, float]:
-    """user and system seconds of ``pid`` (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICK, int(fields[12]) / TICK
-
-
 def _machine_s() -> tuple[float, float]:
     """The machine's (user + nice, system + irq + softirq) seconds, all cores."""
-    with open("/proc/stat") as f:
-        cpu = [int(x) for x in f.readline().split()[1:]]
-    return (cpu[0] + cpu[1]) / TICK, (cpu[2] + cpu[5] + cpu[6]) / TICK
+    cpu = machine_cpu_s()
+    return cpu["user"] + cpu["nice"], cpu["system"] + cpu["irq"] + cpu["softirq"]
 
 
 def measure(argv: list[str]) -> tuple[dict[str, list[float]], list[float], float]:
@@ -76,11 +48,11 @@ def measure(argv: list[str]) -> tuple[dict[str, list[float]], list[float], float
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     last: dict[int, tuple[str, tuple[float, float]]] = {}
     while proc.poll() is None:
-        for pid in _tree(proc.pid):
+        for pid in descendants(proc.pid):
             try:
                 rank = last[pid][0] if pid in last else _rank(pid)
                 if rank is not None:
-                    last[pid] = (rank, _cpu(pid))
+                    last[pid] = (rank, process_cpu_s(pid))
             except OSError:
                 pass  # exited between the listing and the read
         time.sleep(0.05)

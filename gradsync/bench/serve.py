@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .loadgen import LoadError, run_closed_loop
+from .procstat import children_of, process_cpu_s
 from .ranks import usage
 from .report import machine_line
 
@@ -119,23 +120,15 @@ def _mean_batch(url: str) -> float:
 def _cpu_s(pid: int) -> float:
     """CPU seconds (user + system) that process ``pid`` has used; 0 once it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(process_cpu_s(pid))
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def _tree(pid: int) -> tuple[list[int], list[int]]:
     """(the front processes, the replicas) of the server whose first front is ``pid``."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry.name))
-    fronts, replicas, todo = [pid], [], list(parents.get(pid, []))
+    children = children_of()
+    fronts, replicas, todo = [pid], [], list(children.get(pid, []))
     while todo:
         child = todo.pop()
         try:
@@ -143,7 +136,7 @@ def _tree(pid: int) -> tuple[list[int], list[int]]:
         except OSError:
             continue
         (replicas if replica else fronts).append(child)
-        todo += parents.get(child, [])
+        todo += children.get(child, [])
     return fronts, replicas
 
 
