@@ -35,7 +35,7 @@ from __future__ import annotations
 from ..comm.cost_model import CostModel, network_time, shape
 from .cluster import Cluster
 from .profile import Profile
-from .shared import message_s
+from .shared import fan, message_s
 
 HOOKED = ("topk", "powersgd")
 # On one host DataParallel's plain shm buckets live in shared memory and are reduced where
@@ -121,8 +121,7 @@ def collective_s(cluster: Cluster, algorithm: str, wire: float, count: int,
     # core, the others' bytes are still crossing theirs (A's bandwidth-bound rings measured
     # at their wire time, A's top-k below its bytes plus its hops; section 16), so the
     # longest of the three, not their sum.
-    fan = p - 1 if algorithm == "aware" else 1
-    hops = count * messages * message_s(cluster, alpha, fan)
+    hops = count * messages * message_s(cluster, alpha, fan(algorithm, p))
     return max(local, net, hops) + count * messages * latency
 
 

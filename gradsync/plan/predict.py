@@ -45,7 +45,7 @@ from ..comm.cost_model import DEFAULT_COST_MODEL, CostModel, network_time, shape
 from .cluster import Cluster
 from .hooks import SHM_HOOK_TRAFFIC, collective_s, critical_messages, hook_step, hooked
 from .profile import Profile
-from .shared import collective_ends, cpu_floor_s, wake_s
+from .shared import collective_ends, cpu_floor_s, fan, wake_s
 
 PS_MESSAGE_S = 150e-6  # a push or a reply handled in Python, each end (fitted: docs/plan.md)
 HALF_CASTS = ("fp16", "bf16")
@@ -185,8 +185,7 @@ def _cpu_floor(profile: Profile, cluster: Cluster, cand: Candidate, cost: CostMo
     else:
         count = 2 if cand.compression.startswith("powersgd") else buckets
         messages = critical_messages(cluster, algo, shape(algo, G / count, p)[0])
-        fan = p - 1 if algo == "aware" else 1  # aware's rounds reach every peer at once
-        ends = count * collective_ends(messages * fan, p)
+        ends = count * collective_ends(messages * fan(algo, p), p)
     return cpu_floor_s(cluster, profile.compute_s + codec_s, p, 0.0, ends)
 
 

@@ -33,11 +33,15 @@ def emit_flags(best: Prediction, cluster: Cluster, config, profile: Profile) -> 
     if cluster.hosts == 1:
         return flags + ["--workers", str(best.workers)]
     if config.lab:
-        rates = config.rates or ",".join([config.rate] * cluster.hosts)
-        per = ["--procs-per-host", str(cluster.procs_per_host)] if cluster.procs_per_host > 1 \
-            else []
-        return flags + ["--lab", str(cluster.hosts), "--rates", rates, *per]
+        return flags + lab_flags(cluster, config.rates or ",".join([config.rate] * cluster.hosts))
     return flags  # across real hosts: with torchrun / gradsync run's own world flags
+
+
+def lab_flags(cluster: Cluster, rates: str) -> list[str]:
+    """`gradsync train`'s flags for a lab of ``cluster``'s hosts (``rates``: one per host,
+    comma-separated) and ranks per host."""
+    per = ["--procs-per-host", str(cluster.procs_per_host)] if cluster.procs_per_host > 1 else []
+    return ["--lab", str(cluster.hosts), "--rates", rates, *per]
 
 
 def workload_flags(profile: Profile) -> list[str]:

@@ -79,3 +79,9 @@ def collective_ends(messages: float, ranks: int) -> float:
     """Message ends of one collective whose critical path is ``messages`` long, every rank
     sending and receiving one message at each of its steps (ring, gather)."""
     return 2 * messages * ranks
+
+
+def fan(algorithm: str, ranks: int) -> int:
+    """Messages each rank sends (and receives) at one step of ``algorithm``: aware's rounds
+    reach every peer at once; the others send to one."""
+    return ranks - 1 if algorithm == "aware" else 1

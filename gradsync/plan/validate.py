@@ -2,9 +2,9 @@
 beside the predicted one.
 
 Each configuration is one `gradsync train` of the profiled workload and batch, for
-``steps`` steps, on this machine (one host) or in a lab of the plan's hosts (root; the
-plan's ranks per host, `gradsync train --lab N --procs-per-host P`); the measured figure is the summary's median step
-time, which leaves out start-up and the first steps.
+``steps`` steps, on this machine (one host) or in a lab of the plan's hosts and ranks per
+host (root; `gradsync train --lab N --procs-per-host P`); the measured figure is the
+summary's median step time, which leaves out start-up and the first steps.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from .cluster import Cluster
 from .predict import Prediction
 from .profile import Profile
-from .report import workload_flags
+from .report import lab_flags, workload_flags
 
 
 def train_argv(profile: Profile, cluster: Cluster, pred: Prediction, steps: int,
@@ -28,8 +28,7 @@ def train_argv(profile: Profile, cluster: Cluster, pred: Prediction, steps: int,
     argv = [*workload_flags(profile), *cand.flags(), "--steps", str(steps), "--no-progress"]
     if cluster.hosts == 1:
         return argv + ["--workers", str(pred.workers)]
-    return argv + ["--lab", str(cluster.hosts), "--rates", ",".join(rates or []),
-                   "--procs-per-host", str(cluster.procs_per_host)]
+    return argv + lab_flags(cluster, ",".join(rates or []))
 
 
 def measure(argv: list[str], timeout_s: float = 600) -> float | None:
