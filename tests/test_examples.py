@@ -78,8 +78,8 @@ def test_digits_on_the_parameter_server():
 @pytest.mark.timeout(300)
 def test_char_lm_resumes_exactly(tmp_path):
     """The compressed (bf16) transformer LM with checkpoints: 30 steps straight, and a
-    resume to 30 from its checkpoint at step 20 (a copy without step 30's: what a run of 20
-    steps leaves), end with the same parameters bit for bit."""
+    resume to 30 from its checkpoint at step 20 (a copy of it alone: what a run of 20 steps
+    leaves, less step 10's), end with the same parameters bit for bit."""
     def lm(ckpt, steps, *extra):
         run = gradsync("run", "--nproc-per-node", "2", str(EXAMPLES / "char_lm.py"),
                        "--steps", str(steps), "--every", "10", "--ckpt", str(tmp_path / ckpt),
@@ -90,9 +90,12 @@ def test_char_lm_resumes_exactly(tmp_path):
     assert straight.returncode == 0, straight.stderr[-3000:]
     steps = sorted(p.name for p in (tmp_path / "a").glob("step-*"))
     assert len(steps) == 3 and steps[-1].endswith("30"), steps  # steps 10, 20, 30
-    shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns(steps[-1]))
+    shutil.copytree(tmp_path / "a", tmp_path / "b",
+                    ignore=shutil.ignore_patterns(steps[0], steps[-1]))
     resumed = lm("b", 30, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # It went on from step 20: a run from step 0 would have written step 10's checkpoint.
+    assert sorted(p.name for p in (tmp_path / "b").glob("step-*")) == steps[1:]
     digest = re.compile(r"parameters ([0-9a-f]{16})")
     assert digest.search(resumed.stdout).group(1) == digest.search(straight.stdout).group(1)
 
