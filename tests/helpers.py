@@ -372,3 +372,12 @@ def stop_serve(proc) -> None:
     for pid in replicas:  # (they exit by themselves once their socket closes)
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def steps_of(events, pid):
+    """{step: {span name: event}} of rank ``pid``'s step row (tid 0) in a --timeline."""
+    steps: dict[int, dict] = {}
+    for e in events:
+        if e["ph"] == "X" and e["pid"] == pid and e["tid"] == 0:
+            steps.setdefault(e["args"]["step"], {})[e["name"]] = e
+    return steps
