@@ -45,6 +45,13 @@ def test_zero_refuses_what_it_is_not_built_for(capfd):
     refused(["--on-nonfinite", "skip"], "--on-nonfinite skip")
 
 
+def test_unknown_stage_is_refused():
+    import gradsync
+
+    with pytest.raises(ValueError, match="stage must be one of"):
+        gradsync.ShardedDataParallel(torch.nn.Linear(2, 2), stage=4)
+
+
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
     out = tmp_path_factory.mktemp("plain")
