@@ -307,9 +307,9 @@ def test_lab_runs_procs_per_host_ranks_on_each_host(monkeypatch):
 
 def test_a_lab_step_is_at_least_every_ranks_cpu_over_the_cores(monkeypatch):
     """5 lab hosts on 2 cores, links, alphas and the wake-up free: tiny messages, so the
-    step is the CPU budget, (5 x (profiled step + the loop) + 5 x 8 x 2 message ends) / 2 cores for a native
-    all-reduce of one bucket (8 messages a rank on its critical path, each sent and
-    received); a real cluster (no shared cores) has no such floor."""
+    step is the CPU budget, (5 x (profiled step + the loop) + 5 x 8 x 2 message ends) / 2
+    cores for a native all-reduce of one bucket (8 messages a rank on its critical path,
+    each sent and received); a real cluster (no shared cores) has no such floor."""
     from gradsync.comm.algorithms.registry import REGISTRY
     from gradsync.comm.cost_model import CostModel
     from gradsync.plan import shared

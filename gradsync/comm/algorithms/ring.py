@@ -138,7 +138,8 @@ def _pipeline(buf: torch.Tensor, op: ReduceOp, p2p: P2P, bounds: list[tuple[int,
                 for k, (a, b) in enumerate(_segments(*bounds[(r - g - 1) % n], seg))]
 
     recvs = post(0)
-    sends = [[p2p.isend(buf[a:b], right, k) for k, (a, b) in enumerate(_segments(*bounds[r], seg))]]
+    sends = [[p2p.isend(buf[a:b], right, k)
+              for k, (a, b) in enumerate(_segments(*bounds[r], seg))]]
     for g in range(steps):
         following = []
         if g + 1 < steps:
@@ -201,6 +202,7 @@ def ring_reduce_scatter_pieces(stage: torch.Tensor, op: ReduceOp, p2p: P2P,
         seg = max(1, segment_bytes // stage.element_size())
         _pipeline(stage, op, p2p, bounds, seg, p - 1)
     return stage[r * k:(r + 1) * k]
+
 
 def bus_factor(p: int) -> Fraction:
     """2(p-1)/p: the bytes each of ``p`` ranks must send per byte all-reduced (the ring's,
