@@ -128,10 +128,16 @@ def test_sharding_is_balanced_by_bytes():
     assert sum(sizes) == 1010 and max(sizes) - min(sizes) <= 1
     # the big tensor is split over every server
     assert sorted({p.shard for p in layout.parts_of(0)}) == [0, 1, 2, 3]
-    # several dtypes: balanced by bytes, every partition of one dtype
-    mixed = shard_layout([torch.empty(600), torch.empty(300, dtype=torch.float64)], 2)
+    # several dtypes: balanced by bytes, every partition of one dtype; contiguous cuts the
+    # vectors laid end to end, striped each vector
+    parts = [torch.empty(600), torch.empty(300, dtype=torch.float64)]
+    mixed = shard_layout(parts, 2, layout="contiguous")
     assert [layout_bytes(mixed, k) for k in range(2)] == [2400, 2400]
     assert [(p.dtype, p.numel) for p in mixed.parts(1)] == [(torch.float64, 300)]
+    mixed = shard_layout(parts, 2)
+    assert [layout_bytes(mixed, k) for k in range(2)] == [2400, 2400]
+    assert [(p.dtype, p.numel) for p in mixed.parts(1)] == [(torch.float32, 300),
+                                                            (torch.float64, 150)]
 
 
 def layout_bytes(layout, k):
@@ -139,24 +145,43 @@ def layout_bytes(layout, k):
 
 
 def test_partitions_cover_each_shard_and_weights_follow_the_links():
-    from gradsync.ps.sharding import partition_bytes_for, shard_layout
+    from gradsync.ps.sharding import LAYOUTS, partition_bytes_for, shard_layout
 
     params = [torch.empty(1000), torch.empty(24), torch.empty(7, dtype=torch.float64)]
-    layout = shard_layout(params, 3, partition_bytes=400)  # 100 float32 elements at most
-    seen = []
-    for k in range(3):
-        parts = layout.parts(k)
-        assert [p.index for p in parts] == list(range(len(parts)))
-        assert all(p.nbytes <= 400 for p in parts) and len(parts) > 1
-        seen += [(p.dtype, i) for p in parts for i in range(p.start, p.end)]
     want = [(torch.float32, i) for i in range(1024)] + [(torch.float64, i) for i in range(7)]
-    assert sorted(seen, key=str) == sorted(want, key=str)  # each element exactly once
-    # a server on a link 3x faster holds 3x the bytes
-    fast = shard_layout([torch.empty(4000)], 2, weights=[3e9, 1e9])
-    assert [fast.shard_numel(k) for k in range(2)] == [3000, 1000]
+    for name in LAYOUTS:
+        layout = shard_layout(params, 3, partition_bytes=400, layout=name)  # <= 100 floats
+        seen = []
+        for k in range(3):
+            parts = layout.parts(k)
+            assert [p.index for p in parts] == list(range(len(parts)))
+            flat = [(p.dtype.itemsize, p.start) for p in parts]  # float32's vector first
+            assert flat == sorted(flat)
+            assert all(p.nbytes <= 400 for p in parts) and len(parts) > 1
+            seen += [(p.dtype, i) for p in parts for i in range(p.start, p.end)]
+        assert sorted(seen, key=str) == sorted(want, key=str), name  # each element once
+        # a server on a link 3x faster holds 3x the bytes
+        fast = shard_layout([torch.empty(4000)], 2, weights=[3e9, 1e9], layout=name)
+        assert [fast.shard_numel(k) for k in range(2)] == [3000, 1000], name
     assert partition_bytes_for(None) == 1 << 20
     assert partition_bytes_for(25e6) == 125_000  # 200 Mbit/s: 5 ms
     assert partition_bytes_for(1e12) == 4 << 20
+
+
+def test_striped_layout_deals_partitions_in_turn():
+    from gradsync.ps.sharding import shard_layout
+
+    # 1200 float32 per server in partitions of 100 elements: 12 each, dealt 0, 1, 2, 0, ...
+    layout = shard_layout([torch.empty(3600)], 3, partition_bytes=400)
+    contiguous = shard_layout([torch.empty(3600)], 3, partition_bytes=400, layout="contiguous")
+    assert [layout.shard_numel(k) for k in range(3)] == [contiguous.shard_numel(k)
+                                                         for k in range(3)] == [1200] * 3
+    order = sorted((p for k in range(3) for p in layout.parts(k)), key=lambda p: p.start)
+    assert [p.shard for p in order] == [0, 1, 2] * 12 and {p.numel for p in order} == {100}
+    assert [p.shard for p in contiguous.parts_of(0)] == [2] * 12 + [1] * 12 + [0] * 12
+    # a parameter's partitions are pushed the last flat ones first, every server's in turn
+    assert [(p.shard, p.start) for p in layout.parts_of(0)][:4] == [(2, 3500), (1, 3400),
+                                                                    (0, 3300), (2, 3200)]
 
 
 def _checkpoint_and_resume(rank, world, optimizer, cut):

@@ -67,6 +67,7 @@ def _sessions(rank, world):
     out = {}
     everyone = comm.world()
     out["sgd"] = _train(everyone, 2, "sgd")
+    out["sgd, contiguous layout"] = _train(everyone, 2, "sgd", layout="contiguous")
     out["adam, servers at 1 and 3"] = _train(everyone, 2, "adam", server_ranks="1,3")
     os.environ["GRADSYNC_ROLE"] = "server" if rank in (0, 2) else "worker"
     try:
@@ -101,6 +102,7 @@ def sessions():
 @pytest.mark.timeout(180)
 def test_sync_with_many_partitions_equals_sgd_on_the_global_batch(sessions):
     for name, optimizer, servers in [("sgd", "sgd", [0, 1]),
+                                     ("sgd, contiguous layout", "sgd", [0, 1]),
                                      ("adam, servers at 1 and 3", "adam", [1, 3]),
                                      ("role per rank", "sgd", [0, 2])]:
         want = reference(3, optimizer)

@@ -108,7 +108,7 @@ def test_ps_checkpoint_resumes_only_the_same_servers(tmp_path, straight):
     run = gradsync("train", *PS[:-3], "3", "--workers", "2", "--steps", "50", "--no-progress",
                    "--checkpoint-dir", str(ck), "--resume")
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
-    assert "ps (2 servers)" in run.stderr and "ps (3 servers)" in run.stderr, run.stderr
+    assert "ps (2 servers" in run.stderr and "ps (3 servers" in run.stderr, run.stderr
     # One rank chose the checkpoint and says why; the others stop without a second story.
     assert run.stderr.count("gradsync: error:") == 1, run.stderr
     assert "PeerLostError" not in run.stderr, run.stderr

@@ -9,8 +9,9 @@ until the workers are done; a worker trains with a :class:`PSWorker` and a
 workers hold slightly different parameters, and a dropped worker must not stall a collective.
 
 Shards are cut into partitions of ``partition_mb`` (default: from the slowest link, when the
-links are known) and sized to each server's link when the links are unequal (a topology file,
-or the lab's links).
+links are known), dealt out to the servers in turn (``layout="striped"``; "contiguous" gives
+server k the k-th range, as gradsync did before; ``sharding.py``) and sized to each server's
+link when the links are unequal (a topology file, or the lab's links).
 
 A checkpoint holds each server's shard and optimizer state in that server's own file; the
 first worker writes the model it pulled and commits once every server has saved. (A top-k
@@ -28,7 +29,7 @@ from .placement import link_topology, server_weights, slowest_rate
 from .placement import server_ranks as resolve_servers
 from .remote_optimizer import RemoteOptimizer
 from .server import ParameterServer, ServerConfig, ServerStats
-from .sharding import gather_part, partition_bytes_for, shard_layout
+from .sharding import LAYOUTS, gather_part, partition_bytes_for, shard_layout
 from .trace import ServerTrace
 from .worker import PSWorker
 
@@ -41,7 +42,8 @@ class PSArchitecture:
     bf16 or topk:RATIO (``compression.py``; powersgd is refused with a ValueError), after
     ``compression_warmup`` steps of plain pushes. ``server_ranks``: which ranks serve (see
     ``placement.py``; None: ranks 0..servers-1). ``partition_mb``: the largest partition in
-    MiB (None: chosen from the links). ``topology``: a :class:`~gradsync.comm.Topology` or a
+    MiB (None: chosen from the links). ``layout``: "striped" or "contiguous"
+    (``sharding.LAYOUTS``). ``topology``: a :class:`~gradsync.comm.Topology` or a
     topology file, for the links' rates (None: not known). ``elastic``: a lost
     worker is dropped in sync mode too, until fewer than ``min_workers`` are left (see
     :class:`ServerConfig`)."""
@@ -52,13 +54,16 @@ class PSArchitecture:
                  max_steps: int | None = None, nonfinite: str = "error",
                  compression: str = "none", compression_warmup: int = 0, *,
                  server_ranks: str | list[int] | None = None,
-                 partition_mb: float | None = None, topology=None,
+                 partition_mb: float | None = None, layout: str = "striped", topology=None,
                  elastic: bool = False, min_workers: int = 1):
         self.compression = check_compression(compression)  # first: a usage error
         if compression_warmup < 0:
             raise ValueError(f"compression_warmup must be >= 0, not {compression_warmup}")
         if partition_mb is not None and not partition_mb > 0:
             raise ValueError(f"partition_mb must be positive, not {partition_mb}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+        self.layout = layout
         self.compression_warmup = compression_warmup
         if group.size <= servers:
             raise ValueError(f"--servers {servers} leaves no worker in a world of {group.size}")
@@ -87,7 +92,10 @@ class PSArchitecture:
         self.num_workers = len(self.workers)
         self.eval_group = None
         self.committer = self.workers[0]  # the first worker
-        self.checkpoint_tag = f"ps ({servers} servers)"  # a checkpoint resumes this layout only
+        # A checkpoint resumes this layout only; a contiguous one keeps the tag checkpoints
+        # had before the striped layout, which resume with --ps-layout contiguous.
+        self.checkpoint_tag = (f"ps ({servers} servers)" if layout == "contiguous" else
+                               f"ps ({servers} servers, {layout} layout)")
         self.replicated = False
         self.worker: PSWorker | None = None
         self.server_stats: ServerStats | None = None
@@ -108,13 +116,14 @@ class PSArchitecture:
                    nonfinite=config.optim.on_nonfinite, compression=config.compression.spec,
                    compression_warmup=config.compression.compression_warmup,
                    server_ranks=config.ps.server_ranks, partition_mb=config.ps.partition_mb,
+                   layout=config.ps.layout,
                    topology=topology if topology not in ("probe", "off") else links,
                    elastic=config.launch.drops_lost, min_workers=config.launch.min_workers)
 
     def _layout(self, model):
         return shard_layout([p for p in model.parameters() if p.requires_grad],
                             len(self.servers), weights=self.weights,
-                            partition_bytes=self.partition_bytes)
+                            partition_bytes=self.partition_bytes, layout=self.layout)
 
     def prepare(self, model, make_optimizer, start_step=0):
         self.worker = PSWorker(model, self._layout(model), self.servers, self.group.rank,

@@ -46,7 +46,7 @@ from .remote_optimizer import RemoteOptimizer
 def init(servers: int = 1, consistency: str = "sync", staleness: int = 0,
          compression: str = "none", *, compression_warmup: int = 0,
          server_ranks: str | list[int] | None = None, partition_mb: float | None = None,
-         topology=None, nonfinite: str = "error",
+         layout: str = "striped", topology=None, nonfinite: str = "error",
          group: comm.Group | None = None) -> "PSContext":
     """Split the ranks of ``group`` into servers and workers; collective on every rank.
 
@@ -59,6 +59,8 @@ def init(servers: int = 1, consistency: str = "sync", staleness: int = 0,
         server_ranks: which ranks serve (--server-ranks): "0,2", [0, 2], "colocated";
             None: ranks 0..K-1, or GRADSYNC_ROLE on every rank.
         partition_mb: the largest partition a push carries (None: from the links).
+        layout: how partitions are dealt to the servers (--ps-layout): "striped" (in turn)
+            or "contiguous" (server k holds the k-th range).
         topology: a :class:`~gradsync.comm.Topology` or a topology file, for the links.
         nonfinite: what a server does with a NaN/Inf gradient, "error" or "skip".
         group: the ranks of the job (None: the world; then :attr:`PSContext.worker_group`
@@ -72,7 +74,7 @@ def init(servers: int = 1, consistency: str = "sync", staleness: int = 0,
     arch = PSArchitecture(servers, consistency, staleness, group, nonfinite=nonfinite,
                           compression=compression, compression_warmup=compression_warmup,
                           server_ranks=server_ranks, partition_mb=partition_mb,
-                          topology=topology)
+                          layout=layout, topology=topology)
     return PSContext(arch)
 
 

@@ -1,17 +1,27 @@
 """Spreading the parameters over K servers, balanced by bytes, each shard cut into partitions.
 
 The parameters are laid end to end, in ``model.parameters()`` order, as one flat vector per
-dtype (float32 tensors in one, float64 in another, ...; a single-dtype model has one). The
-bytes of these vectors, one after the other, are cut into K contiguous ranges: of equal size
-(differing by at most one element when there is one dtype), or in proportion to ``weights``
-(each server's link rate, so that a server on a slow link holds less). A large tensor is
-thereby split across servers, many tiny tensors share one, and K larger than the number of
-tensors still balances (shards may be empty when K > P).
+dtype (float32 tensors in one, float64 in another, ...; a single-dtype model has one). Each
+server's share of the bytes is equal (differing by at most one element per dtype), or in
+proportion to ``weights`` (each server's link rate, so that a server on a slow link holds
+less). A large tensor is thereby split across servers, many tiny tensors share one, and K
+larger than the number of tensors still balances (shards may be empty when K > P).
 
-Each shard is cut again into partitions of at most ``partition_bytes``, each of one dtype: the
-unit of a push, a sum and a pull (BytePS's pipelining, OSDI 2020). A worker pushes a partition
-as soon as backward has produced its gradients and pulls it as soon as the server has summed
-it, so with C partitions a push+pull costs about (1 + 1/C) transfers of the shard, not 2.
+A share is cut into partitions of at most ``partition_bytes``, each of one dtype: the unit of
+a push, a sum and a pull (BytePS's pipelining, OSDI 2020). A worker pushes a partition as soon
+as backward has produced its gradients and pulls it as soon as the server has summed it, so
+with C partitions a push+pull costs about (1 + 1/C) transfers of the shard, not 2. Where the
+partitions lie is the layout (``LAYOUTS``):
+
+- ``contiguous``: server k holds the k-th range of the vectors laid one after the other (the
+  naive layout, and gradsync's before the striped one);
+- ``striped`` (the default): the partitions are dealt out to the servers in turn along each
+  vector, as BytePS assigns its partitions, so that every server hears from backward at
+  once.
+
+Measured (docs/benchmarks.md section 13): synthetic-mlp at 200 Mbit/s with 3 servers, whose
+first layer is 43 % of the bytes, the contiguous layout's server 0 got its first push a
+backward later than the others and ended the step that much later.
 """
 
 from __future__ import annotations
@@ -93,10 +103,13 @@ class ShardLayout:
         return out
 
     def parts_of(self, i: int) -> list[Part]:
-        """Partitions holding a piece of parameter i."""
+        """Partitions holding a piece of parameter i, the last in flat order first (backward's
+        own order, last layers first): the order a worker pushes them in once the gradient
+        is in, every server's in turn."""
         off, n, dtype = self.offsets[i], self.numels[i], self.dtypes[i]
-        return [p for parts in self.shards for p in parts
-                if p.dtype == dtype and max(p.start, off) < min(p.end, off + n)]
+        return sorted((p for parts in self.shards for p in parts
+                       if p.dtype == dtype and max(p.start, off) < min(p.end, off + n)),
+                      key=lambda p: -p.start)
 
 
 def _cuts(sizes: list[int], itemsizes: list[int], servers: int,
@@ -123,9 +136,64 @@ def _cuts(sizes: list[int], itemsizes: list[int], servers: int,
     return cuts
 
 
+def _contiguous(order: list[torch.dtype], sizes: dict[torch.dtype, int], servers: int,
+                weights: list[float] | None, partition_bytes: int | None) -> list[list[Part]]:
+    """Server k holds the k-th of ``servers`` byte ranges of the concatenated vectors, cut into
+    partitions in flat order."""
+    cuts = _cuts([sizes[d] for d in order], [d.itemsize for d in order], servers, weights)
+    shards, lo = [], 0
+    for k, hi in enumerate(cuts):
+        parts: list[Part] = []
+        base = 0
+        for dtype in order:  # the range [lo, hi) of the concatenation, per dtype
+            a, b = max(lo, base) - base, min(hi, base + sizes[dtype]) - base
+            base += sizes[dtype]
+            if a >= b:
+                continue
+            for x, y in chunk_bounds(b - a, _count(b - a, dtype, partition_bytes)):
+                parts.append(Part(k, len(parts), dtype, a + x, a + y))
+        shards.append(parts)
+        lo = hi
+    return shards
+
+
+def _striped(order: list[torch.dtype], sizes: dict[torch.dtype, int], servers: int,
+             weights: list[float] | None, partition_bytes: int | None) -> list[list[Part]]:
+    """Each dtype's vector is cut into partitions dealt out to the servers in turn (BytePS's
+    round robin): server k's share of the bytes is the contiguous layout's, but its
+    partitions are spread evenly along the vector, so every layer's gradients reach every
+    server. Backward produces the last layers first; laid out contiguously, the server holding
+    the first layers hears nothing until backward reaches them (a third of the step's compute
+    at 3 servers: synthetic-mlp's first layer is 43 % of its bytes), and its stream of
+    partitions, which alone takes the whole link, ends that much later."""
+    shards: list[list[Part]] = [[] for _ in range(servers)]
+    for dtype in order:
+        cuts = _cuts([sizes[dtype]], [dtype.itemsize], servers, weights)
+        slots = []  # (where along the vector, server, elements): server k's j-th of c at (j+.5)/c
+        for k, (lo, hi) in enumerate(zip([0, *cuts[:-1]], cuts)):
+            count = _count(hi - lo, dtype, partition_bytes)
+            slots += [((j + 0.5) / count, k, y - x)
+                      for j, (x, y) in enumerate(chunk_bounds(hi - lo, count))]
+        start = 0
+        for _, k, numel in sorted(slots):
+            shards[k].append(Part(k, len(shards[k]), dtype, start, start + numel))
+            start += numel
+    return shards
+
+
+def _count(numel: int, dtype: torch.dtype, partition_bytes: int | None) -> int:
+    """Partitions of a server's ``numel`` elements of ``dtype`` (0 when it has none)."""
+    if numel <= 0:
+        return 0
+    return 1 if partition_bytes is None else math.ceil(numel * dtype.itemsize / partition_bytes)
+
+
+LAYOUTS = {"striped": _striped, "contiguous": _contiguous}
+
+
 def shard_layout(params: list[torch.Tensor], servers: int, *,
                  weights: list[float] | None = None,
-                 partition_bytes: int | None = None) -> ShardLayout:
+                 partition_bytes: int | None = None, layout: str = "striped") -> ShardLayout:
     """Lay ``params`` out over ``servers`` shards cut into partitions.
 
     Args:
@@ -133,9 +201,12 @@ def shard_layout(params: list[torch.Tensor], servers: int, *,
         servers: K.
         weights: per server, its share of the bytes (e.g. its link rate); None: equal.
         partition_bytes: the largest partition; None: one partition per shard and dtype.
+        layout: "striped" (partitions dealt out in turn) or "contiguous" (server k holds
+            the k-th range), a key of ``LAYOUTS``.
 
     Raises:
-        ValueError: no servers, a weight list of another length, a partition size below 1.
+        ValueError: no servers, a weight list of another length, a partition size below 1,
+            an unknown layout.
     """
     if servers < 1:
         raise ValueError(f"need at least one server, got {servers}")
@@ -143,6 +214,8 @@ def shard_layout(params: list[torch.Tensor], servers: int, *,
         raise ValueError(f"{len(weights)} server weights for {servers} servers")
     if partition_bytes is not None and partition_bytes < 1:
         raise ValueError(f"partition size must be at least 1 byte, got {partition_bytes}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     order: list[torch.dtype] = []  # dtypes in order of first appearance
     sizes: dict[torch.dtype, int] = {}
     offsets, numels = [], []
@@ -153,25 +226,12 @@ def shard_layout(params: list[torch.Tensor], servers: int, *,
         offsets.append(sizes[p.dtype])
         numels.append(p.numel())
         sizes[p.dtype] += p.numel()
-    cuts = _cuts([sizes[d] for d in order], [d.itemsize for d in order], servers, weights)
-    shards, lo = [], 0
-    for k, hi in enumerate(cuts):
-        parts, base = [], 0
-        for dtype in order:  # the range [lo, hi) of the concatenation, per dtype
-            a, b = max(lo, base) - base, min(hi, base + sizes[dtype]) - base
-            base += sizes[dtype]
-            if a >= b:
-                continue
-            count = 1 if partition_bytes is None else \
-                math.ceil((b - a) * dtype.itemsize / partition_bytes)
-            for x, y in chunk_bounds(b - a, count):
-                parts.append(Part(k, len(parts), dtype, a + x, a + y))
+    shards = LAYOUTS[layout](order, sizes, servers, weights, partition_bytes)
+    for k, parts in enumerate(shards):
         if not parts:  # an empty shard still has one (empty) partition: pushed every step
             parts.append(Part(k, 0, order[0] if order else torch.float32, 0, 0))
-        shards.append(tuple(parts))
-        lo = hi
     return ShardLayout(tuple(p.dtype for p in params), tuple(offsets), tuple(numels),
-                       tuple(shards))
+                       tuple(tuple(parts) for parts in shards))
 
 
 def gather_part(tensors: list[torch.Tensor | None], layout: ShardLayout, part: Part,

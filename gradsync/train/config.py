@@ -19,12 +19,14 @@ from ..flags import at_least as _at_least
 from ..flags import flag_meta as _help
 from ..lab.netns import check_rates
 from ..ps.consistency import MODES
+from ..ps.sharding import LAYOUTS
 from ..workloads import WORKLOADS
 from ..zero.architecture import check_zero
 from .architecture import ARCH_HELP, AUTO, check_architecture, check_auto
 from .observe_config import ObserveConfig
 
 CONSISTENCY_MODES = tuple(MODES)
+PS_LAYOUTS = tuple(LAYOUTS)
 # Upper bounds of the positive float flags: beyond them a value is a typo, not a setting
 # (a learning rate of 1e300 turns the first update into Inf; a timeout beyond a week
 # overflows the engine's timedelta long before it helps anyone).
@@ -143,6 +145,11 @@ class PSConfig:
         "largest partition of a shard (MiB), the unit a worker pushes and pulls while the "
         "others are in flight (default: about 5 ms of the slowest known link, 1 MiB if none "
         "is known)", flag="ps-partition-mb"))
+    layout: Literal[PS_LAYOUTS] = field(default="striped", metadata=_help(
+        "how the partitions are dealt to the servers: striped (in turn, so every layer's "
+        "gradients reach every server as backward produces them) or contiguous (server k "
+        "holds the k-th range; checkpoints written before striped resume with it)",
+        flag="ps-layout"))
     server_ranks: str | None = field(default=None, metadata=_help(
         "which ranks serve: a list like 0,2,4 (as many as --servers), or 'colocated' (the "
         "first rank of each host); GRADSYNC_ROLE=server|worker on every rank overrides "
