@@ -107,7 +107,12 @@ def test_plan_measures_a_workload_and_emits_the_best_flags(tmp_path):
                "--save-profile", str(profile), "--emit", "json")
     assert run.returncode == 0, run.stderr
     ranked = json.loads(run.stdout)
-    assert Profile.load(profile).workload == "digits-mlp" and len(ranked) > 10
+    saved = Profile.load(profile)
+    assert saved.workload == "digits-mlp" and len(ranked) > 10
+    # --lab: every compressor (and DataParallel without one) also timed on loaded worlds.
+    assert set(saved.loaded) == {"none", *saved.codecs}
+    assert [point[0] for point in saved.loaded["none"]] == [max(2, c) / c for c in
+                                                            (os.cpu_count(),)] + [2.0]
     flags = plan("--profile", str(profile), "--hosts", "3", "--rate", "100mbit",
                  "--procs-per-host", "1", "--lab", "--emit", "flags")
     assert flags.returncode == 0, flags.stderr
@@ -327,3 +332,45 @@ def test_a_lab_step_is_at_least_every_ranks_cpu_over_the_cores(monkeypatch):
     real = predict(prof, Cluster((1e15,) * 5, latency_s=0.0), Candidate("allreduce", "native"),
                    free)
     assert real.step_s < floor / 5
+
+
+def test_a_loaded_profile_is_read_at_the_labs_ranks_per_core(tmp_path):
+    """The loaded measurement (loaded.py) by hand: DataParallel's step CPU without a hook 8
+    ms at 1 rank per core and 10 at 2, with PowerSGD 14 and 18 (of which 1 + 3 and 2 + 4 ms
+    in the hook's calls and waits). At 3 ranks on 2 cores (1.5 a core) PowerSGD adds
+    16 - 9 = 7 ms, 30 % of its hook in the calls, and a rank's compute is 9 ms where the
+    profile's phases are 7: backward and every gradient's ready time stretched by 6 / 4.
+    Read at the nearest measured load outside them; on a real cluster (or idle cores) the
+    one-rank timing; the PS's pushes (no DataParallel, no hook) keep the one-rank figures."""
+    from dataclasses import replace
+
+    from gradsync.plan.loaded import stretched
+    from gradsync.plan.shared import load
+
+    ms = 1e-3
+    codecs = {"powersgd:2": (0.003, 0.01, 0.5, 0.6), "fp16": (0.0, 0.5)}
+    prof = _profile(codecs=codecs, loaded={
+        "none": [(1.0, 0.0, 0.0, 8 * ms), (2.0, 0.0, 0.0, 10 * ms)],
+        "powersgd:2": [(1.0, 1 * ms, 3 * ms, 14 * ms), (2.0, 2 * ms, 4 * ms, 18 * ms)]})
+    lab = Cluster((1e15,) * 3, latency_s=0.0, cores=2)
+    assert load(lab) == 1.5 and load(Cluster((1e15,) * 3, cores=4)) is None
+    assert load(Cluster((1e15,) * 3)) is None
+    assert prof.codec("powersgd:2", 1.5) == pytest.approx((7 * ms, 0.3))
+    assert prof.codec("powersgd:2", 3.0) == pytest.approx((8 * ms, 2 / 6))
+    assert prof.codec("powersgd:2", 0.5) == pytest.approx((6 * ms, 0.25))
+    assert prof.codec("powersgd:2") == (0.003, 0.5)
+    assert prof.codec("fp16", 1.5) == (0.0, 0.5)  # not measured under load: one-rank
+    assert prof.codec("none", 1.5) == (0.0, 0.5)
+    longer = stretched(prof, 1.5)
+    assert longer.backward_s == pytest.approx(6 * ms)
+    assert [t for t, _ in longer.grads] == pytest.approx([1.5 * ms * (i + 1) for i in range(4)])
+    assert stretched(prof, None) is prof
+    # predict() reads both: the same as a hand-made profile with those figures, unloaded.
+    same = replace(longer, loaded={}, codecs={**codecs, "powersgd:2": (7 * ms, 0.01, 0.3, 0.6)})
+    for cand in (Candidate("allreduce", "native", compression="powersgd:2"),
+                 Candidate("allreduce", "ring")):
+        assert predict(prof, lab, cand).step_s == pytest.approx(predict(same, lab, cand).step_s)
+    ps = Candidate("ps", servers=1)
+    assert predict(prof, lab, ps).step_s == predict(replace(prof, loaded={}), lab, ps).step_s
+    prof.save(tmp_path / "p.json")
+    assert Profile.load(tmp_path / "p.json") == prof

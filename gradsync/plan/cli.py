@@ -91,7 +91,8 @@ def main(args: argparse.Namespace) -> int:
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise UserError(f"--profile {config.profile}: cannot read it ({exc})") from None
     else:
-        profile = measure(config.workload, config.batch_size, hidden=config.hidden)
+        profile = measure(config.workload, config.batch_size, hidden=config.hidden,
+                          loaded=config.lab)
     if config.save_profile:
         profile.save(config.save_profile)
     cands = [c for c in candidates(cluster, profile, config.compression)

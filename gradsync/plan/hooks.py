@@ -35,7 +35,7 @@ from __future__ import annotations
 from ..comm.cost_model import CostModel, network_time, shape
 from .cluster import Cluster
 from .profile import Profile
-from .shared import fan, message_s
+from .shared import fan, load, message_s
 
 HOOKED = ("topk", "powersgd")
 # On one host DataParallel's plain shm buckets live in shared memory and are reduced where
@@ -61,8 +61,8 @@ def hook_step(profile: Profile, cluster: Cluster, algorithm: str, compression: s
 def _topk_step(profile, cluster, algorithm, compression, bucket_bytes, cost, slow):
     """Per bucket: the selection inside backward, then two all-gathers (values, indices)
     in a row on the engine; after backward, bucket by bucket, their end and the decode."""
-    codec_s, frac = profile.codecs[compression][:2]
-    share, G = profile.launch_share(compression), profile.grad_bytes
+    frac, G = profile.codecs[compression][1], profile.grad_bytes
+    codec_s, share = profile.codec(compression, load(cluster))
     ends, sizes, extra, engine = [], [], 0.0, 0.0
     for ready, n in profile.buckets(bucket_bytes):
         extra += codec_s * slow * share * n / G  # backward stops for the call
@@ -82,8 +82,8 @@ def _powersgd_step(profile, cluster, algorithm, compression, bucket_bytes, cost,
     all-reduce of every bucket's vectors and P; at the first wait, after it, the
     orthogonalisation and Q = M^T P of every bucket, one all-reduce of every Q, and
     M = P Q^T (compress/powersgd_step.py): two collectives a step, both on the path."""
-    codec_s, frac = profile.codecs[compression][:2]
-    share, G = profile.launch_share(compression), profile.grad_bytes
+    frac, G = profile.codecs[compression][1], profile.grad_bytes
+    codec_s, share = profile.codec(compression, load(cluster))
     extra, launch = 0.0, 0.0
     for ready, n in profile.buckets(bucket_bytes):
         extra += codec_s * slow * share * n / G  # backward stops for the call

@@ -44,8 +44,9 @@ from ..comm.algorithms.registry import REGISTRY
 from ..comm.cost_model import DEFAULT_COST_MODEL, CostModel, network_time, shape
 from .cluster import Cluster
 from .hooks import SHM_HOOK_TRAFFIC, collective_s, critical_messages, hook_step, hooked
+from .loaded import stretched
 from .profile import Profile
-from .shared import collective_ends, cpu_floor_s, fan, wake_s
+from .shared import collective_ends, cpu_floor_s, fan, load, wake_s
 
 PS_MESSAGE_S = 150e-6  # a push or a reply handled in Python, each end (fitted: docs/plan.md)
 HALF_CASTS = ("fp16", "bf16")
@@ -122,9 +123,14 @@ def predict(profile: Profile, cluster: Cluster, cand: Candidate,
     ranks = cluster.ranks
     workers = ranks - cand.servers if cand.arch == "ps" else ranks
     slow = cluster.slowdown()
+    if cand.arch == "allreduce":  # a DataParallel rank's compute on loaded cores (loaded.py)
+        profile = stretched(profile, load(cluster))
     f, b = (profile.data_s + profile.forward_s) * slow, profile.backward_s * slow
-    codec_s, frac = profile.codecs.get(cand.compression, (0.0, 1.0))[:2]
-    codec_s *= slow
+    frac = profile.codecs.get(cand.compression, (0.0, 1.0))[1]
+    # The all-reduce's hooks at the lab's load (loaded.py); the PS's pushes, which compress
+    # outside any hook, at the one-rank timing.
+    under = load(cluster) if cand.arch == "allreduce" else None
+    codec_s = profile.codec(cand.compression, under)[0] * slow
     if cand.arch == "allreduce" and hooked(cand.compression) and ranks > 1:
         backward, end = hook_step(profile, cluster, cand.algorithm, cand.compression,
                                   cand.bucket_mb * (1 << 20), cost, slow)
@@ -170,7 +176,8 @@ def _cpu_floor(profile: Profile, cluster: Cluster, cand: Candidate, cost: CostMo
     if not cluster.cores or cluster.hosts == 1:
         return 0.0  # one host: shared memory and loopback, the cost model's own terms
     p, G = cluster.ranks, profile.grad_bytes
-    codec_s = profile.codecs.get(cand.compression, (0.0,))[0]
+    codec_s = profile.codec(cand.compression, load(cluster) if cand.arch == "allreduce"
+                            else None)[0]
     if cand.arch == "ps":
         workers = p - cand.servers
         share = math.ceil(G / cand.servers / _partition_bytes(cluster))

@@ -53,6 +53,11 @@ class Profile:
     first all-reduce. Profiles saved before them lack the last fields)."""
     hidden: int = 1024
     """The workload's width (synthetic-mlp, digits-wide)."""
+    loaded: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
+    """compression spec -> [(ranks per core, CPU seconds per step in the hook's calls, in
+    its waits, in the whole step)]: DataParallel with the hook ("none": without) on every
+    rank of a world that loads this machine's cores (loaded.py); empty unless measured
+    (``gradsync plan --lab``)."""
 
     @property
     def grad_bytes(self) -> int:
@@ -76,6 +81,18 @@ class Profile:
         if size:
             out.append((ready, size))
         return out
+
+    def codec(self, spec: str, load: float | None = None) -> tuple[float, float]:
+        """(seconds ``spec`` adds to a step, the share of them in its hook's calls): at
+        ``load`` ranks per core from the loaded measurement where there is one (None: a
+        core per rank; loaded.codec_at), else the one-rank timing. (0, 0.5) for none."""
+        if spec not in self.codecs:  # "none"
+            return 0.0, 0.5
+        if load is not None and self.loaded.get(spec) and self.loaded.get("none"):
+            from .loaded import codec_at
+
+            return codec_at(self, spec, load)
+        return self.codecs[spec][0], self.launch_share(spec)
 
     def launch_share(self, spec: str) -> float:
         """The share of ``spec``'s codec time spent in the hook call (0.5 when unknown)."""
@@ -110,13 +127,16 @@ class Profile:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
         raw["grads"] = [tuple(g) for g in raw["grads"]]
         raw["codecs"] = {k: tuple(v) for k, v in raw.get("codecs", {}).items()}
+        raw["loaded"] = {k: [tuple(p) for p in v] for k, v in raw.get("loaded", {}).items()}
         return cls(**raw)
 
 
 def measure(workload: str, batch: int | None = None, *, steps: int = 12, seed: int = 0,
-            hidden: int = 1024, specs: tuple[str, ...] = CODECS) -> Profile:
+            hidden: int = 1024, specs: tuple[str, ...] = CODECS, loaded: bool = False
+            ) -> Profile:
     """Time ``steps`` steps of ``workload`` (after two warm-up steps) in this process, one
-    thread; the medians of each phase, and the cost of each compressor in ``specs``."""
+    thread; the medians of each phase, and the cost of each compressor in ``specs``
+    (``loaded``: also on worlds that load every core, loaded.py)."""
     from ..train.loop import make_optimizer
     from ..workloads import build_workload
 
@@ -128,14 +148,15 @@ def measure(workload: str, batch: int | None = None, *, steps: int = 12, seed: i
 
     profile = measure_module(
         w.model, collate(), w.loss_fn, steps=steps, specs=specs, name=workload,
-        optimizer=lambda params: make_optimizer(w.optimizer, params, w.default_lr))
+        optimizer=lambda params: make_optimizer(w.optimizer, params, w.default_lr),
+        loaded=loaded)
     return replace(profile, data_s=median_time(collate, steps), hidden=hidden)
 
 
 def measure_module(module: torch.nn.Module, sample: tuple, loss_fn: Callable, *,
                    optimizer: Callable | None = None, steps: int = 12,
-                   specs: tuple[str, ...] = CODECS, group=None, name: str = "module"
-                   ) -> Profile:
+                   specs: tuple[str, ...] = CODECS, group=None, name: str = "module",
+                   loaded: bool = False) -> Profile:
     """Time a copy of ``module`` on ``sample`` = (inputs, targets), one thread (the caller's
     thread count is restored after).
 
@@ -149,6 +170,8 @@ def measure_module(module: torch.nn.Module, sample: tuple, loss_fn: Callable, *,
         group: a one-rank group to time the compressors' hooks on (a script whose world is
             up); None: a one-rank world of its own.
         name: the profile's workload name.
+        loaded: also time the hooks on worlds of this machine's cores and twice as many
+            ranks (loaded.py; forks, so only without a group).
     Returns:
         The :class:`Profile` (no data loading: ``data_s`` 0).
     """
@@ -163,8 +186,13 @@ def measure_module(module: torch.nn.Module, sample: tuple, loss_fn: Callable, *,
         def step(m: torch.nn.Module) -> None:
             loss_fn(m(x), y).backward()
 
+        under_load = {}
+        if loaded and group is None and specs:
+            from .loaded import measure_loaded
+
+            under_load = measure_loaded(model, sample, loss_fn, specs, make)
         return Profile(name, len(x), *med, 0.0, grads,
-                       codecs(model, step, steps, specs, group))
+                       codecs(model, step, steps, specs, group), loaded=under_load)
     finally:
         torch.set_num_threads(threads)
 
@@ -265,19 +293,19 @@ def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repe
             comm.destroy_process_group()
 
 
-def _split_timer(hook, split: list[float]):
-    """``hook`` adding its call's seconds to split[0] and its handle's wait's to split[1]."""
+def _split_timer(hook, split: list[float], clock: Callable[[], float] = time.perf_counter):
+    """``hook`` adding its call's seconds (by ``clock``) to split[0], its wait's to split[1]."""
     from .. import comm
 
     def timed(state, bucket):
-        start = time.perf_counter()
+        start = clock()
         handle = hook(state, bucket)
-        split[0] += time.perf_counter() - start
+        split[0] += clock() - start
 
         def finish():
-            start = time.perf_counter()
+            start = clock()
             result = handle.wait()
-            split[1] += time.perf_counter() - start
+            split[1] += clock() - start
             return result
         return comm.Work(finish)
     return timed

@@ -56,6 +56,15 @@ def message_s(cluster: Cluster, alpha: float, fan: int = 1) -> float:
     return max(alpha, 2 * fan * s * ENDPOINT_CPU_S) + wake_s(cluster)
 
 
+def load(cluster: Cluster) -> float | None:
+    """Ranks per core where the ranks fill the cores they share (the load at which a
+    compressor's loaded cost is read, Profile.codec); None on a real cluster or with idle
+    cores, where the one-rank timing stands."""
+    if not cluster.cores or cluster.ranks < cluster.cores:
+        return None
+    return cluster.ranks / cluster.cores
+
+
 def wake_s(cluster: Cluster) -> float:
     """A message's expected wait for its receiver to get a core (0 with a core per rank)."""
     s = cluster.slowdown()
