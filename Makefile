@@ -17,10 +17,9 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m gradsync train
 
-# Everything; what CI runs, in two processes (tests/conftest.py keeps each module together and
-# the lab and MPI modules in one line). The 25 slowest tests close the log: where the time goes.
+# Everything; what CI runs. The 25 slowest tests close the log: where the suite's time goes.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25
+	$(PY) -m pytest -q --durations=25
 
 # The edit-test loop: every package, without the tests marked slow (end-to-end runs of
 # gradsync train/serve/bench, mpiexec, labs, the largest worlds); about 90 s on 2 cores.

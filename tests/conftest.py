@@ -1,12 +1,6 @@
 """pytest-timeout's per-test limits follow GRADSYNC_TEST_TIMEOUT_SCALE, like every other
 timeout in the tests (tests/distributed.py reads it); tests marked ``netns`` skip where
-network namespaces cannot be built.
-
-Under pytest-xdist (`make test` runs two processes, ``--dist loadgroup``) each module's tests
-stay together, so a module's shared world starts once, and the modules that build labs or run
-mpiexec share one group, run one after another: they check machine-wide state (`ip netns
-list` unchanged by a run, no MPICH segment left in /dev/shm) that another lab or MPI job
-running beside them would change."""
+network namespaces cannot be built."""
 
 from __future__ import annotations
 
@@ -28,21 +22,9 @@ def _default_timeout(config: pytest.Config) -> float | None:
     return None
 
 
-# Modules whose runs touch machine-wide state: network namespaces (labs) or MPICH's /dev/shm.
-SERIAL = {"test_lab", "test_lab_train", "test_observe_lab", "test_bench", "test_examples",
-          "test_plan", "test_mpi"}
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            module = item.module.__name__.rsplit(".", 1)[-1] if item.module else item.nodeid
-            item.add_marker(pytest.mark.xdist_group("serial" if module in SERIAL else module))
-    if TIMEOUT_SCALE != 1:
-        _scale_timeouts(config, items)
-
-
-def _scale_timeouts(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if TIMEOUT_SCALE == 1:
+        return
     default = _default_timeout(config)
     for item in items:
         marker = item.get_closest_marker("timeout")
