@@ -94,7 +94,6 @@ def _time_hooks(rank, world, port, job, specs, steps) -> dict:
     from .. import comm
     from ..allreduce import DataParallel
     from ..compress.spec import make_hook
-    from .profile import _split_timer
 
     torch.set_num_threads(1)
     group = comm.init_process_group("gloo", rank=rank, world_size=world,
@@ -108,7 +107,7 @@ def _time_hooks(rank, world, port, job, specs, steps) -> dict:
             split = [0.0, 0.0]
             if spec != "none":
                 state, hook = make_hook(spec, group)
-                dp.register_comm_hook(state, _split_timer(hook, split, clock=time.thread_time))
+                dp.register_comm_hook(state, split_timer(hook, split, clock=time.thread_time))
             per_step = []
             for i in range(steps + 2):
                 split[:] = [0.0, 0.0]
@@ -159,3 +158,21 @@ def at_load(loaded: list[tuple[float, ...]], load: float) -> tuple[float, ...]:
     a, b = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= load <= b[0])
     f = (load - a[0]) / (b[0] - a[0])
     return tuple(u + f * (v - u) for u, v in zip(a[1:], b[1:]))
+
+
+def split_timer(hook, split: list[float], clock: Callable[[], float] = time.perf_counter):
+    """``hook`` adding its call's seconds (by ``clock``) to split[0], its wait's to split[1]."""
+    from .. import comm
+
+    def timed(state, bucket):
+        start = clock()
+        handle = hook(state, bucket)
+        split[0] += clock() - start
+
+        def finish():
+            start = clock()
+            result = handle.wait()
+            split[1] += clock() - start
+            return result
+        return comm.Work(finish)
+    return timed

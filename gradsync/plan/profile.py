@@ -244,6 +244,7 @@ def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repe
     from ..compress.spec import make_hook
     from ..compress.topk import INDEX_BYTES
     from ..launcher import find_free_port
+    from .loaded import split_timer
 
     if not specs:
         return {}
@@ -259,7 +260,7 @@ def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repe
             dp = DataParallel(copy.deepcopy(model), group=group, topology=None)
             state, hook = make_hook(spec, group)
             split = [0.0, 0.0]  # seconds in the hook calls, in their waits, this step
-            dp.register_comm_hook(state, _split_timer(hook, split))
+            dp.register_comm_hook(state, split_timer(hook, split))
             step(dp)  # warm-up
             per_step = []
             for _ in range(repeat):
@@ -291,21 +292,3 @@ def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repe
     finally:
         if own:
             comm.destroy_process_group()
-
-
-def _split_timer(hook, split: list[float], clock: Callable[[], float] = time.perf_counter):
-    """``hook`` adding its call's seconds (by ``clock``) to split[0], its wait's to split[1]."""
-    from .. import comm
-
-    def timed(state, bucket):
-        start = clock()
-        handle = hook(state, bucket)
-        split[0] += clock() - start
-
-        def finish():
-            start = clock()
-            result = handle.wait()
-            split[1] += clock() - start
-            return result
-        return comm.Work(finish)
-    return timed
