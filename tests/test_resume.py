@@ -103,15 +103,18 @@ def test_foreign_checkpoint_is_a_clear_error(tmp_path, straight):
 
 
 @pytest.mark.timeout(180)
-def test_ps_checkpoint_resumes_only_the_same_servers(tmp_path, straight):
+def test_ps_checkpoint_resumes_only_the_same_servers_and_layout(tmp_path, straight):
     ck = copy_of(straight("ps-sync"), tmp_path)
-    run = gradsync("train", *PS[:-3], "3", "--workers", "2", "--steps", "50", "--no-progress",
-                   "--checkpoint-dir", str(ck), "--resume")
-    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
-    assert "ps (2 servers" in run.stderr and "ps (3 servers" in run.stderr, run.stderr
-    # One rank chose the checkpoint and says why; the others stop without a second story.
-    assert run.stderr.count("gradsync: error:") == 1, run.stderr
-    assert "PeerLostError" not in run.stderr, run.stderr
+    # Another number of servers, or the same servers laid out otherwise (--ps-layout).
+    for args, ours in [((*PS[:-3], "3", "--workers", "2"), "ps (3 servers, striped layout)"),
+                       ((*PS, "--ps-layout", "contiguous"), "'ps (2 servers)'")]:
+        run = gradsync("train", *args, "--steps", "50", "--no-progress",
+                       "--checkpoint-dir", str(ck), "--resume")
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert "ps (2 servers, striped layout)" in run.stderr and ours in run.stderr, run.stderr
+        # One rank chose the checkpoint and says why; the others stop without a second story.
+        assert run.stderr.count("gradsync: error:") == 1, run.stderr
+        assert "PeerLostError" not in run.stderr, run.stderr
 
 
 @pytest.mark.timeout(240)
