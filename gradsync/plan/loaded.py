@@ -108,15 +108,12 @@ def _time_hooks(rank, world, port, job, specs, steps) -> dict:
             if spec != "none":
                 state, hook = make_hook(spec, group)
                 dp.register_comm_hook(state, split_timer(hook, split, clock=time.thread_time))
-            per_step = []
-            for i in range(steps + 2):
-                split[:] = [0.0, 0.0]
-                start = time.thread_time()
+
+            def one_step(dp=dp, opt=opt):
                 opt.zero_grad(set_to_none=True)
                 loss_fn(dp(x), y).backward()
                 opt.step()
-                if i >= 2:
-                    per_step.append((*split, time.thread_time() - start))
+            per_step = timed_steps(one_step, split, steps, warmup=2, clock=time.thread_time)
             out[spec] = tuple(statistics.median(s[k] for s in per_step) for k in range(3))
     finally:
         comm.destroy_process_group()
@@ -158,6 +155,21 @@ def at_load(loaded: list[tuple[float, ...]], load: float) -> tuple[float, ...]:
     a, b = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= load <= b[0])
     f = (load - a[0]) / (b[0] - a[0])
     return tuple(u + f * (v - u) for u, v in zip(a[1:], b[1:]))
+
+
+def timed_steps(run: Callable[[], None], split: list[float], steps: int, warmup: int = 1,
+                clock: Callable[[], float] = time.perf_counter) -> list[tuple[float, ...]]:
+    """Call ``run`` (one step) ``warmup`` + ``steps`` times; per timed step, (seconds by
+    ``clock`` in the hook's calls, in its waits, in the whole step), ``split`` being the
+    accumulators a :func:`split_timer` hook adds to."""
+    out = []
+    for i in range(warmup + steps):
+        split[:] = [0.0, 0.0]
+        start = clock()
+        run()
+        if i >= warmup:
+            out.append((*split, clock() - start))
+    return out
 
 
 def split_timer(hook, split: list[float], clock: Callable[[], float] = time.perf_counter):

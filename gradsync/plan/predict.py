@@ -127,10 +127,7 @@ def predict(profile: Profile, cluster: Cluster, cand: Candidate,
         profile = stretched(profile, load(cluster))
     f, b = (profile.data_s + profile.forward_s) * slow, profile.backward_s * slow
     frac = profile.codecs.get(cand.compression, (0.0, 1.0))[1]
-    # The all-reduce's hooks at the lab's load (loaded.py); the PS's pushes, which compress
-    # outside any hook, at the one-rank timing.
-    under = load(cluster) if cand.arch == "allreduce" else None
-    codec_s = profile.codec(cand.compression, under)[0] * slow
+    codec_s = _codec_s(profile, cluster, cand) * slow
     if cand.arch == "allreduce" and hooked(cand.compression) and ranks > 1:
         backward, end = hook_step(profile, cluster, cand.algorithm, cand.compression,
                                   cand.bucket_mb * (1 << 20), cost, slow)
@@ -160,6 +157,14 @@ def predict(profile: Profile, cluster: Cluster, cand: Candidate,
                     _cpu_floor(profile, cluster, cand, cost))
 
 
+def _codec_s(profile: Profile, cluster: Cluster, cand: Candidate) -> float:
+    """CPU seconds ``cand``'s compressor adds to a worker's step: an all-reduce's hook at
+    the lab's load (loaded.py); the PS's pushes, which compress outside any hook, at the
+    one-rank timing."""
+    return profile.codec(cand.compression,
+                         load(cluster) if cand.arch == "allreduce" else None)[0]
+
+
 def _floored(pred: Prediction, floor: float) -> Prediction:
     """``pred``, or the CPU budget's step where that is longer (shared.py)."""
     if floor <= pred.step_s:
@@ -176,8 +181,7 @@ def _cpu_floor(profile: Profile, cluster: Cluster, cand: Candidate, cost: CostMo
     if not cluster.cores or cluster.hosts == 1:
         return 0.0  # one host: shared memory and loopback, the cost model's own terms
     p, G = cluster.ranks, profile.grad_bytes
-    codec_s = profile.codec(cand.compression, load(cluster) if cand.arch == "allreduce"
-                            else None)[0]
+    codec_s = _codec_s(profile, cluster, cand)
     if cand.arch == "ps":
         workers = p - cand.servers
         share = math.ceil(G / cand.servers / _partition_bytes(cluster))

@@ -244,7 +244,7 @@ def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repe
     from ..compress.spec import make_hook
     from ..compress.topk import INDEX_BYTES
     from ..launcher import find_free_port
-    from .loaded import split_timer
+    from .loaded import split_timer, timed_steps
 
     if not specs:
         return {}
@@ -261,14 +261,9 @@ def codecs(model: torch.nn.Module, step: Callable[[torch.nn.Module], None], repe
             state, hook = make_hook(spec, group)
             split = [0.0, 0.0]  # seconds in the hook calls, in their waits, this step
             dp.register_comm_hook(state, split_timer(hook, split))
-            step(dp)  # warm-up
-            per_step = []
-            for _ in range(repeat):
-                split[:] = [0.0, 0.0]
-                step(dp)
-                per_step.append(tuple(split))
-            total = statistics.median(a + b for a, b in per_step)
-            launch = statistics.median(a for a, _ in per_step)
+            per_step = timed_steps(lambda: step(dp), split, repeat)  # after one warm-up
+            total = statistics.median(a + b for a, b, _ in per_step)
+            launch = statistics.median(a for a, _, _ in per_step)
             return total, state, min(1.0, launch / max(total, 1e-12))
 
         out = {}
