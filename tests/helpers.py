@@ -120,13 +120,30 @@ def alive(pid: int) -> bool:
         return False
 
 
-def run_script(world: int, *args: str, module: str = "tests.scripts.ckpt_digits") -> int:
+def run_script(world: int, *args: str, module: str = "tests.scripts.ckpt_digits"
+               ) -> subprocess.CompletedProcess:
     """A test script (``python -m module ARGS``) on ``world`` local ranks under gradsync's
-    launcher; the job's exit code."""
+    launcher: the job's exit code, and the stderr of the launcher and its workers (which
+    inherit this process's fd 2, sent to a file meanwhile, then written on to stderr)."""
+    import tempfile
+
     from gradsync.launcher import launch
 
-    return launch(list(args), world, module=module, grace_s=1.0,
-                  env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}).returncode
+    with tempfile.TemporaryFile(mode="w+") as err:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            code = launch(list(args), world, module=module, grace_s=1.0,
+                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}).returncode
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        text = err.read()
+    sys.stderr.write(text)
+    return subprocess.CompletedProcess(list(args), code, "", text)
 
 
 def run_and_kill(args: list[str], victim: int, out: Path, timeout: float = 60):

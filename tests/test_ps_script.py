@@ -17,7 +17,7 @@ from torch import nn
 
 from tests.distributed import run_workers
 from tests.helpers import (BATCH, OPTIMIZERS, STEPS, global_batch, gradsync, make_model,
-                           run_script)
+                           retry_finalize_abort, run_script)
 from tests.helpers import one_process_reference as reference
 
 
@@ -104,10 +104,10 @@ def test_a_script_ends_with_the_clis_parameters_bit_for_bit(tmp_path: Path):
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--every", "5"]
     assert run_script(3, "--arch", "ps", "--steps", "10", *ck, "--out",
-                      str(tmp_path / "half.json")) == 0
+                      str(tmp_path / "half.json")).returncode == 0
     shutil.copytree(tmp_path / "ck", tmp_path / "ck-cli")
     assert run_script(3, "--arch", "ps", "--steps", "20", *ck, "--resume", "--out",
-                      str(tmp_path / "script.json")) == 0
+                      str(tmp_path / "script.json")).returncode == 0
     ours = json.loads((tmp_path / "script.json").read_text())
     assert ours["parameters_sha1"] == summary["parameters_sha1"]
     assert ours["eval_accuracy"] == summary["eval_accuracy"]  # the workers' group evaluates
@@ -129,8 +129,10 @@ def test_a_script_ends_with_the_clis_parameters_bit_for_bit(tmp_path: Path):
 def test_async_and_ssp_scripts_train_and_end_cleanly(tmp_path: Path, mode):
     consistency, staleness = mode
     out = tmp_path / "out.json"
-    assert run_script(3, "--arch", "ps", "--steps", "40", "--consistency", consistency,
-                      "--staleness", staleness, "--out", str(out)) == 0
+    # a fresh run each time: retried once if gloo aborts a finished rank (helpers.py)
+    assert retry_finalize_abort(lambda: run_script(
+        3, "--arch", "ps", "--steps", "40", "--consistency", consistency, "--staleness",
+        staleness, "--out", str(out))).returncode == 0
     ours = json.loads(out.read_text())
     assert ours["steps"] == 40 and ours["ps"]["consistency"] == consistency
     assert ours["ps"]["server_updates"] == [80]  # every worker's push of every step
