@@ -184,9 +184,10 @@ def test_placement_flags_are_checked():
 
 def test_shards_follow_unequal_links(tmp_path, monkeypatch):
     """A topology file with one slow host: the server there holds a quarter of the others'
-    bytes; equal links keep equal shards; the default partition follows the slowest link."""
+    bytes; equal links keep equal shards; the default partition follows the slowest link
+    and the pushes that head into one link at once."""
     from gradsync import comm
-    from gradsync.ps.placement import link_topology, server_weights, slowest_rate
+    from gradsync.ps.placement import fan_in, link_topology, server_weights, slowest_rate
     from gradsync.ps.sharding import partition_bytes_for, shard_layout
 
     monkeypatch.delenv("GRADSYNC_LAB", raising=False)
@@ -199,6 +200,16 @@ def test_shards_follow_unequal_links(tmp_path, monkeypatch):
     layout = shard_layout([torch.empty(9000)], 3, weights=weights)
     assert [layout.shard_numel(k) for k in range(3)] == [4000, 4000, 1000]
     assert partition_bytes_for(slowest_rate(links)) == 156_250  # 5 ms of 250 Mbit/s
+    # Up to 15 ms of the link in the pushes heading into one host at once: one server per
+    # host, 3 workers elsewhere, keeps 5 ms; host 0's 2 servers x 4 remote workers, 1.9 ms;
+    # at 25 Mbit/s the 64 KiB floor holds for 3 (192 KiB at once).
+    assert fan_in(links.host_of, [0, 2, 4], [1, 3, 5]) == 2
+    assert fan_in(links.host_of, [0, 1], [2, 3, 4, 5]) == 8
+    assert fan_in(lambda r: r, [0, 1, 2], [3, 4, 5]) == 3 and fan_in(None, [0], [1, 2]) == 2
+    assert partition_bytes_for(25e6, 3) == 125_000 and partition_bytes_for(25e6, 4) == 93_750
+    assert partition_bytes_for(25e6, 8) == 46_875
+    assert partition_bytes_for(25e6, 1000) == 16 << 10
+    assert partition_bytes_for(3.125e6, 3) == 64 << 10
     equal = comm.Topology.uniform(4, 2)
     assert server_weights(equal, [0, 2]) is None and link_topology("probe") is None
 

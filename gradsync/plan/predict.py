@@ -184,7 +184,7 @@ def _cpu_floor(profile: Profile, cluster: Cluster, cand: Candidate, cost: CostMo
     codec_s = _codec_s(profile, cluster, cand)
     if cand.arch == "ps":
         workers = p - cand.servers
-        share = math.ceil(G / cand.servers / _partition_bytes(cluster))
+        share = math.ceil(G / cand.servers / _partition_bytes(cluster, cand.servers))
         partitions = cand.servers * share  # each server's shard cut into partitions
         return cpu_floor_s(cluster, profile.compute_s - profile.optimizer_s + codec_s, workers,
                            workers * G * cost.gamma + profile.optimizer_s,
@@ -200,10 +200,14 @@ def _cpu_floor(profile: Profile, cluster: Cluster, cand: Candidate, cost: CostMo
     return cpu_floor_s(cluster, profile.compute_s + codec_s, p, 0.0, ends)
 
 
-def _partition_bytes(cluster: Cluster) -> int:
+def _partition_bytes(cluster: Cluster, servers: int) -> int:
+    """The run's default partition, servers on ranks 0..servers-1."""
+    from ..ps.placement import fan_in
     from ..ps.sharding import partition_bytes_for
 
-    return partition_bytes_for(min(cluster.rates))
+    pushes = fan_in(lambda r: r // cluster.procs_per_host, list(range(servers)),
+                    list(range(servers, cluster.ranks)))
+    return partition_bytes_for(min(cluster.rates), pushes)
 
 
 def _all_reduce_s(cluster: Cluster, cand: Candidate, n: float, frac: float,
@@ -260,7 +264,7 @@ def _ps_chunks(profile: Profile, cluster: Cluster, cand: Candidate, frac: float,
     busiest = max(range(cluster.hosts), key=lambda h: wire_s[h])
     # The busiest server's CPU: sum N pushes, step its shard (on shared cores, slowed).
     cpu_s = max(share) * (workers * G * cost.gamma + profile.optimizer_s) * slow
-    chunks = profile.chunks(_partition_bytes(cluster))
+    chunks = profile.chunks(_partition_bytes(cluster, cand.servers))
     per_chunk = 2 * PS_MESSAGE_S * slow * max(workers / max(k, 1), 1)
     # The wire and the two ends' Python run at once on different partitions (pipelined).
     # A push and its reply each wait for their receiver to get a core (shared.wake_s).

@@ -25,7 +25,7 @@ import logging
 from .. import comm
 from .compression import check_compression
 from .consistency import MODES
-from .placement import link_topology, server_weights, slowest_rate
+from .placement import fan_in, link_topology, server_weights, slowest_rate
 from .placement import server_ranks as resolve_servers
 from .remote_optimizer import RemoteOptimizer
 from .server import ParameterServer, ServerConfig, ServerStats
@@ -102,9 +102,9 @@ class PSArchitecture:
         self.timeline = None  # a server's --timeline (set_timeline); a worker's is its PSWorker's
         links = link_topology(topology, group.size)
         self.weights = server_weights(links, self.servers)  # per server, its share of bytes
-        rate = slowest_rate(links)
+        pushes = fan_in(links.host_of if links else None, self.servers, self.workers)
         self.partition_bytes = (int(partition_mb * (1 << 20)) if partition_mb is not None
-                                else partition_bytes_for(rate))
+                                else partition_bytes_for(slowest_rate(links), pushes))
 
     @classmethod
     def from_config(cls, config, group: comm.Group, links: comm.Topology | None = None

@@ -19,6 +19,7 @@ The last two need the ranks to tell each other their roles: one all-reduce at st
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
@@ -144,3 +145,15 @@ def slowest_rate(links: comm.Topology | None) -> float | None:
     """The slowest link's rate in bytes/s (None: not known)."""
     rates = [h.rate for h in links.hosts] if links is not None else []
     return min(rates) if rates and all(rates) else None
+
+
+def fan_in(host_of: Callable[[int], int] | None, servers: list[int], workers: list[int]
+           ) -> int:
+    """The most pushes on their way into one host's link at once: each worker has one push to
+    each server on the wire (a server posts one payload's receive per worker), so a host's
+    servers times the workers on other hosts (``host_of``: a rank's host); without hosts,
+    every worker into one server."""
+    if host_of is None:
+        return len(workers)
+    return max((sum(host_of(s) == h for s in servers) * sum(host_of(w) != h for w in workers)
+                for h in {host_of(s) for s in servers}), default=0)

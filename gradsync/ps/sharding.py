@@ -34,20 +34,34 @@ import torch
 from ..comm.p2p import chunk_bounds
 
 DEFAULT_PARTITION_BYTES = 1 << 20   # when the link is not known
-PARTITION_TARGET_S = 0.005          # else: a partition crosses the slowest link in ~5 ms
+PARTITION_TARGET_S = 0.005          # else: a partition crosses the slowest link in ~5 ms,
 PARTITION_MIN_BYTES, PARTITION_MAX_BYTES = 64 << 10, 4 << 20
+# and the pushes heading into one link at once fit ~15 ms of it (at least 192 KiB), so that
+# the queue in front of it takes them whole (the lab's: 20 ms of the link, at least 256 KiB)
+FAN_IN_S, FAN_IN_MIN_BYTES, INCAST_MIN_BYTES = 0.015, 192 << 10, 16 << 10
 
 
-def partition_bytes_for(rate: float | None) -> int:
-    """The default partition size for links of ``rate`` bytes/s (None: unknown): about
-    5 ms on the link, within 64 KiB .. 4 MiB. The pipeline fills and drains with one
-    partition, which crosses a worker's link shared by k servers in k times that: smaller
-    partitions waste less (measured at 200 Mbit/s, 3 + 3 hosts, synthetic-mlp: 500 KB
-    partitions 1.84x the PS bound, 128 KiB 1.29x); each costs a few hundred microseconds of
-    Python on both sides, so not too small."""
+def partition_bytes_for(rate: float | None, fan_in: int = 1) -> int:
+    """The default partition size for links of ``rate`` bytes/s (None: unknown) where up to
+    ``fan_in`` pushes head into one link at once (``placement.fan_in``): about 5 ms on the
+    link, within 64 KiB .. 4 MiB, and smaller (down to 16 KiB) where ``fan_in`` of those
+    would not fit 15 ms of the link.
+
+    The pipeline fills and drains with one partition, which crosses a worker's link shared
+    by k servers in k times that: smaller partitions waste less (measured at 200 Mbit/s,
+    3 + 3 hosts, synthetic-mlp: 500 KB partitions 1.84x the PS bound, 128 KiB 1.29x); each
+    costs a few hundred microseconds of Python on both sides, so not too small. A server
+    has one push of every worker on its link at once (it posts one payload's receive per
+    worker, and gloo sends nothing before), and a host's link those of all its servers:
+    past what the queue in front of it holds, TCP loses packets to the incast and waits
+    (3 hosts x 2 ranks at 200 Mbit/s, digits-wide, one server and 4 workers elsewhere:
+    125 KB partitions 1,149 ms a step and about 1,000 segments resent per host, 94 KB 831
+    ms and 11-25; docs/benchmarks.md section 13)."""
     if not rate:
         return DEFAULT_PARTITION_BYTES
-    return int(min(max(rate * PARTITION_TARGET_S, PARTITION_MIN_BYTES), PARTITION_MAX_BYTES))
+    size = min(max(rate * PARTITION_TARGET_S, PARTITION_MIN_BYTES), PARTITION_MAX_BYTES)
+    budget = max(rate * FAN_IN_S, FAN_IN_MIN_BYTES) / max(fan_in, 1)
+    return int(max(min(size, budget), INCAST_MIN_BYTES))
 
 
 @dataclass(frozen=True)
