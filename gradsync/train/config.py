@@ -143,8 +143,9 @@ class PSConfig:
                                                      "ahead of the slowest"))
     partition_mb: float | None = field(default=None, metadata=_help(
         "largest partition of a shard (MiB), the unit a worker pushes and pulls while the "
-        "others are in flight (default: about 5 ms of the slowest known link, 1 MiB if none "
-        "is known)", flag="ps-partition-mb"))
+        "others are in flight (default: about 5 ms of the slowest known link, less where "
+        "the pushes heading into one host at once would not fit 15 ms of it; 1 MiB if no "
+        "link is known)", flag="ps-partition-mb"))
     layout: Literal[PS_LAYOUTS] = field(default="striped", metadata=_help(
         "how the partitions are dealt to the servers: striped (in turn, so every layer's "
         "gradients reach every server as backward produces them) or contiguous (server k "
