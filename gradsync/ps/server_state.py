@@ -40,8 +40,8 @@ def load_shard_state(server, state: dict[str, Any]) -> None:
     optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
     if have != got or len(optimizers) != len(have):
         raise ValueError(f"server {server.index}: the checkpoint's partitions are {got}, "
-                         f"this run's {have} (--ps-partition-mb, the links and the number "
-                         "of workers decide them; resume with the same)")
+                         f"this run's {have} (--ps-partition-mb, the links and the workers on "
+                         "other hosts decide them; resume with the same)")
     with torch.no_grad():
         for p, t in zip(server.params, parts):
             p.copy_(t)

@@ -34,10 +34,11 @@ import torch
 from ..comm.p2p import chunk_bounds
 
 DEFAULT_PARTITION_BYTES = 1 << 20   # when the link is not known
-PARTITION_TARGET_S = 0.005          # else: a partition crosses the slowest link in ~5 ms,
+PARTITION_TARGET_S = 0.005          # else: a partition crosses the slowest link in ~5 ms
 PARTITION_MIN_BYTES, PARTITION_MAX_BYTES = 64 << 10, 4 << 20
-# and the pushes heading into one link at once fit ~15 ms of it (at least 192 KiB), so that
-# the queue in front of it takes them whole (the lab's: 20 ms of the link, at least 256 KiB)
+# The pushes heading into one link at once fit ~15 ms of it (at least 192 KiB), so that the
+# queue in front of it takes them whole (the lab's: 20 ms of the link, at least 256 KiB);
+# for that a partition may go below PARTITION_MIN_BYTES, down to INCAST_MIN_BYTES.
 FAN_IN_S, FAN_IN_MIN_BYTES, INCAST_MIN_BYTES = 0.015, 192 << 10, 16 << 10
 
 
