@@ -255,6 +255,26 @@ def test_compressed_hooks_encode_in_backward_and_wait_a_hop_per_message():
     assert psgd.step_s == pytest.approx(2 * ms + (4 + 2) * ms + 2 * ms + 1 * ms)
 
 
+def test_gradsyncs_own_collectives_make_no_hand_off_to_gloos_thread():
+    """On shared cores a native collective hands over to gloo's thread and back (two
+    wake-ups, held in the hop constants fitted on native runs); a ring runs on the caller's
+    thread: PowerSGD's two all-reduces take 2 x 2 WAKE_S less. With a core per rank no
+    wake-up waits, and the two are level (same messages, alphas free)."""
+    from gradsync.comm.algorithms.registry import REGISTRY
+    from gradsync.comm.cost_model import CostModel
+    from gradsync.plan.shared import WAKE_S
+
+    free = CostModel({a: (0.0, 0.0) for a in REGISTRY}, gamma=0.0)
+    prof = _profile(codecs={"powersgd:2": (0.004, 0.01, 0.5)})
+    shared = Cluster((1e15,), procs_per_host=4, latency_s=0.0, cores=2)
+    alone = Cluster((1e15, 1e15), latency_s=0.0)
+    steps = {(c.cores, a): predict(prof, c, Candidate("allreduce", a, compression="powersgd:2"),
+                                   free).step_s
+             for c in (shared, alone) for a in ("native", "ring")}
+    assert steps[2, "native"] - steps[2, "ring"] == pytest.approx(4 * WAKE_S)
+    assert steps[None, "native"] == pytest.approx(steps[None, "ring"])
+
+
 def test_powersgd_splits_its_wire_between_its_two_all_reduces():
     """1 MB/s links, 2 hosts: a native all-reduce puts its bytes on the wire (2 (p-1)/p = 1x);
     the first all-reduce carries the recorded share of the wire (P and the vectors), the

@@ -35,7 +35,7 @@ from __future__ import annotations
 from ..comm.cost_model import CostModel, network_time, shape
 from .cluster import Cluster
 from .profile import Profile
-from .shared import fan, load, message_s
+from .shared import fan, handoff_saved_s, load, message_s
 
 HOOKED = ("topk", "powersgd")
 # On one host DataParallel's plain shm buckets live in shared memory and are reduced where
@@ -121,7 +121,8 @@ def collective_s(cluster: Cluster, algorithm: str, wire: float, count: int,
     # core, the others' bytes are still crossing theirs (A's bandwidth-bound rings measured
     # at their wire time, A's top-k below its bytes plus its hops; section 16), so the
     # longest of the three, not their sum.
-    hops = count * messages * message_s(cluster, alpha, fan(algorithm, p))
+    hops = count * max(0.0, messages * message_s(cluster, alpha, fan(algorithm, p))
+                       - handoff_saved_s(cluster, algorithm))
     return max(local, net, hops) + count * messages * latency
 
 

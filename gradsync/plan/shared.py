@@ -23,6 +23,9 @@ time and /proc/stat over a window of steps; docs/plan.md says which runs):
   the messages, not with the bytes, at the lab's sizes). It binds where the critical path
   is short and the messages many: the PS with k >= 2 servers on 5 ranks measured 5.07 ms a
   step at 9.6 ms of busy CPU on 2 cores, where its wire and hops predict 2.2 ms.
+
+And one correction to the first: the hop's constants were fitted on gloo's own collectives,
+which pay two thread hand-offs a collective that gradsync's do not (``handoff_saved_s``).
 """
 
 from __future__ import annotations
@@ -54,6 +57,19 @@ def message_s(cluster: Cluster, alpha: float, fan: int = 1) -> float:
     if s <= 1:
         return alpha
     return max(alpha, 2 * fan * s * ENDPOINT_CPU_S) + wake_s(cluster)
+
+
+def handoff_saved_s(cluster: Cluster, algorithm: str) -> float:
+    """What one collective of ``algorithm`` costs less than the hops say, on shared cores.
+    gloo's own collectives ("native", and the engine's all-gather) run on gloo's worker
+    thread: the caller hands each one over and waits to be handed it back, two wake-ups a
+    collective. gradsync's algorithms run on the caller's thread and make neither. The hop
+    constants were fitted on native runs, so they hold those two wake-ups; each finds the
+    cores taken, WAKE_S apiece. The sweep's one 5-host pair measured the difference
+    (native 10.95, ring 9.45 ms a step, one collective a step: 1.50 ms = 2 WAKE_S)."""
+    if cluster.slowdown() <= 1 or algorithm in ("native", "gather"):
+        return 0.0
+    return 2 * WAKE_S
 
 
 def load(cluster: Cluster) -> float | None:
