@@ -114,12 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         _interrupts_raise()
+        if "gradsync.launcher.zygote" in sys.modules:
+            sys.modules["gradsync.launcher.zygote"].discard()
 
 
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["run"]:  # a launcher: it starts without importing torch
         return _run(argv)
+    if _launches_local_ranks(argv):  # their zygote imports torch beside us (launcher/zygote.py)
+        from .launcher.zygote import prestart
+
+        prestart("gradsync")
     from .comm.engines import ENGINES
 
     try:  # every GRADSYNC_* variable, checked as flags are: one line, before anything starts
@@ -160,6 +166,28 @@ def _main(argv: list[str] | None) -> int:
 
         return _reported(rdzv_main, args)
     return _train(args)
+
+
+# Set under mpiexec or srun before gradsync adopts them as RANK and WORLD_SIZE.
+_MPI_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def _launches_local_ranks(argv: list[str]) -> bool:
+    """Whether this `gradsync train` most likely starts its ranks here through launch()
+    (read from the raw arguments: the flags' parser itself needs torch). A wrong guess
+    costs a zygote that is killed unused at exit."""
+    try:
+        wanted = env.zygote()
+    except ValueError:  # said by env.validate, next
+        return False
+    if not wanted or argv[:1] != ["train"] or under_launcher() or any(
+            v in os.environ for v in _MPI_RANK_VARIABLES):
+        return False
+    flags = {a.split("=")[0] for a in argv[1:]}
+    # --arch auto times the workload first: nothing may run beside it.
+    auto = "--arch=auto" in argv or any(a == "--arch" and b == "auto"
+                                        for a, b in zip(argv, argv[1:]))
+    return not auto and not flags & {"-h", "--help", "--lab", "--elastic"}
 
 
 def _reported(main, args: argparse.Namespace) -> int:

@@ -96,6 +96,21 @@ def check() -> bool:
     return value.lower() in _TRUE
 
 
+def zygote(environ: dict[str, str] | None = None) -> bool:
+    """GRADSYNC_ZYGOTE (in ``environ``, default this process's): whether the launcher forks
+    its ranks from one process that imported torch (default on; launcher/zygote.py).
+
+    Raises:
+        ValueError: not 0, 1, false or true.
+    """
+    value = (environ if environ is not None else os.environ).get("GRADSYNC_ZYGOTE", "")
+    if value.strip() == "":
+        return True
+    if value.lower() not in _TRUE + _FALSE:
+        raise _bad("GRADSYNC_ZYGOTE", value, "0 or 1 (or false, true)")
+    return value.lower() in _TRUE
+
+
 def log_level() -> str:
     """GRADSYNC_LOG: the level of gradsync's log, upper case (default WARNING).
 
@@ -150,5 +165,6 @@ def validate(engines: tuple[str, ...]) -> None:
     elastic_lost_s()
     stall_s(timeout / 4)
     check()
+    zygote()
     role()
     engine(engines)

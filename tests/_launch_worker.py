@@ -73,6 +73,9 @@ def main() -> None:
     keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
             "MASTER_PORT", "GRADSYNC_LAUNCHED", "GLOO_SOCKET_IFNAME", "GRADSYNC_TEST_EXTRA"]
     _write(out / f"env.{rank}.json", json.dumps({key: os.environ.get(key) for key in keys}))
+    _write(out / f"proc.{rank}.json", json.dumps({
+        "ppid": os.getppid(), "sid": os.getsid(0), "argv0": sys.argv[0],
+        "comm": Path("/proc/self/comm").read_text().strip()}))
     _write(out / f"pid.{rank}", str(os.getpid()))
 
     def others_ready() -> bool:

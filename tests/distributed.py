@@ -41,8 +41,9 @@ def scaled(seconds: float) -> float:
 
 _CTX = mp.get_context("forkserver")
 # pytest too: each worker imports the test module its function lives in, which imports
-# pytest (0.2 s of CPU per process, more than a small test's own work).
-_CTX.set_forkserver_preload(["torch", "numpy", "gradsync.comm", "pytest"])
+# pytest (0.2 s of CPU per process, more than a small test's own work); torch._dynamo,
+# which torch's optimizers import at their first call (2 s of CPU per process).
+_CTX.set_forkserver_preload(["torch", "torch._dynamo", "numpy", "gradsync.comm", "pytest"])
 
 
 def free_port() -> int:

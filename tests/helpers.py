@@ -100,12 +100,14 @@ def children(pid: int) -> list[int]:
 
 
 def rank_of(pid: int) -> int | None:
-    """RANK from the environment of process ``pid``."""
+    """RANK from the environment of process ``pid``, or from its name where the launcher
+    forked it from a zygote (``gradsync rN``: its /proc environment is the zygote's)."""
     env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     for item in env:
         if item.startswith(b"RANK="):
             return int(item[5:])
-    return None
+    name = Path(f"/proc/{pid}/comm").read_text().strip()
+    return int(name[len("gradsync r"):]) if name.startswith("gradsync r") else None
 
 
 def alive(pid: int) -> bool:

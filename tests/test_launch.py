@@ -21,6 +21,7 @@ import gradsync.launcher.supervise
 from gradsync.launcher import (LaunchError, LaunchResult, check_port_free, find_free_port,
                                launch)
 from tests.distributed import scaled
+from tests.helpers import children
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = "tests._launch_worker"
@@ -102,6 +103,25 @@ def test_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             "GLOO_SOCKET_IFNAME": "lo",
             "GRADSYNC_TEST_EXTRA": "x",
         }
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("zygote", ["1", "0"])
+def test_ranks_are_forked_from_a_zygote_unless_asked_not_to(tmp_path: Path, zygote: str) -> None:
+    """By default the ranks are forked from one process that imported the module (zygote.py)
+    and are still this process's children, each in its own session, named by rank;
+    GRADSYNC_ZYGOTE=0 executes each afresh. Either way the zygote is gone afterwards."""
+    env = {**WORKER_ENV, "GRADSYNC_ZYGOTE": zygote}
+    assert launch(["ok", str(tmp_path), "0"], 2, env=env, module=WORKER).returncode == 0
+    for rank in range(2):
+        seen = json.loads((tmp_path / f"proc.{rank}.json").read_text())
+        pid = int((tmp_path / f"pid.{rank}").read_text())
+        assert seen["ppid"] == os.getpid() and seen["sid"] == pid, seen
+        assert seen["argv0"].endswith("_launch_worker.py"), seen
+        assert (seen["comm"] == f"gradsync r{rank}") == (zygote == "1"), seen
+    left = [pid for pid in children(os.getpid())
+            if b"gradsync.launcher.zygote import" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert not left, left
 
 
 @pytest.mark.timeout(60)

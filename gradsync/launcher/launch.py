@@ -135,7 +135,9 @@ def launch(
     """Run ``python -m module *argv`` in ``nprocs`` worker processes and supervise them.
 
     Workers inherit stdout/stderr and run in their own process groups; each dies with the
-    launcher (PR_SET_PDEATHSIG). When a worker fails, the others get ``grace_s`` seconds
+    launcher (PR_SET_PDEATHSIG). They are forked from one process that imported ``module``
+    (and torch, for gradsync's own ranks) instead of each importing it again: zygote.py;
+    GRADSYNC_ZYGOTE=0 in ``env`` or the environment starts each as a fresh interpreter. When a worker fails, the others get ``grace_s`` seconds
     to exit on their own, then SIGTERM, then SIGKILL. SIGINT / SIGTERM sent to the launcher
     are forwarded to the workers. Every worker process group is killed before returning.
 
@@ -171,4 +173,5 @@ def launch(
     cmd = [sys.executable, "-m", module, *argv]
     envs = [worker_env(rank, nprocs, master_addr, master_port, env, restart=restart,
                        max_restarts=max_restarts) for rank in range(nprocs)]
-    return run_processes([cmd] * nprocs, envs, grace_s=grace_s, tolerate=frozenset(tolerate))
+    return run_processes([cmd] * nprocs, envs, grace_s=grace_s, tolerate=frozenset(tolerate),
+                         fork=True)

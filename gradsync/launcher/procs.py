@@ -51,11 +51,37 @@ class Exit:
 
 
 @dataclass
+class ForkedRank:
+    """The part of ``subprocess.Popen`` that the supervision uses, for a rank forked by a
+    zygote (zygote.py), a child of this process all the same."""
+
+    pid: int
+    args: list[str]
+    stdout: None = None
+    stderr: None = None
+    returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is not None:
+            return self.returncode
+        fd = os.pidfd_open(self.pid)
+        try:
+            ready = select.select([fd], [], [], timeout)[0]
+        finally:
+            os.close(fd)
+        if not ready:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+        _, status = os.waitpid(self.pid, 0)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+@dataclass
 class Worker:
     """The process of one rank."""
 
     rank: int
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | ForkedRank
     pidfd: int | None
     exit: Exit | None = None  # set once seen exited; the process stays unreaped till the end
 
@@ -93,6 +119,12 @@ def start(rank: int, cmd: list[str], env: dict[str, str], preexec: Callable[[], 
         start_new_session=True,
         preexec_fn=preexec,
     )
+    return adopt(rank, proc)
+
+
+def adopt(rank: int, proc: subprocess.Popen[bytes] | ForkedRank) -> Worker:
+    """The Worker of ``proc``, a child of this process in its own session (start, or a
+    rank that a zygote forked: zygote.py)."""
     try:
         pidfd: int | None = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):  # Linux < 5.3: poll_exits ticks instead

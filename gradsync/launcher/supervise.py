@@ -23,9 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
+from .. import env as gradsync_env
 from .. import exits
 from . import procs
 from .procs import Exit, Worker
+from . import zygote as zygotes
+from .zygote import common
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +133,20 @@ def _watchdog(workers: list[Worker], timeout_s: float, stop: threading.Event,
 
 
 def _start_all(cmds: list[list[str]], envs: list[dict[str, str]], workers: list[Worker],
-               piped: bool, in_main: bool) -> None:
+               piped: bool, in_main: bool, forked: bool = False) -> None:
     """Start every rank, appending each to ``workers`` as soon as it exists (so that the
-    caller's cleanup reaches the ranks already started if a later one fails)."""
+    caller's cleanup reaches the ranks already started if a later one fails); ``forked``:
+    fork the `python -m MODULE` ranks from a zygote that imported torch once."""
     # An interrupt inside Popen, after the fork, would lose a child we never learnt
     # about, so interrupts wait until every rank is recorded in `workers`.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS) if in_main else None
     try:
         preexec = procs.make_preexec(os.getpid(), mask)
+        if forked and not piped:
+            with zygotes.take(cmds[0][2], common(envs), preexec) as zygote:
+                for rank, (cmd, env) in enumerate(zip(cmds, envs)):
+                    workers.append(procs.adopt(rank, zygote.fork(cmd[3:], env)))
+            return
         for rank, (cmd, env) in enumerate(zip(cmds, envs)):
             workers.append(procs.start(rank, cmd, env, preexec, piped=piped))
     finally:
@@ -184,7 +193,7 @@ def _clean_up(workers: list[Worker], pumps: list[threading.Thread], in_main: boo
 
 def run_processes(cmds: list[list[str]], envs: list[dict[str, str]], *, grace_s: float = 5.0,
                   tolerate: frozenset[int] = frozenset(), timeout_s: float | None = None,
-                  on_line: OnLine | None = None) -> LaunchResult:
+                  on_line: OnLine | None = None, fork: bool = False) -> LaunchResult:
     """Run ``cmds[rank]`` with environment ``envs[rank]`` for every rank and supervise them.
 
     When a rank fails, the others get ``grace_s`` seconds to exit on their own, then
@@ -199,6 +208,9 @@ def run_processes(cmds: list[list[str]], envs: list[dict[str, str]], *, grace_s:
         timeout_s: stop every rank after this many seconds and return code 124.
         on_line: called for each output line, from a reader thread per stream, with stdin
             /dev/null; None: the ranks inherit stdin, stdout and stderr.
+        fork: every command is `python -m MODULE ...`, one module: fork the ranks from
+            one process that imported it (and for gradsync, torch: zygote.py), unless
+            GRADSYNC_ZYGOTE=0 or ``on_line``.
 
     Returns:
         A LaunchResult naming the root-cause rank and reason when a rank failed.
@@ -219,7 +231,9 @@ def run_processes(cmds: list[list[str]], envs: list[dict[str, str]], *, grace_s:
     stop, fired = threading.Event(), threading.Event()
     watchdog: threading.Thread | None = None
     try:
-        _start_all(cmds, envs, workers, on_line is not None, in_main)
+        forked = fork and gradsync_env.zygote(envs[0]) and all(
+            c[:2] == [sys.executable, "-m"] and c[2] == cmds[0][2] for c in cmds)
+        _start_all(cmds, envs, workers, on_line is not None, in_main, forked)
         # Threads start once every fork is done: preexec_fn runs Python in the forked child,
         # which must not find a lock held by another thread of ours.
         if on_line is not None:
