@@ -82,18 +82,22 @@ def stall_s(default: float) -> float:
     return seconds("GRADSYNC_STALL_S", default)
 
 
+def _flag(name: str, value: str | None, default: bool) -> bool:
+    """A yes/no variable's value: 0, 1, false or true (any case), ``default`` when unset."""
+    if value is None or value.strip() == "":
+        return default
+    if value.lower() not in _TRUE + _FALSE:
+        raise _bad(name, value, "0 or 1 (or false, true)")
+    return value.lower() in _TRUE
+
+
 def check() -> bool:
     """GRADSYNC_CHECK: whether every collective is verified across ranks (default off).
 
     Raises:
         ValueError: not 0, 1, false or true.
     """
-    value = _raw("GRADSYNC_CHECK")
-    if value is None:
-        return False
-    if value.lower() not in _TRUE + _FALSE:
-        raise _bad("GRADSYNC_CHECK", value, "0 or 1 (or false, true)")
-    return value.lower() in _TRUE
+    return _flag("GRADSYNC_CHECK", _raw("GRADSYNC_CHECK"), False)
 
 
 def zygote(environ: dict[str, str] | None = None) -> bool:
@@ -103,12 +107,8 @@ def zygote(environ: dict[str, str] | None = None) -> bool:
     Raises:
         ValueError: not 0, 1, false or true.
     """
-    value = (environ if environ is not None else os.environ).get("GRADSYNC_ZYGOTE", "")
-    if value.strip() == "":
-        return True
-    if value.lower() not in _TRUE + _FALSE:
-        raise _bad("GRADSYNC_ZYGOTE", value, "0 or 1 (or false, true)")
-    return value.lower() in _TRUE
+    return _flag("GRADSYNC_ZYGOTE", (os.environ if environ is None else environ).get(
+        "GRADSYNC_ZYGOTE"), True)
 
 
 def log_level() -> str:

@@ -34,6 +34,7 @@ import pytest
 import torch
 from torch import nn
 
+from gradsync.launcher.zygote import RANK_NAME
 from tests.distributed import scaled
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,25 +101,19 @@ def children(pid: int) -> list[int]:
 
 
 def rank_of(pid: int) -> int | None:
-    """RANK from the environment of process ``pid``, or from its name where the launcher
-    forked it from a zygote (``gradsync rN``: its /proc environment is the zygote's)."""
-    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    for item in env:
+    """RANK from ``pid``'s environment, or from the name a zygote gives a forked rank."""
+    for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
         if item.startswith(b"RANK="):
             return int(item[5:])
     name = Path(f"/proc/{pid}/comm").read_text().strip()
-    return int(name[len("gradsync r"):]) if name.startswith("gradsync r") else None
+    return int(name.removeprefix(RANK_NAME)) if name.startswith(RANK_NAME) else None
 
 
 def alive(pid: int) -> bool:
     """False once ``pid`` is gone or a zombie (dead, not yet reaped by its parent)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # (ESRCH: it exited as we read)
         return False
 
 

@@ -137,7 +137,8 @@ def launch(
     Workers inherit stdout/stderr and run in their own process groups; each dies with the
     launcher (PR_SET_PDEATHSIG). They are forked from one process that imported ``module``
     (and torch, for gradsync's own ranks) instead of each importing it again: zygote.py;
-    GRADSYNC_ZYGOTE=0 in ``env`` or the environment starts each as a fresh interpreter. When a worker fails, the others get ``grace_s`` seconds
+    GRADSYNC_ZYGOTE=0 in ``env`` or the environment starts each as a fresh interpreter.
+    When a worker fails, the others get ``grace_s`` seconds
     to exit on their own, then SIGTERM, then SIGKILL. SIGINT / SIGTERM sent to the launcher
     are forwarded to the workers. Every worker process group is killed before returning.
 

@@ -42,6 +42,7 @@ from .procs import ForkedRank, make_preexec
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+RANK_NAME = "gradsync r"  # + RANK: a forked rank's name (comm), for `top` and `ps -o comm`
 # Resolved here, before any fork: a forked child must not load a library.
 _libc = ctypes.CDLL(None, use_errno=True)
 # What a `gradsync train` rank imports before its first step (most of its start-up time):
@@ -107,6 +108,9 @@ class Zygote:
             raise OSError(f"the zygote could not start a rank: {reply.get('error')}")
         return ForkedRank(reply["pid"], [sys.executable, "-m", self.module, *argv])
 
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
     def kill(self) -> None:
         self._proc.kill()
         self.close()
@@ -144,7 +148,7 @@ def take(module: str, env: dict[str, str], preexec) -> Zygote:
     """The prestarted zygote of ``module`` if there is one, else a new one."""
     global _prestarted
     ready, _prestarted = _prestarted, None
-    if ready is not None and ready.module == module and ready._proc.poll() is None:
+    if ready is not None and ready.module == module and ready.alive():
         return ready
     if ready is not None:
         ready.kill()
@@ -222,7 +226,7 @@ def main() -> None:
         # OpenMP read the zygote's environment when torch loaded; the rank's is this one.
         sys.modules["torch"].set_num_threads(max(1, int(job["env"]["OMP_NUM_THREADS"])))
     # `top` and `ps -o comm` tell the ranks apart (the command line is the zygote's).
-    name = f"gradsync r{job['env'].get('RANK', '')}"[:15].encode()
+    name = f"{RANK_NAME}{job['env'].get('RANK', '')}"[:15].encode()
     _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
     sys.argv = [job["module"], *job["argv"]]  # runpy puts the module's file first
     import runpy
