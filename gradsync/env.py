@@ -51,6 +51,14 @@ def seconds(name: str, default: float) -> float:
     return number
 
 
+def cache_dir() -> str:
+    """GRADSYNC_CACHE (default $XDG_CACHE_HOME/gradsync, else ~/.cache/gradsync): where
+    gradsync keeps what it can compute again (the digits arrays, the planner's figures of
+    this machine)."""
+    return _raw("GRADSYNC_CACHE") or os.path.join(
+        _raw("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gradsync")
+
+
 def timeout_s(default: float) -> float:
     """GRADSYNC_TIMEOUT: seconds any blocking communication may wait."""
     return seconds("GRADSYNC_TIMEOUT", default)

@@ -226,12 +226,10 @@ def test_compressed_hooks_encode_in_backward_and_wait_a_hop_per_message():
     no CPU floor (the lab's), the hooks' shape alone."""
     from gradsync.comm.algorithms.registry import REGISTRY
     from gradsync.comm.cost_model import CostModel
-    from gradsync.plan.shared import ENDPOINT_CPU_S, WAKE_S
-
     free = CostModel({a: (0.0, 0.0) for a in REGISTRY}, gamma=0.0)
     prof = _profile(codecs={"powersgd:2": (0.004, 0.01, 0.5), "topk:0.01": (0.004, 0.03, 1.0)})
-    h, ms = 4 * ENDPOINT_CPU_S + WAKE_S / 2, 1e-3
     shared = Cluster((1e15,), procs_per_host=4, latency_s=0.0, cores=2)
+    h, ms = 4 * shared.machine.endpoint_cpu_s + shared.machine.wake_s / 2, 1e-3
     # PowerSGD: calls 1 + 3 ms inside an 8 ms backward; the last call (at 12 ms) starts the
     # all-reduce of every P; after it the whole decode (4 ms) and Q's all-reduce: two
     # collectives a step, whatever the buckets.
@@ -262,8 +260,6 @@ def test_gradsyncs_own_collectives_make_no_hand_off_to_gloos_thread():
     wake-up waits, and the two are level (same messages, alphas free)."""
     from gradsync.comm.algorithms.registry import REGISTRY
     from gradsync.comm.cost_model import CostModel
-    from gradsync.plan.shared import WAKE_S
-
     free = CostModel({a: (0.0, 0.0) for a in REGISTRY}, gamma=0.0)
     prof = _profile(codecs={"powersgd:2": (0.004, 0.01, 0.5)})
     shared = Cluster((1e15,), procs_per_host=4, latency_s=0.0, cores=2)
@@ -271,7 +267,7 @@ def test_gradsyncs_own_collectives_make_no_hand_off_to_gloos_thread():
     steps = {(c.cores, a): predict(prof, c, Candidate("allreduce", a, compression="powersgd:2"),
                                    free).step_s
              for c in (shared, alone) for a in ("native", "ring")}
-    assert steps[2, "native"] - steps[2, "ring"] == pytest.approx(4 * WAKE_S)
+    assert steps[2, "native"] - steps[2, "ring"] == pytest.approx(4 * shared.machine.wake_s)
     assert steps[None, "native"] == pytest.approx(steps[None, "ring"])
 
 
@@ -330,24 +326,24 @@ def test_lab_runs_procs_per_host_ranks_on_each_host(monkeypatch):
                          "--procs-per-host", "2"]
 
 
-def test_a_lab_step_is_at_least_every_ranks_cpu_over_the_cores(monkeypatch):
+def test_a_lab_step_is_at_least_every_ranks_cpu_over_the_cores():
     """5 lab hosts on 2 cores, links, alphas and the wake-up free: tiny messages, so the
     step is the CPU budget, (5 x (profiled step + the loop) + 5 x 8 x 2 message ends) / 2
     cores for a native all-reduce of one bucket (8 messages a rank on its critical path,
     each sent and received); a real cluster (no shared cores) has no such floor."""
     from gradsync.comm.algorithms.registry import REGISTRY
     from gradsync.comm.cost_model import CostModel
-    from gradsync.plan import shared
-    from gradsync.plan.shared import ENDPOINT_CPU_S, LOOP_CPU_S
+    from gradsync.plan.machine import SharedCores
 
-    monkeypatch.setattr(shared, "WAKE_S", 0.0)
     free = CostModel({a: (0.0, 0.0) for a in REGISTRY}, gamma=0.0)
     ms = 1e-3
     prof = _profile(forward_s=0.0, backward_s=0.1 * ms, optimizer_s=0.0,
                     grads=[(0.1 * ms, 1000)])
-    lab = Cluster((1e15,) * 5, latency_s=0.0, cores=2)
+    m = SharedCores(endpoint_cpu_s=0.2 * ms, ps_endpoint_cpu_s=0.3 * ms, loop_cpu_s=0.9 * ms,
+                    wake_s=0.0)
+    lab = Cluster((1e15,) * 5, latency_s=0.0, cores=2, machine=m)
     pred = predict(prof, lab, Candidate("allreduce", "native"), free)
-    floor = (5 * (0.1 * ms + LOOP_CPU_S) + 5 * 8 * 2 * ENDPOINT_CPU_S) / 2
+    floor = (5 * (0.1 * ms + 0.9 * ms) + 5 * 8 * 2 * 0.2 * ms) / 2
     assert pred.step_s == pytest.approx(floor) and pred.bottleneck.startswith("CPU")
     real = predict(prof, Cluster((1e15,) * 5, latency_s=0.0), Candidate("allreduce", "native"),
                    free)

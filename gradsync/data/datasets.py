@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
+from ..env import cache_dir
+
 # Directories of the standard library tree that are not part of the corpus: installed
 # third-party packages (they differ between machines) and test suites (huge, repetitive).
 _SKIPPED_DIRS = frozenset(
@@ -55,11 +57,6 @@ def load_digits(
     )
 
 
-def _cache_dir() -> str:
-    return os.environ.get("GRADSYNC_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gradsync")
-
-
 def _digits_split(seed: int, test_fraction: float):
     """(pixels (N, 64), target (N,), train indices, test indices) as numpy arrays.
 
@@ -70,7 +67,7 @@ def _digits_split(seed: int, test_fraction: float):
     """
     import numpy as np
 
-    path = os.path.join(_cache_dir(), f"digits-seed{seed}-test{test_fraction!r}.npz")
+    path = os.path.join(cache_dir(), f"digits-seed{seed}-test{test_fraction!r}.npz")
     try:
         with np.load(path, allow_pickle=False) as cached:
             return (cached["pixels"], cached["target"], cached["train_idx"],

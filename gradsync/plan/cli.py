@@ -40,6 +40,9 @@ class PlanConfig:
     lab: bool = field(default=False, metadata=_help(
         "the cluster is `gradsync lab`'s on this machine: its ranks share these cores, and "
         "--validate runs there"))
+    calibrate: bool = field(default=False, metadata=_help(
+        "with --lab: first measure this machine's shared-core constants in a short lab sweep "
+        "(root; a minute or two) and keep them for later plans (docs/plan.md)"))
     compression: bool = field(default=True, metadata=_help("also rank compressed configurations"))
     arch: Literal["any", "allreduce", "ps"] = field(default="any", metadata=_help(
         "rank only this architecture's configurations"))
@@ -60,6 +63,9 @@ class PlanConfig:
             raise ValueError("--hosts, --procs-per-host and --top must be >= 1, --steps >= 5")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, not {self.batch_size}")
+        if self.calibrate and not self.lab:
+            raise ValueError("--calibrate measures the constants of a lab on this machine: "
+                             "add --lab")
         if self.validate and self.hosts > 1 and not self.lab:
             raise ValueError("--validate runs on this machine (--hosts 1) or in a lab (--lab)")
 
@@ -73,6 +79,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _calibrate() -> None:
+    """Measure and keep this machine's shared-core constants (calibrate.py)."""
+    from .calibrate import calibrate
+    from .machine import cache_path
+
+    try:
+        machine = calibrate()
+    except RuntimeError as exc:
+        raise UserError(f"--calibrate: {exc}") from None
+    machine.save(cache_path())
+    print(f"# kept in {cache_path()}\n")
+
+
 def main(args: argparse.Namespace) -> int:
     from .cluster import Cluster
     from .predict import candidates, rank
@@ -80,6 +99,8 @@ def main(args: argparse.Namespace) -> int:
     from .report import emit_flags, print_scaling, print_table
 
     config = config_from_args(PlanConfig, args)
+    if config.calibrate:
+        _calibrate()
     try:
         cluster = Cluster.parse(config.hosts, config.procs_per_host, config.rate, config.rates,
                                 config.latency_us, shared=config.lab or config.hosts == 1)

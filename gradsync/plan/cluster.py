@@ -5,6 +5,8 @@ Described on the command line (``--hosts 64 --procs-per-host 8 --rate 10gbit --l
 topology --save`, or the lab's links). ``cores``: the CPU cores every rank of the cluster
 shares, when they share one machine (the lab: its hosts are namespaces of this machine), so
 that compute slows down when more ranks than cores run; None on a real cluster.
+``machine``: what a message end, a loop and a wake-up cost on those cores (machine.py:
+this machine's calibrated figures where `gradsync plan --lab --calibrate` saved them).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ..comm.topology import HostLink, Topology
+from .machine import DEFAULT, SharedCores, here
 
 
 # A link's rate counts every byte of a frame; TCP's payload is 1448 of each full frame's 1514
@@ -30,6 +33,7 @@ class Cluster:
     latency_s: float = 50e-6
     """One-way latency of a message between hosts."""
     cores: int | None = None
+    machine: SharedCores = DEFAULT
 
     def __post_init__(self) -> None:
         if not self.rates or min(self.rates) <= 0:
@@ -84,7 +88,7 @@ class Cluster:
         except LabError as exc:
             raise ValueError(str(exc)) from None
         return cls(parsed, procs_per_host, latency_us * 1e-6,
-                   os.cpu_count() if shared else None)
+                   os.cpu_count() if shared else None, here() if shared else DEFAULT)
 
     @classmethod
     def from_topology(cls, topology: Topology, latency_us: float = 50.0,
@@ -93,4 +97,5 @@ class Cluster:
             raise ValueError("the topology must give every host a rate and the same number "
                              "of ranks")
         return cls(tuple(h.rate for h in topology.hosts), topology.ranks_per_host,
-                   latency_us * 1e-6, os.cpu_count() if shared else None)
+                   latency_us * 1e-6, os.cpu_count() if shared else None,
+                   here() if shared else DEFAULT)

@@ -46,7 +46,7 @@ from .cluster import Cluster
 from .hooks import SHM_HOOK_TRAFFIC, collective_s, critical_messages, hook_step, hooked
 from .loaded import stretched
 from .profile import Profile
-from .shared import collective_ends, cpu_floor_s, fan, load, wake_s
+from .shared import CpuWork, collective_ends, cpu_floor_s, fan, load, wake_s
 
 PS_MESSAGE_S = 150e-6  # a push or a reply handled in Python, each end (fitted: docs/plan.md)
 HALF_CASTS = ("fp16", "bf16")
@@ -135,8 +135,9 @@ def predict(profile: Profile, cluster: Cluster, cand: Candidate,
         bottleneck = ("compute" if exposed < 0.05 * (f + end + opt)
                       else _link_bottleneck(cluster, cand) if frac * profile.grad_bytes
                       / min(cluster.rates) > 0.5 * (end - backward) else "latency (messages)")
+        floor = cpu_floor_s(cluster, cpu_work(profile, cluster, cand, cost))
         return _floored(Prediction(cand, workers, f + end + opt, f + b + opt, exposed,
-                                   bottleneck), _cpu_floor(profile, cluster, cand, cost))
+                                   bottleneck), floor)
     if cand.arch == "allreduce":
         chunks = profile.chunks(cand.bucket_mb * (1 << 20))
         timed = [(r * slow, _all_reduce_s(cluster, cand, n, frac, cost, slow)
@@ -154,7 +155,7 @@ def predict(profile: Profile, cluster: Cluster, cand: Candidate,
     if exposed < 0.05 * step:
         bottleneck = "compute"
     return _floored(Prediction(cand, workers, step, f + b + opt, exposed, bottleneck),
-                    _cpu_floor(profile, cluster, cand, cost))
+                    cpu_floor_s(cluster, cpu_work(profile, cluster, cand, cost)))
 
 
 def _codec_s(profile: Profile, cluster: Cluster, cand: Candidate) -> float:
@@ -173,22 +174,21 @@ def _floored(pred: Prediction, floor: float) -> Prediction:
                    bottleneck="CPU (ranks sharing cores)")
 
 
-def _cpu_floor(profile: Profile, cluster: Cluster, cand: Candidate, cost: CostModel
-               ) -> float:
-    """All ranks' CPU per step over the cores they share, in a lab (shared.cpu_floor_s):
-    each worker's profiled step and codec, the servers' sums and optimizer, and the message
-    ends of the step's collectives (PS: a push and a reply per worker and partition)."""
+def cpu_work(profile: Profile, cluster: Cluster, cand: Candidate, cost: CostModel
+             = DEFAULT_COST_MODEL) -> CpuWork | None:
+    """All ranks' CPU per step in a lab (shared.py's budget): each worker's profiled step
+    and codec, the servers' sums and optimizer, and the message ends of the step's
+    collectives (PS: a push and a reply per worker and partition)."""
     if not cluster.cores or cluster.hosts == 1:
-        return 0.0  # one host: shared memory and loopback, the cost model's own terms
+        return None  # one host: shared memory and loopback, the cost model's own terms
     p, G = cluster.ranks, profile.grad_bytes
     codec_s = _codec_s(profile, cluster, cand)
     if cand.arch == "ps":
         workers = p - cand.servers
         share = math.ceil(G / cand.servers / _partition_bytes(cluster, cand.servers))
         partitions = cand.servers * share  # each server's shard cut into partitions
-        return cpu_floor_s(cluster, profile.compute_s - profile.optimizer_s + codec_s, workers,
-                           workers * G * cost.gamma + profile.optimizer_s,
-                           4 * workers * partitions)
+        return CpuWork(profile.compute_s - profile.optimizer_s + codec_s, workers,
+                       workers * G * cost.gamma + profile.optimizer_s, 4 * workers * partitions)
     algo = cand.algorithm if cand.algorithm in REGISTRY else "native"
     buckets = len(profile.buckets(cand.bucket_mb * (1 << 20)))
     if cand.compression.startswith("topk"):
@@ -197,7 +197,7 @@ def _cpu_floor(profile: Profile, cluster: Cluster, cand: Candidate, cost: CostMo
         count = 2 if cand.compression.startswith("powersgd") else buckets
         messages = critical_messages(cluster, algo, shape(algo, G / count, p)[0])
         ends = count * collective_ends(messages * fan(algo, p), p)
-    return cpu_floor_s(cluster, profile.compute_s + codec_s, p, 0.0, ends)
+    return CpuWork(profile.compute_s + codec_s, p, 0.0, ends)
 
 
 def _partition_bytes(cluster: Cluster, servers: int) -> int:

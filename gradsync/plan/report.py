@@ -18,6 +18,8 @@ def print_table(profile: Profile, cluster: Cluster, preds: list[Prediction]) -> 
     print(f"# cluster: {cluster.describe()}"
           + (f"; {cluster.ranks} ranks share {cluster.cores} cores (compute x{slow:.2f})"
              if slow > 1 else ""))
+    if cluster.cores:
+        print(f"# shared-core constants: {cluster.machine.source}")
     print(f"{'':3}{'configuration':28} {'workers':>7} {'step ms':>9} {'samples/s':>10} "
           f"{'exposed ms':>10}  bottleneck")
     for i, p in enumerate(preds, 1):

@@ -26,25 +26,17 @@ time and /proc/stat over a window of steps; docs/plan.md says which runs):
 
 And one correction to the first: the hop's constants were fitted on gloo's own collectives,
 which pay two thread hand-offs a collective that gradsync's do not (``handoff_saved_s``).
+
+The constants named here in capitals are the machine's, not gradsync's: ``cluster.machine``
+(machine.py; ENDPOINT_CPU_S is its ``endpoint_cpu_s``, and so on), which `gradsync plan
+--lab --calibrate` measures.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from .cluster import Cluster
-
-# CPU per message end (a send or a receive, the kernel's forwarding through the lab's bridge
-# included): the lab runs' busy CPU beyond the workers' steps and loops, over their message
-# ends; medians of the 2, 3, 4 and 6-host runs at 1 Gbit (docs/plan.md), gloo's collectives
-# and the PS's own messages separately.
-ENDPOINT_CPU_S = 0.14e-3
-PS_ENDPOINT_CPU_S = 0.21e-3
-# CPU per step of the training loop outside the profiled step, per worker: a one-rank run's
-# user time per step (1.19 ms) less its profile's compute (0.41 ms) (docs/plan.md).
-LOOP_CPU_S = 0.78e-3
-# A woken receiver's wait for a core when every core is taken: fitted to the step times of
-# the 2, 3, 4 and 6-host runs (docs/plan.md), not to the settings section 16 scores.
-WAKE_S = 0.75e-3
-
 
 def message_s(cluster: Cluster, alpha: float, fan: int = 1) -> float:
     """One message on a collective's critical path. With a core per rank: its alpha. With s
@@ -56,7 +48,7 @@ def message_s(cluster: Cluster, alpha: float, fan: int = 1) -> float:
     s = cluster.slowdown()
     if s <= 1:
         return alpha
-    return max(alpha, 2 * fan * s * ENDPOINT_CPU_S) + wake_s(cluster)
+    return max(alpha, 2 * fan * s * cluster.machine.endpoint_cpu_s) + wake_s(cluster)
 
 
 def handoff_saved_s(cluster: Cluster, algorithm: str) -> float:
@@ -69,7 +61,7 @@ def handoff_saved_s(cluster: Cluster, algorithm: str) -> float:
     (native 10.95, ring 9.45 ms a step, one collective a step: 1.50 ms = 2 WAKE_S)."""
     if cluster.slowdown() <= 1 or algorithm in ("native", "gather"):
         return 0.0
-    return 2 * WAKE_S
+    return 2 * cluster.machine.wake_s
 
 
 def load(cluster: Cluster) -> float | None:
@@ -84,20 +76,35 @@ def load(cluster: Cluster) -> float | None:
 def wake_s(cluster: Cluster) -> float:
     """A message's expected wait for its receiver to get a core (0 with a core per rank)."""
     s = cluster.slowdown()
-    return WAKE_S * (1 - 1 / s) if s > 1 else 0.0
+    return cluster.machine.wake_s * (1 - 1 / s) if s > 1 else 0.0
 
 
-def cpu_floor_s(cluster: Cluster, worker_cpu_s: float, workers: int, server_cpu_s: float,
-                message_ends: float) -> float:
+class CpuWork(NamedTuple):
+    """All ranks' CPU work in one step, as the budget counts it."""
+
+    worker_s: float
+    """One worker's profiled step with its codec, unscaled."""
+    workers: int
+    server_s: float
+    """Every server's work together (0 for All-Reduce)."""
+    message_ends: float
+
+
+def cpu_floor_s(cluster: Cluster, work: CpuWork | None) -> float:
     """The shortest step all ranks' CPU work allows on the shared cores (0 on a real
     cluster, where each rank has its own): (workers x (their step + the loop) + the servers'
-    work + message ends x ENDPOINT_CPU_S) / cores. ``worker_cpu_s``: one worker's profiled
-    step with its codec, unscaled; ``server_cpu_s``: every server's work together."""
-    if not cluster.cores:
+    work + message ends x ENDPOINT_CPU_S) / cores."""
+    if not cluster.cores or work is None:
         return 0.0
-    endpoint = PS_ENDPOINT_CPU_S if server_cpu_s else ENDPOINT_CPU_S
-    total = workers * (worker_cpu_s + LOOP_CPU_S) + server_cpu_s + message_ends * endpoint
-    return total / cluster.cores
+    m = cluster.machine
+    endpoint = m.ps_endpoint_cpu_s if work.server_s else m.endpoint_cpu_s
+    return (busy_beyond_ends_s(work, m.loop_cpu_s) + work.message_ends * endpoint) / cluster.cores
+
+
+def busy_beyond_ends_s(work: CpuWork, loop_cpu_s: float) -> float:
+    """The budget's CPU other than the message ends: the workers' steps and loops and the
+    servers' work (what calibrate.py subtracts from a run's busy CPU)."""
+    return work.workers * (work.worker_s + loop_cpu_s) + work.server_s
 
 
 def collective_ends(messages: float, ranks: int) -> float:
