@@ -32,7 +32,7 @@ from typing import Callable
 
 from .cluster import Cluster
 from .cpuwindow import run_accounted
-from .machine import SharedCores
+from .machine import DEFAULT, SharedCores
 from .predict import Candidate, cpu_work, predict
 from .profile import Profile, measure
 from .report import lab_flags, workload_flags
@@ -76,7 +76,8 @@ def calibrate(steps: int = 300, say: Callable[[str], None] = print,
     m = SharedCores(endpoint, ps_endpoint, loop, 0.0,
                     source=f"calibrated here, {time.strftime('%Y-%m-%d %H:%M')}")
     loaded = [r for r in runs if r.cluster.slowdown() > 1]
-    wake = min(WAKE_GRID_S, key=lambda w: _error(profile, loaded, replace(m, wake_s=w)))
+    wake = (min(WAKE_GRID_S, key=lambda w: _error(profile, loaded, replace(m, wake_s=w)))
+            if loaded else DEFAULT.wake_s)  # a core for every rank: no rank waits for one
     m = replace(m, wake_s=wake)
     _say_fit(profile, runs, m, say)
     return m

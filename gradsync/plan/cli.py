@@ -5,6 +5,7 @@ cluster, predicted from one local measurement.
     gradsync plan --workload synthetic-mlp --hosts 64 --procs-per-host 8 --rate 10gbit --scaling
     gradsync plan --lab --hosts 3 --rate 100mbit --emit flags      # the best one's flags
     gradsync plan --lab --hosts 3 --rate 100mbit --validate --top 5  # run them (root)
+    gradsync plan --lab --calibrate --hosts 3 --rate 100mbit         # this machine's constants
 
 The model: predict.py; the measurement: profile.py; docs/plan.md.
 """
