@@ -21,7 +21,7 @@ from gradsync.plan.shared import busy_beyond_ends_s
 
 MS = 1e-3
 TRUE = SharedCores(endpoint_cpu_s=0.1 * MS, ps_endpoint_cpu_s=0.4 * MS, loop_cpu_s=0.3 * MS,
-                   wake_s=2.0 * MS, source="the test's")
+                   wake_s=2.0 * MS, source="the test's", own_endpoint_cpu_s=0.07 * MS)
 
 
 def _profile() -> Profile:
@@ -46,7 +46,7 @@ def _fake_run(profile: Profile):
                 else Candidate("allreduce", flag["--algorithm"]))
         lab = Cluster.parse(hosts, 1, "1gbit", shared=True)
         work = cpu_work(profile, lab, cand)
-        endpoint = TRUE.ps_endpoint_cpu_s if cand.arch == "ps" else TRUE.endpoint_cpu_s
+        endpoint = TRUE.endpoint_s(work.algorithm)
         return {"busy": busy_beyond_ends_s(work, TRUE.loop_cpu_s) + work.message_ends * endpoint,
                 "median_step": predict(profile, replace(lab, machine=TRUE), cand).step_s}
     return run
@@ -60,6 +60,7 @@ def test_the_sweep_gives_back_the_constants_that_made_its_runs(monkeypatch, tmp_
     said = []
     got = cal.calibrate(profile=profile, say=said.append)
     assert got.endpoint_cpu_s == pytest.approx(TRUE.endpoint_cpu_s)
+    assert got.own_endpoint_cpu_s == pytest.approx(TRUE.own_endpoint_cpu_s)
     assert got.ps_endpoint_cpu_s == pytest.approx(TRUE.ps_endpoint_cpu_s)
     assert got.loop_cpu_s == pytest.approx(TRUE.loop_cpu_s)
     assert got.wake_s == pytest.approx(TRUE.wake_s)  # fitted to the step times

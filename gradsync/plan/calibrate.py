@@ -11,6 +11,8 @@ its steps (cpuwindow.py):
 - native All-Reduce on 2, 4 and 6 hosts: ``endpoint_cpu_s`` = the median over the runs of
   (the machine's busy CPU per step - workers x (profiled step + loop)) / message ends,
   with the ends the model's own (predict.cpu_work);
+- gradsync's ring on 4 and 6 hosts: ``own_endpoint_cpu_s``, the same for gradsync's own
+  collectives (on the caller's thread: no hand-off to gloo's);
 - the Parameter Server with one server on 4 and 6 hosts: ``ps_endpoint_cpu_s``, the same
   with the server's sums and optimizer also subtracted;
 - ``wake_s``, the one constant no CPU account gives (how long a woken rank waits for a
@@ -40,7 +42,7 @@ from .shared import busy_beyond_ends_s
 
 WORKLOAD, RATE = "digits-mlp", "1gbit"
 ALLREDUCE_HOSTS = (2, 4, 6)
-PS_HOSTS = (4, 6)
+OWN_HOSTS = PS_HOSTS = (4, 6)
 WAKE_GRID_S = [i * 0.05e-3 for i in range(101)]  # 0 .. 5 ms
 
 
@@ -70,11 +72,16 @@ def calibrate(steps: int = 300, say: Callable[[str], None] = print,
         f"{1e3 * loop:.3f} ms of CPU beyond the profiled {1e3 * profile.compute_s:.3f}")
     runs = [_run(profile, Candidate("allreduce", "native"), h, steps, say)
             for h in ALLREDUCE_HOSTS]
+    runs += [_run(profile, Candidate("allreduce", "ring"), h, steps, say) for h in OWN_HOSTS]
     runs += [_run(profile, Candidate("ps", servers=1), h, steps, say) for h in PS_HOSTS]
-    endpoint = _ends_cost(profile, [r for r in runs if r.candidate.arch == "allreduce"], loop)
-    ps_endpoint = _ends_cost(profile, [r for r in runs if r.candidate.arch == "ps"], loop)
-    m = SharedCores(endpoint, ps_endpoint, loop, 0.0,
-                    source=f"calibrated here, {time.strftime('%Y-%m-%d %H:%M')}")
+
+    def ends_cost(arch: str, algorithm: str) -> float:
+        return _ends_cost(profile, [r for r in runs if r.candidate.arch == arch
+                                    and r.candidate.algorithm == algorithm], loop)
+
+    m = SharedCores(ends_cost("allreduce", "native"), ends_cost("ps", "native"), loop, 0.0,
+                    source=f"calibrated here, {time.strftime('%Y-%m-%d %H:%M')}",
+                    own_endpoint_cpu_s=ends_cost("allreduce", "ring"))
     loaded = [r for r in runs if r.cluster.slowdown() > 1]
     wake = (min(WAKE_GRID_S, key=lambda w: _error(profile, loaded, replace(m, wake_s=w)))
             if loaded else DEFAULT.wake_s)  # a core for every rank: no rank waits for one
@@ -114,9 +121,11 @@ def _say_fit(profile: Profile, runs: list[Run], fitted: SharedCores, say) -> Non
     """The constants beside the ones they replace, and each run's predicted step with
     both."""
     before = runs[0].cluster.machine
-    for name in ("endpoint_cpu_s", "ps_endpoint_cpu_s", "loop_cpu_s", "wake_s"):
-        say(f"{name:18} {1e3 * getattr(before, name):6.3f} ms -> "
-            f"{1e3 * getattr(fitted, name):6.3f} ms")
+    for name in ("endpoint_cpu_s", "own_endpoint_cpu_s", "ps_endpoint_cpu_s", "loop_cpu_s",
+                 "wake_s"):
+        was = getattr(before, name)
+        was = before.endpoint_cpu_s if was is None else was  # own: as gloo's
+        say(f"{name:18} {1e3 * was:6.3f} ms -> {1e3 * getattr(fitted, name):6.3f} ms")
     say(f"{'run':28} {'measured':>9} {'before':>9} {'after':>9}  (ms a step)")
     for r in runs:
         was, now = (predict(profile, replace(r.cluster, machine=m), r.candidate).step_s

@@ -121,7 +121,7 @@ def collective_s(cluster: Cluster, algorithm: str, wire: float, count: int,
     # core, the others' bytes are still crossing theirs (A's bandwidth-bound rings measured
     # at their wire time, A's top-k below its bytes plus its hops; section 16), so the
     # longest of the three, not their sum.
-    hops = count * max(0.0, messages * message_s(cluster, alpha, fan(algorithm, p))
+    hops = count * max(0.0, messages * message_s(cluster, alpha, fan(algorithm, p), algorithm)
                        - handoff_saved_s(cluster, algorithm))
     return max(local, net, hops) + count * messages * latency
 

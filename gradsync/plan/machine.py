@@ -38,6 +38,18 @@ class SharedCores:
     """A woken receiver's wait for a core when every core is taken."""
     source: str = "defaults"
     """Where the figures come from, said in the plan's header."""
+    own_endpoint_cpu_s: float | None = None
+    """CPU per message end of gradsync's own collectives (ring, aware, hierarchical), which
+    run on the caller's thread; None: as gloo's (``endpoint_cpu_s``)."""
+
+    def endpoint_s(self, algorithm: str) -> float:
+        """CPU per message end of ``algorithm``'s messages: "ps" (the PS's own), gloo's
+        ("native", "gather": the engine's all-gather), or one of gradsync's own."""
+        if algorithm == "ps":
+            return self.ps_endpoint_cpu_s
+        if algorithm in ("native", "gather") or self.own_endpoint_cpu_s is None:
+            return self.endpoint_cpu_s
+        return self.own_endpoint_cpu_s
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +65,7 @@ class SharedCores:
             if raw.pop("machine", None) != fingerprint():
                 log.warning("%s was measured on another machine; using the defaults", path)
                 return None
-            return cls(**{f.name: raw[f.name] for f in fields(cls)})
+            return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError, KeyError) as exc:

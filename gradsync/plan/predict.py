@@ -188,7 +188,8 @@ def cpu_work(profile: Profile, cluster: Cluster, cand: Candidate, cost: CostMode
         share = math.ceil(G / cand.servers / _partition_bytes(cluster, cand.servers))
         partitions = cand.servers * share  # each server's shard cut into partitions
         return CpuWork(profile.compute_s - profile.optimizer_s + codec_s, workers,
-                       workers * G * cost.gamma + profile.optimizer_s, 4 * workers * partitions)
+                       workers * G * cost.gamma + profile.optimizer_s, 4 * workers * partitions,
+                       "ps")
     algo = cand.algorithm if cand.algorithm in REGISTRY else "native"
     buckets = len(profile.buckets(cand.bucket_mb * (1 << 20)))
     if cand.compression.startswith("topk"):
@@ -197,7 +198,8 @@ def cpu_work(profile: Profile, cluster: Cluster, cand: Candidate, cost: CostMode
         count = 2 if cand.compression.startswith("powersgd") else buckets
         messages = critical_messages(cluster, algo, shape(algo, G / count, p)[0])
         ends = count * collective_ends(messages * fan(algo, p), p)
-    return CpuWork(profile.compute_s + codec_s, p, 0.0, ends)
+    return CpuWork(profile.compute_s + codec_s, p, 0.0, ends,
+                   "gather" if cand.compression.startswith("topk") else algo)
 
 
 def _partition_bytes(cluster: Cluster, servers: int) -> int:

@@ -38,7 +38,8 @@ from typing import NamedTuple
 
 from .cluster import Cluster
 
-def message_s(cluster: Cluster, alpha: float, fan: int = 1) -> float:
+def message_s(cluster: Cluster, alpha: float, fan: int = 1, algorithm: str = "native"
+              ) -> float:
     """One message on a collective's critical path. With a core per rank: its alpha. With s
     ranks per core (s > 1): every rank sends and receives ``fan`` messages at each step of
     the collective (1 in a ring; p - 1 in aware's rounds, which send to every peer at
@@ -48,7 +49,7 @@ def message_s(cluster: Cluster, alpha: float, fan: int = 1) -> float:
     s = cluster.slowdown()
     if s <= 1:
         return alpha
-    return max(alpha, 2 * fan * s * cluster.machine.endpoint_cpu_s) + wake_s(cluster)
+    return max(alpha, 2 * fan * s * cluster.machine.endpoint_s(algorithm)) + wake_s(cluster)
 
 
 def handoff_saved_s(cluster: Cluster, algorithm: str) -> float:
@@ -88,6 +89,8 @@ class CpuWork(NamedTuple):
     server_s: float
     """Every server's work together (0 for All-Reduce)."""
     message_ends: float
+    algorithm: str
+    """Whose messages: "ps", or the all-reduce's algorithm (SharedCores.endpoint_s)."""
 
 
 def cpu_floor_s(cluster: Cluster, work: CpuWork | None) -> float:
@@ -97,7 +100,7 @@ def cpu_floor_s(cluster: Cluster, work: CpuWork | None) -> float:
     if not cluster.cores or work is None:
         return 0.0
     m = cluster.machine
-    endpoint = m.ps_endpoint_cpu_s if work.server_s else m.endpoint_cpu_s
+    endpoint = m.endpoint_s(work.algorithm)
     return (busy_beyond_ends_s(work, m.loop_cpu_s) + work.message_ends * endpoint) / cluster.cores
 
 
