@@ -83,8 +83,9 @@ def test_a_machines_figures_are_kept_and_read_only_on_that_machine(monkeypatch, 
     with caplog.at_level(logging.WARNING, logger="gradsync.plan.machine"):
         assert machine.here() == DEFAULT
     assert "another machine" in caplog.text
-    machine.cache_path().write_text("{not json")
-    assert machine.here() == DEFAULT
+    for bad in ("{not json", "[1, 2]", '{"machine": {}}'):
+        machine.cache_path().write_text(bad)
+        assert machine.here() == DEFAULT
 
 
 def test_calibrate_needs_a_lab():

@@ -6,6 +6,11 @@ best one, and check the prediction against real runs.
     cluster.py   the cluster described: hosts, ranks per host, links, latency
     predict.py   the model: overlap of transfers with backward, all-reduce and PS costs
     hooks.py     top-k's and PowerSGD's hooks: encoding in backward, the rest after it
+    shared.py    ranks that share one machine's cores: a message's hop, the CPU budget
+    loaded.py    the compressors' cost on loaded cores (forked loopback worlds)
+    machine.py   the shared-core constants of this machine (kept per machine)
+    calibrate.py measure them: a short lab sweep (`gradsync plan --lab --calibrate`)
+    cpuwindow.py one run's CPU per step over a window of its steps
     choice.py    the best configuration a run allows, and the line that says why
                  (`gradsync train --arch auto`; scripts: ``choose(measure(...), cluster)``)
     report.py    the ranking, the best one's flags, the scaling table and plot

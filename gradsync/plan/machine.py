@@ -68,7 +68,7 @@ class SharedCores:
             return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             log.warning("cannot read %s (%s); using the defaults", path, exc)
             return None
 

@@ -286,25 +286,3 @@ def rank(profile: Profile, cluster: Cluster, cands: list[Candidate],
     """Every candidate's prediction, the highest throughput (samples/s) first."""
     preds = [predict(profile, cluster, c, cost) for c in cands]
     return sorted(preds, key=lambda p: -p.samples_per_s(profile.batch))
-
-
-def scaling(profile: Profile, rate: float, procs_per_host: int, latency_s: float,
-            sizes: list[int] | None = None, cost: CostModel = DEFAULT_COST_MODEL
-            ) -> list[tuple[int, Prediction, Prediction]]:
-    """For 2 .. 1,024 workers on hosts of ``procs_per_host`` ranks and ``rate`` links: the best
-    all-reduce (hierarchical across hosts) and the best PS (k = hosts' worth of servers in
-    powers of two), each as a Prediction."""
-    sizes = sizes or [2 ** i for i in range(1, 11)]
-    out = []
-    for p in sizes:
-        hosts = max(1, math.ceil(p / procs_per_host))
-        cluster = Cluster((rate,) * hosts, min(procs_per_host, p), latency_s)
-        algos = ["native"] + (["hierarchical"] if cluster.hosts > 1 and
-                              cluster.procs_per_host > 1 else [])
-        ar = min((predict(profile, cluster, Candidate("allreduce", a), cost) for a in algos),
-                 key=lambda q: q.step_s)
-        ks = [2 ** i for i in range(0, int(math.log2(max(cluster.ranks // 2, 1))) + 1)]
-        ps = max((predict(profile, cluster, Candidate("ps", servers=k), cost) for k in ks),
-                 key=lambda q: q.samples_per_s(profile.batch))
-        out.append((p, ar, ps))
-    return out

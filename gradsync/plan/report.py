@@ -3,8 +3,11 @@ table (and its plot)."""
 
 from __future__ import annotations
 
+import math
+
+from ..comm.cost_model import DEFAULT_COST_MODEL, CostModel
 from .cluster import Cluster
-from .predict import Prediction, scaling
+from .predict import Candidate, Prediction, predict
 from .profile import Profile
 
 
@@ -85,3 +88,25 @@ def print_scaling(profile: Profile, cluster: Cluster, plot: str | None) -> None:
         fig.tight_layout()
         fig.savefig(plot, dpi=120)
         print(f"# plot: {plot}")
+
+
+def scaling(profile: Profile, rate: float, procs_per_host: int, latency_s: float,
+            sizes: list[int] | None = None, cost: CostModel = DEFAULT_COST_MODEL
+            ) -> list[tuple[int, Prediction, Prediction]]:
+    """For 2 .. 1,024 workers on hosts of ``procs_per_host`` ranks and ``rate`` links: the best
+    all-reduce (hierarchical across hosts) and the best PS (k = hosts' worth of servers in
+    powers of two), each as a Prediction."""
+    sizes = sizes or [2 ** i for i in range(1, 11)]
+    out = []
+    for p in sizes:
+        hosts = max(1, math.ceil(p / procs_per_host))
+        cluster = Cluster((rate,) * hosts, min(procs_per_host, p), latency_s)
+        algos = ["native"] + (["hierarchical"] if cluster.hosts > 1 and
+                              cluster.procs_per_host > 1 else [])
+        ar = min((predict(profile, cluster, Candidate("allreduce", a), cost) for a in algos),
+                 key=lambda q: q.step_s)
+        ks = [2 ** i for i in range(0, int(math.log2(max(cluster.ranks // 2, 1))) + 1)]
+        ps = max((predict(profile, cluster, Candidate("ps", servers=k), cost) for k in ks),
+                 key=lambda q: q.samples_per_s(profile.batch))
+        out.append((p, ar, ps))
+    return out
