@@ -93,3 +93,16 @@ def test_calibrate_needs_a_lab():
 
     with pytest.raises(ValueError, match="add --lab"):
         PlanConfig(calibrate=True)
+
+
+def test_a_lab_plan_says_whose_constants_it_used(monkeypatch, tmp_path, capsys):
+    from gradsync.plan.report import print_table
+
+    monkeypatch.setenv("GRADSYNC_CACHE", str(tmp_path))
+    print_table(_profile(), Cluster.parse(3, shared=True), [])
+    assert "defaults (a 2-core Intel Xeon's lab runs); `gradsync plan --lab --calibrate`" in (
+        capsys.readouterr().out)
+    replace(TRUE, source="calibrated here, 2026-12-08 04:09").save(machine.cache_path())
+    print_table(_profile(), Cluster.parse(3, shared=True), [])
+    out = capsys.readouterr().out
+    assert "# shared-core constants: calibrated here, 2026-12-08 04:09\n" in out

@@ -21,8 +21,10 @@ def print_table(profile: Profile, cluster: Cluster, preds: list[Prediction]) -> 
     print(f"# cluster: {cluster.describe()}"
           + (f"; {cluster.ranks} ranks share {cluster.cores} cores (compute x{slow:.2f})"
              if slow > 1 else ""))
-    if cluster.cores:
-        print(f"# shared-core constants: {cluster.machine.source}")
+    if cluster.cores and cluster.hosts > 1:
+        hint = ("" if cluster.machine.source.startswith("calibrated") else
+                "; `gradsync plan --lab --calibrate` measures this machine's (root)")
+        print(f"# shared-core constants: {cluster.machine.source}{hint}")
     print(f"{'':3}{'configuration':28} {'workers':>7} {'step ms':>9} {'samples/s':>10} "
           f"{'exposed ms':>10}  bottleneck")
     for i, p in enumerate(preds, 1):
