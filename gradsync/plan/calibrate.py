@@ -60,8 +60,11 @@ class Run:
 
 def calibrate(steps: int = 300, say: Callable[[str], None] = print,
               profile: Profile | None = None) -> SharedCores:
-    """Run the sweep and fit the constants (about a minute or two on 2 cores; root)."""
-    profile = profile or measure(WORKLOAD, loaded=True)
+    """Run the sweep and fit the constants (about two minutes on 2 cores; root).
+    ``profile``: the plan's own, used if it is the sweep's workload measured on loaded
+    cores (as every lab plan's is), else the sweep measures one."""
+    if profile is None or profile.workload != WORKLOAD or not profile.loaded:
+        profile = measure(WORKLOAD, loaded=True)
     say(f"# calibrating the shared-core constants: {WORKLOAD} at {RATE}, {steps} steps a run")
     # One thread, as the profile and each rank of a lab on these cores: a rank alone would
     # take every core, and its idle threads' spinning is no loop's work.
@@ -74,14 +77,10 @@ def calibrate(steps: int = 300, say: Callable[[str], None] = print,
             for h in ALLREDUCE_HOSTS]
     runs += [_run(profile, Candidate("allreduce", "ring"), h, steps, say) for h in OWN_HOSTS]
     runs += [_run(profile, Candidate("ps", servers=1), h, steps, say) for h in PS_HOSTS]
-
-    def ends_cost(arch: str, algorithm: str) -> float:
-        return _ends_cost(profile, [r for r in runs if r.candidate.arch == arch
-                                    and r.candidate.algorithm == algorithm], loop)
-
-    m = SharedCores(ends_cost("allreduce", "native"), ends_cost("ps", "native"), loop, 0.0,
+    m = SharedCores(_ends_cost(profile, runs, loop, "native"),
+                    _ends_cost(profile, runs, loop, "ps"), loop, 0.0,
                     source=f"calibrated here, {time.strftime('%Y-%m-%d %H:%M')}",
-                    own_endpoint_cpu_s=ends_cost("allreduce", "ring"))
+                    own_endpoint_cpu_s=_ends_cost(profile, runs, loop, "ring"))
     loaded = [r for r in runs if r.cluster.slowdown() > 1]
     wake = (min(WAKE_GRID_S, key=lambda w: _error(profile, loaded, replace(m, wake_s=w)))
             if loaded else DEFAULT.wake_s)  # a core for every rank: no rank waits for one
@@ -100,13 +99,15 @@ def _run(profile: Profile, cand: Candidate, hosts: int, steps: int, say) -> Run:
     return run
 
 
-def _ends_cost(profile: Profile, runs: list[Run], loop: float) -> float:
-    """CPU per message end: the median over ``runs`` of what their busy CPU holds beyond
-    the workers' steps and loops and the servers' work, over the model's message ends."""
+def _ends_cost(profile: Profile, runs: list[Run], loop: float, whose: str) -> float:
+    """CPU per message end of ``whose`` messages (SharedCores.endpoint_s's key: "native",
+    "ring", "ps"): the median over those runs of what their busy CPU holds beyond the
+    workers' steps and loops and the servers' work, over the model's message ends."""
     costs = []
     for r in runs:
         work = cpu_work(profile, r.cluster, r.candidate)
-        costs.append(max(0.0, r.busy_s - busy_beyond_ends_s(work, loop)) / work.message_ends)
+        if work.algorithm == whose:
+            costs.append(max(0.0, r.busy_s - busy_beyond_ends_s(work, loop)) / work.message_ends)
     return statistics.median(costs)
 
 
@@ -121,11 +122,13 @@ def _say_fit(profile: Profile, runs: list[Run], fitted: SharedCores, say) -> Non
     """The constants beside the ones they replace, and each run's predicted step with
     both."""
     before = runs[0].cluster.machine
-    for name in ("endpoint_cpu_s", "own_endpoint_cpu_s", "ps_endpoint_cpu_s", "loop_cpu_s",
-                 "wake_s"):
-        was = getattr(before, name)
-        was = before.endpoint_cpu_s if was is None else was  # own: as gloo's
-        say(f"{name:18} {1e3 * was:6.3f} ms -> {1e3 * getattr(fitted, name):6.3f} ms")
+    for name, whose in (("endpoint_cpu_s", "native"), ("own_endpoint_cpu_s", "ring"),
+                        ("ps_endpoint_cpu_s", "ps")):
+        say(f"{name:18} {1e3 * before.endpoint_s(whose):6.3f} ms -> "
+            f"{1e3 * fitted.endpoint_s(whose):6.3f} ms")
+    for name in ("loop_cpu_s", "wake_s"):
+        say(f"{name:18} {1e3 * getattr(before, name):6.3f} ms -> "
+            f"{1e3 * getattr(fitted, name):6.3f} ms")
     say(f"{'run':28} {'measured':>9} {'before':>9} {'after':>9}  (ms a step)")
     for r in runs:
         was, now = (predict(profile, replace(r.cluster, machine=m), r.candidate).step_s

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ..exits import UserError
@@ -80,17 +80,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _calibrate() -> None:
-    """Measure and keep this machine's shared-core constants (calibrate.py)."""
+def _calibrate(profile):
+    """Measure and keep this machine's shared-core constants (calibrate.py); they are
+    returned for this plan."""
     from .calibrate import calibrate
     from .machine import cache_path
 
     try:
-        machine = calibrate()
+        machine = calibrate(profile=profile)
     except RuntimeError as exc:
         raise UserError(f"--calibrate: {exc}") from None
     machine.save(cache_path())
     print(f"# kept in {cache_path()}\n")
+    return machine
 
 
 def main(args: argparse.Namespace) -> int:
@@ -100,8 +102,6 @@ def main(args: argparse.Namespace) -> int:
     from .report import emit_flags, print_scaling, print_table
 
     config = config_from_args(PlanConfig, args)
-    if config.calibrate:
-        _calibrate()
     try:
         cluster = Cluster.parse(config.hosts, config.procs_per_host, config.rate, config.rates,
                                 config.latency_us, shared=config.lab or config.hosts == 1)
@@ -117,6 +117,8 @@ def main(args: argparse.Namespace) -> int:
                           loaded=config.lab)
     if config.save_profile:
         profile.save(config.save_profile)
+    if config.calibrate:  # after the flags are checked: it takes minutes
+        cluster = replace(cluster, machine=_calibrate(profile))
     cands = [c for c in candidates(cluster, profile, config.compression)
              if config.arch in ("any", c.arch)]
     preds = rank(profile, cluster, cands)

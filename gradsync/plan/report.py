@@ -7,6 +7,7 @@ import math
 
 from ..comm.cost_model import DEFAULT_COST_MODEL, CostModel
 from .cluster import Cluster
+from .machine import DEFAULT
 from .predict import Candidate, Prediction, predict
 from .profile import Profile
 
@@ -22,8 +23,8 @@ def print_table(profile: Profile, cluster: Cluster, preds: list[Prediction]) -> 
           + (f"; {cluster.ranks} ranks share {cluster.cores} cores (compute x{slow:.2f})"
              if slow > 1 else ""))
     if cluster.cores and cluster.hosts > 1:
-        hint = ("" if cluster.machine.source.startswith("calibrated") else
-                "; `gradsync plan --lab --calibrate` measures this machine's (root)")
+        hint = ("; `gradsync plan --lab --calibrate` measures this machine's (root)"
+                if cluster.machine == DEFAULT else "")
         print(f"# shared-core constants: {cluster.machine.source}{hint}")
     print(f"{'':3}{'configuration':28} {'workers':>7} {'step ms':>9} {'samples/s':>10} "
           f"{'exposed ms':>10}  bottleneck")
